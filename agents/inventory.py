@@ -1,0 +1,131 @@
+"""Facts an agent reports about its host, its disks and its directories."""
+
+from __future__ import annotations
+
+import ipaddress
+import json
+import os
+import platform
+import shutil
+import socket
+import stat
+import uuid
+from pathlib import Path
+
+import psutil
+
+import siterecovery
+from siterecovery.common import errors
+from siterecovery.common.daemon import write_json_atomically
+from siterecovery.common.pb import common_pb2
+
+
+def os_name() -> str:
+    try:
+        for line in Path("/etc/os-release").read_text().splitlines():
+            if line.startswith("PRETTY_NAME="):
+                return line.split("=", 1)[1].strip('"')
+    except OSError:
+        pass
+    return platform.platform()
+
+
+def host_addresses() -> list[str]:
+    addresses = []
+    for entries in psutil.net_if_addrs().values():
+        for entry in entries:
+            if entry.family not in (socket.AF_INET, socket.AF_INET6):
+                continue
+            address = ipaddress.ip_address(entry.address.split("%")[0])
+            if not address.is_link_local:
+                addresses.append(str(address))
+    return sorted(set(addresses))
+
+
+def host_facts() -> common_pb2.HostFacts:
+    return common_pb2.HostFacts(
+        hostname=socket.gethostname(),
+        os=os_name(),
+        addresses=host_addresses(),
+        agent_version=siterecovery.__version__,
+    )
+
+
+def directory_size(path: Path) -> int:
+    total = 0
+    for root, _dirs, files in os.walk(path):
+        for name in files:
+            try:
+                total += os.lstat(os.path.join(root, name)).st_blocks * 512
+            except FileNotFoundError:
+                continue
+    return total
+
+
+def directory_facts(kind: int, path: Path, *, used_by_agent: int | None = None) -> common_pb2.DirectoryFacts:
+    path.mkdir(parents=True, exist_ok=True)
+    usage = shutil.disk_usage(path)
+    return common_pb2.DirectoryFacts(
+        kind=kind,
+        path=str(path),
+        total_bytes=usage.total,
+        free_bytes=usage.free,
+        used_by_agent_bytes=directory_size(path) if used_by_agent is None else used_by_agent,
+    )
+
+
+def disk_size(path: Path) -> int:
+    info = os.stat(path)
+    if stat.S_ISBLK(info.st_mode):
+        with open(path, "rb") as handle:
+            return handle.seek(0, os.SEEK_END)
+    return info.st_size
+
+
+def _block_device_identity(path: Path) -> str | None:
+    by_id = Path("/dev/disk/by-id")
+    if not by_id.is_dir():
+        return None
+    target = path.resolve()
+    names = sorted(link.name for link in by_id.iterdir() if link.resolve() == target)
+    preferred = [n for n in names if n.startswith("wwn-")] or names
+    return preferred[0] if preferred else None
+
+
+class DiskIdentities:
+    """Stable identities for protected disks.
+
+    A block device is known by its /dev/disk/by-id name (WWN first), which
+    survives a renamed device node. An image file gets a UUID the first time
+    it is seen, kept in `<state_dir>/disk-ids.json` under its real path.
+    """
+
+    def __init__(self, state_dir: Path) -> None:
+        self._path = state_dir / "disk-ids.json"
+
+    def identity(self, disk: Path) -> str:
+        if stat.S_ISBLK(os.stat(disk).st_mode):
+            found = _block_device_identity(disk)
+            if found:
+                return found
+        known = json.loads(self._path.read_text()) if self._path.exists() else {}
+        key = str(disk.resolve())
+        if key not in known:
+            known[key] = f"file-{uuid.uuid4()}"
+            write_json_atomically(self._path, known)
+        return known[key]
+
+
+def disk_facts(identities: DiskIdentities, path: Path, name: str = "") -> common_pb2.DiskFacts:
+    if not path.exists():
+        raise errors.InvalidInput(
+            f"protected disk {path} does not exist",
+            hint="fix the disks list in the source agent's config file",
+            code="disk-missing",
+        )
+    return common_pb2.DiskFacts(
+        identity=identities.identity(path),
+        path=str(path),
+        size_bytes=disk_size(path),
+        name=name or path.name,
+    )

@@ -1,0 +1,67 @@
+"""sr-master-target: writes replicated disks on a datastore and keeps the undo journal.
+
+The apply path arrives with the replication work; today the daemon enrolls,
+registers its datastore and retention directories with their free space,
+heartbeats and serves its data port (health, reflection, Probe).
+"""
+
+from __future__ import annotations
+
+import threading
+
+from siterecovery.common import daemon, logging, pki
+from siterecovery.common.grpcserver import Service
+from siterecovery.common.pb import common_pb2, dataplane_pb2, dataplane_pb2_grpc
+from siterecovery.agents import entry
+from siterecovery.agents.inventory import directory_facts, host_facts
+from siterecovery.agents.probe import probe_response
+from siterecovery.agents.runtime import AgentRuntime
+from siterecovery.agents.settings import MasterTargetSettings
+
+DAEMON = "master-target"
+
+
+class MasterTargetServicer(dataplane_pb2_grpc.MasterTargetServicer):
+    def __init__(self, runtime: AgentRuntime) -> None:
+        self._runtime = runtime
+
+    def Probe(self, request, context):  # noqa: N802
+        return probe_response(self._runtime)
+
+
+def run(cfg: MasterTargetSettings, stop: threading.Event | None = None) -> int:
+    logging.configure(level=cfg.log_level, json=cfg.log_json)
+    stop = stop or daemon.install_stop_handlers()
+
+    def directories() -> list[common_pb2.DirectoryFacts]:
+        found = [directory_facts(common_pb2.DIRECTORY_KIND_DATASTORE, d) for d in cfg.resolved_datastore_dirs]
+        found.append(directory_facts(common_pb2.DIRECTORY_KIND_RETENTION, cfg.resolved_retention_dir))
+        return found
+
+    runtime = AgentRuntime(
+        cfg,
+        role=pki.MASTER_TARGET,
+        daemon_name=DAEMON,
+        stop=stop,
+        inventory=lambda: common_pb2.Inventory(
+            host=host_facts(), directories=directories(), data_endpoint=runtime.data_endpoint()
+        ),
+        directories=directories,
+    )
+    return runtime.run(
+        lambda _creds: [
+            Service(
+                dataplane_pb2.DESCRIPTOR.services_by_name["MasterTarget"].full_name,
+                MasterTargetServicer(runtime),
+                dataplane_pb2_grpc.add_MasterTargetServicer_to_server,
+            )
+        ]
+    )
+
+
+def main(argv: list[str] | None = None) -> None:
+    entry.main("sr-master-target", run, MasterTargetSettings, __doc__.split("\n")[0], argv)
+
+
+if __name__ == "__main__":
+    main()

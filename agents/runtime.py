@@ -1,0 +1,208 @@
+"""The life every agent shares: enroll once, register, heartbeat, serve its data port.
+
+An agent keeps its identity (key, certificate, CA) under `<state_dir>/identity/`
+and never enrolls again once that exists. While the configuration server is
+unreachable it retries with capped exponential backoff (tenacity), sleeping on
+the stop event so SIGTERM is honoured at once, and recovers by itself.
+"""
+
+from __future__ import annotations
+
+import socket
+import threading
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+
+import grpc
+import tenacity
+
+from siterecovery.common import daemon, errors, logging
+from siterecovery.common.channels import RPC_TIMEOUT, secure_channel
+from siterecovery.common.enrollment import (
+    AgentCredentials,
+    enroll,
+    load_credentials,
+    read_passphrase_file,
+)
+from siterecovery.common.grpcserver import RunningServer, Service, start_server
+from siterecovery.common.pb import agent_pb2, agent_pb2_grpc, common_pb2
+from siterecovery.common.pki import CONFIG_SERVER_NAME, agent_dns_name
+from siterecovery.agents.settings import AgentSettings, DataPlaneSettings
+
+log = logging.get_logger(__name__)
+
+
+@dataclass(frozen=True)
+class RetryPolicy:
+    """How an agent retries the configuration server while it is unreachable."""
+
+    initial_backoff: float = 0.2
+    max_backoff: float = 10.0
+
+
+class AgentRuntime:
+    def __init__(
+        self,
+        cfg: AgentSettings,
+        *,
+        role: str,
+        daemon_name: str,
+        stop: threading.Event,
+        inventory: Callable[[], common_pb2.Inventory],
+        directories: Callable[[], Sequence[common_pb2.DirectoryFacts]] = tuple,
+        problems: Callable[[], Sequence[common_pb2.Problem]] = tuple,
+    ) -> None:
+        self.cfg = cfg
+        self.role = role
+        self.daemon_name = daemon_name
+        self.stop = stop
+        self._inventory = inventory
+        self._directories = directories
+        self._problems = problems
+        self._interval = cfg.heartbeat_interval
+        self._registered = False
+        self.credentials: AgentCredentials | None = None
+        self._channel: grpc.Channel | None = None
+        self.data_port = 0
+
+    # -- retries -----------------------------------------------------------
+    def _retrying(self, what: str) -> tenacity.Retrying:
+        policy = RetryPolicy(max_backoff=max(self._interval, 1.0))
+
+        def before_sleep(state: tenacity.RetryCallState) -> None:
+            exc = state.outcome.exception() if state.outcome else None
+            log.warning(f"{what} failed; retrying", error=str(exc), attempt=state.attempt_number)
+
+        return tenacity.Retrying(
+            retry=tenacity.retry_if_exception(
+                lambda e: isinstance(e, errors.SiteRecoveryError) and e.retryable
+            ),
+            wait=tenacity.wait_exponential_jitter(
+                initial=policy.initial_backoff, max=policy.max_backoff
+            ),
+            stop=lambda _state: self.stop.is_set(),
+            sleep=self.stop.wait,
+            before_sleep=before_sleep,
+            reraise=True,
+        )
+
+    # -- enrollment --------------------------------------------------------
+    def ensure_enrolled(self) -> AgentCredentials:
+        credentials = load_credentials(self.cfg.state_dir)
+        if credentials is None:
+            if self.cfg.passphrase_file is None:
+                raise errors.InvalidInput(
+                    "this agent is not enrolled and no passphrase file is configured",
+                    hint="set passphrase_file to a file holding `srctl passphrase show` output",
+                    code="passphrase-missing",
+                )
+            passphrase = read_passphrase_file(self.cfg.passphrase_file)
+            log.info("enrolling", server=self.cfg.server, role=self.role)
+            credentials = self._retrying("enrollment")(
+                enroll,
+                server_address=self.cfg.server,
+                passphrase=passphrase,
+                role=self.role,
+                state_dir=self.cfg.state_dir,
+                hostname=socket.gethostname(),
+                sans=self._sans(),
+            )
+            log.info("enrolled", agent_id=credentials.identity.id)
+        self.credentials = credentials
+        return credentials
+
+    def _sans(self) -> list[str]:
+        if isinstance(self.cfg, DataPlaneSettings) and self.cfg.advertise:
+            return [self.cfg.advertise]
+        return []
+
+    # -- control plane -----------------------------------------------------
+    def _stub(self) -> agent_pb2_grpc.AgentControlStub:
+        assert self.credentials is not None
+        if self._channel is None:
+            self._channel = secure_channel(
+                self.cfg.server,
+                self.credentials.channel_credentials(),
+                target_name=CONFIG_SERVER_NAME,
+            )
+        return agent_pb2_grpc.AgentControlStub(self._channel)
+
+    def _call(self, method: str, request: object) -> object:
+        try:
+            return getattr(self._stub(), method)(request, timeout=RPC_TIMEOUT)
+        except grpc.RpcError as exc:
+            raise errors.from_rpc_error(exc, target=self.cfg.server) from exc
+
+    def register(self) -> None:
+        try:
+            response = self._retrying("registration")(
+                self._call, "Register", agent_pb2.RegisterRequest(inventory=self._inventory())
+            )
+        except errors.SiteRecoveryError:
+            if self.stop.is_set():
+                return
+            raise
+        self._interval = response.heartbeat_interval_seconds or self._interval
+        self._registered = True
+        log.info("registered", heartbeat_interval=self._interval)
+
+    def heartbeat_once(self) -> None:
+        if not self._registered:
+            self.register()
+            return
+        response = self._call(
+            "Heartbeat",
+            agent_pb2.HeartbeatRequest(
+                problems=list(self._problems()), directories=list(self._directories())
+            ),
+        )
+        self._interval = response.heartbeat_interval_seconds or self._interval
+
+    def heartbeat_loop(self) -> None:
+        """Until stopped: a heartbeat every interval; retries with backoff in between."""
+        while not self.stop.wait(self._interval):
+            try:
+                self._retrying("heartbeat")(self.heartbeat_once)
+            except errors.SiteRecoveryError as exc:
+                if self.stop.is_set():
+                    break
+                # Not retryable (say, the server no longer knows us): say so and keep trying
+                # at the normal pace, so a restored server finds us again.
+                log.error("heartbeat refused", error=exc.message, hint=exc.hint, code=exc.code)
+
+    # -- the whole life ----------------------------------------------------
+    def run(self, services: Callable[[AgentCredentials], Sequence[Service]] | None = None) -> int:
+        credentials = self.ensure_enrolled()
+        if self.stop.is_set():
+            return 0
+        running: RunningServer | None = None
+        facts: dict[str, object] = {"agent_id": credentials.identity.id, "role": self.role}
+        if services is not None:
+            assert isinstance(self.cfg, DataPlaneSettings)
+            running = start_server(
+                host=self.cfg.listen,
+                port=self.cfg.port,
+                credentials=credentials.server_credentials(),
+                services=services(credentials),
+            )
+            facts["port"] = running.port
+            facts["tls_name"] = agent_dns_name(credentials.identity.id)
+            self.data_port = running.port
+            log.info("listening", address=self.cfg.listen, port=running.port)
+        daemon.report_ready(self.cfg.state_dir, self.daemon_name, **facts)
+        self.register()
+        self.heartbeat_loop()
+        daemon.report_stopping()
+        if running is not None:
+            running.stop(grace=5.0)
+        if self._channel is not None:
+            self._channel.close()
+        log.info("stopped")
+        return 0
+
+    def data_endpoint(self) -> str:
+        assert isinstance(self.cfg, DataPlaneSettings)
+        host = self.cfg.advertise or (
+            socket.gethostname() if self.cfg.listen in ("0.0.0.0", "::", "") else self.cfg.listen
+        )
+        return f"{host}:{self.data_port}"

@@ -1,0 +1,86 @@
+"""Settings every agent daemon shares, and each one's own."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from siterecovery.common.errors import InvalidInput
+
+DATA_PORT = 9443
+
+
+@dataclass(frozen=True)
+class AgentSettings:
+    state_dir: Path = Path("/var/lib/siterecovery/agent")
+    # The configuration server, host:port.
+    server: str = ""
+    # A file holding the connection passphrase; read once, at enrollment.
+    passphrase_file: Path | None = None
+    # Used until the configuration server says otherwise.
+    heartbeat_interval: float = 10.0
+    log_level: str = "info"
+    log_json: bool | None = None
+
+    def __post_init__(self) -> None:
+        if not self.server:
+            raise InvalidInput(
+                "no configuration server given",
+                hint="set server = \"host:443\" in the config file or pass --server",
+                code="config-missing-server",
+            )
+
+
+@dataclass(frozen=True)
+class DataPlaneSettings(AgentSettings):
+    """An agent that also serves the data plane (process server, master target)."""
+
+    listen: str = "0.0.0.0"
+    port: int = DATA_PORT
+    # The host name or address peers use to reach the data port; reported to
+    # the configuration server. Default: this host's name.
+    advertise: str = ""
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        if not 0 <= self.port <= 65535:
+            raise InvalidInput(f"port {self.port} is outside 0-65535", code="config-range")
+
+
+@dataclass(frozen=True)
+class ProcessServerSettings(DataPlaneSettings):
+    state_dir: Path = Path("/var/lib/siterecovery/process-server")
+    spool_dir: Path | None = None
+    # The spool never grows past this; sources are pushed back when it is full.
+    spool_limit_bytes: int = 64 * 1024**3
+
+    @property
+    def resolved_spool_dir(self) -> Path:
+        return self.spool_dir or self.state_dir / "spool"
+
+
+@dataclass(frozen=True)
+class MasterTargetSettings(DataPlaneSettings):
+    state_dir: Path = Path("/var/lib/siterecovery/master-target")
+    datastore_dirs: tuple[Path, ...] = ()
+    retention_dir: Path | None = None
+
+    @property
+    def resolved_datastore_dirs(self) -> tuple[Path, ...]:
+        return self.datastore_dirs or (self.state_dir / "datastore",)
+
+    @property
+    def resolved_retention_dir(self) -> Path:
+        return self.retention_dir or self.state_dir / "retention"
+
+
+@dataclass(frozen=True)
+class DiskSettings:
+    path: Path = Path()
+    name: str = ""
+
+
+@dataclass(frozen=True)
+class SourceSettings(AgentSettings):
+    state_dir: Path = Path("/var/lib/siterecovery/source")
+    disks: tuple[DiskSettings, ...] = field(default_factory=tuple)

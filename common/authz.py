@@ -1,0 +1,41 @@
+"""Who may call what: one table for every RPC on every port.
+
+The caller's role comes from its certificate (see common/pki.py). Anything not
+in the table is refused, so a new RPC is unreachable until it is added here.
+"""
+
+from __future__ import annotations
+
+from siterecovery.common import pki
+
+AGENTS = frozenset({pki.SOURCE, pki.PROCESS_SERVER, pki.MASTER_TARGET})
+OPERATORS = frozenset({pki.ADMIN, pki.READER})
+ANYONE_ENROLLED = AGENTS | OPERATORS
+
+# Full method name → roles allowed to call it.
+RPC_ROLES: dict[str, frozenset[str]] = {
+    # Configuration server, :443
+    "/siterecovery.v1.Enrollment/Enroll": frozenset({pki.ENROLLEE}),
+    "/siterecovery.v1.AgentControl/Register": AGENTS,
+    "/siterecovery.v1.AgentControl/Heartbeat": AGENTS,
+    "/siterecovery.v1.Admin/ListServers": OPERATORS,
+    "/siterecovery.v1.Admin/ListMachines": OPERATORS,
+    "/siterecovery.v1.Admin/ListJobs": OPERATORS,
+    "/siterecovery.v1.Admin/GetJob": OPERATORS,
+    "/siterecovery.v1.Admin/WatchJob": OPERATORS,
+    "/siterecovery.v1.Admin/GetPassphrase": frozenset({pki.ADMIN}),
+    "/siterecovery.v1.Admin/RotatePassphrase": frozenset({pki.ADMIN}),
+    # Process server, :9443
+    "/siterecovery.v1.ProcessServer/Probe": frozenset({pki.SOURCE, pki.ADMIN}),
+    # Master target, :9443
+    "/siterecovery.v1.MasterTarget/Probe": frozenset({pki.PROCESS_SERVER, pki.ADMIN}),
+    # Every port
+    "/grpc.health.v1.Health/Check": ANYONE_ENROLLED | {pki.ENROLLEE},
+    "/grpc.health.v1.Health/Watch": ANYONE_ENROLLED,
+    "/grpc.reflection.v1alpha.ServerReflection/ServerReflectionInfo": OPERATORS,
+    "/grpc.reflection.v1.ServerReflection/ServerReflectionInfo": OPERATORS,
+}
+
+
+def allowed(method: str, role: str) -> bool:
+    return role in RPC_ROLES.get(method, frozenset())

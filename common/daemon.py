@@ -1,0 +1,81 @@
+"""What every daemon does around its own work: logging, signals, readiness.
+
+The shape of every daemon's entry point (CONVENTIONS 7) is
+`main()` → parse flags and the TOML file into settings → `run(settings)`.
+`run` binds its ports first, then writes the state file and reports
+readiness (the `NOTIFY_SOCKET` protocol of systemd, which the test harness
+and the lab also listen on), then works until SIGTERM/SIGINT sets the stop
+event, and drains.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import threading
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+import sdnotify
+
+from siterecovery.common.logging import get_logger
+
+log = get_logger(__name__)
+
+
+def install_stop_handlers() -> threading.Event:
+    """SIGTERM and SIGINT set the returned event; the daemon drains and exits."""
+    stop = threading.Event()
+
+    def _handler(signum: int, _frame: Any) -> None:
+        log.info("stopping", signal=signal.Signals(signum).name)
+        stop.set()
+
+    signal.signal(signal.SIGTERM, _handler)
+    signal.signal(signal.SIGINT, _handler)
+    return stop
+
+
+def write_json_atomically(path: Path, data: dict[str, Any], *, mode: int = 0o644) -> None:
+    """Readers see the old file or the new one, never half of one."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, mode)
+    with os.fdopen(fd, "w") as handle:
+        json.dump(data, handle, indent=2, sort_keys=True)
+        handle.flush()
+        os.fsync(handle.fileno())
+    os.replace(tmp, path)
+
+
+def state_file_path(state_dir: Path, daemon: str) -> Path:
+    return state_dir / f"{daemon}.state.json"
+
+
+def report_ready(state_dir: Path, daemon: str, **facts: Any) -> Path:
+    """Write `<state_dir>/<daemon>.state.json` and tell the supervisor we are ready."""
+    path = state_file_path(state_dir, daemon)
+    write_json_atomically(
+        path,
+        {"daemon": daemon, "pid": os.getpid(), "started_at": datetime.now(UTC).isoformat(), **facts},
+    )
+    status = " ".join(f"{k}={v}" for k, v in facts.items() if not isinstance(v, (dict, list)))
+    sdnotify.SystemdNotifier().notify(f"READY=1\nSTATUS={status}")
+    return path
+
+
+def report_status(text: str) -> None:
+    sdnotify.SystemdNotifier().notify(f"STATUS={text}")
+
+
+def report_stopping() -> None:
+    sdnotify.SystemdNotifier().notify("STOPPING=1")
+
+
+def read_state_file(state_dir: Path, daemon: str) -> dict[str, Any] | None:
+    try:
+        return json.loads(state_file_path(state_dir, daemon).read_text())
+    except FileNotFoundError:
+        return None

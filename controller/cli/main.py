@@ -1,0 +1,272 @@
+"""srctl: the administrator's command line for siterecovery."""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+from typing import Annotated
+
+import grpc
+import typer
+
+from siterecovery.common import errors
+from siterecovery.common.channels import RPC_TIMEOUT
+from siterecovery.common.pb import admin_pb2, common_pb2
+from siterecovery.controller.cli import lab, output
+from siterecovery.controller.cli.client import Profile
+from siterecovery.controller.cli.output import Format
+from siterecovery.controller.inventory_view import JOB_STATUS_VALUES
+
+EXIT_CODES_HELP = (
+    "Exit codes: 0 ok, 1 unexpected error, 2 invalid input, 3 not found, 4 conflict, "
+    "5 precondition failed, 6 unavailable (retry may help), 7 integrity, "
+    "8 unauthenticated, 9 permission denied, 10 rate limited, 11 internal error."
+)
+
+app = typer.Typer(
+    help="Administer a siterecovery site: servers, machines, jobs, the passphrase and a local lab.",
+    epilog=EXIT_CODES_HELP,
+    no_args_is_help=True,
+    pretty_exceptions_enable=False,
+    add_completion=True,
+)
+servers_app = typer.Typer(help="Configuration, process and master target servers, and source agents.", no_args_is_help=True)
+machines_app = typer.Typer(help="Protected machines.", no_args_is_help=True)
+jobs_app = typer.Typer(help="Long-running actions and their progress.", no_args_is_help=True)
+passphrase_app = typer.Typer(help="The connection passphrase agents enroll with.", no_args_is_help=True)
+app.add_typer(servers_app, name="servers")
+app.add_typer(machines_app, name="machines")
+app.add_typer(jobs_app, name="jobs")
+app.add_typer(passphrase_app, name="passphrase")
+app.add_typer(lab.app, name="lab")
+
+ConfigOption = Annotated[
+    Path | None,
+    typer.Option("--config", "-c", help="srctl profile (srctl.toml); default: $SRCTL_CONFIG, the lab's, or the local server's", envvar="SRCTL_CONFIG"),
+]
+OutputOption = Annotated[Format, typer.Option("--output", "-o", help="table for people, json for scripts")]
+
+
+class State:
+    config: Path | None = None
+
+
+@app.callback()
+def _main(config: ConfigOption = None) -> None:
+    State.config = config
+
+
+def _admin():
+    return Profile.find(State.config).admin()
+
+
+def _call(method, request):
+    profile = Profile.find(State.config)
+    try:
+        return getattr(profile.admin(), method)(request, timeout=RPC_TIMEOUT)
+    except grpc.RpcError as exc:
+        raise errors.from_rpc_error(exc, target=profile.server) from exc
+
+
+# -- servers -----------------------------------------------------------------
+@servers_app.command("list")
+def servers_list(output_format: OutputOption = Format.table) -> None:
+    """List enrolled servers and agents with their health."""
+    response = _call("ListServers", admin_pb2.ListServersRequest())
+    if output_format is Format.json:
+        output.print_json([_server_json(s) for s in response.servers])
+        return
+    output.print_table(
+        "Servers",
+        ["ID", "ROLE", "HOST", "HEALTH", "LAST HEARTBEAT", "ENDPOINT", "DETAILS"],
+        [
+            [
+                s.id,
+                output.enum_label(common_pb2.Role.Name(s.role), "ROLE_"),
+                s.hostname,
+                output.enum_label(common_pb2.Health.Name(s.health), "HEALTH_"),
+                output.age(s.heartbeat_age_seconds) + (" ago" if s.heartbeat_age_seconds >= 0 else ""),
+                s.inventory.data_endpoint or "-",
+                s.health_reason or _server_details(s),
+            ]
+            for s in response.servers
+        ],
+    )
+
+
+def _server_json(s: common_pb2.ServerInfo) -> dict:
+    data = output.message_dict(s)
+    data["role"] = output.enum_label(common_pb2.Role.Name(s.role), "ROLE_")
+    data["health"] = output.enum_label(common_pb2.Health.Name(s.health), "HEALTH_")
+    return data
+
+
+def _server_details(s: common_pb2.ServerInfo) -> str:
+    parts = []
+    if s.inventory.disks:
+        parts.append(f"{len(s.inventory.disks)} disk(s)")
+    for d in s.inventory.directories:
+        kind = output.enum_label(common_pb2.DirectoryKind.Name(d.kind), "DIRECTORY_KIND_")
+        parts.append(f"{kind} {output.human_bytes(d.free_bytes)} free")
+    return ", ".join(parts)
+
+
+# -- machines ----------------------------------------------------------------
+@machines_app.command("list")
+def machines_list(output_format: OutputOption = Format.table) -> None:
+    """List machines with a source agent, and their disks."""
+    response = _call("ListMachines", admin_pb2.ListMachinesRequest())
+    if output_format is Format.json:
+        rows = []
+        for m in response.machines:
+            data = output.message_dict(m)
+            data["health"] = output.enum_label(common_pb2.Health.Name(m.health), "HEALTH_")
+            rows.append(data)
+        output.print_json(rows)
+        return
+    output.print_table(
+        "Machines",
+        ["ID", "HOST", "OS", "HEALTH", "DISKS"],
+        [
+            [
+                m.id,
+                m.hostname,
+                m.os,
+                output.enum_label(common_pb2.Health.Name(m.health), "HEALTH_"),
+                ", ".join(f"{d.name} ({output.human_bytes(d.size_bytes)})" for d in m.disks) or "-",
+            ]
+            for m in response.machines
+        ],
+    )
+
+
+# -- jobs --------------------------------------------------------------------
+def _job_json(job: admin_pb2.Job) -> dict:
+    data = output.message_dict(job)
+    data["status"] = output.enum_label(admin_pb2.JobStatus.Name(job.status), "JOB_STATUS_")
+    for step, step_data in zip(job.steps, data.get("steps", []), strict=True):
+        step_data["status"] = output.enum_label(admin_pb2.JobStatus.Name(step.status), "JOB_STATUS_")
+    return data
+
+
+def _status(job_or_step) -> str:
+    return output.enum_label(admin_pb2.JobStatus.Name(job_or_step.status), "JOB_STATUS_")
+
+
+@jobs_app.command("list")
+def jobs_list(
+    status: Annotated[list[str] | None, typer.Option(help="only jobs in this status (repeatable)")] = None,
+    limit: Annotated[int, typer.Option(min=1, max=1000)] = 100,
+    output_format: OutputOption = Format.table,
+) -> None:
+    """List jobs, newest first."""
+    unknown = [s for s in status or [] if s not in JOB_STATUS_VALUES]
+    if unknown:
+        raise errors.InvalidInput(
+            f"unknown status {', '.join(unknown)}", hint=f"one of {', '.join(JOB_STATUS_VALUES)}"
+        )
+    request = admin_pb2.ListJobsRequest(statuses=[JOB_STATUS_VALUES[s] for s in status or []], limit=limit)
+    response = _call("ListJobs", request)
+    if output_format is Format.json:
+        output.print_json([_job_json(j) for j in response.jobs])
+        return
+    output.print_table(
+        "Jobs",
+        ["ID", "KIND", "TARGET", "STATUS", "PROGRESS", "CREATED"],
+        [[j.id, j.kind, j.target, _status(j), f"{j.progress:.0%}", output.when(j.created_at)] for j in response.jobs],
+    )
+
+
+@jobs_app.command("show")
+def jobs_show(job_id: str, output_format: OutputOption = Format.table) -> None:
+    """Show one job with its steps."""
+    job = _call("GetJob", admin_pb2.GetJobRequest(id=job_id))
+    if output_format is Format.json:
+        output.print_json(_job_json(job))
+        return
+    _print_job(job)
+
+
+def _print_job(job: admin_pb2.Job) -> None:
+    output.console.print(f"[bold]Job {job.id}[/bold]  {job.kind} {job.target}  {_status(job)}  {job.progress:.0%}")
+    if job.error_message:
+        output.console.print(f"[red]{job.error_code}: {job.error_message}[/red]")
+    output.print_table(
+        "Steps",
+        ["#", "STEP", "STATUS", "ATTEMPT", "PROGRESS", "MESSAGE"],
+        [[i + 1, s.name, _status(s), s.attempt, f"{s.progress:.0%}", s.message] for i, s in enumerate(job.steps)],
+    )
+
+
+@jobs_app.command("watch")
+def jobs_watch(job_id: str, output_format: OutputOption = Format.table) -> None:
+    """Follow a job live until it finishes; the exit code tells how it ended."""
+    from rich.progress import BarColumn, Progress, TextColumn
+
+    profile = Profile.find(State.config)
+    final: admin_pb2.Job | None = None
+    try:
+        stream = profile.admin().WatchJob(admin_pb2.GetJobRequest(id=job_id))
+        if output_format is Format.json:
+            for final in stream:
+                sys.stdout.write(__import__("json").dumps(_job_json(final)) + "\n")
+                sys.stdout.flush()
+        else:
+            with Progress(TextColumn("{task.description}"), BarColumn(), TextColumn("{task.percentage:>3.0f}%  {task.fields[status]}")) as bars:
+                tasks: dict[int, int] = {}
+                for final in stream:
+                    for i, step in enumerate(final.steps):
+                        label = f"{i + 1}. {step.name}"
+                        if i not in tasks:
+                            tasks[i] = bars.add_task(label, total=1.0, status="")
+                        bars.update(tasks[i], completed=step.progress, status=f"{_status(step)} {step.message}".strip())
+    except grpc.RpcError as exc:
+        raise errors.from_rpc_error(exc, target=profile.server) from exc
+    if final is not None and output_format is Format.table:
+        output.console.print(f"Job {final.id} {_status(final)}" + (f": {final.error_message}" if final.error_message else ""))
+    if final is not None and final.status != admin_pb2.JOB_STATUS_SUCCEEDED:
+        raise typer.Exit(errors.PreconditionFailed.exit_code if final.status in (admin_pb2.JOB_STATUS_FAILED, admin_pb2.JOB_STATUS_COMPENSATED) else 1)
+
+
+# -- passphrase --------------------------------------------------------------
+@passphrase_app.command("show")
+def passphrase_show(output_format: OutputOption = Format.table) -> None:
+    """Print the connection passphrase (put it in each agent's passphrase file)."""
+    response = _call("GetPassphrase", admin_pb2.GetPassphraseRequest())
+    _print_passphrase(response, output_format)
+
+
+@passphrase_app.command("rotate")
+def passphrase_rotate(output_format: OutputOption = Format.table) -> None:
+    """Replace the passphrase. Enrolled agents keep working; new agents need the new one."""
+    response = _call("RotatePassphrase", admin_pb2.RotatePassphraseRequest())
+    _print_passphrase(response, output_format)
+
+
+def _print_passphrase(response: admin_pb2.Passphrase, output_format: Format) -> None:
+    if output_format is Format.json:
+        output.print_json({"passphrase": response.passphrase, "created_at": output.when(response.created_at)})
+    else:
+        print(response.passphrase)
+
+
+def main() -> None:
+    try:
+        app(standalone_mode=False)
+    except errors.SiteRecoveryError as exc:
+        output.err_console.print(f"[red]error:[/red] {exc.message}", highlight=False, soft_wrap=True)
+        if exc.hint:
+            output.err_console.print(f"hint: {exc.hint}", highlight=False, soft_wrap=True)
+        sys.exit(exc.exit_code)
+    except typer.Exit as exc:
+        sys.exit(exc.exit_code)
+    except typer.Abort:
+        sys.exit(1)
+    except __import__("click").ClickException as exc:
+        exc.show()
+        sys.exit(errors.InvalidInput.exit_code)
+    sys.exit(0)
+
+
+if __name__ == "__main__":
+    main()

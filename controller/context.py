@@ -1,0 +1,20 @@
+"""What the configuration server's servicers share: store, CA, passphrase, settings."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from siterecovery.common.pki import CertificateAuthority
+from siterecovery.controller.enrollment import FailureLimiter, PassphraseVault
+from siterecovery.controller.settings import ConfigServerSettings
+from siterecovery.controller.store.base import Store
+
+
+@dataclass
+class ControllerContext:
+    settings: ConfigServerSettings
+    store: Store
+    ca: CertificateAuthority
+    vault: PassphraseVault
+    limiter: FailureLimiter
+    server_cert_pem: bytes

@@ -1,0 +1,50 @@
+"""Between wire messages and the store's plain dicts and records."""
+
+from __future__ import annotations
+
+from datetime import datetime
+
+from google.protobuf import json_format
+from google.protobuf.message import Message
+from google.protobuf.timestamp_pb2 import Timestamp
+
+from siterecovery.common.pb import common_pb2
+
+SEVERITY_NAMES = {
+    common_pb2.SEVERITY_WARNING: "warning",
+    common_pb2.SEVERITY_CRITICAL: "critical",
+}
+HEALTH_VALUES = {
+    "healthy": common_pb2.HEALTH_HEALTHY,
+    "warning": common_pb2.HEALTH_WARNING,
+    "critical": common_pb2.HEALTH_CRITICAL,
+}
+
+
+def to_dict(message: Message) -> dict:
+    return json_format.MessageToDict(message, preserving_proto_field_name=True)
+
+
+def from_dict(data: dict, message: Message) -> Message:
+    return json_format.ParseDict(data, message, ignore_unknown_fields=True)
+
+
+def problem_to_dict(problem: common_pb2.Problem) -> dict:
+    return {
+        "code": problem.code,
+        "severity": SEVERITY_NAMES.get(problem.severity, "warning"),
+        "message": problem.message,
+    }
+
+
+def problem_from_dict(data: dict) -> common_pb2.Problem:
+    severity = {v: k for k, v in SEVERITY_NAMES.items()}.get(data.get("severity", ""), 1)
+    return common_pb2.Problem(code=data.get("code", ""), severity=severity, message=data.get("message", ""))
+
+
+def timestamp(value: datetime | None) -> Timestamp | None:
+    if value is None:
+        return None
+    stamp = Timestamp()
+    stamp.FromDatetime(value)
+    return stamp

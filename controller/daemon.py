@@ -1,0 +1,165 @@
+"""sr-config-server: the configuration server daemon.
+
+On first start it creates, in its state directory:
+  pki/ca.key, pki/ca.crt         the CA every certificate chains to (key 0600)
+  pki/server.key, pki/server.crt its own serving certificate
+  passphrase.json                the connection passphrase agents enroll with (0600)
+  admin/                         the local administrator's client certificate and
+                                 srctl.toml, which srctl reads to connect
+  store.db                       the SQLite store (unless store_url names PostgreSQL)
+and it keeps all of them across restarts, so no agent ever has to enroll again.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import socket
+import sys
+import threading
+from pathlib import Path
+
+import grpc
+import tomli_w
+
+from siterecovery.common import daemon, errors, logging, pki, settings
+from siterecovery.common.grpcserver import Service, start_server
+from siterecovery.common.pb import admin_pb2, agent_pb2, enrollment_pb2
+from siterecovery.common.pb import admin_pb2_grpc, agent_pb2_grpc, enrollment_pb2_grpc
+from siterecovery.controller.context import ControllerContext
+from siterecovery.controller.enrollment import FailureLimiter, PassphraseVault
+from siterecovery.controller.servicers.admin_servicer import AdminServicer
+from siterecovery.controller.servicers.agent_servicer import AgentControlServicer
+from siterecovery.controller.servicers.enrollment_servicer import EnrollmentServicer
+from siterecovery.controller.settings import ConfigServerSettings
+from siterecovery.controller.store.sql import open_store
+
+DAEMON = "config-server"
+ADMIN_ID = "local-admin"
+log = logging.get_logger(__name__)
+
+
+def parse_args(argv: list[str] | None) -> ConfigServerSettings:
+    parser = argparse.ArgumentParser(prog="sr-config-server", description=__doc__.split("\n")[0])
+    parser.add_argument("--config", type=Path, help="TOML configuration file")
+    parser.add_argument("--state-dir", dest="state_dir")
+    parser.add_argument("--listen", help="address to listen on (default 0.0.0.0)")
+    parser.add_argument("--port", type=int, help="port (default 443; 0 picks a free one)")
+    parser.add_argument("--advertise", action="append", help="name or address agents use (repeatable)")
+    parser.add_argument("--store-url", dest="store_url", help="SQLAlchemy URL (default SQLite in the state dir)")
+    parser.add_argument("--heartbeat-interval", dest="heartbeat_interval", type=float)
+    parser.add_argument("--log-level", dest="log_level")
+    args = vars(parser.parse_args(argv))
+    config = args.pop("config")
+    if args.get("advertise"):
+        args["advertise"] = tuple(args["advertise"])
+    return settings.load(ConfigServerSettings, config, args)
+
+
+def main(argv: list[str] | None = None) -> None:
+    try:
+        sys.exit(run(parse_args(argv)))
+    except errors.SiteRecoveryError as exc:
+        print(f"sr-config-server: {exc}", file=sys.stderr)
+        sys.exit(exc.exit_code)
+
+
+def _serving_names(cfg: ConfigServerSettings) -> list[str]:
+    names = [pki.CONFIG_SERVER_NAME, "localhost", "127.0.0.1", "::1", socket.gethostname(), *cfg.advertise]
+    if cfg.listen not in ("0.0.0.0", "::", ""):
+        names.append(cfg.listen)
+    return list(dict.fromkeys(names))
+
+
+def _ensure_serving_cert(ca: pki.CertificateAuthority, pki_dir: Path, names: list[str]) -> tuple[bytes, bytes]:
+    key_path, cert_path = pki_dir / "server.key", pki_dir / "server.crt"
+    if key_path.exists() and cert_path.exists() and pki.cert_has_names(cert_path.read_bytes(), names):
+        return key_path.read_bytes(), cert_path.read_bytes()
+    key_pem, cert_pem = ca.issue_keypair(pki.Identity(id=DAEMON, role=pki.CONFIG_SERVER), sans=names)
+    pki.write_private(key_path, key_pem)
+    cert_path.write_bytes(cert_pem)
+    return key_pem, cert_pem
+
+
+def _ensure_admin_credentials(ca: pki.CertificateAuthority, admin_dir: Path) -> None:
+    key_path, cert_path = admin_dir / "client.key", admin_dir / "client.crt"
+    if not (key_path.exists() and cert_path.exists()):
+        key_pem, cert_pem = ca.issue_keypair(pki.Identity(id=ADMIN_ID, role=pki.ADMIN))
+        pki.write_private(key_path, key_pem)
+        pki.write_private(cert_path, cert_pem)
+    (admin_dir / "ca.crt").write_bytes(ca.cert_pem)
+
+
+def _write_srctl_profile(admin_dir: Path, cfg: ConfigServerSettings, port: int) -> Path:
+    host = cfg.advertise[0] if cfg.advertise else (
+        "127.0.0.1" if cfg.listen in ("0.0.0.0", "::", "") else cfg.listen
+    )
+    profile = admin_dir / "srctl.toml"
+    text = tomli_w.dumps(
+        {"server": f"{host}:{port}", "ca": "ca.crt", "cert": "client.crt", "key": "client.key"}
+    )
+    tmp = profile.with_suffix(".tmp")
+    tmp.write_text(text)
+    os.chmod(tmp, 0o600)
+    os.replace(tmp, profile)
+    return profile
+
+
+def run(cfg: ConfigServerSettings, stop: threading.Event | None = None) -> int:
+    logging.configure(level=cfg.log_level, json=cfg.log_json)
+    stop = stop or daemon.install_stop_handlers()
+    cfg.state_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
+    ca = pki.CertificateAuthority.load_or_create(cfg.state_dir / "pki")
+    key_pem, cert_pem = _ensure_serving_cert(ca, cfg.state_dir / "pki", _serving_names(cfg))
+    _ensure_admin_credentials(ca, cfg.state_dir / "admin")
+    vault = PassphraseVault(cfg.state_dir / "passphrase.json")
+    vault.load_or_create()
+    store = open_store(cfg.resolved_store_url)
+    ctx = ControllerContext(
+        settings=cfg,
+        store=store,
+        ca=ca,
+        vault=vault,
+        limiter=FailureLimiter(),
+        server_cert_pem=cert_pem,
+    )
+    credentials = grpc.ssl_server_credentials(
+        [(key_pem, cert_pem)],
+        root_certificates=ca.cert_pem + pki.bootstrap_ca_pem(),
+        require_client_auth=True,
+    )
+    running = start_server(
+        host=cfg.listen,
+        port=cfg.port,
+        credentials=credentials,
+        services=[
+            Service(
+                enrollment_pb2.DESCRIPTOR.services_by_name["Enrollment"].full_name,
+                EnrollmentServicer(ctx),
+                enrollment_pb2_grpc.add_EnrollmentServicer_to_server,
+            ),
+            Service(
+                agent_pb2.DESCRIPTOR.services_by_name["AgentControl"].full_name,
+                AgentControlServicer(ctx),
+                agent_pb2_grpc.add_AgentControlServicer_to_server,
+            ),
+            Service(
+                admin_pb2.DESCRIPTOR.services_by_name["Admin"].full_name,
+                AdminServicer(ctx, stop),
+                admin_pb2_grpc.add_AdminServicer_to_server,
+            ),
+        ],
+    )
+    profile = _write_srctl_profile(cfg.state_dir / "admin", cfg, running.port)
+    log.info("listening", address=cfg.listen, port=running.port, srctl_profile=str(profile))
+    daemon.report_ready(cfg.state_dir, DAEMON, port=running.port, srctl_profile=str(profile))
+    stop.wait()
+    daemon.report_stopping()
+    running.stop(grace=5.0)
+    store.close()
+    log.info("stopped")
+    return 0
+
+
+if __name__ == "__main__":
+    main()

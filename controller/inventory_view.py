@@ -1,0 +1,94 @@
+"""What srctl shows: servers with derived health, machines, jobs — as wire messages."""
+
+from __future__ import annotations
+
+from datetime import datetime
+
+from siterecovery.common import pki
+from siterecovery.common.pb import admin_pb2, common_pb2
+from siterecovery.controller.convert import (
+    HEALTH_VALUES,
+    from_dict,
+    problem_from_dict,
+    timestamp,
+)
+from siterecovery.controller.health import derive_health, heartbeat_age
+from siterecovery.controller.store.base import JobRecord, MachineRecord, ServerRecord
+
+JOB_STATUS_VALUES = {
+    "pending": admin_pb2.JOB_STATUS_PENDING,
+    "running": admin_pb2.JOB_STATUS_RUNNING,
+    "succeeded": admin_pb2.JOB_STATUS_SUCCEEDED,
+    "failed": admin_pb2.JOB_STATUS_FAILED,
+    "compensating": admin_pb2.JOB_STATUS_COMPENSATING,
+    "compensated": admin_pb2.JOB_STATUS_COMPENSATED,
+    "cancelled": admin_pb2.JOB_STATUS_CANCELLED,
+}
+JOB_STATUS_NAMES = {v: k for k, v in JOB_STATUS_VALUES.items()}
+FINISHED = frozenset({"succeeded", "failed", "compensated", "cancelled"})
+
+
+def server_info(server: ServerRecord, *, interval: float, now: datetime) -> common_pb2.ServerInfo:
+    health, reason = derive_health(
+        last_heartbeat_at=server.last_heartbeat_at,
+        problems=server.problems,
+        interval=interval,
+        now=now,
+    )
+    age = heartbeat_age(server.last_heartbeat_at, now)
+    return common_pb2.ServerInfo(
+        id=server.id,
+        role=pki.role_to_proto(server.role),
+        hostname=server.hostname,
+        health=HEALTH_VALUES[health],
+        health_reason=reason,
+        enrolled_at=timestamp(server.enrolled_at),
+        last_heartbeat_at=timestamp(server.last_heartbeat_at),
+        heartbeat_age_seconds=age if age != float("inf") else -1.0,
+        problems=[problem_from_dict(p) for p in server.problems],
+        inventory=from_dict(server.inventory, common_pb2.Inventory()),
+    )
+
+
+def machine(record: MachineRecord, health: int) -> admin_pb2.Machine:
+    return admin_pb2.Machine(
+        id=record.id,
+        hostname=record.hostname,
+        os=record.os,
+        server_id=record.server_id,
+        addresses=record.addresses,
+        disks=[from_dict(d, common_pb2.DiskFacts()) for d in record.disks],
+        health=health,
+    )
+
+
+def job_progress(job: JobRecord) -> float:
+    if not job.steps:
+        return 1.0 if job.status in FINISHED else 0.0
+    done = sum(1.0 if s.status == "succeeded" else s.progress for s in job.steps)
+    return done / len(job.steps)
+
+
+def job(record: JobRecord) -> admin_pb2.Job:
+    return admin_pb2.Job(
+        id=record.id,
+        kind=record.kind,
+        status=JOB_STATUS_VALUES.get(record.status, admin_pb2.JOB_STATUS_UNSPECIFIED),
+        target=record.target,
+        created_at=timestamp(record.created_at),
+        updated_at=timestamp(record.updated_at),
+        progress=job_progress(record),
+        error_code=record.error_code,
+        error_message=record.error_message,
+        steps=[
+            admin_pb2.JobStep(
+                name=s.name,
+                status=JOB_STATUS_VALUES.get(s.status, admin_pb2.JOB_STATUS_UNSPECIFIED),
+                attempt=s.attempt,
+                progress=1.0 if s.status == "succeeded" else s.progress,
+                message=s.message,
+                error_code=s.error_code,
+            )
+            for s in record.steps
+        ],
+    )

@@ -1,0 +1,42 @@
+"""AgentControl: Register and Heartbeat from enrolled agents."""
+
+from __future__ import annotations
+
+from datetime import UTC, datetime
+
+import grpc
+import structlog
+
+from siterecovery.common.grpcserver import caller
+from siterecovery.common.pb import agent_pb2, agent_pb2_grpc
+from siterecovery.controller import agents
+from siterecovery.controller.context import ControllerContext
+from siterecovery.controller.convert import problem_to_dict, to_dict
+
+log = structlog.get_logger(__name__)
+
+
+class AgentControlServicer(agent_pb2_grpc.AgentControlServicer):
+    def __init__(self, ctx: ControllerContext) -> None:
+        self._ctx = ctx
+
+    def Register(self, request: agent_pb2.RegisterRequest, context: grpc.ServicerContext):  # noqa: N802
+        server = agents.register(
+            self._ctx.store, caller(), to_dict(request.inventory), now=datetime.now(UTC)
+        )
+        log.info("agent registered", hostname=server.hostname)
+        return agent_pb2.RegisterResponse(
+            server_id=server.id, heartbeat_interval_seconds=self._ctx.settings.heartbeat_interval
+        )
+
+    def Heartbeat(self, request: agent_pb2.HeartbeatRequest, context: grpc.ServicerContext):  # noqa: N802
+        agents.heartbeat(
+            self._ctx.store,
+            caller(),
+            problems=[problem_to_dict(p) for p in request.problems],
+            directories=[to_dict(d) for d in request.directories] or None,
+            now=datetime.now(UTC),
+        )
+        return agent_pb2.HeartbeatResponse(
+            heartbeat_interval_seconds=self._ctx.settings.heartbeat_interval
+        )

@@ -1,0 +1,41 @@
+"""Settings of the configuration server (sr-config-server)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+from siterecovery.common.errors import InvalidInput
+
+DEFAULT_PORT = 443
+DEFAULT_STATE_DIR = Path("/var/lib/siterecovery/config-server")
+
+
+@dataclass(frozen=True)
+class ConfigServerSettings:
+    state_dir: Path = DEFAULT_STATE_DIR
+    # Address to listen on; "0.0.0.0" for every IPv4 address.
+    listen: str = "0.0.0.0"
+    port: int = DEFAULT_PORT
+    # Host names and addresses agents and srctl use to reach this server; they
+    # are written into its certificate.
+    advertise: tuple[str, ...] = ()
+    # SQLAlchemy URL; empty means SQLite in <state_dir>/store.db.
+    store_url: str = ""
+    # Agents are told to heartbeat this often.
+    heartbeat_interval: float = 10.0
+    log_level: str = "info"
+    log_json: bool | None = None
+
+    def __post_init__(self) -> None:
+        if not 0 <= self.port <= 65535:
+            raise InvalidInput(f"port {self.port} is outside 0-65535", code="config-range")
+        if not 0.05 <= self.heartbeat_interval <= 3600:
+            raise InvalidInput(
+                f"heartbeat_interval {self.heartbeat_interval} s is outside 0.05-3600 s",
+                code="config-range",
+            )
+
+    @property
+    def resolved_store_url(self) -> str:
+        return self.store_url or f"sqlite:///{self.state_dir / 'store.db'}"

@@ -1,0 +1,34 @@
+#!/usr/bin/env bash
+# Install everything siterecovery needs on a Debian-like machine, idempotently:
+#   - system packages: the real peers the tests run against (PostgreSQL)
+#   - a Python virtual environment in .venv with siterecovery and its dev tools
+# Run it again at any time; it only installs what is missing.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+# Debian packages the project uses, and why:
+#   postgresql  the scale-out store; the store contract tests start a throwaway cluster
+APT_PACKAGES=(postgresql)
+
+as_root() { if [ "$(id -u)" -eq 0 ]; then "$@"; else sudo "$@"; fi; }
+
+missing=()
+for pkg in "${APT_PACKAGES[@]}"; do
+  dpkg-query -W -f='${Status}' "$pkg" 2>/dev/null | grep -q "install ok installed" || missing+=("$pkg")
+done
+if [ ${#missing[@]} -gt 0 ]; then
+  echo "==> installing Debian packages: ${missing[*]}"
+  as_root apt-get update -qq
+  as_root env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends "${missing[@]}"
+fi
+
+PYTHON=${PYTHON:-python3}
+"$PYTHON" -c 'import sys; sys.exit(sys.version_info < (3, 11))' || {
+  echo "siterecovery needs Python 3.11 or newer; $PYTHON is $("$PYTHON" --version)" >&2; exit 1; }
+if [ ! -x .venv/bin/python ]; then
+  echo "==> creating .venv"
+  "$PYTHON" -m venv .venv
+fi
+echo "==> installing siterecovery into .venv"
+.venv/bin/python -m pip install --quiet --disable-pip-version-check -e '.[dev]'
+echo "==> done: try  .venv/bin/srctl lab up"

@@ -1,0 +1,142 @@
+"""Real daemons as subprocesses on port 0, started the way the lab starts them.
+
+`Site` starts a configuration server and agents through controller/launcher.py
+(readiness over the notify socket, no sleeps), runs srctl as a subprocess, and
+stops everything it started when the test ends.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import time
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+import tomli_w
+
+from siterecovery.controller import launcher
+
+HEARTBEAT = 0.3
+
+
+def wait_for(condition: Callable[[], Any], *, timeout: float = 20.0, what: str = "condition") -> Any:
+    """Poll `condition` until it returns something truthy; fail after `timeout`."""
+    deadline = time.monotonic() + timeout
+    while True:
+        result = condition()
+        if result:
+            return result
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out after {timeout} s waiting for {what}")
+        time.sleep(0.05)
+
+
+class Site:
+    def __init__(self, root: Path) -> None:
+        self.root = root
+        self.daemons: list[launcher.Launched] = []
+        self.cs: launcher.Launched | None = None
+        self.cs_port = 0
+
+    # -- configuration server ------------------------------------------------
+    @property
+    def cs_dir(self) -> Path:
+        return self.root / "config-server"
+
+    @property
+    def profile(self) -> Path:
+        return self.cs_dir / "admin" / "srctl.toml"
+
+    def start_config_server(self, *, port: int = 0, **extra: Any) -> launcher.Launched:
+        config = self._write("config-server.toml", {
+            "state_dir": str(self.cs_dir), "listen": "127.0.0.1", "port": port,
+            "heartbeat_interval": HEARTBEAT, **extra,
+        })
+        self.cs = launcher.launch("config-server", ["--config", str(config)], state_dir=self.cs_dir, log_path=self.root / "logs" / "config-server.log")
+        self.daemons.append(self.cs)
+        self.cs_port = self.cs.state["port"]
+        return self.cs
+
+    def passphrase(self) -> str:
+        return self.srctl_json("passphrase", "show")["passphrase"]
+
+    def passphrase_file(self, text: str | None = None) -> Path:
+        path = self.root / "passphrase"
+        path.write_text((text if text is not None else self.passphrase()) + "\n")
+        os.chmod(path, 0o600)
+        return path
+
+    # -- agents ---------------------------------------------------------------
+    def agent_config(self, daemon: str, name: str, *, passphrase_file: Path | None = None, **extra: Any) -> tuple[Path, Path]:
+        state_dir = self.root / name
+        data: dict[str, Any] = {
+            "state_dir": str(state_dir),
+            "server": f"127.0.0.1:{self.cs_port}",
+            "passphrase_file": str(passphrase_file or self.passphrase_file()),
+            "heartbeat_interval": HEARTBEAT,
+        }
+        if daemon in ("process-server", "master-target"):
+            data.update(listen="127.0.0.1", port=0, advertise="127.0.0.1")
+        if daemon == "source-agent" and "disks" not in extra:
+            disk = self.root / f"{name}-disk0.img"
+            with open(disk, "wb") as image:
+                image.truncate(8 * 1024 * 1024)
+            data["disks"] = [{"path": str(disk), "name": "disk0"}]
+        data.update(extra)
+        return self._write(f"{name}.toml", data), state_dir
+
+    def start_agent(self, daemon: str, name: str | None = None, **extra: Any) -> launcher.Launched:
+        name = name or daemon
+        config, state_dir = self.agent_config(daemon, name, **extra)
+        launched = launcher.launch(daemon, ["--config", str(config)], state_dir=state_dir, log_path=self.root / "logs" / f"{name}.log")
+        self.daemons.append(launched)
+        return launched
+
+    def run_agent(self, daemon: str, name: str, **extra: Any) -> subprocess.CompletedProcess:
+        """Run an agent in the foreground, for failures that must end it."""
+        config, _ = self.agent_config(daemon, name, **extra)
+        return subprocess.run(
+            [sys.executable, "-m", launcher.MODULES[daemon], "--config", str(config)],
+            capture_output=True, text=True, timeout=60,
+        )
+
+    # -- srctl ----------------------------------------------------------------
+    def srctl(self, *args: str, config: Path | None = None) -> subprocess.CompletedProcess:
+        env = {**os.environ, "COLUMNS": "200", "HOME": str(self.root / "home")}
+        env.pop("SRCTL_CONFIG", None)
+        command = [sys.executable, "-m", "siterecovery.controller.cli.main"]
+        if config is not None or self.cs is not None:
+            command += ["--config", str(config or self.profile)]
+        return subprocess.run([*command, *args], capture_output=True, text=True, timeout=60, env=env)
+
+    def srctl_json(self, *args: str) -> Any:
+        result = self.srctl(*args, "--output", "json")
+        assert result.returncode == 0, result.stderr
+        return json.loads(result.stdout)
+
+    def servers(self) -> list[dict]:
+        return self.srctl_json("servers", "list")
+
+    def stop_all(self) -> None:
+        for daemon in reversed(self.daemons):
+            launcher.stop(daemon, grace=10)
+
+    def _write(self, name: str, data: dict) -> Path:
+        path = self.root / "config" / name
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(tomli_w.dumps(data))
+        return path
+
+
+@pytest.fixture
+def site(tmp_path: Path) -> Iterator[Site]:
+    site = Site(tmp_path)
+    try:
+        yield site
+    finally:
+        site.stop_all()

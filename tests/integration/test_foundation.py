@@ -1,0 +1,164 @@
+"""Enrollment, registration, heartbeats and health with real daemons over mTLS."""
+
+from __future__ import annotations
+
+import hashlib
+import stat
+from datetime import UTC, datetime
+
+import pytest
+
+from siterecovery.controller import launcher
+
+from .conftest import HEARTBEAT, Site, wait_for
+
+
+def parse_time(text: str) -> datetime:
+    return datetime.fromisoformat(text.replace("Z", "+00:00"))
+
+
+def start_whole_site(site: Site) -> dict[str, launcher.Launched]:
+    site.start_config_server()
+    return {name: site.start_agent(name) for name in ("process-server", "master-target", "source-agent")}
+
+
+def test_enroll_register_heartbeat_and_health_are_visible(site: Site):
+    agents = start_whole_site(site)
+    servers = wait_for(
+        lambda: (s := site.servers()) and len(s) == 3 and all(x["health"] == "healthy" for x in s) and s,
+        what="three healthy servers",
+    )
+    by_role = {s["role"]: s for s in servers}
+    assert set(by_role) == {"source", "process-server", "master-target"}
+    for role, daemon in (("process-server", "process-server"), ("master-target", "master-target"), ("source", "source-agent")):
+        assert by_role[role]["id"] == agents[daemon].state["agent_id"]
+    assert by_role["process-server"]["inventory"]["data_endpoint"] == f"127.0.0.1:{agents['process-server'].state['port']}"
+    kinds = {d["kind"] for d in by_role["master-target"]["inventory"]["directories"]}
+    assert kinds == {"DIRECTORY_KIND_DATASTORE", "DIRECTORY_KIND_RETENTION"}
+    assert all(int(d["free_bytes"]) > 0 for d in by_role["master-target"]["inventory"]["directories"])
+    assert by_role["process-server"]["inventory"]["directories"][0]["kind"] == "DIRECTORY_KIND_SPOOL"
+
+    # Heartbeats keep arriving: the last one moves forward.
+    first = parse_time(by_role["source"]["last_heartbeat_at"])
+    wait_for(
+        lambda: any(parse_time(s["last_heartbeat_at"]) > first for s in site.servers() if s["role"] == "source"),
+        what="a later heartbeat",
+    )
+
+    machines = site.srctl_json("machines", "list")
+    assert len(machines) == 1
+    disk = machines[0]["disks"][0]
+    assert disk["name"] == "disk0" and int(disk["size_bytes"]) == 8 * 1024 * 1024
+    assert disk["identity"].startswith("file-")
+
+    # Keys never leave the agent and are private to it.
+    for name in ("process-server", "master-target", "source-agent"):
+        key = site.root / name / "identity" / "agent.key"
+        assert stat.S_IMODE(key.stat().st_mode) == 0o600
+
+    # The table for people shows the same thing.
+    table = site.srctl("servers", "list")
+    assert table.returncode == 0 and "healthy" in table.stdout and "process-server" in table.stdout
+
+
+def test_a_disk_keeps_its_identity_across_agent_restarts(site: Site):
+    site.start_config_server()
+    agent = site.start_agent("source-agent")
+    identity = wait_for(lambda: site.srctl_json("machines", "list"), what="machine")[0]["disks"][0]["identity"]
+    assert launcher.stop(agent)
+    site.daemons.remove(agent)
+    site.start_agent("source-agent")
+    assert site.srctl_json("machines", "list")[0]["disks"][0]["identity"] == identity
+
+
+def test_wrong_passphrase_is_refused_and_nothing_is_written(site: Site):
+    site.start_config_server()
+    wrong = site.root / "wrong-passphrase"
+    wrong.write_text("not-the-passphrase\n")
+    result = site.run_agent("process-server", "ps", passphrase_file=wrong)
+    assert result.returncode == 8, result.stderr
+    assert "passphrase is wrong" in result.stderr
+    assert "srctl passphrase show" in result.stderr
+    assert not (site.root / "ps" / "identity").exists()
+    assert site.servers() == []
+    assert "not-the-passphrase" not in (site.root / "logs" / "config-server.log").read_text()
+
+
+def test_missing_passphrase_file_is_a_clear_error(site: Site):
+    site.start_config_server()
+    result = site.run_agent("master-target", "mt", passphrase_file=site.root / "absent")
+    assert result.returncode == 2
+    assert "absent" in result.stderr
+    assert not (site.root / "mt" / "identity").exists()
+
+
+def test_health_turns_warning_then_critical_when_an_agent_dies(site: Site):
+    agents = start_whole_site(site)
+    wait_for(lambda: all(s["health"] == "healthy" for s in site.servers()), what="healthy")
+    launcher.kill9(agents["master-target"])
+
+    def health_of_master_target():
+        return next(s["health"] for s in site.servers() if s["role"] == "master-target")
+
+    wait_for(lambda: health_of_master_target() == "warning", timeout=10 * HEARTBEAT + 10, what="warning")
+    wait_for(lambda: health_of_master_target() == "critical", timeout=20 * HEARTBEAT + 10, what="critical")
+    reason = next(s["health_reason"] for s in site.servers() if s["role"] == "master-target")
+    assert reason.startswith("no heartbeat for")
+
+
+def test_agents_reconnect_after_a_config_server_restart_without_enrolling_again(site: Site):
+    start_whole_site(site)
+    servers = wait_for(lambda: len(found := site.servers()) == 3 and found, what="servers")
+    before = {s["id"] for s in servers}
+    certs = {
+        name: hashlib.sha256((site.root / name / "identity" / "agent.crt").read_bytes()).hexdigest()
+        for name in ("process-server", "master-target", "source-agent")
+    }
+    assert site.cs is not None and launcher.stop(site.cs)
+    site.daemons.remove(site.cs)
+    restarted_at = datetime.now(UTC)
+    site.start_config_server(port=site.cs_port)
+
+    def all_heartbeat_again():
+        servers = site.servers()
+        return servers if all(parse_time(s["last_heartbeat_at"]) > restarted_at for s in servers) else None
+
+    servers = wait_for(all_heartbeat_again, timeout=30, what="heartbeats after the restart")
+    assert {s["id"] for s in servers} == before
+    assert all(s["health"] == "healthy" for s in servers)
+    for name, digest in certs.items():
+        assert hashlib.sha256((site.root / name / "identity" / "agent.crt").read_bytes()).hexdigest() == digest
+
+
+def test_agent_started_while_the_server_is_down_recovers_by_itself(site: Site):
+    site.start_config_server()
+    passphrase_file = site.passphrase_file()
+    port = site.cs_port
+    assert site.cs is not None and launcher.stop(site.cs)
+    site.daemons.remove(site.cs)
+    import subprocess
+    import sys
+
+    config, state_dir = site.agent_config("source-agent", "late", passphrase_file=passphrase_file)
+    log = open(site.root / "logs" / "late.log", "ab")
+    proc = subprocess.Popen([sys.executable, "-m", launcher.MODULES["source-agent"], "--config", str(config)], stdout=log, stderr=log)
+    try:
+        wait_for(lambda: "enrollment failed; retrying" in (site.root / "logs" / "late.log").read_text(), what="a retry")
+        site.start_config_server(port=port)
+        wait_for(lambda: [s for s in site.servers() if s["health"] == "healthy"], timeout=30, what="late agent healthy")
+        assert (state_dir / "identity" / "agent.crt").exists()
+    finally:
+        proc.terminate()
+        assert proc.wait(15) == 0
+        log.close()
+
+
+@pytest.mark.parametrize("daemon", ["config-server", "process-server"])
+def test_sigterm_stops_gracefully(site: Site, daemon: str):
+    site.start_config_server()
+    target = site.cs if daemon == "config-server" else site.start_agent(daemon)
+    assert target is not None
+    proc = target.process()
+    assert proc is not None
+    assert launcher.stop(target, grace=10)
+    assert "stopped" in target.log_path.read_text()
