@@ -1,0 +1,319 @@
+"""The one state-store interface of the configuration server, and its records.
+
+Records are frozen dataclasses of plain Python values (no protobuf): datetimes
+are timezone-aware UTC, JSON-able dicts and lists hold inventory, problems,
+job parameters and step outputs. Servicers convert messages to these.
+
+What is stored (the SQL schema is spelled out in `sql.py`):
+
+- servers  - one row per enrolled agent (source, process server, master
+  target): identity from its certificate, its last inventory, its last
+  heartbeat and the problems it reported then, and when it was revoked.
+- machines - one row per protected host (for now one per source agent).
+- jobs     - one row per long action, with `version` bumped on every change
+  to the job or to one of its steps, so a reader can tell that it changed.
+- steps    - ordered rows under a job: status, attempt, progress, lease owner
+  and lease expiry, output.
+
+Transaction boundaries: every method is one transaction; nothing is committed
+half-way, so a crash (process killed, power lost) in the middle of any method
+leaves the store as it was before the call or as it is after it, never in
+between. Multi-call sequences are not atomic. The job engine is built for that:
+a step is claimed (one transaction), executed outside any transaction, then
+recorded (another transaction); a crash between leaves the step `running` with
+a lease that expires, after which another runner claims it and runs it again,
+which is why steps must be idempotent.
+
+Concurrency: compare-and-set writes (`set_job_status`, `claim_step`,
+`renew_lease`, `update_step`) return False/None when the row was not in the
+expected state; they never overwrite someone else's change. Times (`now`) are
+passed in by the caller, never read from the database clock, so replicas must
+keep their clocks in step to well under a lease length.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from abc import ABC, abstractmethod
+from collections.abc import Collection, Sequence
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from typing import Any
+
+from siterecovery.common.errors import InvalidInput
+
+ROLES = ("source", "process-server", "master-target")  # server roles stored here
+
+
+@dataclass(frozen=True)
+class ServerRecord:
+    id: str
+    role: str
+    hostname: str
+    cert_serial: str
+    cert_fingerprint: str
+    enrolled_at: datetime
+    last_heartbeat_at: datetime | None = None
+    registered_at: datetime | None = None
+    inventory: dict = field(default_factory=dict)  # JSON-able dict (protobuf Inventory as dict)
+    problems: list = field(default_factory=list)  # list of {"code","severity","message"}
+    revoked_at: datetime | None = None
+
+
+@dataclass(frozen=True)
+class MachineRecord:
+    id: str
+    server_id: str
+    hostname: str
+    os: str
+    addresses: list = field(default_factory=list)
+    disks: list = field(default_factory=list)  # list of {"identity","path","size_bytes","name"}
+    updated_at: datetime | None = None
+
+
+@dataclass(frozen=True)
+class StepRecord:
+    job_id: str
+    index: int
+    name: str
+    status: str
+    attempt: int = 0
+    progress: float = 0.0
+    message: str = ""
+    error_code: str = ""
+    lease_owner: str = ""
+    lease_expires_at: datetime | None = None
+    output: dict = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class JobRecord:
+    id: str
+    kind: str
+    target: str
+    status: str
+    created_at: datetime
+    updated_at: datetime
+    params: dict = field(default_factory=dict)
+    steps: tuple[StepRecord, ...] = ()
+    error_code: str = ""
+    error_message: str = ""
+    version: int = 0  # incremented on every change of the job or one of its steps
+
+    def step(self, index: int) -> StepRecord:
+        return self.steps[index]
+
+    def outputs(self) -> dict[str, dict]:
+        """Outputs of the steps that produced one, by step name."""
+        return {s.name: s.output for s in self.steps if s.output}
+
+
+class Store(ABC):
+    """Inventory and jobs of one configuration server (or of several replicas)."""
+
+    # --- servers -------------------------------------------------------------
+
+    @abstractmethod
+    def add_server(self, server: ServerRecord) -> None:
+        """Store a newly enrolled server. Conflict when its id is taken."""
+
+    @abstractmethod
+    def get_server(self, server_id: str) -> ServerRecord:
+        """NotFound when there is no such server."""
+
+    @abstractmethod
+    def list_servers(self, role: str | None = None) -> list[ServerRecord]:
+        """All servers (or those of one role), ordered by role, then hostname."""
+
+    @abstractmethod
+    def register_server(
+        self, server_id: str, *, hostname: str, inventory: dict, now: datetime
+    ) -> ServerRecord:
+        """Replace hostname and inventory; set registered_at and last_heartbeat_at to now.
+
+        This records facts; whether a revoked server may register is the
+        caller's rule. NotFound when there is no such server.
+        """
+
+    @abstractmethod
+    def record_heartbeat(
+        self, server_id: str, *, problems: list, directories: list | None, now: datetime
+    ) -> ServerRecord:
+        """Set last_heartbeat_at and problems; replace inventory["directories"] when given.
+
+        NotFound when there is no such server.
+        """
+
+    @abstractmethod
+    def revoke_server(self, server_id: str, *, now: datetime) -> ServerRecord:
+        """Mark the server revoked; revoking again keeps the first time. NotFound."""
+
+    # --- machines --------------------------------------------------------------
+
+    @abstractmethod
+    def upsert_machine(self, machine: MachineRecord) -> None:
+        """Insert or replace a machine. NotFound when its server does not exist."""
+
+    @abstractmethod
+    def get_machine(self, machine_id: str) -> MachineRecord:
+        """NotFound when there is no such machine."""
+
+    @abstractmethod
+    def list_machines(self) -> list[MachineRecord]:
+        """All machines, ordered by hostname, then id."""
+
+    # --- jobs --------------------------------------------------------------------
+
+    @abstractmethod
+    def create_job(
+        self,
+        *,
+        kind: str,
+        target: str,
+        step_names: Sequence[str],
+        params: dict,
+        now: datetime,
+    ) -> JobRecord:
+        """A new job (id a uuid4 string, status pending, version 1) with pending steps."""
+
+    @abstractmethod
+    def get_job(self, job_id: str) -> JobRecord:
+        """The job with its steps in order. NotFound."""
+
+    @abstractmethod
+    def list_jobs(self, *, statuses: Collection[str] | None = None, limit: int = 100) -> list[JobRecord]:
+        """Jobs (optionally only those in `statuses`), newest first, at most `limit`."""
+
+    @abstractmethod
+    def set_job_status(
+        self,
+        job_id: str,
+        *,
+        expected: Collection[str],
+        new: str,
+        now: datetime,
+        error_code: str = "",
+        error_message: str = "",
+    ) -> bool:
+        """Compare-and-set the job status: only when it is one of `expected`.
+
+        Every `expected -> new` must be in `jobs.states.TRANSITIONS["job"]`, else
+        InvalidInput. The error fields are written only when not empty. Returns
+        False when the job was in another status; NotFound when it does not exist.
+        """
+
+    @abstractmethod
+    def claim_step(
+        self, job_id: str, index: int, *, owner: str, lease_seconds: float, now: datetime
+    ) -> StepRecord | None:
+        """Take the lease on step `index` if it is the one the job needs next.
+
+        Claimable: while the job is running, a pending step or a running step
+        whose lease expired (it becomes running); while the job is compensating,
+        a succeeded step or a running/compensating one whose lease expired (it
+        becomes compensating). `attempt` goes up by one on every claim. Returns
+        None when the step is not claimable now (someone holds it, it is not
+        next, the job is not running or compensating). NotFound for an unknown
+        job or index.
+        """
+
+    @abstractmethod
+    def renew_lease(
+        self, job_id: str, index: int, *, owner: str, lease_seconds: float, now: datetime
+    ) -> bool:
+        """Extend the lease to now + lease_seconds; False unless `owner` holds it."""
+
+    @abstractmethod
+    def update_step(
+        self,
+        job_id: str,
+        index: int,
+        *,
+        owner: str,
+        now: datetime,
+        status: str | None = None,
+        progress: float | None = None,
+        message: str | None = None,
+        error_code: str | None = None,
+        output: dict | None = None,
+    ) -> bool:
+        """Record progress or an outcome; only the lease owner may. False otherwise.
+
+        A status change is checked against the step transition table
+        (InvalidInput); a status that is not leased (succeeded, failed,
+        compensated) releases the lease.
+        """
+
+    @abstractmethod
+    def runnable_job_ids(self, *, now: datetime) -> list[str]:
+        """Active jobs that need something done now, oldest first.
+
+        That is: a pending job (to start), a job with a claimable step, or a
+        job whose status has to be settled (all steps done, a step failed, all
+        compensations done). Jobs waiting on a live lease are left out.
+        """
+
+    @abstractmethod
+    def close(self) -> None:
+        """Release connections. The store is unusable afterwards."""
+
+
+# --- helpers shared by implementations ---------------------------------------------
+
+
+def utc(value: datetime, what: str = "time") -> datetime:
+    """`value` in UTC; InvalidInput when it carries no timezone."""
+    if not isinstance(value, datetime):
+        raise InvalidInput(f"{what} must be a datetime, not {type(value).__name__}")
+    if value.tzinfo is None or value.utcoffset() is None:
+        raise InvalidInput(
+            f"{what} has no timezone ({value.isoformat()})",
+            hint="pass an aware datetime, e.g. datetime.now(UTC)",
+            code="naive-datetime",
+        )
+    return value.astimezone(UTC)
+
+
+def utc_or_none(value: datetime | None, what: str = "time") -> datetime | None:
+    return None if value is None else utc(value, what)
+
+
+def json_copy(value: Any, what: str, kind: type = dict) -> Any:
+    """A deep copy of `value` after checking it is JSON and of type `kind`.
+
+    Tuples come back as lists; anything JSON cannot carry faithfully (non-str
+    keys, NaN, sets, objects) is refused with InvalidInput.
+    """
+    if not isinstance(value, kind):
+        raise InvalidInput(f"{what} must be a {kind.__name__}, not {type(value).__name__}")
+    _check_json(value, what)
+    return json.loads(json.dumps(value))
+
+
+def _check_json(value: Any, path: str) -> None:
+    if value is None or isinstance(value, (str, bool, int)):
+        return
+    if isinstance(value, float):
+        if math.isfinite(value):
+            return
+        problem = f"{value!r} is not a finite number"
+    elif isinstance(value, (list, tuple)):
+        for i, item in enumerate(value):
+            _check_json(item, f"{path}[{i}]")
+        return
+    elif isinstance(value, dict):
+        for key, item in value.items():
+            if not isinstance(key, str):
+                problem = f"key {key!r} is not a string"
+                break
+            _check_json(item, f"{path}.{key}")
+        else:
+            return
+    else:
+        problem = f"a {type(value).__name__} is not JSON"
+    raise InvalidInput(
+        f"{path} cannot be stored: {problem}",
+        hint="use only str, int, float, bool, None, lists and dicts with str keys",
+        code="not-json",
+    )

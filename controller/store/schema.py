@@ -1,0 +1,121 @@
+"""SQLAlchemy table definitions of the store, as of the newest migration.
+
+The migrations in `migrations/versions` create these tables; the contract tests
+compare a migrated database against this metadata, so the two cannot drift.
+Never change a table here without adding a migration.
+"""
+
+from __future__ import annotations
+
+from datetime import UTC, datetime
+from typing import Any
+
+import sqlalchemy as sa
+from sqlalchemy.dialects import postgresql
+
+metadata = sa.MetaData(
+    naming_convention={
+        "ix": "ix_%(table_name)s_%(column_0_N_name)s",
+        "uq": "uq_%(table_name)s_%(column_0_N_name)s",
+        "fk": "fk_%(table_name)s_%(column_0_name)s_%(referred_table_name)s",
+        "pk": "pk_%(table_name)s",
+    }
+)
+
+# JSONB on PostgreSQL (indexable later), JSON text elsewhere.
+Json = sa.JSON().with_variant(postgresql.JSONB(), "postgresql")
+
+
+class UtcDateTime(sa.TypeDecorator[datetime]):
+    """A timestamp that goes in and comes out as an aware UTC datetime.
+
+    PostgreSQL stores `timestamptz`; SQLite stores naive UTC text in one fixed
+    format (so comparisons in SQL order correctly).
+    """
+
+    impl = sa.DateTime(timezone=True)
+    cache_ok = True
+
+    def process_bind_param(self, value: datetime | None, dialect: sa.Dialect) -> Any:
+        if value is None:
+            return None
+        if value.tzinfo is None:
+            raise ValueError(f"naive datetime {value!r}: the store keeps aware UTC times")
+        value = value.astimezone(UTC)
+        return value.replace(tzinfo=None) if dialect.name == "sqlite" else value
+
+    def process_result_value(self, value: datetime | None, dialect: sa.Dialect) -> Any:
+        if value is None:
+            return None
+        if value.tzinfo is None:
+            return value.replace(tzinfo=UTC)
+        return value.astimezone(UTC)
+
+
+servers = sa.Table(
+    "servers",
+    metadata,
+    sa.Column("id", sa.String(64), primary_key=True),
+    sa.Column("role", sa.String(32), nullable=False),
+    sa.Column("hostname", sa.String(255), nullable=False),
+    sa.Column("cert_serial", sa.String(128), nullable=False),
+    sa.Column("cert_fingerprint", sa.String(128), nullable=False),
+    sa.Column("enrolled_at", UtcDateTime(), nullable=False),
+    sa.Column("registered_at", UtcDateTime(), nullable=True),
+    sa.Column("last_heartbeat_at", UtcDateTime(), nullable=True),
+    sa.Column("revoked_at", UtcDateTime(), nullable=True),
+    sa.Column("inventory", Json, nullable=False),
+    sa.Column("problems", Json, nullable=False),
+    sa.Index(None, "role", "hostname"),
+)
+
+machines = sa.Table(
+    "machines",
+    metadata,
+    sa.Column("id", sa.String(64), primary_key=True),
+    sa.Column("server_id", sa.String(64), sa.ForeignKey("servers.id"), nullable=False),
+    sa.Column("hostname", sa.String(255), nullable=False),
+    sa.Column("os", sa.String(255), nullable=False),
+    sa.Column("addresses", Json, nullable=False),
+    sa.Column("disks", Json, nullable=False),
+    sa.Column("updated_at", UtcDateTime(), nullable=True),
+    sa.Index(None, "server_id"),
+)
+
+jobs = sa.Table(
+    "jobs",
+    metadata,
+    sa.Column("id", sa.String(36), primary_key=True),
+    sa.Column("kind", sa.String(64), nullable=False),
+    sa.Column("target", sa.String(255), nullable=False),
+    sa.Column("status", sa.String(16), nullable=False),
+    sa.Column("created_at", UtcDateTime(), nullable=False),
+    sa.Column("updated_at", UtcDateTime(), nullable=False),
+    sa.Column("params", Json, nullable=False),
+    sa.Column("error_code", sa.String(64), nullable=False),
+    sa.Column("error_message", sa.Text(), nullable=False),
+    sa.Column("version", sa.Integer(), nullable=False),
+    sa.Index(None, "status", "created_at"),
+    sa.Index(None, "created_at"),
+)
+
+steps = sa.Table(
+    "steps",
+    metadata,
+    sa.Column(
+        "job_id",
+        sa.String(36),
+        sa.ForeignKey("jobs.id", ondelete="CASCADE"),
+        primary_key=True,
+    ),
+    sa.Column("idx", sa.Integer(), primary_key=True, autoincrement=False),
+    sa.Column("name", sa.String(64), nullable=False),
+    sa.Column("status", sa.String(16), nullable=False),
+    sa.Column("attempt", sa.Integer(), nullable=False),
+    sa.Column("progress", sa.Float(), nullable=False),
+    sa.Column("message", sa.Text(), nullable=False),
+    sa.Column("error_code", sa.String(64), nullable=False),
+    sa.Column("lease_owner", sa.String(128), nullable=False),
+    sa.Column("lease_expires_at", UtcDateTime(), nullable=True),
+    sa.Column("output", Json, nullable=False),
+)

@@ -1,0 +1,754 @@
+"""The SQL implementation of `Store`, on SQLite (default) or PostgreSQL.
+
+`open_store(url)` migrates the database to the newest schema and returns a
+`SqlStore`. URLs: `sqlite:///ABSOLUTE/PATH/store.db` (the configuration server
+keeps `<state_dir>/store.db`) or `postgresql+psycopg://user@host/db` (several
+controller replicas may share one PostgreSQL database).
+
+Schema (tables in `schema.py`, created by `migrations/versions/0001_initial.py`):
+
+    servers  (id PK, role, hostname, cert_serial, cert_fingerprint, enrolled_at,
+              registered_at, last_heartbeat_at, revoked_at, inventory JSON,
+              problems JSON)                          index (role, hostname)
+    machines (id PK, server_id FK servers.id, hostname, os, addresses JSON,
+              disks JSON, updated_at)                 index (server_id)
+    jobs     (id PK uuid4, kind, target, status, created_at, updated_at,
+              params JSON, error_code, error_message, version)
+                                                      index (status, created_at), (created_at)
+    steps    (job_id FK jobs.id ON DELETE CASCADE, idx, PK (job_id, idx), name,
+              status, attempt, progress, message, error_code, lease_owner,
+              lease_expires_at, output JSON)
+    alembic_version (version_num)                     - the schema revision
+
+Times are stored in UTC (`timestamptz` on PostgreSQL, fixed-format text on
+SQLite); JSON is JSONB on PostgreSQL and text on SQLite.
+
+Transaction boundaries: each public method is exactly one database transaction
+(`_write` or `_read` below). On SQLite every write transaction starts with
+`BEGIN IMMEDIATE`, so writers queue on the database lock (busy timeout 30 s)
+instead of failing half-way through a read-then-write; WAL lets readers go on
+meanwhile. On PostgreSQL writes run at READ COMMITTED and every change to a
+job or its steps first locks the job row (`SELECT ... FOR UPDATE`), so all
+writes to one job are serialised in one order (job row, then step rows) and
+cannot deadlock; reads run at REPEATABLE READ so a job and its steps come
+from one snapshot. Compare-and-set writes are guarded UPDATEs whose rowcount
+decides (`WHERE status = ... AND attempt = ...`), so they are correct even
+without the lock.
+
+A crash mid-write: SQLite (WAL, synchronous=FULL) and PostgreSQL both roll back
+a transaction that did not commit, so the database holds either all of a
+method's changes or none. A committed change survives the crash. Migrations run
+in one transaction too (DDL is transactional on both), so a crash during an
+upgrade leaves the previous schema and revision, and the next start retries.
+"""
+
+from __future__ import annotations
+
+import uuid
+from collections.abc import Collection, Iterator, Sequence
+from contextlib import contextmanager
+from datetime import datetime, timedelta
+from pathlib import Path
+from typing import Any
+
+import sqlalchemy as sa
+from alembic import command
+from alembic.config import Config
+from alembic.runtime.migration import MigrationContext
+from alembic.script import ScriptDirectory
+from sqlalchemy import event
+from sqlalchemy.dialects.postgresql import insert as pg_insert
+from sqlalchemy.dialects.sqlite import insert as sqlite_insert
+from sqlalchemy.engine import Connection, Engine
+
+from siterecovery.common.errors import Conflict, InvalidInput, NotFound, Unavailable
+from siterecovery.controller.jobs import states
+from siterecovery.controller.store import migrations
+from siterecovery.controller.store.base import (
+    ROLES,
+    JobRecord,
+    MachineRecord,
+    ServerRecord,
+    StepRecord,
+    Store,
+    json_copy,
+    utc,
+    utc_or_none,
+)
+from siterecovery.controller.store.schema import jobs, machines, servers, steps
+
+SQLITE_BUSY_TIMEOUT_S = 30.0
+# Any constant: replicas starting together take turns migrating PostgreSQL.
+_MIGRATION_LOCK_KEY = 0x5352_0001
+
+
+def open_store(url: str) -> Store:
+    """Open the store at `url`, migrating its schema to the newest revision."""
+    store = SqlStore(url)
+    try:
+        store.migrate()
+    except BaseException:
+        store.close()
+        raise
+    return store
+
+
+class SqlStore(Store):
+    """`Store` on SQLAlchemy Core. Call `migrate()` (or use `open_store`) first."""
+
+    def __init__(self, url: str) -> None:
+        self._engine = _make_engine(url)
+        self._pg = self._engine.dialect.name == "postgresql"
+        self._insert = pg_insert if self._pg else sqlite_insert
+
+    @property
+    def engine(self) -> Engine:
+        return self._engine
+
+    # --- schema ------------------------------------------------------------------
+
+    def migrate(self, revision: str = "head") -> None:
+        """Upgrade the schema to `revision` in one transaction; a no-op when there."""
+        with self._write() as conn:
+            if self._pg:
+                conn.execute(sa.text("SELECT pg_advisory_xact_lock(:k)"), {"k": _MIGRATION_LOCK_KEY})
+            command.upgrade(alembic_config(conn), revision)
+
+    def schema_revision(self) -> str | None:
+        with self._read() as conn:
+            return MigrationContext.configure(conn).get_current_revision()
+
+    # --- transactions ------------------------------------------------------------
+
+    @contextmanager
+    def _write(self) -> Iterator[Connection]:
+        with _translate_db_errors(), self._engine.begin() as conn:
+            yield conn
+
+    @contextmanager
+    def _read(self) -> Iterator[Connection]:
+        with _translate_db_errors(), self._engine.connect() as conn:
+            if self._pg:
+                conn.execution_options(isolation_level="REPEATABLE READ", postgresql_readonly=True)
+            else:
+                conn.execution_options(sr_read_only=True)
+            with conn.begin():
+                yield conn
+
+    # --- servers -----------------------------------------------------------------
+
+    def add_server(self, server: ServerRecord) -> None:
+        _check_role(server.role)
+        _check_id(server.id, "server id")
+        values = {
+            "id": server.id,
+            "role": server.role,
+            "hostname": server.hostname,
+            "cert_serial": server.cert_serial,
+            "cert_fingerprint": server.cert_fingerprint,
+            "enrolled_at": utc(server.enrolled_at, "enrolled_at"),
+            "registered_at": utc_or_none(server.registered_at, "registered_at"),
+            "last_heartbeat_at": utc_or_none(server.last_heartbeat_at, "last_heartbeat_at"),
+            "revoked_at": utc_or_none(server.revoked_at, "revoked_at"),
+            "inventory": json_copy(server.inventory, "inventory"),
+            "problems": json_copy(server.problems, "problems", list),
+        }
+        conflict = Conflict(
+            f"a server with id {server.id!r} already exists",
+            hint="enrol it under a new id, or look at the existing one with list_servers",
+            code="server-exists",
+        )
+        try:
+            with self._write() as conn:
+                if conn.execute(sa.select(servers.c.id).where(servers.c.id == server.id)).first():
+                    raise conflict
+                conn.execute(sa.insert(servers).values(values))
+        except sa.exc.IntegrityError as exc:  # lost a race with another insert
+            raise conflict from exc
+
+    def get_server(self, server_id: str) -> ServerRecord:
+        with self._read() as conn:
+            return self._server(conn, server_id)
+
+    def list_servers(self, role: str | None = None) -> list[ServerRecord]:
+        query = sa.select(servers).order_by(servers.c.role, servers.c.hostname, servers.c.id)
+        if role is not None:
+            _check_role(role)
+            query = query.where(servers.c.role == role)
+        with self._read() as conn:
+            return [_server_record(row) for row in conn.execute(query).mappings()]
+
+    def register_server(
+        self, server_id: str, *, hostname: str, inventory: dict, now: datetime
+    ) -> ServerRecord:
+        now = utc(now, "now")
+        values = {
+            "hostname": hostname,
+            "inventory": json_copy(inventory, "inventory"),
+            "registered_at": now,
+            "last_heartbeat_at": now,
+        }
+        with self._write() as conn:
+            result = conn.execute(sa.update(servers).where(servers.c.id == server_id).values(values))
+            if result.rowcount != 1:
+                raise _server_not_found(server_id)
+            return self._server(conn, server_id)
+
+    def record_heartbeat(
+        self, server_id: str, *, problems: list, directories: list | None, now: datetime
+    ) -> ServerRecord:
+        values: dict[str, Any] = {
+            "last_heartbeat_at": utc(now, "now"),
+            "problems": json_copy(problems, "problems", list),
+        }
+        if directories is not None:
+            directories = json_copy(directories, "directories", list)
+        with self._write() as conn:
+            current = self._server(conn, server_id, lock=True)
+            if directories is not None:
+                values["inventory"] = {**current.inventory, "directories": directories}
+            conn.execute(sa.update(servers).where(servers.c.id == server_id).values(values))
+            return self._server(conn, server_id)
+
+    def revoke_server(self, server_id: str, *, now: datetime) -> ServerRecord:
+        now = utc(now, "now")
+        with self._write() as conn:
+            conn.execute(
+                sa.update(servers)
+                .where(servers.c.id == server_id, servers.c.revoked_at.is_(None))
+                .values(revoked_at=now)
+            )
+            return self._server(conn, server_id)
+
+    def _server(self, conn: Connection, server_id: str, *, lock: bool = False) -> ServerRecord:
+        query = sa.select(servers).where(servers.c.id == server_id)
+        if lock:
+            query = query.with_for_update()
+        row = conn.execute(query).mappings().first()
+        if row is None:
+            raise _server_not_found(server_id)
+        return _server_record(row)
+
+    # --- machines ----------------------------------------------------------------
+
+    def upsert_machine(self, machine: MachineRecord) -> None:
+        _check_id(machine.id, "machine id")
+        values = {
+            "id": machine.id,
+            "server_id": machine.server_id,
+            "hostname": machine.hostname,
+            "os": machine.os,
+            "addresses": json_copy(machine.addresses, "addresses", list),
+            "disks": json_copy(machine.disks, "disks", list),
+            "updated_at": utc_or_none(machine.updated_at, "updated_at"),
+        }
+        statement = self._insert(machines).values(values)
+        statement = statement.on_conflict_do_update(
+            index_elements=[machines.c.id],
+            set_={k: statement.excluded[k] for k in values if k != "id"},
+        )
+        with self._write() as conn:
+            self._server(conn, machine.server_id)  # NotFound names the missing server
+            conn.execute(statement)
+
+    def get_machine(self, machine_id: str) -> MachineRecord:
+        with self._read() as conn:
+            row = conn.execute(sa.select(machines).where(machines.c.id == machine_id)).mappings().first()
+        if row is None:
+            raise NotFound(
+                f"no machine with id {machine_id!r}",
+                hint="list the protected machines to find its id",
+                code="machine-not-found",
+            )
+        return _machine_record(row)
+
+    def list_machines(self) -> list[MachineRecord]:
+        query = sa.select(machines).order_by(machines.c.hostname, machines.c.id)
+        with self._read() as conn:
+            return [_machine_record(row) for row in conn.execute(query).mappings()]
+
+    # --- jobs ------------------------------------------------------------------------
+
+    def create_job(
+        self,
+        *,
+        kind: str,
+        target: str,
+        step_names: Sequence[str],
+        params: dict,
+        now: datetime,
+    ) -> JobRecord:
+        now = utc(now, "now")
+        if isinstance(step_names, str) or not all(isinstance(n, str) and n for n in step_names):
+            raise InvalidInput("step_names must be a sequence of non-empty strings")
+        if not kind:
+            raise InvalidInput("a job needs a kind")
+        job_id = str(uuid.uuid4())
+        params = json_copy(params, "params")
+        with self._write() as conn:
+            conn.execute(
+                sa.insert(jobs).values(
+                    id=job_id,
+                    kind=kind,
+                    target=target,
+                    status=states.PENDING,
+                    created_at=now,
+                    updated_at=now,
+                    params=params,
+                    error_code="",
+                    error_message="",
+                    version=1,
+                )
+            )
+            if step_names:
+                conn.execute(
+                    sa.insert(steps),
+                    [
+                        {
+                            "job_id": job_id,
+                            "idx": i,
+                            "name": name,
+                            "status": states.PENDING,
+                            "attempt": 0,
+                            "progress": 0.0,
+                            "message": "",
+                            "error_code": "",
+                            "lease_owner": "",
+                            "lease_expires_at": None,
+                            "output": {},
+                        }
+                        for i, name in enumerate(step_names)
+                    ],
+                )
+            return self._job(conn, job_id)
+
+    def get_job(self, job_id: str) -> JobRecord:
+        with self._read() as conn:
+            return self._job(conn, job_id)
+
+    def list_jobs(self, *, statuses: Collection[str] | None = None, limit: int = 100) -> list[JobRecord]:
+        if limit < 1:
+            raise InvalidInput(f"limit must be at least 1, not {limit}")
+        query = sa.select(jobs).order_by(jobs.c.created_at.desc(), jobs.c.id.desc()).limit(limit)
+        if statuses is not None:
+            statuses = _statuses(statuses)
+            query = query.where(jobs.c.status.in_(statuses))
+        with self._read() as conn:
+            return self._jobs(conn, query)
+
+    def set_job_status(
+        self,
+        job_id: str,
+        *,
+        expected: Collection[str],
+        new: str,
+        now: datetime,
+        error_code: str = "",
+        error_message: str = "",
+    ) -> bool:
+        now = utc(now, "now")
+        expected = _statuses(expected)
+        if not expected:
+            raise InvalidInput("expected must name at least one status")
+        for old in expected:
+            states.check_transition(old, new)
+        values: dict[str, Any] = {
+            "status": new,
+            "updated_at": now,
+            "version": jobs.c.version + 1,
+        }
+        if error_code:
+            values["error_code"] = error_code
+        if error_message:
+            values["error_message"] = error_message
+        with self._write() as conn:
+            result = conn.execute(
+                sa.update(jobs).where(jobs.c.id == job_id, jobs.c.status.in_(expected)).values(values)
+            )
+            if result.rowcount == 1:
+                return True
+            if conn.execute(sa.select(jobs.c.id).where(jobs.c.id == job_id)).first() is None:
+                raise _job_not_found(job_id)
+            return False
+
+    def claim_step(
+        self, job_id: str, index: int, *, owner: str, lease_seconds: float, now: datetime
+    ) -> StepRecord | None:
+        now = utc(now, "now")
+        _check_lease(owner, lease_seconds)
+        with self._write() as conn:
+            job = self._job(conn, job_id, lock=True)
+            if not 0 <= index < len(job.steps):
+                raise NotFound(
+                    f"job {job_id} has no step {index}",
+                    hint=f"its steps are numbered 0 to {len(job.steps) - 1}",
+                    code="step-not-found",
+                )
+            action = states.next_action(job, now)
+            if action.kind != "claim" or action.index != index:
+                return None
+            step = job.steps[index]
+            new_status = states.claim_target(job.status)
+            states.check_transition(step.status, new_status, entity="step")
+            values: dict[str, Any] = {
+                "status": new_status,
+                "attempt": steps.c.attempt + 1,
+                "lease_owner": owner,
+                "lease_expires_at": now + timedelta(seconds=lease_seconds),
+            }
+            if new_status != step.status:
+                values.update(progress=0.0, message="", error_code="")
+            result = conn.execute(
+                sa.update(steps)
+                .where(
+                    _step_is(job_id, index),
+                    steps.c.status == step.status,
+                    steps.c.attempt == step.attempt,
+                    sa.or_(steps.c.lease_expires_at.is_(None), steps.c.lease_expires_at <= now),
+                )
+                .values(values)
+            )
+            if result.rowcount != 1:
+                return None
+            self._touch(conn, job_id, now)
+            return self._step(conn, job_id, index)
+
+    def renew_lease(
+        self, job_id: str, index: int, *, owner: str, lease_seconds: float, now: datetime
+    ) -> bool:
+        now = utc(now, "now")
+        _check_lease(owner, lease_seconds)
+        with self._write() as conn:
+            if not self._lock_job(conn, job_id):
+                return False
+            result = conn.execute(
+                sa.update(steps)
+                .where(
+                    _step_is(job_id, index),
+                    steps.c.lease_owner == owner,
+                    steps.c.status.in_(states.LEASED_STEP_STATUSES),
+                )
+                .values(lease_expires_at=now + timedelta(seconds=lease_seconds))
+            )
+            if result.rowcount != 1:
+                return False
+            self._touch(conn, job_id, now)
+            return True
+
+    def update_step(
+        self,
+        job_id: str,
+        index: int,
+        *,
+        owner: str,
+        now: datetime,
+        status: str | None = None,
+        progress: float | None = None,
+        message: str | None = None,
+        error_code: str | None = None,
+        output: dict | None = None,
+    ) -> bool:
+        now = utc(now, "now")
+        if not owner:
+            raise InvalidInput("owner must not be empty")
+        values: dict[str, Any] = {}
+        if status is not None:
+            states.check_status(status, entity="step")
+            values["status"] = status
+            if status not in states.LEASED_STEP_STATUSES:
+                values.update(lease_owner="", lease_expires_at=None)
+        if progress is not None:
+            if not 0.0 <= progress <= 1.0:
+                raise InvalidInput(f"progress must be between 0 and 1, not {progress}")
+            values["progress"] = float(progress)
+        if message is not None:
+            values["message"] = message
+        if error_code is not None:
+            values["error_code"] = error_code
+        if output is not None:
+            values["output"] = json_copy(output, "output")
+        with self._write() as conn:
+            if not self._lock_job(conn, job_id):
+                return False
+            row = conn.execute(sa.select(steps).where(_step_is(job_id, index))).mappings().first()
+            if row is None or row["lease_owner"] != owner or row["status"] not in states.LEASED_STEP_STATUSES:
+                return False
+            if status is not None:
+                states.check_transition(row["status"], status, entity="step")
+            if not values:
+                return True
+            result = conn.execute(
+                sa.update(steps)
+                .where(
+                    _step_is(job_id, index),
+                    steps.c.lease_owner == owner,
+                    steps.c.status == row["status"],
+                    steps.c.attempt == row["attempt"],
+                )
+                .values(values)
+            )
+            if result.rowcount != 1:
+                return False
+            self._touch(conn, job_id, now)
+            return True
+
+    def runnable_job_ids(self, *, now: datetime) -> list[str]:
+        now = utc(now, "now")
+        query = (
+            sa.select(jobs)
+            .where(jobs.c.status.in_(states.ACTIVE_JOB_STATUSES))
+            .order_by(jobs.c.created_at, jobs.c.id)
+        )
+        with self._read() as conn:
+            active = self._jobs(conn, query)
+        return [job.id for job in active if states.next_action(job, now).kind in ("settle", "claim")]
+
+    def close(self) -> None:
+        self._engine.dispose()
+
+    # --- job helpers -------------------------------------------------------------------
+
+    def _lock_job(self, conn: Connection, job_id: str) -> bool:
+        query = sa.select(jobs.c.id).where(jobs.c.id == job_id).with_for_update()
+        return conn.execute(query).first() is not None
+
+    def _touch(self, conn: Connection, job_id: str, now: datetime) -> None:
+        conn.execute(
+            sa.update(jobs).where(jobs.c.id == job_id).values(version=jobs.c.version + 1, updated_at=now)
+        )
+
+    def _job(self, conn: Connection, job_id: str, *, lock: bool = False) -> JobRecord:
+        query = sa.select(jobs).where(jobs.c.id == job_id)
+        if lock:
+            query = query.with_for_update()
+        found = self._jobs(conn, query)
+        if not found:
+            raise _job_not_found(job_id)
+        return found[0]
+
+    def _jobs(self, conn: Connection, query: sa.Select) -> list[JobRecord]:
+        rows = conn.execute(query).mappings().all()
+        if not rows:
+            return []
+        by_job: dict[str, list[StepRecord]] = {row["id"]: [] for row in rows}
+        step_rows = conn.execute(
+            sa.select(steps).where(steps.c.job_id.in_(list(by_job))).order_by(steps.c.job_id, steps.c.idx)
+        ).mappings()
+        for step_row in step_rows:
+            by_job[step_row["job_id"]].append(_step_record(step_row))
+        return [_job_record(row, tuple(by_job[row["id"]])) for row in rows]
+
+    def _step(self, conn: Connection, job_id: str, index: int) -> StepRecord:
+        row = conn.execute(sa.select(steps).where(_step_is(job_id, index))).mappings().one()
+        return _step_record(row)
+
+
+# --- engine -----------------------------------------------------------------------------
+
+
+def _make_engine(url: str) -> Engine:
+    try:
+        parsed = sa.make_url(url)
+    except sa.exc.ArgumentError as exc:
+        raise InvalidInput(
+            f"not a database URL: {url!r}",
+            hint="use sqlite:///PATH/store.db or postgresql+psycopg://USER@HOST/DB",
+        ) from exc
+    backend = parsed.get_backend_name()
+    if backend == "sqlite":
+        if parsed.database in (None, "", ":memory:") or parsed.query.get("mode") == "memory":
+            raise InvalidInput(
+                "the store needs a SQLite file, not an in-memory database",
+                hint="use sqlite:///PATH/store.db (a temporary directory is fine for tests)",
+            )
+        Path(parsed.database).parent.mkdir(parents=True, exist_ok=True)
+        engine = sa.create_engine(
+            parsed,
+            connect_args={"check_same_thread": False, "timeout": SQLITE_BUSY_TIMEOUT_S},
+        )
+        event.listen(engine, "connect", _sqlite_on_connect)
+        event.listen(engine, "begin", _sqlite_on_begin)
+        return engine
+    if backend == "postgresql":
+        if parsed.get_driver_name() != "psycopg":
+            parsed = parsed.set(drivername="postgresql+psycopg")
+        return sa.create_engine(parsed, pool_pre_ping=True)
+    raise InvalidInput(
+        f"unsupported database {backend!r} in {parsed.render_as_string(hide_password=True)}",
+        hint="use sqlite:///PATH/store.db or postgresql+psycopg://USER@HOST/DB",
+    )
+
+
+def _sqlite_on_connect(dbapi_connection: Any, _record: Any) -> None:
+    # Take transaction control away from the sqlite3 module; `_sqlite_on_begin`
+    # emits BEGIN itself. sqlite3 still commits and rolls back correctly.
+    dbapi_connection.isolation_level = None
+    cursor = dbapi_connection.cursor()
+    try:
+        cursor.execute("PRAGMA journal_mode=WAL")
+        cursor.execute("PRAGMA synchronous=FULL")
+        cursor.execute("PRAGMA foreign_keys=ON")
+        cursor.execute(f"PRAGMA busy_timeout={int(SQLITE_BUSY_TIMEOUT_S * 1000)}")
+    finally:
+        cursor.close()
+
+
+def _sqlite_on_begin(conn: Connection) -> None:
+    # IMMEDIATE takes the write lock up front: a read-then-write transaction
+    # then waits its turn (busy timeout) instead of failing at the write.
+    read_only = conn.get_execution_options().get("sr_read_only", False)
+    conn.exec_driver_sql("BEGIN" if read_only else "BEGIN IMMEDIATE")
+
+
+@contextmanager
+def _translate_db_errors() -> Iterator[None]:
+    try:
+        yield
+    except sa.exc.OperationalError as exc:
+        raise Unavailable(
+            f"the state store cannot be reached or is busy: {exc.orig}",
+            hint="check that the database is up and its disk is not full, then retry",
+            code="store-unavailable",
+        ) from exc
+
+
+# --- migrations -------------------------------------------------------------------------
+
+
+def alembic_config(connection: Connection | None = None, *, url: str | None = None) -> Config:
+    """An Alembic Config built in code: no alembic.ini is needed.
+
+    Pass an open connection (its transaction is used) or a URL. To write a new
+    migration: `alembic.command.revision(alembic_config(url=...), message=...,
+    autogenerate=True, rev_id="0002")`, then review the generated file.
+    """
+    config = Config()
+    location = str(Path(migrations.__file__).parent)
+    config.set_main_option("script_location", location.replace("%", "%%"))
+    if url is not None:
+        config.set_main_option("sqlalchemy.url", url.replace("%", "%%"))
+    if connection is not None:
+        config.attributes["connection"] = connection
+    return config
+
+
+def head_revision() -> str:
+    head = ScriptDirectory.from_config(alembic_config()).get_current_head()
+    assert head is not None
+    return head
+
+
+# --- rows to records ------------------------------------------------------------------------
+
+
+def _server_record(row: Any) -> ServerRecord:
+    return ServerRecord(
+        id=row["id"],
+        role=row["role"],
+        hostname=row["hostname"],
+        cert_serial=row["cert_serial"],
+        cert_fingerprint=row["cert_fingerprint"],
+        enrolled_at=row["enrolled_at"],
+        last_heartbeat_at=row["last_heartbeat_at"],
+        registered_at=row["registered_at"],
+        inventory=row["inventory"],
+        problems=row["problems"],
+        revoked_at=row["revoked_at"],
+    )
+
+
+def _machine_record(row: Any) -> MachineRecord:
+    return MachineRecord(
+        id=row["id"],
+        server_id=row["server_id"],
+        hostname=row["hostname"],
+        os=row["os"],
+        addresses=row["addresses"],
+        disks=row["disks"],
+        updated_at=row["updated_at"],
+    )
+
+
+def _step_record(row: Any) -> StepRecord:
+    return StepRecord(
+        job_id=row["job_id"],
+        index=row["idx"],
+        name=row["name"],
+        status=row["status"],
+        attempt=row["attempt"],
+        progress=row["progress"],
+        message=row["message"],
+        error_code=row["error_code"],
+        lease_owner=row["lease_owner"],
+        lease_expires_at=row["lease_expires_at"],
+        output=row["output"],
+    )
+
+
+def _job_record(row: Any, job_steps: tuple[StepRecord, ...]) -> JobRecord:
+    return JobRecord(
+        id=row["id"],
+        kind=row["kind"],
+        target=row["target"],
+        status=row["status"],
+        created_at=row["created_at"],
+        updated_at=row["updated_at"],
+        params=row["params"],
+        steps=job_steps,
+        error_code=row["error_code"],
+        error_message=row["error_message"],
+        version=row["version"],
+    )
+
+
+# --- small checks ------------------------------------------------------------------------------
+
+
+def _step_is(job_id: str, index: int) -> sa.ColumnElement[bool]:
+    return sa.and_(steps.c.job_id == job_id, steps.c.idx == index)
+
+
+def _check_role(role: str) -> None:
+    if role not in ROLES:
+        raise InvalidInput(
+            f"{role!r} is not a server role",
+            hint=f"use one of: {', '.join(ROLES)}",
+            code="unknown-role",
+        )
+
+
+def _check_id(value: str, what: str) -> None:
+    if not isinstance(value, str) or not value:
+        raise InvalidInput(f"{what} must be a non-empty string")
+
+
+def _check_lease(owner: str, lease_seconds: float) -> None:
+    if not owner:
+        raise InvalidInput("owner must not be empty")
+    if not lease_seconds > 0:
+        raise InvalidInput(f"lease_seconds must be positive, not {lease_seconds}")
+
+
+def _statuses(values: Collection[str]) -> list[str]:
+    if isinstance(values, str):
+        raise InvalidInput("statuses must be a collection of status names, not one string")
+    result = sorted(set(values))
+    for status in result:
+        states.check_status(status)
+    return result
+
+
+def _server_not_found(server_id: str) -> NotFound:
+    return NotFound(
+        f"no server with id {server_id!r}",
+        hint="check the id; list_servers shows the enrolled servers",
+        code="server-not-found",
+    )
+
+
+def _job_not_found(job_id: str) -> NotFound:
+    return NotFound(
+        f"no job with id {job_id!r}",
+        hint="`srctl jobs list` shows recent jobs",
+        code="job-not-found",
+    )
