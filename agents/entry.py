@@ -8,8 +8,8 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any, TypeVar
 
-from siterecovery.common import errors, settings
 from siterecovery.agents.settings import DataPlaneSettings
+from siterecovery.common import errors, settings
 
 T = TypeVar("T")
 

@@ -16,6 +16,7 @@ from dataclasses import dataclass
 import grpc
 import tenacity
 
+from siterecovery.agents.settings import AgentSettings, DataPlaneSettings
 from siterecovery.common import daemon, errors, logging
 from siterecovery.common.channels import RPC_TIMEOUT, secure_channel
 from siterecovery.common.enrollment import (
@@ -27,7 +28,6 @@ from siterecovery.common.enrollment import (
 from siterecovery.common.grpcserver import RunningServer, Service, start_server
 from siterecovery.common.pb import agent_pb2, agent_pb2_grpc, common_pb2
 from siterecovery.common.pki import CONFIG_SERVER_NAME, agent_dns_name
-from siterecovery.agents.settings import AgentSettings, DataPlaneSettings
 
 log = logging.get_logger(__name__)
 

@@ -58,6 +58,7 @@ import grpc
 from cryptography import x509
 from cryptography.hazmat.primitives import hashes
 from cryptography.hazmat.primitives.kdf.hkdf import HKDF
+
 from siterecovery.common import errors, pki
 from siterecovery.common.logging import get_logger
 from siterecovery.common.pb import enrollment_pb2, enrollment_pb2_grpc

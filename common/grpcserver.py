@@ -159,7 +159,7 @@ def _guard(method: str, behaviour: Callable, is_revoked: Callable | None) -> tup
         token = _caller.set(_authorize(method, context, is_revoked))
         try:
             return behaviour(request, context)
-        except Exception as exc:  # noqa: BLE001 - the edge of the process
+        except Exception as exc:
             if context.code() is not None and not isinstance(exc, errors.SiteRecoveryError):
                 raise  # already aborted by the servicer
             _fail(context, exc)
@@ -170,7 +170,7 @@ def _guard(method: str, behaviour: Callable, is_revoked: Callable | None) -> tup
         token = _caller.set(_authorize(method, context, is_revoked))
         try:
             yield from behaviour(request, context)
-        except Exception as exc:  # noqa: BLE001 - the edge of the process
+        except Exception as exc:
             if context.code() is not None and not isinstance(exc, errors.SiteRecoveryError):
                 raise
             _fail(context, exc)

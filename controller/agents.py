@@ -13,6 +13,8 @@ from datetime import datetime
 
 from siterecovery.common import errors, pki
 from siterecovery.common.settings import parse_endpoint
+from siterecovery.controller import registration
+from siterecovery.controller.jobs.engine import JobKind, create_job
 from siterecovery.controller.store.base import MachineRecord, ServerRecord, Store
 
 MAX_DISKS = 256
@@ -76,8 +78,16 @@ def validate_inventory(role: str, inventory: dict) -> None:
         parse_endpoint(endpoint, default_port=9443)
 
 
-def register(store: Store, identity: pki.Identity, inventory: dict, *, now: datetime) -> ServerRecord:
-    _known_server(store, identity)
+def register(
+    store: Store,
+    identity: pki.Identity,
+    inventory: dict,
+    *,
+    now: datetime,
+    first_registration_job: JobKind | None = None,
+) -> ServerRecord:
+    """Record what the agent reports; the first time, start `first_registration_job` for it."""
+    first = _known_server(store, identity).registered_at is None
     validate_inventory(identity.role, inventory)
     host = inventory.get("host", {})
     server = store.register_server(identity.id, hostname=host["hostname"], inventory=inventory, now=now)
@@ -92,6 +102,14 @@ def register(store: Store, identity: pki.Identity, inventory: dict, *, now: date
                 disks=list(inventory.get("disks", [])),
                 updated_at=now,
             )
+        )
+    if first and first_registration_job is not None:
+        create_job(
+            store,
+            first_registration_job,
+            target=registration.target_of(server),
+            params={"server_id": server.id},
+            now=now,
         )
     return server
 

@@ -6,6 +6,7 @@ from dataclasses import dataclass
 
 from siterecovery.common.pki import CertificateAuthority
 from siterecovery.controller.enrollment import FailureLimiter, PassphraseVault
+from siterecovery.controller.jobs.engine import JobKind
 from siterecovery.controller.settings import ConfigServerSettings
 from siterecovery.controller.store.base import Store
 
@@ -18,3 +19,5 @@ class ControllerContext:
     vault: PassphraseVault
     limiter: FailureLimiter
     server_cert_pem: bytes
+    # Started for every server the first time it registers.
+    registration_job: JobKind | None = None

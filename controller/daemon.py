@@ -24,10 +24,18 @@ import tomli_w
 
 from siterecovery.common import daemon, errors, logging, pki, settings
 from siterecovery.common.grpcserver import Service, start_server
-from siterecovery.common.pb import admin_pb2, agent_pb2, enrollment_pb2
-from siterecovery.common.pb import admin_pb2_grpc, agent_pb2_grpc, enrollment_pb2_grpc
+from siterecovery.common.pb import (
+    admin_pb2,
+    admin_pb2_grpc,
+    agent_pb2,
+    agent_pb2_grpc,
+    enrollment_pb2,
+    enrollment_pb2_grpc,
+)
 from siterecovery.controller.context import ControllerContext
 from siterecovery.controller.enrollment import FailureLimiter, PassphraseVault
+from siterecovery.controller.jobs.engine import JobRunner, RetryPolicy
+from siterecovery.controller.registration import register_server_kind
 from siterecovery.controller.servicers.admin_servicer import AdminServicer
 from siterecovery.controller.servicers.agent_servicer import AgentControlServicer
 from siterecovery.controller.servicers.enrollment_servicer import EnrollmentServicer
@@ -90,6 +98,18 @@ def _ensure_admin_credentials(ca: pki.CertificateAuthority, admin_dir: Path) -> 
     (admin_dir / "ca.crt").write_bytes(ca.cert_pem)
 
 
+def _controller_client_credentials(ca: pki.CertificateAuthority, pki_dir: Path) -> grpc.ChannelCredentials:
+    """The certificate the configuration server itself dials agents' data ports with."""
+    key_path, cert_path = pki_dir / "controller-client.key", pki_dir / "controller-client.crt"
+    if not (key_path.exists() and cert_path.exists()):
+        key_pem, cert_pem = ca.issue_keypair(pki.Identity(id=DAEMON, role=pki.ADMIN))
+        pki.write_private(key_path, key_pem)
+        cert_path.write_bytes(cert_pem)
+    return grpc.ssl_channel_credentials(
+        root_certificates=ca.cert_pem, private_key=key_path.read_bytes(), certificate_chain=cert_path.read_bytes()
+    )
+
+
 def _write_srctl_profile(admin_dir: Path, cfg: ConfigServerSettings, port: int) -> Path:
     host = cfg.advertise[0] if cfg.advertise else (
         "127.0.0.1" if cfg.listen in ("0.0.0.0", "::", "") else cfg.listen
@@ -122,6 +142,14 @@ def run(cfg: ConfigServerSettings, stop: threading.Event | None = None) -> int:
         vault=vault,
         limiter=FailureLimiter(),
         server_cert_pem=cert_pem,
+        registration_job=register_server_kind(_controller_client_credentials(ca, cfg.state_dir / "pki")),
+    )
+    runner = JobRunner(
+        store,
+        owner_id=f"{socket.gethostname()}-{os.getpid()}",
+        kinds=[ctx.registration_job],
+        retry_policy=RetryPolicy(max_attempts=5, initial_backoff=0.5, max_backoff=5.0),
+        lease_seconds=30.0,
     )
     credentials = grpc.ssl_server_credentials(
         [(key_pem, cert_pem)],
@@ -150,12 +178,14 @@ def run(cfg: ConfigServerSettings, stop: threading.Event | None = None) -> int:
             ),
         ],
     )
+    runner.start(interval=cfg.job_poll_interval)
     profile = _write_srctl_profile(cfg.state_dir / "admin", cfg, running.port)
     log.info("listening", address=cfg.listen, port=running.port, srctl_profile=str(profile))
     daemon.report_ready(cfg.state_dir, DAEMON, port=running.port, srctl_profile=str(profile))
     stop.wait()
     daemon.report_stopping()
     running.stop(grace=5.0)
+    runner.stop()
     store.close()
     log.info("stopped")
     return 0

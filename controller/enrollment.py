@@ -33,6 +33,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from cryptography import x509
+
 from siterecovery.common import errors, pki
 from siterecovery.common.enrollment import (
     NONCE_BYTES,

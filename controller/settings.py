@@ -24,6 +24,8 @@ class ConfigServerSettings:
     store_url: str = ""
     # Agents are told to heartbeat this often.
     heartbeat_interval: float = 10.0
+    # How often the job runner looks for work (jobs created by other replicas too).
+    job_poll_interval: float = 1.0
     log_level: str = "info"
     log_json: bool | None = None
 

@@ -9,14 +9,14 @@ from __future__ import annotations
 
 import threading
 
-from siterecovery.common import daemon, logging, pki
-from siterecovery.common.grpcserver import Service
-from siterecovery.common.pb import common_pb2, dataplane_pb2, dataplane_pb2_grpc
 from siterecovery.agents import entry
 from siterecovery.agents.inventory import directory_facts, host_facts
 from siterecovery.agents.probe import probe_response
 from siterecovery.agents.runtime import AgentRuntime
 from siterecovery.agents.settings import MasterTargetSettings
+from siterecovery.common import daemon, logging, pki
+from siterecovery.common.grpcserver import Service
+from siterecovery.common.pb import common_pb2, dataplane_pb2, dataplane_pb2_grpc
 
 DAEMON = "master-target"
 
@@ -25,7 +25,7 @@ class MasterTargetServicer(dataplane_pb2_grpc.MasterTargetServicer):
     def __init__(self, runtime: AgentRuntime) -> None:
         self._runtime = runtime
 
-    def Probe(self, request, context):  # noqa: N802
+    def Probe(self, request, context):
         return probe_response(self._runtime)
 
 

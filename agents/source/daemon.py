@@ -9,12 +9,12 @@ from __future__ import annotations
 
 import threading
 
-from siterecovery.common import daemon, errors, logging, pki
-from siterecovery.common.pb import common_pb2
 from siterecovery.agents import entry
 from siterecovery.agents.inventory import DiskIdentities, disk_facts, host_facts
 from siterecovery.agents.runtime import AgentRuntime
 from siterecovery.agents.settings import SourceSettings
+from siterecovery.common import daemon, errors, logging, pki
+from siterecovery.common.pb import common_pb2
 
 DAEMON = "source-agent"
 

@@ -184,7 +184,7 @@ def status(directory: DirOption = None, output_format: Annotated[output.Format, 
         rows.append({
             "component": d.name,
             "pid": d.pid,
-            "running": alive,
+            "running": "yes" if alive else "no",
             "address": f"127.0.0.1:{port}" if port is not None else "",
             "health": ("serving" if alive else "stopped") if d.name == "config-server" else health.get(role_of[d.name], "unknown"),
             "log": str(d.log_path),
@@ -193,7 +193,7 @@ def status(directory: DirOption = None, output_format: Annotated[output.Format, 
         output.print_json({"dir": str(lab_dir), "daemons": rows})
     else:
         output.print_table(f"Lab in {lab_dir}", ["COMPONENT", "PID", "RUNNING", "ADDRESS", "HEALTH", "LOG"], [list(r.values()) for r in rows])
-    if not all(r["running"] for r in rows):
+    if not all(r["running"] == "yes" for r in rows):
         raise typer.Exit(errors.Unavailable.exit_code)
 
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import sys
 from pathlib import Path
 from typing import Annotated
@@ -54,10 +55,6 @@ class State:
 @app.callback()
 def _main(config: ConfigOption = None) -> None:
     State.config = config
-
-
-def _admin():
-    return Profile.find(State.config).admin()
 
 
 def _call(method, request):
@@ -209,7 +206,7 @@ def jobs_watch(job_id: str, output_format: OutputOption = Format.table) -> None:
         stream = profile.admin().WatchJob(admin_pb2.GetJobRequest(id=job_id))
         if output_format is Format.json:
             for final in stream:
-                sys.stdout.write(__import__("json").dumps(_job_json(final)) + "\n")
+                sys.stdout.write(json.dumps(_job_json(final)) + "\n")
                 sys.stdout.flush()
         else:
             with Progress(TextColumn("{task.description}"), BarColumn(), TextColumn("{task.percentage:>3.0f}%  {task.fields[status]}")) as bars:
@@ -251,21 +248,14 @@ def _print_passphrase(response: admin_pb2.Passphrase, output_format: Format) -> 
 
 
 def main() -> None:
+    """Typer handles usage errors (exit 2) and --help; our errors get a message, a hint and their code."""
     try:
-        app(standalone_mode=False)
+        app()
     except errors.SiteRecoveryError as exc:
         output.err_console.print(f"[red]error:[/red] {exc.message}", highlight=False, soft_wrap=True)
         if exc.hint:
             output.err_console.print(f"hint: {exc.hint}", highlight=False, soft_wrap=True)
         sys.exit(exc.exit_code)
-    except typer.Exit as exc:
-        sys.exit(exc.exit_code)
-    except typer.Abort:
-        sys.exit(1)
-    except __import__("click").ClickException as exc:
-        exc.show()
-        sys.exit(errors.InvalidInput.exit_code)
-    sys.exit(0)
 
 
 if __name__ == "__main__":

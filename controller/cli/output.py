@@ -18,7 +18,7 @@ console = Console()
 err_console = Console(stderr=True)
 
 
-class Format(str, enum.Enum):
+class Format(enum.StrEnum):
     table = "table"
     json = "json"
 

@@ -442,7 +442,7 @@ class JobRunner:
                 now=clock(),
                 status=states.SUCCEEDED,
                 progress=1.0,
-                message="",
+                # The step's last progress message stays: it says what was done.
                 error_code="",
                 output=result or {},
             )

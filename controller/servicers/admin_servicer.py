@@ -5,7 +5,6 @@ from __future__ import annotations
 import threading
 from datetime import UTC, datetime
 
-import grpc
 import structlog
 
 from siterecovery.common import errors, pki
@@ -25,7 +24,7 @@ class AdminServicer(admin_pb2_grpc.AdminServicer):
         self._ctx = ctx
         self._stop = stop
 
-    def ListServers(self, request, context):  # noqa: N802
+    def ListServers(self, request, context):
         now = datetime.now(UTC)
         interval = self._ctx.settings.heartbeat_interval
         return admin_pb2.ListServersResponse(
@@ -35,7 +34,7 @@ class AdminServicer(admin_pb2_grpc.AdminServicer):
             ]
         )
 
-    def ListMachines(self, request, context):  # noqa: N802
+    def ListMachines(self, request, context):
         now = datetime.now(UTC)
         interval = self._ctx.settings.heartbeat_interval
         servers = {s.id: s for s in self._ctx.store.list_servers(role=pki.SOURCE)}
@@ -50,16 +49,16 @@ class AdminServicer(admin_pb2_grpc.AdminServicer):
             machines.append(inventory_view.machine(record, health))
         return admin_pb2.ListMachinesResponse(machines=machines)
 
-    def ListJobs(self, request, context):  # noqa: N802
+    def ListJobs(self, request, context):
         statuses = [inventory_view.JOB_STATUS_NAMES[s] for s in request.statuses if s in inventory_view.JOB_STATUS_NAMES]
         limit = min(request.limit or 100, MAX_JOBS)
         jobs = self._ctx.store.list_jobs(statuses=statuses or None, limit=limit)
         return admin_pb2.ListJobsResponse(jobs=[inventory_view.job(j) for j in jobs])
 
-    def GetJob(self, request, context):  # noqa: N802
+    def GetJob(self, request, context):
         return inventory_view.job(self._ctx.store.get_job(_job_id(request.id)))
 
-    def WatchJob(self, request, context):  # noqa: N802
+    def WatchJob(self, request, context):
         job_id = _job_id(request.id)
         version = -1
         while context.is_active() and not self._stop.is_set():
@@ -71,10 +70,10 @@ class AdminServicer(admin_pb2_grpc.AdminServicer):
                 return
             self._stop.wait(WATCH_POLL_SECONDS)
 
-    def GetPassphrase(self, request, context):  # noqa: N802
+    def GetPassphrase(self, request, context):
         return self._passphrase()
 
-    def RotatePassphrase(self, request, context):  # noqa: N802
+    def RotatePassphrase(self, request, context):
         self._ctx.vault.rotate()
         log.info("passphrase rotated")
         return self._passphrase()

@@ -20,16 +20,20 @@ class AgentControlServicer(agent_pb2_grpc.AgentControlServicer):
     def __init__(self, ctx: ControllerContext) -> None:
         self._ctx = ctx
 
-    def Register(self, request: agent_pb2.RegisterRequest, context: grpc.ServicerContext):  # noqa: N802
+    def Register(self, request: agent_pb2.RegisterRequest, context: grpc.ServicerContext):
         server = agents.register(
-            self._ctx.store, caller(), to_dict(request.inventory), now=datetime.now(UTC)
+            self._ctx.store,
+            caller(),
+            to_dict(request.inventory),
+            now=datetime.now(UTC),
+            first_registration_job=self._ctx.registration_job,
         )
         log.info("agent registered", hostname=server.hostname)
         return agent_pb2.RegisterResponse(
             server_id=server.id, heartbeat_interval_seconds=self._ctx.settings.heartbeat_interval
         )
 
-    def Heartbeat(self, request: agent_pb2.HeartbeatRequest, context: grpc.ServicerContext):  # noqa: N802
+    def Heartbeat(self, request: agent_pb2.HeartbeatRequest, context: grpc.ServicerContext):
         agents.heartbeat(
             self._ctx.store,
             caller(),

@@ -17,7 +17,7 @@ class EnrollmentServicer(enrollment_pb2_grpc.EnrollmentServicer):
     def __init__(self, ctx: ControllerContext) -> None:
         self._ctx = ctx
 
-    def Enroll(self, request: enrollment_pb2.EnrollRequest, context: grpc.ServicerContext):  # noqa: N802
+    def Enroll(self, request: enrollment_pb2.EnrollRequest, context: grpc.ServicerContext):
         def record(identity: pki.Identity, hostname: str, cert_pem: bytes) -> None:
             self._ctx.store.add_server(
                 ServerRecord(

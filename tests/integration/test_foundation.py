@@ -162,3 +162,68 @@ def test_sigterm_stops_gracefully(site: Site, daemon: str):
     assert proc is not None
     assert launcher.stop(target, grace=10)
     assert "stopped" in target.log_path.read_text()
+
+
+def test_each_new_server_gets_a_registration_job_that_probes_its_data_port(site: Site):
+    start_whole_site(site)
+
+    def finished_jobs():
+        jobs = site.srctl_json("jobs", "list")
+        return jobs if len(jobs) == 3 and all(j["status"] == "succeeded" for j in jobs) else None
+
+    jobs = wait_for(finished_jobs, timeout=30, what="three finished registration jobs")
+    assert {j["kind"] for j in jobs} == {"register-server"}
+    data_jobs = [j for j in jobs if not j["target"].startswith("source")]
+    assert len(data_jobs) == 2
+    for job in data_jobs:
+        detail = site.srctl_json("jobs", "show", job["id"])
+        probe = next(s for s in detail["steps"] if s["name"] == "probe-data-endpoint")
+        assert probe["status"] == "succeeded" and "answers over mutual TLS" in probe["message"]
+    watched = site.srctl("jobs", "watch", jobs[0]["id"], "--output", "json")
+    assert watched.returncode == 0, watched.stderr
+    assert '"status": "succeeded"' in watched.stdout.splitlines()[-1]
+    # Restarting an agent registers it again but starts no second job.
+    assert len(site.srctl_json("jobs", "list")) == 3
+
+
+def test_an_unreachable_advertised_endpoint_fails_its_registration_job_with_the_fix(site: Site):
+    site.start_config_server()
+    site.start_agent("process-server", "ps", advertise="127.0.0.2")
+
+    def failed_job():
+        jobs = site.srctl_json("jobs", "list")
+        return jobs[0] if jobs and jobs[0]["status"] in ("compensated", "failed") else None
+
+    job = wait_for(failed_job, timeout=60, what="the registration job to fail")
+    assert job["error_code"] == "data-endpoint-unreachable"
+    assert "127.0.0.2" in job["error_message"]
+    watched = site.srctl("jobs", "watch", job["id"])
+    assert watched.returncode == 5
+    missing = site.srctl("jobs", "show", "0000-not-a-job")
+    assert missing.returncode == 3 and "srctl jobs list" in missing.stderr
+
+
+def test_passphrase_rotation_refuses_the_old_one_and_keeps_enrolled_agents(site: Site):
+    site.start_config_server()
+    old = site.passphrase()
+    old_file = site.passphrase_file(old)
+    site.start_agent("source-agent", "first", passphrase_file=old_file)
+    rotated = site.srctl_json("passphrase", "rotate")["passphrase"]
+    assert rotated != old and site.passphrase() == rotated
+
+    stale = site.root / "stale"
+    stale.write_text(old)
+    refused = site.run_agent("master-target", "second", passphrase_file=stale)
+    assert refused.returncode == 8 and "passphrase is wrong" in refused.stderr
+    fresh = site.root / "fresh"
+    fresh.write_text(rotated)
+    site.start_agent("master-target", "third", passphrase_file=fresh)
+
+    def both_healthy():
+        servers = site.servers()
+        return len(servers) == 2 and all(s["health"] == "healthy" for s in servers)
+
+    wait_for(both_healthy, what="both agents healthy")
+    for log in (site.root / "logs").iterdir():
+        text = log.read_text()
+        assert old not in text and rotated not in text, f"{log.name} logs a passphrase"

@@ -14,6 +14,7 @@ from pathlib import Path
 
 import grpc
 import pytest
+
 from siterecovery.common import enrollment as agent
 from siterecovery.common import errors, pki
 from siterecovery.common.pb import enrollment_pb2, enrollment_pb2_grpc

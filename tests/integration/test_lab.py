@@ -1,0 +1,72 @@
+"""`srctl lab up|status|down` as a user runs them."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import psutil
+import pytest
+
+
+def srctl(*args: str, home: Path) -> subprocess.CompletedProcess:
+    env = {**os.environ, "HOME": str(home), "COLUMNS": "200"}
+    env.pop("SRCTL_CONFIG", None)
+    env.pop("SRCTL_LAB_DIR", None)
+    env.pop("XDG_STATE_HOME", None)
+    return subprocess.run(
+        [sys.executable, "-m", "siterecovery.controller.cli.main", *args],
+        capture_output=True, text=True, timeout=120, env=env,
+    )
+
+
+@pytest.mark.slow
+def test_lab_up_status_down_leaves_nothing_behind(tmp_path: Path):
+    lab = tmp_path / "lab"
+    up = srctl("lab", "up", "--dir", str(lab), home=tmp_path)
+    pids: list[int] = []
+    try:
+        assert up.returncode == 0, up.stdout + up.stderr
+        assert "Lab is up" in up.stdout
+        status = srctl("lab", "status", "--dir", str(lab), "--output", "json", home=tmp_path)
+        assert status.returncode == 0, status.stderr
+        daemons = json.loads(status.stdout)["daemons"]
+        pids = [d["pid"] for d in daemons]
+        assert [d["component"] for d in daemons] == ["config-server", "process-server", "master-target", "source-agent"]
+        assert all(d["running"] == "yes" for d in daemons)
+        assert [d["health"] for d in daemons[1:]] == ["healthy"] * 3
+        image = lab / "disks" / "disk0.img"
+        assert image.stat().st_size == 256 * 1024 * 1024
+
+        profile = lab / "config-server" / "admin" / "srctl.toml"
+        machines = srctl("--config", str(profile), "machines", "list", "--output", "json", home=tmp_path)
+        assert json.loads(machines.stdout)[0]["disks"][0]["path"] == str(image)
+
+        again = srctl("lab", "up", "--dir", str(lab), home=tmp_path)
+        assert again.returncode == 4 and "already runs" in again.stderr
+
+        passphrase = (lab / "config" / "passphrase").read_text().strip()
+        for log in (lab / "logs").iterdir():
+            assert passphrase not in log.read_text(), f"{log.name} logs the passphrase"
+    finally:
+        down = srctl("lab", "down", "--dir", str(lab), home=tmp_path)
+    assert down.returncode == 0, down.stderr
+    assert pids and not any(psutil.pid_exists(pid) and psutil.Process(pid).status() != psutil.STATUS_ZOMBIE for pid in pids)
+    gone = srctl("lab", "status", "--dir", str(lab), home=tmp_path)
+    assert gone.returncode == 3 and "srctl lab up" in gone.stderr
+
+
+@pytest.mark.slow
+def test_srctl_finds_the_default_lab_without_flags(tmp_path: Path):
+    up = srctl("lab", "up", home=tmp_path)
+    try:
+        assert up.returncode == 0, up.stdout + up.stderr
+        servers = srctl("servers", "list", "--output", "json", home=tmp_path)
+        assert servers.returncode == 0, servers.stderr
+        assert len(json.loads(servers.stdout)) == 3
+    finally:
+        assert srctl("lab", "down", "--purge", home=tmp_path).returncode == 0
+    assert not (tmp_path / ".local" / "state" / "siterecovery" / "lab").exists()
