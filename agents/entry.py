@@ -8,7 +8,6 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any, TypeVar
 
-from siterecovery.agents.settings import DataPlaneSettings
 from siterecovery.common import errors, settings
 
 T = TypeVar("T")
@@ -22,10 +21,9 @@ def parse(prog: str, description: str, cls: type[T], argv: list[str] | None) -> 
     parser.add_argument("--passphrase-file", dest="passphrase_file", help="file holding the connection passphrase")
     parser.add_argument("--heartbeat-interval", dest="heartbeat_interval", type=float)
     parser.add_argument("--log-level", dest="log_level")
-    if issubclass(cls, DataPlaneSettings):
-        parser.add_argument("--listen", help="data-plane address to listen on (default 0.0.0.0)")
-        parser.add_argument("--port", type=int, help="data-plane port (default 9443; 0 picks one)")
-        parser.add_argument("--advertise", help="name or address peers use to reach the data port")
+    parser.add_argument("--listen", help="address to listen on")
+    parser.add_argument("--port", type=int, help="port to listen on (0 picks a free one)")
+    parser.add_argument("--advertise", help="name or address peers use to reach this agent")
     args: dict[str, Any] = vars(parser.parse_args(argv))
     config = args.pop("config")
     return settings.load(cls, config, args)

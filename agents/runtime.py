@@ -16,7 +16,7 @@ from dataclasses import dataclass
 import grpc
 import tenacity
 
-from siterecovery.agents.settings import AgentSettings, DataPlaneSettings
+from siterecovery.agents.settings import AgentSettings
 from siterecovery.common import daemon, errors, logging
 from siterecovery.common.channels import RPC_TIMEOUT, secure_channel
 from siterecovery.common.enrollment import (
@@ -25,7 +25,7 @@ from siterecovery.common.enrollment import (
     load_credentials,
     read_passphrase_file,
 )
-from siterecovery.common.grpcserver import RunningServer, Service, start_server
+from siterecovery.common.grpcserver import Service, start_server
 from siterecovery.common.pb import agent_pb2, agent_pb2_grpc, common_pb2
 from siterecovery.common.pki import CONFIG_SERVER_NAME, agent_dns_name
 
@@ -112,7 +112,7 @@ class AgentRuntime:
         return credentials
 
     def _sans(self) -> list[str]:
-        if isinstance(self.cfg, DataPlaneSettings) and self.cfg.advertise:
+        if self.cfg.advertise:
             return [self.cfg.advertise]
         return []
 
@@ -171,37 +171,36 @@ class AgentRuntime:
                 log.error("heartbeat refused", error=exc.message, hint=exc.hint, code=exc.code)
 
     # -- the whole life ----------------------------------------------------
-    def run(self, services: Callable[[AgentCredentials], Sequence[Service]] | None = None) -> int:
+    def run(self, services: Callable[[AgentCredentials], Sequence[Service]] = lambda _c: ()) -> int:
         credentials = self.ensure_enrolled()
         if self.stop.is_set():
             return 0
-        running: RunningServer | None = None
-        facts: dict[str, object] = {"agent_id": credentials.identity.id, "role": self.role}
-        if services is not None:
-            assert isinstance(self.cfg, DataPlaneSettings)
-            running = start_server(
-                host=self.cfg.listen,
-                port=self.cfg.port,
-                credentials=credentials.server_credentials(),
-                services=services(credentials),
-            )
-            facts["port"] = running.port
-            facts["tls_name"] = agent_dns_name(credentials.identity.id)
-            self.data_port = running.port
-            log.info("listening", address=self.cfg.listen, port=running.port)
-        daemon.report_ready(self.cfg.state_dir, self.daemon_name, **facts)
+        running = start_server(
+            host=self.cfg.listen,
+            port=self.cfg.port,
+            credentials=credentials.server_credentials(),
+            services=services(credentials),
+        )
+        self.data_port = running.port
+        log.info("listening", address=self.cfg.listen, port=running.port)
+        daemon.report_ready(
+            self.cfg.state_dir,
+            self.daemon_name,
+            agent_id=credentials.identity.id,
+            role=self.role,
+            port=running.port,
+            tls_name=agent_dns_name(credentials.identity.id),
+        )
         self.register()
         self.heartbeat_loop()
         daemon.report_stopping()
-        if running is not None:
-            running.stop(grace=5.0)
+        running.stop(grace=5.0)
         if self._channel is not None:
             self._channel.close()
         log.info("stopped")
         return 0
 
     def data_endpoint(self) -> str:
-        assert isinstance(self.cfg, DataPlaneSettings)
         host = self.cfg.advertise or (
             socket.gethostname() if self.cfg.listen in ("0.0.0.0", "::", "") else self.cfg.listen
         )

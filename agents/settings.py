@@ -8,6 +8,7 @@ from pathlib import Path
 from siterecovery.common.errors import InvalidInput
 
 DATA_PORT = 9443
+SOURCE_PORT = 9444
 
 
 @dataclass(frozen=True)
@@ -21,6 +22,13 @@ class AgentSettings:
     heartbeat_interval: float = 10.0
     log_level: str = "info"
     log_json: bool | None = None
+    # Every agent serves gRPC (health, reflection, and its own services) on this
+    # address and port, mutual TLS only.
+    listen: str = "0.0.0.0"
+    port: int = DATA_PORT
+    # The host name or address peers use to reach that port; reported to the
+    # configuration server. Default: this host's name.
+    advertise: str = ""
 
     def __post_init__(self) -> None:
         if not self.server:
@@ -29,26 +37,12 @@ class AgentSettings:
                 hint="set server = \"host:443\" in the config file or pass --server",
                 code="config-missing-server",
             )
-
-
-@dataclass(frozen=True)
-class DataPlaneSettings(AgentSettings):
-    """An agent that also serves the data plane (process server, master target)."""
-
-    listen: str = "0.0.0.0"
-    port: int = DATA_PORT
-    # The host name or address peers use to reach the data port; reported to
-    # the configuration server. Default: this host's name.
-    advertise: str = ""
-
-    def __post_init__(self) -> None:
-        super().__post_init__()
         if not 0 <= self.port <= 65535:
             raise InvalidInput(f"port {self.port} is outside 0-65535", code="config-range")
 
 
 @dataclass(frozen=True)
-class ProcessServerSettings(DataPlaneSettings):
+class ProcessServerSettings(AgentSettings):
     state_dir: Path = Path("/var/lib/siterecovery/process-server")
     spool_dir: Path | None = None
     # The spool never grows past this; sources are pushed back when it is full.
@@ -60,7 +54,7 @@ class ProcessServerSettings(DataPlaneSettings):
 
 
 @dataclass(frozen=True)
-class MasterTargetSettings(DataPlaneSettings):
+class MasterTargetSettings(AgentSettings):
     state_dir: Path = Path("/var/lib/siterecovery/master-target")
     datastore_dirs: tuple[Path, ...] = ()
     retention_dir: Path | None = None
@@ -83,4 +77,7 @@ class DiskSettings:
 @dataclass(frozen=True)
 class SourceSettings(AgentSettings):
     state_dir: Path = Path("/var/lib/siterecovery/source")
+    # A source agent's own port serves health and reflection to local monitoring.
+    listen: str = "127.0.0.1"
+    port: int = SOURCE_PORT
     disks: tuple[DiskSettings, ...] = field(default_factory=tuple)

@@ -85,8 +85,9 @@ ENROLLEE = "enrollee"
 ROLES: tuple[str, ...] = (SOURCE, PROCESS_SERVER, MASTER_TARGET, ADMIN, READER, ENROLLEE)
 # The roles an agent may ask for with the connection passphrase.
 ENROLLABLE_ROLES: tuple[str, ...] = (SOURCE, PROCESS_SERVER, MASTER_TARGET)
-# The configuration server's own serving certificate. Not a caller role (it has no
-# proto value and the authorisation table grants it nothing); it only names the server.
+# The configuration server's own serving certificate. Not a caller role (the
+# authorisation table grants it nothing); it names the server, and ListServers shows
+# the server with it (proto ROLE_CONFIG_SERVER).
 CONFIG_SERVER = "config-server"
 IDENTITY_ROLES: tuple[str, ...] = (*ROLES, CONFIG_SERVER)
 
@@ -110,6 +111,7 @@ _ROLE_TO_PROTO: dict[str, int] = {
     ADMIN: common_pb2.ROLE_ADMIN,
     READER: common_pb2.ROLE_READER,
     ENROLLEE: common_pb2.ROLE_ENROLLEE,
+    CONFIG_SERVER: common_pb2.ROLE_CONFIG_SERVER,
 }
 _PROTO_TO_ROLE: dict[int, str] = {value: name for name, value in _ROLE_TO_PROTO.items()}
 

@@ -19,5 +19,7 @@ class ControllerContext:
     vault: PassphraseVault
     limiter: FailureLimiter
     server_cert_pem: bytes
+    # host:port where this server is reached (as written into srctl.toml).
+    endpoint: str = ""
     # Started for every server the first time it registers.
     registration_job: JobKind | None = None

@@ -110,13 +110,18 @@ def _controller_client_credentials(ca: pki.CertificateAuthority, pki_dir: Path) 
     )
 
 
-def _write_srctl_profile(admin_dir: Path, cfg: ConfigServerSettings, port: int) -> Path:
+def _endpoint(cfg: ConfigServerSettings, port: int) -> str:
+    """Where this server is reached: the first advertised name, else the local address."""
     host = cfg.advertise[0] if cfg.advertise else (
         "127.0.0.1" if cfg.listen in ("0.0.0.0", "::", "") else cfg.listen
     )
+    return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+
+
+def _write_srctl_profile(admin_dir: Path, endpoint: str) -> Path:
     profile = admin_dir / "srctl.toml"
     text = tomli_w.dumps(
-        {"server": f"{host}:{port}", "ca": "ca.crt", "cert": "client.crt", "key": "client.key"}
+        {"server": endpoint, "ca": "ca.crt", "cert": "client.crt", "key": "client.key"}
     )
     tmp = profile.with_suffix(".tmp")
     tmp.write_text(text)
@@ -179,7 +184,8 @@ def run(cfg: ConfigServerSettings, stop: threading.Event | None = None) -> int:
         ],
     )
     runner.start(interval=cfg.job_poll_interval)
-    profile = _write_srctl_profile(cfg.state_dir / "admin", cfg, running.port)
+    ctx.endpoint = _endpoint(cfg, running.port)
+    profile = _write_srctl_profile(cfg.state_dir / "admin", ctx.endpoint)
     log.info("listening", address=cfg.listen, port=running.port, srctl_profile=str(profile))
     daemon.report_ready(cfg.state_dir, DAEMON, port=running.port, srctl_profile=str(profile))
     stop.wait()

@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import socket
 from datetime import datetime
 
 from siterecovery.common import pki
+from siterecovery.common.inventory import directory_facts, host_facts
 from siterecovery.common.pb import admin_pb2, common_pb2
 from siterecovery.controller.convert import (
     HEALTH_VALUES,
@@ -13,6 +15,7 @@ from siterecovery.controller.convert import (
     timestamp,
 )
 from siterecovery.controller.health import derive_health, heartbeat_age
+from siterecovery.controller.settings import ConfigServerSettings
 from siterecovery.controller.store.base import JobRecord, MachineRecord, ServerRecord
 
 JOB_STATUS_VALUES = {
@@ -25,6 +28,7 @@ JOB_STATUS_VALUES = {
     "cancelled": admin_pb2.JOB_STATUS_CANCELLED,
 }
 JOB_STATUS_NAMES = {v: k for k, v in JOB_STATUS_VALUES.items()}
+CONFIG_SERVER_ID = "config-server"
 FINISHED = frozenset({"succeeded", "failed", "compensated", "cancelled"})
 
 
@@ -47,6 +51,23 @@ def server_info(server: ServerRecord, *, interval: float, now: datetime) -> comm
         heartbeat_age_seconds=age if age != float("inf") else -1.0,
         problems=[problem_from_dict(p) for p in server.problems],
         inventory=from_dict(server.inventory, common_pb2.Inventory()),
+    )
+
+
+def config_server_info(settings: ConfigServerSettings, endpoint: str, *, now: datetime) -> common_pb2.ServerInfo:
+    """The configuration server itself: it answers, so it is healthy; its state directory's space."""
+    return common_pb2.ServerInfo(
+        id=CONFIG_SERVER_ID,
+        role=common_pb2.ROLE_CONFIG_SERVER,
+        hostname=socket.gethostname(),
+        health=common_pb2.HEALTH_HEALTHY,
+        last_heartbeat_at=timestamp(now),
+        heartbeat_age_seconds=0.0,
+        inventory=common_pb2.Inventory(
+            host=host_facts(),
+            directories=[directory_facts(common_pb2.DIRECTORY_KIND_STATE, settings.state_dir, used_by_agent=0)],
+            data_endpoint=endpoint,
+        ),
     )
 
 

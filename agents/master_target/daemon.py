@@ -10,12 +10,12 @@ from __future__ import annotations
 import threading
 
 from siterecovery.agents import entry
-from siterecovery.agents.inventory import directory_facts, host_facts
 from siterecovery.agents.probe import probe_response
 from siterecovery.agents.runtime import AgentRuntime
 from siterecovery.agents.settings import MasterTargetSettings
 from siterecovery.common import daemon, logging, pki
 from siterecovery.common.grpcserver import Service
+from siterecovery.common.inventory import directory_facts, host_facts
 from siterecovery.common.pb import common_pb2, dataplane_pb2, dataplane_pb2_grpc
 
 DAEMON = "master-target"

@@ -10,10 +10,10 @@ from __future__ import annotations
 import threading
 
 from siterecovery.agents import entry
-from siterecovery.agents.inventory import DiskIdentities, disk_facts, host_facts
 from siterecovery.agents.runtime import AgentRuntime
 from siterecovery.agents.settings import SourceSettings
 from siterecovery.common import daemon, errors, logging, pki
+from siterecovery.common.inventory import DiskIdentities, disk_facts, host_facts
 from siterecovery.common.pb import common_pb2
 
 DAEMON = "source-agent"
@@ -34,7 +34,9 @@ def run(cfg: SourceSettings, stop: threading.Event | None = None) -> int:
 
     def inventory() -> common_pb2.Inventory:
         return common_pb2.Inventory(
-            host=host_facts(), disks=[disk_facts(identities, d.path, d.name) for d in cfg.disks]
+            host=host_facts(),
+            disks=[disk_facts(identities, d.path, d.name) for d in cfg.disks],
+            data_endpoint=runtime.data_endpoint(),
         )
 
     runtime = AgentRuntime(cfg, role=pki.SOURCE, daemon_name=DAEMON, stop=stop, inventory=inventory)

@@ -20,6 +20,7 @@ class Role(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
     ROLE_ADMIN: _ClassVar[Role]
     ROLE_READER: _ClassVar[Role]
     ROLE_ENROLLEE: _ClassVar[Role]
+    ROLE_CONFIG_SERVER: _ClassVar[Role]
 
 class Health(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
     __slots__ = ()
@@ -40,6 +41,7 @@ class DirectoryKind(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
     DIRECTORY_KIND_DATASTORE: _ClassVar[DirectoryKind]
     DIRECTORY_KIND_RETENTION: _ClassVar[DirectoryKind]
     DIRECTORY_KIND_SPOOL: _ClassVar[DirectoryKind]
+    DIRECTORY_KIND_STATE: _ClassVar[DirectoryKind]
 ROLE_UNSPECIFIED: Role
 ROLE_SOURCE: Role
 ROLE_PROCESS_SERVER: Role
@@ -47,6 +49,7 @@ ROLE_MASTER_TARGET: Role
 ROLE_ADMIN: Role
 ROLE_READER: Role
 ROLE_ENROLLEE: Role
+ROLE_CONFIG_SERVER: Role
 HEALTH_UNSPECIFIED: Health
 HEALTH_HEALTHY: Health
 HEALTH_WARNING: Health
@@ -58,6 +61,7 @@ DIRECTORY_KIND_UNSPECIFIED: DirectoryKind
 DIRECTORY_KIND_DATASTORE: DirectoryKind
 DIRECTORY_KIND_RETENTION: DirectoryKind
 DIRECTORY_KIND_SPOOL: DirectoryKind
+DIRECTORY_KIND_STATE: DirectoryKind
 
 class Problem(_message.Message):
     __slots__ = ("code", "severity", "message")

@@ -80,7 +80,10 @@ def _wait_healthy(profile: Profile, expected: int) -> list[common_pb2.ServerInfo
             servers = list(stub.ListServers(admin_pb2.ListServersRequest(), timeout=RPC_TIMEOUT).servers)
         except grpc.RpcError:
             servers = []
-        healthy = [s for s in servers if s.health == common_pb2.HEALTH_HEALTHY]
+        healthy = [
+            s for s in servers
+            if s.health == common_pb2.HEALTH_HEALTHY and s.role != common_pb2.ROLE_CONFIG_SERVER
+        ]
         if len(healthy) >= expected:
             return servers
         time.sleep(0.2)
@@ -131,7 +134,7 @@ def up(
         configs = {
             "process-server": {**common, "state_dir": str(lab_dir / "process-server"), "listen": "127.0.0.1", "port": 0, "advertise": "127.0.0.1"},
             "master-target": {**common, "state_dir": str(lab_dir / "master-target"), "listen": "127.0.0.1", "port": 0, "advertise": "127.0.0.1"},
-            "source-agent": {**common, "state_dir": str(lab_dir / "source-agent"), "disks": [{"path": str(disk), "name": "disk0"}]},
+            "source-agent": {**common, "state_dir": str(lab_dir / "source-agent"), "listen": "127.0.0.1", "port": 0, "advertise": "127.0.0.1", "disks": [{"path": str(disk), "name": "disk0"}]},
         }
         for name in AGENTS:
             config = _write_toml(lab_dir / "config" / f"{name}.toml", configs[name])
@@ -176,7 +179,7 @@ def status(directory: DirOption = None, output_format: Annotated[output.Format, 
             health[output.enum_label(common_pb2.Role.Name(s.role), "ROLE_")] = output.enum_label(common_pb2.Health.Name(s.health), "HEALTH_")
     except (errors.SiteRecoveryError, grpc.RpcError):
         pass
-    role_of = {"process-server": "process-server", "master-target": "master-target", "source-agent": "source"}
+    role_of = {"config-server": "config-server", "process-server": "process-server", "master-target": "master-target", "source-agent": "source"}
     rows = []
     for d in daemons:
         alive = d.process() is not None
@@ -186,7 +189,7 @@ def status(directory: DirOption = None, output_format: Annotated[output.Format, 
             "pid": d.pid,
             "running": "yes" if alive else "no",
             "address": f"127.0.0.1:{port}" if port is not None else "",
-            "health": ("serving" if alive else "stopped") if d.name == "config-server" else health.get(role_of[d.name], "unknown"),
+            "health": health.get(role_of[d.name], "unknown") if alive else "stopped",
             "log": str(d.log_path),
         })
     if output_format is output.Format.json:

@@ -29,8 +29,11 @@ class AdminServicer(admin_pb2_grpc.AdminServicer):
         interval = self._ctx.settings.heartbeat_interval
         return admin_pb2.ListServersResponse(
             servers=[
-                inventory_view.server_info(s, interval=interval, now=now)
-                for s in self._ctx.store.list_servers()
+                inventory_view.config_server_info(self._ctx.settings, self._ctx.endpoint, now=now),
+                *(
+                    inventory_view.server_info(s, interval=interval, now=now)
+                    for s in self._ctx.store.list_servers()
+                ),
             ]
         )
 

@@ -80,8 +80,7 @@ class Site:
             "passphrase_file": str(passphrase_file or self.passphrase_file()),
             "heartbeat_interval": HEARTBEAT,
         }
-        if daemon in ("process-server", "master-target"):
-            data.update(listen="127.0.0.1", port=0, advertise="127.0.0.1")
+        data.update(listen="127.0.0.1", port=0, advertise="127.0.0.1")
         if daemon == "source-agent" and "disks" not in extra:
             disk = self.root / f"{name}-disk0.img"
             with open(disk, "wb") as image:
@@ -120,7 +119,8 @@ class Site:
         return json.loads(result.stdout)
 
     def servers(self) -> list[dict]:
-        return self.srctl_json("servers", "list")
+        """The agents' rows of `srctl servers list` (the configuration server's own row left out)."""
+        return [s for s in self.srctl_json("servers", "list") if s["role"] != "config-server"]
 
     def stop_all(self) -> None:
         for daemon in reversed(self.daemons):

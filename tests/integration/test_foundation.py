@@ -56,6 +56,12 @@ def test_enroll_register_heartbeat_and_health_are_visible(site: Site):
         key = site.root / name / "identity" / "agent.key"
         assert stat.S_IMODE(key.stat().st_mode) == 0o600
 
+    # The configuration server lists itself first, with its state directory's space.
+    me = site.srctl_json("servers", "list")[0]
+    assert me["role"] == "config-server" and me["health"] == "healthy"
+    assert me["inventory"]["data_endpoint"] == f"127.0.0.1:{site.cs_port}"
+    assert me["inventory"]["directories"][0]["kind"] == "DIRECTORY_KIND_STATE"
+
     # The table for people shows the same thing.
     table = site.srctl("servers", "list")
     assert table.returncode == 0 and "healthy" in table.stdout and "process-server" in table.stdout

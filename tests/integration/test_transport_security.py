@@ -22,6 +22,7 @@ SERVICES_BY_PORT = {
     "config-server": ("siterecovery.v1.Enrollment", "siterecovery.v1.AgentControl", "siterecovery.v1.Admin"),
     "process-server": ("siterecovery.v1.ProcessServer",),
     "master-target": ("siterecovery.v1.MasterTarget",),
+    "source-agent": (),
 }
 STANDARD = ("grpc.health.v1.Health", "grpc.reflection.v1alpha.ServerReflection")
 STREAMING = {
@@ -53,11 +54,13 @@ def secured(tmp_path_factory):
             "config-server": site.cs_port,
             "process-server": agents["process-server"].state["port"],
             "master-target": agents["master-target"].state["port"],
+            "source-agent": agents["source-agent"].state["port"],
         }
         names = {
             "config-server": pki.CONFIG_SERVER_NAME,
             "process-server": pki.agent_dns_name(agents["process-server"].state["agent_id"]),
             "master-target": pki.agent_dns_name(agents["master-target"].state["agent_id"]),
+            "source-agent": pki.agent_dns_name(agents["source-agent"].state["agent_id"]),
         }
         yield site, ca, credentials, ports, names
     finally:
@@ -132,8 +135,8 @@ def test_certificate_from_a_foreign_ca_is_refused_on_every_port(secured, port_na
         assert _call(channel, "/grpc.health.v1.Health/Check") == grpc.StatusCode.UNAVAILABLE
 
 
-@pytest.mark.parametrize("port_name", ["process-server", "master-target"])
-def test_data_ports_refuse_the_enrollment_certificate(secured, port_name):
+@pytest.mark.parametrize("port_name", ["process-server", "master-target", "source-agent"])
+def test_agent_ports_refuse_the_enrollment_certificate(secured, port_name):
     _site, ca, credentials, ports, names = secured
     with _channel(ports[port_name], ca.cert_pem, names[port_name], credentials[pki.ENROLLEE]) as channel:
         assert _call(channel, "/grpc.health.v1.Health/Check") == grpc.StatusCode.UNAVAILABLE

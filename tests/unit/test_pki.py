@@ -14,7 +14,7 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
-from siterecovery.common import errors, pki
+from siterecovery.common import authz, errors, pki
 from siterecovery.common.pb import common_pb2
 
 
@@ -171,8 +171,9 @@ def test_config_server_identity_and_cert_has_names(ca: pki.CertificateAuthority)
     assert pki.cert_has_names(cert_pem, [])
     assert not pki.cert_has_names(cert_pem, [*names, "10.0.0.9"])
     assert not pki.cert_has_names(cert_pem, ["not a name"])
-    with pytest.raises(errors.InvalidInput):  # it names the server; it is no caller role
-        pki.role_to_proto(pki.CONFIG_SERVER)
+    # It names the server (ListServers shows it) but the role table lets it call nothing.
+    assert pki.role_to_proto(pki.CONFIG_SERVER) == common_pb2.ROLE_CONFIG_SERVER
+    assert not any(authz.allowed(method, pki.CONFIG_SERVER) for method in authz.RPC_ROLES)
     # Only agents get the address-independent agent name.
     assert not pki.cert_has_names(cert_pem, [pki.agent_dns_name("configuration-server")])
 
