@@ -26,6 +26,7 @@ from siterecovery.common.enrollment import (
     read_passphrase_file,
 )
 from siterecovery.common.grpcserver import Service, start_server
+from siterecovery.common.inventory import space_problems
 from siterecovery.common.pb import agent_pb2, agent_pb2_grpc, common_pb2
 from siterecovery.common.pki import CONFIG_SERVER_NAME, agent_dns_name
 
@@ -50,7 +51,9 @@ class AgentRuntime:
         stop: threading.Event,
         inventory: Callable[[], common_pb2.Inventory],
         directories: Callable[[], Sequence[common_pb2.DirectoryFacts]] = tuple,
-        problems: Callable[[], Sequence[common_pb2.Problem]] = tuple,
+        problems: Callable[
+            [Sequence[common_pb2.DirectoryFacts]], Sequence[common_pb2.Problem]
+        ] = space_problems,
     ) -> None:
         self.cfg = cfg
         self.role = role
@@ -150,11 +153,10 @@ class AgentRuntime:
         if not self._registered:
             self.register()
             return
+        directories = list(self._directories())
         response = self._call(
             "Heartbeat",
-            agent_pb2.HeartbeatRequest(
-                problems=list(self._problems()), directories=list(self._directories())
-            ),
+            agent_pb2.HeartbeatRequest(problems=list(self._problems(directories)), directories=directories),
         )
         self._interval = response.heartbeat_interval_seconds or self._interval
 

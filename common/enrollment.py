@@ -25,8 +25,8 @@ On-disk layout, written only after every check passed::
     <state_dir>/            0700 (made if missing)
         identity/           0700
             agent.key       0600  the agent's EC P-256 private key, PKCS#8 PEM
-            agent.crt       0644  its certificate, issued by the configuration server's CA
-            ca.crt          0644  the configuration server's CA certificate
+            agent.crt       0600  its certificate, issued by the configuration server's CA
+            ca.crt          0600  the configuration server's CA certificate
             identity.json   0600  {"id", "role", "server_address", "enrolled_at"}
 
 The files are written into a temporary sibling directory which is then renamed
@@ -462,8 +462,6 @@ def _store(state_dir: Path, creds: AgentCredentials) -> None:
         pki.write_private(staging / KEY_FILE, creds.key_pem)
         pki.write_private(staging / CERT_FILE, creds.cert_pem)
         pki.write_private(staging / CA_FILE, creds.ca_pem)
-        os.chmod(staging / CERT_FILE, 0o644)
-        os.chmod(staging / CA_FILE, 0o644)
         meta = {
             "id": creds.identity.id,
             "role": creds.identity.role,

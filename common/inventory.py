@@ -10,6 +10,7 @@ import shutil
 import socket
 import stat
 import uuid
+from collections.abc import Sequence
 from pathlib import Path
 
 import psutil
@@ -129,3 +130,37 @@ def disk_facts(identities: DiskIdentities, path: Path, name: str = "") -> common
         size_bytes=disk_size(path),
         name=name or path.name,
     )
+
+
+# Free space below these fractions of a directory's file system is a problem.
+SPACE_WARNING_FRACTION = 0.10
+SPACE_CRITICAL_FRACTION = 0.03
+_KIND_WORDS = {
+    common_pb2.DIRECTORY_KIND_DATASTORE: "datastore",
+    common_pb2.DIRECTORY_KIND_RETENTION: "retention directory",
+    common_pb2.DIRECTORY_KIND_SPOOL: "spool directory",
+    common_pb2.DIRECTORY_KIND_STATE: "state directory",
+}
+
+
+def space_problems(directories: Sequence[common_pb2.DirectoryFacts]) -> list[common_pb2.Problem]:
+    """A warning below 10 % free, critical below 3 %, naming the directory and what to do."""
+    problems = []
+    for directory in directories:
+        if not directory.total_bytes:
+            continue
+        fraction = directory.free_bytes / directory.total_bytes
+        if fraction >= SPACE_WARNING_FRACTION:
+            continue
+        severity = (
+            common_pb2.SEVERITY_CRITICAL if fraction < SPACE_CRITICAL_FRACTION else common_pb2.SEVERITY_WARNING
+        )
+        what = _KIND_WORDS.get(directory.kind, "directory")
+        problems.append(
+            common_pb2.Problem(
+                code="low-free-space",
+                severity=severity,
+                message=f"{what} {directory.path} has {fraction:.0%} free; free space or move it to a larger volume",
+            )
+        )
+    return problems

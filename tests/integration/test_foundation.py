@@ -53,8 +53,8 @@ def test_enroll_register_heartbeat_and_health_are_visible(site: Site):
 
     # Keys never leave the agent and are private to it.
     for name in ("process-server", "master-target", "source-agent"):
-        key = site.root / name / "identity" / "agent.key"
-        assert stat.S_IMODE(key.stat().st_mode) == 0o600
+        for secret in ("agent.key", "agent.crt", "identity.json"):
+            assert stat.S_IMODE((site.root / name / "identity" / secret).stat().st_mode) == 0o600
 
     # The configuration server lists itself first, with its state directory's space.
     me = site.srctl_json("servers", "list")[0]

@@ -1,0 +1,35 @@
+from pathlib import Path
+
+from siterecovery.common.inventory import DiskIdentities, space_problems
+from siterecovery.common.pb import common_pb2
+
+GIB = 1024**3
+
+
+def facts(free: int, total: int = 100 * GIB) -> common_pb2.DirectoryFacts:
+    return common_pb2.DirectoryFacts(
+        kind=common_pb2.DIRECTORY_KIND_RETENTION, path="/r", total_bytes=total, free_bytes=free
+    )
+
+
+def test_enough_space_is_no_problem():
+    assert space_problems([facts(50 * GIB)]) == []
+
+
+def test_low_space_warns_then_goes_critical_and_says_what_to_do():
+    (warning,) = space_problems([facts(8 * GIB)])
+    assert warning.severity == common_pb2.SEVERITY_WARNING
+    assert "retention directory /r has 8% free" in warning.message
+    (critical,) = space_problems([facts(2 * GIB)])
+    assert critical.severity == common_pb2.SEVERITY_CRITICAL
+
+
+def test_image_file_identity_is_stable_and_per_file(tmp_path: Path):
+    a, b = tmp_path / "a.img", tmp_path / "b.img"
+    a.write_bytes(b"\0")
+    b.write_bytes(b"\0")
+    ids = DiskIdentities(tmp_path / "state")
+    first = ids.identity(a)
+    assert ids.identity(a) == first
+    assert DiskIdentities(tmp_path / "state").identity(a) == first  # survives a restart
+    assert ids.identity(b) != first
