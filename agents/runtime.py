@@ -12,6 +12,7 @@ import socket
 import threading
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from typing import Protocol
 
 import grpc
 import tenacity
@@ -27,7 +28,7 @@ from siterecovery.common.enrollment import (
 )
 from siterecovery.common.grpcserver import Service, start_server
 from siterecovery.common.inventory import space_problems
-from siterecovery.common.pb import agent_pb2, agent_pb2_grpc, common_pb2
+from siterecovery.common.pb import agent_pb2, agent_pb2_grpc, common_pb2, replication_pb2
 from siterecovery.common.pki import CONFIG_SERVER_NAME, agent_dns_name
 
 log = logging.get_logger(__name__)
@@ -39,6 +40,24 @@ class RetryPolicy:
 
     initial_backoff: float = 0.2
     max_backoff: float = 10.0
+
+
+class PairParticipant(Protocol):
+    """What an agent that takes part in replication pairs plugs into its runtime.
+
+    `apply_assignments` receives the controller's complete desired state after
+    every registration and heartbeat (a pair missing from it is to be stopped)
+    plus the tags a source is to insert now; it must return quickly, starting or
+    stopping its own threads. `pair_statuses` is reported with every heartbeat.
+    """
+
+    def apply_assignments(
+        self,
+        pairs: Sequence[replication_pb2.PairAssignment],
+        tag_requests: Sequence[replication_pb2.TagRequest],
+    ) -> None: ...
+
+    def pair_statuses(self) -> Sequence[replication_pb2.PairStatus]: ...
 
 
 class AgentRuntime:
@@ -54,6 +73,7 @@ class AgentRuntime:
         problems: Callable[
             [Sequence[common_pb2.DirectoryFacts]], Sequence[common_pb2.Problem]
         ] = space_problems,
+        pairs: PairParticipant | None = None,
     ) -> None:
         self.cfg = cfg
         self.role = role
@@ -62,6 +82,9 @@ class AgentRuntime:
         self._inventory = inventory
         self._directories = directories
         self._problems = problems
+        self.pairs = pairs
+        # Set to send the next heartbeat at once (say, a pair has news for the controller).
+        self.heartbeat_now = threading.Event()
         self._interval = cfg.heartbeat_interval
         self._registered = False
         self.credentials: AgentCredentials | None = None
@@ -148,21 +171,37 @@ class AgentRuntime:
         self._interval = response.heartbeat_interval_seconds or self._interval
         self._registered = True
         log.info("registered", heartbeat_interval=self._interval)
+        if self.pairs is not None:
+            self.pairs.apply_assignments(list(response.pairs), [])
 
     def heartbeat_once(self) -> None:
         if not self._registered:
             self.register()
             return
         directories = list(self._directories())
+        statuses = list(self.pairs.pair_statuses()) if self.pairs is not None else []
         response = self._call(
             "Heartbeat",
-            agent_pb2.HeartbeatRequest(problems=list(self._problems(directories)), directories=directories),
+            agent_pb2.HeartbeatRequest(
+                problems=list(self._problems(directories)), directories=directories, pairs=statuses
+            ),
         )
         self._interval = response.heartbeat_interval_seconds or self._interval
+        if self.pairs is not None:
+            self.pairs.apply_assignments(list(response.pairs), list(response.tag_requests))
 
     def heartbeat_loop(self) -> None:
         """Until stopped: a heartbeat every interval; retries with backoff in between."""
-        while not self.stop.wait(self._interval):
+        def wake_on_stop() -> None:
+            self.stop.wait()
+            self.heartbeat_now.set()
+
+        threading.Thread(target=wake_on_stop, name="heartbeat-stop", daemon=True).start()
+        while not self.stop.is_set():
+            self.heartbeat_now.wait(self._interval)
+            self.heartbeat_now.clear()
+            if self.stop.is_set():
+                break
             try:
                 self._retrying("heartbeat")(self.heartbeat_once)
             except errors.SiteRecoveryError as exc:

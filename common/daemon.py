@@ -48,6 +48,16 @@ def write_json_atomically(path: Path, data: dict[str, Any], *, mode: int = 0o644
         handle.flush()
         os.fsync(handle.fileno())
     os.replace(tmp, path)
+    fsync_dir(path.parent)
+
+
+def fsync_dir(directory: Path) -> None:
+    """Make a rename or a new file in `directory` survive a power cut."""
+    fd = os.open(directory, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
 
 
 def state_file_path(state_dir: Path, daemon: str) -> Path:

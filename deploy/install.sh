@@ -8,7 +8,9 @@ cd "$(dirname "$0")/.."
 
 # Debian packages the project uses, and why:
 #   postgresql  the scale-out store; the store contract tests start a throwaway cluster
-APT_PACKAGES=(postgresql)
+#   fio, qemu-utils (qemu-io, qemu-img), libnbd-bin (nbdcopy, nbdinfo)
+#               real block clients that write through the source agent's NBD export
+APT_PACKAGES=(postgresql fio qemu-utils libnbd-bin)
 
 as_root() { if [ "$(id -u)" -eq 0 ]; then "$@"; else sudo "$@"; fi; }
 

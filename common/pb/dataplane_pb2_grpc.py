@@ -5,6 +5,7 @@ import grpc
 import warnings
 
 from siterecovery.common.pb import dataplane_pb2 as siterecovery_dot_v1_dot_dataplane__pb2
+from siterecovery.common.pb import replication_pb2 as siterecovery_dot_v1_dot_replication__pb2
 
 GRPC_GENERATED_VERSION = '1.85.1'
 GRPC_VERSION = grpc.__version__
@@ -41,6 +42,11 @@ class ProcessServerStub:
                 request_serializer=siterecovery_dot_v1_dot_dataplane__pb2.ProbeRequest.SerializeToString,
                 response_deserializer=siterecovery_dot_v1_dot_dataplane__pb2.ProbeResponse.FromString,
                 _registered_method=True)
+        self.Replicate = channel.stream_stream(
+                '/siterecovery.v1.ProcessServer/Replicate',
+                request_serializer=siterecovery_dot_v1_dot_replication__pb2.ReplicationMessage.SerializeToString,
+                response_deserializer=siterecovery_dot_v1_dot_replication__pb2.ReplicationReply.FromString,
+                _registered_method=True)
 
 
 class ProcessServerServicer:
@@ -53,6 +59,13 @@ class ProcessServerServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def Replicate(self, request_iterator, context):
+        """A source agent streams one pair's frames; acknowledged once spooled durably.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_ProcessServerServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -60,6 +73,11 @@ def add_ProcessServerServicer_to_server(servicer, server):
                     servicer.Probe,
                     request_deserializer=siterecovery_dot_v1_dot_dataplane__pb2.ProbeRequest.FromString,
                     response_serializer=siterecovery_dot_v1_dot_dataplane__pb2.ProbeResponse.SerializeToString,
+            ),
+            'Replicate': grpc.stream_stream_rpc_method_handler(
+                    servicer.Replicate,
+                    request_deserializer=siterecovery_dot_v1_dot_replication__pb2.ReplicationMessage.FromString,
+                    response_serializer=siterecovery_dot_v1_dot_replication__pb2.ReplicationReply.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -100,9 +118,36 @@ class ProcessServer:
             metadata,
             _registered_method=True)
 
+    @staticmethod
+    def Replicate(request_iterator,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.stream_stream(
+            request_iterator,
+            target,
+            '/siterecovery.v1.ProcessServer/Replicate',
+            siterecovery_dot_v1_dot_replication__pb2.ReplicationMessage.SerializeToString,
+            siterecovery_dot_v1_dot_replication__pb2.ReplicationReply.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
 
 class MasterTargetStub:
-    """Served by the master target; called by process servers.
+    """Served by the master target; called by process servers (and the configuration server).
     """
 
     def __init__(self, channel):
@@ -116,14 +161,38 @@ class MasterTargetStub:
                 request_serializer=siterecovery_dot_v1_dot_dataplane__pb2.ProbeRequest.SerializeToString,
                 response_deserializer=siterecovery_dot_v1_dot_dataplane__pb2.ProbeResponse.FromString,
                 _registered_method=True)
+        self.Apply = channel.stream_stream(
+                '/siterecovery.v1.MasterTarget/Apply',
+                request_serializer=siterecovery_dot_v1_dot_replication__pb2.ReplicationMessage.SerializeToString,
+                response_deserializer=siterecovery_dot_v1_dot_replication__pb2.ReplicationReply.FromString,
+                _registered_method=True)
+        self.Materialize = channel.unary_unary(
+                '/siterecovery.v1.MasterTarget/Materialize',
+                request_serializer=siterecovery_dot_v1_dot_replication__pb2.MaterializeRequest.SerializeToString,
+                response_deserializer=siterecovery_dot_v1_dot_replication__pb2.MaterializeReply.FromString,
+                _registered_method=True)
 
 
 class MasterTargetServicer:
-    """Served by the master target; called by process servers.
+    """Served by the master target; called by process servers (and the configuration server).
     """
 
     def Probe(self, request, context):
         """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def Apply(self, request_iterator, context):
+        """A process server forwards one pair's frames; acknowledged once applied and journaled.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def Materialize(self, request, context):
+        """The configuration server asks for a disk as it was at a recovery point.
+        """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
@@ -136,6 +205,16 @@ def add_MasterTargetServicer_to_server(servicer, server):
                     request_deserializer=siterecovery_dot_v1_dot_dataplane__pb2.ProbeRequest.FromString,
                     response_serializer=siterecovery_dot_v1_dot_dataplane__pb2.ProbeResponse.SerializeToString,
             ),
+            'Apply': grpc.stream_stream_rpc_method_handler(
+                    servicer.Apply,
+                    request_deserializer=siterecovery_dot_v1_dot_replication__pb2.ReplicationMessage.FromString,
+                    response_serializer=siterecovery_dot_v1_dot_replication__pb2.ReplicationReply.SerializeToString,
+            ),
+            'Materialize': grpc.unary_unary_rpc_method_handler(
+                    servicer.Materialize,
+                    request_deserializer=siterecovery_dot_v1_dot_replication__pb2.MaterializeRequest.FromString,
+                    response_serializer=siterecovery_dot_v1_dot_replication__pb2.MaterializeReply.SerializeToString,
+            ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
             'siterecovery.v1.MasterTarget', rpc_method_handlers)
@@ -145,7 +224,7 @@ def add_MasterTargetServicer_to_server(servicer, server):
 
  # This class is part of an EXPERIMENTAL API.
 class MasterTarget:
-    """Served by the master target; called by process servers.
+    """Served by the master target; called by process servers (and the configuration server).
     """
 
     @staticmethod
@@ -165,6 +244,60 @@ class MasterTarget:
             '/siterecovery.v1.MasterTarget/Probe',
             siterecovery_dot_v1_dot_dataplane__pb2.ProbeRequest.SerializeToString,
             siterecovery_dot_v1_dot_dataplane__pb2.ProbeResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def Apply(request_iterator,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.stream_stream(
+            request_iterator,
+            target,
+            '/siterecovery.v1.MasterTarget/Apply',
+            siterecovery_dot_v1_dot_replication__pb2.ReplicationMessage.SerializeToString,
+            siterecovery_dot_v1_dot_replication__pb2.ReplicationReply.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def Materialize(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/siterecovery.v1.MasterTarget/Materialize',
+            siterecovery_dot_v1_dot_replication__pb2.MaterializeRequest.SerializeToString,
+            siterecovery_dot_v1_dot_replication__pb2.MaterializeReply.FromString,
             options,
             channel_credentials,
             insecure,

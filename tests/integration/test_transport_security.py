@@ -26,6 +26,8 @@ SERVICES_BY_PORT = {
 }
 STANDARD = ("grpc.health.v1.Health", "grpc.reflection.v1alpha.ServerReflection")
 STREAMING = {
+    "/siterecovery.v1.ProcessServer/Replicate": "stream_stream",
+    "/siterecovery.v1.MasterTarget/Apply": "stream_stream",
     "/siterecovery.v1.Admin/WatchJob": "unary_stream",
     "/grpc.health.v1.Health/Watch": "unary_stream",
     "/grpc.reflection.v1alpha.ServerReflection/ServerReflectionInfo": "stream_stream",
@@ -49,6 +51,7 @@ def secured(tmp_path_factory):
             pki.ADMIN: ((site.cs_dir / "admin" / "client.key").read_bytes(), (site.cs_dir / "admin" / "client.crt").read_bytes()),
             pki.READER: ca.issue_keypair(pki.Identity(id="reader-1", role=pki.READER)),
             pki.ENROLLEE: pki.bootstrap_client_credentials(),
+            pki.CONFIG_SERVER: ((site.cs_dir / "pki" / "server.key").read_bytes(), (site.cs_dir / "pki" / "server.crt").read_bytes()),
         }
         ports = {
             "config-server": site.cs_port,

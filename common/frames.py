@@ -1,0 +1,293 @@
+"""Replication frames: building, sealing, checking, compressing.
+
+A frame (proto `Frame`) is one unit of a pair's stream: a write, a zeroed range,
+a recovery-point tag or a sync marker, numbered by a strictly increasing `seq`.
+
+The checksum is xxh3-128 over the frame's *canonical form*: a fixed binary
+header (format version, pair id, seq, body kind and its fields, capture time)
+followed by the uncompressed payload. Binding the pair id and seq means a frame
+replayed into another pair or at another position fails the check, not only a
+frame whose bytes were damaged. The source seals each frame; the process server
+checks it on receipt (before it spools and compresses); the master target checks
+it again after decompression, right before it writes, so the check is end to end.
+
+Validation (`validate`) is separate from the checksum: a well-sealed frame can
+still be out of range for the disk, and a receiver refuses it the same way.
+"""
+
+from __future__ import annotations
+
+import struct
+
+import xxhash
+import zstandard
+from google.protobuf.timestamp_pb2 import Timestamp
+
+from siterecovery.common import errors
+from siterecovery.common.pb import replication_pb2 as rpb
+
+CHECKSUM_SIZE = 16
+# Largest payload one frame may carry: the initial sync uses 1 MiB chunks and
+# an NBD client may write up to this much in one request.
+MAX_BLOCK_BYTES = 32 * 1024 * 1024
+# Longest tag id / group id / note accepted.
+MAX_TAG_FIELD = 256
+MAX_NOTE = 1024
+_FORMAT = 1
+
+_BODY_CODES = {"write": 1, "zero": 2, "tag": 3, "sync": 4}
+
+_compressor = zstandard.ZstdCompressor(level=1)
+
+
+def _hasher(pair_id: str, frame: rpb.Frame) -> xxhash.xxh3_128:
+    body = frame.WhichOneof("body")
+    pid = pair_id.encode()
+    h = xxhash.xxh3_128()
+    h.update(struct.pack("<BH", _FORMAT, len(pid)))
+    h.update(pid)
+    h.update(
+        struct.pack(
+            "<QBqi",
+            frame.seq,
+            _BODY_CODES.get(body or "", 0),
+            frame.captured_at.seconds,
+            frame.captured_at.nanos,
+        )
+    )
+    if body == "write":
+        h.update(struct.pack("<QI", frame.write.offset, frame.write.length))
+    elif body == "zero":
+        h.update(struct.pack("<QQ", frame.zero.offset, frame.zero.length))
+    elif body == "tag":
+        t = frame.tag
+        for text in (t.tag_id, t.group_id, t.note):
+            raw = text.encode()
+            h.update(struct.pack("<I", len(raw)))
+            h.update(raw)
+        h.update(struct.pack("<iB", t.kind, 1 if t.on_demand else 0))
+    elif body == "sync":
+        h.update(struct.pack("<iQ", frame.sync.phase, frame.sync.disk_size_bytes))
+    return h
+
+
+def compute_checksum(pair_id: str, frame: rpb.Frame, payload: bytes | memoryview = b"") -> bytes:
+    """The checksum of `frame` with `payload` as its uncompressed write data."""
+    h = _hasher(pair_id, frame)
+    if payload:
+        h.update(payload)
+    return h.digest()
+
+
+def _stamp(captured_at: float | None) -> Timestamp:
+    ts = Timestamp()
+    if captured_at is None:
+        ts.GetCurrentTime()
+    else:
+        ts.FromNanoseconds(int(captured_at * 1e9))
+    return ts
+
+
+def write_frame(
+    pair_id: str, seq: int, offset: int, data: bytes, *, captured_at: float | None = None
+) -> rpb.Frame:
+    frame = rpb.Frame(
+        seq=seq,
+        write=rpb.DataBlock(offset=offset, length=len(data), data=data),
+        captured_at=_stamp(captured_at),
+    )
+    frame.checksum = compute_checksum(pair_id, frame, data)
+    return frame
+
+
+def zero_frame(
+    pair_id: str, seq: int, offset: int, length: int, *, captured_at: float | None = None
+) -> rpb.Frame:
+    frame = rpb.Frame(
+        seq=seq, zero=rpb.ZeroRange(offset=offset, length=length), captured_at=_stamp(captured_at)
+    )
+    frame.checksum = compute_checksum(pair_id, frame)
+    return frame
+
+
+def tag_frame(
+    pair_id: str,
+    seq: int,
+    tag_id: str,
+    kind: int,
+    *,
+    group_id: str = "",
+    note: str = "",
+    on_demand: bool = False,
+    captured_at: float | None = None,
+) -> rpb.Frame:
+    frame = rpb.Frame(
+        seq=seq,
+        tag=rpb.Tag(tag_id=tag_id, kind=kind, group_id=group_id, note=note, on_demand=on_demand),
+        captured_at=_stamp(captured_at),
+    )
+    frame.checksum = compute_checksum(pair_id, frame)
+    return frame
+
+
+def sync_frame(
+    pair_id: str, seq: int, phase: int, disk_size_bytes: int, *, captured_at: float | None = None
+) -> rpb.Frame:
+    frame = rpb.Frame(
+        seq=seq,
+        sync=rpb.SyncMarker(phase=phase, disk_size_bytes=disk_size_bytes),
+        captured_at=_stamp(captured_at),
+    )
+    frame.checksum = compute_checksum(pair_id, frame)
+    return frame
+
+
+# -- compression -------------------------------------------------------------
+
+
+def compress(frame: rpb.Frame) -> rpb.Frame:
+    """A copy of `frame` whose write data is zstd-compressed, when that saves bytes.
+
+    The checksum is untouched: it covers the uncompressed data.
+    """
+    if frame.WhichOneof("body") != "write" or frame.compression != rpb.COMPRESSION_NONE:
+        return frame
+    packed = _compressor.compress(frame.write.data)
+    if len(packed) >= len(frame.write.data):
+        return frame
+    out = rpb.Frame()
+    out.CopyFrom(frame)
+    out.write.data = packed
+    out.compression = rpb.COMPRESSION_ZSTD
+    return out
+
+
+def payload(frame: rpb.Frame) -> bytes:
+    """The uncompressed write data of `frame` (b"" for other bodies).
+
+    Refuses data that does not decompress to exactly `write.length` bytes, so a
+    hostile frame cannot make a receiver allocate more than the length it states.
+    """
+    if frame.WhichOneof("body") != "write":
+        return b""
+    block = frame.write
+    if frame.compression == rpb.COMPRESSION_NONE:
+        data = block.data
+    elif frame.compression == rpb.COMPRESSION_ZSTD:
+        if block.length > MAX_BLOCK_BYTES:
+            raise _bad(frame, f"states {block.length} bytes, more than the {MAX_BLOCK_BYTES} allowed")
+        try:
+            data = zstandard.ZstdDecompressor().decompress(block.data, max_output_size=block.length)
+        except zstandard.ZstdError as exc:
+            raise errors.Integrity(
+                f"frame {frame.seq}: compressed data is damaged ({exc})",
+                hint="the sender will send it again",
+                code="frame-corrupt",
+            ) from exc
+    else:
+        raise _bad(frame, f"uses unknown compression {frame.compression}")
+    if len(data) != block.length:
+        raise errors.Integrity(
+            f"frame {frame.seq}: holds {len(data)} bytes of data but states {block.length}",
+            hint="the sender will send it again",
+            code="frame-corrupt",
+        )
+    return data
+
+
+def decompress(frame: rpb.Frame) -> rpb.Frame:
+    if frame.compression == rpb.COMPRESSION_NONE:
+        return frame
+    data = payload(frame)
+    out = rpb.Frame()
+    out.CopyFrom(frame)
+    out.write.data = data
+    out.compression = rpb.COMPRESSION_NONE
+    return out
+
+
+# -- checking ----------------------------------------------------------------
+
+
+def _bad(frame: rpb.Frame, what: str) -> errors.InvalidInput:
+    return errors.InvalidInput(
+        f"frame {frame.seq} {what}",
+        hint="this is a sender bug or a hostile peer; the frame was refused and nothing was written",
+        code="frame-invalid",
+    )
+
+
+def validate(frame: rpb.Frame, disk_size_bytes: int) -> None:
+    """Refuse a frame that is malformed or reaches past the end of the disk."""
+    if frame.seq <= 0:
+        raise _bad(frame, "has no sequence number")
+    if len(frame.checksum) != CHECKSUM_SIZE:
+        raise _bad(frame, f"carries a {len(frame.checksum)}-byte checksum, not {CHECKSUM_SIZE}")
+    body = frame.WhichOneof("body")
+    if body is None:
+        raise _bad(frame, "has no body")
+    if frame.compression not in (rpb.COMPRESSION_NONE, rpb.COMPRESSION_ZSTD):
+        raise _bad(frame, f"uses unknown compression {frame.compression}")
+    if body == "write":
+        offset, length = frame.write.offset, frame.write.length
+        if length == 0 or length > MAX_BLOCK_BYTES:
+            raise _bad(frame, f"writes {length} bytes; allowed is 1 to {MAX_BLOCK_BYTES}")
+        if frame.compression == rpb.COMPRESSION_NONE and len(frame.write.data) != length:
+            raise _bad(frame, f"states {length} bytes but carries {len(frame.write.data)}")
+        _check_range(frame, offset, length, disk_size_bytes)
+    elif body == "zero":
+        if frame.zero.length == 0:
+            raise _bad(frame, "zeroes an empty range")
+        _check_range(frame, frame.zero.offset, frame.zero.length, disk_size_bytes)
+    elif body == "tag":
+        t = frame.tag
+        if not t.tag_id or len(t.tag_id) > MAX_TAG_FIELD or len(t.group_id) > MAX_TAG_FIELD:
+            raise _bad(frame, "has a tag id that is empty or too long")
+        if len(t.note) > MAX_NOTE:
+            raise _bad(frame, "has a tag note that is too long")
+        if t.kind not in rpb.RecoveryPointKind.values() or t.kind == rpb.RECOVERY_POINT_KIND_UNSPECIFIED:
+            raise _bad(frame, f"has unknown recovery point kind {t.kind}")
+    elif body == "sync":
+        if frame.sync.phase not in (rpb.SYNC_PHASE_INITIAL_STARTED, rpb.SYNC_PHASE_INITIAL_DONE):
+            raise _bad(frame, f"has unknown sync phase {frame.sync.phase}")
+        if frame.sync.disk_size_bytes != disk_size_bytes:
+            raise _bad(
+                frame,
+                f"announces a {frame.sync.disk_size_bytes}-byte disk; the pair's disk has {disk_size_bytes}",
+            )
+
+
+def _check_range(frame: rpb.Frame, offset: int, length: int, disk_size_bytes: int) -> None:
+    if offset + length > disk_size_bytes:
+        raise errors.InvalidInput(
+            f"frame {frame.seq} reaches byte {offset + length}, past the end of the "
+            f"{disk_size_bytes}-byte disk",
+            hint="the source disk may have grown; resize the target, then resume the pair",
+            code="frame-out-of-range",
+        )
+
+
+def verify(pair_id: str, frame: rpb.Frame, data: bytes | None = None) -> None:
+    """Raise errors.Integrity unless `frame`'s checksum matches.
+
+    `data` is the uncompressed payload when the caller has it already; otherwise
+    it is taken from the frame (decompressing when needed).
+    """
+    if data is None:
+        data = payload(frame)
+    if compute_checksum(pair_id, frame, data) != frame.checksum:
+        raise errors.Integrity(
+            f"pair {pair_id}: frame {frame.seq} failed its checksum; it was refused and not written",
+            hint="the sender keeps it and sends it again; if this repeats, check the network path and memory",
+            code="frame-checksum",
+        )
+
+
+def payload_length(frame: rpb.Frame) -> int:
+    """Bytes of disk this frame changes (for accounting and progress)."""
+    body = frame.WhichOneof("body")
+    if body == "write":
+        return frame.write.length
+    if body == "zero":
+        return frame.zero.length
+    return 0
