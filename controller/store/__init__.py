@@ -7,9 +7,12 @@ from siterecovery.controller.store.base import (
     ROLES,
     JobRecord,
     MachineRecord,
+    PairRecord,
+    PairReport,
     ServerRecord,
     StepRecord,
     Store,
+    TagRequestRecord,
 )
 from siterecovery.controller.store.sql import SqlStore, open_store
 
@@ -17,9 +20,12 @@ __all__ = [
     "ROLES",
     "JobRecord",
     "MachineRecord",
+    "PairRecord",
+    "PairReport",
     "ServerRecord",
     "SqlStore",
     "StepRecord",
     "Store",
+    "TagRequestRecord",
     "open_store",
 ]

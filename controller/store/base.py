@@ -14,6 +14,12 @@ What is stored (the SQL schema is spelled out in `sql.py`):
   to the job or to one of its steps, so a reader can tell that it changed.
 - steps    - ordered rows under a job: status, attempt, progress, lease owner
   and lease expiry, output.
+- pairs    - one row per replicated disk: source disk -> target disk file on a
+  master target, through a process server, with its policy and desired state.
+- pair_reports - the last PairStatus each agent of a pair reported (one row
+  per pair and agent), as JSON; recovery points come from the master target's.
+- tag_requests - recovery points asked for (on demand, multi-VM) and not yet
+  seen at the master target; delivered to the source agent until then.
 
 Transaction boundaries: every method is one transaction; nothing is committed
 half-way, so a crash (process killed, power lost) in the middle of any method
@@ -109,6 +115,53 @@ class JobRecord:
         return {s.name: s.output for s in self.steps if s.output}
 
 
+PAIR_MODES = ("nbd", "scan")
+PAIR_DESIRED_STATES = ("replicating", "paused")
+
+
+@dataclass(frozen=True)
+class PairRecord:
+    """One replicated disk. `id` is chosen by the caller (see controller/replication.py)."""
+
+    id: str
+    machine_id: str
+    source_server_id: str
+    disk_name: str
+    disk_identity: str
+    disk_size_bytes: int
+    mode: str
+    process_server_id: str
+    master_target_id: str
+    target_path: str
+    journal_dir: str
+    created_at: datetime
+    updated_at: datetime
+    policy: dict = field(default_factory=dict)
+    desired_state: str = "replicating"
+    group_id: str = ""
+
+
+@dataclass(frozen=True)
+class PairReport:
+    """What one agent last said about one pair (a PairStatus as a JSON dict)."""
+
+    pair_id: str
+    server_id: str
+    role: str
+    status: dict
+    reported_at: datetime
+
+
+@dataclass(frozen=True)
+class TagRequestRecord:
+    pair_id: str
+    tag_id: str
+    kind: str  # "crash-consistent" | "app-consistent" | "multi-vm-consistent"
+    created_at: datetime
+    expires_at: datetime
+    group_id: str = ""
+
+
 class Store(ABC):
     """Inventory and jobs of one configuration server (or of several replicas)."""
 
@@ -162,6 +215,55 @@ class Store(ABC):
     @abstractmethod
     def list_machines(self) -> list[MachineRecord]:
         """All machines, ordered by hostname, then id."""
+
+    # --- replication pairs ---------------------------------------------------------
+
+    @abstractmethod
+    def create_pair(self, pair: PairRecord) -> PairRecord:
+        """Store a new pair. Conflict when its id is taken or its disk already has a pair.
+
+        NotFound when the machine or one of the servers does not exist.
+        """
+
+    @abstractmethod
+    def get_pair(self, pair_id: str) -> PairRecord:
+        """NotFound when there is no such pair."""
+
+    @abstractmethod
+    def list_pairs(self, *, machine_id: str | None = None, server_id: str | None = None) -> list[PairRecord]:
+        """Pairs (of one machine, or those a server takes part in), by machine then disk name."""
+
+    @abstractmethod
+    def set_pair_desired_state(self, pair_id: str, state: str, *, now: datetime) -> PairRecord:
+        """Change what the agents are told to do with the pair. NotFound; InvalidInput."""
+
+    @abstractmethod
+    def delete_pair(self, pair_id: str) -> None:
+        """Forget the pair, its reports and its tag requests. NotFound."""
+
+    @abstractmethod
+    def record_pair_reports(self, server_id: str, role: str, statuses: dict[str, dict], *, now: datetime) -> None:
+        """Replace what `server_id` last reported for each pair id in `statuses`.
+
+        Reports for pairs that do not exist, or that the server takes no part
+        in, are ignored (an agent may lag behind a deletion).
+        """
+
+    @abstractmethod
+    def pair_reports(self, pair_id: str) -> list[PairReport]:
+        """The last report of each agent of the pair."""
+
+    @abstractmethod
+    def add_tag_requests(self, requests: Sequence[TagRequestRecord]) -> None:
+        """Store requests for tags, all or none. Conflict when one exists already."""
+
+    @abstractmethod
+    def tag_requests(self, *, source_server_id: str, now: datetime) -> list[TagRequestRecord]:
+        """Unexpired requests for pairs whose source is `source_server_id`, oldest first."""
+
+    @abstractmethod
+    def remove_tag_requests(self, pair_id: str, tag_ids: Collection[str], *, now: datetime) -> None:
+        """Drop these requests (the tags arrived) and every expired request."""
 
     # --- jobs --------------------------------------------------------------------
 

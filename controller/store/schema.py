@@ -119,3 +119,49 @@ steps = sa.Table(
     sa.Column("lease_expires_at", UtcDateTime(), nullable=True),
     sa.Column("output", Json, nullable=False),
 )
+
+pairs = sa.Table(
+    "pairs",
+    metadata,
+    sa.Column("id", sa.String(64), primary_key=True),
+    sa.Column("machine_id", sa.String(64), sa.ForeignKey("machines.id"), nullable=False),
+    sa.Column("source_server_id", sa.String(64), sa.ForeignKey("servers.id"), nullable=False),
+    sa.Column("disk_name", sa.String(255), nullable=False),
+    sa.Column("disk_identity", sa.String(1024), nullable=False),
+    sa.Column("disk_size_bytes", sa.BigInteger(), nullable=False),
+    sa.Column("mode", sa.String(16), nullable=False),
+    sa.Column("process_server_id", sa.String(64), sa.ForeignKey("servers.id"), nullable=False),
+    sa.Column("master_target_id", sa.String(64), sa.ForeignKey("servers.id"), nullable=False),
+    sa.Column("target_path", sa.String(4096), nullable=False),
+    sa.Column("journal_dir", sa.String(4096), nullable=False),
+    sa.Column("policy", Json, nullable=False),
+    sa.Column("desired_state", sa.String(16), nullable=False),
+    sa.Column("group_id", sa.String(255), nullable=False),
+    sa.Column("created_at", UtcDateTime(), nullable=False),
+    sa.Column("updated_at", UtcDateTime(), nullable=False),
+    sa.UniqueConstraint("machine_id", "disk_identity"),
+    sa.Index(None, "source_server_id"),
+    sa.Index(None, "process_server_id"),
+    sa.Index(None, "master_target_id"),
+)
+
+pair_reports = sa.Table(
+    "pair_reports",
+    metadata,
+    sa.Column("pair_id", sa.String(64), sa.ForeignKey("pairs.id", ondelete="CASCADE"), primary_key=True),
+    sa.Column("server_id", sa.String(64), primary_key=True),
+    sa.Column("role", sa.String(32), nullable=False),
+    sa.Column("status", Json, nullable=False),
+    sa.Column("reported_at", UtcDateTime(), nullable=False),
+)
+
+tag_requests = sa.Table(
+    "tag_requests",
+    metadata,
+    sa.Column("pair_id", sa.String(64), sa.ForeignKey("pairs.id", ondelete="CASCADE"), primary_key=True),
+    sa.Column("tag_id", sa.String(255), primary_key=True),
+    sa.Column("kind", sa.String(32), nullable=False),
+    sa.Column("group_id", sa.String(255), nullable=False),
+    sa.Column("created_at", UtcDateTime(), nullable=False),
+    sa.Column("expires_at", UtcDateTime(), nullable=False),
+)

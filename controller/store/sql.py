@@ -18,7 +18,18 @@ Schema (tables in `schema.py`, created by `migrations/versions/0001_initial.py`)
     steps    (job_id FK jobs.id ON DELETE CASCADE, idx, PK (job_id, idx), name,
               status, attempt, progress, message, error_code, lease_owner,
               lease_expires_at, output JSON)
+    pairs    (id PK, machine_id FK machines.id, source_server_id / process_server_id /
+              master_target_id FK servers.id, disk_name, disk_identity,
+              disk_size_bytes, mode, target_path, journal_dir, policy JSON,
+              desired_state, group_id, created_at, updated_at)
+                                                      unique (machine_id, disk_identity)
+    pair_reports (pair_id FK pairs.id ON DELETE CASCADE, server_id, PK (pair_id,
+              server_id), role, status JSON, reported_at)
+    tag_requests (pair_id FK pairs.id ON DELETE CASCADE, tag_id, PK (pair_id,
+              tag_id), kind, group_id, created_at, expires_at)
     alembic_version (version_num)                     - the schema revision
+
+(0002_replication.py adds pairs, pair_reports and tag_requests.)
 
 Times are stored in UTC (`timestamptz` on PostgreSQL, fixed-format text on
 SQLite); JSON is JSONB on PostgreSQL and text on SQLite.
@@ -65,17 +76,30 @@ from siterecovery.common.errors import Conflict, InvalidInput, NotFound, Unavail
 from siterecovery.controller.jobs import states
 from siterecovery.controller.store import migrations
 from siterecovery.controller.store.base import (
+    PAIR_DESIRED_STATES,
+    PAIR_MODES,
     ROLES,
     JobRecord,
     MachineRecord,
+    PairRecord,
+    PairReport,
     ServerRecord,
     StepRecord,
     Store,
+    TagRequestRecord,
     json_copy,
     utc,
     utc_or_none,
 )
-from siterecovery.controller.store.schema import jobs, machines, servers, steps
+from siterecovery.controller.store.schema import (
+    jobs,
+    machines,
+    pair_reports,
+    pairs,
+    servers,
+    steps,
+    tag_requests,
+)
 
 SQLITE_BUSY_TIMEOUT_S = 30.0
 # Any constant: replicas starting together take turns migrating PostgreSQL.
@@ -253,19 +277,217 @@ class SqlStore(Store):
 
     def get_machine(self, machine_id: str) -> MachineRecord:
         with self._read() as conn:
-            row = conn.execute(sa.select(machines).where(machines.c.id == machine_id)).mappings().first()
-        if row is None:
-            raise NotFound(
-                f"no machine with id {machine_id!r}",
-                hint="list the protected machines to find its id",
-                code="machine-not-found",
-            )
-        return _machine_record(row)
+            return self.get_machine_in(conn, machine_id)
 
     def list_machines(self) -> list[MachineRecord]:
         query = sa.select(machines).order_by(machines.c.hostname, machines.c.id)
         with self._read() as conn:
             return [_machine_record(row) for row in conn.execute(query).mappings()]
+
+    # --- replication pairs ---------------------------------------------------------
+
+    def create_pair(self, pair: PairRecord) -> PairRecord:
+        _check_id(pair.id, "pair id")
+        if pair.mode not in PAIR_MODES:
+            raise InvalidInput(f"{pair.mode!r} is not a replication mode", hint=f"use one of: {', '.join(PAIR_MODES)}")
+        _check_desired_state(pair.desired_state)
+        if pair.disk_size_bytes <= 0:
+            raise InvalidInput(f"disk size must be positive, not {pair.disk_size_bytes}")
+        values = {
+            "id": pair.id,
+            "machine_id": pair.machine_id,
+            "source_server_id": pair.source_server_id,
+            "disk_name": pair.disk_name,
+            "disk_identity": pair.disk_identity,
+            "disk_size_bytes": pair.disk_size_bytes,
+            "mode": pair.mode,
+            "process_server_id": pair.process_server_id,
+            "master_target_id": pair.master_target_id,
+            "target_path": pair.target_path,
+            "journal_dir": pair.journal_dir,
+            "policy": json_copy(pair.policy, "policy"),
+            "desired_state": pair.desired_state,
+            "group_id": pair.group_id,
+            "created_at": utc(pair.created_at, "created_at"),
+            "updated_at": utc(pair.updated_at, "updated_at"),
+        }
+        try:
+            with self._write() as conn:
+                self.get_machine_in(conn, pair.machine_id)
+                for server_id in (pair.source_server_id, pair.process_server_id, pair.master_target_id):
+                    self._server(conn, server_id)
+                existing = conn.execute(
+                    sa.select(pairs.c.id).where(
+                        sa.or_(
+                            pairs.c.id == pair.id,
+                            sa.and_(
+                                pairs.c.machine_id == pair.machine_id,
+                                pairs.c.disk_identity == pair.disk_identity,
+                            ),
+                        )
+                    )
+                ).first()
+                if existing is not None:
+                    raise _pair_exists(pair, existing.id)
+                conn.execute(sa.insert(pairs).values(values))
+                return self._pair(conn, pair.id)
+        except sa.exc.IntegrityError as exc:  # lost a race with another insert
+            raise _pair_exists(pair, pair.id) from exc
+
+    def get_pair(self, pair_id: str) -> PairRecord:
+        with self._read() as conn:
+            return self._pair(conn, pair_id)
+
+    def list_pairs(self, *, machine_id: str | None = None, server_id: str | None = None) -> list[PairRecord]:
+        query = sa.select(pairs).order_by(pairs.c.machine_id, pairs.c.disk_name, pairs.c.id)
+        if machine_id is not None:
+            query = query.where(pairs.c.machine_id == machine_id)
+        if server_id is not None:
+            query = query.where(
+                sa.or_(
+                    pairs.c.source_server_id == server_id,
+                    pairs.c.process_server_id == server_id,
+                    pairs.c.master_target_id == server_id,
+                )
+            )
+        with self._read() as conn:
+            return [_pair_record(row) for row in conn.execute(query).mappings()]
+
+    def set_pair_desired_state(self, pair_id: str, state: str, *, now: datetime) -> PairRecord:
+        _check_desired_state(state)
+        now = utc(now, "now")
+        with self._write() as conn:
+            result = conn.execute(
+                sa.update(pairs).where(pairs.c.id == pair_id).values(desired_state=state, updated_at=now)
+            )
+            if result.rowcount != 1:
+                raise _pair_not_found(pair_id)
+            return self._pair(conn, pair_id)
+
+    def delete_pair(self, pair_id: str) -> None:
+        with self._write() as conn:
+            conn.execute(sa.delete(tag_requests).where(tag_requests.c.pair_id == pair_id))
+            conn.execute(sa.delete(pair_reports).where(pair_reports.c.pair_id == pair_id))
+            if conn.execute(sa.delete(pairs).where(pairs.c.id == pair_id)).rowcount != 1:
+                raise _pair_not_found(pair_id)
+
+    def record_pair_reports(self, server_id: str, role: str, statuses: dict[str, dict], *, now: datetime) -> None:
+        _check_role(role)
+        now = utc(now, "now")
+        if not statuses:
+            return
+        copied = {pid: json_copy(status, f"status of pair {pid}") for pid, status in statuses.items()}
+        with self._write() as conn:
+            known = {
+                row.id
+                for row in conn.execute(
+                    sa.select(pairs.c.id).where(
+                        pairs.c.id.in_(list(copied)),
+                        sa.or_(
+                            pairs.c.source_server_id == server_id,
+                            pairs.c.process_server_id == server_id,
+                            pairs.c.master_target_id == server_id,
+                        ),
+                    )
+                )
+            }
+            rows = [
+                {"pair_id": pid, "server_id": server_id, "role": role, "status": status, "reported_at": now}
+                for pid, status in copied.items()
+                if pid in known
+            ]
+            if not rows:
+                return
+            statement = self._insert(pair_reports).values(rows)
+            statement = statement.on_conflict_do_update(
+                index_elements=[pair_reports.c.pair_id, pair_reports.c.server_id],
+                set_={k: statement.excluded[k] for k in ("role", "status", "reported_at")},
+            )
+            conn.execute(statement)
+
+    def pair_reports(self, pair_id: str) -> list[PairReport]:
+        query = (
+            sa.select(pair_reports).where(pair_reports.c.pair_id == pair_id).order_by(pair_reports.c.server_id)
+        )
+        with self._read() as conn:
+            return [
+                PairReport(
+                    pair_id=row["pair_id"],
+                    server_id=row["server_id"],
+                    role=row["role"],
+                    status=row["status"],
+                    reported_at=row["reported_at"],
+                )
+                for row in conn.execute(query).mappings()
+            ]
+
+    def add_tag_requests(self, requests: Sequence[TagRequestRecord]) -> None:
+        rows = []
+        for request in requests:
+            _check_id(request.tag_id, "tag id")
+            rows.append(
+                {
+                    "pair_id": request.pair_id,
+                    "tag_id": request.tag_id,
+                    "kind": request.kind,
+                    "group_id": request.group_id,
+                    "created_at": utc(request.created_at, "created_at"),
+                    "expires_at": utc(request.expires_at, "expires_at"),
+                }
+            )
+        if not rows:
+            return
+        try:
+            with self._write() as conn:
+                for row in rows:
+                    self._pair(conn, row["pair_id"])
+                conn.execute(sa.insert(tag_requests), rows)
+        except sa.exc.IntegrityError as exc:
+            raise Conflict("that recovery point was asked for already", code="tag-request-exists") from exc
+
+    def tag_requests(self, *, source_server_id: str, now: datetime) -> list[TagRequestRecord]:
+        now = utc(now, "now")
+        query = (
+            sa.select(tag_requests)
+            .join(pairs, pairs.c.id == tag_requests.c.pair_id)
+            .where(pairs.c.source_server_id == source_server_id, tag_requests.c.expires_at > now)
+            .order_by(tag_requests.c.created_at, tag_requests.c.tag_id)
+        )
+        with self._read() as conn:
+            return [
+                TagRequestRecord(
+                    pair_id=row["pair_id"],
+                    tag_id=row["tag_id"],
+                    kind=row["kind"],
+                    group_id=row["group_id"],
+                    created_at=row["created_at"],
+                    expires_at=row["expires_at"],
+                )
+                for row in conn.execute(query).mappings()
+            ]
+
+    def remove_tag_requests(self, pair_id: str, tag_ids: Collection[str], *, now: datetime) -> None:
+        now = utc(now, "now")
+        with self._write() as conn:
+            if tag_ids:
+                conn.execute(
+                    sa.delete(tag_requests).where(
+                        tag_requests.c.pair_id == pair_id, tag_requests.c.tag_id.in_(list(tag_ids))
+                    )
+                )
+            conn.execute(sa.delete(tag_requests).where(tag_requests.c.expires_at <= now))
+
+    def get_machine_in(self, conn: Connection, machine_id: str) -> MachineRecord:
+        row = conn.execute(sa.select(machines).where(machines.c.id == machine_id)).mappings().first()
+        if row is None:
+            raise _machine_not_found(machine_id)
+        return _machine_record(row)
+
+    def _pair(self, conn: Connection, pair_id: str) -> PairRecord:
+        row = conn.execute(sa.select(pairs).where(pairs.c.id == pair_id)).mappings().first()
+        if row is None:
+            raise _pair_not_found(pair_id)
+        return _pair_record(row)
 
     # --- jobs ------------------------------------------------------------------------
 
@@ -669,6 +891,27 @@ def _machine_record(row: Any) -> MachineRecord:
     )
 
 
+def _pair_record(row: Any) -> PairRecord:
+    return PairRecord(
+        id=row["id"],
+        machine_id=row["machine_id"],
+        source_server_id=row["source_server_id"],
+        disk_name=row["disk_name"],
+        disk_identity=row["disk_identity"],
+        disk_size_bytes=row["disk_size_bytes"],
+        mode=row["mode"],
+        process_server_id=row["process_server_id"],
+        master_target_id=row["master_target_id"],
+        target_path=row["target_path"],
+        journal_dir=row["journal_dir"],
+        policy=row["policy"],
+        desired_state=row["desired_state"],
+        group_id=row["group_id"],
+        created_at=row["created_at"],
+        updated_at=row["updated_at"],
+    )
+
+
 def _step_record(row: Any) -> StepRecord:
     return StepRecord(
         job_id=row["job_id"],
@@ -744,6 +987,37 @@ def _server_not_found(server_id: str) -> NotFound:
         hint="check the id; list_servers shows the enrolled servers",
         code="server-not-found",
     )
+
+
+def _machine_not_found(machine_id: str) -> NotFound:
+    return NotFound(
+        f"no machine with id {machine_id!r}",
+        hint="list the protected machines to find its id",
+        code="machine-not-found",
+    )
+
+
+def _pair_not_found(pair_id: str) -> NotFound:
+    return NotFound(
+        f"no replication pair with id {pair_id!r}",
+        hint="`srctl replication status` lists the pairs",
+        code="pair-not-found",
+    )
+
+
+def _pair_exists(pair: PairRecord, existing_id: str) -> Conflict:
+    return Conflict(
+        f"disk {pair.disk_name!r} of machine {pair.machine_id} is already replicated (pair {existing_id})",
+        hint="`srctl replication status` shows it; disable it first to replicate the disk elsewhere",
+        code="pair-exists",
+    )
+
+
+def _check_desired_state(state: str) -> None:
+    if state not in PAIR_DESIRED_STATES:
+        raise InvalidInput(
+            f"{state!r} is not a pair state", hint=f"use one of: {', '.join(PAIR_DESIRED_STATES)}"
+        )
 
 
 def _job_not_found(job_id: str) -> NotFound:
