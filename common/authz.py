@@ -25,14 +25,22 @@ RPC_ROLES: dict[str, frozenset[str]] = {
     "/siterecovery.v1.Admin/WatchJob": OPERATORS,
     "/siterecovery.v1.Admin/GetPassphrase": frozenset({pki.ADMIN}),
     "/siterecovery.v1.Admin/RotatePassphrase": frozenset({pki.ADMIN}),
+    "/siterecovery.v1.Admin/EnableReplication": frozenset({pki.ADMIN}),
+    "/siterecovery.v1.Admin/ListPairs": OPERATORS,
+    "/siterecovery.v1.Admin/SetPairState": frozenset({pki.ADMIN}),
+    "/siterecovery.v1.Admin/DisableReplication": frozenset({pki.ADMIN}),
+    "/siterecovery.v1.Admin/ListRecoveryPoints": OPERATORS,
+    "/siterecovery.v1.Admin/CreateRecoveryPoint": frozenset({pki.ADMIN}),
+    "/siterecovery.v1.Admin/MaterializePoint": frozenset({pki.ADMIN}),
     # Process server, :9443
     "/siterecovery.v1.ProcessServer/Probe": frozenset({pki.SOURCE, pki.ADMIN}),
     "/siterecovery.v1.ProcessServer/Replicate": frozenset({pki.SOURCE}),
     # Master target, :9443
     "/siterecovery.v1.MasterTarget/Probe": frozenset({pki.PROCESS_SERVER, pki.ADMIN}),
     "/siterecovery.v1.MasterTarget/Apply": frozenset({pki.PROCESS_SERVER}),
-    # The configuration server calls it for failover and `srctl recovery-points materialize`.
-    "/siterecovery.v1.MasterTarget/Materialize": frozenset({pki.CONFIG_SERVER}),
+    # The configuration server calls it (with its admin client certificate) for
+    # failover and `srctl recovery-points materialize`.
+    "/siterecovery.v1.MasterTarget/Materialize": frozenset({pki.ADMIN}),
     # Every port
     "/grpc.health.v1.Health/Check": ANYONE_ENROLLED | {pki.ENROLLEE},
     "/grpc.health.v1.Health/Watch": ANYONE_ENROLLED,

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+import grpc
+
 from siterecovery.common.pki import CertificateAuthority
 from siterecovery.controller.enrollment import FailureLimiter, PassphraseVault
 from siterecovery.controller.jobs.engine import JobKind
@@ -23,3 +25,5 @@ class ControllerContext:
     endpoint: str = ""
     # Started for every server the first time it registers.
     registration_job: JobKind | None = None
+    # The client certificate (role admin) this server dials agents' data ports with.
+    agent_client_credentials: grpc.ChannelCredentials | None = None

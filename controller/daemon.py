@@ -140,6 +140,7 @@ def run(cfg: ConfigServerSettings, stop: threading.Event | None = None) -> int:
     vault = PassphraseVault(cfg.state_dir / "passphrase.json")
     vault.load_or_create()
     store = open_store(cfg.resolved_store_url)
+    agent_client = _controller_client_credentials(ca, cfg.state_dir / "pki")
     ctx = ControllerContext(
         settings=cfg,
         store=store,
@@ -147,7 +148,8 @@ def run(cfg: ConfigServerSettings, stop: threading.Event | None = None) -> int:
         vault=vault,
         limiter=FailureLimiter(),
         server_cert_pem=cert_pem,
-        registration_job=register_server_kind(_controller_client_credentials(ca, cfg.state_dir / "pki")),
+        registration_job=register_server_kind(agent_client),
+        agent_client_credentials=agent_client,
     )
     runner = JobRunner(
         store,

@@ -25,43 +25,70 @@ _sym_db = _symbol_database.Default()
 
 from google.protobuf import timestamp_pb2 as google_dot_protobuf_dot_timestamp__pb2
 from siterecovery.common.pb import common_pb2 as siterecovery_dot_v1_dot_common__pb2
+from siterecovery.common.pb import replication_pb2 as siterecovery_dot_v1_dot_replication__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1bsiterecovery/v1/admin.proto\x12\x0fsiterecovery.v1\x1a\x1fgoogle/protobuf/timestamp.proto\x1a\x1csiterecovery/v1/common.proto\"\x14\n\x12ListServersRequest\"C\n\x13ListServersResponse\x12,\n\x07servers\x18\x01 \x03(\x0b\x32\x1b.siterecovery.v1.ServerInfo\"\xad\x01\n\x07Machine\x12\n\n\x02id\x18\x01 \x01(\t\x12\x10\n\x08hostname\x18\x02 \x01(\t\x12\n\n\x02os\x18\x03 \x01(\t\x12\x11\n\tserver_id\x18\x04 \x01(\t\x12)\n\x05\x64isks\x18\x05 \x03(\x0b\x32\x1a.siterecovery.v1.DiskFacts\x12\x11\n\taddresses\x18\x06 \x03(\t\x12\'\n\x06health\x18\x07 \x01(\x0e\x32\x17.siterecovery.v1.Health\"\x15\n\x13ListMachinesRequest\"B\n\x14ListMachinesResponse\x12*\n\x08machines\x18\x01 \x03(\x0b\x32\x18.siterecovery.v1.Machine\"\x8b\x01\n\x07JobStep\x12\x0c\n\x04name\x18\x01 \x01(\t\x12*\n\x06status\x18\x02 \x01(\x0e\x32\x1a.siterecovery.v1.JobStatus\x12\x0f\n\x07\x61ttempt\x18\x03 \x01(\r\x12\x10\n\x08progress\x18\x04 \x01(\x01\x12\x0f\n\x07message\x18\x05 \x01(\t\x12\x12\n\nerror_code\x18\x06 \x01(\t\"\xa1\x02\n\x03Job\x12\n\n\x02id\x18\x01 \x01(\t\x12\x0c\n\x04kind\x18\x02 \x01(\t\x12*\n\x06status\x18\x03 \x01(\x0e\x32\x1a.siterecovery.v1.JobStatus\x12\x0e\n\x06target\x18\x04 \x01(\t\x12.\n\ncreated_at\x18\x05 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12.\n\nupdated_at\x18\x06 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\'\n\x05steps\x18\x07 \x03(\x0b\x32\x18.siterecovery.v1.JobStep\x12\x10\n\x08progress\x18\x08 \x01(\x01\x12\x12\n\nerror_code\x18\t \x01(\t\x12\x15\n\rerror_message\x18\n \x01(\t\"N\n\x0fListJobsRequest\x12,\n\x08statuses\x18\x01 \x03(\x0e\x32\x1a.siterecovery.v1.JobStatus\x12\r\n\x05limit\x18\x02 \x01(\r\"6\n\x10ListJobsResponse\x12\"\n\x04jobs\x18\x01 \x03(\x0b\x32\x14.siterecovery.v1.Job\"\x1b\n\rGetJobRequest\x12\n\n\x02id\x18\x01 \x01(\t\"\x16\n\x14GetPassphraseRequest\"\x19\n\x17RotatePassphraseRequest\"P\n\nPassphrase\x12\x12\n\npassphrase\x18\x01 \x01(\t\x12.\n\ncreated_at\x18\x02 \x01(\x0b\x32\x1a.google.protobuf.Timestamp*\xdb\x01\n\tJobStatus\x12\x1a\n\x16JOB_STATUS_UNSPECIFIED\x10\x00\x12\x16\n\x12JOB_STATUS_PENDING\x10\x01\x12\x16\n\x12JOB_STATUS_RUNNING\x10\x02\x12\x18\n\x14JOB_STATUS_SUCCEEDED\x10\x03\x12\x15\n\x11JOB_STATUS_FAILED\x10\x04\x12\x1b\n\x17JOB_STATUS_COMPENSATING\x10\x05\x12\x1a\n\x16JOB_STATUS_COMPENSATED\x10\x06\x12\x18\n\x14JOB_STATUS_CANCELLED\x10\x07\x32\xc3\x04\n\x05\x41\x64min\x12X\n\x0bListServers\x12#.siterecovery.v1.ListServersRequest\x1a$.siterecovery.v1.ListServersResponse\x12[\n\x0cListMachines\x12$.siterecovery.v1.ListMachinesRequest\x1a%.siterecovery.v1.ListMachinesResponse\x12O\n\x08ListJobs\x12 .siterecovery.v1.ListJobsRequest\x1a!.siterecovery.v1.ListJobsResponse\x12>\n\x06GetJob\x12\x1e.siterecovery.v1.GetJobRequest\x1a\x14.siterecovery.v1.Job\x12\x42\n\x08WatchJob\x12\x1e.siterecovery.v1.GetJobRequest\x1a\x14.siterecovery.v1.Job0\x01\x12S\n\rGetPassphrase\x12%.siterecovery.v1.GetPassphraseRequest\x1a\x1b.siterecovery.v1.Passphrase\x12Y\n\x10RotatePassphrase\x12(.siterecovery.v1.RotatePassphraseRequest\x1a\x1b.siterecovery.v1.Passphraseb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1bsiterecovery/v1/admin.proto\x12\x0fsiterecovery.v1\x1a\x1fgoogle/protobuf/timestamp.proto\x1a\x1csiterecovery/v1/common.proto\x1a!siterecovery/v1/replication.proto\"\x14\n\x12ListServersRequest\"C\n\x13ListServersResponse\x12,\n\x07servers\x18\x01 \x03(\x0b\x32\x1b.siterecovery.v1.ServerInfo\"\xad\x01\n\x07Machine\x12\n\n\x02id\x18\x01 \x01(\t\x12\x10\n\x08hostname\x18\x02 \x01(\t\x12\n\n\x02os\x18\x03 \x01(\t\x12\x11\n\tserver_id\x18\x04 \x01(\t\x12)\n\x05\x64isks\x18\x05 \x03(\x0b\x32\x1a.siterecovery.v1.DiskFacts\x12\x11\n\taddresses\x18\x06 \x03(\t\x12\'\n\x06health\x18\x07 \x01(\x0e\x32\x17.siterecovery.v1.Health\"\x15\n\x13ListMachinesRequest\"B\n\x14ListMachinesResponse\x12*\n\x08machines\x18\x01 \x03(\x0b\x32\x18.siterecovery.v1.Machine\"\x8b\x01\n\x07JobStep\x12\x0c\n\x04name\x18\x01 \x01(\t\x12*\n\x06status\x18\x02 \x01(\x0e\x32\x1a.siterecovery.v1.JobStatus\x12\x0f\n\x07\x61ttempt\x18\x03 \x01(\r\x12\x10\n\x08progress\x18\x04 \x01(\x01\x12\x0f\n\x07message\x18\x05 \x01(\t\x12\x12\n\nerror_code\x18\x06 \x01(\t\"\xa1\x02\n\x03Job\x12\n\n\x02id\x18\x01 \x01(\t\x12\x0c\n\x04kind\x18\x02 \x01(\t\x12*\n\x06status\x18\x03 \x01(\x0e\x32\x1a.siterecovery.v1.JobStatus\x12\x0e\n\x06target\x18\x04 \x01(\t\x12.\n\ncreated_at\x18\x05 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12.\n\nupdated_at\x18\x06 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\'\n\x05steps\x18\x07 \x03(\x0b\x32\x18.siterecovery.v1.JobStep\x12\x10\n\x08progress\x18\x08 \x01(\x01\x12\x12\n\nerror_code\x18\t \x01(\t\x12\x15\n\rerror_message\x18\n \x01(\t\"N\n\x0fListJobsRequest\x12,\n\x08statuses\x18\x01 \x03(\x0e\x32\x1a.siterecovery.v1.JobStatus\x12\r\n\x05limit\x18\x02 \x01(\r\"6\n\x10ListJobsResponse\x12\"\n\x04jobs\x18\x01 \x03(\x0b\x32\x14.siterecovery.v1.Job\"\x1b\n\rGetJobRequest\x12\n\n\x02id\x18\x01 \x01(\t\"\x16\n\x14GetPassphraseRequest\"\x19\n\x17RotatePassphraseRequest\"P\n\nPassphrase\x12\x12\n\npassphrase\x18\x01 \x01(\t\x12.\n\ncreated_at\x18\x02 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\"\x8b\x02\n\x18\x45nableReplicationRequest\x12\x0f\n\x07machine\x18\x01 \x01(\t\x12\r\n\x05\x64isks\x18\x02 \x03(\t\x12\x16\n\x0eprocess_server\x18\x03 \x01(\t\x12\x15\n\rmaster_target\x18\x04 \x01(\t\x12\x11\n\tdatastore\x18\x05 \x01(\t\x12.\n\x04mode\x18\x06 \x01(\x0e\x32 .siterecovery.v1.ReplicationMode\x12/\n\x06policy\x18\x07 \x01(\x0b\x32\x1f.siterecovery.v1.RecoveryPolicy\x12\r\n\x05group\x18\x08 \x01(\t\x12\x1d\n\x15scan_interval_seconds\x18\t \x01(\r\"#\n\x10ListPairsRequest\x12\x0f\n\x07machine\x18\x01 \x01(\t\"\x9b\x07\n\x08PairView\x12\x0f\n\x07pair_id\x18\x01 \x01(\t\x12\x12\n\nmachine_id\x18\x02 \x01(\t\x12\x18\n\x10machine_hostname\x18\x03 \x01(\t\x12\x11\n\tdisk_name\x18\x04 \x01(\t\x12\x17\n\x0f\x64isk_size_bytes\x18\x05 \x01(\x04\x12.\n\x04mode\x18\x06 \x01(\x0e\x32 .siterecovery.v1.ReplicationMode\x12\x19\n\x11process_server_id\x18\x07 \x01(\t\x12\x18\n\x10master_target_id\x18\x08 \x01(\t\x12\x13\n\x0btarget_path\x18\t \x01(\t\x12\x38\n\rdesired_state\x18\n \x01(\x0e\x32!.siterecovery.v1.PairDesiredState\x12)\n\x05state\x18\x0b \x01(\x0e\x32\x1a.siterecovery.v1.PairState\x12\x0e\n\x06reason\x18\x0c \x01(\t\x12\x13\n\x0breason_code\x18\r \x01(\t\x12\x15\n\rsync_progress\x18\x0e \x01(\x01\x12\x17\n\x0fsync_done_bytes\x18\x0f \x01(\x04\x12\x18\n\x10sync_total_bytes\x18\x10 \x01(\x04\x12\x11\n\trpo_known\x18\x11 \x01(\x08\x12\x13\n\x0brpo_seconds\x18\x12 \x01(\x01\x12\x1c\n\x14source_backlog_bytes\x18\x13 \x01(\x04\x12\x1d\n\x15source_backlog_frames\x18\x14 \x01(\x04\x12\x1b\n\x13spool_backlog_bytes\x18\x15 \x01(\x04\x12\x1c\n\x14spool_backlog_frames\x18\x16 \x01(\x04\x12#\n\x1bthroughput_bytes_per_second\x18\x17 \x01(\x01\x12\x12\n\nsource_seq\x18\x18 \x01(\x04\x12\x13\n\x0bspooled_seq\x18\x19 \x01(\x04\x12\x13\n\x0b\x61pplied_seq\x18\x1a \x01(\x04\x12/\n\x06policy\x18\x1b \x01(\x0b\x32\x1f.siterecovery.v1.RecoveryPolicy\x12\r\n\x05group\x18\x1c \x01(\t\x12\x17\n\x0frecovery_points\x18\x1d \x01(\r\x12\x33\n\x0flatest_point_at\x18\x1e \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12.\n\ncreated_at\x18\x1f \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x15\n\rjournal_bytes\x18  \x01(\x04\"=\n\x11ListPairsResponse\x12(\n\x05pairs\x18\x01 \x03(\x0b\x32\x19.siterecovery.v1.PairView\"`\n\x13SetPairStateRequest\x12\x0f\n\x07pair_id\x18\x01 \x01(\t\x12\x38\n\rdesired_state\x18\x02 \x01(\x0e\x32!.siterecovery.v1.PairDesiredState\";\n\x19\x44isableReplicationRequest\x12\x0f\n\x07machine\x18\x01 \x01(\t\x12\r\n\x05\x64isks\x18\x02 \x03(\t\"z\n\x11RecoveryPointView\x12\x0f\n\x07pair_id\x18\x01 \x01(\t\x12\x12\n\nmachine_id\x18\x02 \x01(\t\x12\x11\n\tdisk_name\x18\x03 \x01(\t\x12-\n\x05point\x18\x04 \x01(\x0b\x32\x1e.siterecovery.v1.RecoveryPoint\":\n\x19ListRecoveryPointsRequest\x12\x0f\n\x07machine\x18\x01 \x01(\t\x12\x0c\n\x04\x64isk\x18\x02 \x01(\t\"P\n\x1aListRecoveryPointsResponse\x12\x32\n\x06points\x18\x01 \x03(\x0b\x32\".siterecovery.v1.RecoveryPointView\"n\n\x1a\x43reateRecoveryPointRequest\x12\x0f\n\x07machine\x18\x01 \x01(\t\x12\r\n\x05group\x18\x02 \x01(\t\x12\x30\n\x04kind\x18\x03 \x01(\x0e\x32\".siterecovery.v1.RecoveryPointKind\"?\n\x1b\x43reateRecoveryPointResponse\x12\x0e\n\x06tag_id\x18\x01 \x01(\t\x12\x10\n\x08pair_ids\x18\x02 \x03(\t\"\\\n\x17MaterializePointRequest\x12\x0f\n\x07machine\x18\x01 \x01(\t\x12\x0c\n\x04\x64isk\x18\x02 \x01(\t\x12\r\n\x05point\x18\x03 \x01(\t\x12\x13\n\x0boutput_path\x18\x04 \x01(\t\"x\n\x18MaterializePointResponse\x12\x0f\n\x07pair_id\x18\x01 \x01(\t\x12\x18\n\x10master_target_id\x18\x02 \x01(\t\x12\x31\n\x06result\x18\x03 \x01(\x0b\x32!.siterecovery.v1.MaterializeReply*\xdb\x01\n\tJobStatus\x12\x1a\n\x16JOB_STATUS_UNSPECIFIED\x10\x00\x12\x16\n\x12JOB_STATUS_PENDING\x10\x01\x12\x16\n\x12JOB_STATUS_RUNNING\x10\x02\x12\x18\n\x14JOB_STATUS_SUCCEEDED\x10\x03\x12\x15\n\x11JOB_STATUS_FAILED\x10\x04\x12\x1b\n\x17JOB_STATUS_COMPENSATING\x10\x05\x12\x1a\n\x16JOB_STATUS_COMPENSATED\x10\x06\x12\x18\n\x14JOB_STATUS_CANCELLED\x10\x07\x32\xfc\t\n\x05\x41\x64min\x12X\n\x0bListServers\x12#.siterecovery.v1.ListServersRequest\x1a$.siterecovery.v1.ListServersResponse\x12[\n\x0cListMachines\x12$.siterecovery.v1.ListMachinesRequest\x1a%.siterecovery.v1.ListMachinesResponse\x12O\n\x08ListJobs\x12 .siterecovery.v1.ListJobsRequest\x1a!.siterecovery.v1.ListJobsResponse\x12>\n\x06GetJob\x12\x1e.siterecovery.v1.GetJobRequest\x1a\x14.siterecovery.v1.Job\x12\x42\n\x08WatchJob\x12\x1e.siterecovery.v1.GetJobRequest\x1a\x14.siterecovery.v1.Job0\x01\x12S\n\rGetPassphrase\x12%.siterecovery.v1.GetPassphraseRequest\x1a\x1b.siterecovery.v1.Passphrase\x12Y\n\x10RotatePassphrase\x12(.siterecovery.v1.RotatePassphraseRequest\x1a\x1b.siterecovery.v1.Passphrase\x12\x62\n\x11\x45nableReplication\x12).siterecovery.v1.EnableReplicationRequest\x1a\".siterecovery.v1.ListPairsResponse\x12R\n\tListPairs\x12!.siterecovery.v1.ListPairsRequest\x1a\".siterecovery.v1.ListPairsResponse\x12O\n\x0cSetPairState\x12$.siterecovery.v1.SetPairStateRequest\x1a\x19.siterecovery.v1.PairView\x12\x64\n\x12\x44isableReplication\x12*.siterecovery.v1.DisableReplicationRequest\x1a\".siterecovery.v1.ListPairsResponse\x12m\n\x12ListRecoveryPoints\x12*.siterecovery.v1.ListRecoveryPointsRequest\x1a+.siterecovery.v1.ListRecoveryPointsResponse\x12p\n\x13\x43reateRecoveryPoint\x12+.siterecovery.v1.CreateRecoveryPointRequest\x1a,.siterecovery.v1.CreateRecoveryPointResponse\x12g\n\x10MaterializePoint\x12(.siterecovery.v1.MaterializePointRequest\x1a).siterecovery.v1.MaterializePointResponseb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
 _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'siterecovery.v1.admin_pb2', _globals)
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
-  _globals['_JOBSTATUS']._serialized_start=1202
-  _globals['_JOBSTATUS']._serialized_end=1421
-  _globals['_LISTSERVERSREQUEST']._serialized_start=111
-  _globals['_LISTSERVERSREQUEST']._serialized_end=131
-  _globals['_LISTSERVERSRESPONSE']._serialized_start=133
-  _globals['_LISTSERVERSRESPONSE']._serialized_end=200
-  _globals['_MACHINE']._serialized_start=203
-  _globals['_MACHINE']._serialized_end=376
-  _globals['_LISTMACHINESREQUEST']._serialized_start=378
-  _globals['_LISTMACHINESREQUEST']._serialized_end=399
-  _globals['_LISTMACHINESRESPONSE']._serialized_start=401
-  _globals['_LISTMACHINESRESPONSE']._serialized_end=467
-  _globals['_JOBSTEP']._serialized_start=470
-  _globals['_JOBSTEP']._serialized_end=609
-  _globals['_JOB']._serialized_start=612
-  _globals['_JOB']._serialized_end=901
-  _globals['_LISTJOBSREQUEST']._serialized_start=903
-  _globals['_LISTJOBSREQUEST']._serialized_end=981
-  _globals['_LISTJOBSRESPONSE']._serialized_start=983
-  _globals['_LISTJOBSRESPONSE']._serialized_end=1037
-  _globals['_GETJOBREQUEST']._serialized_start=1039
-  _globals['_GETJOBREQUEST']._serialized_end=1066
-  _globals['_GETPASSPHRASEREQUEST']._serialized_start=1068
-  _globals['_GETPASSPHRASEREQUEST']._serialized_end=1090
-  _globals['_ROTATEPASSPHRASEREQUEST']._serialized_start=1092
-  _globals['_ROTATEPASSPHRASEREQUEST']._serialized_end=1117
-  _globals['_PASSPHRASE']._serialized_start=1119
-  _globals['_PASSPHRASE']._serialized_end=1199
-  _globals['_ADMIN']._serialized_start=1424
-  _globals['_ADMIN']._serialized_end=2003
+  _globals['_JOBSTATUS']._serialized_start=3351
+  _globals['_JOBSTATUS']._serialized_end=3570
+  _globals['_LISTSERVERSREQUEST']._serialized_start=146
+  _globals['_LISTSERVERSREQUEST']._serialized_end=166
+  _globals['_LISTSERVERSRESPONSE']._serialized_start=168
+  _globals['_LISTSERVERSRESPONSE']._serialized_end=235
+  _globals['_MACHINE']._serialized_start=238
+  _globals['_MACHINE']._serialized_end=411
+  _globals['_LISTMACHINESREQUEST']._serialized_start=413
+  _globals['_LISTMACHINESREQUEST']._serialized_end=434
+  _globals['_LISTMACHINESRESPONSE']._serialized_start=436
+  _globals['_LISTMACHINESRESPONSE']._serialized_end=502
+  _globals['_JOBSTEP']._serialized_start=505
+  _globals['_JOBSTEP']._serialized_end=644
+  _globals['_JOB']._serialized_start=647
+  _globals['_JOB']._serialized_end=936
+  _globals['_LISTJOBSREQUEST']._serialized_start=938
+  _globals['_LISTJOBSREQUEST']._serialized_end=1016
+  _globals['_LISTJOBSRESPONSE']._serialized_start=1018
+  _globals['_LISTJOBSRESPONSE']._serialized_end=1072
+  _globals['_GETJOBREQUEST']._serialized_start=1074
+  _globals['_GETJOBREQUEST']._serialized_end=1101
+  _globals['_GETPASSPHRASEREQUEST']._serialized_start=1103
+  _globals['_GETPASSPHRASEREQUEST']._serialized_end=1125
+  _globals['_ROTATEPASSPHRASEREQUEST']._serialized_start=1127
+  _globals['_ROTATEPASSPHRASEREQUEST']._serialized_end=1152
+  _globals['_PASSPHRASE']._serialized_start=1154
+  _globals['_PASSPHRASE']._serialized_end=1234
+  _globals['_ENABLEREPLICATIONREQUEST']._serialized_start=1237
+  _globals['_ENABLEREPLICATIONREQUEST']._serialized_end=1504
+  _globals['_LISTPAIRSREQUEST']._serialized_start=1506
+  _globals['_LISTPAIRSREQUEST']._serialized_end=1541
+  _globals['_PAIRVIEW']._serialized_start=1544
+  _globals['_PAIRVIEW']._serialized_end=2467
+  _globals['_LISTPAIRSRESPONSE']._serialized_start=2469
+  _globals['_LISTPAIRSRESPONSE']._serialized_end=2530
+  _globals['_SETPAIRSTATEREQUEST']._serialized_start=2532
+  _globals['_SETPAIRSTATEREQUEST']._serialized_end=2628
+  _globals['_DISABLEREPLICATIONREQUEST']._serialized_start=2630
+  _globals['_DISABLEREPLICATIONREQUEST']._serialized_end=2689
+  _globals['_RECOVERYPOINTVIEW']._serialized_start=2691
+  _globals['_RECOVERYPOINTVIEW']._serialized_end=2813
+  _globals['_LISTRECOVERYPOINTSREQUEST']._serialized_start=2815
+  _globals['_LISTRECOVERYPOINTSREQUEST']._serialized_end=2873
+  _globals['_LISTRECOVERYPOINTSRESPONSE']._serialized_start=2875
+  _globals['_LISTRECOVERYPOINTSRESPONSE']._serialized_end=2955
+  _globals['_CREATERECOVERYPOINTREQUEST']._serialized_start=2957
+  _globals['_CREATERECOVERYPOINTREQUEST']._serialized_end=3067
+  _globals['_CREATERECOVERYPOINTRESPONSE']._serialized_start=3069
+  _globals['_CREATERECOVERYPOINTRESPONSE']._serialized_end=3132
+  _globals['_MATERIALIZEPOINTREQUEST']._serialized_start=3134
+  _globals['_MATERIALIZEPOINTREQUEST']._serialized_end=3226
+  _globals['_MATERIALIZEPOINTRESPONSE']._serialized_start=3228
+  _globals['_MATERIALIZEPOINTRESPONSE']._serialized_end=3348
+  _globals['_ADMIN']._serialized_start=3573
+  _globals['_ADMIN']._serialized_end=4849
 # @@protoc_insertion_point(module_scope)

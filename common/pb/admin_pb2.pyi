@@ -3,6 +3,7 @@ import datetime
 
 from google.protobuf import timestamp_pb2 as _timestamp_pb2
 from siterecovery.common.pb import common_pb2 as _common_pb2
+from siterecovery.common.pb import replication_pb2 as _replication_pb2
 from google.protobuf.internal import containers as _containers
 from google.protobuf.internal import enum_type_wrapper as _enum_type_wrapper
 from google.protobuf import descriptor as _descriptor
@@ -144,3 +145,187 @@ class Passphrase(_message.Message):
     passphrase: str
     created_at: _timestamp_pb2.Timestamp
     def __init__(self, passphrase: _Optional[str] = ..., created_at: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ...) -> None: ...
+
+class EnableReplicationRequest(_message.Message):
+    __slots__ = ("machine", "disks", "process_server", "master_target", "datastore", "mode", "policy", "group", "scan_interval_seconds")
+    MACHINE_FIELD_NUMBER: _ClassVar[int]
+    DISKS_FIELD_NUMBER: _ClassVar[int]
+    PROCESS_SERVER_FIELD_NUMBER: _ClassVar[int]
+    MASTER_TARGET_FIELD_NUMBER: _ClassVar[int]
+    DATASTORE_FIELD_NUMBER: _ClassVar[int]
+    MODE_FIELD_NUMBER: _ClassVar[int]
+    POLICY_FIELD_NUMBER: _ClassVar[int]
+    GROUP_FIELD_NUMBER: _ClassVar[int]
+    SCAN_INTERVAL_SECONDS_FIELD_NUMBER: _ClassVar[int]
+    machine: str
+    disks: _containers.RepeatedScalarFieldContainer[str]
+    process_server: str
+    master_target: str
+    datastore: str
+    mode: _replication_pb2.ReplicationMode
+    policy: _replication_pb2.RecoveryPolicy
+    group: str
+    scan_interval_seconds: int
+    def __init__(self, machine: _Optional[str] = ..., disks: _Optional[_Iterable[str]] = ..., process_server: _Optional[str] = ..., master_target: _Optional[str] = ..., datastore: _Optional[str] = ..., mode: _Optional[_Union[_replication_pb2.ReplicationMode, str]] = ..., policy: _Optional[_Union[_replication_pb2.RecoveryPolicy, _Mapping]] = ..., group: _Optional[str] = ..., scan_interval_seconds: _Optional[int] = ...) -> None: ...
+
+class ListPairsRequest(_message.Message):
+    __slots__ = ("machine",)
+    MACHINE_FIELD_NUMBER: _ClassVar[int]
+    machine: str
+    def __init__(self, machine: _Optional[str] = ...) -> None: ...
+
+class PairView(_message.Message):
+    __slots__ = ("pair_id", "machine_id", "machine_hostname", "disk_name", "disk_size_bytes", "mode", "process_server_id", "master_target_id", "target_path", "desired_state", "state", "reason", "reason_code", "sync_progress", "sync_done_bytes", "sync_total_bytes", "rpo_known", "rpo_seconds", "source_backlog_bytes", "source_backlog_frames", "spool_backlog_bytes", "spool_backlog_frames", "throughput_bytes_per_second", "source_seq", "spooled_seq", "applied_seq", "policy", "group", "recovery_points", "latest_point_at", "created_at", "journal_bytes")
+    PAIR_ID_FIELD_NUMBER: _ClassVar[int]
+    MACHINE_ID_FIELD_NUMBER: _ClassVar[int]
+    MACHINE_HOSTNAME_FIELD_NUMBER: _ClassVar[int]
+    DISK_NAME_FIELD_NUMBER: _ClassVar[int]
+    DISK_SIZE_BYTES_FIELD_NUMBER: _ClassVar[int]
+    MODE_FIELD_NUMBER: _ClassVar[int]
+    PROCESS_SERVER_ID_FIELD_NUMBER: _ClassVar[int]
+    MASTER_TARGET_ID_FIELD_NUMBER: _ClassVar[int]
+    TARGET_PATH_FIELD_NUMBER: _ClassVar[int]
+    DESIRED_STATE_FIELD_NUMBER: _ClassVar[int]
+    STATE_FIELD_NUMBER: _ClassVar[int]
+    REASON_FIELD_NUMBER: _ClassVar[int]
+    REASON_CODE_FIELD_NUMBER: _ClassVar[int]
+    SYNC_PROGRESS_FIELD_NUMBER: _ClassVar[int]
+    SYNC_DONE_BYTES_FIELD_NUMBER: _ClassVar[int]
+    SYNC_TOTAL_BYTES_FIELD_NUMBER: _ClassVar[int]
+    RPO_KNOWN_FIELD_NUMBER: _ClassVar[int]
+    RPO_SECONDS_FIELD_NUMBER: _ClassVar[int]
+    SOURCE_BACKLOG_BYTES_FIELD_NUMBER: _ClassVar[int]
+    SOURCE_BACKLOG_FRAMES_FIELD_NUMBER: _ClassVar[int]
+    SPOOL_BACKLOG_BYTES_FIELD_NUMBER: _ClassVar[int]
+    SPOOL_BACKLOG_FRAMES_FIELD_NUMBER: _ClassVar[int]
+    THROUGHPUT_BYTES_PER_SECOND_FIELD_NUMBER: _ClassVar[int]
+    SOURCE_SEQ_FIELD_NUMBER: _ClassVar[int]
+    SPOOLED_SEQ_FIELD_NUMBER: _ClassVar[int]
+    APPLIED_SEQ_FIELD_NUMBER: _ClassVar[int]
+    POLICY_FIELD_NUMBER: _ClassVar[int]
+    GROUP_FIELD_NUMBER: _ClassVar[int]
+    RECOVERY_POINTS_FIELD_NUMBER: _ClassVar[int]
+    LATEST_POINT_AT_FIELD_NUMBER: _ClassVar[int]
+    CREATED_AT_FIELD_NUMBER: _ClassVar[int]
+    JOURNAL_BYTES_FIELD_NUMBER: _ClassVar[int]
+    pair_id: str
+    machine_id: str
+    machine_hostname: str
+    disk_name: str
+    disk_size_bytes: int
+    mode: _replication_pb2.ReplicationMode
+    process_server_id: str
+    master_target_id: str
+    target_path: str
+    desired_state: _replication_pb2.PairDesiredState
+    state: _replication_pb2.PairState
+    reason: str
+    reason_code: str
+    sync_progress: float
+    sync_done_bytes: int
+    sync_total_bytes: int
+    rpo_known: bool
+    rpo_seconds: float
+    source_backlog_bytes: int
+    source_backlog_frames: int
+    spool_backlog_bytes: int
+    spool_backlog_frames: int
+    throughput_bytes_per_second: float
+    source_seq: int
+    spooled_seq: int
+    applied_seq: int
+    policy: _replication_pb2.RecoveryPolicy
+    group: str
+    recovery_points: int
+    latest_point_at: _timestamp_pb2.Timestamp
+    created_at: _timestamp_pb2.Timestamp
+    journal_bytes: int
+    def __init__(self, pair_id: _Optional[str] = ..., machine_id: _Optional[str] = ..., machine_hostname: _Optional[str] = ..., disk_name: _Optional[str] = ..., disk_size_bytes: _Optional[int] = ..., mode: _Optional[_Union[_replication_pb2.ReplicationMode, str]] = ..., process_server_id: _Optional[str] = ..., master_target_id: _Optional[str] = ..., target_path: _Optional[str] = ..., desired_state: _Optional[_Union[_replication_pb2.PairDesiredState, str]] = ..., state: _Optional[_Union[_replication_pb2.PairState, str]] = ..., reason: _Optional[str] = ..., reason_code: _Optional[str] = ..., sync_progress: _Optional[float] = ..., sync_done_bytes: _Optional[int] = ..., sync_total_bytes: _Optional[int] = ..., rpo_known: _Optional[bool] = ..., rpo_seconds: _Optional[float] = ..., source_backlog_bytes: _Optional[int] = ..., source_backlog_frames: _Optional[int] = ..., spool_backlog_bytes: _Optional[int] = ..., spool_backlog_frames: _Optional[int] = ..., throughput_bytes_per_second: _Optional[float] = ..., source_seq: _Optional[int] = ..., spooled_seq: _Optional[int] = ..., applied_seq: _Optional[int] = ..., policy: _Optional[_Union[_replication_pb2.RecoveryPolicy, _Mapping]] = ..., group: _Optional[str] = ..., recovery_points: _Optional[int] = ..., latest_point_at: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., created_at: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., journal_bytes: _Optional[int] = ...) -> None: ...
+
+class ListPairsResponse(_message.Message):
+    __slots__ = ("pairs",)
+    PAIRS_FIELD_NUMBER: _ClassVar[int]
+    pairs: _containers.RepeatedCompositeFieldContainer[PairView]
+    def __init__(self, pairs: _Optional[_Iterable[_Union[PairView, _Mapping]]] = ...) -> None: ...
+
+class SetPairStateRequest(_message.Message):
+    __slots__ = ("pair_id", "desired_state")
+    PAIR_ID_FIELD_NUMBER: _ClassVar[int]
+    DESIRED_STATE_FIELD_NUMBER: _ClassVar[int]
+    pair_id: str
+    desired_state: _replication_pb2.PairDesiredState
+    def __init__(self, pair_id: _Optional[str] = ..., desired_state: _Optional[_Union[_replication_pb2.PairDesiredState, str]] = ...) -> None: ...
+
+class DisableReplicationRequest(_message.Message):
+    __slots__ = ("machine", "disks")
+    MACHINE_FIELD_NUMBER: _ClassVar[int]
+    DISKS_FIELD_NUMBER: _ClassVar[int]
+    machine: str
+    disks: _containers.RepeatedScalarFieldContainer[str]
+    def __init__(self, machine: _Optional[str] = ..., disks: _Optional[_Iterable[str]] = ...) -> None: ...
+
+class RecoveryPointView(_message.Message):
+    __slots__ = ("pair_id", "machine_id", "disk_name", "point")
+    PAIR_ID_FIELD_NUMBER: _ClassVar[int]
+    MACHINE_ID_FIELD_NUMBER: _ClassVar[int]
+    DISK_NAME_FIELD_NUMBER: _ClassVar[int]
+    POINT_FIELD_NUMBER: _ClassVar[int]
+    pair_id: str
+    machine_id: str
+    disk_name: str
+    point: _replication_pb2.RecoveryPoint
+    def __init__(self, pair_id: _Optional[str] = ..., machine_id: _Optional[str] = ..., disk_name: _Optional[str] = ..., point: _Optional[_Union[_replication_pb2.RecoveryPoint, _Mapping]] = ...) -> None: ...
+
+class ListRecoveryPointsRequest(_message.Message):
+    __slots__ = ("machine", "disk")
+    MACHINE_FIELD_NUMBER: _ClassVar[int]
+    DISK_FIELD_NUMBER: _ClassVar[int]
+    machine: str
+    disk: str
+    def __init__(self, machine: _Optional[str] = ..., disk: _Optional[str] = ...) -> None: ...
+
+class ListRecoveryPointsResponse(_message.Message):
+    __slots__ = ("points",)
+    POINTS_FIELD_NUMBER: _ClassVar[int]
+    points: _containers.RepeatedCompositeFieldContainer[RecoveryPointView]
+    def __init__(self, points: _Optional[_Iterable[_Union[RecoveryPointView, _Mapping]]] = ...) -> None: ...
+
+class CreateRecoveryPointRequest(_message.Message):
+    __slots__ = ("machine", "group", "kind")
+    MACHINE_FIELD_NUMBER: _ClassVar[int]
+    GROUP_FIELD_NUMBER: _ClassVar[int]
+    KIND_FIELD_NUMBER: _ClassVar[int]
+    machine: str
+    group: str
+    kind: _replication_pb2.RecoveryPointKind
+    def __init__(self, machine: _Optional[str] = ..., group: _Optional[str] = ..., kind: _Optional[_Union[_replication_pb2.RecoveryPointKind, str]] = ...) -> None: ...
+
+class CreateRecoveryPointResponse(_message.Message):
+    __slots__ = ("tag_id", "pair_ids")
+    TAG_ID_FIELD_NUMBER: _ClassVar[int]
+    PAIR_IDS_FIELD_NUMBER: _ClassVar[int]
+    tag_id: str
+    pair_ids: _containers.RepeatedScalarFieldContainer[str]
+    def __init__(self, tag_id: _Optional[str] = ..., pair_ids: _Optional[_Iterable[str]] = ...) -> None: ...
+
+class MaterializePointRequest(_message.Message):
+    __slots__ = ("machine", "disk", "point", "output_path")
+    MACHINE_FIELD_NUMBER: _ClassVar[int]
+    DISK_FIELD_NUMBER: _ClassVar[int]
+    POINT_FIELD_NUMBER: _ClassVar[int]
+    OUTPUT_PATH_FIELD_NUMBER: _ClassVar[int]
+    machine: str
+    disk: str
+    point: str
+    output_path: str
+    def __init__(self, machine: _Optional[str] = ..., disk: _Optional[str] = ..., point: _Optional[str] = ..., output_path: _Optional[str] = ...) -> None: ...
+
+class MaterializePointResponse(_message.Message):
+    __slots__ = ("pair_id", "master_target_id", "result")
+    PAIR_ID_FIELD_NUMBER: _ClassVar[int]
+    MASTER_TARGET_ID_FIELD_NUMBER: _ClassVar[int]
+    RESULT_FIELD_NUMBER: _ClassVar[int]
+    pair_id: str
+    master_target_id: str
+    result: _replication_pb2.MaterializeReply
+    def __init__(self, pair_id: _Optional[str] = ..., master_target_id: _Optional[str] = ..., result: _Optional[_Union[_replication_pb2.MaterializeReply, _Mapping]] = ...) -> None: ...

@@ -70,6 +70,41 @@ class AdminStub:
                 request_serializer=siterecovery_dot_v1_dot_admin__pb2.RotatePassphraseRequest.SerializeToString,
                 response_deserializer=siterecovery_dot_v1_dot_admin__pb2.Passphrase.FromString,
                 _registered_method=True)
+        self.EnableReplication = channel.unary_unary(
+                '/siterecovery.v1.Admin/EnableReplication',
+                request_serializer=siterecovery_dot_v1_dot_admin__pb2.EnableReplicationRequest.SerializeToString,
+                response_deserializer=siterecovery_dot_v1_dot_admin__pb2.ListPairsResponse.FromString,
+                _registered_method=True)
+        self.ListPairs = channel.unary_unary(
+                '/siterecovery.v1.Admin/ListPairs',
+                request_serializer=siterecovery_dot_v1_dot_admin__pb2.ListPairsRequest.SerializeToString,
+                response_deserializer=siterecovery_dot_v1_dot_admin__pb2.ListPairsResponse.FromString,
+                _registered_method=True)
+        self.SetPairState = channel.unary_unary(
+                '/siterecovery.v1.Admin/SetPairState',
+                request_serializer=siterecovery_dot_v1_dot_admin__pb2.SetPairStateRequest.SerializeToString,
+                response_deserializer=siterecovery_dot_v1_dot_admin__pb2.PairView.FromString,
+                _registered_method=True)
+        self.DisableReplication = channel.unary_unary(
+                '/siterecovery.v1.Admin/DisableReplication',
+                request_serializer=siterecovery_dot_v1_dot_admin__pb2.DisableReplicationRequest.SerializeToString,
+                response_deserializer=siterecovery_dot_v1_dot_admin__pb2.ListPairsResponse.FromString,
+                _registered_method=True)
+        self.ListRecoveryPoints = channel.unary_unary(
+                '/siterecovery.v1.Admin/ListRecoveryPoints',
+                request_serializer=siterecovery_dot_v1_dot_admin__pb2.ListRecoveryPointsRequest.SerializeToString,
+                response_deserializer=siterecovery_dot_v1_dot_admin__pb2.ListRecoveryPointsResponse.FromString,
+                _registered_method=True)
+        self.CreateRecoveryPoint = channel.unary_unary(
+                '/siterecovery.v1.Admin/CreateRecoveryPoint',
+                request_serializer=siterecovery_dot_v1_dot_admin__pb2.CreateRecoveryPointRequest.SerializeToString,
+                response_deserializer=siterecovery_dot_v1_dot_admin__pb2.CreateRecoveryPointResponse.FromString,
+                _registered_method=True)
+        self.MaterializePoint = channel.unary_unary(
+                '/siterecovery.v1.Admin/MaterializePoint',
+                request_serializer=siterecovery_dot_v1_dot_admin__pb2.MaterializePointRequest.SerializeToString,
+                response_deserializer=siterecovery_dot_v1_dot_admin__pb2.MaterializePointResponse.FromString,
+                _registered_method=True)
 
 
 class AdminServicer:
@@ -118,6 +153,49 @@ class AdminServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def EnableReplication(self, request, context):
+        """Replication of a machine's disks to a master target through a process server.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def ListPairs(self, request, context):
+        """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def SetPairState(self, request, context):
+        """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def DisableReplication(self, request, context):
+        """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def ListRecoveryPoints(self, request, context):
+        """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def CreateRecoveryPoint(self, request, context):
+        """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def MaterializePoint(self, request, context):
+        """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_AdminServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -155,6 +233,41 @@ def add_AdminServicer_to_server(servicer, server):
                     servicer.RotatePassphrase,
                     request_deserializer=siterecovery_dot_v1_dot_admin__pb2.RotatePassphraseRequest.FromString,
                     response_serializer=siterecovery_dot_v1_dot_admin__pb2.Passphrase.SerializeToString,
+            ),
+            'EnableReplication': grpc.unary_unary_rpc_method_handler(
+                    servicer.EnableReplication,
+                    request_deserializer=siterecovery_dot_v1_dot_admin__pb2.EnableReplicationRequest.FromString,
+                    response_serializer=siterecovery_dot_v1_dot_admin__pb2.ListPairsResponse.SerializeToString,
+            ),
+            'ListPairs': grpc.unary_unary_rpc_method_handler(
+                    servicer.ListPairs,
+                    request_deserializer=siterecovery_dot_v1_dot_admin__pb2.ListPairsRequest.FromString,
+                    response_serializer=siterecovery_dot_v1_dot_admin__pb2.ListPairsResponse.SerializeToString,
+            ),
+            'SetPairState': grpc.unary_unary_rpc_method_handler(
+                    servicer.SetPairState,
+                    request_deserializer=siterecovery_dot_v1_dot_admin__pb2.SetPairStateRequest.FromString,
+                    response_serializer=siterecovery_dot_v1_dot_admin__pb2.PairView.SerializeToString,
+            ),
+            'DisableReplication': grpc.unary_unary_rpc_method_handler(
+                    servicer.DisableReplication,
+                    request_deserializer=siterecovery_dot_v1_dot_admin__pb2.DisableReplicationRequest.FromString,
+                    response_serializer=siterecovery_dot_v1_dot_admin__pb2.ListPairsResponse.SerializeToString,
+            ),
+            'ListRecoveryPoints': grpc.unary_unary_rpc_method_handler(
+                    servicer.ListRecoveryPoints,
+                    request_deserializer=siterecovery_dot_v1_dot_admin__pb2.ListRecoveryPointsRequest.FromString,
+                    response_serializer=siterecovery_dot_v1_dot_admin__pb2.ListRecoveryPointsResponse.SerializeToString,
+            ),
+            'CreateRecoveryPoint': grpc.unary_unary_rpc_method_handler(
+                    servicer.CreateRecoveryPoint,
+                    request_deserializer=siterecovery_dot_v1_dot_admin__pb2.CreateRecoveryPointRequest.FromString,
+                    response_serializer=siterecovery_dot_v1_dot_admin__pb2.CreateRecoveryPointResponse.SerializeToString,
+            ),
+            'MaterializePoint': grpc.unary_unary_rpc_method_handler(
+                    servicer.MaterializePoint,
+                    request_deserializer=siterecovery_dot_v1_dot_admin__pb2.MaterializePointRequest.FromString,
+                    response_serializer=siterecovery_dot_v1_dot_admin__pb2.MaterializePointResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -346,6 +459,195 @@ class Admin:
             '/siterecovery.v1.Admin/RotatePassphrase',
             siterecovery_dot_v1_dot_admin__pb2.RotatePassphraseRequest.SerializeToString,
             siterecovery_dot_v1_dot_admin__pb2.Passphrase.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def EnableReplication(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/siterecovery.v1.Admin/EnableReplication',
+            siterecovery_dot_v1_dot_admin__pb2.EnableReplicationRequest.SerializeToString,
+            siterecovery_dot_v1_dot_admin__pb2.ListPairsResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ListPairs(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/siterecovery.v1.Admin/ListPairs',
+            siterecovery_dot_v1_dot_admin__pb2.ListPairsRequest.SerializeToString,
+            siterecovery_dot_v1_dot_admin__pb2.ListPairsResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def SetPairState(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/siterecovery.v1.Admin/SetPairState',
+            siterecovery_dot_v1_dot_admin__pb2.SetPairStateRequest.SerializeToString,
+            siterecovery_dot_v1_dot_admin__pb2.PairView.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def DisableReplication(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/siterecovery.v1.Admin/DisableReplication',
+            siterecovery_dot_v1_dot_admin__pb2.DisableReplicationRequest.SerializeToString,
+            siterecovery_dot_v1_dot_admin__pb2.ListPairsResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ListRecoveryPoints(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/siterecovery.v1.Admin/ListRecoveryPoints',
+            siterecovery_dot_v1_dot_admin__pb2.ListRecoveryPointsRequest.SerializeToString,
+            siterecovery_dot_v1_dot_admin__pb2.ListRecoveryPointsResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def CreateRecoveryPoint(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/siterecovery.v1.Admin/CreateRecoveryPoint',
+            siterecovery_dot_v1_dot_admin__pb2.CreateRecoveryPointRequest.SerializeToString,
+            siterecovery_dot_v1_dot_admin__pb2.CreateRecoveryPointResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def MaterializePoint(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/siterecovery.v1.Admin/MaterializePoint',
+            siterecovery_dot_v1_dot_admin__pb2.MaterializePointRequest.SerializeToString,
+            siterecovery_dot_v1_dot_admin__pb2.MaterializePointResponse.FromString,
             options,
             channel_credentials,
             insecure,

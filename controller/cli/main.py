@@ -11,11 +11,11 @@ import grpc
 import typer
 
 from siterecovery.common import errors
-from siterecovery.common.channels import RPC_TIMEOUT
 from siterecovery.common.pb import admin_pb2, common_pb2
-from siterecovery.controller.cli import lab, output
+from siterecovery.controller.cli import lab, output, replication
 from siterecovery.controller.cli.client import Profile
 from siterecovery.controller.cli.output import Format
+from siterecovery.controller.cli.session import State, call
 from siterecovery.controller.inventory_view import JOB_STATUS_VALUES
 
 EXIT_CODES_HELP = (
@@ -25,7 +25,8 @@ EXIT_CODES_HELP = (
 )
 
 app = typer.Typer(
-    help="Administer a siterecovery site: servers, machines, jobs, the passphrase and a local lab.",
+    help="Administer a siterecovery site: servers, machines, replication, recovery points, jobs, "
+    "the passphrase and a local lab.",
     epilog=EXIT_CODES_HELP,
     no_args_is_help=True,
     pretty_exceptions_enable=False,
@@ -39,6 +40,8 @@ app.add_typer(servers_app, name="servers")
 app.add_typer(machines_app, name="machines")
 app.add_typer(jobs_app, name="jobs")
 app.add_typer(passphrase_app, name="passphrase")
+app.add_typer(replication.replication_app, name="replication")
+app.add_typer(replication.points_app, name="recovery-points")
 app.add_typer(lab.app, name="lab")
 
 ConfigOption = Annotated[
@@ -48,21 +51,12 @@ ConfigOption = Annotated[
 OutputOption = Annotated[Format, typer.Option("--output", "-o", help="table for people, json for scripts")]
 
 
-class State:
-    config: Path | None = None
-
-
 @app.callback()
 def _main(config: ConfigOption = None) -> None:
     State.config = config
 
 
-def _call(method, request):
-    profile = Profile.find(State.config)
-    try:
-        return getattr(profile.admin(), method)(request, timeout=RPC_TIMEOUT)
-    except grpc.RpcError as exc:
-        raise errors.from_rpc_error(exc, target=profile.server) from exc
+_call = call
 
 
 # -- servers -----------------------------------------------------------------

@@ -4,12 +4,16 @@ from __future__ import annotations
 
 import threading
 from datetime import UTC, datetime
+from pathlib import PurePosixPath
 
+import grpc
 import structlog
 
 from siterecovery.common import errors, pki
-from siterecovery.common.pb import admin_pb2, admin_pb2_grpc, common_pb2
-from siterecovery.controller import inventory_view
+from siterecovery.common.channels import secure_channel
+from siterecovery.common.pb import admin_pb2, admin_pb2_grpc, common_pb2, dataplane_pb2_grpc
+from siterecovery.common.pb import replication_pb2 as rpb
+from siterecovery.controller import inventory_view, replication
 from siterecovery.controller.context import ControllerContext
 from siterecovery.controller.convert import timestamp
 
@@ -80,6 +84,98 @@ class AdminServicer(admin_pb2_grpc.AdminServicer):
         self._ctx.vault.rotate()
         log.info("passphrase rotated")
         return self._passphrase()
+
+    # -- replication ---------------------------------------------------------------
+
+    def _views(self, pairs) -> admin_pb2.ListPairsResponse:
+        return admin_pb2.ListPairsResponse(
+            pairs=replication.views(
+                self._ctx.store, pairs, heartbeat_interval=self._ctx.settings.heartbeat_interval, now=datetime.now(UTC)
+            )
+        )
+
+    def EnableReplication(self, request, context):
+        pairs = replication.enable(self._ctx.store, request, now=datetime.now(UTC))
+        for pair in pairs:
+            log.info("replication enabled", pair=pair.id, machine=pair.machine_id, disk=pair.disk_name)
+        return self._views(pairs)
+
+    def ListPairs(self, request, context):
+        if request.machine:
+            machine = replication.resolve_machine(self._ctx.store, request.machine)
+            return self._views(self._ctx.store.list_pairs(machine_id=machine.id))
+        return self._views(self._ctx.store.list_pairs())
+
+    def SetPairState(self, request, context):
+        state = replication.DESIRED.get(request.desired_state)
+        if state is None:
+            raise errors.InvalidInput("say replicating or paused", code="pair-state-invalid")
+        pair = self._ctx.store.set_pair_desired_state(request.pair_id, state, now=datetime.now(UTC))
+        log.info("pair state set", pair=pair.id, desired_state=state)
+        return self._views([pair]).pairs[0]
+
+    def DisableReplication(self, request, context):
+        pairs = replication.pairs_of(self._ctx.store, request.machine)
+        if request.disks:
+            unknown = set(request.disks) - {p.disk_name for p in pairs}
+            if unknown:
+                raise errors.NotFound(
+                    f"no replicated disk {', '.join(sorted(unknown))}", code="pair-not-found"
+                )
+            pairs = [p for p in pairs if p.disk_name in request.disks]
+        response = self._views(pairs)
+        for pair in pairs:
+            self._ctx.store.delete_pair(pair.id)
+            log.info("replication disabled", pair=pair.id)
+        return response
+
+    def ListRecoveryPoints(self, request, context):
+        out = admin_pb2.ListRecoveryPointsResponse()
+        for pair in replication.pairs_of(self._ctx.store, request.machine, request.disk):
+            for point in replication.points(self._ctx.store, pair):
+                out.points.add(pair_id=pair.id, machine_id=pair.machine_id, disk_name=pair.disk_name, point=point)
+        return out
+
+    def CreateRecoveryPoint(self, request, context):
+        tag_id, pairs = replication.request_point(
+            self._ctx.store, machine=request.machine, group=request.group, kind=request.kind, now=datetime.now(UTC)
+        )
+        log.info("recovery point requested", tag=tag_id, pairs=[p.id for p in pairs])
+        return admin_pb2.CreateRecoveryPointResponse(tag_id=tag_id, pair_ids=[p.id for p in pairs])
+
+    def MaterializePoint(self, request, context):
+        pairs = replication.pairs_of(self._ctx.store, request.machine, request.disk)
+        if len(pairs) > 1:
+            raise errors.InvalidInput(
+                "the machine has several replicated disks; say which one with --disk",
+                hint="disks: " + ", ".join(p.disk_name for p in pairs),
+                code="disk-ambiguous",
+            )
+        pair = pairs[0]
+        chosen = replication.choose_point(replication.points(self._ctx.store, pair), request.point)
+        output_path = request.output_path
+        if chosen is not None and not output_path:
+            target = PurePosixPath(pair.target_path)
+            output_path = str(target.with_name(f"{target.stem}.{chosen.tag_id}{target.suffix}"))
+        master_target = self._ctx.store.get_server(pair.master_target_id)
+        endpoint = master_target.inventory.get("data_endpoint", "")
+        assert self._ctx.agent_client_credentials is not None
+        with secure_channel(
+            endpoint, self._ctx.agent_client_credentials, target_name=pki.agent_dns_name(master_target.id)
+        ) as channel:
+            try:
+                result = dataplane_pb2_grpc.MasterTargetStub(channel).Materialize(
+                    rpb.MaterializeRequest(
+                        pair_id=pair.id,
+                        point=chosen.tag_id if chosen is not None else "latest",
+                        output_path=output_path,
+                    ),
+                    timeout=3600,
+                )
+            except grpc.RpcError as exc:
+                raise errors.from_rpc_error(exc, target=endpoint) from exc
+        log.info("point materialised", pair=pair.id, tag=result.tag_id, path=result.path, copied=result.copied)
+        return admin_pb2.MaterializePointResponse(pair_id=pair.id, master_target_id=pair.master_target_id, result=result)
 
     def _passphrase(self) -> admin_pb2.Passphrase:
         return admin_pb2.Passphrase(

@@ -9,7 +9,7 @@ import structlog
 
 from siterecovery.common.grpcserver import caller
 from siterecovery.common.pb import agent_pb2, agent_pb2_grpc
-from siterecovery.controller import agents
+from siterecovery.controller import agents, replication
 from siterecovery.controller.context import ControllerContext
 from siterecovery.controller.convert import problem_to_dict, to_dict
 
@@ -30,17 +30,23 @@ class AgentControlServicer(agent_pb2_grpc.AgentControlServicer):
         )
         log.info("agent registered", hostname=server.hostname)
         return agent_pb2.RegisterResponse(
-            server_id=server.id, heartbeat_interval_seconds=self._ctx.settings.heartbeat_interval
+            server_id=server.id,
+            heartbeat_interval_seconds=self._ctx.settings.heartbeat_interval,
+            pairs=replication.assignments_for(self._ctx.store, server.id),
         )
 
     def Heartbeat(self, request: agent_pb2.HeartbeatRequest, context: grpc.ServicerContext):
+        identity, now = caller(), datetime.now(UTC)
         agents.heartbeat(
             self._ctx.store,
-            caller(),
+            identity,
             problems=[problem_to_dict(p) for p in request.problems],
             directories=[to_dict(d) for d in request.directories] or None,
-            now=datetime.now(UTC),
+            now=now,
         )
+        replication.record_reports(self._ctx.store, identity, request.pairs, now=now)
         return agent_pb2.HeartbeatResponse(
-            heartbeat_interval_seconds=self._ctx.settings.heartbeat_interval
+            heartbeat_interval_seconds=self._ctx.settings.heartbeat_interval,
+            pairs=replication.assignments_for(self._ctx.store, identity.id),
+            tag_requests=replication.tag_requests_for(self._ctx.store, identity.id, now=now),
         )

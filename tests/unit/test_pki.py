@@ -171,12 +171,9 @@ def test_config_server_identity_and_cert_has_names(ca: pki.CertificateAuthority)
     assert pki.cert_has_names(cert_pem, [])
     assert not pki.cert_has_names(cert_pem, [*names, "10.0.0.9"])
     assert not pki.cert_has_names(cert_pem, ["not a name"])
-    # It names the server (ListServers shows it); as a client it may only ask a
-    # master target for a point in time.
+    # It names the server (ListServers shows it) but the role table lets it call nothing.
     assert pki.role_to_proto(pki.CONFIG_SERVER) == common_pb2.ROLE_CONFIG_SERVER
-    assert {m for m in authz.RPC_ROLES if authz.allowed(m, pki.CONFIG_SERVER)} == {
-        "/siterecovery.v1.MasterTarget/Materialize"
-    }
+    assert not any(authz.allowed(method, pki.CONFIG_SERVER) for method in authz.RPC_ROLES)
     # Only agents get the address-independent agent name.
     assert not pki.cert_has_names(cert_pem, [pki.agent_dns_name("configuration-server")])
 

@@ -1,0 +1,515 @@
+"""Replication pairs: creating them, telling agents about them, and what their reports add up to.
+
+The controller holds the desired state (the `pairs` rows) and every agent of a
+pair converges on it: each registration and heartbeat response carries the
+complete list of the agent's pairs (`assignments_for`). Agents report their view
+of each pair with every heartbeat (`record_reports`); `view` combines the three
+reports into what `srctl replication status` shows: state, sync progress, RPO,
+backlog at the source and in the spool, throughput.
+
+RPO is the age of the oldest write not yet applied at the target: the oldest
+`oldest_pending_captured_at` the source and the process server report. With
+nothing pending anywhere it is zero, as long as both reported recently; when
+one of them is silent for more than `STALE_INTERVALS` heartbeats the RPO is
+unknown, because writes may be piling up where we cannot see them.
+"""
+
+from __future__ import annotations
+
+import re
+import uuid
+from collections.abc import Sequence
+from datetime import datetime, timedelta
+from pathlib import PurePosixPath
+
+from siterecovery.common import errors, pki
+from siterecovery.common.pb import admin_pb2, common_pb2
+from siterecovery.common.pb import replication_pb2 as rpb
+from siterecovery.controller.convert import from_dict, timestamp, to_dict
+from siterecovery.controller.store.base import (
+    MachineRecord,
+    PairRecord,
+    PairReport,
+    ServerRecord,
+    Store,
+    TagRequestRecord,
+)
+
+DEFAULT_POLICY = {
+    "crash_consistent_interval_seconds": 300,
+    "app_consistent_interval_seconds": 3600,
+    "retention_window_seconds": 86400,
+    "rpo_threshold_seconds": 900,
+}
+DEFAULT_SCAN_INTERVAL_SECONDS = 300
+STALE_INTERVALS = 3
+TAG_REQUEST_LIFETIME = timedelta(minutes=10)
+MAX_PAIRS_PER_REPORT = 4096
+
+MODES = {rpb.REPLICATION_MODE_NBD: "nbd", rpb.REPLICATION_MODE_SCAN: "scan"}
+MODE_VALUES = {v: k for k, v in MODES.items()}
+DESIRED = {rpb.PAIR_DESIRED_STATE_REPLICATING: "replicating", rpb.PAIR_DESIRED_STATE_PAUSED: "paused"}
+DESIRED_VALUES = {v: k for k, v in DESIRED.items()}
+KINDS = {
+    rpb.RECOVERY_POINT_KIND_CRASH_CONSISTENT: "crash-consistent",
+    rpb.RECOVERY_POINT_KIND_APP_CONSISTENT: "app-consistent",
+    rpb.RECOVERY_POINT_KIND_MULTI_VM_CONSISTENT: "multi-vm-consistent",
+}
+KIND_VALUES = {v: k for k, v in KINDS.items()}
+LATEST_OF_KIND = {
+    "latest-crash-consistent": None,  # any point: every point is at least crash-consistent
+    "latest-app-consistent": rpb.RECOVERY_POINT_KIND_APP_CONSISTENT,
+    "latest-multi-vm-consistent": rpb.RECOVERY_POINT_KIND_MULTI_VM_CONSISTENT,
+}
+_SAFE_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
+_ROLE_PROTO = {pki.SOURCE: "source", pki.PROCESS_SERVER: "process-server", pki.MASTER_TARGET: "master-target"}
+
+
+# -- finding things by what users type ---------------------------------------------
+
+
+def resolve_machine(store: Store, ref: str) -> MachineRecord:
+    """A machine by id, else by host name (which must then be unambiguous)."""
+    if not ref:
+        raise errors.InvalidInput("no machine given", hint="name it by host name or id (`srctl machines list`)")
+    try:
+        return store.get_machine(ref)
+    except errors.NotFound:
+        pass
+    found = [m for m in store.list_machines() if m.hostname == ref]
+    if len(found) == 1:
+        return found[0]
+    if found:
+        raise errors.Conflict(
+            f"{len(found)} machines are called {ref!r}",
+            hint="name it by id: " + ", ".join(m.id for m in found),
+            code="machine-ambiguous",
+        )
+    raise errors.NotFound(
+        f"no machine is called {ref!r}",
+        hint="`srctl machines list` shows the machines whose source agent registered",
+        code="machine-not-found",
+    )
+
+
+def resolve_server(store: Store, ref: str, role: str) -> ServerRecord:
+    """A server of `role` by id or host name; with no name, the only one there is."""
+    candidates = [s for s in store.list_servers(role=role) if s.revoked_at is None]
+    what = role.replace("-", " ")
+    if not ref:
+        if len(candidates) == 1:
+            return candidates[0]
+        if not candidates:
+            raise errors.PreconditionFailed(
+                f"no {what} is enrolled",
+                hint=f"install and enroll a {what} first (see docs/architecture.md)",
+                code=f"no-{role}",
+            )
+        raise errors.InvalidInput(
+            f"{len(candidates)} {what}s are enrolled; say which one",
+            hint="one of: " + ", ".join(f"{s.hostname} ({s.id})" for s in candidates),
+            code=f"{role}-ambiguous",
+        )
+    found = [s for s in candidates if ref in (s.id, s.hostname)]
+    if len(found) == 1:
+        return found[0]
+    if found:
+        raise errors.Conflict(
+            f"{len(found)} {what}s are called {ref!r}",
+            hint="name it by id: " + ", ".join(s.id for s in found),
+            code=f"{role}-ambiguous",
+        )
+    raise errors.NotFound(
+        f"no {what} is called {ref!r}", hint="`srctl servers list` shows them", code=f"{role}-not-found"
+    )
+
+
+def _directories(server: ServerRecord, kind: int) -> list[dict]:
+    name = common_pb2.DirectoryKind.Name(kind)
+    return [d for d in server.inventory.get("directories", []) if d.get("kind") == name]
+
+
+def _check_name(value: str, what: str) -> str:
+    if not _SAFE_NAME.match(value) or value in (".", ".."):
+        raise errors.InvalidInput(
+            f"{what} {value!r} cannot name a file",
+            hint="use letters, digits, '.', '_' and '-' (at most 128), not starting with '.' or '-'",
+            code="name-invalid",
+        )
+    return value
+
+
+# -- creating pairs ------------------------------------------------------------------
+
+
+def policy_from(message: rpb.RecoveryPolicy | None) -> dict:
+    policy = dict(DEFAULT_POLICY)
+    if message is not None:
+        for key in DEFAULT_POLICY:
+            value = getattr(message, key)
+            if value:
+                policy[key] = value
+    if not 60 <= policy["crash_consistent_interval_seconds"] <= 86400:
+        raise errors.InvalidInput("the crash-consistent interval must be 60 s to 24 h", code="policy-invalid")
+    if policy["app_consistent_interval_seconds"] < 300:
+        raise errors.InvalidInput("the app-consistent interval must be at least 5 min", code="policy-invalid")
+    if not 3600 <= policy["retention_window_seconds"] <= 30 * 86400:
+        raise errors.InvalidInput("the retention window must be 1 h to 30 days", code="policy-invalid")
+    return policy
+
+
+def enable(
+    store: Store,
+    request: admin_pb2.EnableReplicationRequest,
+    *,
+    now: datetime,
+) -> list[PairRecord]:
+    """Create one pair per chosen disk; every check passes before anything is stored."""
+    machine = resolve_machine(store, request.machine)
+    source = store.get_server(machine.server_id)
+    if source.revoked_at is not None:
+        raise errors.PreconditionFailed(f"the source agent of {machine.hostname} is revoked", code="server-revoked")
+    process_server = resolve_server(store, request.process_server, pki.PROCESS_SERVER)
+    master_target = resolve_server(store, request.master_target, pki.MASTER_TARGET)
+    for server in (process_server, master_target):
+        if not server.inventory.get("data_endpoint"):
+            raise errors.PreconditionFailed(
+                f"{server.hostname} ({server.id}) has not registered its data endpoint yet",
+                hint="wait until `srctl servers list` shows it healthy",
+                code="server-not-registered",
+            )
+    mode = MODES.get(request.mode or rpb.REPLICATION_MODE_NBD)
+    if mode is None:
+        raise errors.InvalidInput(f"unknown replication mode {request.mode}", code="mode-invalid")
+    policy = policy_from(request.policy if request.HasField("policy") else None)
+    group = request.group
+    if group:
+        _check_name(group, "group")
+
+    datastores = _directories(master_target, common_pb2.DIRECTORY_KIND_DATASTORE)
+    retention = _directories(master_target, common_pb2.DIRECTORY_KIND_RETENTION)
+    if not datastores or not retention:
+        raise errors.PreconditionFailed(
+            f"master target {master_target.hostname} reports no datastore or no retention directory",
+            hint="configure datastore_dirs and retention_dir on the master target and restart it",
+            code="master-target-directories",
+        )
+    if request.datastore:
+        chosen = [d for d in datastores if d.get("path") == request.datastore]
+        if not chosen:
+            raise errors.NotFound(
+                f"master target {master_target.hostname} has no datastore {request.datastore!r}",
+                hint="its datastores: " + ", ".join(d.get("path", "") for d in datastores),
+                code="datastore-not-found",
+            )
+        datastore = chosen[0]
+    else:
+        datastore = datastores[0]
+
+    disks = {d.get("name") or d.get("identity"): d for d in machine.disks}
+    names = list(request.disks) or sorted(disks)
+    if not names:
+        raise errors.PreconditionFailed(f"{machine.hostname} reports no disks", code="no-disks")
+    unknown = [n for n in names if n not in disks]
+    if unknown:
+        raise errors.NotFound(
+            f"{machine.hostname} has no disk {', '.join(map(repr, unknown))}",
+            hint="its disks: " + ", ".join(sorted(disks)),
+            code="disk-not-found",
+        )
+    existing = {p.disk_identity for p in store.list_pairs(machine_id=machine.id)}
+    already = [n for n in names if disks[n].get("identity") in existing]
+    if already:
+        raise errors.Conflict(
+            f"disk {', '.join(already)} of {machine.hostname} is already replicated",
+            hint="`srctl replication status` shows it",
+            code="pair-exists",
+        )
+    needed = sum(int(disks[n].get("size_bytes", 0)) for n in names)
+    free = int(datastore.get("free_bytes", 0))
+    if needed > free:
+        raise errors.PreconditionFailed(
+            f"datastore {datastore.get('path')} on {master_target.hostname} has {free} bytes free; "
+            f"the disks need {needed}",
+            hint="free space there, or choose another datastore with --datastore",
+            code="datastore-too-small",
+        )
+
+    host_dir = _check_name(f"{machine.hostname}-{machine.id[:8]}", "machine directory")
+    created = []
+    for name in names:
+        disk = disks[name]
+        size = int(disk.get("size_bytes", 0))
+        if size <= 0:
+            raise errors.PreconditionFailed(f"disk {name} reports no size", code="disk-size-unknown")
+        pair_id = f"pair-{uuid.uuid4().hex[:16]}"
+        created.append(
+            PairRecord(
+                id=pair_id,
+                machine_id=machine.id,
+                source_server_id=source.id,
+                disk_name=name,
+                disk_identity=disk.get("identity", name),
+                disk_size_bytes=size,
+                mode=mode,
+                process_server_id=process_server.id,
+                master_target_id=master_target.id,
+                target_path=str(PurePosixPath(datastore["path"]) / host_dir / f"{_check_name(name, 'disk name')}.img"),
+                journal_dir=str(PurePosixPath(retention[0]["path"]) / pair_id),
+                created_at=now,
+                updated_at=now,
+                policy=policy,
+                group_id=group,
+            )
+        )
+    return [store.create_pair(p) for p in created]
+
+
+# -- telling agents -----------------------------------------------------------------
+
+
+def assignment(store_servers: dict[str, ServerRecord], pair: PairRecord) -> rpb.PairAssignment:
+    ps = store_servers.get(pair.process_server_id)
+    mt = store_servers.get(pair.master_target_id)
+    return rpb.PairAssignment(
+        pair_id=pair.id,
+        machine_id=pair.source_server_id,
+        disk_name=pair.disk_name,
+        disk_identity=pair.disk_identity,
+        disk_size_bytes=pair.disk_size_bytes,
+        mode=MODE_VALUES[pair.mode],
+        process_server_id=pair.process_server_id,
+        process_server_endpoint=ps.inventory.get("data_endpoint", "") if ps else "",
+        master_target_id=pair.master_target_id,
+        master_target_endpoint=mt.inventory.get("data_endpoint", "") if mt else "",
+        target_path=pair.target_path,
+        journal_dir=pair.journal_dir,
+        policy=rpb.RecoveryPolicy(**pair.policy),
+        desired_state=DESIRED_VALUES[pair.desired_state],
+        group_id=pair.group_id,
+        scan_interval_seconds=DEFAULT_SCAN_INTERVAL_SECONDS,
+    )
+
+
+def assignments_for(store: Store, server_id: str) -> list[rpb.PairAssignment]:
+    pairs = store.list_pairs(server_id=server_id)
+    if not pairs:
+        return []
+    servers = {s.id: s for s in store.list_servers()}
+    return [assignment(servers, p) for p in pairs]
+
+
+def tag_requests_for(store: Store, server_id: str, *, now: datetime) -> list[rpb.TagRequest]:
+    return [
+        rpb.TagRequest(pair_id=r.pair_id, tag_id=r.tag_id, kind=KIND_VALUES[r.kind], group_id=r.group_id)
+        for r in store.tag_requests(source_server_id=server_id, now=now)
+    ]
+
+
+def record_reports(
+    store: Store, identity: pki.Identity, statuses: Sequence[rpb.PairStatus], *, now: datetime
+) -> None:
+    """Keep each agent's latest report; a master target's points settle tag requests."""
+    if len(statuses) > MAX_PAIRS_PER_REPORT:
+        raise errors.InvalidInput("heartbeat reports too many pairs", code="heartbeat-invalid")
+    role = _ROLE_PROTO.get(identity.role)
+    if role is None or not statuses:
+        return
+    store.record_pair_reports(identity.id, role, {s.pair_id: to_dict(s) for s in statuses}, now=now)
+    if identity.role == pki.MASTER_TARGET:
+        for status in statuses:
+            if status.points:
+                store.remove_tag_requests(status.pair_id, [p.tag_id for p in status.points], now=now)
+
+
+# -- what users see -------------------------------------------------------------------
+
+
+def _status(report: PairReport | None) -> rpb.PairStatus | None:
+    return None if report is None else from_dict(report.status, rpb.PairStatus())
+
+
+def view(
+    pair: PairRecord,
+    reports: Sequence[PairReport],
+    *,
+    hostname: str,
+    heartbeat_interval: float,
+    now: datetime,
+) -> admin_pb2.PairView:
+    by_role = {r.role: r for r in reports}
+    source, spool, target = (_status(by_role.get(r)) for r in ("source", "process-server", "master-target"))
+    out = admin_pb2.PairView(
+        pair_id=pair.id,
+        machine_id=pair.machine_id,
+        machine_hostname=hostname,
+        disk_name=pair.disk_name,
+        disk_size_bytes=pair.disk_size_bytes,
+        mode=MODE_VALUES[pair.mode],
+        process_server_id=pair.process_server_id,
+        master_target_id=pair.master_target_id,
+        target_path=pair.target_path,
+        desired_state=DESIRED_VALUES[pair.desired_state],
+        policy=rpb.RecoveryPolicy(**pair.policy),
+        group=pair.group_id,
+        created_at=timestamp(pair.created_at),
+    )
+    if source is not None:
+        out.sync_done_bytes = source.sync_done_bytes
+        out.sync_total_bytes = source.sync_total_bytes or pair.disk_size_bytes
+        out.source_backlog_bytes = source.backlog_bytes
+        out.source_backlog_frames = source.backlog_frames
+        out.source_seq = source.last_seq
+        out.throughput_bytes_per_second = source.throughput_bytes_per_second
+    if spool is not None:
+        out.spool_backlog_bytes = spool.backlog_bytes
+        out.spool_backlog_frames = spool.backlog_frames
+        out.spooled_seq = spool.last_seq
+    if target is not None:
+        out.applied_seq = target.last_seq
+        out.recovery_points = len(target.points)
+        out.journal_bytes = target.journal_bytes
+        if target.points:
+            out.latest_point_at.CopyFrom(target.points[-1].captured_at)
+
+    out.state, out.reason, out.reason_code = _state(pair, source, spool, target)
+    if out.state == rpb.PAIR_STATE_INITIAL_SYNC and out.sync_total_bytes:
+        out.sync_progress = min(1.0, out.sync_done_bytes / out.sync_total_bytes)
+    elif out.state != rpb.PAIR_STATE_INITIAL_SYNC and source is not None:
+        out.sync_progress = 1.0
+
+    stale = timedelta(seconds=STALE_INTERVALS * heartbeat_interval)
+    fresh = all(
+        by_role.get(role) is not None and now - by_role[role].reported_at <= stale
+        for role in ("source", "process-server")
+    )
+    pending = [
+        s.oldest_pending_captured_at.ToDatetime(tzinfo=now.tzinfo)
+        for s in (source, spool)
+        if s is not None and s.HasField("oldest_pending_captured_at")
+    ]
+    if pending:
+        out.rpo_known = True
+        out.rpo_seconds = max(0.0, (now - min(pending)).total_seconds())
+    elif fresh:
+        out.rpo_known = True
+        out.rpo_seconds = 0.0
+    return out
+
+
+def _state(
+    pair: PairRecord,
+    source: rpb.PairStatus | None,
+    spool: rpb.PairStatus | None,
+    target: rpb.PairStatus | None,
+) -> tuple[int, str, str]:
+    if pair.desired_state == "paused":
+        return rpb.PAIR_STATE_PAUSED, "paused by an administrator", "paused"
+    for role, status in (("source agent", source), ("process server", spool), ("master target", target)):
+        if status is not None and status.state in (rpb.PAIR_STATE_ERROR, rpb.PAIR_STATE_PAUSED):
+            return status.state, f"{role}: {status.reason}", status.reason_code
+    if source is None:
+        return rpb.PAIR_STATE_INITIAL_SYNC, "waiting for the source agent to report", "waiting-for-source"
+    if source.state == rpb.PAIR_STATE_INITIAL_SYNC or (
+        target is not None and target.state == rpb.PAIR_STATE_INITIAL_SYNC
+    ):
+        return rpb.PAIR_STATE_INITIAL_SYNC, "", ""
+    return rpb.PAIR_STATE_REPLICATING, "", ""
+
+
+def views(store: Store, pairs: Sequence[PairRecord], *, heartbeat_interval: float, now: datetime) -> list[admin_pb2.PairView]:
+    hostnames = {m.id: m.hostname for m in store.list_machines()}
+    return [
+        view(
+            p,
+            store.pair_reports(p.id),
+            hostname=hostnames.get(p.machine_id, ""),
+            heartbeat_interval=heartbeat_interval,
+            now=now,
+        )
+        for p in pairs
+    ]
+
+
+# -- recovery points -------------------------------------------------------------------
+
+
+def pairs_of(store: Store, machine_ref: str, disk: str = "") -> list[PairRecord]:
+    machine = resolve_machine(store, machine_ref)
+    pairs = store.list_pairs(machine_id=machine.id)
+    if disk:
+        pairs = [p for p in pairs if p.disk_name == disk]
+    if not pairs:
+        raise errors.NotFound(
+            f"{machine.hostname} has no replicated disk" + (f" named {disk!r}" if disk else ""),
+            hint="`srctl replication enable` starts replicating it",
+            code="pair-not-found",
+        )
+    return pairs
+
+
+def points(store: Store, pair: PairRecord) -> list[rpb.RecoveryPoint]:
+    target = next((r for r in store.pair_reports(pair.id) if r.role == "master-target"), None)
+    status = _status(target)
+    return list(status.points) if status is not None else []
+
+
+def request_point(
+    store: Store, *, machine: str, group: str, kind: int, now: datetime
+) -> tuple[str, list[PairRecord]]:
+    """Ask the sources for one tag with the same id in every pair of a machine or group."""
+    if bool(machine) == bool(group):
+        raise errors.InvalidInput("name either a machine or a group", code="point-target")
+    if group:
+        pairs = [p for p in store.list_pairs() if p.group_id == group]
+        if not pairs:
+            raise errors.NotFound(f"no replicated machine is in group {group!r}", code="group-not-found")
+        kind = rpb.RECOVERY_POINT_KIND_MULTI_VM_CONSISTENT
+    else:
+        pairs = pairs_of(store, machine)
+        kind = kind or rpb.RECOVERY_POINT_KIND_CRASH_CONSISTENT
+        if kind not in (rpb.RECOVERY_POINT_KIND_CRASH_CONSISTENT, rpb.RECOVERY_POINT_KIND_APP_CONSISTENT):
+            raise errors.InvalidInput(
+                "a single machine takes crash- or app-consistent points",
+                hint="name a group for a multi-VM-consistent point",
+                code="point-kind",
+            )
+    tag_id = f"od-{uuid.uuid4().hex[:20]}"
+    store.add_tag_requests(
+        [
+            TagRequestRecord(
+                pair_id=p.id,
+                tag_id=tag_id,
+                kind=KINDS[kind],
+                created_at=now,
+                expires_at=now + TAG_REQUEST_LIFETIME,
+                group_id=group,
+            )
+            for p in pairs
+        ]
+    )
+    return tag_id, pairs
+
+
+def choose_point(available: Sequence[rpb.RecoveryPoint], wanted: str) -> rpb.RecoveryPoint | None:
+    """The point `wanted` names: a tag id, or latest[-KIND]. None means 'latest' (the disk as it is)."""
+    if wanted in ("", "latest"):
+        return None
+    if wanted in LATEST_OF_KIND:
+        kind = LATEST_OF_KIND[wanted]
+        for point in reversed(available):
+            if kind is None or point.kind == kind:
+                return point
+        raise errors.NotFound(
+            f"there is no {wanted.removeprefix('latest-')} recovery point",
+            hint="`srctl recovery-points list` shows the points there are",
+            code="point-not-found",
+        )
+    for point in available:
+        if point.tag_id == wanted:
+            return point
+    raise errors.NotFound(
+        f"no recovery point {wanted!r}",
+        hint="`srctl recovery-points list MACHINE` shows the points there are",
+        code="point-not-found",
+    )
