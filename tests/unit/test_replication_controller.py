@@ -1,0 +1,179 @@
+"""The controller's replication rules: choosing what to replicate, and what reports add up to."""
+
+from __future__ import annotations
+
+from datetime import UTC, datetime, timedelta
+
+import pytest
+
+from siterecovery.common import errors, pki
+from siterecovery.common.pb import admin_pb2
+from siterecovery.common.pb import replication_pb2 as rpb
+from siterecovery.controller import replication
+from siterecovery.controller.convert import to_dict
+from siterecovery.controller.store import MachineRecord, PairReport, ServerRecord, open_store
+
+T0 = datetime(2026, 11, 28, 12, 0, tzinfo=UTC)
+GiB = 2**30
+
+
+def _server(sid: str, role: str, **inventory) -> ServerRecord:
+    return ServerRecord(
+        id=sid, role=role, hostname=f"host-{sid}", cert_serial="01", cert_fingerprint="sha256:00",
+        enrolled_at=T0, inventory=inventory,
+    )
+
+
+@pytest.fixture
+def store(tmp_path):
+    store = open_store(f"sqlite:///{tmp_path}/store.db")
+    store.add_server(_server("src-1", "source"))
+    store.upsert_machine(
+        MachineRecord(
+            id="src-1", server_id="src-1", hostname="app01", os="Linux",
+            disks=[
+                {"identity": "wwn-1", "path": "/d/0", "size_bytes": str(10 * GiB), "name": "disk0"},
+                {"identity": "wwn-2", "path": "/d/1", "size_bytes": str(GiB), "name": "disk1"},
+            ],
+        )
+    )
+    store.add_server(_server("ps-1", "process-server", data_endpoint="127.0.0.1:1001"))
+    store.add_server(
+        _server(
+            "mt-1", "master-target", data_endpoint="127.0.0.1:1002",
+            directories=[
+                {"kind": "DIRECTORY_KIND_DATASTORE", "path": "/ds1", "free_bytes": str(20 * GiB)},
+                {"kind": "DIRECTORY_KIND_DATASTORE", "path": "/ds2", "free_bytes": str(GiB)},
+                {"kind": "DIRECTORY_KIND_RETENTION", "path": "/ret", "free_bytes": str(GiB)},
+            ],
+        )
+    )
+    yield store
+    store.close()
+
+
+def _enable(store, **kw):
+    return replication.enable(store, admin_pb2.EnableReplicationRequest(**kw), now=T0)
+
+
+def test_enable_makes_one_pair_per_disk_under_the_datastore(store):
+    pairs = _enable(store, machine="app01")
+    assert [p.disk_name for p in pairs] == ["disk0", "disk1"]
+    assert pairs[0].target_path == "/ds1/app01-src-1/disk0.img"
+    assert pairs[0].journal_dir == f"/ret/{pairs[0].id}"
+    assert (pairs[0].process_server_id, pairs[0].master_target_id, pairs[0].mode) == ("ps-1", "mt-1", "nbd")
+    assert pairs[0].policy == replication.DEFAULT_POLICY
+    (a,) = [x for x in replication.assignments_for(store, "ps-1") if x.pair_id == pairs[0].id]
+    assert (a.process_server_endpoint, a.master_target_endpoint, a.disk_size_bytes) == (
+        "127.0.0.1:1001", "127.0.0.1:1002", 10 * GiB,
+    )
+    assert a.desired_state == rpb.PAIR_DESIRED_STATE_REPLICATING
+    assert {x.pair_id for x in replication.assignments_for(store, "src-1")} == {p.id for p in pairs}
+
+
+@pytest.mark.parametrize(
+    ("kw", "error", "code"),
+    [
+        ({"machine": "nope"}, errors.NotFound, "machine-not-found"),
+        ({"machine": "app01", "disks": ["disk9"]}, errors.NotFound, "disk-not-found"),
+        ({"machine": "app01", "datastore": "/elsewhere"}, errors.NotFound, "datastore-not-found"),
+        ({"machine": "app01", "datastore": "/ds2"}, errors.PreconditionFailed, "datastore-too-small"),
+        ({"machine": "app01", "master_target": "mt-9"}, errors.NotFound, "master-target-not-found"),
+        ({"machine": "app01", "group": "../etc"}, errors.InvalidInput, "name-invalid"),
+        ({"machine": "app01", "policy": rpb.RecoveryPolicy(crash_consistent_interval_seconds=1)}, errors.InvalidInput, "policy-invalid"),
+    ],
+)
+def test_enable_refuses_bad_requests_and_stores_nothing(store, kw, error, code):
+    with pytest.raises(error) as caught:
+        _enable(store, **kw)
+    assert caught.value.code == code
+    assert store.list_pairs() == []
+
+
+def test_enable_twice_is_a_conflict(store):
+    _enable(store, machine="app01", disks=["disk1"])
+    with pytest.raises(errors.Conflict):
+        _enable(store, machine="app01", disks=["disk1"])
+    assert len(store.list_pairs()) == 1
+
+
+def _report(pair_id, server_id, role, status: rpb.PairStatus, at=T0) -> PairReport:
+    return PairReport(pair_id=pair_id, server_id=server_id, role=role, status=to_dict(status), reported_at=at)
+
+
+def _stamp(when: datetime):
+    status = rpb.PairStatus()
+    status.oldest_pending_captured_at.FromDatetime(when)
+    return status.oldest_pending_captured_at
+
+
+def test_view_adds_up_sync_progress_rpo_and_backlogs(store):
+    (pair,) = _enable(store, machine="app01", disks=["disk1"])
+    now = T0 + timedelta(seconds=5)
+    nothing = replication.view(pair, [], hostname="app01", heartbeat_interval=10, now=now)
+    assert nothing.state == rpb.PAIR_STATE_INITIAL_SYNC and nothing.reason_code == "waiting-for-source"
+    assert not nothing.rpo_known
+
+    source = rpb.PairStatus(
+        pair_id=pair.id, state=rpb.PAIR_STATE_INITIAL_SYNC, sync_done_bytes=GiB // 4, sync_total_bytes=GiB,
+        backlog_bytes=4096, backlog_frames=1, last_seq=10, oldest_pending_captured_at=_stamp(T0 - timedelta(seconds=3)),
+    )
+    spool = rpb.PairStatus(pair_id=pair.id, state=rpb.PAIR_STATE_REPLICATING, backlog_bytes=8192, backlog_frames=2,
+                           oldest_pending_captured_at=_stamp(T0 - timedelta(seconds=7)), last_seq=9)
+    reports = [_report(pair.id, "src-1", "source", source), _report(pair.id, "ps-1", "process-server", spool)]
+    syncing = replication.view(pair, reports, hostname="app01", heartbeat_interval=10, now=now)
+    assert syncing.state == rpb.PAIR_STATE_INITIAL_SYNC
+    assert syncing.sync_progress == pytest.approx(0.25)
+    assert syncing.rpo_known and syncing.rpo_seconds == pytest.approx(12.0)
+    assert (syncing.source_backlog_bytes, syncing.spool_backlog_frames, syncing.spooled_seq) == (4096, 2, 9)
+
+    source.state = rpb.PAIR_STATE_REPLICATING
+    source.ClearField("oldest_pending_captured_at")
+    spool.ClearField("oldest_pending_captured_at")
+    target = rpb.PairStatus(pair_id=pair.id, state=rpb.PAIR_STATE_REPLICATING, last_seq=10,
+                            points=[rpb.RecoveryPoint(tag_id="t1", seq=10)])
+    reports = [
+        _report(pair.id, "src-1", "source", source),
+        _report(pair.id, "ps-1", "process-server", spool),
+        _report(pair.id, "mt-1", "master-target", target),
+    ]
+    caught_up = replication.view(pair, reports, hostname="app01", heartbeat_interval=10, now=now)
+    assert caught_up.state == rpb.PAIR_STATE_REPLICATING
+    assert (caught_up.rpo_known, caught_up.rpo_seconds, caught_up.recovery_points) == (True, 0.0, 1)
+    # A silent process server: writes may pile up there unseen, so the RPO is unknown.
+    late = replication.view(pair, reports, hostname="app01", heartbeat_interval=10, now=T0 + timedelta(minutes=5))
+    assert not late.rpo_known
+
+    target.state, target.reason, target.reason_code = rpb.PAIR_STATE_PAUSED, "retention directory /ret is full", "retention-full"
+    reports[2] = _report(pair.id, "mt-1", "master-target", target)
+    paused = replication.view(pair, reports, hostname="app01", heartbeat_interval=10, now=now)
+    assert (paused.state, paused.reason_code) == (rpb.PAIR_STATE_PAUSED, "retention-full")
+    assert "master target: retention directory /ret is full" == paused.reason
+
+
+def test_reports_are_kept_and_points_settle_tag_requests(store):
+    (pair,) = _enable(store, machine="app01", disks=["disk1"])
+    tag_id, pairs = replication.request_point(store, machine="app01", group="", kind=0, now=T0)
+    assert [p.id for p in pairs] == [pair.id]
+    (request,) = replication.tag_requests_for(store, "src-1", now=T0)
+    assert (request.tag_id, request.kind) == (tag_id, rpb.RECOVERY_POINT_KIND_CRASH_CONSISTENT)
+    mt = pki.Identity(id="mt-1", role=pki.MASTER_TARGET)
+    point = rpb.RecoveryPoint(tag_id=tag_id, seq=5, kind=rpb.RECOVERY_POINT_KIND_CRASH_CONSISTENT)
+    replication.record_reports(store, mt, [rpb.PairStatus(pair_id=pair.id, points=[point])], now=T0)
+    assert replication.tag_requests_for(store, "src-1", now=T0) == []
+    assert [p.tag_id for p in replication.points(store, pair)] == [tag_id]
+
+
+def test_choose_point():
+    points = [
+        rpb.RecoveryPoint(tag_id="a", kind=rpb.RECOVERY_POINT_KIND_APP_CONSISTENT),
+        rpb.RecoveryPoint(tag_id="b", kind=rpb.RECOVERY_POINT_KIND_CRASH_CONSISTENT),
+    ]
+    assert replication.choose_point(points, "latest") is None
+    assert replication.choose_point(points, "latest-crash-consistent").tag_id == "b"
+    assert replication.choose_point(points, "latest-app-consistent").tag_id == "a"
+    assert replication.choose_point(points, "a").tag_id == "a"
+    with pytest.raises(errors.NotFound):
+        replication.choose_point(points, "latest-multi-vm-consistent")
+    with pytest.raises(errors.NotFound):
+        replication.choose_point(points, "zzz")
