@@ -27,6 +27,9 @@ from siterecovery.common.pb import admin_pb2, common_pb2
 from siterecovery.common.pb import replication_pb2 as rpb
 from siterecovery.controller.convert import from_dict, timestamp, to_dict
 from siterecovery.controller.store.base import (
+    BARRIER_ABORTED,
+    BARRIER_COMMITTED,
+    BARRIER_WAIT,
     MachineRecord,
     PairRecord,
     PairReport,
@@ -44,6 +47,11 @@ DEFAULT_POLICY = {
 DEFAULT_SCAN_INTERVAL_SECONDS = 300
 STALE_INTERVALS = 3
 TAG_REQUEST_LIFETIME = timedelta(minutes=10)
+# A multi-VM barrier: sources hold writes at cut_at, which leaves every source
+# time to hear of it (two heartbeats and a second); if they do not all hold
+# within BARRIER_TIMEOUT after it, the point is abandoned and writes go on.
+BARRIER_LEAD_HEARTBEATS = 2
+BARRIER_TIMEOUT = timedelta(seconds=15)
 MAX_PAIRS_PER_REPORT = 4096
 
 MODES = {rpb.REPLICATION_MODE_NBD: "nbd", rpb.REPLICATION_MODE_SCAN: "scan"}
@@ -301,9 +309,35 @@ def assignments_for(store: Store, server_id: str) -> list[rpb.PairAssignment]:
 
 def tag_requests_for(store: Store, server_id: str, *, now: datetime) -> list[rpb.TagRequest]:
     return [
-        rpb.TagRequest(pair_id=r.pair_id, tag_id=r.tag_id, kind=KIND_VALUES[r.kind], group_id=r.group_id)
+        rpb.TagRequest(
+            pair_id=r.pair_id,
+            tag_id=r.tag_id,
+            kind=KIND_VALUES[r.kind],
+            group_id=r.group_id,
+            cut_at=timestamp(r.cut_at),
+        )
         for r in store.tag_requests(source_server_id=server_id, now=now)
+        if r.outcome != BARRIER_ABORTED
     ]
+
+
+BARRIER_OUTCOMES = {
+    BARRIER_WAIT: rpb.BARRIER_OUTCOME_WAIT,
+    BARRIER_COMMITTED: rpb.BARRIER_OUTCOME_COMMIT,
+    BARRIER_ABORTED: rpb.BARRIER_OUTCOME_ABORT,
+}
+
+
+def hold_barrier(store: Store, identity: pki.Identity, tag_id: str, *, now: datetime) -> tuple[int, str]:
+    """A source holds writes for `tag_id`: COMMIT once all hold, ABORT if too late, else WAIT."""
+    if not tag_id or len(tag_id) > 255:
+        raise errors.InvalidInput("no barrier tag id given", code="barrier-invalid")
+    try:
+        outcome = store.hold_barrier(tag_id, identity.id, now=now)
+    except errors.NotFound:
+        return rpb.BARRIER_OUTCOME_ABORT, "the barrier expired or was never asked for"
+    reason = "not every machine of the group held its writes in time" if outcome == BARRIER_ABORTED else ""
+    return BARRIER_OUTCOMES[outcome], reason
 
 
 def record_reports(
@@ -455,9 +489,12 @@ def points(store: Store, pair: PairRecord) -> list[rpb.RecoveryPoint]:
 
 
 def request_point(
-    store: Store, *, machine: str, group: str, kind: int, now: datetime
+    store: Store, *, machine: str, group: str, kind: int, now: datetime, heartbeat_interval: float = 10.0
 ) -> tuple[str, list[PairRecord]]:
-    """Ask the sources for one tag with the same id in every pair of a machine or group."""
+    """Ask the sources for one tag with the same id in every pair of a machine or group.
+
+    For a group the tag is a multi-VM barrier (see replication.proto, TagRequest).
+    """
     if bool(machine) == bool(group):
         raise errors.InvalidInput("name either a machine or a group", code="point-target")
     if group:
@@ -475,6 +512,10 @@ def request_point(
                 code="point-kind",
             )
     tag_id = f"od-{uuid.uuid4().hex[:20]}"
+    cut_at, expires_at = None, now + TAG_REQUEST_LIFETIME
+    if kind == rpb.RECOVERY_POINT_KIND_MULTI_VM_CONSISTENT:
+        cut_at = now + timedelta(seconds=BARRIER_LEAD_HEARTBEATS * heartbeat_interval + 1)
+        expires_at = cut_at + BARRIER_TIMEOUT
     store.add_tag_requests(
         [
             TagRequestRecord(
@@ -482,8 +523,9 @@ def request_point(
                 tag_id=tag_id,
                 kind=KINDS[kind],
                 created_at=now,
-                expires_at=now + TAG_REQUEST_LIFETIME,
+                expires_at=expires_at,
                 group_id=group,
+                cut_at=cut_at,
             )
             for p in pairs
         ]

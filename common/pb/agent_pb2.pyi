@@ -9,6 +9,20 @@ from typing import ClassVar as _ClassVar, Optional as _Optional, Union as _Union
 
 DESCRIPTOR: _descriptor.FileDescriptor
 
+class HoldBarrierRequest(_message.Message):
+    __slots__ = ("tag_id",)
+    TAG_ID_FIELD_NUMBER: _ClassVar[int]
+    tag_id: str
+    def __init__(self, tag_id: _Optional[str] = ...) -> None: ...
+
+class HoldBarrierResponse(_message.Message):
+    __slots__ = ("outcome", "reason")
+    OUTCOME_FIELD_NUMBER: _ClassVar[int]
+    REASON_FIELD_NUMBER: _ClassVar[int]
+    outcome: _replication_pb2.BarrierOutcome
+    reason: str
+    def __init__(self, outcome: _Optional[_Union[_replication_pb2.BarrierOutcome, str]] = ..., reason: _Optional[str] = ...) -> None: ...
+
 class RegisterRequest(_message.Message):
     __slots__ = ("inventory",)
     INVENTORY_FIELD_NUMBER: _ClassVar[int]

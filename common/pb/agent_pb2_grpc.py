@@ -45,6 +45,11 @@ class AgentControlStub:
                 request_serializer=siterecovery_dot_v1_dot_agent__pb2.HeartbeatRequest.SerializeToString,
                 response_deserializer=siterecovery_dot_v1_dot_agent__pb2.HeartbeatResponse.FromString,
                 _registered_method=True)
+        self.HoldBarrier = channel.unary_unary(
+                '/siterecovery.v1.AgentControl/HoldBarrier',
+                request_serializer=siterecovery_dot_v1_dot_agent__pb2.HoldBarrierRequest.SerializeToString,
+                response_deserializer=siterecovery_dot_v1_dot_agent__pb2.HoldBarrierResponse.FromString,
+                _registered_method=True)
 
 
 class AgentControlServicer:
@@ -63,6 +68,14 @@ class AgentControlServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def HoldBarrier(self, request, context):
+        """A source agent holding writes for a multi-VM-consistent tag asks whether
+        every source of the group holds too. See TagRequest.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_AgentControlServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -75,6 +88,11 @@ def add_AgentControlServicer_to_server(servicer, server):
                     servicer.Heartbeat,
                     request_deserializer=siterecovery_dot_v1_dot_agent__pb2.HeartbeatRequest.FromString,
                     response_serializer=siterecovery_dot_v1_dot_agent__pb2.HeartbeatResponse.SerializeToString,
+            ),
+            'HoldBarrier': grpc.unary_unary_rpc_method_handler(
+                    servicer.HoldBarrier,
+                    request_deserializer=siterecovery_dot_v1_dot_agent__pb2.HoldBarrierRequest.FromString,
+                    response_serializer=siterecovery_dot_v1_dot_agent__pb2.HoldBarrierResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -131,6 +149,33 @@ class AgentControl:
             '/siterecovery.v1.AgentControl/Heartbeat',
             siterecovery_dot_v1_dot_agent__pb2.HeartbeatRequest.SerializeToString,
             siterecovery_dot_v1_dot_agent__pb2.HeartbeatResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def HoldBarrier(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/siterecovery.v1.AgentControl/HoldBarrier',
+            siterecovery_dot_v1_dot_agent__pb2.HoldBarrierRequest.SerializeToString,
+            siterecovery_dot_v1_dot_agent__pb2.HoldBarrierResponse.FromString,
             options,
             channel_credentials,
             insecure,

@@ -41,6 +41,13 @@ class PairDesiredState(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
     PAIR_DESIRED_STATE_REPLICATING: _ClassVar[PairDesiredState]
     PAIR_DESIRED_STATE_PAUSED: _ClassVar[PairDesiredState]
 
+class BarrierOutcome(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
+    __slots__ = ()
+    BARRIER_OUTCOME_UNSPECIFIED: _ClassVar[BarrierOutcome]
+    BARRIER_OUTCOME_WAIT: _ClassVar[BarrierOutcome]
+    BARRIER_OUTCOME_COMMIT: _ClassVar[BarrierOutcome]
+    BARRIER_OUTCOME_ABORT: _ClassVar[BarrierOutcome]
+
 class PairState(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
     __slots__ = ()
     PAIR_STATE_UNSPECIFIED: _ClassVar[PairState]
@@ -63,6 +70,10 @@ REPLICATION_MODE_SCAN: ReplicationMode
 PAIR_DESIRED_STATE_UNSPECIFIED: PairDesiredState
 PAIR_DESIRED_STATE_REPLICATING: PairDesiredState
 PAIR_DESIRED_STATE_PAUSED: PairDesiredState
+BARRIER_OUTCOME_UNSPECIFIED: BarrierOutcome
+BARRIER_OUTCOME_WAIT: BarrierOutcome
+BARRIER_OUTCOME_COMMIT: BarrierOutcome
+BARRIER_OUTCOME_ABORT: BarrierOutcome
 PAIR_STATE_UNSPECIFIED: PairState
 PAIR_STATE_INITIAL_SYNC: PairState
 PAIR_STATE_REPLICATING: PairState
@@ -238,16 +249,18 @@ class PairAssignment(_message.Message):
     def __init__(self, pair_id: _Optional[str] = ..., machine_id: _Optional[str] = ..., disk_name: _Optional[str] = ..., disk_identity: _Optional[str] = ..., disk_size_bytes: _Optional[int] = ..., mode: _Optional[_Union[ReplicationMode, str]] = ..., process_server_id: _Optional[str] = ..., process_server_endpoint: _Optional[str] = ..., master_target_id: _Optional[str] = ..., master_target_endpoint: _Optional[str] = ..., target_path: _Optional[str] = ..., journal_dir: _Optional[str] = ..., policy: _Optional[_Union[RecoveryPolicy, _Mapping]] = ..., desired_state: _Optional[_Union[PairDesiredState, str]] = ..., group_id: _Optional[str] = ..., scan_interval_seconds: _Optional[int] = ...) -> None: ...
 
 class TagRequest(_message.Message):
-    __slots__ = ("pair_id", "tag_id", "kind", "group_id")
+    __slots__ = ("pair_id", "tag_id", "kind", "group_id", "cut_at")
     PAIR_ID_FIELD_NUMBER: _ClassVar[int]
     TAG_ID_FIELD_NUMBER: _ClassVar[int]
     KIND_FIELD_NUMBER: _ClassVar[int]
     GROUP_ID_FIELD_NUMBER: _ClassVar[int]
+    CUT_AT_FIELD_NUMBER: _ClassVar[int]
     pair_id: str
     tag_id: str
     kind: RecoveryPointKind
     group_id: str
-    def __init__(self, pair_id: _Optional[str] = ..., tag_id: _Optional[str] = ..., kind: _Optional[_Union[RecoveryPointKind, str]] = ..., group_id: _Optional[str] = ...) -> None: ...
+    cut_at: _timestamp_pb2.Timestamp
+    def __init__(self, pair_id: _Optional[str] = ..., tag_id: _Optional[str] = ..., kind: _Optional[_Union[RecoveryPointKind, str]] = ..., group_id: _Optional[str] = ..., cut_at: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ...) -> None: ...
 
 class RecoveryPoint(_message.Message):
     __slots__ = ("tag_id", "kind", "seq", "captured_at", "journal_bytes_back", "group_id", "note", "on_demand")

@@ -2,7 +2,9 @@
 
 `lab up` starts a configuration server, a process server, a master target and a
 source agent protecting a generated 256 MiB disk image, waits until every one
-is enrolled and healthy, and prints where everything is. Everything lives
+is enrolled and healthy, enables replication of the disk (nbd mode: the source
+agent serves it as an NBD export and journals every write), waits for the
+initial sync, and prints where everything is, the NBD address first. Everything lives
 under one directory (default ~/.local/state/siterecovery/lab); `lab down` stops
 every process it started, and `--purge` also removes the directory.
 """
@@ -19,9 +21,11 @@ import grpc
 import tomli_w
 import typer
 
+from siterecovery.common import daemon as daemon_state
 from siterecovery.common import errors
 from siterecovery.common.channels import RPC_TIMEOUT
 from siterecovery.common.pb import admin_pb2, common_pb2
+from siterecovery.common.pb import replication_pb2 as rpb
 from siterecovery.controller import launcher
 from siterecovery.controller.cli import output
 from siterecovery.controller.cli.client import Profile, default_lab_dir, lab_profile
@@ -30,6 +34,10 @@ app = typer.Typer(help="A whole site on this host, for trying things out.", no_a
 
 DISK_BYTES = 256 * 1024**2
 HEALTH_TIMEOUT = 60.0
+SYNC_TIMEOUT = 300.0
+# Shorter than production's 10 s so that orders (enable, pause, take a point)
+# reach the lab's agents within a couple of seconds.
+LAB_HEARTBEAT_SECONDS = 2.0
 LAB_FILE = "lab.json"
 AGENTS = ("process-server", "master-target", "source-agent")
 
@@ -97,7 +105,8 @@ def _wait_healthy(profile: Profile, expected: int) -> list[common_pb2.ServerInfo
 @app.command("up")
 def up(
     directory: DirOption = None,
-    heartbeat_interval: Annotated[float, typer.Option(help="seconds between heartbeats")] = 10.0,
+    heartbeat_interval: Annotated[float, typer.Option(help="seconds between heartbeats")] = LAB_HEARTBEAT_SECONDS,
+    replicate: Annotated[bool, typer.Option("--replicate/--no-replicate", help="replicate the lab's disk")] = True,
 ) -> None:
     """Start a whole site on loopback and wait until it is healthy."""
     lab_dir = _lab_dir(directory)
@@ -143,25 +152,79 @@ def up(
             )
             launcher.save(lab_file, started)
         servers = _wait_healthy(profile, expected=len(AGENTS))
+        pair = _replicate(profile) if replicate else None
     except (errors.SiteRecoveryError, grpc.RpcError):
         for daemon in reversed(started):
             launcher.stop(daemon)
         raise
-    _print_summary(lab_dir, started, servers, profile)
+    _print_summary(lab_dir, started, servers, profile, pair)
 
 
-def _print_summary(lab_dir: Path, started: list[launcher.Launched], servers, profile: Profile) -> None:
+def _replicate(profile: Profile) -> admin_pb2.PairView:
+    """Enable replication of the lab's disk and wait for the initial sync."""
+    stub = profile.admin()
+    machine = stub.ListMachines(admin_pb2.ListMachinesRequest(), timeout=RPC_TIMEOUT).machines[0]
+    (pair,) = stub.EnableReplication(
+        admin_pb2.EnableReplicationRequest(machine=machine.id, disks=["disk0"], mode=rpb.REPLICATION_MODE_NBD),
+        timeout=RPC_TIMEOUT,
+    ).pairs
+    deadline = time.monotonic() + SYNC_TIMEOUT
+    while time.monotonic() < deadline:
+        (pair,) = stub.ListPairs(admin_pb2.ListPairsRequest(machine=machine.id), timeout=RPC_TIMEOUT).pairs
+        if pair.state == rpb.PAIR_STATE_REPLICATING:
+            return pair
+        if pair.state == rpb.PAIR_STATE_ERROR:
+            raise errors.PreconditionFailed(
+                f"the lab's replication failed: {pair.reason}",
+                hint="see the logs in the lab's logs/ folder",
+                code=pair.reason_code or "lab-replication",
+            )
+        time.sleep(0.2)
+    raise errors.Unavailable(
+        f"the lab's initial sync did not finish within {SYNC_TIMEOUT:.0f} s",
+        hint="`srctl replication status` shows how far it got; the logs are in the lab's logs/ folder",
+        code="lab-sync-timeout",
+    )
+
+
+def nbd_address(lab_dir: Path) -> str:
+    """The NBD URI of the lab's disk, from the source agent's state file."""
+    state = daemon_state.read_state_file(lab_dir / "source-agent", "source-agent") or {}
+    return state.get("nbd", {}).get("disk0", "")
+
+
+def _print_summary(
+    lab_dir: Path, started: list[launcher.Launched], servers, profile: Profile, pair: admin_pb2.PairView | None
+) -> None:
     output.console.print(f"[bold green]Lab is up[/bold green] in {lab_dir}")
+    if pair is not None:
+        uri = nbd_address(lab_dir)
+        output.console.print(f"Write to the protected disk over NBD: [bold]{uri}[/bold]", highlight=False)
+        output.console.print(
+            f"  e.g. qemu-io -f raw -c 'write -P 0xab 0 1M' {uri}\n"
+            f"       fio --name=w --ioengine=nbd --uri={uri} --rw=randwrite --bs=16k --size=64M",
+            highlight=False,
+        )
+        output.console.print(
+            f"Replicating disk0 (pair {pair.pair_id}) to the master target at {pair.target_path}", highlight=False
+        )
     rows = []
     for daemon in started:
         port = daemon.state.get("port", "-")
         rows.append([daemon.name, daemon.pid, f"127.0.0.1:{port}" if port != "-" else "-", str(daemon.state_dir), str(daemon.log_path)])
     output.print_table("Processes", ["COMPONENT", "PID", "ADDRESS", "STATE DIR", "LOG"], rows)
-    output.console.print(f"Disk image protected by the source agent: {lab_dir / 'disks' / 'disk0.img'}")
+    output.console.print(
+        f"Disk image behind the export: {lab_dir / 'disks' / 'disk0.img'} "
+        "(write through NBD: changes made to the file directly are not replicated)",
+        highlight=False,
+    )
     output.console.print(f"srctl profile: {profile.path}")
     if profile.path != lab_profile(default_lab_dir()):
         output.console.print(f"  use it with: export SRCTL_CONFIG={profile.path}")
-    output.console.print("Next: `srctl servers list`, `srctl machines list`, `srctl lab status`, `srctl lab down`.")
+    output.console.print(
+        "Next: `srctl replication status`, `srctl recovery-points create <machine>`, "
+        "`srctl recovery-points list <machine>`, `srctl lab status`, `srctl lab down`."
+    )
 
 
 @app.command("status")

@@ -138,7 +138,12 @@ class AdminServicer(admin_pb2_grpc.AdminServicer):
 
     def CreateRecoveryPoint(self, request, context):
         tag_id, pairs = replication.request_point(
-            self._ctx.store, machine=request.machine, group=request.group, kind=request.kind, now=datetime.now(UTC)
+            self._ctx.store,
+            machine=request.machine,
+            group=request.group,
+            kind=request.kind,
+            now=datetime.now(UTC),
+            heartbeat_interval=self._ctx.settings.heartbeat_interval,
         )
         log.info("recovery point requested", tag=tag_id, pairs=[p.id for p in pairs])
         return admin_pb2.CreateRecoveryPointResponse(tag_id=tag_id, pair_ids=[p.id for p in pairs])

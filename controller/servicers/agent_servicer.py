@@ -50,3 +50,7 @@ class AgentControlServicer(agent_pb2_grpc.AgentControlServicer):
             pairs=replication.assignments_for(self._ctx.store, identity.id),
             tag_requests=replication.tag_requests_for(self._ctx.store, identity.id, now=now),
         )
+
+    def HoldBarrier(self, request: agent_pb2.HoldBarrierRequest, context: grpc.ServicerContext):
+        outcome, reason = replication.hold_barrier(self._ctx.store, caller(), request.tag_id, now=datetime.now(UTC))
+        return agent_pb2.HoldBarrierResponse(outcome=outcome, reason=reason)

@@ -160,6 +160,13 @@ class TagRequestRecord:
     created_at: datetime
     expires_at: datetime
     group_id: str = ""
+    # Set for a multi-VM barrier (see replication.proto, TagRequest).
+    cut_at: datetime | None = None
+    held_at: datetime | None = None
+    outcome: str = ""  # "", "committed" or "aborted"
+
+
+BARRIER_WAIT, BARRIER_COMMITTED, BARRIER_ABORTED = "", "committed", "aborted"
 
 
 class Store(ABC):
@@ -264,6 +271,16 @@ class Store(ABC):
     @abstractmethod
     def remove_tag_requests(self, pair_id: str, tag_ids: Collection[str], *, now: datetime) -> None:
         """Drop these requests (the tags arrived) and every expired request."""
+
+    @abstractmethod
+    def hold_barrier(self, tag_id: str, source_server_id: str, *, now: datetime) -> str:
+        """Record that the source holds writes for barrier `tag_id`; return the outcome.
+
+        One transaction: marks the source's rows held, then decides. Committed
+        once every row of the barrier is held before it expires; aborted when it
+        expired first. A decision never changes afterwards. NotFound when the
+        source has no row for the tag (it expired and was swept, or never was).
+        """
 
     # --- jobs --------------------------------------------------------------------
 

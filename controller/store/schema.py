@@ -164,4 +164,9 @@ tag_requests = sa.Table(
     sa.Column("group_id", sa.String(255), nullable=False),
     sa.Column("created_at", UtcDateTime(), nullable=False),
     sa.Column("expires_at", UtcDateTime(), nullable=False),
+    # Multi-VM barriers: when sources hold writes, when this pair's source did,
+    # and what was decided ("" while open, "committed", "aborted").
+    sa.Column("cut_at", UtcDateTime(), nullable=True),
+    sa.Column("held_at", UtcDateTime(), nullable=True),
+    sa.Column("outcome", sa.String(16), nullable=False),
 )

@@ -76,6 +76,9 @@ from siterecovery.common.errors import Conflict, InvalidInput, NotFound, Unavail
 from siterecovery.controller.jobs import states
 from siterecovery.controller.store import migrations
 from siterecovery.controller.store.base import (
+    BARRIER_ABORTED,
+    BARRIER_COMMITTED,
+    BARRIER_WAIT,
     PAIR_DESIRED_STATES,
     PAIR_MODES,
     ROLES,
@@ -433,6 +436,9 @@ class SqlStore(Store):
                     "group_id": request.group_id,
                     "created_at": utc(request.created_at, "created_at"),
                     "expires_at": utc(request.expires_at, "expires_at"),
+                    "cut_at": utc_or_none(request.cut_at, "cut_at"),
+                    "held_at": None,
+                    "outcome": "",
                 }
             )
         if not rows:
@@ -454,17 +460,7 @@ class SqlStore(Store):
             .order_by(tag_requests.c.created_at, tag_requests.c.tag_id)
         )
         with self._read() as conn:
-            return [
-                TagRequestRecord(
-                    pair_id=row["pair_id"],
-                    tag_id=row["tag_id"],
-                    kind=row["kind"],
-                    group_id=row["group_id"],
-                    created_at=row["created_at"],
-                    expires_at=row["expires_at"],
-                )
-                for row in conn.execute(query).mappings()
-            ]
+            return [_tag_request_record(row) for row in conn.execute(query).mappings()]
 
     def remove_tag_requests(self, pair_id: str, tag_ids: Collection[str], *, now: datetime) -> None:
         now = utc(now, "now")
@@ -476,6 +472,43 @@ class SqlStore(Store):
                     )
                 )
             conn.execute(sa.delete(tag_requests).where(tag_requests.c.expires_at <= now))
+
+    def hold_barrier(self, tag_id: str, source_server_id: str, *, now: datetime) -> str:
+        now = utc(now, "now")
+        with self._write() as conn:
+            query = (
+                sa.select(tag_requests, pairs.c.source_server_id)
+                .join(pairs, pairs.c.id == tag_requests.c.pair_id)
+                .where(tag_requests.c.tag_id == tag_id)
+                .order_by(tag_requests.c.pair_id)
+            )
+            if self._pg:
+                query = query.with_for_update(of=tag_requests)
+            rows = list(conn.execute(query).mappings())
+            mine = [r for r in rows if r["source_server_id"] == source_server_id]
+            if not mine:
+                raise NotFound(
+                    f"no barrier {tag_id!r} for this source",
+                    hint="it expired or was never asked for; let writes go",
+                    code="barrier-not-found",
+                )
+            decided = {r["outcome"] for r in rows} - {BARRIER_WAIT}
+            if decided:
+                return decided.pop()
+            conn.execute(
+                sa.update(tag_requests)
+                .where(tag_requests.c.tag_id == tag_id, tag_requests.c.pair_id.in_([r["pair_id"] for r in mine]))
+                .values(held_at=now)
+            )
+            held = {r["pair_id"] for r in rows if r["held_at"] is not None} | {r["pair_id"] for r in mine}
+            if any(r["expires_at"] <= now for r in rows):
+                outcome = BARRIER_ABORTED
+            elif len(held) == len(rows):
+                outcome = BARRIER_COMMITTED
+            else:
+                return BARRIER_WAIT
+            conn.execute(sa.update(tag_requests).where(tag_requests.c.tag_id == tag_id).values(outcome=outcome))
+            return outcome
 
     def get_machine_in(self, conn: Connection, machine_id: str) -> MachineRecord:
         row = conn.execute(sa.select(machines).where(machines.c.id == machine_id)).mappings().first()
@@ -909,6 +942,20 @@ def _pair_record(row: Any) -> PairRecord:
         group_id=row["group_id"],
         created_at=row["created_at"],
         updated_at=row["updated_at"],
+    )
+
+
+def _tag_request_record(row: Any) -> TagRequestRecord:
+    return TagRequestRecord(
+        pair_id=row["pair_id"],
+        tag_id=row["tag_id"],
+        kind=row["kind"],
+        group_id=row["group_id"],
+        created_at=row["created_at"],
+        expires_at=row["expires_at"],
+        cut_at=row["cut_at"],
+        held_at=row["held_at"],
+        outcome=row["outcome"],
     )
 
 

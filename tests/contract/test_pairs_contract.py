@@ -172,3 +172,39 @@ def test_upgrade_from_0001_keeps_the_inventory(store_url: str) -> None:
         assert upgraded.create_pair(replace(pair())) == pair()
     finally:
         upgraded.close()
+
+
+def test_a_barrier_commits_once_every_source_holds(site: Store) -> None:
+    site.create_pair(pair())
+    site.create_pair(pair("pair-2", machine="src-2"))
+    site.create_pair(pair("pair-3", machine="src-2", disk="disk1"))
+    cut = T0 + timedelta(seconds=5)
+    site.add_tag_requests(
+        [
+            TagRequestRecord(p, "mv1", "multi-vm-consistent", T0, cut + timedelta(seconds=30), group_id="g", cut_at=cut)
+            for p in ("pair-1", "pair-2", "pair-3")
+        ]
+    )
+    (delivered,) = site.tag_requests(source_server_id="src-1", now=T0)
+    assert (delivered.cut_at, delivered.outcome, delivered.held_at) == (cut, "", None)
+    assert site.hold_barrier("mv1", "src-1", now=cut) == ""
+    assert site.hold_barrier("mv1", "src-1", now=cut) == ""  # asking again changes nothing
+    assert site.hold_barrier("mv1", "src-2", now=cut) == "committed"  # holds both its pairs
+    assert site.hold_barrier("mv1", "src-1", now=cut) == "committed"
+    with pytest.raises(NotFound):
+        site.hold_barrier("mv1", "ps-1", now=cut)
+    with pytest.raises(NotFound):
+        site.hold_barrier("nope", "src-1", now=cut)
+
+
+def test_a_barrier_that_expires_before_everyone_holds_aborts_for_good(site: Store) -> None:
+    site.create_pair(pair())
+    site.create_pair(pair("pair-2", machine="src-2"))
+    cut = T0 + timedelta(seconds=5)
+    expires = cut + timedelta(seconds=10)
+    site.add_tag_requests(
+        [TagRequestRecord(p, "mv2", "multi-vm-consistent", T0, expires, cut_at=cut) for p in ("pair-1", "pair-2")]
+    )
+    assert site.hold_barrier("mv2", "src-1", now=cut) == ""
+    assert site.hold_barrier("mv2", "src-2", now=expires) == "aborted"
+    assert site.hold_barrier("mv2", "src-1", now=cut) == "aborted"

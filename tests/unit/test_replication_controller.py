@@ -177,3 +177,27 @@ def test_choose_point():
         replication.choose_point(points, "latest-multi-vm-consistent")
     with pytest.raises(errors.NotFound):
         replication.choose_point(points, "zzz")
+
+
+def test_a_group_point_is_a_barrier_that_commits_when_every_source_holds(store):
+    store.add_server(_server("src-2", "source"))
+    store.upsert_machine(
+        MachineRecord(id="src-2", server_id="src-2", hostname="db01", os="Linux",
+                      disks=[{"identity": "wwn-9", "path": "/d/0", "size_bytes": str(GiB), "name": "disk0"}])
+    )
+    _enable(store, machine="app01", disks=["disk1"], group="erp")
+    _enable(store, machine="db01", group="erp")
+    tag_id, pairs = replication.request_point(store, machine="", group="erp", kind=0, now=T0, heartbeat_interval=10)
+    assert len(pairs) == 2
+    (request,) = replication.tag_requests_for(store, "src-1", now=T0)
+    assert request.kind == rpb.RECOVERY_POINT_KIND_MULTI_VM_CONSISTENT and request.group_id == "erp"
+    cut = request.cut_at.ToDatetime(tzinfo=UTC)
+    assert cut == T0 + timedelta(seconds=21)
+    src1, src2 = (pki.Identity(id=i, role=pki.SOURCE) for i in ("src-1", "src-2"))
+    assert replication.hold_barrier(store, src1, tag_id, now=cut)[0] == rpb.BARRIER_OUTCOME_WAIT
+    assert replication.hold_barrier(store, src2, tag_id, now=cut)[0] == rpb.BARRIER_OUTCOME_COMMIT
+    assert replication.hold_barrier(store, src1, tag_id, now=cut)[0] == rpb.BARRIER_OUTCOME_COMMIT
+    outcome, reason = replication.hold_barrier(store, src1, "unknown-tag", now=cut)
+    assert outcome == rpb.BARRIER_OUTCOME_ABORT and "expired" in reason
+    with pytest.raises(errors.InvalidInput):
+        replication.request_point(store, machine="app01", group="erp", kind=0, now=T0)

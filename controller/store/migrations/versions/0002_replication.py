@@ -78,6 +78,9 @@ def upgrade() -> None:
         sa.Column("group_id", sa.String(255), nullable=False),
         _ts("created_at"),
         _ts("expires_at"),
+        _ts("cut_at", True),
+        _ts("held_at", True),
+        sa.Column("outcome", sa.String(16), nullable=False),
         sa.PrimaryKeyConstraint("pair_id", "tag_id", name="pk_tag_requests"),
         sa.ForeignKeyConstraint(
             ["pair_id"], ["pairs.id"], name="fk_tag_requests_pair_id_pairs", ondelete="CASCADE"
