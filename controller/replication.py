@@ -395,6 +395,7 @@ def view(
         out.source_backlog_frames = source.backlog_frames
         out.source_seq = source.last_seq
         out.throughput_bytes_per_second = source.throughput_bytes_per_second
+        out.source_bytes_sent = source.bytes_sent
     if spool is not None:
         out.spool_backlog_bytes = spool.backlog_bytes
         out.spool_backlog_frames = spool.backlog_frames
@@ -403,6 +404,7 @@ def view(
         out.applied_seq = target.last_seq
         out.recovery_points = len(target.points)
         out.journal_bytes = target.journal_bytes
+        out.applied_bytes_total = target.applied_bytes_total
         if target.points:
             out.latest_point_at.CopyFrom(target.points[-1].captured_at)
 

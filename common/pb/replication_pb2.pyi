@@ -283,7 +283,7 @@ class RecoveryPoint(_message.Message):
     def __init__(self, tag_id: _Optional[str] = ..., kind: _Optional[_Union[RecoveryPointKind, str]] = ..., seq: _Optional[int] = ..., captured_at: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., journal_bytes_back: _Optional[int] = ..., group_id: _Optional[str] = ..., note: _Optional[str] = ..., on_demand: _Optional[bool] = ...) -> None: ...
 
 class PairStatus(_message.Message):
-    __slots__ = ("pair_id", "state", "reason", "reason_code", "sync_done_bytes", "sync_total_bytes", "last_seq", "acked_seq", "backlog_frames", "backlog_bytes", "oldest_pending_captured_at", "bytes_sent", "throughput_bytes_per_second", "points", "applied_captured_at", "journal_bytes")
+    __slots__ = ("pair_id", "state", "reason", "reason_code", "sync_done_bytes", "sync_total_bytes", "last_seq", "acked_seq", "backlog_frames", "backlog_bytes", "oldest_pending_captured_at", "bytes_sent", "throughput_bytes_per_second", "points", "applied_captured_at", "journal_bytes", "applied_bytes_total")
     PAIR_ID_FIELD_NUMBER: _ClassVar[int]
     STATE_FIELD_NUMBER: _ClassVar[int]
     REASON_FIELD_NUMBER: _ClassVar[int]
@@ -300,6 +300,7 @@ class PairStatus(_message.Message):
     POINTS_FIELD_NUMBER: _ClassVar[int]
     APPLIED_CAPTURED_AT_FIELD_NUMBER: _ClassVar[int]
     JOURNAL_BYTES_FIELD_NUMBER: _ClassVar[int]
+    APPLIED_BYTES_TOTAL_FIELD_NUMBER: _ClassVar[int]
     pair_id: str
     state: PairState
     reason: str
@@ -316,4 +317,5 @@ class PairStatus(_message.Message):
     points: _containers.RepeatedCompositeFieldContainer[RecoveryPoint]
     applied_captured_at: _timestamp_pb2.Timestamp
     journal_bytes: int
-    def __init__(self, pair_id: _Optional[str] = ..., state: _Optional[_Union[PairState, str]] = ..., reason: _Optional[str] = ..., reason_code: _Optional[str] = ..., sync_done_bytes: _Optional[int] = ..., sync_total_bytes: _Optional[int] = ..., last_seq: _Optional[int] = ..., acked_seq: _Optional[int] = ..., backlog_frames: _Optional[int] = ..., backlog_bytes: _Optional[int] = ..., oldest_pending_captured_at: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., bytes_sent: _Optional[int] = ..., throughput_bytes_per_second: _Optional[float] = ..., points: _Optional[_Iterable[_Union[RecoveryPoint, _Mapping]]] = ..., applied_captured_at: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., journal_bytes: _Optional[int] = ...) -> None: ...
+    applied_bytes_total: int
+    def __init__(self, pair_id: _Optional[str] = ..., state: _Optional[_Union[PairState, str]] = ..., reason: _Optional[str] = ..., reason_code: _Optional[str] = ..., sync_done_bytes: _Optional[int] = ..., sync_total_bytes: _Optional[int] = ..., last_seq: _Optional[int] = ..., acked_seq: _Optional[int] = ..., backlog_frames: _Optional[int] = ..., backlog_bytes: _Optional[int] = ..., oldest_pending_captured_at: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., bytes_sent: _Optional[int] = ..., throughput_bytes_per_second: _Optional[float] = ..., points: _Optional[_Iterable[_Union[RecoveryPoint, _Mapping]]] = ..., applied_captured_at: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., journal_bytes: _Optional[int] = ..., applied_bytes_total: _Optional[int] = ...) -> None: ...
