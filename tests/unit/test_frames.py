@@ -1,0 +1,87 @@
+"""Frame checksums bind pair, position and content; validation refuses what does not fit the disk."""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+
+from siterecovery.common import errors, frames
+from siterecovery.common.pb import replication_pb2 as rpb
+
+DISK = 1 << 20
+
+
+def test_a_sealed_frame_verifies_compressed_or_not():
+    data = os.urandom(1024) + bytes(3072)
+    frame = frames.write_frame("pair-a", 7, 4096, data)
+    frames.validate(frame, DISK)
+    frames.verify("pair-a", frame)
+    packed = frames.compress(frame)
+    assert packed.compression == rpb.COMPRESSION_ZSTD and len(packed.write.data) < len(data)
+    frames.validate(packed, DISK)
+    frames.verify("pair-a", packed)
+    assert frames.payload(packed) == data
+    assert frames.decompress(packed) == frame
+
+
+def test_incompressible_data_stays_as_it_is():
+    frame = frames.write_frame("p", 1, 0, os.urandom(4096))
+    assert frames.compress(frame) is frame
+
+
+@pytest.mark.parametrize(
+    "tamper",
+    [
+        lambda f: setattr(f.write, "offset", f.write.offset + 512),
+        lambda f: setattr(f, "seq", f.seq + 1),
+        lambda f: setattr(f.write, "data", b"\x01" + f.write.data[1:]),
+        lambda f: f.captured_at.FromSeconds(1),
+    ],
+    ids=["offset", "seq", "data", "capture-time"],
+)
+def test_any_change_fails_the_checksum(tamper):
+    frame = frames.write_frame("p", 3, 0, bytes(4096))
+    tamper(frame)
+    with pytest.raises(errors.Integrity) as caught:
+        frames.verify("p", frame)
+    assert caught.value.code == "frame-checksum"
+
+
+def test_a_frame_replayed_into_another_pair_fails():
+    frame = frames.tag_frame("pair-a", 9, "t1", rpb.RECOVERY_POINT_KIND_CRASH_CONSISTENT)
+    frames.verify("pair-a", frame)
+    with pytest.raises(errors.Integrity):
+        frames.verify("pair-b", frame)
+
+
+def test_damaged_compressed_data_is_an_integrity_error():
+    frame = frames.compress(frames.write_frame("p", 1, 0, bytes(65536)))
+    frame.write.data = frame.write.data[:-4] + b"\xff\xff\xff\xff"
+    with pytest.raises(errors.Integrity):
+        frames.payload(frame)
+    bomb = frames.compress(frames.write_frame("p", 2, 0, bytes(65536)))
+    bomb.write.length = 512  # says less than it inflates to
+    with pytest.raises(errors.Integrity):
+        frames.payload(bomb)
+
+
+@pytest.mark.parametrize(
+    ("frame", "code"),
+    [
+        (frames.write_frame("p", 1, DISK - 100, bytes(512)), "frame-out-of-range"),
+        (frames.zero_frame("p", 1, DISK, 1), "frame-out-of-range"),
+        (frames.zero_frame("p", 1, 0, 0), "frame-invalid"),
+        (rpb.Frame(seq=1, checksum=bytes(16)), "frame-invalid"),
+        (rpb.Frame(seq=0, zero=rpb.ZeroRange(offset=0, length=1), checksum=bytes(16)), "frame-invalid"),
+        (rpb.Frame(seq=1, write=rpb.DataBlock(offset=0, length=8, data=b"1234"), checksum=bytes(16)), "frame-invalid"),
+        (rpb.Frame(seq=1, zero=rpb.ZeroRange(offset=0, length=1), checksum=b"short"), "frame-invalid"),
+        (frames.tag_frame("p", 1, "", rpb.RECOVERY_POINT_KIND_APP_CONSISTENT), "frame-invalid"),
+        (frames.tag_frame("p", 1, "t", 99), "frame-invalid"),
+        (frames.sync_frame("p", 1, rpb.SYNC_PHASE_INITIAL_STARTED, DISK * 2), "frame-invalid"),
+    ],
+)
+def test_validation_refuses_malformed_and_out_of_range_frames(frame, code):
+    with pytest.raises(errors.InvalidInput) as caught:
+        frames.validate(frame, DISK)
+    assert caught.value.code == code
