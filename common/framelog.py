@@ -1,0 +1,613 @@
+"""A durable, append-only log of one pair's frames, kept in segment files.
+
+The source agent keeps the frames it has not had acknowledged yet in one; the
+process server spools each pair's frames in one until the master target has
+them. Frames go in with strictly increasing `seq`; a reader gets them back in
+order; `release_through(seq)` says frames up to `seq` are no longer needed.
+
+On-disk layout (everything inside `directory`)::
+
+    00000000000000000001.seg    segments, named by the seq of their first record
+    00000000000000004711.seg    (20 decimal digits, so names sort like seqs)
+    release.json                {"released_seq": N, "last_seq": M}
+
+A segment is an 8-byte magic (``SRFLOG1\\n``) followed by records::
+
+    u32 length | u64 seq | u64 xxh3-64 | body (length bytes)       little-endian
+
+`body` is the serialized `rpb.Frame` (stored as given: the process server
+stores compressed frames, the source uncompressed ones); the xxh3-64 covers
+length, seq and body. `release.json` is replaced atomically (write a temporary
+file, fsync, rename, fsync the directory). `last_seq` in it keeps the highest
+seq ever appended once every segment holding it has been deleted.
+
+Writing: `append` writes all its records with one `write` at the end of the
+active segment and fsyncs once (group commit); only then are they visible to
+readers and counted. Before a batch, the writer rolls to a new segment when the
+active one has reached `segment_bytes` (so a segment may pass it by one batch),
+or when every record in the active one has been released. Releasing persists
+the mark first and then deletes the segments whose records are all <= the mark
+(the active segment is deleted by the writer when it rolls, never under it).
+
+What a crash at any point leaves behind:
+
+- mid-`append` (before its fsync returned): the last segment may end in a torn
+  or garbled record, or a new segment may be shorter than its magic. Opening
+  the log truncates that tail (logging a warning) or removes the empty segment.
+  Every batch whose `append` returned is intact: it was fsynced first.
+- mid-`release_through`: either the old or the new `release.json` (never half
+  of one; a leftover ``.release.json.tmp`` is ignored and replaced), and maybe
+  segments the mark already covers, which opening deletes.
+- anything else found on open is damage, not a crash: a bad record, a seq out
+  of order or a bad magic in any segment but the last, or an unreadable
+  `release.json`, raises `errors.Integrity` naming the file. Nothing is guessed.
+
+Opening verifies every record's hash in the last segment (where torn writes
+are) and walks only the record headers of earlier ones, so opening a full spool
+does not read all of it; `read_from` verifies each record's hash as it reads it.
+
+Memory: 16 bytes of index per unreleased record (its seq and offset), never
+frame data; a reader keeps a read-ahead window of about 1 MiB.
+
+Threads: one writer (`append`) at a time, serialised by a lock anyway;
+`release_through`, `read_from` (whose iterator may be consumed in another
+thread and sees frames appended while it runs), `wait_for` and the status
+properties may be called from any thread concurrently with it.
+"""
+
+from __future__ import annotations
+
+import errno
+import json
+import os
+import struct
+import threading
+from array import array
+from bisect import bisect_left, bisect_right
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import xxhash
+from google.protobuf.message import DecodeError
+from google.protobuf.timestamp_pb2 import Timestamp
+
+from siterecovery.common import errors
+from siterecovery.common.logging import get_logger
+from siterecovery.common.pb import replication_pb2 as rpb
+
+log = get_logger(__name__)
+
+MAGIC = b"SRFLOG1\n"
+_HEADER = struct.Struct("<IQQ")
+HEADER_SIZE = _HEADER.size
+# A record larger than this is damage (a frame carries at most 32 MiB of data).
+MAX_RECORD_BODY = 64 * 1024 * 1024
+DEFAULT_SEGMENT_BYTES = 64 * 1024 * 1024
+MARK_FILE = "release.json"
+SEGMENT_SUFFIX = ".seg"
+_READ_WINDOW = 1024 * 1024
+_DISK_FULL = (errno.ENOSPC, errno.EDQUOT)
+
+
+def _record_hash(length: int, seq: int, body: bytes | memoryview) -> int:
+    h = xxhash.xxh3_64()
+    h.update(struct.pack("<IQ", length, seq))
+    h.update(body)
+    return h.intdigest()
+
+
+def _segment_name(first_seq: int) -> str:
+    return f"{first_seq:020d}{SEGMENT_SUFFIX}"
+
+
+@dataclass
+class _Segment:
+    path: Path
+    first_seq: int
+    seqs: array = field(default_factory=lambda: array("Q"))
+    offsets: array = field(default_factory=lambda: array("Q"))
+    size: int = len(MAGIC)  # end of the last complete record
+
+    @property
+    def last_seq(self) -> int:
+        return self.seqs[-1] if self.seqs else 0
+
+    def end_of(self, index: int) -> int:
+        return self.offsets[index + 1] if index + 1 < len(self.offsets) else self.size
+
+
+class _Window:
+    """Reads a segment through a small read-ahead window, never past `limit`."""
+
+    def __init__(self, fd: int) -> None:
+        self.fd = fd
+        self._start = 0
+        self._data = b""
+
+    def read(self, offset: int, length: int, limit: int) -> bytes:
+        end = offset + length
+        if self._start <= offset and end <= self._start + len(self._data):
+            return self._data[offset - self._start : end - self._start]
+        want = min(max(length, _READ_WINDOW), limit - offset)
+        self._data = os.pread(self.fd, want, offset) if want > 0 else b""
+        self._start = offset
+        return self._data[:length]
+
+
+class FrameLog:
+    """See the module docstring for the layout, crash behaviour and threading."""
+
+    def __init__(
+        self, directory: Path, *, segment_bytes: int = DEFAULT_SEGMENT_BYTES, fsync: bool = True
+    ) -> None:
+        if segment_bytes < 4096:
+            raise errors.InvalidInput(f"segment_bytes {segment_bytes} is below 4096", code="config-range")
+        self.directory = Path(directory)
+        self.segment_bytes = segment_bytes
+        self._fsync = fsync
+        self._lock = threading.Lock()
+        self._appended = threading.Condition(self._lock)
+        self._append_lock = threading.Lock()
+        self._release_lock = threading.Lock()
+        self._segments: list[_Segment] = []
+        self._released = 0
+        self._last_seq = 0
+        self._mark_last_seq = 0
+        self._fd: int | None = None  # the active (last) segment, open for writing
+        self._broken: str = ""
+        self._closed = False
+        self._oldest: tuple[int, Timestamp] | None = None
+        self.directory.mkdir(parents=True, exist_ok=True)
+        self._open()
+
+    # -- opening -----------------------------------------------------------
+    def _open(self) -> None:
+        self._released, self._mark_last_seq = self._read_mark()
+        paths = sorted(p for p in self.directory.iterdir() if p.name.endswith(SEGMENT_SUFFIX))
+        for i, path in enumerate(paths):
+            try:
+                first = int(path.name[: -len(SEGMENT_SUFFIX)])
+            except ValueError as exc:
+                raise self._damage(path, "its name is not a sequence number") from exc
+            segment = self._scan(path, first, last=i == len(paths) - 1)
+            if segment is None:
+                continue
+            if self._segments and segment.first_seq <= self._segments[-1].last_seq:
+                raise self._damage(path, "it overlaps the segment before it")
+            self._segments.append(segment)
+        self._last_seq = max(self._mark_last_seq, self._segments[-1].last_seq if self._segments else 0)
+        for segment in list(self._segments[:-1]):
+            if segment.last_seq <= self._released:
+                self._unlink(segment)
+        if self._segments:
+            self._fd = os.open(self._segments[-1].path, os.O_WRONLY)
+            os.lseek(self._fd, self._segments[-1].size, os.SEEK_SET)
+
+    def _damage(self, path: Path, what: str) -> errors.Integrity:
+        return errors.Integrity(
+            f"frame log segment {path} is damaged: {what}",
+            hint="the disk or filesystem damaged it; restore the file or re-protect the pair (full resync)",
+            code="framelog-damaged",
+        )
+
+    def _read_mark(self) -> tuple[int, int]:
+        path = self.directory / MARK_FILE
+        try:
+            data = json.loads(path.read_bytes())
+            return int(data["released_seq"]), int(data["last_seq"])
+        except FileNotFoundError:
+            return 0, 0
+        except (ValueError, KeyError, TypeError) as exc:
+            raise errors.Integrity(
+                f"frame log release mark {path} is unreadable",
+                hint="the disk or filesystem damaged it; re-protect the pair (full resync)",
+                code="framelog-damaged",
+            ) from exc
+
+    def _scan(self, path: Path, first: int, *, last: bool) -> _Segment | None:
+        """Index one segment; a torn tail of the last one is truncated."""
+        segment = _Segment(path=path, first_seq=first)
+        with open(path, "rb") as handle:
+            fd = handle.fileno()
+            file_size = os.fstat(fd).st_size
+            magic = os.pread(fd, len(MAGIC), 0)
+            if magic != MAGIC:
+                if last and file_size <= len(MAGIC) and MAGIC.startswith(magic.rstrip(b"\0")):
+                    log.warning("frame log: removing a segment torn before its first record", path=str(path))
+                    self._unlink_path(path)
+                    return None
+                raise self._damage(path, "it does not start with the segment magic")
+            window = _Window(fd)
+            offset, prev = len(MAGIC), first - 1
+            while offset < file_size:
+                problem, seq, length = self._check_record(window, offset, file_size, prev, verify=last)
+                if problem:
+                    if not last:
+                        raise self._damage(path, f"{problem} at offset {offset}")
+                    log.warning(
+                        "frame log: truncating a torn tail", path=str(path), offset=offset,
+                        dropped_bytes=file_size - offset, reason=problem,
+                    )
+                    break
+                segment.seqs.append(seq)
+                segment.offsets.append(offset)
+                offset += HEADER_SIZE + length
+                prev = seq
+        if offset < file_size:
+            self._truncate(path, offset)
+        if not segment.seqs:
+            if not last:
+                raise self._damage(path, "it holds no records")
+            log.warning("frame log: removing an empty last segment", path=str(path))
+            self._unlink_path(path)
+            return None
+        if segment.seqs[0] != first:
+            raise self._damage(path, f"its first record has seq {segment.seqs[0]}, its name says {first}")
+        segment.size = offset
+        return segment
+
+    @staticmethod
+    def _check_record(
+        window: _Window, offset: int, limit: int, prev: int, *, verify: bool
+    ) -> tuple[str, int, int]:
+        """('', seq, length) for a good record at `offset`, else (what is wrong, 0, 0)."""
+        if limit - offset < HEADER_SIZE:
+            return "a record header is cut short", 0, 0
+        if verify:
+            header = window.read(offset, HEADER_SIZE, limit)
+        else:
+            header = os.pread(window.fd, HEADER_SIZE, offset)
+        length, seq, digest = _HEADER.unpack(header)
+        if length > MAX_RECORD_BODY:
+            return f"a record states {length} bytes", 0, 0
+        if offset + HEADER_SIZE + length > limit:
+            return "a record is cut short", 0, 0
+        if seq <= prev:
+            return f"record seq {seq} does not follow {prev}", 0, 0
+        if verify:
+            body = window.read(offset + HEADER_SIZE, length, limit)
+            if _record_hash(length, seq, body) != digest:
+                return "a record fails its hash", 0, 0
+        return "", seq, length
+
+    def _truncate(self, path: Path, size: int) -> None:
+        fd = os.open(path, os.O_WRONLY)
+        try:
+            os.ftruncate(fd, size)
+            if self._fsync:
+                os.fsync(fd)
+        finally:
+            os.close(fd)
+
+    def _unlink_path(self, path: Path) -> None:
+        path.unlink(missing_ok=True)
+        if self._fsync:
+            _fsync_dir(self.directory)
+
+    def _unlink(self, segment: _Segment) -> None:
+        self._segments.remove(segment)
+        self._unlink_path(segment.path)
+
+    # -- status ------------------------------------------------------------
+    @property
+    def last_seq(self) -> int:
+        """The highest seq ever appended (0: none), kept across releases and restarts."""
+        with self._lock:
+            return self._last_seq
+
+    @property
+    def released_seq(self) -> int:
+        with self._lock:
+            return self._released
+
+    def _first_pending_locked(self) -> tuple[_Segment, int] | None:
+        for segment in self._segments:
+            if segment.last_seq > self._released:
+                return segment, bisect_right(segment.seqs, self._released)
+        return None
+
+    @property
+    def first_pending_seq(self) -> int | None:
+        """The seq of the oldest unreleased frame, or None when none is left."""
+        with self._lock:
+            found = self._first_pending_locked()
+            return found[0].seqs[found[1]] if found else None
+
+    @property
+    def pending_frames(self) -> int:
+        with self._lock:
+            found = self._first_pending_locked()
+            if found is None:
+                return 0
+            start = self._segments.index(found[0])
+            return len(found[0].seqs) - found[1] + sum(len(s.seqs) for s in self._segments[start + 1 :])
+
+    @property
+    def pending_bytes(self) -> int:
+        """Bytes on disk (headers included) of the unreleased records."""
+        with self._lock:
+            found = self._first_pending_locked()
+            if found is None:
+                return 0
+            segment, index = found
+            start = self._segments.index(segment)
+            total = segment.size - segment.offsets[index]
+            return total + sum(s.size - len(MAGIC) for s in self._segments[start + 1 :])
+
+    @property
+    def disk_bytes(self) -> int:
+        """Bytes the segment files take, released records not yet deleted included."""
+        with self._lock:
+            return sum(s.size for s in self._segments)
+
+    @property
+    def oldest_pending_captured_at(self) -> Timestamp | None:
+        """`captured_at` of the oldest unreleased frame (read from disk once, then cached)."""
+        with self._lock:
+            found = self._first_pending_locked()
+            if found is None:
+                return None
+            segment, index = found
+            seq = segment.seqs[index]
+            if self._oldest is None or self._oldest[0] != seq:
+                frame = self._read_record(segment, index)
+                self._oldest = (seq, frame.captured_at)
+            out = Timestamp()
+            out.CopyFrom(self._oldest[1])
+            return out
+
+    def _read_record(self, segment: _Segment, index: int) -> rpb.Frame:
+        offset, end = segment.offsets[index], segment.end_of(index)
+        with open(segment.path, "rb") as handle:
+            data = os.pread(handle.fileno(), end - offset, offset)
+        return self._parse(segment.path, offset, data)
+
+    def _parse(self, path: Path, offset: int, record: bytes) -> rpb.Frame:
+        length, seq, digest = _HEADER.unpack_from(record)
+        body = memoryview(record)[HEADER_SIZE : HEADER_SIZE + length]
+        if len(body) != length or _record_hash(length, seq, body) != digest:
+            raise self._damage(path, f"the record at offset {offset} fails its hash")
+        try:
+            frame = rpb.Frame.FromString(bytes(body))
+        except DecodeError as exc:
+            raise self._damage(path, f"the record at offset {offset} is not a frame") from exc
+        if frame.seq != seq:
+            raise self._damage(path, f"the record at offset {offset} holds frame {frame.seq}, not {seq}")
+        return frame
+
+    # -- appending ---------------------------------------------------------
+    def append(self, frames: Sequence[rpb.Frame]) -> None:
+        """Write `frames` durably (one fsync); on return they survive a crash.
+
+        Seqs must be strictly increasing and above `last_seq` (InvalidInput
+        otherwise: a caller's bug). On a full disk raises Unavailable
+        (`disk-full`) and leaves the log as it was.
+        """
+        if not frames:
+            return
+        with self._append_lock:
+            self._check_writable()
+            prev = self.last_seq
+            records: list[bytes] = []
+            seqs: list[int] = []
+            for frame in frames:
+                if frame.seq <= prev:
+                    raise errors.InvalidInput(
+                        f"frame log {self.directory}: frame {frame.seq} does not follow {prev}",
+                        hint="frames must be appended with strictly increasing seq (a bug in the caller)",
+                        code="seq-order",
+                    )
+                body = frame.SerializeToString()
+                records.append(_HEADER.pack(len(body), frame.seq, _record_hash(len(body), frame.seq, body)))
+                records.append(body)
+                seqs.append(frame.seq)
+                prev = frame.seq
+            with self._lock:
+                active = self._segments[-1] if self._segments else None
+                roll = active is None or active.size >= self.segment_bytes or active.last_seq <= self._released
+            if roll:
+                active = _Segment(path=self.directory / _segment_name(seqs[0]), first_seq=seqs[0])
+            assert active is not None
+            offsets = array("Q")
+            end = active.size
+            for i in range(0, len(records), 2):
+                offsets.append(end)
+                end += len(records[i]) + len(records[i + 1])
+            if roll:
+                records.insert(0, MAGIC)
+            fd = self._write(active, b"".join(records), new=roll)
+            with self._appended:
+                if roll:
+                    old_fd, self._fd = self._fd, fd
+                    self._segments.append(active)
+                    if old_fd is not None:
+                        os.close(old_fd)
+                    self._drop_released_locked()
+                active.seqs.extend(seqs)
+                active.offsets.extend(offsets)
+                active.size = end
+                self._last_seq = seqs[-1]
+                self._appended.notify_all()
+
+    def _check_writable(self) -> None:
+        if self._closed:
+            raise errors.Internal(f"frame log {self.directory} is closed", code="framelog-closed")
+        if self._broken:
+            raise errors.Unavailable(
+                f"frame log {self.directory} failed earlier ({self._broken}) and takes no more frames",
+                hint="check the disk, then restart the daemon; it reopens the log and resumes",
+                code="disk-error",
+            )
+
+    def _write(self, segment: _Segment, buffer: bytes, *, new: bool) -> int:
+        """Write `buffer` at the end of `segment` and fsync; undo it all on failure."""
+        if new:
+            fd = os.open(segment.path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o640)
+        else:
+            assert self._fd is not None
+            fd = self._fd
+        try:
+            view = memoryview(buffer)
+            while view:
+                written = os.write(fd, view)
+                view = view[written:]
+            if self._fsync:
+                os.fsync(fd)
+                if new:
+                    _fsync_dir(self.directory)
+        except OSError as exc:
+            self._undo(segment, fd, new=new, cause=exc)
+            if exc.errno in _DISK_FULL:
+                raise errors.Unavailable(
+                    f"frame log {self.directory} is out of disk space; {len(buffer)} bytes were not written",
+                    hint="free space on that volume or give it more; the frames were not taken and the "
+                    "sender keeps them",
+                    code="disk-full",
+                ) from exc
+            self._broken = f"{exc.strerror or exc}"
+            raise errors.Unavailable(
+                f"frame log {self.directory}: writing failed: {exc.strerror or exc}",
+                hint="check the disk, then restart the daemon",
+                code="disk-error",
+            ) from exc
+        return fd
+
+    def _undo(self, segment: _Segment, fd: int, *, new: bool, cause: OSError) -> None:
+        try:
+            if new:
+                os.close(fd)
+                self._unlink_path(segment.path)
+            else:
+                os.ftruncate(fd, segment.size)
+                os.lseek(fd, segment.size, os.SEEK_SET)
+                if self._fsync:
+                    os.fsync(fd)
+        except OSError as exc:
+            self._broken = f"undoing a failed write: {exc.strerror or exc}"
+            log.error("frame log: cannot undo a failed write", directory=str(self.directory), error=str(exc))
+            raise errors.Unavailable(
+                f"frame log {self.directory}: a write failed ({cause.strerror}) and could not be undone",
+                hint="check the disk, then restart the daemon; opening the log truncates the partial record",
+                code="disk-error",
+            ) from exc
+
+    # -- reading -----------------------------------------------------------
+    def read_from(self, seq: int) -> Iterator[rpb.Frame]:
+        """Unreleased frames with seq >= `seq`, in order, read from disk.
+
+        The iterator also yields frames appended while it runs and ends when it
+        has caught up with the log; frames released meanwhile may be skipped.
+        """
+        want = max(seq, 1)
+        while True:
+            with self._lock:
+                want = max(want, self._released + 1)
+                found = self._locate_locked(want)
+                if found is None:
+                    return
+                segment, index = found
+            try:
+                fd = os.open(segment.path, os.O_RDONLY)
+            except FileNotFoundError:
+                continue  # released and deleted meanwhile: look again
+            try:
+                window = _Window(fd)
+                while True:
+                    with self._lock:
+                        count, limit = len(segment.seqs), segment.size
+                    if index >= count:
+                        break
+                    offset = segment.offsets[index]
+                    length = _HEADER.unpack(window.read(offset, HEADER_SIZE, limit))[0]
+                    frame = self._parse(
+                        segment.path, offset, window.read(offset, HEADER_SIZE + length, limit)
+                    )
+                    index += 1
+                    want = frame.seq + 1
+                    yield frame
+            finally:
+                os.close(fd)
+
+    def _locate_locked(self, seq: int) -> tuple[_Segment, int] | None:
+        """The segment and index of the first record with seq >= `seq`."""
+        firsts = [s.first_seq for s in self._segments]
+        i = max(bisect_right(firsts, seq) - 1, 0)
+        for segment in self._segments[i:]:
+            index = bisect_left(segment.seqs, seq)
+            if index < len(segment.seqs):
+                return segment, index
+        return None
+
+    def wait_for(self, seq: int, timeout: float | None = None) -> bool:
+        """Wait until a frame with seq > `seq` has been appended; False on timeout or close."""
+        with self._appended:
+            return self._appended.wait_for(lambda: self._last_seq > seq or self._closed, timeout) and (
+                self._last_seq > seq
+            )
+
+    # -- releasing ---------------------------------------------------------
+    def release_through(self, seq: int) -> None:
+        """Frames <= `seq` are no longer needed. Idempotent; clamped to `last_seq`.
+
+        Persists the mark (atomically), then deletes the segments it covers
+        whole (but never the one being written: the writer drops it when it rolls).
+        """
+        with self._release_lock:
+            with self._lock:
+                mark = min(seq, self._last_seq)
+                if mark <= self._released:
+                    return
+                last = self._last_seq
+            self._write_mark(mark, last)
+            with self._lock:
+                self._released = mark
+                self._mark_last_seq = last
+                self._drop_released_locked()
+
+    def _drop_released_locked(self) -> None:
+        for segment in list(self._segments[:-1]):
+            if segment.last_seq > self._released:
+                break
+            self._unlink(segment)
+
+    def _write_mark(self, released: int, last: int) -> None:
+        path = self.directory / MARK_FILE
+        tmp = path.with_name(f".{MARK_FILE}.tmp")
+        data = json.dumps({"released_seq": released, "last_seq": last}).encode()
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o640)
+        try:
+            os.write(fd, data)
+            if self._fsync:
+                os.fsync(fd)
+        finally:
+            os.close(fd)
+        os.replace(tmp, path)
+        if self._fsync:
+            _fsync_dir(self.directory)
+
+    # -- closing -----------------------------------------------------------
+    def close(self) -> None:
+        with self._append_lock, self._appended:
+            self._closed = True
+            if self._fd is not None:
+                os.close(self._fd)
+                self._fd = None
+            self._appended.notify_all()
+
+    def __enter__(self) -> FrameLog:
+        return self
+
+    def __exit__(self, *_exc: object) -> None:
+        self.close()
+
+    def __repr__(self) -> str:
+        return f"FrameLog({str(self.directory)!r}, last_seq={self._last_seq}, released={self._released})"
+
+
+def _fsync_dir(directory: Path) -> None:
+    fd = os.open(directory, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)

@@ -1,0 +1,324 @@
+"""The durable frame log: append, read, release, reopen, torn tails, crashes, a full disk."""
+
+from __future__ import annotations
+
+import errno
+import hashlib
+import os
+import random
+import signal
+import subprocess
+import sys
+import textwrap
+import threading
+from pathlib import Path
+
+import pytest
+
+from siterecovery.common import errors, frames
+from siterecovery.common.framelog import MAGIC, MARK_FILE, FrameLog
+from siterecovery.common.pb import replication_pb2 as rpb
+
+PAIR = "pair-1"
+
+
+def frame(seq: int, size: int = 1000) -> rpb.Frame:
+    data = random.Random(seq).randbytes(size)
+    return frames.write_frame(PAIR, seq, (seq % 64) * 4096, data, captured_at=1_700_000_000 + seq)
+
+
+def digest(items) -> str:
+    h = hashlib.sha256()
+    for item in items:
+        h.update(item.SerializeToString())
+    return h.hexdigest()
+
+
+def segments(directory: Path) -> list[Path]:
+    return sorted(directory.glob("*.seg"))
+
+
+def test_append_read_release_reopen(tmp_path: Path) -> None:
+    log = FrameLog(tmp_path, fsync=False)
+    assert (log.last_seq, log.first_pending_seq, log.pending_frames, log.pending_bytes) == (0, None, 0, 0)
+    assert log.oldest_pending_captured_at is None
+    written = [frame(s) for s in (1, 2, 3, 5, 8, 13)]
+    log.append(written[:3])
+    log.append(written[3:])
+    assert log.last_seq == 13
+    assert log.pending_frames == 6
+    assert digest(log.read_from(0)) == digest(written)
+    assert digest(log.read_from(4)) == digest(written[3:])
+    assert list(log.read_from(14)) == []
+    assert log.oldest_pending_captured_at.seconds == 1_700_000_001
+
+    log.release_through(3)
+    log.release_through(2)  # idempotent, never goes back
+    assert log.first_pending_seq == 5
+    assert log.pending_frames == 3
+    assert digest(log.read_from(0)) == digest(written[3:])
+    assert log.oldest_pending_captured_at.seconds == 1_700_000_005
+    pending = log.pending_bytes
+    log.close()
+
+    again = FrameLog(tmp_path, fsync=False)
+    assert (again.last_seq, again.first_pending_seq, again.pending_frames) == (13, 5, 3)
+    assert again.pending_bytes == pending
+    assert digest(again.read_from(1)) == digest(written[3:])
+    again.append([frame(21)])
+    assert [f.seq for f in again.read_from(0)] == [5, 8, 13, 21]
+    again.close()
+
+
+def test_seqs_must_increase(tmp_path: Path) -> None:
+    with FrameLog(tmp_path, fsync=False) as log:
+        log.append([frame(5)])
+        for bad in ([frame(5)], [frame(4)], [frame(7), frame(6)]):
+            with pytest.raises(errors.InvalidInput):
+                log.append(bad)
+        assert [f.seq for f in log.read_from(0)] == [5]
+
+
+def test_segments_roll_and_released_ones_are_deleted(tmp_path: Path) -> None:
+    log = FrameLog(tmp_path, segment_bytes=4096, fsync=False)
+    written = [frame(s) for s in range(1, 41)]
+    for f in written:
+        log.append([f])
+    assert len(segments(tmp_path)) >= 8
+    assert log.pending_bytes == sum(p.stat().st_size - len(MAGIC) for p in segments(tmp_path))
+    log.release_through(20)
+    assert all(int(p.stem) > 15 for p in segments(tmp_path)), "wholly released segments remain"
+    assert digest(log.read_from(0)) == digest(written[20:])
+    log.release_through(40)
+    # The active segment stays until the writer rolls past it.
+    assert len(segments(tmp_path)) == 1
+    assert (log.pending_frames, log.pending_bytes, log.first_pending_seq) == (0, 0, None)
+    log.append([frame(41)])
+    assert [p.stem for p in segments(tmp_path)] == [f"{41:020d}"]
+    log.close()
+
+
+def test_last_seq_survives_releasing_everything(tmp_path: Path) -> None:
+    with FrameLog(tmp_path, segment_bytes=4096, fsync=False) as log:
+        log.append([frame(s) for s in range(1, 10)])
+        log.append([frame(s) for s in range(10, 20)])
+        log.release_through(1_000)  # clamped to what the log holds
+        assert log.released_seq == 19
+    with FrameLog(tmp_path, fsync=False) as log:
+        assert log.segment_bytes  # reopened
+        assert log.last_seq == 19
+        assert log.pending_frames == 0
+        assert list(log.read_from(0)) == []
+        with pytest.raises(errors.InvalidInput):
+            log.append([frame(19)])
+        log.append([frame(20)])
+    assert [p.stem for p in segments(tmp_path)] == [f"{20:020d}"]
+
+
+@pytest.mark.parametrize("tail", [b"\x07\x00", b"garbage" * 50, "partial", "flipped"])
+def test_torn_tail_is_truncated(tmp_path: Path, tail) -> None:
+    written = [frame(s) for s in range(1, 6)]
+    with FrameLog(tmp_path, fsync=False) as log:
+        log.append(written)
+    seg = segments(tmp_path)[-1]
+    good_size = seg.stat().st_size
+    with open(seg, "r+b") as handle:
+        if tail == "partial":  # half of a further record
+            handle.seek(0, os.SEEK_END)
+            FrameLog(tmp_path / "other", fsync=False).append([frame(6)])
+            whole = segments(tmp_path / "other")[0].read_bytes()[len(MAGIC) :]
+            handle.write(whole[: len(whole) // 2])
+        elif tail == "flipped":  # the last record's body damaged in place
+            handle.seek(good_size - 10)
+            byte = handle.read(1)
+            handle.seek(good_size - 10)
+            handle.write(bytes([byte[0] ^ 0xFF]))
+            written = written[:-1]
+        else:
+            handle.seek(0, os.SEEK_END)
+            handle.write(tail)
+    with FrameLog(tmp_path, fsync=False) as log:
+        assert digest(log.read_from(0)) == digest(written)
+        assert log.last_seq == written[-1].seq
+        log.append([frame(7)])
+        assert [f.seq for f in log.read_from(0)] == [*(f.seq for f in written), 7]
+
+
+def test_torn_new_segment_is_removed(tmp_path: Path) -> None:
+    with FrameLog(tmp_path, fsync=False) as log:
+        log.append([frame(1)])
+    (tmp_path / f"{2:020d}.seg").write_bytes(MAGIC[:3])
+    with FrameLog(tmp_path, fsync=False) as log:
+        assert log.last_seq == 1
+    assert len(segments(tmp_path)) == 1
+
+
+def test_damage_in_an_earlier_segment_is_refused(tmp_path: Path) -> None:
+    with FrameLog(tmp_path, segment_bytes=4096, fsync=False) as log:
+        for s in range(1, 20):
+            log.append([frame(s)])
+    first = segments(tmp_path)[0]
+    with open(first, "r+b") as handle:
+        handle.seek(len(MAGIC))
+        handle.write(b"\xff\xff\xff\xff")  # the first record's length
+    with pytest.raises(errors.Integrity) as caught:
+        FrameLog(tmp_path, fsync=False)
+    assert str(first) in caught.value.message
+
+
+def test_damaged_body_in_an_earlier_segment_is_caught_when_read(tmp_path: Path) -> None:
+    with FrameLog(tmp_path, segment_bytes=4096, fsync=False) as log:
+        for s in range(1, 20):
+            log.append([frame(s)])
+    first = segments(tmp_path)[0]
+    with open(first, "r+b") as handle:
+        handle.seek(len(MAGIC) + 100)
+        handle.write(b"\x00\x01\x02")
+    with FrameLog(tmp_path, fsync=False) as log, pytest.raises(errors.Integrity) as caught:
+        list(log.read_from(0))
+    assert str(first) in caught.value.message
+
+
+def test_unreadable_release_mark_is_refused(tmp_path: Path) -> None:
+    with FrameLog(tmp_path, fsync=False) as log:
+        log.append([frame(1)])
+        log.release_through(1)
+    (tmp_path / MARK_FILE).write_text("{not json")
+    with pytest.raises(errors.Integrity):
+        FrameLog(tmp_path, fsync=False)
+
+
+def _fail_writes(monkeypatch: pytest.MonkeyPatch, code: int, after_bytes: int = 0) -> None:
+    real = os.write
+    budget = [after_bytes]
+
+    def write(fd, data):
+        if budget[0] <= 0:
+            raise OSError(code, os.strerror(code))
+        n = real(fd, bytes(data[: budget[0]]))
+        budget[0] -= n
+        return n
+
+    monkeypatch.setattr(os, "write", write)
+
+
+@pytest.mark.parametrize("new_segment", [False, True])
+def test_disk_full_leaves_the_log_as_it_was(tmp_path: Path, monkeypatch, new_segment: bool) -> None:
+    log = FrameLog(tmp_path, segment_bytes=4096, fsync=True)
+    written = [frame(s) for s in range(1, 6 if new_segment else 2)]
+    log.append(written)
+    assert (log.disk_bytes >= 4096) == new_segment  # the next append rolls to a new segment
+    before = {p.name: p.read_bytes() for p in segments(tmp_path)}
+    _fail_writes(monkeypatch, errno.ENOSPC, after_bytes=700)  # dies inside the record
+    with pytest.raises(errors.Unavailable) as caught:
+        log.append([frame(10), frame(11)])
+    monkeypatch.undo()
+    assert caught.value.code == "disk-full"
+    assert str(tmp_path) in caught.value.message
+    assert {p.name: p.read_bytes() for p in segments(tmp_path)} == before
+    assert log.last_seq == written[-1].seq
+    assert len(segments(tmp_path)) == 1
+    # Space is back: the same frames go in, and everything reads back after a reopen.
+    log.append([frame(10), frame(11)])
+    log.close()
+    with FrameLog(tmp_path) as again:
+        assert digest(again.read_from(0)) == digest([*written, frame(10), frame(11)])
+
+
+def test_other_write_errors_stop_the_log(tmp_path: Path, monkeypatch) -> None:
+    log = FrameLog(tmp_path, fsync=False)
+    log.append([frame(1)])
+    _fail_writes(monkeypatch, errno.EIO)
+    with pytest.raises(errors.Unavailable) as caught:
+        log.append([frame(2)])
+    monkeypatch.undo()
+    assert caught.value.code == "disk-error"
+    with pytest.raises(errors.Unavailable):
+        log.append([frame(2)])
+    log.close()
+    with FrameLog(tmp_path, fsync=False) as again:
+        assert [f.seq for f in again.read_from(0)] == [1]
+
+
+def test_reader_in_another_thread_sees_appends(tmp_path: Path) -> None:
+    log = FrameLog(tmp_path, segment_bytes=8192, fsync=False)
+    written = [frame(s, size=300) for s in range(1, 401)]
+    seen: list[rpb.Frame] = []
+    failed: list[BaseException] = []
+
+    def reader() -> None:
+        try:
+            nxt = 1
+            while nxt <= 400:
+                for f in log.read_from(nxt):
+                    seen.append(f)
+                    nxt = f.seq + 1
+                    if f.seq % 50 == 0:
+                        log.release_through(f.seq - 10)
+                if nxt <= 400:
+                    assert log.wait_for(nxt - 1, timeout=10)
+        except BaseException as exc:
+            failed.append(exc)
+
+    thread = threading.Thread(target=reader)
+    thread.start()
+    for i in range(0, 400, 7):
+        log.append(written[i : i + 7])
+    thread.join(timeout=20)
+    assert not thread.is_alive() and not failed, failed
+    assert digest(seen) == digest(written)
+    log.close()
+
+
+_CHILD = textwrap.dedent(
+    """
+    import random, sys
+    from pathlib import Path
+    from siterecovery.common import frames
+    from siterecovery.common.framelog import FrameLog
+
+    log = FrameLog(Path(sys.argv[1]), segment_bytes=64 * 1024)
+    seq = log.last_seq
+    rng = random.Random(1)
+    while True:
+        batch = []
+        for _ in range(rng.randint(1, 8)):
+            seq += 1
+            data = random.Random(seq).randbytes(rng.randint(1, 6000))
+            batch.append(frames.write_frame("pair-1", seq, 0, data, captured_at=seq))
+        log.append(batch)
+        sys.stdout.write(f"{seq}\\n")
+        sys.stdout.flush()
+    """
+)
+
+
+def test_sigkill_mid_append_loses_no_returned_frame(tmp_path: Path) -> None:
+    """A child appends in a loop and prints each seq after append returned; kill -9 it at random."""
+    directory = tmp_path / "log"
+    released = last = 0
+    for round_ in range(3):
+        child = subprocess.Popen(
+            [sys.executable, "-c", _CHILD, str(directory)], stdout=subprocess.PIPE, text=True
+        )
+        target = last + random.randint(20, 400)
+        acknowledged = last
+        assert child.stdout is not None
+        for line in child.stdout:
+            acknowledged = int(line)
+            if acknowledged >= target:
+                break
+        child.send_signal(signal.SIGKILL)
+        child.wait(timeout=10)
+        child.stdout.close()
+        with FrameLog(directory, segment_bytes=64 * 1024) as log:
+            got = list(log.read_from(0))
+            last = log.last_seq
+            assert last >= acknowledged
+            assert [f.seq for f in got] == list(range(released + 1, last + 1))
+            for f in got:
+                frames.verify("pair-1", f)
+                assert f.write.data == random.Random(f.seq).randbytes(len(f.write.data))
+            if round_ % 2 == 0:
+                released = last // 2
+                log.release_through(released)
