@@ -1,0 +1,471 @@
+"""A small NBD server: fixed newstyle negotiation, simple replies, one thread per connection.
+
+Written from the protocol description (NetworkBlockDevice/nbd, doc/proto.md).
+It knows nothing of replication: each export is a `Backend` (read, write,
+write_zeroes, trim, flush) and the source agent's capture layer is one.
+
+Negotiation: the server offers NBD_FLAG_FIXED_NEWSTYLE | NBD_FLAG_NO_ZEROES and
+understands NBD_OPT_EXPORT_NAME, NBD_OPT_LIST, NBD_OPT_ABORT, NBD_OPT_INFO and
+NBD_OPT_GO (replying NBD_INFO_EXPORT and NBD_INFO_BLOCK_SIZE: minimum 1,
+preferred 4096, maximum 32 MiB). Every other option, NBD_OPT_STRUCTURED_REPLY
+and NBD_OPT_STARTTLS included, gets NBD_REP_ERR_UNSUP, so only simple replies
+are ever sent. The empty export name means the only export, when there is one.
+
+Transmission: READ, WRITE (FUA honoured), FLUSH, TRIM, WRITE_ZEROES (NO_HOLE
+honoured) and DISC. The transmission flags are HAS_FLAGS | SEND_FLUSH |
+SEND_FUA | SEND_TRIM | SEND_WRITE_ZEROES | CAN_MULTI_CONN; multi-conn is safe
+because every connection to an export goes to the same backend object (one
+file descriptor, one page cache), so a FLUSH or FUA on one connection covers
+what every connection had completed.
+
+A connection reads requests on its own thread and runs them on a few worker
+threads (`workers_per_connection`), so a client with a queue depth above one
+(fio's iodepth) has several writes in the backend at once and the capture layer
+can commit them together. Replies may therefore leave out of order, which the
+protocol allows (the handle pairs a reply with its request).
+
+A request the server refuses gets an error reply and leaves the connection
+usable: past the end of the export → EINVAL (ENOSPC for writes, as the
+protocol asks); longer than the maximum block size → EOVERFLOW (a write's
+payload is read and dropped first); unknown command → EINVAL. Nothing is
+written for a refused request. A request or option with a wrong magic number is
+a broken client: the connection is closed.
+"""
+
+from __future__ import annotations
+
+import errno
+import socket
+import struct
+import threading
+from concurrent.futures import ThreadPoolExecutor
+from typing import Protocol
+
+from siterecovery.common.logging import get_logger
+
+log = get_logger(__name__)
+
+DEFAULT_PORT = 10809
+
+# -- protocol constants (doc/proto.md, "Values") --------------------------------
+NBDMAGIC = 0x4E42444D41474943  # "NBDMAGIC"
+IHAVEOPT = 0x49484156454F5054  # "IHAVEOPT"
+OPT_REPLY_MAGIC = 0x3E889045565A9
+REQUEST_MAGIC = 0x25609513
+SIMPLE_REPLY_MAGIC = 0x67446698
+
+FLAG_FIXED_NEWSTYLE = 1 << 0
+FLAG_NO_ZEROES = 1 << 1
+FLAG_C_FIXED_NEWSTYLE = 1 << 0
+FLAG_C_NO_ZEROES = 1 << 1
+
+OPT_EXPORT_NAME = 1
+OPT_ABORT = 2
+OPT_LIST = 3
+OPT_STARTTLS = 5
+OPT_INFO = 6
+OPT_GO = 7
+OPT_STRUCTURED_REPLY = 8
+
+REP_ACK = 1
+REP_SERVER = 2
+REP_INFO = 3
+REP_ERR = 1 << 31
+REP_ERR_UNSUP = REP_ERR | 1
+REP_ERR_POLICY = REP_ERR | 2
+REP_ERR_INVALID = REP_ERR | 3
+REP_ERR_UNKNOWN = REP_ERR | 6
+REP_ERR_TOO_BIG = REP_ERR | 9
+
+INFO_EXPORT = 0
+INFO_NAME = 1
+INFO_DESCRIPTION = 2
+INFO_BLOCK_SIZE = 3
+
+TFLAG_HAS_FLAGS = 1 << 0
+TFLAG_READ_ONLY = 1 << 1
+TFLAG_SEND_FLUSH = 1 << 2
+TFLAG_SEND_FUA = 1 << 3
+TFLAG_SEND_TRIM = 1 << 5
+TFLAG_SEND_WRITE_ZEROES = 1 << 6
+TFLAG_CAN_MULTI_CONN = 1 << 8
+
+CMD_READ = 0
+CMD_WRITE = 1
+CMD_DISC = 2
+CMD_FLUSH = 3
+CMD_TRIM = 4
+CMD_WRITE_ZEROES = 6
+
+CMD_FLAG_FUA = 1 << 0
+CMD_FLAG_NO_HOLE = 1 << 1
+
+TRANSMISSION_FLAGS = (
+    TFLAG_HAS_FLAGS
+    | TFLAG_SEND_FLUSH
+    | TFLAG_SEND_FUA
+    | TFLAG_SEND_TRIM
+    | TFLAG_SEND_WRITE_ZEROES
+    | TFLAG_CAN_MULTI_CONN
+)
+
+MIN_BLOCK = 1
+PREFERRED_BLOCK = 4096
+MAX_BLOCK = 32 * 1024 * 1024
+# Option data longer than this is dropped and refused (an export name is at most 4 KiB).
+MAX_OPTION_DATA = 64 * 1024
+_REQUEST = struct.Struct(">IHHQQI")
+_DRAIN_CHUNK = 1024 * 1024
+
+
+class Backend(Protocol):
+    """What an export reads and writes. Methods raise OSError (errno is sent to the client)."""
+
+    @property
+    def size(self) -> int: ...
+
+    def read(self, offset: int, length: int) -> bytes: ...
+
+    def write(self, offset: int, data: bytes, *, fua: bool) -> None: ...
+
+    def write_zeroes(self, offset: int, length: int, *, fua: bool, punch: bool) -> None: ...
+
+    def trim(self, offset: int, length: int, *, fua: bool) -> None: ...
+
+    def flush(self) -> None: ...
+
+
+class _Closed(Exception):
+    """The peer went away, or broke the protocol: drop the connection."""
+
+
+def _recv_exact(sock: socket.socket, length: int) -> bytearray:
+    buf = bytearray(length)
+    view = memoryview(buf)
+    got = 0
+    while got < length:
+        n = sock.recv_into(view[got:], length - got)
+        if n == 0:
+            raise _Closed("peer closed the connection")
+        got += n
+    return buf
+
+
+def _drain(sock: socket.socket, length: int) -> None:
+    while length > 0:
+        chunk = min(length, _DRAIN_CHUNK)
+        _recv_exact(sock, chunk)
+        length -= chunk
+
+
+class NbdServer:
+    """Serves named exports on one TCP address. Thread-safe; exports may come and go.
+
+    `start()` binds (port 0 picks a free one) and returns the bound port;
+    `stop()` closes the listener and every connection and waits for them.
+    """
+
+    def __init__(
+        self, host: str = "127.0.0.1", port: int = DEFAULT_PORT, *, workers_per_connection: int = 8
+    ) -> None:
+        self.host = host
+        self.requested_port = port
+        self.port = 0
+        self.workers_per_connection = max(1, workers_per_connection)
+        self._exports: dict[str, Backend] = {}
+        self._lock = threading.Lock()
+        self._listener: socket.socket | None = None
+        self._accept_thread: threading.Thread | None = None
+        self._connections: set[_Connection] = set()
+        self._stopping = threading.Event()
+
+    # -- exports ----------------------------------------------------------------
+    def add_export(self, name: str, backend: Backend) -> None:
+        with self._lock:
+            self._exports[name] = backend
+
+    def remove_export(self, name: str) -> None:
+        """Forget an export and drop the connections using it."""
+        with self._lock:
+            self._exports.pop(name, None)
+            victims = [c for c in self._connections if c.export_name == name]
+        for connection in victims:
+            connection.close()
+
+    def export_names(self) -> list[str]:
+        with self._lock:
+            return sorted(self._exports)
+
+    def lookup(self, name: str) -> Backend | None:
+        with self._lock:
+            if name == "" and len(self._exports) == 1:
+                return next(iter(self._exports.values()))
+            return self._exports.get(name)
+
+    def uri(self, name: str) -> str:
+        host = self.host if self.host not in ("", "0.0.0.0", "::") else "127.0.0.1"
+        if ":" in host:
+            host = f"[{host}]"
+        return f"nbd://{host}:{self.port}/{name}"
+
+    # -- life -------------------------------------------------------------------
+    def start(self) -> int:
+        family = socket.AF_INET6 if ":" in self.host else socket.AF_INET
+        listener = socket.socket(family, socket.SOCK_STREAM)
+        listener.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        listener.bind((self.host, self.requested_port))
+        listener.listen(64)
+        self._listener = listener
+        self.port = listener.getsockname()[1]
+        self._accept_thread = threading.Thread(target=self._accept_loop, name="nbd-accept", daemon=True)
+        self._accept_thread.start()
+        log.info("nbd listening", address=self.host, port=self.port)
+        return self.port
+
+    def stop(self, timeout: float = 10.0) -> None:
+        self._stopping.set()
+        if self._listener is not None:
+            try:
+                self._listener.shutdown(socket.SHUT_RDWR)
+            except OSError:
+                pass
+            self._listener.close()
+        if self._accept_thread is not None:
+            self._accept_thread.join(timeout)
+        with self._lock:
+            connections = list(self._connections)
+        for connection in connections:
+            connection.close()
+        for connection in connections:
+            connection.join(timeout)
+
+    def _accept_loop(self) -> None:
+        assert self._listener is not None
+        while not self._stopping.is_set():
+            try:
+                sock, peer = self._listener.accept()
+            except OSError:
+                return
+            connection = _Connection(self, sock, f"{peer[0]}:{peer[1]}")
+            with self._lock:
+                if self._stopping.is_set():
+                    sock.close()
+                    return
+                self._connections.add(connection)
+            connection.start()
+
+    def _forget(self, connection: _Connection) -> None:
+        with self._lock:
+            self._connections.discard(connection)
+
+
+class _Connection:
+    def __init__(self, server: NbdServer, sock: socket.socket, peer: str) -> None:
+        self.server = server
+        self.sock = sock
+        self.peer = peer
+        self.export_name: str | None = None
+        self._send_lock = threading.Lock()
+        self._thread = threading.Thread(target=self._run, name=f"nbd-{peer}", daemon=True)
+        self._closed = False
+
+    def start(self) -> None:
+        self._thread.start()
+
+    def join(self, timeout: float) -> None:
+        self._thread.join(timeout)
+
+    def close(self) -> None:
+        if self._closed:
+            return
+        self._closed = True
+        try:
+            self.sock.shutdown(socket.SHUT_RDWR)
+        except OSError:
+            pass
+
+    def _run(self) -> None:
+        self.sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        try:
+            result = self._negotiate()
+            if result is not None:
+                name, backend = result
+                self.export_name = name
+                log.info("nbd client attached", peer=self.peer, export=name)
+                self._transmit(backend)
+        except _Closed as exc:
+            log.debug("nbd connection closed", peer=self.peer, why=str(exc))
+        except OSError as exc:
+            log.debug("nbd connection failed", peer=self.peer, error=str(exc))
+        finally:
+            self._closed = True
+            self.sock.close()
+            self.server._forget(self)
+
+    # -- negotiation --------------------------------------------------------------
+    def _send(self, *parts: bytes | bytearray | memoryview) -> None:
+        with self._send_lock:
+            for part in parts:
+                self.sock.sendall(part)
+
+    def _reply(self, option: int, reply: int, data: bytes = b"") -> None:
+        self._send(struct.pack(">QIII", OPT_REPLY_MAGIC, option, reply, len(data)) + data)
+
+    def _negotiate(self) -> tuple[str, Backend] | None:
+        self._send(struct.pack(">QQH", NBDMAGIC, IHAVEOPT, FLAG_FIXED_NEWSTYLE | FLAG_NO_ZEROES))
+        (client_flags,) = struct.unpack(">I", _recv_exact(self.sock, 4))
+        if client_flags & ~(FLAG_C_FIXED_NEWSTYLE | FLAG_C_NO_ZEROES):
+            raise _Closed(f"unknown client flags {client_flags:#x}")
+        no_zeroes = bool(client_flags & FLAG_C_NO_ZEROES)
+        while True:
+            magic, option, length = struct.unpack(">QII", _recv_exact(self.sock, 16))
+            if magic != IHAVEOPT:
+                raise _Closed(f"bad option magic {magic:#x}")
+            if length > MAX_OPTION_DATA:
+                _drain(self.sock, length)
+                if option == OPT_EXPORT_NAME:
+                    raise _Closed("export name too long")
+                self._reply(option, REP_ERR_TOO_BIG, b"option data too long")
+                continue
+            data = bytes(_recv_exact(self.sock, length))
+            if option == OPT_EXPORT_NAME:
+                name = data.decode("utf-8", "replace")
+                backend = self.server.lookup(name)
+                if backend is None:
+                    raise _Closed(f"no export {name!r}")  # the protocol gives no way to say so
+                self._send(struct.pack(">QH", backend.size, TRANSMISSION_FLAGS) + (b"" if no_zeroes else bytes(124)))
+                return name, backend
+            if option == OPT_ABORT:
+                self._reply(option, REP_ACK)
+                return None
+            if option == OPT_LIST:
+                if data:
+                    self._reply(option, REP_ERR_INVALID, b"NBD_OPT_LIST takes no data")
+                    continue
+                for name in self.server.export_names():
+                    raw = name.encode()
+                    self._reply(option, REP_SERVER, struct.pack(">I", len(raw)) + raw)
+                self._reply(option, REP_ACK)
+                continue
+            if option in (OPT_INFO, OPT_GO):
+                chosen = self._info(option, data)
+                if chosen is not None and option == OPT_GO:
+                    return chosen
+                continue
+            self._reply(option, REP_ERR_UNSUP, b"not supported by this server")
+
+    def _info(self, option: int, data: bytes) -> tuple[str, Backend] | None:
+        """Answer NBD_OPT_INFO / NBD_OPT_GO; the export chosen, or None after an error reply."""
+        if len(data) < 6:
+            self._reply(option, REP_ERR_INVALID, b"option data too short")
+            return None
+        (name_length,) = struct.unpack_from(">I", data)
+        if len(data) < 4 + name_length + 2:
+            self._reply(option, REP_ERR_INVALID, b"export name overruns the option")
+            return None
+        name = data[4:4 + name_length].decode("utf-8", "replace")
+        (count,) = struct.unpack_from(">H", data, 4 + name_length)
+        if len(data) != 4 + name_length + 2 + 2 * count:
+            self._reply(option, REP_ERR_INVALID, b"information request list has the wrong length")
+            return None
+        wanted = set(struct.unpack_from(f">{count}H", data, 6 + name_length))
+        backend = self.server.lookup(name)
+        if backend is None:
+            self._reply(option, REP_ERR_UNKNOWN, f"no export named {name!r}".encode())
+            return None
+        self._reply(option, REP_INFO, struct.pack(">HQH", INFO_EXPORT, backend.size, TRANSMISSION_FLAGS))
+        self._reply(option, REP_INFO, struct.pack(">HIII", INFO_BLOCK_SIZE, MIN_BLOCK, PREFERRED_BLOCK, MAX_BLOCK))
+        if INFO_NAME in wanted:
+            self._reply(option, REP_INFO, struct.pack(">H", INFO_NAME) + name.encode())
+        self._reply(option, REP_ACK)
+        return name, backend
+
+    # -- transmission -------------------------------------------------------------
+    def _transmit(self, backend: Backend) -> None:
+        workers = self.server.workers_per_connection
+        # Bounds the requests (and write payloads) held in memory for this connection.
+        slots = threading.BoundedSemaphore(workers * 2)
+        with ThreadPoolExecutor(max_workers=workers, thread_name_prefix=f"nbd-io-{self.peer}") as pool:
+            while True:
+                magic, flags, command, handle, offset, length = _REQUEST.unpack(
+                    _recv_exact(self.sock, _REQUEST.size)
+                )
+                if magic != REQUEST_MAGIC:
+                    raise _Closed(f"bad request magic {magic:#x}")
+                if command == CMD_DISC:
+                    return  # leaving the with-block waits for the requests in flight
+                payload: bytes | None = None
+                if command == CMD_WRITE:
+                    if length > MAX_BLOCK:
+                        _drain(self.sock, length)
+                        self._simple_reply(handle, errno.EOVERFLOW)
+                        continue
+                    payload = bytes(_recv_exact(self.sock, length))
+                slots.acquire()
+
+                def run(flags=flags, command=command, handle=handle, offset=offset, length=length, payload=payload):
+                    try:
+                        self._execute(backend, flags, command, handle, offset, length, payload)
+                    finally:
+                        slots.release()
+
+                if workers == 1:
+                    run()
+                else:
+                    pool.submit(run)
+
+    def _simple_reply(self, handle: int, error: int, data: bytes = b"") -> None:
+        header = struct.pack(">IIQ", SIMPLE_REPLY_MAGIC, error, handle)
+        try:
+            if data:
+                self._send(header, data)
+            else:
+                self._send(header)
+        except OSError:
+            self.close()  # the reader notices and ends the connection
+
+    def _execute(
+        self, backend: Backend, flags: int, command: int, handle: int, offset: int, length: int,
+        payload: bytes | None,
+    ) -> None:
+        size = backend.size
+        fua = bool(flags & CMD_FLAG_FUA)
+        try:
+            if command == CMD_READ:
+                if length > MAX_BLOCK:
+                    return self._simple_reply(handle, errno.EOVERFLOW)
+                if offset + length > size:
+                    return self._simple_reply(handle, errno.EINVAL)
+                data = backend.read(offset, length) if length else b""
+                if len(data) != length:
+                    return self._simple_reply(handle, errno.EIO)
+                return self._simple_reply(handle, 0, data)
+            if command == CMD_WRITE:
+                assert payload is not None
+                if offset + length > size:
+                    return self._simple_reply(handle, errno.ENOSPC)
+                if length:
+                    backend.write(offset, payload, fua=fua)
+                return self._simple_reply(handle, 0)
+            if command == CMD_FLUSH:
+                backend.flush()
+                return self._simple_reply(handle, 0)
+            if command in (CMD_TRIM, CMD_WRITE_ZEROES):
+                if offset + length > size:
+                    return self._simple_reply(handle, errno.ENOSPC if command == CMD_WRITE_ZEROES else errno.EINVAL)
+                if length:
+                    if command == CMD_TRIM:
+                        backend.trim(offset, length, fua=fua)
+                    else:
+                        backend.write_zeroes(offset, length, fua=fua, punch=not flags & CMD_FLAG_NO_HOLE)
+                return self._simple_reply(handle, 0)
+            return self._simple_reply(handle, errno.EINVAL)
+        except OSError as exc:
+            code = exc.errno if exc.errno in (errno.ENOSPC, errno.EIO, errno.EPERM, errno.ENOMEM) else errno.EIO
+            log.warning("nbd request failed", peer=self.peer, command=command, offset=offset, length=length,
+                        error=str(exc))
+            return self._simple_reply(handle, code)
+        except Exception as exc:  # a bug must not hang the client: fail the request
+            log.exception("nbd request crashed", peer=self.peer, command=command, error=str(exc))
+            return self._simple_reply(handle, errno.EIO)
+
