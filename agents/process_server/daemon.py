@@ -1,8 +1,10 @@
 """sr-process-server: receives replication from source agents and forwards it.
 
-The data path (spool, compression, forwarding) arrives with the replication
-work; today the daemon enrolls, registers its spool, heartbeats and serves its
-data port (health, reflection, Probe).
+The daemon enrolls, registers its spool directory, heartbeats and serves its
+data port: health, reflection, Probe and Replicate. Replicate spools each
+pair's frames durably (receiver.py, spool.py); one forwarder per assigned pair
+sends them on to the pair's master target (forwarder.py); pairs.py ties both
+to the controller's assignments and reports them with every heartbeat.
 """
 
 from __future__ import annotations
@@ -15,27 +17,42 @@ from siterecovery.agents.runtime import AgentRuntime
 from siterecovery.agents.settings import ProcessServerSettings
 from siterecovery.common import daemon, logging, pki
 from siterecovery.common.grpcserver import Service
-from siterecovery.common.inventory import directory_facts, host_facts
+from siterecovery.common.inventory import directory_facts, host_facts, space_problems
 from siterecovery.common.pb import common_pb2, dataplane_pb2, dataplane_pb2_grpc
+
+from .pairs import ProcessServerPairs
+from .receiver import Receiver
+from .spool import Spool
 
 DAEMON = "process-server"
 
 
 class ProcessServerServicer(dataplane_pb2_grpc.ProcessServerServicer):
-    def __init__(self, runtime: AgentRuntime) -> None:
+    """Thin: Probe answers from the runtime; Replicate is the receiver's (receiver.py)."""
+
+    def __init__(self, runtime: AgentRuntime, receiver: Receiver) -> None:
         self._runtime = runtime
+        self._receiver = receiver
 
     def Probe(self, request, context):
         return probe_response(self._runtime)
+
+    def Replicate(self, request_iterator, context):
+        return self._receiver.replicate(request_iterator, context)
 
 
 def run(cfg: ProcessServerSettings, stop: threading.Event | None = None) -> int:
     logging.configure(level=cfg.log_level, json=cfg.log_json)
     stop = stop or daemon.install_stop_handlers()
-    spool = cfg.resolved_spool_dir
+    spool_dir = cfg.resolved_spool_dir
+    spool = Spool(spool_dir, limit_bytes=cfg.spool_limit_bytes)
+    pairs = ProcessServerPairs(spool, credentials=lambda: runtime.credentials)
 
     def directories() -> list[common_pb2.DirectoryFacts]:
-        return [directory_facts(common_pb2.DIRECTORY_KIND_SPOOL, spool)]
+        return [directory_facts(common_pb2.DIRECTORY_KIND_SPOOL, spool_dir)]
+
+    def problems(found: list[common_pb2.DirectoryFacts]) -> list[common_pb2.Problem]:
+        return [*space_problems(found), *pairs.problems()]
 
     runtime = AgentRuntime(
         cfg,
@@ -46,16 +63,25 @@ def run(cfg: ProcessServerSettings, stop: threading.Event | None = None) -> int:
             host=host_facts(), directories=directories(), data_endpoint=runtime.data_endpoint()
         ),
         directories=directories,
+        problems=problems,
+        pairs=pairs,
     )
-    return runtime.run(
-        lambda _creds: [
-            Service(
-                dataplane_pb2.DESCRIPTOR.services_by_name["ProcessServer"].full_name,
-                ProcessServerServicer(runtime),
-                dataplane_pb2_grpc.add_ProcessServerServicer_to_server,
-            )
-        ]
-    )
+    # On SIGTERM end the replication streams and forwarders at once, so the server's
+    # graceful stop does not wait out its grace period on streams that never end.
+    threading.Thread(target=lambda: (stop.wait(), pairs.close()), name="pairs-stop", daemon=True).start()
+    try:
+        return runtime.run(
+            lambda _creds: [
+                Service(
+                    dataplane_pb2.DESCRIPTOR.services_by_name["ProcessServer"].full_name,
+                    ProcessServerServicer(runtime, pairs.receiver),
+                    dataplane_pb2_grpc.add_ProcessServerServicer_to_server,
+                )
+            ]
+        )
+    finally:
+        pairs.close()
+        spool.close()
 
 
 def main(argv: list[str] | None = None) -> None:

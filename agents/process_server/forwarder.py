@@ -1,0 +1,295 @@
+"""Forwarding one pair's spooled frames to its master target (MasterTarget.Apply).
+
+One thread per pair. A session: dial the master target (mutual TLS, checking
+that the certificate names `master_target_id`), send `open`, read
+`accepted.durable_seq`, release the spool through it, then send every spooled
+frame after it in order, keeping at most `window_bytes` unacknowledged, and
+release the spool through each cumulative Ack. Frames leave the spool only when
+the master target has acknowledged them, so a crash or an error anywhere loses
+nothing: the next session starts again after what the master target holds.
+
+On an error the session ends, the error is logged (code and message) and,
+after a capped exponential backoff waited on the stop event, a new session
+starts. A refusal by the master target (any error other than "cannot reach it")
+puts the pair in ERROR with the master target's reason and code (say
+`retention-full`) until a session is accepted again.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+from collections import deque
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+
+import grpc
+
+from siterecovery.common import errors, pki
+from siterecovery.common.channels import secure_channel
+from siterecovery.common.enrollment import AgentCredentials
+from siterecovery.common.framelog import FrameLog
+from siterecovery.common.logging import get_logger
+from siterecovery.common.pb import dataplane_pb2_grpc
+from siterecovery.common.pb import replication_pb2 as rpb
+
+from .spool import Spool
+
+log = get_logger(__name__)
+
+# Codes of errors that mean "could not reach the master target", not "it refused".
+_TRANSPORT_CODES = frozenset({"unreachable", "unavailable"})
+# How long the throughput figure looks back.
+RATE_WINDOW = 10.0
+_POLL = 0.5
+
+
+@dataclass(frozen=True)
+class ForwardPolicy:
+    """How a forwarder paces itself; the defaults suit production."""
+
+    window_bytes: int = 64 * 1024 * 1024
+    initial_backoff: float = 0.2
+    max_backoff: float = 10.0
+
+    def __post_init__(self) -> None:
+        if self.window_bytes <= 0 or not 0 < self.initial_backoff <= self.max_backoff:
+            raise errors.InvalidInput(f"forward policy {self} is not valid", code="config-range")
+
+
+DEFAULT_POLICY = ForwardPolicy()
+
+
+class _Session:
+    """One Apply call: what has been sent and not yet acknowledged."""
+
+    def __init__(self) -> None:
+        self.accepted = threading.Event()
+        self.ended = threading.Event()
+        self.start_seq = 0
+        self.cond = threading.Condition()
+        self.inflight: deque[tuple[int, int]] = deque()  # (seq, bytes)
+        self.inflight_bytes = 0
+
+    def end(self) -> None:
+        self.ended.set()
+        with self.cond:
+            self.cond.notify_all()
+
+
+class Forwarder:
+    """Forwards one pair; `start()`, then `stop()`. Status via the read-only properties."""
+
+    def __init__(
+        self,
+        assignment: rpb.PairAssignment,
+        spool: Spool,
+        credentials: AgentCredentials,
+        *,
+        policy: ForwardPolicy = DEFAULT_POLICY,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
+        self.assignment = assignment
+        self.pair_id = assignment.pair_id
+        self._spool = spool
+        self._log: FrameLog = spool.log(assignment.pair_id)
+        self._credentials = credentials
+        self._policy = policy
+        self._clock = clock
+        self._stop = threading.Event()
+        self._lock = threading.Lock()
+        self._call: grpc.Future | None = None
+        self._session: _Session | None = None
+        self._thread = threading.Thread(target=self._run, name=f"forward-{self.pair_id}", daemon=True)
+        self._sent: deque[tuple[float, int]] = deque()
+        self.bytes_sent = 0
+        self.acked_seq = self._log.released_seq
+        self.error: errors.SiteRecoveryError | None = None
+        self.connected = False
+
+    # -- life ------------------------------------------------------------------
+    def start(self) -> None:
+        self._thread.start()
+
+    def stop(self, timeout: float = 10.0) -> None:
+        self._stop.set()
+        with self._lock:
+            call, session = self._call, self._session
+        if session is not None:
+            session.end()
+        if call is not None:
+            call.cancel()
+        if self._thread.is_alive() and self._thread is not threading.current_thread():
+            self._thread.join(timeout)
+
+    @property
+    def alive(self) -> bool:
+        return self._thread.is_alive()
+
+    def _run(self) -> None:
+        backoff = self._policy.initial_backoff
+        while not self._stop.is_set():
+            started = self._clock()
+            try:
+                self._forward()
+            except errors.SiteRecoveryError as exc:
+                if self._stop.is_set():
+                    break
+                self.connected = False
+                if exc.code not in _TRANSPORT_CODES:
+                    self.error = exc
+                log.warning(
+                    "forwarding to the master target failed; retrying",
+                    pair=self.pair_id, target=self.assignment.master_target_id,
+                    code=exc.code, error=exc.message, retry_in=round(backoff, 2),
+                )
+            except Exception as exc:  # a bug: keep the thread, and so the pair, alive
+                log.error("forwarding crashed; retrying", pair=self.pair_id, exc_info=exc)
+            self.connected = False
+            if self._clock() - started > self._policy.max_backoff:
+                backoff = self._policy.initial_backoff  # the session went well for a while
+            if self._stop.wait(backoff):
+                break
+            backoff = min(backoff * 2, self._policy.max_backoff)
+        log.info("forwarder stopped", pair=self.pair_id)
+
+    # -- one session -------------------------------------------------------------
+    def _forward(self) -> None:
+        a = self.assignment
+        channel = secure_channel(
+            a.master_target_endpoint,
+            self._credentials.channel_credentials(),
+            target_name=pki.agent_dns_name(a.master_target_id),
+        )
+        session = _Session()
+        try:
+            call = dataplane_pb2_grpc.MasterTargetStub(channel).Apply(self._requests(session))
+            with self._lock:
+                self._call, self._session = call, session
+            if self._stop.is_set():
+                call.cancel()
+            self._replies(session, call)
+        except grpc.RpcError as exc:
+            if self._stop.is_set():
+                return
+            raise errors.from_rpc_error(exc, target=a.master_target_endpoint) from exc
+        finally:
+            session.end()
+            with self._lock:
+                self._call, self._session = None, None
+            channel.close()
+
+    def _replies(self, session: _Session, call: Iterator[rpb.ReplicationReply]) -> None:
+        replies = iter(call)
+        first = next(replies, None)
+        if first is None or first.WhichOneof("kind") != "accepted":
+            raise errors.Internal(
+                f"master target {self.assignment.master_target_id} did not accept the stream",
+                code="target-protocol",
+            )
+        durable = first.accepted.durable_seq
+        released = self._log.released_seq
+        if durable < released:
+            raise errors.Integrity(
+                f"pair {self.pair_id}: master target {self.assignment.master_target_id} holds frames "
+                f"up to {durable} only, but acknowledged up to {released} before",
+                hint="the target disk lost acknowledged writes (restored from a backup?); resynchronise the pair",
+                code="target-behind",
+            )
+        self._acknowledged(session, durable)
+        session.start_seq = durable + 1
+        session.accepted.set()
+        self.connected = True
+        self.error = None
+        log.info("forwarding", pair=self.pair_id, target=self.assignment.master_target_id, from_seq=durable + 1)
+        for reply in replies:
+            if reply.WhichOneof("kind") != "ack":
+                raise errors.Internal("master target sent something other than an Ack", code="target-protocol")
+            self._acknowledged(session, reply.ack.seq)
+        if not self._stop.is_set():
+            raise errors.Unavailable(
+                f"master target {self.assignment.master_target_id} ended the stream", code="unavailable"
+            )
+
+    def _acknowledged(self, session: _Session, seq: int) -> None:
+        self._spool.release(self._log, seq)
+        self.acked_seq = max(self.acked_seq, min(seq, self._log.last_seq))
+        with session.cond:
+            while session.inflight and session.inflight[0][0] <= seq:
+                session.inflight_bytes -= session.inflight.popleft()[1]
+            session.cond.notify_all()
+
+    def _requests(self, session: _Session) -> Iterator[rpb.ReplicationMessage]:
+        """The request stream (consumed by a gRPC thread): open, then frames as they come."""
+        a = self.assignment
+        yield rpb.ReplicationMessage(open=rpb.StreamOpen(pair_id=a.pair_id, disk_size_bytes=a.disk_size_bytes))
+        while not session.accepted.wait(_POLL):
+            if session.ended.is_set():
+                return
+        nxt = session.start_seq
+        while not session.ended.is_set():
+            for frame in self._log.read_from(nxt):
+                size = frame.ByteSize()
+                with session.cond:
+                    while (
+                        session.inflight
+                        and session.inflight_bytes + size > self._policy.window_bytes
+                        and not session.ended.is_set()
+                    ):
+                        session.cond.wait(_POLL)
+                    if session.ended.is_set():
+                        return
+                    session.inflight.append((frame.seq, size))
+                    session.inflight_bytes += size
+                nxt = frame.seq + 1
+                self._count_sent(len(frame.write.data))
+                yield rpb.ReplicationMessage(frame=frame)
+            self._log.wait_for(nxt - 1, timeout=_POLL)
+
+    # -- status ------------------------------------------------------------------
+    def _count_sent(self, nbytes: int) -> None:
+        now = self._clock()
+        with self._lock:
+            self.bytes_sent += nbytes
+            self._sent.append((now, nbytes))
+            while self._sent and self._sent[0][0] < now - RATE_WINDOW:
+                self._sent.popleft()
+
+    @property
+    def throughput(self) -> float:
+        """Bytes per second sent over the last RATE_WINDOW seconds."""
+        now = self._clock()
+        with self._lock:
+            recent = sum(n for t, n in self._sent if t >= now - RATE_WINDOW)
+        return recent / RATE_WINDOW
+
+    def status(self) -> rpb.PairStatus:
+        """The pair as this process server sees it.
+
+        last_seq: highest seq spooled; acked_seq: highest the master target
+        acknowledged; backlog: frames and bytes (on disk, compressed) waiting in
+        the spool; bytes_sent: write data sent to the master target as it went
+        on the wire (compressed; a frame sent again after a reconnect counts again).
+        """
+        frame_log = self._log
+        out = rpb.PairStatus(
+            pair_id=self.pair_id,
+            state=rpb.PAIR_STATE_REPLICATING,
+            last_seq=frame_log.last_seq,
+            acked_seq=max(self.acked_seq, frame_log.released_seq),
+            backlog_frames=frame_log.pending_frames,
+            backlog_bytes=frame_log.pending_bytes,
+            bytes_sent=self.bytes_sent,
+            throughput_bytes_per_second=self.throughput,
+        )
+        oldest = frame_log.oldest_pending_captured_at
+        if oldest is not None:
+            out.oldest_pending_captured_at.CopyFrom(oldest)
+        error = self.error
+        if error is not None:
+            out.state = rpb.PAIR_STATE_ERROR
+            out.reason = f"master target {self.assignment.master_target_id} refused the stream: {error.message}"
+            if error.hint:
+                out.reason += f" ({error.hint})"
+            out.reason_code = error.code
+        return out
