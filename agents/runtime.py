@@ -10,9 +10,9 @@ from __future__ import annotations
 
 import socket
 import threading
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
-from typing import Protocol
+from typing import Any, Protocol
 
 import grpc
 import tenacity
@@ -74,6 +74,7 @@ class AgentRuntime:
             [Sequence[common_pb2.DirectoryFacts]], Sequence[common_pb2.Problem]
         ] = space_problems,
         pairs: PairParticipant | None = None,
+        ready_facts: Mapping[str, Any] | None = None,
     ) -> None:
         self.cfg = cfg
         self.role = role
@@ -83,6 +84,8 @@ class AgentRuntime:
         self._directories = directories
         self._problems = problems
         self.pairs = pairs
+        # Extra facts for the state file written when the agent is ready (say, its NBD exports).
+        self.ready_facts = dict(ready_facts or {})
         # Set to send the next heartbeat at once (say, a pair has news for the controller).
         self.heartbeat_now = threading.Event()
         self._interval = cfg.heartbeat_interval
@@ -231,6 +234,7 @@ class AgentRuntime:
             role=self.role,
             port=running.port,
             tls_name=agent_dns_name(credentials.identity.id),
+            **self.ready_facts,
         )
         self.register()
         self.heartbeat_loop()

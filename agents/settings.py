@@ -81,3 +81,14 @@ class SourceSettings(AgentSettings):
     listen: str = "127.0.0.1"
     port: int = SOURCE_PORT
     disks: tuple[DiskSettings, ...] = field(default_factory=tuple)
+    # Every configured disk is served over NBD on this address (export name = disk
+    # name); writes made through it are journaled and replicated. Port 0 picks one.
+    nbd_listen: str = "127.0.0.1"
+    nbd_port: int = 10809
+    # Bytes a pair may have sent to its process server and not yet had acknowledged.
+    send_window_bytes: int = 64 * 1024 * 1024
+    # App-consistent points: run before the tag (exit 0 = the application is frozen)
+    # and after it; each is killed after hook_timeout_seconds.
+    freeze_script: Path | None = None
+    thaw_script: Path | None = None
+    hook_timeout_seconds: float = 60.0

@@ -1,29 +1,39 @@
-"""sr-source-agent: runs on a protected machine and reports its disks.
+"""sr-source-agent: runs on a protected machine, serves its disks over NBD and replicates them.
 
-Change tracking and streaming arrive with the replication work; today the
-agent enrolls, registers its machine and disks (each with a stable identity),
-and heartbeats.
+The agent enrolls, registers its machine and disks (each with a stable
+identity), and heartbeats. Every configured disk is served as an NBD export
+named after the disk on `nbd_listen:nbd_port` (reported as `nbd` =
+{disk name: URI} in the state file and in the log); writes made through it are
+journaled and streamed to the process server while the disk's pair replicates
+in nbd mode (see replicator.py). Start-up order: open the disks, re-attach and
+replay the pairs' journals, then serve NBD, then enroll/register.
 """
 
 from __future__ import annotations
 
 import threading
 
+import grpc
+
 from siterecovery.agents import entry
 from siterecovery.agents.runtime import AgentRuntime
 from siterecovery.agents.settings import SourceSettings
 from siterecovery.common import daemon, errors, logging, pki
+from siterecovery.common.channels import RPC_TIMEOUT, secure_channel
 from siterecovery.common.inventory import DiskIdentities, disk_facts, host_facts
-from siterecovery.common.pb import common_pb2
+from siterecovery.common.pb import agent_pb2, agent_pb2_grpc, common_pb2
+
+from .capture import DiskCapture
+from .nbd import NbdServer
+from .replicator import ReplicationOptions, SourceReplication
 
 DAEMON = "source-agent"
+log = logging.get_logger(__name__)
 
 
-def run(cfg: SourceSettings, stop: threading.Event | None = None) -> int:
-    logging.configure(level=cfg.log_level, json=cfg.log_json)
-    stop = stop or daemon.install_stop_handlers()
-    identities = DiskIdentities(cfg.state_dir)
+def _check(cfg: SourceSettings) -> None:
     # Refuse a bad disk list before enrolling, so a typo changes nothing.
+    names = set()
     for disk in cfg.disks:
         if not disk.path.exists():
             raise errors.InvalidInput(
@@ -31,6 +41,32 @@ def run(cfg: SourceSettings, stop: threading.Event | None = None) -> int:
                 hint="fix the disks list in the source agent's config file",
                 code="disk-missing",
             )
+        if not disk.name or disk.name in names:
+            raise errors.InvalidInput(
+                f"disk {disk.path} needs a name of its own (got {disk.name!r})",
+                hint="give every disk in the config file a unique name",
+                code="disk-name",
+            )
+        names.add(disk.name)
+    if not 0 <= cfg.nbd_port <= 65535:
+        raise errors.InvalidInput(f"nbd_port {cfg.nbd_port} is outside 0-65535", code="config-range")
+    if cfg.send_window_bytes < 1024 * 1024:
+        raise errors.InvalidInput("send_window_bytes must be at least 1 MiB", code="config-range")
+    for script in (cfg.freeze_script, cfg.thaw_script):
+        if script is not None and not script.exists():
+            raise errors.InvalidInput(
+                f"hook script {script} does not exist",
+                hint="fix freeze_script / thaw_script in the config file",
+                code="hook-missing",
+            )
+
+
+def run(cfg: SourceSettings, stop: threading.Event | None = None) -> int:
+    logging.configure(level=cfg.log_level, json=cfg.log_json)
+    stop = stop or daemon.install_stop_handlers()
+    _check(cfg)
+    identities = DiskIdentities(cfg.state_dir)
+    disks = {d.name: DiskCapture(d.name, d.path) for d in cfg.disks}
 
     def inventory() -> common_pb2.Inventory:
         return common_pb2.Inventory(
@@ -39,8 +75,62 @@ def run(cfg: SourceSettings, stop: threading.Event | None = None) -> int:
             data_endpoint=runtime.data_endpoint(),
         )
 
-    runtime = AgentRuntime(cfg, role=pki.SOURCE, daemon_name=DAEMON, stop=stop, inventory=inventory)
-    return runtime.run()
+    def connect(endpoint: str, process_server_id: str) -> grpc.Channel:
+        assert runtime.credentials is not None
+        return secure_channel(
+            endpoint, runtime.credentials.channel_credentials(), target_name=pki.agent_dns_name(process_server_id)
+        )
+
+    control: list[grpc.Channel] = []
+
+    def hold_barrier(tag_id: str) -> tuple[int, str]:
+        assert runtime.credentials is not None
+        if not control:
+            control.append(
+                secure_channel(cfg.server, runtime.credentials.channel_credentials(), target_name=pki.CONFIG_SERVER_NAME)
+            )
+        try:
+            reply = agent_pb2_grpc.AgentControlStub(control[0]).HoldBarrier(
+                agent_pb2.HoldBarrierRequest(tag_id=tag_id), timeout=RPC_TIMEOUT
+            )
+        except grpc.RpcError as exc:
+            raise errors.from_rpc_error(exc, target=cfg.server) from exc
+        return reply.outcome, reply.reason
+
+    replication = SourceReplication(
+        cfg.state_dir,
+        disks,
+        connect=connect,
+        options=ReplicationOptions(
+            window_bytes=cfg.send_window_bytes,
+            freeze_script=cfg.freeze_script,
+            thaw_script=cfg.thaw_script,
+            hook_timeout_seconds=cfg.hook_timeout_seconds,
+        ),
+        hold_barrier=hold_barrier,
+        notify=lambda: runtime.heartbeat_now.set(),
+    )
+    replication.recover()
+    nbd = NbdServer(cfg.nbd_listen, cfg.nbd_port)
+    for name, disk in disks.items():
+        nbd.add_export(name, disk)
+    nbd.start()
+    exports = {name: nbd.uri(name) for name in disks}
+    for name, uri in exports.items():
+        log.info("serving disk over NBD", disk=name, uri=uri)
+    runtime = AgentRuntime(
+        cfg, role=pki.SOURCE, daemon_name=DAEMON, stop=stop, inventory=inventory, pairs=replication,
+        ready_facts={"nbd": exports},
+    )
+    try:
+        return runtime.run()
+    finally:
+        nbd.stop()
+        replication.close()
+        for disk in disks.values():
+            disk.close()
+        for channel in control:
+            channel.close()
 
 
 def main(argv: list[str] | None = None) -> None:

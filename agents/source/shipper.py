@@ -1,0 +1,369 @@
+"""Ships one pair's frames to its process server over ProcessServer.Replicate.
+
+Two kinds of frames share the pair's seq space:
+
+- *journaled* frames (writes, zeroed ranges, tags, the start-of-sync marker),
+  read back from the pair's journal and kept there until acknowledged;
+- *volatile* frames (initial-sync chunks, scan blocks, the end-of-sync marker,
+  scan tags) made on demand by a `VolatileSource` from the disk as it is. They
+  are never stored: each carries an `on_ack` callback that moves the source's
+  persisted progress forward once the process server holds the frame, and
+  after a reconnect the source is rewound to that acknowledged progress and
+  makes them again, with new seqs.
+
+A stream: send `open(pair_id, disk_size)`, read `accepted.durable_seq`, treat
+it as an acknowledgement, then send frames in strictly increasing seq order
+(journal frames and volatile frames merged by seq: a volatile frame is made
+inside `DiskCapture.quiesced()`, so every journaled frame with a lower seq is
+already in the journal when it exists) while at most `window_bytes` are
+unacknowledged. Each `Ack(seq)` releases the journal through seq and runs the
+volatile frames' callbacks. Any error ends the stream: log it, back off
+(capped exponential, sleeping on the stop event), reconnect, and resume after
+the new durable_seq.
+
+If the process server holds less than this source already released (a new or
+rebuilt process server), frames are missing that no longer exist here:
+`on_lost` is called so the replicator starts the pair's sync over.
+"""
+
+from __future__ import annotations
+
+import queue
+import threading
+import time
+from collections import deque
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from typing import Protocol
+
+import grpc
+
+from siterecovery.common import errors
+from siterecovery.common.logging import get_logger
+from siterecovery.common.pb import dataplane_pb2_grpc
+from siterecovery.common.pb import replication_pb2 as rpb
+
+from .capture import PairJournal
+
+log = get_logger(__name__)
+
+INITIAL_BACKOFF = 0.2
+MAX_BACKOFF = 10.0
+THROUGHPUT_WINDOW = 10.0
+# How long the first reply (accepted) may take.
+ACCEPT_TIMEOUT = 30.0
+_END = object()
+
+
+@dataclass
+class Produced:
+    frame: rpb.Frame
+    on_ack: Callable[[], None] | None = None
+
+
+class VolatileSource(Protocol):
+    def produce(self) -> Produced | None:
+        """The next volatile frame (its seq taken inside `quiesced()`), or None for now."""
+        ...
+
+    def rewind(self) -> None:
+        """Frames made but not acknowledged are lost: make them again from the acknowledged state."""
+        ...
+
+
+class StreamBroken(Exception):
+    pass
+
+
+class Shipper:
+    """One pair's sender; `run()` until `stop` is set (in its own thread)."""
+
+    def __init__(
+        self,
+        *,
+        pair_id: str,
+        disk_size: int,
+        journal: PairJournal,
+        connect: Callable[[], grpc.Channel],
+        window_bytes: int,
+        stop: threading.Event,
+        source: VolatileSource | None = None,
+        on_acked: Callable[[], None] = lambda: None,
+        on_lost: Callable[[int], None] = lambda _seq: None,
+    ) -> None:
+        self.pair_id = pair_id
+        self.disk_size = disk_size
+        self.journal = journal
+        self.connect = connect
+        self.window_bytes = window_bytes
+        self.stop = stop
+        self.source = source
+        self.on_acked = on_acked
+        self.on_lost = on_lost
+        self._wake = threading.Event()
+        self._lock = threading.Lock()
+        self._call: grpc.Future | None = None
+        self._inflight: deque[tuple[int, int, Callable[[], None] | None]] = deque()
+        self._inflight_bytes = 0
+        self._ack_pending = 0
+        self._broken: BaseException | None = None
+        self._pending_volatile: Produced | None = None
+        self._jiter: Iterator[rpb.Frame] | None = None
+        self._jpeek: rpb.Frame | None = None
+        self._jnext = 1
+        self.last_sent = 0
+        self.acked_seq = 0
+        self.bytes_sent = 0
+        self.frames_sent = 0
+        self.connected = False
+        self.last_error = ""
+        self._samples: deque[tuple[float, int]] = deque()
+        journal.on_append = self._wake.set
+
+    # -- control ---------------------------------------------------------------------
+    def wake(self) -> None:
+        self._wake.set()
+
+    def interrupt(self) -> None:
+        """End the current stream (to stop, or to reconnect elsewhere)."""
+        with self._lock:
+            call = self._call
+        if call is not None:
+            call.cancel()
+        self._wake.set()
+
+    def throughput(self) -> float:
+        now = time.monotonic()
+        with self._lock:
+            while self._samples and self._samples[0][0] < now - THROUGHPUT_WINDOW:
+                self._samples.popleft()
+            if not self._samples:
+                return 0.0
+            total = sum(n for _t, n in self._samples)
+        return total / THROUGHPUT_WINDOW
+
+    def run(self) -> None:
+        delay = INITIAL_BACKOFF
+        while not self.stop.is_set():
+            started = time.monotonic()
+            try:
+                self._session()
+            except Exception as exc:  # every failure: log, back off, reconnect
+                if self.stop.is_set():
+                    break
+                self.last_error = _describe(exc)
+                log.warning("replication stream ended", pair=self.pair_id, error=self.last_error,
+                            retry_in=round(delay, 2))
+            finally:
+                self.connected = False
+            if time.monotonic() - started > 30.0:
+                delay = INITIAL_BACKOFF
+            if self.stop.wait(delay):
+                break
+            delay = min(delay * 2, MAX_BACKOFF)
+
+    # -- one stream ------------------------------------------------------------------
+    def _session(self) -> None:
+        channel = self.connect()
+        requests: queue.SimpleQueue = queue.SimpleQueue()
+
+        def outgoing() -> Iterator[rpb.ReplicationMessage]:
+            while True:
+                item = requests.get()
+                if item is _END:
+                    return
+                yield item
+
+        try:
+            stub = dataplane_pb2_grpc.ProcessServerStub(channel)
+            requests.put(rpb.ReplicationMessage(open=rpb.StreamOpen(pair_id=self.pair_id, disk_size_bytes=self.disk_size)))
+            call = stub.Replicate(outgoing())
+            with self._lock:
+                self._call = call
+                self._broken = None
+            if self.stop.is_set():
+                call.cancel()
+            first = self._first_reply(call)
+            if first.WhichOneof("kind") != "accepted":
+                raise StreamBroken("the process server did not answer the stream's open with accepted")
+            self.connected = True
+            self.last_error = ""
+            self._resume(first.accepted.durable_seq)
+            log.info("replication stream open", pair=self.pair_id, durable_seq=first.accepted.durable_seq)
+            reader = threading.Thread(target=self._read_acks, args=(call,), name=f"acks-{self.pair_id}", daemon=True)
+            reader.start()
+            try:
+                self._send_loop(requests)
+            finally:
+                requests.put(_END)
+                call.cancel()
+                reader.join(timeout=10)
+            self._process_acks()
+            with self._lock:
+                broken = self._broken
+            if broken is not None and not self.stop.is_set():
+                raise broken
+        finally:
+            with self._lock:
+                self._call = None
+            requests.put(_END)
+            channel.close()
+
+    def _first_reply(self, call) -> rpb.ReplicationReply:
+        result: list = []
+
+        def read() -> None:
+            try:
+                result.append(next(call))
+            except BaseException as exc:  # handed to the caller
+                result.append(exc)
+
+        reader = threading.Thread(target=read, daemon=True)
+        reader.start()
+        reader.join(ACCEPT_TIMEOUT)
+        if not result:
+            call.cancel()
+            reader.join(5)
+            raise StreamBroken(f"the process server did not accept the stream within {ACCEPT_TIMEOUT:.0f} s")
+        if isinstance(result[0], StopIteration):
+            raise StreamBroken("the process server ended the stream before accepting it")
+        if isinstance(result[0], BaseException):
+            raise result[0]
+        return result[0]
+
+    def _resume(self, durable: int) -> None:
+        """The receiver holds everything <= durable: resume after it."""
+        self.journal.lease.skip_past(durable)
+        with self._lock:
+            self._ack_pending = max(self._ack_pending, durable)
+        self._process_acks(at_least=durable)
+        released = self.journal.log.released_seq
+        # Everything not acknowledged is resent: journal frames from the journal, volatile ones remade.
+        with self._lock:
+            self._inflight.clear()
+            self._inflight_bytes = 0
+            self._pending_volatile = None
+            self._jiter = None
+            self._jpeek = None
+            self._jnext = durable + 1
+            self.last_sent = durable
+            self.acked_seq = durable
+        if self.source is not None:
+            self.source.rewind()
+        if durable < released:
+            log.error(
+                "the process server holds less than this source already released; starting the sync over",
+                pair=self.pair_id, durable_seq=durable, released_seq=released,
+            )
+            self.on_lost(durable)
+
+    def _read_acks(self, call) -> None:
+        try:
+            for reply in call:
+                if reply.WhichOneof("kind") == "ack":
+                    with self._lock:
+                        self._ack_pending = max(self._ack_pending, reply.ack.seq)
+                    self._wake.set()
+            broken: BaseException = StreamBroken("the process server ended the stream")
+        except grpc.RpcError as exc:
+            broken = exc
+        except Exception as exc:  # reported by the sender
+            broken = exc
+        with self._lock:
+            self._broken = broken
+        self._wake.set()
+
+    def _send_loop(self, requests: queue.SimpleQueue) -> None:
+        while True:
+            self._wake.clear()
+            if self.stop.is_set():
+                return
+            with self._lock:
+                if self._broken is not None:
+                    return
+            self._process_acks()
+            sent = False
+            while self._inflight_bytes < self.window_bytes and not self.stop.is_set():
+                item = self._next_frame()
+                if item is None:
+                    break
+                self._send(requests, item)
+                sent = True
+            if not sent:
+                self._wake.wait(1.0)
+
+    def _send(self, requests: queue.SimpleQueue, item: Produced) -> None:
+        frame = item.frame
+        if frame.seq <= self.last_sent:
+            raise errors.Internal(
+                f"pair {self.pair_id}: frame {frame.seq} would follow {self.last_sent}; refusing to send out of order",
+                code="seq-order",
+            )
+        size = frame.ByteSize()
+        data_bytes = frame.write.length if frame.WhichOneof("body") == "write" else 0
+        with self._lock:
+            self._inflight.append((frame.seq, size, item.on_ack))
+            self._inflight_bytes += size
+            self.last_sent = frame.seq
+            self.bytes_sent += data_bytes
+            self.frames_sent += 1
+            if data_bytes:
+                self._samples.append((time.monotonic(), data_bytes))
+        requests.put(rpb.ReplicationMessage(frame=frame))
+
+    # -- choosing the next frame ------------------------------------------------------------
+    def _peek_journal(self) -> rpb.Frame | None:
+        if self._jpeek is not None:
+            return self._jpeek
+        if self._jiter is None:
+            if self.journal.log.last_seq < self._jnext:
+                return None
+            self._jiter = self.journal.log.read_from(self._jnext)
+        frame = next(self._jiter, None)
+        if frame is None:
+            self._jiter = None
+            return None
+        self._jpeek = frame
+        return frame
+
+    def _next_frame(self) -> Produced | None:
+        journaled = self._peek_journal()
+        volatile = self._pending_volatile
+        if volatile is None and self.source is not None:
+            volatile = self._pending_volatile = self.source.produce()
+            if volatile is not None and journaled is None:
+                journaled = self._peek_journal()  # frames journaled before it was made
+        if volatile is not None and (journaled is None or volatile.frame.seq < journaled.seq):
+            self._pending_volatile = None
+            return volatile
+        if journaled is not None:
+            self._jpeek = None
+            self._jnext = journaled.seq + 1
+            return Produced(journaled)
+        return None
+
+    # -- acknowledgements ------------------------------------------------------------------
+    def _process_acks(self, at_least: int = 0) -> None:
+        with self._lock:
+            seq = max(self._ack_pending, at_least)
+            if seq <= self.acked_seq and not at_least:
+                return
+            callbacks = []
+            while self._inflight and self._inflight[0][0] <= seq:
+                _seq, size, on_ack = self._inflight.popleft()
+                self._inflight_bytes -= size
+                if on_ack is not None:
+                    callbacks.append(on_ack)
+            self.acked_seq = max(self.acked_seq, seq)
+        for callback in callbacks:
+            callback()
+        self.on_acked()
+        self.journal.release_through(seq)
+
+
+def _describe(exc: BaseException) -> str:
+    if isinstance(exc, grpc.RpcError) and hasattr(exc, "code"):
+        return f"{exc.code().name}: {exc.details()}"
+    if isinstance(exc, errors.SiteRecoveryError):
+        return exc.message
+    return str(exc) or type(exc).__name__

@@ -1,0 +1,145 @@
+"""The initial sync of an nbd-mode pair: the whole disk, as volatile frames, resumable.
+
+`start()` journals the SyncMarker INITIAL_STARTED (so it is the first thing
+the target hears, ahead of any write captured since) and sets the persisted
+cursor to 0. `produce()` then makes, for the next 1 MiB chunk at the cursor,
+inside `DiskCapture.quiesced()` (so every NBD write is ordered before or after
+the chunk), a frame:
+
+- a ZeroRange for a hole (found with SEEK_DATA; one frame covers up to
+  `MAX_ZERO_FRAME` of holes, so a sparse image costs almost nothing to send);
+- a ZeroRange for a chunk that reads as all zeros;
+- else a DataBlock with the chunk.
+
+After the last chunk comes the SyncMarker INITIAL_DONE. Chunks are volatile:
+each frame's acknowledgement moves the persisted cursor (`PairState.sync_cursor`)
+to its end; after a reconnect or a restart the sync continues from that cursor,
+so what is sent again is at most what was unacknowledged plus one chunk. The
+acknowledgement of INITIAL_DONE sets the phase to done.
+"""
+
+from __future__ import annotations
+
+import errno
+import os
+import threading
+from collections.abc import Callable
+
+from siterecovery.common import frames
+from siterecovery.common.logging import get_logger
+from siterecovery.common.pb import replication_pb2 as rpb
+
+from .capture import DiskCapture, PairJournal
+from .pairstate import SYNC_COPYING, SYNC_DONE, PairState
+from .shipper import Produced
+
+log = get_logger(__name__)
+
+CHUNK_BYTES = 1024 * 1024
+MAX_ZERO_FRAME = 1024 * 1024 * 1024
+_ZEROS = bytes(CHUNK_BYTES)
+
+
+def next_data(fd: int, offset: int, size: int) -> int:
+    """The first offset >= `offset` that may hold data (`size` when none; `offset` when unknown)."""
+    try:
+        return min(os.lseek(fd, offset, os.SEEK_DATA), size)
+    except OSError as exc:
+        if exc.errno == errno.ENXIO:
+            return size
+        return offset  # SEEK_DATA not supported here: assume data
+
+
+class InitialSync:
+    """A `VolatileSource` (shipper.py) for one pair's initial sync. See the module docstring."""
+
+    def __init__(
+        self,
+        disk: DiskCapture,
+        journal: PairJournal,
+        state: PairState,
+        *,
+        save: Callable[[], None],
+        chunk_bytes: int = CHUNK_BYTES,
+    ) -> None:
+        self.disk = disk
+        self.journal = journal
+        self.state = state
+        self._save = save
+        self.chunk = chunk_bytes
+        self._lock = threading.Lock()
+        self._pos = state.sync_cursor
+        self._done_sent = False
+        # Set when an acknowledgement moved the state: the replicator saves it.
+        self.state_dirty = False
+
+    @property
+    def done(self) -> bool:
+        return self.state.sync_phase == SYNC_DONE
+
+    @property
+    def done_bytes(self) -> int:
+        return self.disk.size if self.done else self.state.sync_cursor
+
+    def start(self) -> None:
+        """Begin (or begin again) from byte 0: journal INITIAL_STARTED."""
+        with self.disk.quiesced():
+            seq = self.journal.lease.take()
+            self.journal.append(
+                [frames.sync_frame(self.journal.pair_id, seq, rpb.SYNC_PHASE_INITIAL_STARTED, self.disk.size)]
+            )
+            with self._lock:
+                self.state.sync_phase = SYNC_COPYING
+                self.state.sync_cursor = 0
+                self._pos = 0
+                self._done_sent = False
+            self._save()
+        log.info("initial sync started", pair=self.journal.pair_id, disk=self.disk.name, bytes=self.disk.size)
+
+    def rewind(self) -> None:
+        with self._lock:
+            self._pos = self.state.sync_cursor
+            self._done_sent = False
+
+    def produce(self) -> Produced | None:
+        with self._lock:
+            if self.done or self._done_sent:
+                return None
+            pos = self._pos
+        size = self.disk.size
+        pair = self.journal.pair_id
+        if pos >= size:
+            with self.disk.quiesced():
+                frame = frames.sync_frame(pair, self.journal.lease.take(), rpb.SYNC_PHASE_INITIAL_DONE, size)
+            with self._lock:
+                self._done_sent = True
+            return Produced(frame, self._acked_done)
+        with self.disk.quiesced():
+            data_at = next_data(self.disk.fd, pos, size)
+            if data_at - pos >= self.chunk:
+                end = min(pos + MAX_ZERO_FRAME, data_at - (data_at % self.chunk) if data_at < size else size)
+                frame = frames.zero_frame(pair, self.journal.lease.take(), pos, end - pos)
+            else:
+                end = min(pos + self.chunk, size)
+                data = self.disk.read_locked(pos, end - pos)
+                seq = self.journal.lease.take()
+                if data == _ZEROS[: len(data)]:
+                    frame = frames.zero_frame(pair, seq, pos, end - pos)
+                else:
+                    frame = frames.write_frame(pair, seq, pos, data)
+        with self._lock:
+            self._pos = end
+        return Produced(frame, lambda: self._acked_to(end))
+
+    def _acked_to(self, end: int) -> None:
+        with self._lock:
+            if end > self.state.sync_cursor and not self.done:
+                self.state.sync_cursor = end
+                self.state_dirty = True
+
+    def _acked_done(self) -> None:
+        with self._lock:
+            self.state.sync_phase = SYNC_DONE
+            self.state.sync_cursor = self.disk.size
+            self.state_dirty = True
+        log.info("initial sync done", pair=self.journal.pair_id, disk=self.disk.name)

@@ -1,0 +1,293 @@
+"""The source agent's replication (initial sync, shipping, resume, scan mode, pause, forget)
+against a minimal in-process process server over mutual TLS (tests/unit/source_support.py)."""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import random
+import threading
+import time
+from pathlib import Path
+
+import pytest
+
+from siterecovery.agents.source.capture import DiskCapture
+from siterecovery.agents.source.nbd import NbdServer
+from siterecovery.agents.source.replicator import ReplicationOptions, SourceReplication
+from siterecovery.agents.source.sync import CHUNK_BYTES
+from siterecovery.common.pb import replication_pb2 as rpb
+
+from .source_support import MiB, Site, content_digest, wait_for
+
+PAIR = "pair-1"
+SEED = int(os.environ.get("SR_FAULT_SEED", "20261128"))
+
+
+def make_image(path: Path, size: int, *, data_bytes: int, seed: int, extent: int = MiB) -> Path:
+    rng = random.Random(seed)
+    with open(path, "wb") as image:
+        image.truncate(size)
+        for slot in sorted(rng.sample(range(size // extent), data_bytes // extent)):
+            image.seek(slot * extent)
+            image.write(rng.randbytes(extent))
+    return path
+
+
+def sha(path: Path) -> str:
+    return hashlib.sha256(path.read_bytes()).hexdigest()
+
+
+class Source:
+    """A source agent's replication, as daemon.py wires it, on one disk."""
+
+    def __init__(self, site: Site, state_dir: Path, image: Path, *, window: int = 64 * MiB, **options) -> None:
+        self.site = site
+        self.disk = DiskCapture("disk0", image)
+        self.replication = SourceReplication(
+            state_dir, {"disk0": self.disk}, connect=site.connect,
+            options=ReplicationOptions(window_bytes=window, **options), **self._extra(options),
+        )
+        self.replication.recover()
+
+    @staticmethod
+    def _extra(options: dict) -> dict:
+        return {}
+
+    def status(self, pair_id: str = PAIR) -> rpb.PairStatus:
+        return next(s for s in self.replication.pair_statuses() if s.pair_id == pair_id)
+
+    def close(self) -> None:
+        self.replication.close()
+        self.disk.close()
+
+
+@pytest.fixture
+def site(tmp_path):
+    site = Site(tmp_path)
+    yield site
+    site.stop()
+
+
+def caught_up(site: Site, source: Source) -> bool:
+    status = source.status()
+    record = site.ps.pairs.get(PAIR)
+    return (
+        status.state == rpb.PAIR_STATE_REPLICATING
+        and record is not None
+        and record.durable >= status.last_seq
+        and status.backlog_frames == 0
+    )
+
+
+def test_initial_sync_with_concurrent_writes_then_replication_in_order(site, tmp_path):
+    image = make_image(tmp_path / "disk0.img", 64 * MiB, data_bytes=24 * MiB, seed=1)
+    source = Source(site, tmp_path / "source", image)
+    stop = threading.Event()
+    rng = random.Random(2)
+
+    def writer() -> None:
+        while not stop.is_set():
+            source.disk.write(rng.randrange(0, 64 * MiB - 65536, 4096), rng.randbytes(65536), fua=False)
+
+    try:
+        source.replication.apply_assignments([site.assignment(PAIR, "disk0", 64 * MiB)], [])
+        status = source.status()
+        assert status.state == rpb.PAIR_STATE_INITIAL_SYNC and status.sync_total_bytes == 64 * MiB
+        thread = threading.Thread(target=writer)
+        thread.start()
+        try:
+            wait_for(lambda: source.status().state == rpb.PAIR_STATE_REPLICATING, what="initial sync")
+        finally:
+            stop.set()
+            thread.join()
+        # Writes after the sync, through a real NBD client.
+        server = NbdServer("127.0.0.1", 0)
+        server.add_export("disk0", source.disk)
+        server.start()
+        try:
+            import subprocess
+
+            subprocess.run(
+                ["qemu-io", "-f", "raw", "-c", "write -P 0x42 0 1M", "-c", "write -z 4M 1M", "-c", "discard 8M 2M",
+                 server.uri("disk0")], check=True, capture_output=True, timeout=60,
+            )
+        finally:
+            server.stop()
+        wait_for(lambda: caught_up(site, source), what="the process server to hold everything")
+        record = site.ps.record(PAIR)
+        assert sha(record.target) == sha(image)
+        seqs = [f.seq for f in record.frames]
+        assert seqs == sorted(seqs)
+        first = record.frames[0]
+        assert first.WhichOneof("body") == "sync" and first.sync.phase == rpb.SYNC_PHASE_INITIAL_STARTED
+        done = [f for f in record.frames if f.WhichOneof("body") == "sync" and f.sync.phase == rpb.SYNC_PHASE_INITIAL_DONE]
+        assert len(done) == 1
+        status = source.status()
+        assert status.acked_seq == status.last_seq and status.sync_done_bytes == 64 * MiB
+        assert not status.HasField("oldest_pending_captured_at")
+        assert status.bytes_sent >= 24 * MiB and status.throughput_bytes_per_second > 0
+        assert not site.ps.errors
+    finally:
+        source.close()
+
+
+def test_sparse_image_moves_only_its_data(site, tmp_path):
+    size, data = 10 * 1024 * MiB, 100 * MiB
+    image = make_image(tmp_path / "disk0.img", size, data_bytes=data, seed=3)
+    source = Source(site, tmp_path / "source", image)
+    try:
+        started = time.monotonic()
+        source.replication.apply_assignments([site.assignment(PAIR, "disk0", size)], [])
+        wait_for(lambda: caught_up(site, source), timeout=120, what="the initial sync of a sparse 10 GiB image")
+        elapsed = time.monotonic() - started
+        record = site.ps.record(PAIR)
+        status = source.status()
+        assert data <= status.bytes_sent <= data + CHUNK_BYTES, status.bytes_sent
+        assert record.data_bytes == status.bytes_sent
+        assert content_digest(record.target) == content_digest(image)
+        print(f"[sync] 10 GiB sparse image with {data // MiB} MiB of data: {status.bytes_sent / MiB:.1f} MiB sent "
+              f"in {len(record.frames)} frames, {elapsed:.2f} s")
+    finally:
+        source.close()
+
+
+def test_a_restart_resumes_from_the_acknowledged_cursor(site, tmp_path):
+    """Acks are lost, the source stops (as after kill -9), and starts again: what it sends again
+    is at most the unacknowledged window plus one chunk."""
+    rng = random.Random(f"{SEED}-resume")
+    size, window = 64 * MiB, 8 * MiB
+    image = make_image(tmp_path / "disk0.img", size, data_bytes=size, seed=rng.randrange(1 << 20))
+    state_dir = tmp_path / "source"
+    source = Source(site, state_dir, image, window=window)
+    try:
+        source.replication.apply_assignments([site.assignment(PAIR, "disk0", size)], [])
+        threshold = rng.randrange(8, 40) * MiB
+        wait_for(lambda: PAIR in site.ps.pairs and site.ps.record(PAIR).data_bytes >= threshold, what="sync progress")
+        site.ps.send_acks.clear()  # the process server keeps receiving; its acks are lost
+        held = site.ps.record(PAIR).data_bytes
+        wait_for(lambda: site.ps.record(PAIR).data_bytes >= held + window - 2 * CHUNK_BYTES, what="the window to fill")
+        cursor = source.status().sync_done_bytes
+    finally:
+        source.close()  # no acknowledgement arrives after this: as good as a kill -9 for the state on disk
+    received_before = site.ps.record(PAIR).data_bytes
+    site.ps.send_acks.set()
+    source = Source(site, state_dir, image, window=window)
+    try:
+        assert source.status().sync_done_bytes == cursor
+        source.replication.apply_assignments([site.assignment(PAIR, "disk0", size)], [])
+        wait_for(lambda: caught_up(site, source), what="the sync to finish after the restart")
+        record = site.ps.record(PAIR)
+        resent = record.data_bytes - size
+        assert sha(record.target) == sha(image)
+        assert resent <= window + CHUNK_BYTES, f"{resent} bytes sent again"
+        assert received_before - cursor > 0  # there was something unacknowledged to resend
+        print(f"[resume] stopped at {cursor // MiB} MiB acked, {received_before // MiB} MiB received: "
+              f"{resent / MiB:.1f} MiB sent again (window {window // MiB} MiB, seed {SEED})")
+    finally:
+        source.close()
+
+
+def test_a_broken_stream_is_resumed_after_the_durable_seq(site, tmp_path):
+    size = 32 * MiB
+    image = make_image(tmp_path / "disk0.img", size, data_bytes=16 * MiB, seed=5)
+    source = Source(site, tmp_path / "source", image)
+    try:
+        site.ps.break_after = 7
+        source.replication.apply_assignments([site.assignment(PAIR, "disk0", size)], [])
+        wait_for(lambda: caught_up(site, source), what="replication after a broken stream")
+        for i in range(20):
+            source.disk.write(i * MiB, bytes([i + 1]) * 8192, fua=False)
+        site.ps.break_after = 5
+        wait_for(lambda: caught_up(site, source) and site.ps.record(PAIR).streams >= 3, what="the writes")
+        assert sha(site.ps.record(PAIR).target) == sha(image)
+        assert not site.ps.errors
+    finally:
+        source.close()
+
+
+def test_a_process_server_that_lost_everything_gets_a_new_initial_sync(site, tmp_path):
+    size = 16 * MiB
+    image = make_image(tmp_path / "disk0.img", size, data_bytes=8 * MiB, seed=6)
+    source = Source(site, tmp_path / "source", image)
+    try:
+        assignment = site.assignment(PAIR, "disk0", size)
+        source.replication.apply_assignments([assignment], [])
+        wait_for(lambda: caught_up(site, source), what="the first sync")
+        site.ps.reset(PAIR)
+        source.replication.pair(PAIR).shipper.interrupt()
+        wait_for(lambda: source.status().state == rpb.PAIR_STATE_INITIAL_SYNC, what="a new sync")
+        wait_for(lambda: caught_up(site, source), what="the second sync")
+        starts = [f for f in site.ps.record(PAIR).frames if f.WhichOneof("body") == "sync"
+                  and f.sync.phase == rpb.SYNC_PHASE_INITIAL_STARTED]
+        assert len(starts) == 2
+        assert sha(site.ps.record(PAIR).target) == sha(image)
+    finally:
+        source.close()
+
+
+def test_paused_pairs_journal_but_do_not_ship_and_forgotten_pairs_leave_only_their_lease(site, tmp_path):
+    size = 16 * MiB
+    image = make_image(tmp_path / "disk0.img", size, data_bytes=4 * MiB, seed=7)
+    state_dir = tmp_path / "source"
+    source = Source(site, state_dir, image)
+    try:
+        assignment = site.assignment(PAIR, "disk0", size)
+        source.replication.apply_assignments([assignment], [])
+        wait_for(lambda: caught_up(site, source), what="the sync")
+        paused = rpb.PairAssignment()
+        paused.CopyFrom(assignment)
+        paused.desired_state = rpb.PAIR_DESIRED_STATE_PAUSED
+        source.replication.apply_assignments([paused], [])
+        durable = site.ps.record(PAIR).durable
+        source.disk.write(0, b"while paused" * 100, fua=False)
+        status = source.status()
+        assert status.state == rpb.PAIR_STATE_PAUSED and status.backlog_frames == 1
+        assert status.HasField("oldest_pending_captured_at")
+        assert site.ps.record(PAIR).durable == durable
+        source.replication.apply_assignments([assignment], [])
+        wait_for(lambda: caught_up(site, source), what="the paused write to ship")
+        assert sha(site.ps.record(PAIR).target) == sha(image)
+        source.replication.apply_assignments([], [])
+        assert source.replication.pair_statuses() == []
+        assert source.disk.journal is None
+        assert sorted(p.name for p in (state_dir / "pairs" / PAIR).iterdir()) == ["seq.json"]
+    finally:
+        source.close()
+
+
+def test_scan_mode_sends_what_changed_between_passes(site, tmp_path):
+    size = 16 * MiB
+    image = make_image(tmp_path / "disk0.img", size, data_bytes=4 * MiB, seed=8)
+    state_dir = tmp_path / "source"
+    source = Source(site, state_dir, image)
+    assignment = site.assignment(PAIR, "disk0", size, mode=rpb.REPLICATION_MODE_SCAN, scan=1)
+    try:
+        source.replication.apply_assignments([assignment], [])
+        wait_for(lambda: caught_up(site, source), what="the first scan")
+        record = site.ps.record(PAIR)
+        assert record.data_bytes == 4 * MiB
+        assert sha(record.target) == sha(image)
+        # Change three blocks behind the agent's back (scan mode needs no NBD).
+        with open(image, "r+b") as f:
+            for offset in (0, 5 * MiB + 65536, size - 65536):
+                f.seek(offset)
+                f.write(os.urandom(100))
+        scan = source.replication.pair(PAIR).scan
+        passes = scan.passes_done
+        wait_for(lambda: scan.passes_done > passes and caught_up(site, source), what="the next pass")
+        assert record.data_bytes == 4 * MiB + 3 * 65536
+        assert sha(record.target) == sha(image)
+        tags = [f for f in record.frames if f.WhichOneof("body") == "tag"]
+        assert tags and tags[-1].tag.kind == rpb.RECOVERY_POINT_KIND_CRASH_CONSISTENT
+    finally:
+        source.close()
+    # The acknowledged hashes outlive the process: a restart sends nothing unchanged.
+    source = Source(site, state_dir, image)
+    try:
+        source.replication.apply_assignments([assignment], [])
+        scan = source.replication.pair(PAIR).scan
+        wait_for(lambda: scan.passes_done >= 1 and caught_up(site, source), what="a pass after the restart")
+        assert site.ps.record(PAIR).data_bytes == 4 * MiB + 3 * 65536
+    finally:
+        source.close()
