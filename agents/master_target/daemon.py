@@ -1,8 +1,11 @@
 """sr-master-target: writes replicated disks on a datastore and keeps the undo journal.
 
-The apply path arrives with the replication work; today the daemon enrolls,
-registers its datastore and retention directories with their free space,
-heartbeats and serves its data port (health, reflection, Probe).
+The daemon enrolls, registers its datastore and retention directories with
+their free space, heartbeats (with every pair's status and recovery points) and
+serves its data port: health, reflection, Probe, Apply (process servers stream
+frames in; apply.py, target.py, journal.py) and Materialize (a disk as it was
+at a recovery point; materialize.py). The pairs it serves arrive with the
+heartbeat (pairs.py).
 """
 
 from __future__ import annotations
@@ -10,6 +13,8 @@ from __future__ import annotations
 import threading
 
 from siterecovery.agents import entry
+from siterecovery.agents.master_target.apply import serve_apply
+from siterecovery.agents.master_target.pairs import MasterTargetPairs
 from siterecovery.agents.probe import probe_response
 from siterecovery.agents.runtime import AgentRuntime
 from siterecovery.agents.settings import MasterTargetSettings
@@ -22,11 +27,18 @@ DAEMON = "master-target"
 
 
 class MasterTargetServicer(dataplane_pb2_grpc.MasterTargetServicer):
-    def __init__(self, runtime: AgentRuntime) -> None:
+    def __init__(self, runtime: AgentRuntime, pairs: MasterTargetPairs) -> None:
         self._runtime = runtime
+        self._pairs = pairs
 
     def Probe(self, request, context):
         return probe_response(self._runtime)
+
+    def Apply(self, request_iterator, context):
+        return serve_apply(self._pairs, request_iterator, context)
+
+    def Materialize(self, request, context):
+        return self._pairs.materialize(request)
 
 
 def run(cfg: MasterTargetSettings, stop: threading.Event | None = None) -> int:
@@ -38,6 +50,16 @@ def run(cfg: MasterTargetSettings, stop: threading.Event | None = None) -> int:
         found.append(directory_facts(common_pb2.DIRECTORY_KIND_RETENTION, cfg.resolved_retention_dir))
         return found
 
+    def agent_id() -> str:
+        assert runtime.credentials is not None, "pairs arrive only after enrollment"
+        return runtime.credentials.identity.id
+
+    pairs = MasterTargetPairs(
+        datastore_dirs=cfg.resolved_datastore_dirs,
+        retention_dir=cfg.resolved_retention_dir,
+        agent_id=agent_id,
+        on_change=lambda: runtime.heartbeat_now.set(),
+    )
     runtime = AgentRuntime(
         cfg,
         role=pki.MASTER_TARGET,
@@ -47,16 +69,20 @@ def run(cfg: MasterTargetSettings, stop: threading.Event | None = None) -> int:
             host=host_facts(), directories=directories(), data_endpoint=runtime.data_endpoint()
         ),
         directories=directories,
+        pairs=pairs,
     )
-    return runtime.run(
-        lambda _creds: [
-            Service(
-                dataplane_pb2.DESCRIPTOR.services_by_name["MasterTarget"].full_name,
-                MasterTargetServicer(runtime),
-                dataplane_pb2_grpc.add_MasterTargetServicer_to_server,
-            )
-        ]
-    )
+    try:
+        return runtime.run(
+            lambda _creds: [
+                Service(
+                    dataplane_pb2.DESCRIPTOR.services_by_name["MasterTarget"].full_name,
+                    MasterTargetServicer(runtime, pairs),
+                    dataplane_pb2_grpc.add_MasterTargetServicer_to_server,
+                )
+            ]
+        )
+    finally:
+        pairs.close()
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -1,0 +1,174 @@
+"""The MasterTarget.Apply stream: frames in, cumulative acks out.
+
+A process server opens the stream with `open` (pair id, disk size); the master
+target checks it (pairs.py: assigned here, called by the pair's process server,
+paths inside our directories, disk size) and answers `accepted` with the seq
+it holds durably. Then frames flow in and acks flow back:
+
+- a reader thread takes messages off the wire into a bounded inbox, so the
+  apply loop can take whatever queued up as one batch (group commit: up to
+  `batch_frames` frames / `batch_bytes` payload bytes);
+- each frame is validated (frames.validate), skipped when already applied
+  (seq <= the last applied: idempotent, still acknowledged), decompressed and
+  verified end to end (frames.verify);
+- the batch is applied (target.py, write-ahead undo) and acknowledged with the
+  highest applied seq.
+
+A frame that fails its checks ends the stream with its error (DATA_LOSS for a
+checksum, INVALID_ARGUMENT for a frame out of range) after the frames before it
+were applied and acknowledged; nothing of the bad frame is written. The
+process server reconnects and resends from `durable_seq + 1`.
+"""
+
+from __future__ import annotations
+
+import threading
+from collections import deque
+from collections.abc import Iterable, Iterator
+from typing import TYPE_CHECKING
+
+import grpc
+import structlog
+
+from siterecovery.common import errors, frames, grpcserver
+from siterecovery.common.logging import get_logger
+from siterecovery.common.pb import replication_pb2 as rpb
+
+if TYPE_CHECKING:
+    from siterecovery.agents.master_target.pairs import MasterTargetPairs
+
+log = get_logger(__name__)
+
+# How long the apply loop waits for frames before it checks whether it still owns the pair.
+POLL_SECONDS = 1.0
+
+
+class Inbox:
+    """Frames read off the wire, bounded by their wire size."""
+
+    def __init__(self, max_bytes: int) -> None:
+        self._max_bytes = max_bytes
+        self._cond = threading.Condition()
+        self._items: deque[tuple[rpb.Frame, int]] = deque()
+        self._bytes = 0
+        self._closed = False
+        self.error: BaseException | None = None
+
+    def put(self, frame: rpb.Frame, size: int) -> bool:
+        with self._cond:
+            while self._bytes >= self._max_bytes and not self._closed:
+                self._cond.wait()
+            if self._closed:
+                return False
+            self._items.append((frame, size))
+            self._bytes += size
+            self._cond.notify_all()
+            return True
+
+    def close(self, error: BaseException | None = None) -> None:
+        with self._cond:
+            if not self._closed and error is not None:
+                self.error = error
+            self._closed = True
+            self._cond.notify_all()
+
+    def take(self, max_frames: int, max_payload: int, timeout: float) -> list[rpb.Frame] | None:
+        """Up to `max_frames` frames / `max_payload` payload bytes (at least one frame);
+        [] when none came within `timeout`; None once closed and drained."""
+        with self._cond:
+            if not self._items and not self._closed:
+                self._cond.wait(timeout)
+            if not self._items:
+                return None if self._closed else []
+            out: list[rpb.Frame] = []
+            payload = 0
+            while self._items and len(out) < max_frames:
+                frame, size = self._items[0]
+                length = frames.payload_length(frame)
+                if out and payload + length > max_payload:
+                    break
+                self._items.popleft()
+                self._bytes -= size
+                payload += length
+                out.append(frame)
+            self._cond.notify_all()
+            return out
+
+
+def _read(requests: Iterable[rpb.ReplicationMessage], inbox: Inbox) -> None:
+    try:
+        for message in requests:
+            if message.WhichOneof("kind") != "frame":
+                inbox.close(errors.InvalidInput(
+                    "only frames may follow the open message of an apply stream",
+                    hint="this is a process server bug", code="stream-protocol",
+                ))
+                return
+            if not inbox.put(message.frame, message.ByteSize()):
+                return
+        inbox.close()
+    except grpc.RpcError as exc:  # the peer went away or the stream was cancelled
+        inbox.close(exc)
+    except Exception as exc:  # whatever ends the reader ends the stream
+        inbox.close(exc)
+
+
+def serve_apply(
+    pairs: MasterTargetPairs, requests: Iterator[rpb.ReplicationMessage], context: grpc.ServicerContext
+) -> Iterator[rpb.ReplicationReply]:
+    """The body of MasterTarget.Apply (a generator of replies)."""
+    who = grpcserver.caller()
+    first = next(requests, None)
+    if first is None or first.WhichOneof("kind") != "open":
+        raise errors.InvalidInput(
+            "an apply stream must start with an open message", hint="this is a process server bug",
+            code="stream-protocol",
+        )
+    target, owner = pairs.open_stream(first.open, who, cancel=context.cancel)
+    pair_id = target.pair_id
+    structlog.contextvars.bind_contextvars(pair=pair_id)
+    options = target.options
+    inbox = Inbox(max_bytes=4 * options.batch_bytes)
+    try:
+        last = target.applied_seq
+        log.info("apply stream open", durable_seq=last)
+        yield rpb.ReplicationReply(accepted=rpb.StreamAccepted(durable_seq=last))
+        threading.Thread(target=_read, args=(requests, inbox), name=f"apply-read-{pair_id}", daemon=True).start()
+        while True:
+            batch = inbox.take(options.batch_frames, options.batch_bytes, POLL_SECONDS)
+            if target.owner is not owner:
+                raise errors.Unavailable(
+                    f"the apply stream of pair {pair_id} was replaced by a newer one or the pair was stopped",
+                    hint="the process server reconnects by itself", code="stream-replaced",
+                )
+            if batch is None:
+                if isinstance(inbox.error, errors.SiteRecoveryError):
+                    raise inbox.error
+                log.info("apply stream closed", applied_seq=target.applied_seq)
+                return
+            if not batch:
+                continue
+            ready: list[tuple[rpb.Frame, bytes]] = []
+            refused: errors.SiteRecoveryError | None = None
+            for frame in batch:
+                try:
+                    frames.validate(frame, target.disk_size)
+                    if frame.seq <= last:
+                        continue  # already applied: acknowledged again, not written again
+                    data = frames.payload(frame)
+                    frames.verify(pair_id, frame, data)
+                except errors.SiteRecoveryError as exc:
+                    refused = exc
+                    break
+                ready.append((frame, data))
+                last = frame.seq
+            if ready:
+                target.apply(ready, owner)
+            yield rpb.ReplicationReply(ack=rpb.Ack(seq=target.applied_seq))
+            if refused is not None:
+                log.warning("frame refused; nothing of it was written", seq=frame.seq, code=refused.code,
+                            error=refused.message)
+                raise refused
+    finally:
+        inbox.close()
+        pairs.release(target, owner)

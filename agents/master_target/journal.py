@@ -1,0 +1,513 @@
+"""The undo journal of one pair: the old contents of everything the master target overwrote.
+
+The master target applies a pair's frames to its target disk in batches. Before
+any byte of the target changes, the bytes it will replace are appended here and
+made durable (write-ahead undo); after the target is written and flushed a
+commit record makes the batch's new state durable. A recovery point is then
+"the target as it is, with every undo record newer than the point put back,
+newest first" (see materialize.py), and crash recovery is "put back every undo
+record after the last commit" (see target.py).
+
+On-disk layout (`journal_dir`, by default `<retention_dir>/<pair_id>/`)::
+
+    0000000001.seg          segments, numbered from 1, each appended to in order
+    0000000002.seg          (only the newest one is ever written)
+    .0000000003.seg.tmp     a segment being created; deleted on open
+
+A segment is a sequence of records. Each record is a 20-byte header followed by
+its body::
+
+    "SRJ1" | kind u8 | 3 zero bytes | body length u32 | xxh3-64(kind, length, body) u64 | body
+
+    kind 1 CHECKPOINT  JSON: the pair's whole state (applied seq, sync phase,
+                       counters, every live recovery point). The first record of
+                       every segment, and only there.
+    kind 2 UNDO        seq u64 | target offset u64 | length u64 | flags u8 | 7 zero bytes | old data
+                       flags bit 0: the old contents were zeros; no data follows.
+                       A frame's range is cut into records of at most 4 MiB.
+    kind 3 COMMIT      JSON: what one batch changed (the same keys as a checkpoint,
+                       except "points", plus "points_added").
+
+The state of the pair is the newest segment's checkpoint with its commits
+merged in order (`merge`). Every undo record of segment N has a seq greater
+than the `applied_seq` of N's checkpoint (segments are rotated only between
+batches), so the records newer than seq S start in the last segment whose
+checkpoint has `applied_seq <= S`, and pruning whole segments from the front
+leaves every point with `seq >= applied_seq of the oldest checkpoint` complete.
+
+What a crash at any point leaves behind:
+
+- while undo records are appended, before the commit: a tail of undo records
+  (possibly a torn last record) after the last commit. `open` returns those
+  records as `uncommitted`; the caller puts them back onto the target (newest
+  first) and then calls `discard_uncommitted`, which truncates the segment to
+  the end of the last commit. Putting back is idempotent, so a crash while doing
+  it only means doing it again.
+- a torn commit record: same as above; the batch did not happen.
+- while a new segment is created: a `.tmp` file, deleted on open; the previous
+  segment still ends with the last commit.
+- while pruning: some of the oldest segments are gone, the rest is intact.
+
+A damaged record in the middle of the newest segment cannot be told from a torn
+tail: everything from it on is treated as uncommitted. Damage in an older
+segment is found (checksum) when a point is materialised through it.
+"""
+
+from __future__ import annotations
+
+import errno
+import json
+import os
+import struct
+import threading
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import xxhash
+
+from siterecovery.agents.master_target import blockio
+from siterecovery.common import errors
+from siterecovery.common.daemon import fsync_dir
+from siterecovery.common.logging import get_logger
+
+log = get_logger(__name__)
+
+MAGIC = b"SRJ1"
+_HEAD = struct.Struct("<4sB3xIQ")  # magic, kind, body length, checksum
+_UNDO = struct.Struct("<QQQB7x")  # seq, target offset, length, flags
+KIND_CHECKPOINT = 1
+KIND_UNDO = 2
+KIND_COMMIT = 3
+FLAG_ZEROS = 0x01
+MAX_UNDO_CHUNK = 4 * 1024 * 1024
+_MAX_BODY = 64 * 1024 * 1024
+SUFFIX = ".seg"
+_FULL = {errno.ENOSPC, errno.EDQUOT, errno.EFBIG}
+
+# Module-level so tests can stand in for a full disk (see tests/unit/test_master_target_retention.py).
+free_bytes = blockio.free_bytes
+_pwritev = os.pwritev
+
+
+class RetentionFull(Exception):
+    """The retention directory has no room for what a batch must journal."""
+
+    def __init__(self, directory: Path, needed: int, free: int) -> None:
+        super().__init__(f"{directory}: {needed} bytes needed, {free} free")
+        self.directory = directory
+        self.needed = needed
+        self.free = free
+
+
+@dataclass(frozen=True)
+class UndoRef:
+    """Where one undo record lies, and what it restores."""
+
+    segment: int
+    offset: int  # of the record's header within the segment
+    body_length: int
+    seq: int
+    target_offset: int
+    length: int
+    zeros: bool
+
+    @property
+    def end(self) -> int:
+        return self.offset + _HEAD.size + self.body_length
+
+    @property
+    def stored_bytes(self) -> int:
+        return 0 if self.zeros else self.length
+
+
+@dataclass
+class Segment:
+    number: int
+    path: Path
+    # From its checkpoint: every undo record in this segment has a greater seq.
+    applied_seq: int
+    # From its checkpoint: the newest capture time of any frame applied before it.
+    newest_captured_at_ns: int
+    size: int
+
+
+@dataclass(frozen=True)
+class Cut:
+    """A consistent end of the journal: the end of the last commit at some moment."""
+
+    segment: int
+    offset: int
+
+
+def merge(state: dict[str, Any], delta: dict[str, Any]) -> dict[str, Any]:
+    """The state after a commit record `delta`."""
+    out = dict(state)
+    added = delta.get("points_added", [])
+    out.update({k: v for k, v in delta.items() if k != "points_added"})
+    out["points"] = [*state.get("points", []), *added]
+    return out
+
+
+def _checksum(kind: int, body_length: int, *parts: bytes | memoryview) -> int:
+    h = xxhash.xxh3_64()
+    h.update(struct.pack("<BI", kind, body_length))
+    for part in parts:
+        h.update(part)
+    return h.intdigest()
+
+
+def _record(kind: int, *parts: bytes) -> list[bytes]:
+    length = sum(len(p) for p in parts)
+    return [_HEAD.pack(MAGIC, kind, length, _checksum(kind, length, *parts)), *parts]
+
+
+def _segment_name(number: int) -> str:
+    return f"{number:010d}{SUFFIX}"
+
+
+def _first_record_end(fd: int) -> int:
+    _magic, _kind, length, _sum = _HEAD.unpack(os.pread(fd, _HEAD.size, 0))
+    return _HEAD.size + length
+
+
+class _Torn(Exception):
+    pass
+
+
+def _read_record(fd: int, offset: int, file_size: int) -> tuple[int, bytes]:
+    """(kind, body) of the record at `offset`, checked; _Torn when it is incomplete or damaged."""
+    if offset + _HEAD.size > file_size:
+        raise _Torn("incomplete header")
+    magic, kind, length, checksum = _HEAD.unpack(os.pread(fd, _HEAD.size, offset))
+    if magic != MAGIC or kind not in (KIND_CHECKPOINT, KIND_UNDO, KIND_COMMIT) or length > _MAX_BODY:
+        raise _Torn("not a record header")
+    if offset + _HEAD.size + length > file_size:
+        raise _Torn("incomplete body")
+    body = blockio.pread_all(fd, length, offset + _HEAD.size)
+    if _checksum(kind, length, body) != checksum:
+        raise _Torn("checksum mismatch")
+    return kind, body
+
+
+def _undo_ref(segment: int, offset: int, body: bytes | memoryview) -> UndoRef:
+    seq, target_offset, length, flags = _UNDO.unpack_from(body)
+    zeros = bool(flags & FLAG_ZEROS)
+    if not zeros and len(body) - _UNDO.size != length:
+        raise _Torn("undo record length does not match its data")
+    return UndoRef(segment, offset, len(body), seq, target_offset, length, zeros)
+
+
+class UndoJournal:
+    """One pair's journal directory. Not thread-safe: the caller holds the pair's lock,
+    except for `undo_after`/`read_undo` inside `reading()`, which may run alongside appends."""
+
+    def __init__(self, directory: Path, *, segment_bytes: int, reserve_bytes: int) -> None:
+        self.directory = directory
+        self.segment_bytes = segment_bytes
+        self.reserve_bytes = reserve_bytes
+        self.segments: list[Segment] = []
+        self._fd = -1
+        self._end = 0
+        self._commit_end = 0
+        self._pending: list[UndoRef] = []
+        self.pending_bytes = 0
+        self._readers = 0
+        self._readers_lock = threading.Lock()
+
+    # -- opening and recovery ------------------------------------------------
+    def open(self, initial_state: dict[str, Any]) -> tuple[dict[str, Any], list[UndoRef]]:
+        """The committed state and the undo records after the last commit (oldest first).
+
+        The caller must put those records back onto the target, newest first, and
+        then call `discard_uncommitted` before appending anything.
+        """
+        blockio.make_dirs(self.directory)
+        for leftover in self.directory.glob(".*.tmp"):
+            leftover.unlink()
+        numbers = sorted(int(p.name[: -len(SUFFIX)]) for p in self.directory.glob(f"*{SUFFIX}")
+                         if p.name[: -len(SUFFIX)].isdigit())
+        if not numbers:
+            self._create_segment(1, initial_state)
+            numbers = [1]
+        self.segments = []
+        for number in numbers[:-1]:
+            path = self.directory / _segment_name(number)
+            fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+            try:
+                size = os.fstat(fd).st_size
+                state = self._checkpoint_at_start(fd, path, size)
+            finally:
+                os.close(fd)
+            self.segments.append(self._segment(number, path, state, size))
+        number = numbers[-1]
+        path = self.directory / _segment_name(number)
+        self._fd = os.open(path, os.O_RDWR | os.O_CLOEXEC)
+        size = os.fstat(self._fd).st_size
+        state = self._checkpoint_at_start(self._fd, path, size)
+        self.segments.append(self._segment(number, path, state, size))
+        state, self._commit_end, self._end, self._pending = self._scan_tail(number, state, size)
+        self.pending_bytes = sum(r.stored_bytes for r in self._pending)
+        if self._end < size:
+            log.warning("journal has a torn tail", directory=str(self.directory), segment=number,
+                        discarded_bytes=size - self._end)
+        return state, list(self._pending)
+
+    def _segment(self, number: int, path: Path, state: dict[str, Any], size: int) -> Segment:
+        return Segment(number, path, int(state.get("applied_seq", 0)),
+                       int(state.get("newest_captured_at_ns", 0)), size)
+
+    def _checkpoint_at_start(self, fd: int, path: Path, size: int) -> dict[str, Any]:
+        try:
+            kind, body = _read_record(fd, 0, size)
+            if kind != KIND_CHECKPOINT:
+                raise _Torn("the first record is not a checkpoint")
+            return json.loads(body)
+        except (_Torn, ValueError) as exc:
+            raise errors.Integrity(
+                f"undo journal segment {path} is damaged at its start ({exc})",
+                hint="the pair's recovery points cannot be trusted: move the journal directory away "
+                "and resynchronise the pair",
+                code="journal-corrupt",
+            ) from exc
+
+    def _scan_tail(
+        self, number: int, state: dict[str, Any], size: int
+    ) -> tuple[dict[str, Any], int, int, list[UndoRef]]:
+        """Read the newest segment: (state, end of last commit, end of valid records, undo after it)."""
+        kind, body = _read_record(self._fd, 0, size)
+        pos = commit_end = _HEAD.size + len(body)
+        pending: list[UndoRef] = []
+        while pos < size:
+            try:
+                kind, body = _read_record(self._fd, pos, size)
+                if kind == KIND_UNDO:
+                    pending.append(_undo_ref(number, pos, body))
+                elif kind == KIND_COMMIT:
+                    state = merge(state, json.loads(body))
+                    pending = []
+                    commit_end = pos + _HEAD.size + len(body)
+                else:
+                    raise _Torn("a checkpoint after the start of a segment")
+            except (_Torn, ValueError, struct.error):
+                break
+            pos += _HEAD.size + len(body)
+        return state, commit_end, pos, pending
+
+    def _create_segment(self, number: int, state: dict[str, Any]) -> int:
+        path = self.directory / _segment_name(number)
+        tmp = self.directory / f".{path.name}.tmp"
+        parts = _record(KIND_CHECKPOINT, json.dumps(state, separators=(",", ":")).encode())
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o600)
+        try:
+            blockio.pwrite_all(fd, b"".join(parts), 0)
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+        os.replace(tmp, path)
+        fsync_dir(self.directory)
+        return sum(len(p) for p in parts)
+
+    # -- appending -------------------------------------------------------------
+    def _append(self, parts: list[bytes], *, reserve: int) -> int:
+        """Write a record at the end; returns where it starts. RetentionFull on no space."""
+        size = sum(len(p) for p in parts)
+        free = free_bytes(self.directory)
+        if free < reserve + size:
+            raise RetentionFull(self.directory, reserve + size, free)
+        at = self._end
+        try:
+            written = _pwritev(self._fd, parts, at)
+            if written < size:
+                blockio.pwrite_all(self._fd, memoryview(b"".join(parts))[written:], at + written)
+        except OSError as exc:
+            if exc.errno in _FULL:
+                raise RetentionFull(self.directory, size, free_bytes(self.directory)) from exc
+            raise
+        self._end = at + size
+        return at
+
+    def append_undo(self, seq: int, offset: int, length: int, old: bytes | None) -> UndoRef:
+        """Journal the old contents of [offset, offset+length) before frame `seq` overwrites
+        it; `old` None means the range held zeros. Not durable until `sync`."""
+        data = b"" if old is None else old
+        fixed = _UNDO.pack(seq, offset, length, FLAG_ZEROS if old is None else 0)
+        at = self._append(_record(KIND_UNDO, fixed, data), reserve=self.reserve_bytes)
+        ref = UndoRef(self.segments[-1].number, at, len(fixed) + len(data), seq, offset, length, old is None)
+        self._pending.append(ref)
+        self.pending_bytes += ref.stored_bytes
+        return ref
+
+    def sync(self) -> None:
+        os.fdatasync(self._fd)
+
+    def commit(self, delta: dict[str, Any]) -> None:
+        """Append and flush a commit record: the batch's undo records become committed."""
+        self._append(_record(KIND_COMMIT, json.dumps(delta, separators=(",", ":")).encode()), reserve=0)
+        os.fdatasync(self._fd)
+        self._commit_end = self._end
+        self.segments[-1].size = self._end
+        self._pending = []
+        self.pending_bytes = 0
+
+    def uncommitted(self) -> list[UndoRef]:
+        return list(self._pending)
+
+    @property
+    def pending_records(self) -> int:
+        return len(self._pending)
+
+    def discard_uncommitted(self) -> None:
+        """Drop everything after the last commit (after the caller put it back on the target)."""
+        if os.fstat(self._fd).st_size != self._commit_end:
+            os.ftruncate(self._fd, self._commit_end)
+            os.fsync(self._fd)
+        self._end = self._commit_end
+        self.segments[-1].size = self._end
+        self._pending = []
+        self.pending_bytes = 0
+
+    # -- segments ----------------------------------------------------------------
+    def maybe_rotate(self, state: dict[str, Any]) -> None:
+        if self._end >= self.segment_bytes:
+            self.rotate(state)
+
+    def rotate(self, state: dict[str, Any]) -> None:
+        """Start a new segment whose checkpoint is `state` (the state after the last commit)."""
+        assert not self._pending, "rotate only between batches"
+        number = self.segments[-1].number + 1
+        size = self._create_segment(number, state)
+        path = self.directory / _segment_name(number)
+        fd = os.open(path, os.O_RDWR | os.O_CLOEXEC)
+        os.close(self._fd)
+        self._fd = fd
+        self.segments.append(self._segment(number, path, state, size))
+        self._end = self._commit_end = size
+
+    def prune(self, cutoff_ns: int, state: dict[str, Any]) -> int:
+        """Delete the oldest segments whose every frame was captured before `cutoff_ns`.
+
+        Returns how many were deleted (0 while a point is being materialised).
+        """
+        with self._readers_lock:
+            if self._readers:
+                return 0
+            expired = 0
+            for index in range(len(self.segments)):
+                later = self.segments[index + 1] if index + 1 < len(self.segments) else None
+                newest = later.newest_captured_at_ns if later else int(state.get("newest_captured_at_ns", 0))
+                if newest >= cutoff_ns:
+                    break
+                expired += 1
+            if expired == len(self.segments):
+                if self._end <= _first_record_end(self._fd):
+                    expired -= 1  # the active segment holds nothing but its checkpoint
+                else:
+                    self.rotate(state)
+            doomed, self.segments = self.segments[:expired], self.segments[expired:]
+            for segment in doomed:
+                segment.path.unlink(missing_ok=True)
+            if doomed:
+                fsync_dir(self.directory)
+                log.info("journal pruned", directory=str(self.directory), segments=len(doomed),
+                         floor_seq=self.floor_seq)
+            return len(doomed)
+
+    @property
+    def floor_seq(self) -> int:
+        """Points at or after this seq have every undo record they need."""
+        return self.segments[0].applied_seq
+
+    @property
+    def size_bytes(self) -> int:
+        return sum(s.size for s in self.segments[:-1]) + self._end
+
+    # -- reading -------------------------------------------------------------------
+    def cut(self) -> Cut:
+        assert not self._pending, "cut only between batches"
+        return Cut(self.segments[-1].number, self._commit_end)
+
+    @contextmanager
+    def reading(self) -> Iterator[None]:
+        """While inside, no segment is pruned."""
+        with self._readers_lock:
+            self._readers += 1
+        try:
+            yield
+        finally:
+            with self._readers_lock:
+                self._readers -= 1
+
+    def read_undo(self, ref: UndoRef, fd: int | None = None) -> bytes | None:
+        """The old contents an undo record holds (None: zeros), checked against its checksum."""
+        own = fd is None
+        if fd is None:
+            if ref.segment == self.segments[-1].number:
+                fd, own = self._fd, False
+            else:
+                fd = os.open(self.directory / _segment_name(ref.segment), os.O_RDONLY | os.O_CLOEXEC)
+        try:
+            raw = blockio.pread_all(fd, ref.end - ref.offset, ref.offset)
+        finally:
+            if own:
+                os.close(fd)
+        magic, kind, length, checksum = _HEAD.unpack_from(raw)
+        body = memoryview(raw)[_HEAD.size:]
+        if magic != MAGIC or kind != KIND_UNDO or length != ref.body_length or _checksum(kind, length, body) != checksum:
+            raise errors.Integrity(
+                f"undo journal record at {self.directory / _segment_name(ref.segment)}:{ref.offset} is damaged",
+                hint="points older than this record cannot be materialised; newer points and the latest "
+                "state are unaffected",
+                code="journal-corrupt",
+            )
+        return None if ref.zeros else bytes(body[_UNDO.size:])
+
+    def _refs(self, segment: Segment, fd: int, end: int) -> Iterator[UndoRef]:
+        """Every undo record of a segment before `end`, oldest first (headers only)."""
+        pos = _first_record_end(fd)
+        probe = _HEAD.size + _UNDO.size
+        while pos < end:
+            raw = os.pread(fd, probe, pos)
+            magic, kind, length, _sum = _HEAD.unpack_from(raw)
+            if magic != MAGIC or pos + _HEAD.size + length > end:
+                raise errors.Integrity(
+                    f"undo journal segment {segment.path} is damaged at offset {pos}",
+                    hint="points older than this offset cannot be materialised",
+                    code="journal-corrupt",
+                )
+            if kind == KIND_UNDO:
+                yield UndoRef(segment.number, pos, length, *self._undo_fields(raw))
+            pos += _HEAD.size + length
+
+    @staticmethod
+    def _undo_fields(raw: bytes) -> tuple[int, int, int, bool]:
+        seq, target_offset, length, flags = _UNDO.unpack_from(raw, _HEAD.size)
+        return seq, target_offset, length, bool(flags & FLAG_ZEROS)
+
+    def undo_after(self, seq: int, cut: Cut) -> Iterator[tuple[UndoRef, bytes | None]]:
+        """Every committed undo record with a seq greater than `seq` up to `cut`, newest
+        first, with its old contents. Call inside `reading()`."""
+        segments = [s for s in self.segments if s.number <= cut.segment]
+        if not segments or segments[0].applied_seq > seq:
+            raise errors.NotFound(
+                f"the undo journal no longer reaches back to seq {seq}",
+                hint="the point fell out of the retention window; choose a newer point",
+                code="point-pruned",
+            )
+        start = max(i for i, s in enumerate(segments) if s.applied_seq <= seq)
+        for segment in reversed(segments[start:]):
+            fd = os.open(segment.path, os.O_RDONLY | os.O_CLOEXEC)
+            try:
+                end = cut.offset if segment.number == cut.segment else os.fstat(fd).st_size
+                refs = [r for r in self._refs(segment, fd, end) if r.seq > seq]
+                for ref in reversed(refs):
+                    yield ref, self.read_undo(ref, fd)
+            finally:
+                os.close(fd)
+
+    def close(self) -> None:
+        if self._fd >= 0:
+            os.close(self._fd)
+            self._fd = -1

@@ -1,0 +1,120 @@
+"""A pair's target disk as it was at a recovery point.
+
+- "latest" (or an empty point) is the target disk itself: no copy, `copied`
+  false. It is only consistent while nothing applies to it, so the answer is
+  given under the pair's apply lock, and a caller that goes on to use the disk
+  (failover) pauses the pair first: the master target refuses apply streams of
+  a pair whose desired state is PAUSED.
+- an older point (a tag id) is a new file at `output_path`, which must lie in
+  a datastore directory and must not exist yet. Under the apply lock the target
+  is copied sparsely (copy_file_range over the SEEK_DATA/SEEK_HOLE extents) and
+  the journal's end is noted (a *cut*: the end of the last commit); then,
+  without the lock, every undo record newer than the point up to the cut is put
+  back onto the copy, newest first, and the copy is flushed. Replication goes
+  on during that second phase; pruning waits for it.
+
+A failure leaves no partial output file behind.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import time
+from collections.abc import Sequence
+from pathlib import Path
+
+from siterecovery.agents.master_target import blockio, paths
+from siterecovery.agents.master_target.target import PairTarget
+from siterecovery.common import errors
+from siterecovery.common.daemon import fsync_dir
+from siterecovery.common.logging import get_logger
+from siterecovery.common.pb import replication_pb2 as rpb
+
+log = get_logger(__name__)
+
+LATEST = "latest"
+
+
+def materialize(
+    target: PairTarget, point: str, output_path: str, datastore_dirs: Sequence[Path]
+) -> rpb.MaterializeReply:
+    if point in ("", LATEST):
+        return _latest(target)
+    wanted = target.find_point(point)
+    if wanted is None:
+        raise _unknown(target, point)
+    out = paths.inside(output_path, datastore_dirs, what="output_path")
+    if out == target.target_path.resolve():
+        raise errors.InvalidInput(
+            f"output_path {output_path} is the target disk itself",
+            hint="choose a new file name on the datastore", code="output-is-target",
+        )
+    blockio.make_dirs(out.parent)
+    try:
+        fd = os.open(out, os.O_RDWR | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600)
+    except FileExistsError:
+        raise errors.Conflict(
+            f"{out} exists already", hint="choose another output_path or remove that file", code="output-exists"
+        ) from None
+    started = time.monotonic()
+    try:
+        undone = _copy_and_undo(target, wanted, fd)
+        os.fsync(fd)
+    except BaseException:
+        os.close(fd)
+        out.unlink(missing_ok=True)
+        raise
+    os.close(fd)
+    fsync_dir(out.parent)
+    elapsed = time.monotonic() - started
+    log.info("point materialised", pair=target.pair_id, tag=wanted["tag_id"], seq=wanted["seq"], path=str(out),
+             bytes_undone=undone, seconds=round(elapsed, 3))
+    return rpb.MaterializeReply(
+        path=str(out), tag_id=wanted["tag_id"], seq=wanted["seq"], bytes_undone=undone, copied=True
+    )
+
+
+def _latest(target: PairTarget) -> rpb.MaterializeReply:
+    with target.lock:
+        if not target.state.get("ever_synced") or not target.synced:
+            raise errors.PreconditionFailed(
+                f"the target disk of pair {target.pair_id} is not usable until its initial sync is done",
+                hint="wait until the pair is replicating", code="not-synced",
+            )
+        points = target.state["points"]
+        newest = points[-1] if points and points[-1]["seq"] == target.applied_seq else None
+        return rpb.MaterializeReply(
+            path=str(target.target_path),
+            tag_id=newest["tag_id"] if newest else "",
+            seq=target.applied_seq,
+            copied=False,
+        )
+
+
+def _copy_and_undo(target: PairTarget, point: dict, fd: int) -> int:
+    journal = target.journal
+    undone = 0
+    with contextlib.ExitStack() as stack:
+        with target.lock:
+            if target.find_point(point["tag_id"]) is None:  # pruned while we waited
+                raise _unknown(target, point["tag_id"])
+            cut = journal.cut()
+            blockio.copy_sparse(target.fd, fd, target.disk_size)
+            stack.enter_context(journal.reading())
+        for ref, data in journal.undo_after(point["seq"], cut):
+            if data is None:
+                blockio.zero_range(fd, ref.target_offset, ref.length)
+            else:
+                blockio.pwrite_all(fd, data, ref.target_offset)
+            undone += ref.length
+    return undone
+
+
+def _unknown(target: PairTarget, point: str) -> errors.NotFound:
+    names = [p["tag_id"] for p in target.state.get("points", [])]
+    listed = ", ".join(names[-20:]) + (f" (and {len(names) - 20} older)" if len(names) > 20 else "")
+    return errors.NotFound(
+        f"pair {target.pair_id} has no recovery point {point!r}; it has: {listed or 'none'}",
+        hint="use \"latest\" or one of the listed tag ids", code="point-not-found",
+    )

@@ -1,0 +1,618 @@
+"""One pair on the master target: its target disk, its undo journal, its recovery points.
+
+`PairTarget.apply` applies a batch of checked frames with write-ahead undo
+(group commit):
+
+1. for every write or zero frame, the range's old contents - the target as it
+   was before the batch, overlaid with the new data of earlier frames of the
+   same batch that overlap it, so each record is exact even inside a batch -
+   are appended to the journal (journal.py), then the journal is flushed;
+2. every frame is written to the target (zero ranges are punched as holes),
+   then the target is flushed;
+3. a commit record (applied seq, sync phase, counters, new recovery points) is
+   appended and flushed; only then is the batch acknowledged.
+
+The target file is `target_path` (created sparse at the disk size when
+missing); the journal lives in `journal_dir` (layout in journal.py). Nothing
+else is kept on disk: the pair's state is the journal's committed state.
+
+Crash analysis (kill -9 or power loss at any moment; `open` runs recovery):
+
+- before step 1 is flushed: the target is untouched; recovery puts back the
+  undo tail (a no-op: those bytes still hold their old contents) and drops it.
+- after step 1, during or after step 2, before the commit is durable: the
+  target holds part of the batch; every changed byte is covered by a flushed
+  undo record after the last commit, so recovery puts them back newest first
+  and the target is exactly as at the committed `applied_seq`.
+- after step 3: the batch is committed; the sender may not have its ack, and
+  resends frames the receiver skips (seq <= applied_seq) but acknowledges.
+- during recovery itself: putting back is idempotent; it is redone.
+
+So the target is always exactly the disk at the committed `applied_seq`, the
+seq the stream open reports as `durable_seq`.
+
+**The first initial sync journals no undo.** Until the pair has seen
+INITIAL_DONE once (`ever_synced`), the target is not a usable point, and
+journaling the old contents of a whole disk's worth of first writes would only
+cost space. Then a crash in steps 2-3 leaves the target holding part of a batch
+beyond `applied_seq` with nothing to put back. That is harmless: the sender
+resends every frame after `applied_seq` - the very same frames, from its spool -
+and each write sets its whole range to fixed contents, so applying them again,
+in order, over any mixture of their old and new contents yields exactly the
+disk at the resent seq. Every byte the torn batch changed lies in some resent
+frame's range. Batches are cut after every sync marker, so no batch mixes frames
+with and without undo. Later resyncs (INITIAL_STARTED after the pair was
+synced once) keep journaling, so older points stay reachable through them;
+tags that arrive while a sync runs are not points and are dropped.
+
+Locking: `lock` is the pair's apply lock; `apply`, recovery, pruning and the
+copy phase of a materialisation hold it. `status` reads a snapshot published
+after every change and never waits for it.
+"""
+
+from __future__ import annotations
+
+import errno
+import os
+import threading
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from google.protobuf.timestamp_pb2 import Timestamp
+
+from siterecovery.agents.master_target import blockio, journal
+from siterecovery.agents.master_target.journal import RetentionFull, UndoJournal, UndoRef
+from siterecovery.common import errors, frames
+from siterecovery.common.daemon import fsync_dir
+from siterecovery.common.logging import get_logger
+from siterecovery.common.pb import replication_pb2 as rpb
+
+log = get_logger(__name__)
+
+MiB = 1024 * 1024
+DEFAULT_RETENTION_SECONDS = 86400
+STATE_FORMAT = 1
+SYNC_NONE, SYNC_STARTED, SYNC_DONE = "none", "started", "done"
+RETENTION_FULL = "retention-full"
+DATASTORE_FULL = "datastore-full"
+
+
+@dataclass(frozen=True)
+class TargetOptions:
+    """Tunables of the apply path (defaults suit production; tests shrink them)."""
+
+    # A batch (one group commit) holds at most this many frames / payload bytes.
+    batch_frames: int = 64
+    batch_bytes: int = 16 * MiB
+    # Journal segments are rotated past this size; pruning deletes whole segments.
+    segment_bytes: int = 64 * MiB
+    # Undo is not appended when the retention directory would keep less free space than this.
+    reserve_bytes: int = 64 * MiB
+    # How often the retention window is enforced (seconds).
+    prune_interval: float = 60.0
+
+
+DEFAULT_OPTIONS = TargetOptions()
+
+
+class PairTarget:
+    def __init__(
+        self,
+        *,
+        pair_id: str,
+        target_path: Path,
+        journal_dir: Path,
+        disk_size: int,
+        options: TargetOptions | None = None,
+        clock: Callable[[], float] = time.time,
+    ) -> None:
+        self.pair_id = pair_id
+        self.target_path = target_path
+        self.journal_dir = journal_dir
+        self.disk_size = disk_size
+        self.options = options = options or DEFAULT_OPTIONS
+        self.clock = clock
+        self.lock = threading.Lock()
+        self.retention_window = DEFAULT_RETENTION_SECONDS
+        # The apply stream that owns the pair now; an older stream finds it replaced.
+        self.owner: object | None = None
+        # (reason_code, reason) while PAUSED / ERROR.
+        self.paused: tuple[str, str] | None = None
+        self.error: tuple[str, str] | None = None
+        # Tests set this to kill the process at a named step ("undo-record", "undo-synced",
+        # "target-frame", "target-synced", "committed", "rollback-record").
+        self.crash_hook: Callable[[str], None] | None = None
+        # Called when the state, reason or number of points changes (say, to heartbeat now).
+        self.on_change: Callable[[], None] | None = None
+        self._published_key: tuple[Any, ...] = ()
+        self.state: dict[str, Any] = {}
+        self._fd = -1
+        self._journal = UndoJournal(
+            journal_dir, segment_bytes=options.segment_bytes, reserve_bytes=options.reserve_bytes
+        )
+        self._last_prune = 0.0
+        self._snapshot: tuple[dict[str, Any], int] = ({}, 0)
+        self.opened = False
+        # Undo records of an unfinished batch put back by the last open (crash recovery).
+        self.rolled_back_at_open = 0
+
+    # -- opening -----------------------------------------------------------------
+    def open(self) -> None:
+        """Open (creating the target sparse when missing) and recover to the committed state."""
+        with self.lock:
+            self._open_locked()
+
+    def _open_locked(self) -> None:
+        try:
+            self._open_and_recover()
+        except errors.SiteRecoveryError as exc:
+            self.error = (exc.code, str(exc))
+            self._publish()
+            raise
+        except OSError as exc:
+            error = errors.Unavailable(
+                f"pair {self.pair_id} cannot be opened: {exc}",
+                hint="check the datastore and retention directories; the pair is opened again at the next stream",
+                code="pair-open-failed",
+            )
+            self.error = (error.code, str(error))
+            self._publish()
+            raise error from exc
+
+    def _open_and_recover(self) -> None:
+        self._close_locked()
+        created = self._open_target()
+        try:
+            state, uncommitted = self._journal.open(self._initial_state())
+            if state.get("pair_id") != self.pair_id:
+                raise errors.Conflict(
+                    f"journal directory {self.journal_dir} belongs to pair {state.get('pair_id')!r}, "
+                    f"not {self.pair_id}",
+                    hint="each pair needs its own journal directory",
+                    code="journal-other-pair",
+                )
+            if int(state.get("disk_size", 0)) != self.disk_size:
+                raise errors.PreconditionFailed(
+                    f"the journal of pair {self.pair_id} is for a {state.get('disk_size')}-byte disk, "
+                    f"not {self.disk_size}",
+                    hint="a disk cannot change size under replication; re-create the pair",
+                    code="disk-size-mismatch",
+                )
+            if created and int(state.get("applied_seq", 0)) > 0:
+                os.unlink(self.target_path)
+                raise errors.PreconditionFailed(
+                    f"target disk {self.target_path} was missing, but the journal says frames up to "
+                    f"{state['applied_seq']} were applied to it",
+                    hint=f"move {self.journal_dir} away to start a full resynchronisation",
+                    code="target-missing",
+                )
+            if uncommitted:
+                log.info("rolling back an unfinished batch", pair=self.pair_id, records=len(uncommitted))
+                self._put_back(uncommitted)
+            self.rolled_back_at_open = len(uncommitted)
+            self._journal.discard_uncommitted()
+        except BaseException:
+            self._close_locked()
+            raise
+        floor = self._journal.floor_seq
+        state["points"] = [p for p in state.get("points", []) if p["seq"] >= floor]
+        self.state = state
+        self.error = None
+        self.opened = True
+        self._publish()
+        log.info("pair opened", pair=self.pair_id, applied_seq=state["applied_seq"], sync=state["sync"],
+                 points=len(state["points"]), journal_bytes=self._journal.size_bytes)
+
+    def _initial_state(self) -> dict[str, Any]:
+        return {
+            "format": STATE_FORMAT,
+            "pair_id": self.pair_id,
+            "disk_size": self.disk_size,
+            "applied_seq": 0,
+            "applied_captured_at_ns": 0,
+            "newest_captured_at_ns": 0,
+            "sync": SYNC_NONE,
+            "ever_synced": False,
+            "applied_bytes_total": 0,
+            "undo_bytes": 0,
+            "undo_records": 0,
+            "points": [],
+        }
+
+    def _open_target(self) -> bool:
+        """Open the target disk; create it sparse when missing. True when created."""
+        path = self.target_path
+        created = False
+        if not path.exists():
+            blockio.make_dirs(path.parent)
+            tmp = path.with_name(f".{path.name}.creating")
+            fd = os.open(tmp, os.O_RDWR | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o600)
+            try:
+                os.ftruncate(fd, self.disk_size)
+                os.fsync(fd)
+            finally:
+                os.close(fd)
+            os.replace(tmp, path)
+            fsync_dir(path.parent)
+            created = True
+        self._fd = os.open(path, os.O_RDWR | os.O_CLOEXEC)
+        size = blockio.device_size(self._fd)
+        if size != self.disk_size:
+            os.close(self._fd)
+            self._fd = -1
+            raise errors.PreconditionFailed(
+                f"target disk {path} holds {size} bytes; pair {self.pair_id} needs {self.disk_size}",
+                hint="remove or rename the file (it is not this pair's disk), then resume the pair",
+                code="target-size-mismatch",
+            )
+        return created
+
+    def close(self) -> None:
+        with self.lock:
+            self._close_locked()
+
+    def _close_locked(self) -> None:
+        self.opened = False
+        self._journal.close()
+        if self._fd >= 0:
+            os.close(self._fd)
+            self._fd = -1
+
+    @property
+    def fd(self) -> int:
+        return self._fd
+
+    @property
+    def journal(self) -> UndoJournal:
+        return self._journal
+
+    @property
+    def applied_seq(self) -> int:
+        return int(self.state.get("applied_seq", 0))
+
+    @property
+    def synced(self) -> bool:
+        return self.state.get("sync") == SYNC_DONE
+
+    # -- resuming after a pause --------------------------------------------------
+    def ensure_ready(self) -> None:
+        """At a stream open: reopen after an error, resume after a pause when space returned."""
+        with self.lock:
+            if self.error is not None or not self.opened:
+                self._open_locked()
+            if self.paused is None:
+                return
+            code, _reason = self.paused
+            where = self.journal_dir if code == RETENTION_FULL else self.target_path.parent
+            reserve = self.options.reserve_bytes if code == RETENTION_FULL else 0
+            free = journal.free_bytes(where)
+            if free < reserve + self.options.batch_bytes:
+                raise self._full_error(code, where, free)
+            log.info("space returned; pair resumes", pair=self.pair_id, directory=str(where), free=free)
+            self.paused = None
+            self._publish()
+
+    def _full_error(self, code: str, where: Path, free: int) -> errors.Unavailable:
+        if code == RETENTION_FULL:
+            return errors.Unavailable(
+                f"pair {self.pair_id} is paused: the retention directory {where} is full "
+                f"({free // MiB} MiB free) and the undo journal cannot grow",
+                hint=f"free space in {where}, move the retention directory to a larger disk, or shorten the "
+                "pair's retention window; replication resumes by itself when there is room",
+                code=RETENTION_FULL,
+            )
+        return errors.Unavailable(
+            f"pair {self.pair_id} is paused: the datastore holding {self.target_path} is full "
+            f"({free // MiB} MiB free)",
+            hint=f"free space on the datastore of {self.target_path}; replication resumes by itself",
+            code=DATASTORE_FULL,
+        )
+
+    # -- applying ------------------------------------------------------------------
+    def apply(self, batch: Sequence[tuple[rpb.Frame, bytes]], owner: object | None = None) -> int:
+        """Apply checked frames (seq increasing, all above applied_seq); returns applied_seq.
+
+        `batch` holds (frame, uncompressed payload) pairs that passed frames.validate and
+        frames.verify. Raises errors.Unavailable when the pair is paused or the stream was
+        replaced, with nothing of the failing group written.
+        """
+        with self.lock:
+            if owner is not None and self.owner is not owner:
+                raise errors.Unavailable(
+                    f"the apply stream of pair {self.pair_id} was replaced by a newer one or stopped",
+                    hint="the process server reconnects by itself", code="stream-replaced",
+                )
+            if not self.opened:
+                raise errors.Unavailable(f"pair {self.pair_id} is not open", code="pair-closed")
+            if self.error is not None:
+                raise errors.Unavailable(self.error[1], code=self.error[0])
+            if self.paused is not None:
+                raise errors.Unavailable(self.paused[1], code=self.paused[0])
+            try:
+                group: list[tuple[rpb.Frame, bytes]] = []
+                for item in batch:
+                    if item[0].seq <= self.applied_seq or (group and item[0].seq <= group[-1][0].seq):
+                        continue
+                    group.append(item)
+                    if item[0].WhichOneof("body") == "sync":  # cut after every sync marker
+                        self._apply_group(group)
+                        group = []
+                if group:
+                    self._apply_group(group)
+                self._prune_if_due()
+            except errors.SiteRecoveryError:
+                raise
+            except Exception as exc:
+                log.error("apply crashed", pair=self.pair_id, exc_info=exc)
+                self._undo_failed_batch()
+                self._fail("internal", f"applying frames to pair {self.pair_id} failed unexpectedly: {exc}",
+                           "see the master target's log; the pair is reopened at the next stream")
+            return self.applied_seq
+
+    def _apply_group(self, group: list[tuple[rpb.Frame, bytes]]) -> None:
+        keep_undo = bool(self.state["ever_synced"])
+        try:
+            marks = self._journal_undo(group) if keep_undo else {}
+            if keep_undo:
+                self._journal.sync()
+            self._hook("undo-synced")
+        except RetentionFull as exc:
+            self._journal.discard_uncommitted()
+            self._pause(RETENTION_FULL, exc.directory, exc.free)
+        except OSError as exc:
+            # Nothing reached the target; whatever the journal kept is dropped at the next open.
+            self._fail("journal-io", f"writing the undo journal in {self.journal_dir} failed: {exc}",
+                       "check the retention directory's disk; the pair resumes at the next stream")
+        try:
+            for frame, data in group:
+                body = frame.WhichOneof("body")
+                if body == "write":
+                    blockio.pwrite_all(self._fd, data, frame.write.offset)
+                elif body == "zero":
+                    blockio.zero_range(self._fd, frame.zero.offset, frame.zero.length)
+                else:
+                    continue
+                self._hook("target-frame")
+            os.fsync(self._fd)
+            self._hook("target-synced")
+        except OSError as exc:
+            self._undo_failed_batch()
+            if exc.errno in (errno.ENOSPC, errno.EDQUOT):
+                self._pause(DATASTORE_FULL, self.target_path.parent, blockio.free_bytes(self.target_path.parent))
+            self._fail("target-io", f"writing target disk {self.target_path} failed: {exc}",
+                       "check the datastore's disk; the pair resumes at the next stream")
+        delta = self._delta(group, marks)
+        try:
+            self._journal.commit(delta)
+        except (RetentionFull, OSError) as exc:
+            self._undo_failed_batch()
+            if isinstance(exc, RetentionFull):
+                self._pause(RETENTION_FULL, exc.directory, exc.free)
+            self._fail("journal-io", f"writing the undo journal in {self.journal_dir} failed: {exc}",
+                       "check the retention directory's disk; the pair resumes at the next stream")
+        self._hook("committed")
+        self.state = journal.merge(self.state, delta)
+        self._journal.maybe_rotate(self.state)
+        self._publish()
+
+    def _journal_undo(self, group: list[tuple[rpb.Frame, bytes]]) -> dict[int, tuple[int, int]]:
+        """Append the undo records of a group; returns each tag's (undo bytes, records) mark."""
+        marks: dict[int, tuple[int, int]] = {}
+        for index, (frame, _data) in enumerate(group):
+            body = frame.WhichOneof("body")
+            if body == "tag":
+                marks[frame.seq] = (
+                    self.state["undo_bytes"] + self._journal.pending_bytes,
+                    self.state["undo_records"] + self._journal.pending_records,
+                )
+                continue
+            if body == "write":
+                offset, length = frame.write.offset, frame.write.length
+            elif body == "zero":
+                offset, length = frame.zero.offset, frame.zero.length
+            else:
+                continue
+            end = offset + length
+            for at in range(offset, end, journal.MAX_UNDO_CHUNK):
+                n = min(journal.MAX_UNDO_CHUNK, end - at)
+                self._journal.append_undo(frame.seq, at, n, self._old_contents(at, n, group[:index]))
+                self._hook("undo-record")
+        return marks
+
+    def _old_contents(self, offset: int, length: int, earlier: list[tuple[rpb.Frame, bytes]]) -> bytes | None:
+        """The range as it is just before the next frame: the target overlaid with earlier frames."""
+        old = blockio.read_range(self._fd, offset, length)
+        buf: bytearray | None = None
+        end = offset + length
+        for frame, data in earlier:
+            body = frame.WhichOneof("body")
+            if body == "write":
+                f_off, f_len = frame.write.offset, frame.write.length
+            elif body == "zero":
+                f_off, f_len = frame.zero.offset, frame.zero.length
+            else:
+                continue
+            lo, hi = max(offset, f_off), min(end, f_off + f_len)
+            if lo >= hi:
+                continue
+            if buf is None:
+                buf = bytearray(length) if old is None else bytearray(old)
+            if body == "write":
+                buf[lo - offset : hi - offset] = data[lo - f_off : hi - f_off]
+            else:
+                buf[lo - offset : hi - offset] = bytes(hi - lo)
+        if buf is None:
+            return old
+        return None if blockio.is_zero(buf) else bytes(buf)
+
+    def _delta(self, group: list[tuple[rpb.Frame, bytes]], marks: dict[int, tuple[int, int]]) -> dict[str, Any]:
+        state = self.state
+        sync, ever_synced = state["sync"], state["ever_synced"]
+        newest = state["newest_captured_at_ns"]
+        applied_bytes = state["applied_bytes_total"]
+        known = {p["tag_id"] for p in state["points"]}
+        added: list[dict[str, Any]] = []
+        for frame, _data in group:
+            captured = frame.captured_at.ToNanoseconds()
+            newest = max(newest, captured)
+            body = frame.WhichOneof("body")
+            applied_bytes += frames.payload_length(frame)
+            if body == "sync":
+                if frame.sync.phase == rpb.SYNC_PHASE_INITIAL_STARTED:
+                    sync = SYNC_STARTED
+                elif frame.sync.phase == rpb.SYNC_PHASE_INITIAL_DONE:
+                    sync, ever_synced = SYNC_DONE, True
+            elif body == "tag":
+                tag = frame.tag
+                if sync != SYNC_DONE or not ever_synced:
+                    log.info("tag during a sync is not a recovery point", pair=self.pair_id, tag=tag.tag_id,
+                             seq=frame.seq)
+                elif tag.tag_id in known:
+                    log.warning("duplicate tag id ignored", pair=self.pair_id, tag=tag.tag_id, seq=frame.seq)
+                else:
+                    undo_bytes, _records = marks.get(frame.seq, (state["undo_bytes"], state["undo_records"]))
+                    known.add(tag.tag_id)
+                    added.append({
+                        "tag_id": tag.tag_id, "kind": int(tag.kind), "seq": frame.seq, "captured_at_ns": captured,
+                        "group_id": tag.group_id, "note": tag.note, "on_demand": bool(tag.on_demand),
+                        "undo_mark": undo_bytes,
+                    })
+        last = group[-1][0]
+        return {
+            "applied_seq": last.seq,
+            "applied_captured_at_ns": last.captured_at.ToNanoseconds(),
+            "newest_captured_at_ns": newest,
+            "sync": sync,
+            "ever_synced": ever_synced,
+            "applied_bytes_total": applied_bytes,
+            "undo_bytes": state["undo_bytes"] + self._journal.pending_bytes,
+            "undo_records": state["undo_records"] + self._journal.pending_records,
+            "points_added": added,
+        }
+
+    def _put_back(self, refs: Sequence[UndoRef]) -> None:
+        """Restore the old contents of undo records onto the target, newest first; flush."""
+        for ref in reversed(refs):
+            data = self._journal.read_undo(ref)
+            if data is None:
+                blockio.zero_range(self._fd, ref.target_offset, ref.length)
+            else:
+                blockio.pwrite_all(self._fd, data, ref.target_offset)
+            self._hook("rollback-record")
+        os.fsync(self._fd)
+
+    def _undo_failed_batch(self) -> None:
+        """After a failure between the undo flush and the commit: put the target back."""
+        try:
+            self._put_back(self._journal.uncommitted())
+            self._journal.discard_uncommitted()
+        except OSError as exc:
+            # The journal keeps the records; the next open puts them back.
+            self._fail("target-io", f"rolling back a failed batch of pair {self.pair_id} failed: {exc}",
+                       "check the datastore and retention disks; the pair recovers at the next stream")
+
+    def _pause(self, code: str, where: Path, free: int) -> None:
+        error = self._full_error(code, where, free)
+        self.paused = (code, f"{error.message}; {error.hint}")
+        self._publish()
+        log.error("pair paused", pair=self.pair_id, code=code, directory=str(where), free=free)
+        raise error
+
+    def _fail(self, code: str, message: str, hint: str) -> None:
+        self.error = (code, f"{message}; {hint}")
+        self._publish()
+        log.error("pair failed", pair=self.pair_id, code=code, error=message)
+        raise errors.Unavailable(message, hint=hint, code=code)
+
+    def _hook(self, step: str) -> None:
+        if self.crash_hook is not None:
+            self.crash_hook(step)
+
+    # -- retention ---------------------------------------------------------------------
+    def _prune_if_due(self) -> None:
+        now = self.clock()
+        if now - self._last_prune < self.options.prune_interval:
+            return
+        self._last_prune = now
+        self.prune_locked(now)
+
+    def prune_locked(self, now: float) -> int:
+        """Enforce the retention window (call with `lock` held); returns segments deleted."""
+        if not self.opened:
+            return 0
+        cutoff_ns = int((now - self.retention_window) * 1e9)
+        removed = self._journal.prune(cutoff_ns, self.state)
+        if removed:
+            floor = self._journal.floor_seq
+            before = len(self.state["points"])
+            self.state["points"] = [p for p in self.state["points"] if p["seq"] >= floor]
+            log.info("recovery points expired", pair=self.pair_id, points=before - len(self.state["points"]))
+            self._publish()
+        return removed
+
+    def maybe_prune(self) -> None:
+        """From a timer or the heartbeat: prune when due, unless a batch holds the lock now."""
+        if self.lock.acquire(blocking=False):
+            try:
+                self._prune_if_due()
+            finally:
+                self.lock.release()
+
+    # -- reading ------------------------------------------------------------------------
+    def find_point(self, tag_id: str) -> dict[str, Any] | None:
+        return next((p for p in self.state.get("points", []) if p["tag_id"] == tag_id), None)
+
+    def _publish(self) -> None:
+        state = dict(self.state)
+        state["points"] = list(self.state.get("points", []))
+        self._snapshot = (state, self._journal.size_bytes if self.opened else 0)
+        key = (self.error, self.paused, state.get("sync"), len(state["points"]))
+        if key != self._published_key:
+            self._published_key = key
+            if self.on_change is not None:
+                self.on_change()
+
+    def status(self) -> rpb.PairStatus:
+        state, journal_bytes = self._snapshot
+        out = rpb.PairStatus(pair_id=self.pair_id)
+        if self.error is not None:
+            out.state = rpb.PAIR_STATE_ERROR
+            out.reason_code, out.reason = self.error
+        elif self.paused is not None:
+            out.state = rpb.PAIR_STATE_PAUSED
+            out.reason_code, out.reason = self.paused
+        elif state.get("sync") == SYNC_DONE:
+            out.state = rpb.PAIR_STATE_REPLICATING
+        else:
+            out.state = rpb.PAIR_STATE_INITIAL_SYNC
+        if "applied_seq" not in state:  # never opened
+            return out
+        out.last_seq = state["applied_seq"]
+        if state["applied_captured_at_ns"]:
+            out.applied_captured_at.CopyFrom(_stamp(state["applied_captured_at_ns"]))
+        out.journal_bytes = journal_bytes
+        out.applied_bytes_total = state["applied_bytes_total"]
+        out.points.extend(point_proto(p, state["undo_bytes"]) for p in state["points"])
+        return out
+
+
+def _stamp(ns: int) -> Timestamp:
+    ts = Timestamp()
+    ts.FromNanoseconds(ns)
+    return ts
+
+
+def point_proto(point: dict[str, Any], undo_bytes_now: int) -> rpb.RecoveryPoint:
+    return rpb.RecoveryPoint(
+        tag_id=point["tag_id"],
+        kind=point["kind"],
+        seq=point["seq"],
+        captured_at=_stamp(point["captured_at_ns"]),
+        journal_bytes_back=undo_bytes_now - point["undo_mark"],
+        group_id=point["group_id"],
+        note=point["note"],
+        on_demand=point["on_demand"],
+    )

@@ -1,0 +1,273 @@
+"""The master target's Apply and Materialize over in-process mutual TLS: the target equals
+the reference disk, every point materialises exactly, bad input changes nothing."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import grpc
+import pytest
+
+from siterecovery.agents.master_target.target import TargetOptions
+from siterecovery.common import frames, pki
+from siterecovery.common.pb import replication_pb2 as rpb
+
+from .mt_support import (
+    PS_ID,
+    Harness,
+    KiB,
+    MiB,
+    make_stream,
+    reference_hash,
+    rpc_error,
+    send,
+    sha256,
+    tag_hashes,
+)
+
+DISK = 4 * MiB
+
+
+@pytest.fixture
+def mt(tmp_path: Path):
+    # Small batches and segments: many group commits, overlaps inside batches, several segments.
+    harness = Harness(tmp_path, options=TargetOptions(batch_frames=16, segment_bytes=512 * KiB, reserve_bytes=0))
+    try:
+        yield harness
+    finally:
+        harness.close()
+
+
+def _materialize(mt: Harness, pair_id: str, point: str, output: Path | str = "") -> rpb.MaterializeReply:
+    return mt.admin().Materialize(
+        rpb.MaterializeRequest(pair_id=pair_id, point=point, output_path=str(output)), timeout=60
+    )
+
+
+def test_stream_matches_the_reference_and_every_point_materialises_exactly(mt: Harness):
+    stream = make_stream("p1", seed=11, disk_size=DISK, count=420, done_at=40)
+    assignment = mt.assign("p1", DISK)
+    result = send(mt.stub(), "p1", DISK, stream)
+    assert result.durable_seq == 0 and result.last_ack == stream[-1].seq
+    target = Path(assignment.target_path)
+    assert sha256(target) == reference_hash(stream, DISK, stream[-1].seq)
+
+    status = mt.status("p1")
+    expected = tag_hashes(stream, DISK)
+    assert status.state == rpb.PAIR_STATE_REPLICATING and status.last_seq == stream[-1].seq
+    assert [p.tag_id for p in status.points] == list(expected), "only tags after INITIAL_DONE, oldest first"
+    assert status.applied_bytes_total == sum(frames.payload_length(f) for f in stream)
+    backs = [p.journal_bytes_back for p in status.points]
+    assert backs == sorted(backs, reverse=True) and backs[0] > 0
+    assert status.journal_bytes >= backs[0]
+    assert len(list(Path(assignment.journal_dir).glob("*.seg"))) > 1, "the journal rotated segments"
+
+    latest = _materialize(mt, "p1", "latest")
+    assert latest.path == str(target) and not latest.copied and latest.seq == stream[-1].seq
+
+    for tag_id, (seq, at_tag) in expected.items():
+        out = mt.datastore / "copies" / f"{tag_id}.img"
+        reply = _materialize(mt, "p1", tag_id, out)
+        assert reply.copied and reply.path == str(out) and reply.seq == seq and reply.tag_id == tag_id
+        assert sha256(out) == at_tag, f"point {tag_id} is not the disk as it was at seq {seq}"
+        os.unlink(out)
+    assert sha256(target) == reference_hash(stream, DISK, stream[-1].seq), "materialising left the target alone"
+
+
+def test_resending_applied_frames_changes_nothing(mt: Harness):
+    stream = make_stream("p1", seed=5, disk_size=DISK, count=120)
+    assignment = mt.assign("p1", DISK)
+    send(mt.stub(), "p1", DISK, stream[:80])
+    before = mt.status("p1")
+    # The process server did not get the acks: it resends everything, and then the rest.
+    again = send(mt.stub(), "p1", DISK, stream, resume=False)
+    assert again.durable_seq == stream[79].seq and again.acks and again.acks[-1] == stream[-1].seq
+    after = mt.status("p1")
+    assert sha256(Path(assignment.target_path)) == reference_hash(stream, DISK, stream[-1].seq)
+    assert after.applied_bytes_total == sum(frames.payload_length(f) for f in stream)
+    assert [p.tag_id for p in after.points][: len(before.points)] == [p.tag_id for p in before.points]
+
+    # Only frames already applied: acknowledged, nothing written.
+    digest = sha256(Path(assignment.target_path))
+    journal = after.journal_bytes
+    dup = send(mt.stub(), "p1", DISK, stream[10:30], resume=False)
+    assert dup.acks == [stream[-1].seq] * len(dup.acks) and dup.acks
+    assert sha256(Path(assignment.target_path)) == digest and mt.status("p1").journal_bytes == journal
+
+
+def test_a_bad_checksum_is_refused_and_nothing_of_it_is_written(mt: Harness):
+    stream = make_stream("p1", seed=7, disk_size=DISK, count=90)
+    assignment = mt.assign("p1", DISK)
+    send(mt.stub(), "p1", DISK, stream[:50])
+    target = Path(assignment.target_path)
+    digest = sha256(target)
+    i = next(i for i in range(51, len(stream)) if stream[i].WhichOneof("body") == "write")
+    good = frames.decompress(stream[i])
+
+    bad = rpb.Frame()
+    bad.CopyFrom(good)
+    bad.write.data = bytes([good.write.data[0] ^ 1]) + good.write.data[1:]
+    status, code, details = rpc_error(lambda: send(mt.stub(), "p1", DISK, [bad]))
+    assert status == grpc.StatusCode.DATA_LOSS and code == "frame-checksum" and "not written" in details
+    assert sha256(target) == digest and mt.status("p1").last_seq == stream[49].seq
+
+    # Damaged compressed data is refused the same way.
+    packed = frames.compress(frames.write_frame("p1", good.seq, 8192, bytes(range(256)) * 256))
+    broken = rpb.Frame()
+    broken.CopyFrom(packed)
+    broken.write.data = packed.write.data[:-3] + b"xyz"
+    status, _code, _details = rpc_error(lambda: send(mt.stub(), "p1", DISK, [broken]))
+    assert status == grpc.StatusCode.DATA_LOSS and sha256(target) == digest
+
+    # The frames before a bad one in the same stream are applied and acknowledged.
+    status, code, _ = rpc_error(lambda: send(mt.stub(), "p1", DISK, [*stream[50:i], bad]))
+    assert status == grpc.StatusCode.DATA_LOSS and mt.status("p1").last_seq == stream[i - 1].seq
+    assert sha256(target) == reference_hash(stream, DISK, stream[i - 1].seq)
+
+    # The sender resends from durable_seq + 1, the good frame first.
+    result = send(mt.stub(), "p1", DISK, stream)
+    assert result.durable_seq == stream[i - 1].seq and result.last_ack == stream[-1].seq
+    assert sha256(target) == reference_hash(stream, DISK, stream[-1].seq)
+
+
+def test_a_frame_past_the_end_of_the_disk_is_refused(mt: Harness):
+    assignment = mt.assign("p1", DISK)
+    send(mt.stub(), "p1", DISK, make_stream("p1", seed=3, disk_size=DISK, count=10))
+    target = Path(assignment.target_path)
+    digest = sha256(target)
+    beyond = frames.write_frame("p1", 100, DISK - 512, os.urandom(4096))
+    status, code, _ = rpc_error(lambda: send(mt.stub(), "p1", DISK, [beyond]))
+    assert status == grpc.StatusCode.INVALID_ARGUMENT and code == "frame-out-of-range"
+    zero_beyond = frames.zero_frame("p1", 100, DISK, 1)
+    status, code, _ = rpc_error(lambda: send(mt.stub(), "p1", DISK, [zero_beyond]))
+    assert status == grpc.StatusCode.INVALID_ARGUMENT and code == "frame-out-of-range"
+    assert sha256(target) == digest and mt.status("p1").last_seq < 100
+
+
+def test_only_the_pairs_process_server_may_stream_and_only_assigned_pairs(mt: Harness):
+    assignment = mt.assign("p1", DISK)
+    mt.assign("elsewhere", DISK, master_target_id="mt-2")
+    stream = make_stream("p1", seed=1, disk_size=DISK, count=20)
+    status, code, details = rpc_error(lambda: send(mt.stub("ps-2"), "p1", DISK, stream))
+    assert status == grpc.StatusCode.PERMISSION_DENIED and code == "wrong-process-server" and PS_ID in details
+    status, code, _ = rpc_error(lambda: send(mt.stub(), "nope", DISK, stream))
+    assert status == grpc.StatusCode.NOT_FOUND and code == "pair-not-assigned"
+    status, code, _ = rpc_error(lambda: send(mt.stub(), "elsewhere", DISK, stream))
+    assert status == grpc.StatusCode.NOT_FOUND
+    status, code, _ = rpc_error(lambda: send(mt.stub(), "p1", DISK * 2, stream))
+    assert status == grpc.StatusCode.FAILED_PRECONDITION and code == "disk-size-mismatch"
+    # The authorisation table: a source may not call Apply at all.
+    status, _code, _ = rpc_error(lambda: send(mt.stub("src-1", pki.SOURCE), "p1", DISK, stream))
+    assert status == grpc.StatusCode.PERMISSION_DENIED
+    target = Path(assignment.target_path)
+    assert target.stat().st_blocks == 0 and mt.status("p1").last_seq == 0, "nothing was written"
+
+
+@pytest.mark.parametrize(
+    ("field", "path"),
+    [
+        ("target_path", "{root}/datastore/../outside/disk.img"),
+        ("target_path", "{root}/outside/disk.img"),
+        ("target_path", "relative/disk.img"),
+        ("target_path", "{root}/datastore"),
+        ("journal_dir", "{root}/retention/../outside/journal"),
+        ("journal_dir", "{root}/datastore/journal"),
+    ],
+)
+def test_paths_outside_the_configured_directories_are_refused(mt: Harness, field: str, path: str):
+    bad = path.format(root=mt.root)
+    mt.assign("p1", DISK, **{field: bad})
+    status, code, _ = rpc_error(lambda: send(mt.stub(), "p1", DISK, make_stream("p1", seed=1, disk_size=DISK, count=5)))
+    assert status == grpc.StatusCode.INVALID_ARGUMENT and code in ("path-outside", "path-traversal", "path-invalid")
+    assert not (mt.root / "outside").exists()
+    assert mt.status("p1").state == rpb.PAIR_STATE_ERROR
+
+
+def test_a_symlink_out_of_the_datastore_is_refused(mt: Harness, tmp_path: Path):
+    outside = tmp_path / "elsewhere"
+    outside.mkdir()
+    mt.datastore.mkdir(parents=True, exist_ok=True)
+    (mt.datastore / "link").symlink_to(outside)
+    mt.assign("p1", DISK, target_path=str(mt.datastore / "link" / "disk.img"))
+    status, code, _ = rpc_error(lambda: send(mt.stub(), "p1", DISK, []))
+    assert status == grpc.StatusCode.INVALID_ARGUMENT and code == "path-outside"
+    assert not any(outside.iterdir())
+
+
+def test_materialize_refuses_bad_output_paths_and_unknown_points(mt: Harness):
+    stream = make_stream("p1", seed=9, disk_size=DISK, count=80)
+    mt.assign("p1", DISK)
+    send(mt.stub(), "p1", DISK, stream)
+    tag = next(iter(tag_hashes(stream, DISK)))
+    call = lambda out, point=tag: _materialize(mt, "p1", point, out)  # noqa: E731
+    status, code, _ = rpc_error(lambda: call(mt.root / "outside.img"))
+    assert status == grpc.StatusCode.INVALID_ARGUMENT and code == "path-outside"
+    status, code, _ = rpc_error(lambda: call(f"{mt.datastore}/../x.img"))
+    assert status == grpc.StatusCode.INVALID_ARGUMENT and code == "path-traversal"
+    existing = mt.datastore / "existing.img"
+    existing.write_bytes(b"keep me")
+    status, code, _ = rpc_error(lambda: call(existing))
+    assert status == grpc.StatusCode.ABORTED and code == "output-exists" and existing.read_bytes() == b"keep me"
+    status, code, details = rpc_error(lambda: call(mt.datastore / "x.img", "no-such-tag"))
+    assert status == grpc.StatusCode.NOT_FOUND and code == "point-not-found" and tag in details
+    assert not (mt.datastore / "x.img").exists() and not (mt.root / "outside.img").exists()
+    # Materialize is the configuration server's (admin certificate), not a process server's.
+    status, _code, _ = rpc_error(
+        lambda: mt.stub().Materialize(rpb.MaterializeRequest(pair_id="p1", point="latest"), timeout=10)
+    )
+    assert status == grpc.StatusCode.PERMISSION_DENIED
+
+
+def test_before_initial_done_there_are_no_points_and_latest_is_refused(mt: Harness):
+    stream = make_stream("p1", seed=4, disk_size=DISK, count=60, done_at=None)
+    assignment = mt.assign("p1", DISK)
+    send(mt.stub(), "p1", DISK, stream)
+    status = mt.status("p1")
+    assert status.state == rpb.PAIR_STATE_INITIAL_SYNC and not status.points
+    assert status.journal_bytes < 64 * KiB, "the first initial sync journals no undo"
+    assert sha256(Path(assignment.target_path)) == reference_hash(stream, DISK, stream[-1].seq)
+    code, err, _ = rpc_error(lambda: _materialize(mt, "p1", "latest"))
+    assert code == grpc.StatusCode.FAILED_PRECONDITION and err == "not-synced"
+
+
+def test_a_paused_pair_refuses_streams(mt: Harness):
+    mt.assign("p1", DISK, desired_state=rpb.PAIR_DESIRED_STATE_PAUSED)
+    status, code, _ = rpc_error(lambda: send(mt.stub(), "p1", DISK, make_stream("p1", seed=1, disk_size=DISK, count=5)))
+    assert status == grpc.StatusCode.UNAVAILABLE and code == "pair-paused"
+
+
+def test_a_newer_stream_replaces_an_older_one(mt: Harness):
+    stream = make_stream("p1", seed=2, disk_size=DISK, count=40)
+    assignment = mt.assign("p1", DISK)
+    import threading
+
+    held = threading.Event()
+    release = threading.Event()
+    outcome: list[object] = []
+
+    def stalled():
+        # Opens, sends a few frames, then stalls without closing (a half-dead connection).
+        def requests():
+            yield rpb.ReplicationMessage(open=rpb.StreamOpen(pair_id="p1", disk_size_bytes=DISK))
+            for frame in stream[:10]:
+                yield rpb.ReplicationMessage(frame=frame)
+            held.set()
+            release.wait(30)
+
+        try:
+            for _reply in mt.stub().Apply(requests(), timeout=30):
+                pass
+            outcome.append("ended")
+        except grpc.RpcError as exc:
+            outcome.append(exc.code())
+
+    thread = threading.Thread(target=stalled)
+    thread.start()
+    assert held.wait(10)
+    result = send(mt.stub(), "p1", DISK, stream)
+    release.set()
+    thread.join(30)
+    assert result.last_ack == stream[-1].seq
+    assert outcome and outcome[0] == grpc.StatusCode.CANCELLED
+    assert sha256(Path(assignment.target_path)) == reference_hash(stream, DISK, stream[-1].seq)
