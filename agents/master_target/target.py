@@ -65,7 +65,7 @@ from google.protobuf.timestamp_pb2 import Timestamp
 
 from siterecovery.agents.master_target import blockio, journal
 from siterecovery.agents.master_target.journal import RetentionFull, UndoJournal, UndoRef
-from siterecovery.common import errors, frames
+from siterecovery.common import errors
 from siterecovery.common.daemon import fsync_dir
 from siterecovery.common.logging import get_logger
 from siterecovery.common.pb import replication_pb2 as rpb
@@ -459,7 +459,8 @@ class PairTarget:
             captured = frame.captured_at.ToNanoseconds()
             newest = max(newest, captured)
             body = frame.WhichOneof("body")
-            applied_bytes += frames.payload_length(frame)
+            if body == "write":  # data that travelled; zeroed ranges move no data
+                applied_bytes += frame.write.length
             if body == "sync":
                 if frame.sync.phase == rpb.SYNC_PHASE_INITIAL_STARTED:
                     sync = SYNC_STARTED

@@ -57,7 +57,7 @@ def test_stream_matches_the_reference_and_every_point_materialises_exactly(mt: H
     expected = tag_hashes(stream, DISK)
     assert status.state == rpb.PAIR_STATE_REPLICATING and status.last_seq == stream[-1].seq
     assert [p.tag_id for p in status.points] == list(expected), "only tags after INITIAL_DONE, oldest first"
-    assert status.applied_bytes_total == sum(frames.payload_length(f) for f in stream)
+    assert status.applied_bytes_total == sum(f.write.length for f in stream if f.HasField("write"))
     backs = [p.journal_bytes_back for p in status.points]
     assert backs == sorted(backs, reverse=True) and backs[0] > 0
     assert status.journal_bytes >= backs[0]
@@ -85,7 +85,7 @@ def test_resending_applied_frames_changes_nothing(mt: Harness):
     assert again.durable_seq == stream[79].seq and again.acks and again.acks[-1] == stream[-1].seq
     after = mt.status("p1")
     assert sha256(Path(assignment.target_path)) == reference_hash(stream, DISK, stream[-1].seq)
-    assert after.applied_bytes_total == sum(frames.payload_length(f) for f in stream)
+    assert after.applied_bytes_total == sum(f.write.length for f in stream if f.HasField("write"))
     assert [p.tag_id for p in after.points][: len(before.points)] == [p.tag_id for p in before.points]
 
     # Only frames already applied: acknowledged, nothing written.
