@@ -304,6 +304,10 @@ class PairReplicator:
         while not self.stop.is_set():
             self._tag_wake.clear()
             crash, app = self._policy()
+            now = time.monotonic()
+            next_crash = min(next_crash, now + crash)  # the policy may have been shortened
+            if next_app is not None and app:
+                next_app = min(next_app, now + app)
             ready = not self.paused and self.error is None and self.source.done
             if ready:
                 try:
@@ -312,12 +316,15 @@ class PairReplicator:
                     if self.scan is None and now >= next_crash:
                         self.insert_tag(TagSpec(uuid.uuid4().hex, rpb.RECOVERY_POINT_KIND_CRASH_CONSISTENT))
                         next_crash = now + crash
-                    if app and self.options.freeze_script is not None and (next_app is None or now >= next_app):
+                    periodic_app = app and self.options.freeze_script is not None and self.scan is None
+                    if periodic_app and (next_app is None or now >= next_app):
                         if next_app is not None:
                             self.app_consistent_tag(TagSpec(uuid.uuid4().hex, rpb.RECOVERY_POINT_KIND_APP_CONSISTENT))
                         next_app = time.monotonic() + app
                 except errors.SiteRecoveryError as exc:
                     log.error("taking a recovery point failed", pair=self.pair_id, error=exc.message)
+                except Exception as exc:  # keep the thread: the next point may work
+                    log.exception("taking a recovery point failed", pair=self.pair_id, error=str(exc))
             wait = 1.0
             if ready and self.scan is None:
                 wait = max(0.05, min(wait, next_crash - time.monotonic()))

@@ -119,7 +119,7 @@ class ScanSource:
             self._requests.append(tag)
 
     def set_interval(self, interval: float) -> None:
-        with self._lock:
+        with self._req_lock:
             if interval != self.interval:
                 self._next_due = min(self._next_due, self.clock() + interval)
                 self.interval = interval
@@ -134,6 +134,7 @@ class ScanSource:
             self.acked_pos = 0
             self._buffer.clear()
             self._active = False
+        with self._req_lock:
             self._next_due = 0.0
 
     def rewind(self) -> None:
@@ -239,10 +240,11 @@ class ScanSource:
 
     def _pass_acked(self) -> None:
         os.fsync(self._map_fd)
+        with self._req_lock:
+            self._next_due = self.clock() + self.interval
         with self._lock:
             self._active = False
             self._pass_tags = []
-            self._next_due = self.clock() + self.interval
             self.passes_done += 1
             self.last_pass_blocks = self._pass_blocks
             if not self.done:
