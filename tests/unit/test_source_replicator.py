@@ -6,6 +6,7 @@ from __future__ import annotations
 import hashlib
 import os
 import random
+import subprocess
 import threading
 import time
 from pathlib import Path
@@ -106,8 +107,6 @@ def test_initial_sync_with_concurrent_writes_then_replication_in_order(site, tmp
         server.add_export("disk0", source.disk)
         server.start()
         try:
-            import subprocess
-
             subprocess.run(
                 ["qemu-io", "-f", "raw", "-c", "write -P 0x42 0 1M", "-c", "write -z 4M 1M", "-c", "discard 8M 2M",
                  server.uri("disk0")], check=True, capture_output=True, timeout=60,
