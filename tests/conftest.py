@@ -193,3 +193,17 @@ def postgres_url(postgres_server: PostgresServer) -> Iterator[str]:
     url = postgres_server.create_database(name)
     yield url
     postgres_server.drop_database(name)
+
+
+def needs_tools(*names: str) -> pytest.MarkDecorator:
+    """Skip a test when a command-line tool is missing, except in CI, where that fails it.
+
+    deploy/install.sh installs every tool the tests use, so in CI a missing one is
+    a broken install, not a reason to test less.
+    """
+    import shutil
+
+    missing = [n for n in names if shutil.which(n) is None]
+    if missing and os.environ.get("CI", "").lower() == "true":
+        return pytest.mark.usefixtures()  # run it and let it fail where the tool is called
+    return pytest.mark.skipif(bool(missing), reason=f"needs {', '.join(missing)} (bash deploy/install.sh installs it)")

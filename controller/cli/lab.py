@@ -143,7 +143,7 @@ def up(
         configs = {
             "process-server": {**common, "state_dir": str(lab_dir / "process-server"), "listen": "127.0.0.1", "port": 0, "advertise": "127.0.0.1"},
             "master-target": {**common, "state_dir": str(lab_dir / "master-target"), "listen": "127.0.0.1", "port": 0, "advertise": "127.0.0.1"},
-            "source-agent": {**common, "state_dir": str(lab_dir / "source-agent"), "listen": "127.0.0.1", "port": 0, "advertise": "127.0.0.1", "disks": [{"path": str(disk), "name": "disk0"}]},
+            "source-agent": {**common, "state_dir": str(lab_dir / "source-agent"), "listen": "127.0.0.1", "port": 0, "advertise": "127.0.0.1", "nbd_port": 0, "disks": [{"path": str(disk), "name": "disk0"}]},
         }
         for name in AGENTS:
             config = _write_toml(lab_dir / "config" / f"{name}.toml", configs[name])

@@ -86,6 +86,8 @@ class Site:
             with open(disk, "wb") as image:
                 image.truncate(8 * 1024 * 1024)
             data["disks"] = [{"path": str(disk), "name": "disk0"}]
+        if daemon == "source-agent":
+            data["nbd_port"] = 0
         data.update(extra)
         return self._write(f"{name}.toml", data), state_dir
 

@@ -7,7 +7,6 @@ import hashlib
 import os
 import random
 import re
-import shutil
 import signal
 import subprocess
 import sys
@@ -27,6 +26,7 @@ from siterecovery.agents.source.capture import (
 from siterecovery.agents.source.nbd import NbdServer
 from siterecovery.common import frames
 from siterecovery.common.pb import replication_pb2 as rpb
+from tests.conftest import needs_tools
 
 MiB = 1024 * 1024
 SIZE = 32 * MiB
@@ -34,9 +34,7 @@ PAIR = "pair-capture"
 ROOT = Path(__file__).resolve().parents[2]
 SEED = int(os.environ.get("SR_FAULT_SEED", "20261128"))
 
-needs_clients = pytest.mark.skipif(
-    not all(shutil.which(t) for t in ("qemu-io", "fio")), reason="needs qemu-io and fio"
-)
+needs_clients = needs_tools("qemu-io", "fio")
 
 
 def sha(path: Path) -> str:

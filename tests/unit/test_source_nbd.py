@@ -11,7 +11,6 @@ import hashlib
 import json
 import os
 import random
-import shutil
 import socket
 import struct
 import subprocess
@@ -21,14 +20,12 @@ import pytest
 
 from siterecovery.agents.source import nbd
 from siterecovery.agents.source.capture import DiskCapture
+from tests.conftest import needs_tools
 
 MiB = 1024 * 1024
 SIZE = 64 * MiB
 
-needs = pytest.mark.skipif(
-    not all(shutil.which(t) for t in ("nbdinfo", "qemu-io", "fio", "nbdcopy")),
-    reason="needs nbdinfo, qemu-io, fio and nbdcopy",
-)
+needs = needs_tools("nbdinfo", "qemu-io", "fio", "nbdcopy")
 
 
 def sha(path: Path) -> str:
@@ -98,6 +95,7 @@ def test_fio_nbd_engine_writes_land_in_the_file_and_verify(served, tmp_path):
     out = run(
         "fio", "--name=w", "--ioengine=nbd", f"--uri={server.uri('disk0')}", "--rw=randwrite", "--bs=16k",
         "--size=8M", "--iodepth=8", "--randseed=5", "--refill_buffers", "--verify=crc32c", "--do_verify=1",
+        "--verify_state_save=0",
         timeout=120,
     )
     assert "err= 0" in out

@@ -1,0 +1,160 @@
+"""A replicating site for the data-path tests: real daemons, real NBD clients.
+
+`ReplicatingSite` extends the integration `Site` with one source agent that
+protects a disk image, a process server and a master target, and helpers to
+write through the source agent's NBD export with qemu-io, fio and nbdcopy, to
+take recovery points, and to kill -9 and restart any daemon.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import random
+import signal
+import subprocess
+from pathlib import Path
+from typing import Any
+
+from siterecovery.common import daemon as daemon_state
+from siterecovery.controller import launcher
+
+from .conftest import Site, wait_for
+
+MiB = 1024 * 1024
+SYNC_TIMEOUT = 180.0
+
+
+def sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        while block := f.read(4 * MiB):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def make_image(path: Path, size: int, *, data_bytes: int, seed: int, extent: int = MiB) -> None:
+    """A sparse image of `size` with `data_bytes` of random data in `extent`-sized pieces."""
+    rng = random.Random(seed)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    slots = rng.sample(range(size // extent), data_bytes // extent)
+    with open(path, "wb") as image:
+        image.truncate(size)
+        for slot in sorted(slots):
+            image.seek(slot * extent)
+            image.write(rng.randbytes(extent))
+        image.flush()
+        os.fsync(image.fileno())
+
+
+class ReplicatingSite(Site):
+    def __init__(self, root: Path) -> None:
+        super().__init__(root)
+        self.agents: dict[str, launcher.Launched] = {}
+        self.configs: dict[str, Path] = {}
+        self.disk = root / "disks" / "disk0.img"
+
+    def start(self, *, disk_size: int, data_bytes: int, seed: int = 1, source_extra: dict | None = None) -> None:
+        self.start_config_server()
+        make_image(self.disk, disk_size, data_bytes=data_bytes, seed=seed)
+        passphrase = self.passphrase_file()
+        extras: dict[str, dict[str, Any]] = {
+            "process-server": {},
+            "master-target": {},
+            "source-agent": {"disks": [{"path": str(self.disk), "name": "disk0"}], "nbd_port": 0, **(source_extra or {})},
+        }
+        for name, extra in extras.items():
+            config, state_dir = self.agent_config(name, name, passphrase_file=passphrase, **extra)
+            self.configs[name] = config
+            self.agents[name] = self._launch(name)
+        wait_for(lambda: len(self.servers()) == 3 and all(s["health"] == "healthy" for s in self.servers()), what="healthy agents")
+
+    def _launch(self, name: str) -> launcher.Launched:
+        launched = launcher.launch(
+            name, ["--config", str(self.configs[name])], state_dir=self.root / name, log_path=self.root / "logs" / f"{name}.log"
+        )
+        self.daemons.append(launched)
+        return launched
+
+    @property
+    def machine(self) -> str:
+        return self.agents["source-agent"].state["agent_id"]
+
+    def nbd_uri(self) -> str:
+        state = daemon_state.read_state_file(self.root / "source-agent", "source-agent") or {}
+        return state["nbd"]["disk0"]
+
+    # -- replication ------------------------------------------------------------
+    def enable(self, *extra: str) -> dict:
+        (pair,) = self.srctl_json("replication", "enable", self.machine, "--disk", "disk0", *extra)
+        return pair
+
+    def pair(self) -> dict:
+        (pair,) = self.srctl_json("replication", "status", self.machine)
+        return pair
+
+    def wait_replicating(self, timeout: float = SYNC_TIMEOUT) -> dict:
+        def replicating():
+            pair = self.pair()
+            assert pair["state"] != "error", pair
+            return pair if pair["state"] == "replicating" else None
+
+        return wait_for(replicating, timeout=timeout, what="initial sync")
+
+    def wait_caught_up(self, timeout: float = 60.0) -> dict:
+        """Until the master target applied everything the source produced."""
+
+        def caught_up():
+            pair = self.pair()
+            done = (
+                pair["state"] == "replicating"
+                and int(pair.get("applied_seq", 0)) >= int(pair.get("source_seq", 0)) > 0
+                and pair.get("rpo_seconds") == 0
+            )
+            return pair if done else None
+
+        return wait_for(caught_up, timeout=timeout, what="the target to catch up")
+
+    def create_point(self, kind: str = "crash-consistent") -> str:
+        (view,) = self.srctl_json("recovery-points", "create", self.machine, "--kind", kind)
+        return view["point"]["tag_id"]
+
+    def points(self) -> list[dict]:
+        return self.srctl_json("recovery-points", "list", self.machine)
+
+    def materialize(self, point: str) -> dict:
+        return self.srctl_json("recovery-points", "materialize", self.machine, "--point", point)["result"]
+
+    # -- writing through NBD ---------------------------------------------------------
+    def qemu_io(self, *commands: str) -> None:
+        args = ["qemu-io", "-f", "raw"]
+        for command in commands:
+            args += ["-c", command]
+        result = subprocess.run([*args, self.nbd_uri()], capture_output=True, text=True, timeout=120)
+        assert result.returncode == 0 and "error" not in result.stdout.lower(), result.stdout + result.stderr
+
+    def fio(self, *, size: str, bs: str = "16k", seed: int = 1, rw: str = "randwrite", extra: tuple[str, ...] = ()) -> None:
+        result = subprocess.run(
+            [
+                "fio", "--name=w", "--ioengine=nbd", f"--uri={self.nbd_uri()}", f"--rw={rw}", f"--bs={bs}",
+                f"--size={size}", f"--randseed={seed}", "--refill_buffers", "--iodepth=4", *extra,
+            ],
+            capture_output=True, text=True, timeout=300,
+        )
+        assert result.returncode == 0, result.stdout + result.stderr
+
+    def nbdcopy(self, source: Path) -> None:
+        result = subprocess.run(["nbdcopy", str(source), self.nbd_uri()], capture_output=True, text=True, timeout=300)
+        assert result.returncode == 0, result.stdout + result.stderr
+
+    # -- faults ----------------------------------------------------------------------
+    def kill9(self, name: str) -> None:
+        launched = self.agents[name]
+        proc = launched.process()
+        assert proc is not None, f"{name} is not running"
+        os.kill(launched.pid, signal.SIGKILL)
+        proc.wait(timeout=30)
+
+    def restart(self, name: str) -> launcher.Launched:
+        self.agents[name] = self._launch(name)
+        return self.agents[name]
