@@ -73,6 +73,7 @@ from google.protobuf.message import DecodeError
 from google.protobuf.timestamp_pb2 import Timestamp
 
 from siterecovery.common import errors
+from siterecovery.common.daemon import fsync_dir
 from siterecovery.common.logging import get_logger
 from siterecovery.common.pb import replication_pb2 as rpb
 
@@ -283,7 +284,7 @@ class FrameLog:
     def _unlink_path(self, path: Path) -> None:
         path.unlink(missing_ok=True)
         if self._fsync:
-            _fsync_dir(self.directory)
+            fsync_dir(self.directory)
 
     def _unlink(self, segment: _Segment) -> None:
         self._segments.remove(segment)
@@ -455,7 +456,7 @@ class FrameLog:
             if self._fsync:
                 os.fsync(fd)
                 if new:
-                    _fsync_dir(self.directory)
+                    fsync_dir(self.directory)
         except OSError as exc:
             self._undo(segment, fd, new=new, cause=exc)
             if exc.errno in _DISK_FULL:
@@ -584,7 +585,7 @@ class FrameLog:
             os.close(fd)
         os.replace(tmp, path)
         if self._fsync:
-            _fsync_dir(self.directory)
+            fsync_dir(self.directory)
 
     # -- closing -----------------------------------------------------------
     def close(self) -> None:
@@ -604,10 +605,3 @@ class FrameLog:
     def __repr__(self) -> str:
         return f"FrameLog({str(self.directory)!r}, last_seq={self._last_seq}, released={self._released})"
 
-
-def _fsync_dir(directory: Path) -> None:
-    fd = os.open(directory, os.O_RDONLY | os.O_DIRECTORY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)

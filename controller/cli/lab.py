@@ -221,9 +221,11 @@ def _print_summary(
     output.console.print(f"srctl profile: {profile.path}")
     if profile.path != lab_profile(default_lab_dir()):
         output.console.print(f"  use it with: export SRCTL_CONFIG={profile.path}")
+    machine = pair.machine_hostname if pair is not None else "<machine>"
     output.console.print(
-        "Next: `srctl replication status`, `srctl recovery-points create <machine>`, "
-        "`srctl recovery-points list <machine>`, `srctl lab status`, `srctl lab down`."
+        f"Next: `srctl replication status`, `srctl recovery-points create {machine}`, "
+        f"`srctl recovery-points list {machine}`, `srctl lab status`, `srctl lab down`.",
+        highlight=False,
     )
 
 

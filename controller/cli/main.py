@@ -56,14 +56,12 @@ def _main(config: ConfigOption = None) -> None:
     State.config = config
 
 
-_call = call
-
 
 # -- servers -----------------------------------------------------------------
 @servers_app.command("list")
 def servers_list(output_format: OutputOption = Format.table) -> None:
     """List enrolled servers and agents with their health."""
-    response = _call("ListServers", admin_pb2.ListServersRequest())
+    response = call("ListServers", admin_pb2.ListServersRequest())
     if output_format is Format.json:
         output.print_json([_server_json(s) for s in response.servers])
         return
@@ -106,7 +104,7 @@ def _server_details(s: common_pb2.ServerInfo) -> str:
 @machines_app.command("list")
 def machines_list(output_format: OutputOption = Format.table) -> None:
     """List machines with a source agent, and their disks."""
-    response = _call("ListMachines", admin_pb2.ListMachinesRequest())
+    response = call("ListMachines", admin_pb2.ListMachinesRequest())
     if output_format is Format.json:
         rows = []
         for m in response.machines:
@@ -157,7 +155,7 @@ def jobs_list(
             f"unknown status {', '.join(unknown)}", hint=f"one of {', '.join(JOB_STATUS_VALUES)}"
         )
     request = admin_pb2.ListJobsRequest(statuses=[JOB_STATUS_VALUES[s] for s in status or []], limit=limit)
-    response = _call("ListJobs", request)
+    response = call("ListJobs", request)
     if output_format is Format.json:
         output.print_json([_job_json(j) for j in response.jobs])
         return
@@ -171,7 +169,7 @@ def jobs_list(
 @jobs_app.command("show")
 def jobs_show(job_id: str, output_format: OutputOption = Format.table) -> None:
     """Show one job with its steps."""
-    job = _call("GetJob", admin_pb2.GetJobRequest(id=job_id))
+    job = call("GetJob", admin_pb2.GetJobRequest(id=job_id))
     if output_format is Format.json:
         output.print_json(_job_json(job))
         return
@@ -223,14 +221,14 @@ def jobs_watch(job_id: str, output_format: OutputOption = Format.table) -> None:
 @passphrase_app.command("show")
 def passphrase_show(output_format: OutputOption = Format.table) -> None:
     """Print the connection passphrase (put it in each agent's passphrase file)."""
-    response = _call("GetPassphrase", admin_pb2.GetPassphraseRequest())
+    response = call("GetPassphrase", admin_pb2.GetPassphraseRequest())
     _print_passphrase(response, output_format)
 
 
 @passphrase_app.command("rotate")
 def passphrase_rotate(output_format: OutputOption = Format.table) -> None:
     """Replace the passphrase. Enrolled agents keep working; new agents need the new one."""
-    response = _call("RotatePassphrase", admin_pb2.RotatePassphraseRequest())
+    response = call("RotatePassphrase", admin_pb2.RotatePassphraseRequest())
     _print_passphrase(response, output_format)
 
 
