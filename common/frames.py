@@ -18,6 +18,7 @@ still be out of range for the disk, and a receiver refuses it the same way.
 from __future__ import annotations
 
 import struct
+import threading
 
 import xxhash
 import zstandard
@@ -37,7 +38,16 @@ _FORMAT = 1
 
 _BODY_CODES = {"write": 1, "zero": 2, "tag": 3, "sync": 4}
 
-_compressor = zstandard.ZstdCompressor(level=1)
+# A ZstdCompressor must not be used by two threads at once (python-zstandard's
+# docs say so, and sharing one corrupts the output): one per thread.
+_local = threading.local()
+
+
+def _compressor() -> zstandard.ZstdCompressor:
+    compressor = getattr(_local, "compressor", None)
+    if compressor is None:
+        compressor = _local.compressor = zstandard.ZstdCompressor(level=1)
+    return compressor
 
 
 def _hasher(pair_id: str, frame: rpb.Frame) -> xxhash.xxh3_128:
@@ -152,7 +162,7 @@ def compress(frame: rpb.Frame) -> rpb.Frame:
     """
     if frame.WhichOneof("body") != "write" or frame.compression != rpb.COMPRESSION_NONE:
         return frame
-    packed = _compressor.compress(frame.write.data)
+    packed = _compressor().compress(frame.write.data)
     if len(packed) >= len(frame.write.data):
         return frame
     out = rpb.Frame()

@@ -45,6 +45,9 @@ DEFAULT_POLICY = {
     "rpo_threshold_seconds": 900,
 }
 DEFAULT_SCAN_INTERVAL_SECONDS = 300
+MIN_SCAN_INTERVAL_SECONDS = 10
+# Stored in the pair's policy document beside the RecoveryPolicy fields.
+SCAN_INTERVAL_KEY = "scan_interval_seconds"
 STALE_INTERVALS = 3
 TAG_REQUEST_LIFETIME = timedelta(minutes=10)
 # A multi-VM barrier: sources hold writes at cut_at, which leaves every source
@@ -166,6 +169,20 @@ def policy_from(message: rpb.RecoveryPolicy | None) -> dict:
     return policy
 
 
+def recovery_policy(pair: PairRecord) -> rpb.RecoveryPolicy:
+    """The pair's policy as the agents see it (the stored policy also holds the scan interval)."""
+    return rpb.RecoveryPolicy(**{k: v for k, v in pair.policy.items() if k in DEFAULT_POLICY})
+
+
+def scan_interval_from(seconds: int) -> int:
+    seconds = seconds or DEFAULT_SCAN_INTERVAL_SECONDS
+    if not MIN_SCAN_INTERVAL_SECONDS <= seconds <= 86400:
+        raise errors.InvalidInput(
+            f"the scan interval must be {MIN_SCAN_INTERVAL_SECONDS} s to 24 h, not {seconds} s", code="policy-invalid"
+        )
+    return seconds
+
+
 def enable(
     store: Store,
     request: admin_pb2.EnableReplicationRequest,
@@ -190,6 +207,7 @@ def enable(
     if mode is None:
         raise errors.InvalidInput(f"unknown replication mode {request.mode}", code="mode-invalid")
     policy = policy_from(request.policy if request.HasField("policy") else None)
+    policy[SCAN_INTERVAL_KEY] = scan_interval_from(request.scan_interval_seconds)
     group = request.group
     if group:
         _check_name(group, "group")
@@ -292,10 +310,10 @@ def assignment(store_servers: dict[str, ServerRecord], pair: PairRecord) -> rpb.
         master_target_endpoint=mt.inventory.get("data_endpoint", "") if mt else "",
         target_path=pair.target_path,
         journal_dir=pair.journal_dir,
-        policy=rpb.RecoveryPolicy(**pair.policy),
+        policy=recovery_policy(pair),
         desired_state=DESIRED_VALUES[pair.desired_state],
         group_id=pair.group_id,
-        scan_interval_seconds=DEFAULT_SCAN_INTERVAL_SECONDS,
+        scan_interval_seconds=int(pair.policy.get(SCAN_INTERVAL_KEY, DEFAULT_SCAN_INTERVAL_SECONDS)),
     )
 
 
@@ -384,7 +402,7 @@ def view(
         master_target_id=pair.master_target_id,
         target_path=pair.target_path,
         desired_state=DESIRED_VALUES[pair.desired_state],
-        policy=rpb.RecoveryPolicy(**pair.policy),
+        policy=recovery_policy(pair),
         group=pair.group_id,
         created_at=timestamp(pair.created_at),
     )

@@ -84,6 +84,7 @@ def enable(
     crash_interval: Annotated[int, typer.Option(help="seconds between crash-consistent points")] = 0,
     app_interval: Annotated[int, typer.Option(help="seconds between app-consistent points")] = 0,
     retention: Annotated[int, typer.Option(help="seconds of recovery points to keep")] = 0,
+    scan_interval: Annotated[int, typer.Option(help="scan mode: seconds between hash passes (default 300)")] = 0,
     wait: Annotated[bool, typer.Option("--wait/--no-wait", help="wait for the initial sync to finish")] = False,
     output_format: OutputOption = Format.table,
 ) -> None:
@@ -105,6 +106,7 @@ def enable(
                 app_consistent_interval_seconds=app_interval,
                 retention_window_seconds=retention,
             ),
+            scan_interval_seconds=scan_interval,
         ),
     )
     if wait:

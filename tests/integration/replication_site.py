@@ -23,6 +23,7 @@ from .conftest import Site, wait_for
 
 MiB = 1024 * 1024
 SYNC_TIMEOUT = 180.0
+SOURCE = "source-agent"
 
 
 def sha256(path: Path) -> str:
@@ -54,58 +55,74 @@ class ReplicatingSite(Site):
         self.configs: dict[str, Path] = {}
         self.disk = root / "disks" / "disk0.img"
 
-    def start(self, *, disk_size: int, data_bytes: int, seed: int = 1, source_extra: dict | None = None) -> None:
+    def start(
+        self, *, disk_size: int, data_bytes: int, seed: int = 1, source_extra: dict | None = None,
+        sources: tuple[str, ...] = (SOURCE,),
+    ) -> None:
+        """The configuration server, a process server, a master target, and one source
+        agent per name in `sources`, each protecting its own image (`disk_of(name)`)."""
         self.start_config_server()
-        make_image(self.disk, disk_size, data_bytes=data_bytes, seed=seed)
         passphrase = self.passphrase_file()
-        extras: dict[str, dict[str, Any]] = {
-            "process-server": {},
-            "master-target": {},
-            "source-agent": {"disks": [{"path": str(self.disk), "name": "disk0"}], "nbd_port": 0, **(source_extra or {})},
-        }
+        extras: dict[str, dict[str, Any]] = {"process-server": {}, "master-target": {}}
+        for number, name in enumerate(sources):
+            disk = self.disk_of(name)
+            make_image(disk, disk_size, data_bytes=data_bytes, seed=seed + number)
+            extras[name] = {"disks": [{"path": str(disk), "name": "disk0"}], "nbd_port": 0, **(source_extra or {})}
         for name, extra in extras.items():
-            config, state_dir = self.agent_config(name, name, passphrase_file=passphrase, **extra)
+            daemon = name if name in ("process-server", "master-target") else "source-agent"
+            config, _state_dir = self.agent_config(daemon, name, passphrase_file=passphrase, **extra)
             self.configs[name] = config
             self.agents[name] = self._launch(name)
-        wait_for(lambda: len(self.servers()) == 3 and all(s["health"] == "healthy" for s in self.servers()), what="healthy agents")
+        expected = len(extras)
+        wait_for(
+            lambda: len(self.servers()) == expected and all(s["health"] == "healthy" for s in self.servers()),
+            what="healthy agents",
+        )
+
+    def disk_of(self, source: str) -> Path:
+        return self.disk if source == SOURCE else self.root / "disks" / source / "disk0.img"
 
     def _launch(self, name: str) -> launcher.Launched:
+        daemon = name if name in ("process-server", "master-target") else "source-agent"
         launched = launcher.launch(
-            name, ["--config", str(self.configs[name])], state_dir=self.root / name, log_path=self.root / "logs" / f"{name}.log"
+            daemon, ["--config", str(self.configs[name])], state_dir=self.root / name, log_path=self.root / "logs" / f"{name}.log"
         )
         self.daemons.append(launched)
         return launched
 
     @property
     def machine(self) -> str:
-        return self.agents["source-agent"].state["agent_id"]
+        return self.machine_of(SOURCE)
 
-    def nbd_uri(self) -> str:
-        state = daemon_state.read_state_file(self.root / "source-agent", "source-agent") or {}
+    def machine_of(self, source: str) -> str:
+        return self.agents[source].state["agent_id"]
+
+    def nbd_uri(self, source: str = SOURCE) -> str:
+        state = daemon_state.read_state_file(self.root / source, "source-agent") or {}
         return state["nbd"]["disk0"]
 
     # -- replication ------------------------------------------------------------
-    def enable(self, *extra: str) -> dict:
-        (pair,) = self.srctl_json("replication", "enable", self.machine, "--disk", "disk0", *extra)
+    def enable(self, *extra: str, source: str = SOURCE) -> dict:
+        (pair,) = self.srctl_json("replication", "enable", self.machine_of(source), "--disk", "disk0", *extra)
         return pair
 
-    def pair(self) -> dict:
-        (pair,) = self.srctl_json("replication", "status", self.machine)
+    def pair(self, source: str = SOURCE) -> dict:
+        (pair,) = self.srctl_json("replication", "status", self.machine_of(source))
         return pair
 
-    def wait_replicating(self, timeout: float = SYNC_TIMEOUT) -> dict:
+    def wait_replicating(self, timeout: float = SYNC_TIMEOUT, *, source: str = SOURCE) -> dict:
         def replicating():
-            pair = self.pair()
+            pair = self.pair(source)
             assert pair["state"] != "error", pair
             return pair if pair["state"] == "replicating" else None
 
         return wait_for(replicating, timeout=timeout, what="initial sync")
 
-    def wait_caught_up(self, timeout: float = 60.0) -> dict:
+    def wait_caught_up(self, timeout: float = 60.0, *, source: str = SOURCE) -> dict:
         """Until the master target applied everything the source produced."""
 
         def caught_up():
-            pair = self.pair()
+            pair = self.pair(source)
             done = (
                 pair["state"] == "replicating"
                 and int(pair.get("applied_seq", 0)) >= int(pair.get("source_seq", 0)) > 0
@@ -115,28 +132,40 @@ class ReplicatingSite(Site):
 
         return wait_for(caught_up, timeout=timeout, what="the target to catch up")
 
-    def create_point(self, kind: str = "crash-consistent") -> str:
-        (view,) = self.srctl_json("recovery-points", "create", self.machine, "--kind", kind)
+    def create_point(self, kind: str = "crash-consistent", *, source: str = SOURCE) -> str:
+        (view,) = self.srctl_json("recovery-points", "create", self.machine_of(source), "--kind", kind)
         return view["point"]["tag_id"]
 
-    def points(self) -> list[dict]:
-        return self.srctl_json("recovery-points", "list", self.machine)
+    def create_group_point(self, group: str) -> list[dict]:
+        """One multi-VM-consistent point across the group; its views, one per pair."""
+        return self.srctl_json("recovery-points", "create", "--group", group)
 
-    def materialize(self, point: str) -> dict:
-        return self.srctl_json("recovery-points", "materialize", self.machine, "--point", point)["result"]
+    def points(self, source: str = SOURCE) -> list[dict]:
+        return self.srctl_json("recovery-points", "list", self.machine_of(source))
+
+    def materialize(self, point: str, *, source: str = SOURCE) -> dict:
+        return self.srctl_json("recovery-points", "materialize", self.machine_of(source), "--point", point)["result"]
 
     # -- writing through NBD ---------------------------------------------------------
-    def qemu_io(self, *commands: str) -> None:
+    def qemu_io(self, *commands: str, target: str | None = None) -> None:
+        """qemu-io through the NBD export, or straight at `target` (a file nothing fronts)."""
         args = ["qemu-io", "-f", "raw"]
         for command in commands:
             args += ["-c", command]
-        result = subprocess.run([*args, self.nbd_uri()], capture_output=True, text=True, timeout=120)
+        result = subprocess.run([*args, target or self.nbd_uri()], capture_output=True, text=True, timeout=120)
         assert result.returncode == 0 and "error" not in result.stdout.lower(), result.stdout + result.stderr
 
-    def fio(self, *, size: str, bs: str = "16k", seed: int = 1, rw: str = "randwrite", extra: tuple[str, ...] = ()) -> None:
+    def fio(
+        self, *, size: str, bs: str = "16k", seed: int = 1, rw: str = "randwrite", extra: tuple[str, ...] = (),
+        target: Path | None = None,
+    ) -> None:
+        """fio's nbd engine through the export, or its psync engine straight at `target`."""
+        engine = ["--ioengine=nbd", f"--uri={self.nbd_uri()}"] if target is None else [
+            "--ioengine=psync", f"--filename={target}", "--direct=0",
+        ]
         result = subprocess.run(
             [
-                "fio", "--name=w", "--ioengine=nbd", f"--uri={self.nbd_uri()}", f"--rw={rw}", f"--bs={bs}",
+                "fio", "--name=w", *engine, f"--rw={rw}", f"--bs={bs}",
                 f"--size={size}", f"--randseed={seed}", "--refill_buffers", "--iodepth=4", *extra,
             ],
             capture_output=True, text=True, timeout=300,

@@ -25,6 +25,33 @@ def test_a_sealed_frame_verifies_compressed_or_not():
     assert frames.decompress(packed) == frame
 
 
+def test_threads_compressing_at_once_each_get_intact_frames():
+    """The process server compresses on one thread per pair; a compressor shared
+    between threads once produced damaged frames as soon as two pairs ran."""
+    import random
+    import threading
+
+    failures: list[str] = []
+
+    def work(seed: int) -> None:
+        rng = random.Random(seed)
+        for seq in range(1, 60):
+            data = (rng.randbytes(512) + bytes(512)) * 256
+            frame = frames.compress(frames.write_frame(f"pair-{seed}", seq, 0, data))
+            try:
+                frames.verify(f"pair-{seed}", frame)
+                assert frames.payload(frame) == data
+            except (errors.SiteRecoveryError, AssertionError) as e:
+                failures.append(f"thread {seed} frame {seq}: {e}")
+
+    threads = [threading.Thread(target=work, args=(n,)) for n in range(4)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert failures == []
+
+
 def test_incompressible_data_stays_as_it_is():
     frame = frames.write_frame("p", 1, 0, os.urandom(4096))
     assert frames.compress(frame) is frame

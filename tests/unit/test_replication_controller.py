@@ -62,13 +62,21 @@ def test_enable_makes_one_pair_per_disk_under_the_datastore(store):
     assert pairs[0].target_path == "/ds1/app01-src-1/disk0.img"
     assert pairs[0].journal_dir == f"/ret/{pairs[0].id}"
     assert (pairs[0].process_server_id, pairs[0].master_target_id, pairs[0].mode) == ("ps-1", "mt-1", "nbd")
-    assert pairs[0].policy == replication.DEFAULT_POLICY
+    assert pairs[0].policy == {**replication.DEFAULT_POLICY, "scan_interval_seconds": 300}
     (a,) = [x for x in replication.assignments_for(store, "ps-1") if x.pair_id == pairs[0].id]
     assert (a.process_server_endpoint, a.master_target_endpoint, a.disk_size_bytes) == (
         "127.0.0.1:1001", "127.0.0.1:1002", 10 * GiB,
     )
     assert a.desired_state == rpb.PAIR_DESIRED_STATE_REPLICATING
     assert {x.pair_id for x in replication.assignments_for(store, "src-1")} == {p.id for p in pairs}
+
+
+def test_the_scan_interval_reaches_the_agents(store):
+    (pair,) = _enable(store, machine="app01", disks=["disk0"], mode=rpb.REPLICATION_MODE_SCAN, scan_interval_seconds=30)
+    (a,) = replication.assignments_for(store, "src-1")
+    assert (a.mode, a.scan_interval_seconds, a.policy.crash_consistent_interval_seconds) == (
+        rpb.REPLICATION_MODE_SCAN, 30, 300,
+    )
 
 
 @pytest.mark.parametrize(
@@ -81,6 +89,7 @@ def test_enable_makes_one_pair_per_disk_under_the_datastore(store):
         ({"machine": "app01", "master_target": "mt-9"}, errors.NotFound, "master-target-not-found"),
         ({"machine": "app01", "group": "../etc"}, errors.InvalidInput, "name-invalid"),
         ({"machine": "app01", "policy": rpb.RecoveryPolicy(crash_consistent_interval_seconds=1)}, errors.InvalidInput, "policy-invalid"),
+        ({"machine": "app01", "scan_interval_seconds": 2}, errors.InvalidInput, "policy-invalid"),
     ],
 )
 def test_enable_refuses_bad_requests_and_stores_nothing(store, kw, error, code):

@@ -21,6 +21,7 @@ import pytest
 from siterecovery.agents.source import nbd
 from siterecovery.agents.source.capture import DiskCapture
 from tests.conftest import needs_tools
+from tests.nbd_raw import Raw
 
 MiB = 1024 * 1024
 SIZE = 64 * MiB
@@ -113,55 +114,6 @@ def test_nbdcopy_round_trip(served, tmp_path):
     source.write_bytes(random.Random(1).randbytes(16 * MiB) + bytes(16 * MiB) + random.Random(2).randbytes(32 * MiB))
     run("nbdcopy", "--flush", str(source), server.uri("disk0"))
     assert sha(image) == sha(source)
-
-
-# -- a raw client for the corners ---------------------------------------------------------------
-
-
-class Raw:
-    def __init__(self, port: int) -> None:
-        self.sock = socket.create_connection(("127.0.0.1", port), timeout=10)
-        magic, opt, flags = struct.unpack(">QQH", self.recv(18))
-        assert (magic, opt) == (nbd.NBDMAGIC, nbd.IHAVEOPT)
-        assert flags == nbd.FLAG_FIXED_NEWSTYLE | nbd.FLAG_NO_ZEROES
-        self.sock.sendall(struct.pack(">I", nbd.FLAG_C_FIXED_NEWSTYLE | nbd.FLAG_C_NO_ZEROES))
-
-    def recv(self, n: int) -> bytes:
-        buf = b""
-        while len(buf) < n:
-            chunk = self.sock.recv(n - len(buf))
-            if not chunk:
-                raise ConnectionError("closed")
-            buf += chunk
-        return buf
-
-    def option(self, option: int, data: bytes = b"") -> None:
-        self.sock.sendall(struct.pack(">QII", nbd.IHAVEOPT, option, len(data)) + data)
-
-    def reply(self, option: int) -> tuple[int, bytes]:
-        magic, opt, kind, length = struct.unpack(">QIII", self.recv(20))
-        assert (magic, opt) == (nbd.OPT_REPLY_MAGIC, option)
-        return kind, self.recv(length)
-
-    def go(self, name: str = "disk0") -> dict[int, bytes]:
-        raw = name.encode()
-        self.option(nbd.OPT_GO, struct.pack(">I", len(raw)) + raw + struct.pack(">HH", 1, nbd.INFO_BLOCK_SIZE))
-        infos = {}
-        while True:
-            kind, data = self.reply(nbd.OPT_GO)
-            if kind == nbd.REP_ACK:
-                return infos
-            assert kind == nbd.REP_INFO, hex(kind)
-            infos[struct.unpack_from(">H", data)[0]] = data[2:]
-
-    def request(self, command: int, offset: int, length: int, payload: bytes = b"", flags: int = 0,
-                handle: int = 7) -> None:
-        self.sock.sendall(struct.pack(">IHHQQI", nbd.REQUEST_MAGIC, flags, command, handle, offset, length) + payload)
-
-    def simple_reply(self, length: int = 0) -> tuple[int, bytes]:
-        magic, error, _handle = struct.unpack(">IIQ", self.recv(16))
-        assert magic == nbd.SIMPLE_REPLY_MAGIC
-        return error, self.recv(length) if not error and length else b""
 
 
 def test_options_unknown_ones_are_refused_and_structured_replies_too(served):
