@@ -251,7 +251,11 @@ def test_kill9_while_qemu_io_writes_loses_no_acknowledged_write(tmp_path, round_
             for i in range(0, length, 512):
                 if not any(o <= offset + i < o + n for o, n, _p in done[index + 1:]):
                     assert got[i:i + 512] == bytes([pattern]) * 512, f"acknowledged write {index} was lost"
-        assert len(journal_frames(journal)) == len(done)
+        # qemu-io has one write in flight: the kill may land after its journal fsync
+        # and before its reply, so it may be journaled (and replayed) unacknowledged.
+        journaled = [(f.write.offset, f.write.length) for f in journal_frames(journal)]
+        assert journaled[: len(done)] == [(o, n) for o, n, _p in done]
+        assert journaled[len(done):] in ([], [writes[len(done)][:2]]), journaled[len(done):]
     finally:
         disk.detach()
         journal.close()
