@@ -33,4 +33,16 @@ if [ ! -x .venv/bin/python ]; then
 fi
 echo "==> installing siterecovery into .venv"
 .venv/bin/python -m pip install --quiet --disable-pip-version-check -e '.[dev]'
+# Azurite, the Azure Storage emulator the page-blob tests run against, from npm into
+# deploy/azurite/node_modules (git-ignored), at the version package.json pins and the
+# lock file fixes (the lock names versions and integrity hashes, not registry addresses).
+AZURITE_DIR=deploy/azurite
+azurite_wanted=$(sed -n 's/.*"azurite": *"\([^"]*\)".*/\1/p' "$AZURITE_DIR/package.json")
+azurite_have=$(sed -n 's/^ *"version": *"\([^"]*\)".*/\1/p' "$AZURITE_DIR/node_modules/azurite/package.json" 2>/dev/null | head -1)
+if [ "$azurite_have" != "$azurite_wanted" ] || [ ! -x "$AZURITE_DIR/node_modules/.bin/azurite-blob" ]; then
+  command -v npm >/dev/null || {
+    echo "the Azurite tests need Node.js and npm (apt-get install nodejs npm), then run this again" >&2; exit 1; }
+  echo "==> installing Azurite $azurite_wanted (npm, into $AZURITE_DIR/node_modules)"
+  (cd "$AZURITE_DIR" && npm ci --no-fund --no-audit --loglevel=error)
+fi
 echo "==> done: try  .venv/bin/srctl lab up"

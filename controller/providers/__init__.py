@@ -1,0 +1,1 @@
+"""Site providers: what the workflows call to act on a site (DESIGN §4)."""
