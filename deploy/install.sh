@@ -38,7 +38,10 @@ echo "==> installing siterecovery into .venv"
 # lock file fixes (the lock names versions and integrity hashes, not registry addresses).
 AZURITE_DIR=deploy/azurite
 azurite_wanted=$(sed -n 's/.*"azurite": *"\([^"]*\)".*/\1/p' "$AZURITE_DIR/package.json")
-azurite_have=$(sed -n 's/^ *"version": *"\([^"]*\)".*/\1/p' "$AZURITE_DIR/node_modules/azurite/package.json" 2>/dev/null | head -1)
+azurite_have=""
+if [ -f "$AZURITE_DIR/node_modules/azurite/package.json" ]; then
+  azurite_have=$(sed -n 's/^ *"version": *"\([^"]*\)".*/\1/p' "$AZURITE_DIR/node_modules/azurite/package.json" | head -1)
+fi
 if [ "$azurite_have" != "$azurite_wanted" ] || [ ! -x "$AZURITE_DIR/node_modules/.bin/azurite-blob" ]; then
   command -v npm >/dev/null || {
     echo "the Azurite tests need Node.js and npm (apt-get install nodejs npm), then run this again" >&2; exit 1; }
