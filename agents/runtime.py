@@ -4,10 +4,16 @@ An agent keeps its identity (key, certificate, CA) under `<state_dir>/identity/`
 and never enrolls again once that exists. While the configuration server is
 unreachable it retries with capped exponential backoff (tenacity), sleeping on
 the stop event so SIGTERM is honoured at once, and recovers by itself.
+
+Revoked identities: every registration and heartbeat response lists the ids
+the configuration server has revoked (`srctl servers remove`); the data port
+refuses their certificates. The list is kept in `<state_dir>/revoked.json`, so
+a restarted agent refuses them before its first heartbeat too.
 """
 
 from __future__ import annotations
 
+import json
 import socket
 import threading
 from collections.abc import Callable, Mapping, Sequence
@@ -29,9 +35,11 @@ from siterecovery.common.enrollment import (
 from siterecovery.common.grpcserver import Service, start_server
 from siterecovery.common.inventory import space_problems
 from siterecovery.common.pb import agent_pb2, agent_pb2_grpc, common_pb2, replication_pb2
-from siterecovery.common.pki import CONFIG_SERVER_NAME, agent_dns_name
+from siterecovery.common.pki import CONFIG_SERVER_NAME, Identity, agent_dns_name
 
 log = logging.get_logger(__name__)
+
+REVOKED_FILE = "revoked.json"
 
 
 @dataclass(frozen=True)
@@ -93,6 +101,32 @@ class AgentRuntime:
         self.credentials: AgentCredentials | None = None
         self._channel: grpc.Channel | None = None
         self.data_port = 0
+        self.revoked: frozenset[str] = self._load_revoked()
+
+    # -- revoked identities ------------------------------------------------
+    def _load_revoked(self) -> frozenset[str]:
+        try:
+            return frozenset(json.loads((self.cfg.state_dir / REVOKED_FILE).read_text())["revoked_ids"])
+        except FileNotFoundError:
+            return frozenset()
+        except (ValueError, KeyError, TypeError) as exc:
+            # Refusing to start would be worse: the next heartbeat brings the list again.
+            log.warning("the revoked-identities file is unreadable; waiting for the server's list",
+                        path=str(self.cfg.state_dir / REVOKED_FILE), error=str(exc))
+            return frozenset()
+
+    def _set_revoked(self, ids: Sequence[str]) -> None:
+        revoked = frozenset(ids)
+        if revoked == self.revoked:
+            return
+        daemon.write_json_atomically(self.cfg.state_dir / REVOKED_FILE, {"revoked_ids": sorted(revoked)})
+        added = sorted(revoked - self.revoked)
+        self.revoked = revoked
+        if added:
+            log.info("certificates revoked by the configuration server are refused", ids=added)
+
+    def is_revoked(self, identity: Identity, _cert_pem: bytes) -> bool:
+        return identity.id in self.revoked
 
     # -- retries -----------------------------------------------------------
     def _retrying(self, what: str) -> tenacity.Retrying:
@@ -173,6 +207,7 @@ class AgentRuntime:
             raise
         self._interval = response.heartbeat_interval_seconds or self._interval
         self._registered = True
+        self._set_revoked(response.revoked_ids)
         log.info("registered", heartbeat_interval=self._interval)
         if self.pairs is not None:
             self.pairs.apply_assignments(list(response.pairs), [])
@@ -190,6 +225,7 @@ class AgentRuntime:
             ),
         )
         self._interval = response.heartbeat_interval_seconds or self._interval
+        self._set_revoked(response.revoked_ids)
         if self.pairs is not None:
             self.pairs.apply_assignments(list(response.pairs), list(response.tag_requests))
 
@@ -224,6 +260,7 @@ class AgentRuntime:
             port=self.cfg.port,
             credentials=credentials.server_credentials(),
             services=services(credentials),
+            is_revoked=self.is_revoked,
         )
         self.data_port = running.port
         log.info("listening", address=self.cfg.listen, port=running.port)

@@ -20,6 +20,7 @@ RPC_ROLES: dict[str, frozenset[str]] = {
     "/siterecovery.v1.AgentControl/Heartbeat": AGENTS,
     "/siterecovery.v1.AgentControl/HoldBarrier": frozenset({pki.SOURCE}),
     "/siterecovery.v1.Admin/ListServers": OPERATORS,
+    "/siterecovery.v1.Admin/RemoveServer": frozenset({pki.ADMIN}),
     "/siterecovery.v1.Admin/ListMachines": OPERATORS,
     "/siterecovery.v1.Admin/ListJobs": OPERATORS,
     "/siterecovery.v1.Admin/GetJob": OPERATORS,

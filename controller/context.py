@@ -9,6 +9,7 @@ import grpc
 from siterecovery.common.pki import CertificateAuthority
 from siterecovery.controller.enrollment import FailureLimiter, PassphraseVault
 from siterecovery.controller.jobs.engine import JobKind
+from siterecovery.controller.revocation import Revocations
 from siterecovery.controller.settings import ConfigServerSettings
 from siterecovery.controller.store.base import Store
 
@@ -27,3 +28,8 @@ class ControllerContext:
     registration_job: JobKind | None = None
     # The client certificate (role admin) this server dials agents' data ports with.
     agent_client_credentials: grpc.ChannelCredentials | None = None
+    # Revoked identities, refused on every RPC (set up by the daemon).
+    revocations: Revocations | None = None
+
+    def revoked_ids(self) -> list[str]:
+        return sorted(self.revocations.ids()) if self.revocations is not None else []

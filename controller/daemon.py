@@ -36,6 +36,7 @@ from siterecovery.controller.context import ControllerContext
 from siterecovery.controller.enrollment import FailureLimiter, PassphraseVault
 from siterecovery.controller.jobs.engine import JobRunner, RetryPolicy
 from siterecovery.controller.registration import register_server_kind
+from siterecovery.controller.revocation import Revocations
 from siterecovery.controller.servicers.admin_servicer import AdminServicer
 from siterecovery.controller.servicers.agent_servicer import AgentControlServicer
 from siterecovery.controller.servicers.enrollment_servicer import EnrollmentServicer
@@ -150,6 +151,7 @@ def run(cfg: ConfigServerSettings, stop: threading.Event | None = None) -> int:
         server_cert_pem=cert_pem,
         registration_job=register_server_kind(agent_client),
         agent_client_credentials=agent_client,
+        revocations=Revocations(store),
     )
     runner = JobRunner(
         store,
@@ -167,6 +169,7 @@ def run(cfg: ConfigServerSettings, stop: threading.Event | None = None) -> int:
         host=cfg.listen,
         port=cfg.port,
         credentials=credentials,
+        is_revoked=ctx.revocations.is_revoked,
         services=[
             Service(
                 enrollment_pb2.DESCRIPTOR.services_by_name["Enrollment"].full_name,

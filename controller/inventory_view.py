@@ -14,7 +14,7 @@ from siterecovery.controller.convert import (
     problem_from_dict,
     timestamp,
 )
-from siterecovery.controller.health import derive_health, heartbeat_age
+from siterecovery.controller.health import CRITICAL, derive_health, heartbeat_age
 from siterecovery.controller.settings import ConfigServerSettings
 from siterecovery.controller.store.base import JobRecord, MachineRecord, ServerRecord
 
@@ -39,6 +39,8 @@ def server_info(server: ServerRecord, *, interval: float, now: datetime) -> comm
         interval=interval,
         now=now,
     )
+    if server.revoked_at is not None:
+        health, reason = CRITICAL, f"removed {server.revoked_at:%Y-%m-%d %H:%M} UTC: its certificate is revoked"
     age = heartbeat_age(server.last_heartbeat_at, now)
     return common_pb2.ServerInfo(
         id=server.id,
@@ -51,6 +53,7 @@ def server_info(server: ServerRecord, *, interval: float, now: datetime) -> comm
         heartbeat_age_seconds=age if age != float("inf") else -1.0,
         problems=[problem_from_dict(p) for p in server.problems],
         inventory=from_dict(server.inventory, common_pb2.Inventory()),
+        revoked_at=timestamp(server.revoked_at),
     )
 
 

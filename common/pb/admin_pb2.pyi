@@ -33,8 +33,16 @@ JOB_STATUS_COMPENSATED: JobStatus
 JOB_STATUS_CANCELLED: JobStatus
 
 class ListServersRequest(_message.Message):
-    __slots__ = ()
-    def __init__(self) -> None: ...
+    __slots__ = ("include_removed",)
+    INCLUDE_REMOVED_FIELD_NUMBER: _ClassVar[int]
+    include_removed: bool
+    def __init__(self, include_removed: _Optional[bool] = ...) -> None: ...
+
+class RemoveServerRequest(_message.Message):
+    __slots__ = ("server",)
+    SERVER_FIELD_NUMBER: _ClassVar[int]
+    server: str
+    def __init__(self, server: _Optional[str] = ...) -> None: ...
 
 class ListServersResponse(_message.Message):
     __slots__ = ("servers",)

@@ -5,6 +5,7 @@ import grpc
 import warnings
 
 from siterecovery.common.pb import admin_pb2 as siterecovery_dot_v1_dot_admin__pb2
+from siterecovery.common.pb import common_pb2 as siterecovery_dot_v1_dot_common__pb2
 
 GRPC_GENERATED_VERSION = '1.85.1'
 GRPC_VERSION = grpc.__version__
@@ -39,6 +40,11 @@ class AdminStub:
                 '/siterecovery.v1.Admin/ListServers',
                 request_serializer=siterecovery_dot_v1_dot_admin__pb2.ListServersRequest.SerializeToString,
                 response_deserializer=siterecovery_dot_v1_dot_admin__pb2.ListServersResponse.FromString,
+                _registered_method=True)
+        self.RemoveServer = channel.unary_unary(
+                '/siterecovery.v1.Admin/RemoveServer',
+                request_serializer=siterecovery_dot_v1_dot_admin__pb2.RemoveServerRequest.SerializeToString,
+                response_deserializer=siterecovery_dot_v1_dot_common__pb2.ServerInfo.FromString,
                 _registered_method=True)
         self.ListMachines = channel.unary_unary(
                 '/siterecovery.v1.Admin/ListMachines',
@@ -112,6 +118,13 @@ class AdminServicer:
 
     def ListServers(self, request, context):
         """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def RemoveServer(self, request, context):
+        """Revoke an agent's certificate: every port refuses it from then on.
+        """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
@@ -203,6 +216,11 @@ def add_AdminServicer_to_server(servicer, server):
                     servicer.ListServers,
                     request_deserializer=siterecovery_dot_v1_dot_admin__pb2.ListServersRequest.FromString,
                     response_serializer=siterecovery_dot_v1_dot_admin__pb2.ListServersResponse.SerializeToString,
+            ),
+            'RemoveServer': grpc.unary_unary_rpc_method_handler(
+                    servicer.RemoveServer,
+                    request_deserializer=siterecovery_dot_v1_dot_admin__pb2.RemoveServerRequest.FromString,
+                    response_serializer=siterecovery_dot_v1_dot_common__pb2.ServerInfo.SerializeToString,
             ),
             'ListMachines': grpc.unary_unary_rpc_method_handler(
                     servicer.ListMachines,
@@ -297,6 +315,33 @@ class Admin:
             '/siterecovery.v1.Admin/ListServers',
             siterecovery_dot_v1_dot_admin__pb2.ListServersRequest.SerializeToString,
             siterecovery_dot_v1_dot_admin__pb2.ListServersResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def RemoveServer(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/siterecovery.v1.Admin/RemoveServer',
+            siterecovery_dot_v1_dot_admin__pb2.RemoveServerRequest.SerializeToString,
+            siterecovery_dot_v1_dot_common__pb2.ServerInfo.FromString,
             options,
             channel_credentials,
             insecure,

@@ -27,7 +27,7 @@ from siterecovery.common.pb import common_pb2 as siterecovery_dot_v1_dot_common_
 from siterecovery.common.pb import replication_pb2 as siterecovery_dot_v1_dot_replication__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1bsiterecovery/v1/agent.proto\x12\x0fsiterecovery.v1\x1a\x1csiterecovery/v1/common.proto\x1a!siterecovery/v1/replication.proto\"$\n\x12HoldBarrierRequest\x12\x0e\n\x06tag_id\x18\x01 \x01(\t\"W\n\x13HoldBarrierResponse\x12\x30\n\x07outcome\x18\x01 \x01(\x0e\x32\x1f.siterecovery.v1.BarrierOutcome\x12\x0e\n\x06reason\x18\x02 \x01(\t\"@\n\x0fRegisterRequest\x12-\n\tinventory\x18\x01 \x01(\x0b\x32\x1a.siterecovery.v1.Inventory\"y\n\x10RegisterResponse\x12\x11\n\tserver_id\x18\x01 \x01(\t\x12\"\n\x1aheartbeat_interval_seconds\x18\x02 \x01(\x01\x12.\n\x05pairs\x18\x03 \x03(\x0b\x32\x1f.siterecovery.v1.PairAssignment\"\xa0\x01\n\x10HeartbeatRequest\x12*\n\x08problems\x18\x01 \x03(\x0b\x32\x18.siterecovery.v1.Problem\x12\x34\n\x0b\x64irectories\x18\x02 \x03(\x0b\x32\x1f.siterecovery.v1.DirectoryFacts\x12*\n\x05pairs\x18\x03 \x03(\x0b\x32\x1b.siterecovery.v1.PairStatus\"\x9a\x01\n\x11HeartbeatResponse\x12\"\n\x1aheartbeat_interval_seconds\x18\x01 \x01(\x01\x12.\n\x05pairs\x18\x02 \x03(\x0b\x32\x1f.siterecovery.v1.PairAssignment\x12\x31\n\x0ctag_requests\x18\x03 \x03(\x0b\x32\x1b.siterecovery.v1.TagRequest2\x8d\x02\n\x0c\x41gentControl\x12O\n\x08Register\x12 .siterecovery.v1.RegisterRequest\x1a!.siterecovery.v1.RegisterResponse\x12R\n\tHeartbeat\x12!.siterecovery.v1.HeartbeatRequest\x1a\".siterecovery.v1.HeartbeatResponse\x12X\n\x0bHoldBarrier\x12#.siterecovery.v1.HoldBarrierRequest\x1a$.siterecovery.v1.HoldBarrierResponseb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1bsiterecovery/v1/agent.proto\x12\x0fsiterecovery.v1\x1a\x1csiterecovery/v1/common.proto\x1a!siterecovery/v1/replication.proto\"$\n\x12HoldBarrierRequest\x12\x0e\n\x06tag_id\x18\x01 \x01(\t\"W\n\x13HoldBarrierResponse\x12\x30\n\x07outcome\x18\x01 \x01(\x0e\x32\x1f.siterecovery.v1.BarrierOutcome\x12\x0e\n\x06reason\x18\x02 \x01(\t\"@\n\x0fRegisterRequest\x12-\n\tinventory\x18\x01 \x01(\x0b\x32\x1a.siterecovery.v1.Inventory\"\x8e\x01\n\x10RegisterResponse\x12\x11\n\tserver_id\x18\x01 \x01(\t\x12\"\n\x1aheartbeat_interval_seconds\x18\x02 \x01(\x01\x12.\n\x05pairs\x18\x03 \x03(\x0b\x32\x1f.siterecovery.v1.PairAssignment\x12\x13\n\x0brevoked_ids\x18\x04 \x03(\t\"\xa0\x01\n\x10HeartbeatRequest\x12*\n\x08problems\x18\x01 \x03(\x0b\x32\x18.siterecovery.v1.Problem\x12\x34\n\x0b\x64irectories\x18\x02 \x03(\x0b\x32\x1f.siterecovery.v1.DirectoryFacts\x12*\n\x05pairs\x18\x03 \x03(\x0b\x32\x1b.siterecovery.v1.PairStatus\"\xaf\x01\n\x11HeartbeatResponse\x12\"\n\x1aheartbeat_interval_seconds\x18\x01 \x01(\x01\x12.\n\x05pairs\x18\x02 \x03(\x0b\x32\x1f.siterecovery.v1.PairAssignment\x12\x31\n\x0ctag_requests\x18\x03 \x03(\x0b\x32\x1b.siterecovery.v1.TagRequest\x12\x13\n\x0brevoked_ids\x18\x04 \x03(\t2\x8d\x02\n\x0c\x41gentControl\x12O\n\x08Register\x12 .siterecovery.v1.RegisterRequest\x1a!.siterecovery.v1.RegisterResponse\x12R\n\tHeartbeat\x12!.siterecovery.v1.HeartbeatRequest\x1a\".siterecovery.v1.HeartbeatResponse\x12X\n\x0bHoldBarrier\x12#.siterecovery.v1.HoldBarrierRequest\x1a$.siterecovery.v1.HoldBarrierResponseb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -40,12 +40,12 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_HOLDBARRIERRESPONSE']._serialized_end=238
   _globals['_REGISTERREQUEST']._serialized_start=240
   _globals['_REGISTERREQUEST']._serialized_end=304
-  _globals['_REGISTERRESPONSE']._serialized_start=306
-  _globals['_REGISTERRESPONSE']._serialized_end=427
-  _globals['_HEARTBEATREQUEST']._serialized_start=430
-  _globals['_HEARTBEATREQUEST']._serialized_end=590
-  _globals['_HEARTBEATRESPONSE']._serialized_start=593
-  _globals['_HEARTBEATRESPONSE']._serialized_end=747
-  _globals['_AGENTCONTROL']._serialized_start=750
-  _globals['_AGENTCONTROL']._serialized_end=1019
+  _globals['_REGISTERRESPONSE']._serialized_start=307
+  _globals['_REGISTERRESPONSE']._serialized_end=449
+  _globals['_HEARTBEATREQUEST']._serialized_start=452
+  _globals['_HEARTBEATREQUEST']._serialized_end=612
+  _globals['_HEARTBEATRESPONSE']._serialized_start=615
+  _globals['_HEARTBEATRESPONSE']._serialized_end=790
+  _globals['_AGENTCONTROL']._serialized_start=793
+  _globals['_AGENTCONTROL']._serialized_end=1062
 # @@protoc_insertion_point(module_scope)

@@ -30,14 +30,16 @@ class RegisterRequest(_message.Message):
     def __init__(self, inventory: _Optional[_Union[_common_pb2.Inventory, _Mapping]] = ...) -> None: ...
 
 class RegisterResponse(_message.Message):
-    __slots__ = ("server_id", "heartbeat_interval_seconds", "pairs")
+    __slots__ = ("server_id", "heartbeat_interval_seconds", "pairs", "revoked_ids")
     SERVER_ID_FIELD_NUMBER: _ClassVar[int]
     HEARTBEAT_INTERVAL_SECONDS_FIELD_NUMBER: _ClassVar[int]
     PAIRS_FIELD_NUMBER: _ClassVar[int]
+    REVOKED_IDS_FIELD_NUMBER: _ClassVar[int]
     server_id: str
     heartbeat_interval_seconds: float
     pairs: _containers.RepeatedCompositeFieldContainer[_replication_pb2.PairAssignment]
-    def __init__(self, server_id: _Optional[str] = ..., heartbeat_interval_seconds: _Optional[float] = ..., pairs: _Optional[_Iterable[_Union[_replication_pb2.PairAssignment, _Mapping]]] = ...) -> None: ...
+    revoked_ids: _containers.RepeatedScalarFieldContainer[str]
+    def __init__(self, server_id: _Optional[str] = ..., heartbeat_interval_seconds: _Optional[float] = ..., pairs: _Optional[_Iterable[_Union[_replication_pb2.PairAssignment, _Mapping]]] = ..., revoked_ids: _Optional[_Iterable[str]] = ...) -> None: ...
 
 class HeartbeatRequest(_message.Message):
     __slots__ = ("problems", "directories", "pairs")
@@ -50,11 +52,13 @@ class HeartbeatRequest(_message.Message):
     def __init__(self, problems: _Optional[_Iterable[_Union[_common_pb2.Problem, _Mapping]]] = ..., directories: _Optional[_Iterable[_Union[_common_pb2.DirectoryFacts, _Mapping]]] = ..., pairs: _Optional[_Iterable[_Union[_replication_pb2.PairStatus, _Mapping]]] = ...) -> None: ...
 
 class HeartbeatResponse(_message.Message):
-    __slots__ = ("heartbeat_interval_seconds", "pairs", "tag_requests")
+    __slots__ = ("heartbeat_interval_seconds", "pairs", "tag_requests", "revoked_ids")
     HEARTBEAT_INTERVAL_SECONDS_FIELD_NUMBER: _ClassVar[int]
     PAIRS_FIELD_NUMBER: _ClassVar[int]
     TAG_REQUESTS_FIELD_NUMBER: _ClassVar[int]
+    REVOKED_IDS_FIELD_NUMBER: _ClassVar[int]
     heartbeat_interval_seconds: float
     pairs: _containers.RepeatedCompositeFieldContainer[_replication_pb2.PairAssignment]
     tag_requests: _containers.RepeatedCompositeFieldContainer[_replication_pb2.TagRequest]
-    def __init__(self, heartbeat_interval_seconds: _Optional[float] = ..., pairs: _Optional[_Iterable[_Union[_replication_pb2.PairAssignment, _Mapping]]] = ..., tag_requests: _Optional[_Iterable[_Union[_replication_pb2.TagRequest, _Mapping]]] = ...) -> None: ...
+    revoked_ids: _containers.RepeatedScalarFieldContainer[str]
+    def __init__(self, heartbeat_interval_seconds: _Optional[float] = ..., pairs: _Optional[_Iterable[_Union[_replication_pb2.PairAssignment, _Mapping]]] = ..., tag_requests: _Optional[_Iterable[_Union[_replication_pb2.TagRequest, _Mapping]]] = ..., revoked_ids: _Optional[_Iterable[str]] = ...) -> None: ...

@@ -124,7 +124,7 @@ class Inventory(_message.Message):
     def __init__(self, host: _Optional[_Union[HostFacts, _Mapping]] = ..., disks: _Optional[_Iterable[_Union[DiskFacts, _Mapping]]] = ..., directories: _Optional[_Iterable[_Union[DirectoryFacts, _Mapping]]] = ..., data_endpoint: _Optional[str] = ...) -> None: ...
 
 class ServerInfo(_message.Message):
-    __slots__ = ("id", "role", "hostname", "health", "enrolled_at", "last_heartbeat_at", "heartbeat_age_seconds", "problems", "inventory", "health_reason")
+    __slots__ = ("id", "role", "hostname", "health", "enrolled_at", "last_heartbeat_at", "heartbeat_age_seconds", "problems", "inventory", "health_reason", "revoked_at")
     ID_FIELD_NUMBER: _ClassVar[int]
     ROLE_FIELD_NUMBER: _ClassVar[int]
     HOSTNAME_FIELD_NUMBER: _ClassVar[int]
@@ -135,6 +135,7 @@ class ServerInfo(_message.Message):
     PROBLEMS_FIELD_NUMBER: _ClassVar[int]
     INVENTORY_FIELD_NUMBER: _ClassVar[int]
     HEALTH_REASON_FIELD_NUMBER: _ClassVar[int]
+    REVOKED_AT_FIELD_NUMBER: _ClassVar[int]
     id: str
     role: Role
     hostname: str
@@ -145,4 +146,5 @@ class ServerInfo(_message.Message):
     problems: _containers.RepeatedCompositeFieldContainer[Problem]
     inventory: Inventory
     health_reason: str
-    def __init__(self, id: _Optional[str] = ..., role: _Optional[_Union[Role, str]] = ..., hostname: _Optional[str] = ..., health: _Optional[_Union[Health, str]] = ..., enrolled_at: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., last_heartbeat_at: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., heartbeat_age_seconds: _Optional[float] = ..., problems: _Optional[_Iterable[_Union[Problem, _Mapping]]] = ..., inventory: _Optional[_Union[Inventory, _Mapping]] = ..., health_reason: _Optional[str] = ...) -> None: ...
+    revoked_at: _timestamp_pb2.Timestamp
+    def __init__(self, id: _Optional[str] = ..., role: _Optional[_Union[Role, str]] = ..., hostname: _Optional[str] = ..., health: _Optional[_Union[Health, str]] = ..., enrolled_at: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., last_heartbeat_at: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., heartbeat_age_seconds: _Optional[float] = ..., problems: _Optional[_Iterable[_Union[Problem, _Mapping]]] = ..., inventory: _Optional[_Union[Inventory, _Mapping]] = ..., health_reason: _Optional[str] = ..., revoked_at: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ...) -> None: ...

@@ -59,9 +59,12 @@ def _main(config: ConfigOption = None) -> None:
 
 # -- servers -----------------------------------------------------------------
 @servers_app.command("list")
-def servers_list(output_format: OutputOption = Format.table) -> None:
+def servers_list(
+    include_removed: Annotated[bool, typer.Option("--all", help="also list removed (revoked) servers")] = False,
+    output_format: OutputOption = Format.table,
+) -> None:
     """List enrolled servers and agents with their health."""
-    response = call("ListServers", admin_pb2.ListServersRequest())
+    response = call("ListServers", admin_pb2.ListServersRequest(include_removed=include_removed))
     if output_format is Format.json:
         output.print_json([_server_json(s) for s in response.servers])
         return
@@ -80,6 +83,28 @@ def servers_list(output_format: OutputOption = Format.table) -> None:
             ]
             for s in response.servers
         ],
+    )
+
+
+@servers_app.command("remove")
+def servers_remove(
+    server: Annotated[str, typer.Argument(help="id or host name of the agent")],
+    yes: Annotated[bool, typer.Option("--yes", help="do not ask for confirmation")] = False,
+    output_format: OutputOption = Format.table,
+) -> None:
+    """Remove an agent: revoke its certificate, so every port refuses it from now on.
+
+    Disable replication of the disks it serves first. To bring the machine back,
+    enroll its agent again (a new identity)."""
+    if not yes and not typer.confirm(f"Revoke the certificate of {server}? It cannot be undone", default=False):
+        raise typer.Exit(1)
+    removed = call("RemoveServer", admin_pb2.RemoveServerRequest(server=server))
+    if output_format is Format.json:
+        output.print_json(_server_json(removed))
+        return
+    output.console.print(
+        f"removed {output.enum_label(common_pb2.Role.Name(removed.role), 'ROLE_')} {removed.hostname} ({removed.id}): "
+        "its certificate is revoked"
     )
 
 

@@ -13,7 +13,7 @@ from siterecovery.common import errors, pki
 from siterecovery.common.channels import secure_channel
 from siterecovery.common.pb import admin_pb2, admin_pb2_grpc, common_pb2, dataplane_pb2_grpc
 from siterecovery.common.pb import replication_pb2 as rpb
-from siterecovery.controller import inventory_view, replication
+from siterecovery.controller import inventory_view, replication, revocation
 from siterecovery.controller.context import ControllerContext
 from siterecovery.controller.convert import timestamp
 
@@ -37,9 +37,16 @@ class AdminServicer(admin_pb2_grpc.AdminServicer):
                 *(
                     inventory_view.server_info(s, interval=interval, now=now)
                     for s in self._ctx.store.list_servers()
+                    if request.include_removed or s.revoked_at is None
                 ),
             ]
         )
+
+    def RemoveServer(self, request, context):
+        assert self._ctx.revocations is not None
+        now = datetime.now(UTC)
+        server = revocation.remove_server(self._ctx.store, self._ctx.revocations, request.server, now=now)
+        return inventory_view.server_info(server, interval=self._ctx.settings.heartbeat_interval, now=now)
 
     def ListMachines(self, request, context):
         now = datetime.now(UTC)

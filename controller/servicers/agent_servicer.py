@@ -33,6 +33,7 @@ class AgentControlServicer(agent_pb2_grpc.AgentControlServicer):
             server_id=server.id,
             heartbeat_interval_seconds=self._ctx.settings.heartbeat_interval,
             pairs=replication.assignments_for(self._ctx.store, server.id),
+            revoked_ids=self._ctx.revoked_ids(),
         )
 
     def Heartbeat(self, request: agent_pb2.HeartbeatRequest, context: grpc.ServicerContext):
@@ -49,6 +50,7 @@ class AgentControlServicer(agent_pb2_grpc.AgentControlServicer):
             heartbeat_interval_seconds=self._ctx.settings.heartbeat_interval,
             pairs=replication.assignments_for(self._ctx.store, identity.id),
             tag_requests=replication.tag_requests_for(self._ctx.store, identity.id, now=now),
+            revoked_ids=self._ctx.revoked_ids(),
         )
 
     def HoldBarrier(self, request: agent_pb2.HoldBarrierRequest, context: grpc.ServicerContext):

@@ -209,6 +209,10 @@ class Store(ABC):
     def revoke_server(self, server_id: str, *, now: datetime) -> ServerRecord:
         """Mark the server revoked; revoking again keeps the first time. NotFound."""
 
+    @abstractmethod
+    def revoked_server_ids(self) -> list[str]:
+        """The ids of every revoked server (a small query: every port checks it often)."""
+
     # --- machines --------------------------------------------------------------
 
     @abstractmethod

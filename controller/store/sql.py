@@ -247,6 +247,11 @@ class SqlStore(Store):
             )
             return self._server(conn, server_id)
 
+    def revoked_server_ids(self) -> list[str]:
+        query = sa.select(servers.c.id).where(servers.c.revoked_at.is_not(None)).order_by(servers.c.id)
+        with self._read() as conn:
+            return list(conn.execute(query).scalars())
+
     def _server(self, conn: Connection, server_id: str, *, lock: bool = False) -> ServerRecord:
         query = sa.select(servers).where(servers.c.id == server_id)
         if lock:

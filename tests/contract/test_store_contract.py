@@ -167,6 +167,14 @@ def test_revoke_server_keeps_the_first_revocation_time(store: Store) -> None:
     assert store.get_server("srv-1").revoked_at == T0 + timedelta(hours=1)
 
 
+def test_revoked_server_ids_lists_exactly_the_revoked(store: Store) -> None:
+    store.add_server(server())
+    store.add_server(server("srv-2"))
+    assert store.revoked_server_ids() == []
+    store.revoke_server("srv-2", now=T0)
+    assert store.revoked_server_ids() == ["srv-2"]
+
+
 # --- machines -----------------------------------------------------------------------------
 
 

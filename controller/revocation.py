@@ -1,0 +1,102 @@
+"""Removing a server, and the list of revoked identities every port enforces.
+
+`srctl servers remove` revokes an agent's certificate: the store marks the
+server revoked (the row stays, for the record). From then on:
+
+- the configuration server refuses the certificate on every RPC (the guard in
+  common/grpcserver.py asks `Revocations.is_revoked`);
+- every agent learns the revoked ids from its next heartbeat response and its
+  data port refuses them too (agents/runtime.py keeps them on disk, so a
+  restarted agent does not forget them before its first heartbeat).
+
+Identities are revoked by id, not by serial: enrollment gives every
+certificate a new id, so an agent enrolled again is a new server and the old
+certificate stays refused.
+
+Two configuration servers sharing one store: a revocation made on one reaches
+the other within `refresh_seconds` (each re-reads the revoked ids at most that
+often, so the check costs one small query per interval, not one per RPC).
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+from collections.abc import Callable
+from datetime import datetime
+
+from siterecovery.common import errors, pki
+from siterecovery.common.logging import get_logger
+from siterecovery.controller.store.base import ServerRecord, Store
+
+log = get_logger(__name__)
+
+REFRESH_SECONDS = 2.0
+
+
+class Revocations:
+    def __init__(self, store: Store, *, refresh_seconds: float = REFRESH_SECONDS,
+                 clock: Callable[[], float] = time.monotonic) -> None:
+        self._store = store
+        self._refresh = refresh_seconds
+        self._clock = clock
+        self._lock = threading.Lock()
+        self._ids: frozenset[str] = frozenset()
+        self._read_at: float | None = None
+
+    def ids(self) -> frozenset[str]:
+        with self._lock:
+            now = self._clock()
+            if self._read_at is None or now - self._read_at >= self._refresh:
+                self._ids = frozenset(self._store.revoked_server_ids())
+                self._read_at = now
+            return self._ids
+
+    def is_revoked(self, identity: pki.Identity, _cert_pem: bytes) -> bool:
+        return identity.id in self.ids()
+
+    def add(self, identity_id: str) -> None:
+        """Refuse `identity_id` at once here (the store already says so)."""
+        with self._lock:
+            self._ids = self._ids | {identity_id}
+
+
+def resolve_any_server(store: Store, ref: str) -> ServerRecord:
+    """A server of any role by id or host name (revoked ones included)."""
+    if not ref:
+        raise errors.InvalidInput("name a server by id or host name", code="server-required")
+    servers = store.list_servers()
+    by_id = [s for s in servers if s.id == ref]
+    if by_id:
+        return by_id[0]
+    found = [s for s in servers if s.hostname == ref and s.revoked_at is None]
+    if len(found) == 1:
+        return found[0]
+    if found:
+        raise errors.Conflict(
+            f"{len(found)} servers are called {ref!r}",
+            hint="name it by id: " + ", ".join(f"{s.id} ({s.role})" for s in found),
+            code="server-ambiguous",
+        )
+    raise errors.NotFound(f"no server {ref!r}", hint="`srctl servers list` shows them", code="server-not-found")
+
+
+def remove_server(store: Store, revocations: Revocations, ref: str, *, now: datetime) -> ServerRecord:
+    """Revoke a server that no replication pair uses; the pairs must go first."""
+    server = resolve_any_server(store, ref)
+    if server.revoked_at is not None:
+        return server
+    in_use = store.list_pairs(server_id=server.id)
+    if in_use:
+        machines = sorted({p.machine_id for p in in_use})
+        raise errors.PreconditionFailed(
+            f"{server.role} {server.hostname} ({server.id}) still serves {len(in_use)} replicated disk(s)",
+            hint="disable their replication first (`srctl replication disable MACHINE`); machines: "
+            + ", ".join(machines),
+            code="server-in-use",
+        )
+    revoked = store.revoke_server(server.id, now=now)
+    revocations.add(server.id)
+    log.info("server removed; its certificate is revoked", server=server.id, role=server.role,
+             hostname=server.hostname)
+    return revoked
