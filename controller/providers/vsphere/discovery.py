@@ -113,6 +113,12 @@ def host_editions(session: Session, host_ids: list[str]) -> dict[str, str]:
     return editions
 
 
+def mount_usable(mount: Any) -> bool:
+    """A DatastoreHostMount that is mounted and accessible (unknown counts as usable)."""
+    info = mount.mountInfo
+    return info is None or (info.mounted is not False and info.accessible is not False)
+
+
 def _snapshots(info: Any) -> tuple[Snapshot, ...]:
     found: list[Snapshot] = []
     stack = list(info.rootSnapshotList or []) if info is not None else []
@@ -251,14 +257,21 @@ def discover(session: Session) -> Inventory:
                 privileges=granted(row["_id"]),
             )
         )
+    # Which hosts mount a datastore: the datastore's mount list and the hosts'
+    # datastore lists together (vcsim fills only one mount in the former), less
+    # any mount the datastore reports unmounted or inaccessible.
+    mounted_by: dict[str, set[str]] = {}
+    for row in host_rows:
+        for d in row.get("datastore") or []:
+            mounted_by.setdefault(d._moId, set()).add(row["_id"])
     datastores = []
     for row in properties.collect(session, vim.Datastore, DATASTORE_PATHS):
-        mounts = [
-            m.key._moId
-            for m in row.get("host") or []
-            if m.mountInfo is None
-            or (m.mountInfo.mounted is not False and m.mountInfo.accessible is not False)
-        ]
+        mounts = set(mounted_by.get(row["_id"], set()))
+        for m in row.get("host") or []:
+            if mount_usable(m):
+                mounts.add(m.key._moId)
+            else:
+                mounts.discard(m.key._moId)
         datastores.append(
             Datastore(
                 id=row["_id"],

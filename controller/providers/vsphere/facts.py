@@ -14,7 +14,12 @@ from pyVmomi import vim
 from siterecovery.common.errors import NotFound
 from siterecovery.controller.providers.vsphere import privileges as privs
 from siterecovery.controller.providers.vsphere import properties
-from siterecovery.controller.providers.vsphere.discovery import _snapshots, enable_uuid, host_editions
+from siterecovery.controller.providers.vsphere.discovery import (
+    _snapshots,
+    enable_uuid,
+    host_editions,
+    mount_usable,
+)
 from siterecovery.controller.providers.vsphere.model import Snapshot
 from siterecovery.controller.providers.vsphere.operations import ref
 from siterecovery.controller.providers.vsphere.session import Session
@@ -29,14 +34,14 @@ def is_free_edition(edition_key: str) -> bool:
 
 
 def _row(session: Session, kind: type, moid: str, paths: Sequence[str], what: str) -> dict[str, Any]:
-    row = properties.read_one(session, ref(session, kind, moid), paths)
-    if len(row) <= 2:
+    try:
+        return properties.read_one(session, ref(session, kind, moid), paths)
+    except NotFound as exc:
         raise NotFound(
             f"{what} {moid} does not exist on {session.endpoint.address}",
             hint="rediscover the endpoint",
             code="vsphere-not-found",
-        )
-    return row
+        ) from exc
 
 
 def vm_exists(
@@ -44,8 +49,11 @@ def vm_exists(
 ) -> str | None:
     """The id of the VM with this id or UUID, or None when it no longer exists."""
     if vm_id:
-        row = properties.read_one(session, ref(session, vim.VirtualMachine, vm_id), ["name"])
-        return vm_id if "name" in row else None
+        try:
+            properties.read_one(session, ref(session, vim.VirtualMachine, vm_id), ["name"])
+        except NotFound:
+            return None
+        return vm_id
     uuid, by_instance = (instance_uuid, True) if instance_uuid else (bios_uuid, False)
     if not uuid:
         return None
@@ -82,13 +90,14 @@ def host_is_free_edition(session: Session, host_id: str) -> bool:
 
 
 def datastore_reachable(session: Session, datastore_id: str, host_id: str) -> bool:
-    """True when `host_id` mounts `datastore_id` and the mount is accessible."""
+    """True when `host_id` mounts `datastore_id` and the mount is usable."""
     row = _row(session, vim.Datastore, datastore_id, ["host"], "datastore")
     for mount in row.get("host") or []:
         if mount.key._moId == host_id:
-            info = mount.mountInfo
-            return info is None or (info.mounted is not False and info.accessible is not False)
-    return False
+            return mount_usable(mount)
+    # Not in the datastore's mount list: ask the host (vcsim lists only one mount there).
+    host = _row(session, vim.HostSystem, host_id, ["datastore"], "host")
+    return any(d._moId == datastore_id for d in host.get("datastore") or [])
 
 
 def parent_chain(session: Session, kind: type, moid: str) -> dict[str, str]:

@@ -48,7 +48,7 @@ class CreatedVm:
 
 def ref(session: Session, kind: type, moid: str) -> Any:
     """A managed object reference bound to the session's current connection."""
-    return kind(moid, session.content._stub)
+    return kind(moid, session.stub)
 
 
 def wait_for_task(session: Session, task: Any, *, what: str, timeout: float = 600.0) -> Any:
@@ -92,14 +92,14 @@ def _datastore_path(path: str) -> tuple[str, str]:
 
 
 def _vm_row(session: Session, vm_id: str, paths: Sequence[str]) -> dict[str, Any]:
-    row = properties.read_one(session, ref(session, vim.VirtualMachine, vm_id), paths)
-    if len(row) <= 2:
+    try:
+        return properties.read_one(session, ref(session, vim.VirtualMachine, vm_id), paths)
+    except NotFound as exc:
         raise NotFound(
             f"VM {vm_id} does not exist on {session.endpoint.address}",
             hint="rediscover the endpoint",
             code="vsphere-vm-not-found",
-        )
-    return row
+        ) from exc
 
 
 def _datacenter(session: Session, entity: Any) -> Any:
@@ -150,7 +150,10 @@ def create_vm(
     for path in disks:
         _datastore_path(path)
     host = ref(session, vim.HostSystem, host_id)
-    host_row = properties.read_one(session, host, ["parent", "datastore"])
+    try:
+        host_row = properties.read_one(session, host, ["parent", "datastore"])
+    except NotFound:
+        host_row = {}
     if "parent" not in host_row:
         raise NotFound(
             f"host {host_id} does not exist on {session.endpoint.address}", hint="rediscover the endpoint"
@@ -197,11 +200,11 @@ def create_vm(
     )
 
     def run(content: Any) -> Any:
-        f = vim.Folder(folder._moId, content._stub)
+        f = vim.Folder(folder._moId, content.rootFolder._stub)
         return f.CreateVM_Task(
             config=spec,
-            pool=vim.ResourcePool(pool._moId, content._stub),
-            host=vim.HostSystem(host_id, content._stub),
+            pool=vim.ResourcePool(pool._moId, content.rootFolder._stub),
+            host=vim.HostSystem(host_id, content.rootFolder._stub),
         )
 
     task = session.call(f"create VM {name}", run)
@@ -226,7 +229,9 @@ def _disk_spec(path: str, controller_key: int, unit: int, *, key: int) -> Any:
 
 
 def _reconfigure(session: Session, vm_id: str, spec: Any, what: str) -> None:
-    task = session.call(what, lambda c: vim.VirtualMachine(vm_id, c._stub).ReconfigVM_Task(spec=spec))
+    task = session.call(
+        what, lambda c: vim.VirtualMachine(vm_id, c.rootFolder._stub).ReconfigVM_Task(spec=spec)
+    )
     wait_for_task(session, task, what=what)
 
 
@@ -296,7 +301,9 @@ def power_on(session: Session, vm_id: str) -> bool:
     """Power VM `vm_id` on; False when it was on already."""
     if power_state(session, vm_id) == "poweredOn":
         return False
-    task = session.call(f"power on VM {vm_id}", lambda c: vim.VirtualMachine(vm_id, c._stub).PowerOnVM_Task())
+    task = session.call(
+        f"power on VM {vm_id}", lambda c: vim.VirtualMachine(vm_id, c.rootFolder._stub).PowerOnVM_Task()
+    )
     wait_for_task(session, task, what=f"power on VM {vm_id}")
     return True
 
@@ -306,7 +313,7 @@ def power_off(session: Session, vm_id: str) -> bool:
     if power_state(session, vm_id) == "poweredOff":
         return False
     task = session.call(
-        f"power off VM {vm_id}", lambda c: vim.VirtualMachine(vm_id, c._stub).PowerOffVM_Task()
+        f"power off VM {vm_id}", lambda c: vim.VirtualMachine(vm_id, c.rootFolder._stub).PowerOffVM_Task()
     )
     wait_for_task(session, task, what=f"power off VM {vm_id}")
     return True

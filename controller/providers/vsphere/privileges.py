@@ -123,6 +123,8 @@ def load_model(session: Session, parents: Mapping[str, str]) -> PermissionModel:
     names = {r.roleId: r.name for r in row.get("roleList", [])}
     by_entity: dict[str, list[Permission]] = {}
     for p in perms or []:
+        if p.entity is None:  # vcsim keeps a permission as a client sent it, entity and all
+            continue
         entity = p.entity._moId
         by_entity.setdefault(entity, []).append(
             Permission(entity, p.principal, bool(p.group), int(p.roleId), bool(p.propagate))

@@ -191,6 +191,11 @@ class Session:
         return self._content
 
     @property
+    def stub(self) -> Any:
+        """The current connection, for binding managed object references."""
+        return self.content.rootFolder._stub
+
+    @property
     def is_vcenter(self) -> bool:
         return self.content.about.apiType == "VirtualCenter"
 
