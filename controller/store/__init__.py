@@ -13,6 +13,8 @@ from siterecovery.controller.store.base import (
     StepRecord,
     Store,
     TagRequestRecord,
+    VcenterInventory,
+    VcenterRecord,
 )
 from siterecovery.controller.store.sql import SqlStore, open_store
 
@@ -27,5 +29,7 @@ __all__ = [
     "StepRecord",
     "Store",
     "TagRequestRecord",
+    "VcenterInventory",
+    "VcenterRecord",
     "open_store",
 ]
