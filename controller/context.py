@@ -9,6 +9,7 @@ import grpc
 from siterecovery.common.pki import CertificateAuthority
 from siterecovery.controller.enrollment import FailureLimiter, PassphraseVault
 from siterecovery.controller.jobs.engine import JobKind
+from siterecovery.controller.secrets import SecretBox
 from siterecovery.controller.settings import ConfigServerSettings
 from siterecovery.controller.store.base import Store
 
@@ -27,3 +28,7 @@ class ControllerContext:
     registration_job: JobKind | None = None
     # The client certificate (role admin) this server dials agents' data ports with.
     agent_client_credentials: grpc.ChannelCredentials | None = None
+    # Encrypts the vCenter passwords kept in the store.
+    secrets: SecretBox | None = None
+    # Discovery of a vCenter / ESXi endpoint (controller/vcenters.py).
+    discovery_job: JobKind | None = None

@@ -49,11 +49,12 @@ class Trust:
     """How the server's certificate is checked: exactly one way, or the system's CAs."""
 
     ca_file: str = ""
+    ca_pem: str = ""  # the CA certificate(s) themselves, as stored by the controller
     thumbprint: str = ""
     insecure: bool = False
 
     def __post_init__(self) -> None:
-        chosen = [bool(self.ca_file), bool(self.thumbprint), self.insecure]
+        chosen = [bool(self.ca_file), bool(self.ca_pem), bool(self.thumbprint), self.insecure]
         if sum(chosen) > 1:
             raise InvalidInput(
                 "give one way to trust the server: a CA file, a thumbprint, or insecure",
@@ -77,6 +78,14 @@ class Trust:
             return ctx
         if self.ca_file:
             return ssl.create_default_context(cafile=self.ca_file)
+        if self.ca_pem:
+            try:
+                return ssl.create_default_context(cadata=self.ca_pem)
+            except ssl.SSLError as exc:
+                raise InvalidInput(
+                    f"the CA certificate given for the server cannot be loaded: {exc}",
+                    hint="give a PEM file with the CA certificate",
+                ) from exc
         return ssl.create_default_context()
 
     def describe(self) -> str:
@@ -84,7 +93,7 @@ class Trust:
             return "insecure"
         if self.thumbprint:
             return "thumbprint"
-        return "ca-file" if self.ca_file else "system"
+        return "ca" if self.ca_file or self.ca_pem else "system"
 
 
 def _pinned_socket_class(thumbprint: str) -> type[ssl.SSLSocket]:
