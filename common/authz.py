@@ -34,6 +34,12 @@ RPC_ROLES: dict[str, frozenset[str]] = {
     "/siterecovery.v1.Admin/ListRecoveryPoints": OPERATORS,
     "/siterecovery.v1.Admin/CreateRecoveryPoint": frozenset({pki.ADMIN}),
     "/siterecovery.v1.Admin/MaterializePoint": frozenset({pki.ADMIN}),
+    "/siterecovery.v1.Admin/AddVcenter": frozenset({pki.ADMIN}),
+    "/siterecovery.v1.Admin/ListVcenters": OPERATORS,
+    "/siterecovery.v1.Admin/UpdateVcenterCredentials": frozenset({pki.ADMIN}),
+    "/siterecovery.v1.Admin/RemoveVcenter": frozenset({pki.ADMIN}),
+    "/siterecovery.v1.Admin/DiscoverVcenter": frozenset({pki.ADMIN}),
+    "/siterecovery.v1.Admin/GetVcenterInventory": OPERATORS,
     # Process server, :9443
     "/siterecovery.v1.ProcessServer/Probe": frozenset({pki.SOURCE, pki.ADMIN}),
     "/siterecovery.v1.ProcessServer/Replicate": frozenset({pki.SOURCE}),

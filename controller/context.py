@@ -10,6 +10,7 @@ from siterecovery.common.pki import CertificateAuthority
 from siterecovery.controller.enrollment import FailureLimiter, PassphraseVault
 from siterecovery.controller.jobs.engine import JobKind
 from siterecovery.controller.revocation import Revocations
+from siterecovery.controller.secrets import SecretBox
 from siterecovery.controller.settings import ConfigServerSettings
 from siterecovery.controller.store.base import Store
 
@@ -30,6 +31,10 @@ class ControllerContext:
     agent_client_credentials: grpc.ChannelCredentials | None = None
     # Revoked identities, refused on every RPC (set up by the daemon).
     revocations: Revocations | None = None
+    # Encrypts the vCenter passwords kept in the store.
+    secrets: SecretBox | None = None
+    # Discovery of a vCenter / ESXi endpoint (controller/vcenters.py).
+    discovery_job: JobKind | None = None
 
     def revoked_ids(self) -> list[str]:
         return sorted(self.revocations.ids()) if self.revocations is not None else []

@@ -17,6 +17,7 @@ import os
 import socket
 import sys
 import threading
+from datetime import UTC, datetime
 from pathlib import Path
 
 import grpc
@@ -32,11 +33,13 @@ from siterecovery.common.pb import (
     enrollment_pb2,
     enrollment_pb2_grpc,
 )
+from siterecovery.controller import vcenters
 from siterecovery.controller.context import ControllerContext
 from siterecovery.controller.enrollment import FailureLimiter, PassphraseVault
 from siterecovery.controller.jobs.engine import JobRunner, RetryPolicy
 from siterecovery.controller.registration import register_server_kind
 from siterecovery.controller.revocation import Revocations
+from siterecovery.controller.secrets import SecretBox
 from siterecovery.controller.servicers.admin_servicer import AdminServicer
 from siterecovery.controller.servicers.agent_servicer import AgentControlServicer
 from siterecovery.controller.servicers.enrollment_servicer import EnrollmentServicer
@@ -57,6 +60,12 @@ def parse_args(argv: list[str] | None) -> ConfigServerSettings:
     parser.add_argument("--advertise", action="append", help="name or address agents use (repeatable)")
     parser.add_argument("--store-url", dest="store_url", help="SQLAlchemy URL (default SQLite in the state dir)")
     parser.add_argument("--heartbeat-interval", dest="heartbeat_interval", type=float)
+    parser.add_argument(
+        "--vcenter-discovery-interval",
+        dest="vcenter_discovery_interval",
+        type=float,
+        help="seconds between discoveries of each vCenter / ESXi endpoint (default 900)",
+    )
     parser.add_argument("--log-level", dest="log_level")
     args = vars(parser.parse_args(argv))
     config = args.pop("config")
@@ -131,6 +140,19 @@ def _write_srctl_profile(admin_dir: Path, endpoint: str) -> Path:
     return profile
 
 
+def _schedule_discoveries(ctx: ControllerContext, stop: threading.Event) -> None:
+    """Start a discovery of each endpoint every `vcenter_discovery_interval` seconds."""
+    interval = ctx.settings.vcenter_discovery_interval
+    assert ctx.discovery_job is not None
+    while True:
+        try:
+            vcenters.schedule_due(ctx.store, ctx.discovery_job, interval=interval, now=datetime.now(UTC))
+        except errors.SiteRecoveryError as exc:
+            log.warning("discovery scheduling failed", error=str(exc))
+        if stop.wait(min(max(interval / 10, 0.2), 30.0)):
+            return
+
+
 def run(cfg: ConfigServerSettings, stop: threading.Event | None = None) -> int:
     logging.configure(level=cfg.log_level, json=cfg.log_json)
     stop = stop or daemon.install_stop_handlers()
@@ -142,6 +164,7 @@ def run(cfg: ConfigServerSettings, stop: threading.Event | None = None) -> int:
     vault.load_or_create()
     store = open_store(cfg.resolved_store_url)
     agent_client = _controller_client_credentials(ca, cfg.state_dir / "pki")
+    box = SecretBox.load_or_create(cfg.state_dir / "pki")
     ctx = ControllerContext(
         settings=cfg,
         store=store,
@@ -152,11 +175,13 @@ def run(cfg: ConfigServerSettings, stop: threading.Event | None = None) -> int:
         registration_job=register_server_kind(agent_client),
         agent_client_credentials=agent_client,
         revocations=Revocations(store),
+        secrets=box,
+        discovery_job=vcenters.discovery_kind(box),
     )
     runner = JobRunner(
         store,
         owner_id=f"{socket.gethostname()}-{os.getpid()}",
-        kinds=[ctx.registration_job],
+        kinds=[ctx.registration_job, ctx.discovery_job],
         retry_policy=RetryPolicy(max_attempts=5, initial_backoff=0.5, max_backoff=5.0),
         lease_seconds=30.0,
     )
@@ -189,6 +214,10 @@ def run(cfg: ConfigServerSettings, stop: threading.Event | None = None) -> int:
         ],
     )
     runner.start(interval=cfg.job_poll_interval)
+    scheduler = threading.Thread(
+        target=_schedule_discoveries, args=(ctx, stop), name="vcenter-discovery", daemon=True
+    )
+    scheduler.start()
     ctx.endpoint = _endpoint(cfg, running.port)
     profile = _write_srctl_profile(cfg.state_dir / "admin", ctx.endpoint)
     log.info("listening", address=cfg.listen, port=running.port, srctl_profile=str(profile))
@@ -197,6 +226,7 @@ def run(cfg: ConfigServerSettings, stop: threading.Event | None = None) -> int:
     daemon.report_stopping()
     running.stop(grace=5.0)
     runner.stop()
+    scheduler.join(timeout=5.0)
     store.close()
     log.info("stopped")
     return 0

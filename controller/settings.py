@@ -26,6 +26,8 @@ class ConfigServerSettings:
     heartbeat_interval: float = 10.0
     # How often the job runner looks for work (jobs created by other replicas too).
     job_poll_interval: float = 1.0
+    # How often every vCenter / ESXi endpoint is discovered again, in seconds.
+    vcenter_discovery_interval: float = 900.0
     log_level: str = "info"
     log_json: bool | None = None
 
@@ -35,6 +37,12 @@ class ConfigServerSettings:
         if not 0.05 <= self.heartbeat_interval <= 3600:
             raise InvalidInput(
                 f"heartbeat_interval {self.heartbeat_interval} s is outside 0.05-3600 s",
+                code="config-range",
+            )
+
+        if not 1 <= self.vcenter_discovery_interval <= 7 * 86400:
+            raise InvalidInput(
+                f"vcenter_discovery_interval {self.vcenter_discovery_interval} s is outside 1 s-7 days",
                 code="config-range",
             )
 

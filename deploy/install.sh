@@ -10,7 +10,10 @@ cd "$(dirname "$0")/.."
 #   postgresql  the scale-out store; the store contract tests start a throwaway cluster
 #   fio, qemu-utils (qemu-io, qemu-img), libnbd-bin (nbdcopy, nbdinfo)
 #               real block clients that write through the source agent's NBD export
-APT_PACKAGES=(postgresql fio qemu-utils libnbd-bin)
+#   golang-go, golang-github-vmware-govmomi-dev
+#               the vSphere simulator (vcsim) the vSphere provider is tested against,
+#               built offline into .tools/ by deploy/build-vcsim.sh
+APT_PACKAGES=(postgresql fio qemu-utils libnbd-bin golang-go golang-github-vmware-govmomi-dev)
 
 as_root() { if [ "$(id -u)" -eq 0 ]; then "$@"; else sudo "$@"; fi; }
 
@@ -23,6 +26,8 @@ if [ ${#missing[@]} -gt 0 ]; then
   as_root apt-get update -qq
   as_root env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends "${missing[@]}"
 fi
+
+bash deploy/build-vcsim.sh
 
 PYTHON=${PYTHON:-python3}
 "$PYTHON" -c 'import sys; sys.exit(sys.version_info < (3, 11))' || {

@@ -341,3 +341,113 @@ class MaterializePointResponse(_message.Message):
     master_target_id: str
     result: _replication_pb2.MaterializeReply
     def __init__(self, pair_id: _Optional[str] = ..., master_target_id: _Optional[str] = ..., result: _Optional[_Union[_replication_pb2.MaterializeReply, _Mapping]] = ...) -> None: ...
+
+class VcenterTrust(_message.Message):
+    __slots__ = ("ca_pem", "thumbprint", "insecure")
+    CA_PEM_FIELD_NUMBER: _ClassVar[int]
+    THUMBPRINT_FIELD_NUMBER: _ClassVar[int]
+    INSECURE_FIELD_NUMBER: _ClassVar[int]
+    ca_pem: str
+    thumbprint: str
+    insecure: bool
+    def __init__(self, ca_pem: _Optional[str] = ..., thumbprint: _Optional[str] = ..., insecure: _Optional[bool] = ...) -> None: ...
+
+class Vcenter(_message.Message):
+    __slots__ = ("id", "name", "host", "port", "username", "trust", "created_at", "discovered_at", "discovery_status", "discovery_error")
+    ID_FIELD_NUMBER: _ClassVar[int]
+    NAME_FIELD_NUMBER: _ClassVar[int]
+    HOST_FIELD_NUMBER: _ClassVar[int]
+    PORT_FIELD_NUMBER: _ClassVar[int]
+    USERNAME_FIELD_NUMBER: _ClassVar[int]
+    TRUST_FIELD_NUMBER: _ClassVar[int]
+    CREATED_AT_FIELD_NUMBER: _ClassVar[int]
+    DISCOVERED_AT_FIELD_NUMBER: _ClassVar[int]
+    DISCOVERY_STATUS_FIELD_NUMBER: _ClassVar[int]
+    DISCOVERY_ERROR_FIELD_NUMBER: _ClassVar[int]
+    id: str
+    name: str
+    host: str
+    port: int
+    username: str
+    trust: str
+    created_at: _timestamp_pb2.Timestamp
+    discovered_at: _timestamp_pb2.Timestamp
+    discovery_status: str
+    discovery_error: str
+    def __init__(self, id: _Optional[str] = ..., name: _Optional[str] = ..., host: _Optional[str] = ..., port: _Optional[int] = ..., username: _Optional[str] = ..., trust: _Optional[str] = ..., created_at: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., discovered_at: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., discovery_status: _Optional[str] = ..., discovery_error: _Optional[str] = ...) -> None: ...
+
+class AddVcenterRequest(_message.Message):
+    __slots__ = ("name", "host", "port", "username", "password", "trust")
+    NAME_FIELD_NUMBER: _ClassVar[int]
+    HOST_FIELD_NUMBER: _ClassVar[int]
+    PORT_FIELD_NUMBER: _ClassVar[int]
+    USERNAME_FIELD_NUMBER: _ClassVar[int]
+    PASSWORD_FIELD_NUMBER: _ClassVar[int]
+    TRUST_FIELD_NUMBER: _ClassVar[int]
+    name: str
+    host: str
+    port: int
+    username: str
+    password: str
+    trust: VcenterTrust
+    def __init__(self, name: _Optional[str] = ..., host: _Optional[str] = ..., port: _Optional[int] = ..., username: _Optional[str] = ..., password: _Optional[str] = ..., trust: _Optional[_Union[VcenterTrust, _Mapping]] = ...) -> None: ...
+
+class AddVcenterResponse(_message.Message):
+    __slots__ = ("vcenter", "discovery")
+    VCENTER_FIELD_NUMBER: _ClassVar[int]
+    DISCOVERY_FIELD_NUMBER: _ClassVar[int]
+    vcenter: Vcenter
+    discovery: Job
+    def __init__(self, vcenter: _Optional[_Union[Vcenter, _Mapping]] = ..., discovery: _Optional[_Union[Job, _Mapping]] = ...) -> None: ...
+
+class ListVcentersRequest(_message.Message):
+    __slots__ = ()
+    def __init__(self) -> None: ...
+
+class ListVcentersResponse(_message.Message):
+    __slots__ = ("vcenters",)
+    VCENTERS_FIELD_NUMBER: _ClassVar[int]
+    vcenters: _containers.RepeatedCompositeFieldContainer[Vcenter]
+    def __init__(self, vcenters: _Optional[_Iterable[_Union[Vcenter, _Mapping]]] = ...) -> None: ...
+
+class UpdateVcenterCredentialsRequest(_message.Message):
+    __slots__ = ("name", "username", "password")
+    NAME_FIELD_NUMBER: _ClassVar[int]
+    USERNAME_FIELD_NUMBER: _ClassVar[int]
+    PASSWORD_FIELD_NUMBER: _ClassVar[int]
+    name: str
+    username: str
+    password: str
+    def __init__(self, name: _Optional[str] = ..., username: _Optional[str] = ..., password: _Optional[str] = ...) -> None: ...
+
+class RemoveVcenterRequest(_message.Message):
+    __slots__ = ("name",)
+    NAME_FIELD_NUMBER: _ClassVar[int]
+    name: str
+    def __init__(self, name: _Optional[str] = ...) -> None: ...
+
+class RemoveVcenterResponse(_message.Message):
+    __slots__ = ()
+    def __init__(self) -> None: ...
+
+class DiscoverVcenterRequest(_message.Message):
+    __slots__ = ("name",)
+    NAME_FIELD_NUMBER: _ClassVar[int]
+    name: str
+    def __init__(self, name: _Optional[str] = ...) -> None: ...
+
+class GetVcenterInventoryRequest(_message.Message):
+    __slots__ = ("name",)
+    NAME_FIELD_NUMBER: _ClassVar[int]
+    name: str
+    def __init__(self, name: _Optional[str] = ...) -> None: ...
+
+class VcenterInventory(_message.Message):
+    __slots__ = ("vcenter", "discovered_at", "document_json")
+    VCENTER_FIELD_NUMBER: _ClassVar[int]
+    DISCOVERED_AT_FIELD_NUMBER: _ClassVar[int]
+    DOCUMENT_JSON_FIELD_NUMBER: _ClassVar[int]
+    vcenter: Vcenter
+    discovered_at: _timestamp_pb2.Timestamp
+    document_json: str
+    def __init__(self, vcenter: _Optional[_Union[Vcenter, _Mapping]] = ..., discovered_at: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., document_json: _Optional[str] = ...) -> None: ...

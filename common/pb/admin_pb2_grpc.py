@@ -111,6 +111,36 @@ class AdminStub:
                 request_serializer=siterecovery_dot_v1_dot_admin__pb2.MaterializePointRequest.SerializeToString,
                 response_deserializer=siterecovery_dot_v1_dot_admin__pb2.MaterializePointResponse.FromString,
                 _registered_method=True)
+        self.AddVcenter = channel.unary_unary(
+                '/siterecovery.v1.Admin/AddVcenter',
+                request_serializer=siterecovery_dot_v1_dot_admin__pb2.AddVcenterRequest.SerializeToString,
+                response_deserializer=siterecovery_dot_v1_dot_admin__pb2.AddVcenterResponse.FromString,
+                _registered_method=True)
+        self.ListVcenters = channel.unary_unary(
+                '/siterecovery.v1.Admin/ListVcenters',
+                request_serializer=siterecovery_dot_v1_dot_admin__pb2.ListVcentersRequest.SerializeToString,
+                response_deserializer=siterecovery_dot_v1_dot_admin__pb2.ListVcentersResponse.FromString,
+                _registered_method=True)
+        self.UpdateVcenterCredentials = channel.unary_unary(
+                '/siterecovery.v1.Admin/UpdateVcenterCredentials',
+                request_serializer=siterecovery_dot_v1_dot_admin__pb2.UpdateVcenterCredentialsRequest.SerializeToString,
+                response_deserializer=siterecovery_dot_v1_dot_admin__pb2.Vcenter.FromString,
+                _registered_method=True)
+        self.RemoveVcenter = channel.unary_unary(
+                '/siterecovery.v1.Admin/RemoveVcenter',
+                request_serializer=siterecovery_dot_v1_dot_admin__pb2.RemoveVcenterRequest.SerializeToString,
+                response_deserializer=siterecovery_dot_v1_dot_admin__pb2.RemoveVcenterResponse.FromString,
+                _registered_method=True)
+        self.DiscoverVcenter = channel.unary_unary(
+                '/siterecovery.v1.Admin/DiscoverVcenter',
+                request_serializer=siterecovery_dot_v1_dot_admin__pb2.DiscoverVcenterRequest.SerializeToString,
+                response_deserializer=siterecovery_dot_v1_dot_admin__pb2.Job.FromString,
+                _registered_method=True)
+        self.GetVcenterInventory = channel.unary_unary(
+                '/siterecovery.v1.Admin/GetVcenterInventory',
+                request_serializer=siterecovery_dot_v1_dot_admin__pb2.GetVcenterInventoryRequest.SerializeToString,
+                response_deserializer=siterecovery_dot_v1_dot_admin__pb2.VcenterInventory.FromString,
+                _registered_method=True)
 
 
 class AdminServicer:
@@ -209,6 +239,45 @@ class AdminServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def AddVcenter(self, request, context):
+        """vCenter and standalone ESXi endpoints (the vSphere provider). Passwords go
+        in, never out.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def ListVcenters(self, request, context):
+        """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def UpdateVcenterCredentials(self, request, context):
+        """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def RemoveVcenter(self, request, context):
+        """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def DiscoverVcenter(self, request, context):
+        """Starts a discovery job now (or returns the one already running).
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def GetVcenterInventory(self, request, context):
+        """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_AdminServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -286,6 +355,36 @@ def add_AdminServicer_to_server(servicer, server):
                     servicer.MaterializePoint,
                     request_deserializer=siterecovery_dot_v1_dot_admin__pb2.MaterializePointRequest.FromString,
                     response_serializer=siterecovery_dot_v1_dot_admin__pb2.MaterializePointResponse.SerializeToString,
+            ),
+            'AddVcenter': grpc.unary_unary_rpc_method_handler(
+                    servicer.AddVcenter,
+                    request_deserializer=siterecovery_dot_v1_dot_admin__pb2.AddVcenterRequest.FromString,
+                    response_serializer=siterecovery_dot_v1_dot_admin__pb2.AddVcenterResponse.SerializeToString,
+            ),
+            'ListVcenters': grpc.unary_unary_rpc_method_handler(
+                    servicer.ListVcenters,
+                    request_deserializer=siterecovery_dot_v1_dot_admin__pb2.ListVcentersRequest.FromString,
+                    response_serializer=siterecovery_dot_v1_dot_admin__pb2.ListVcentersResponse.SerializeToString,
+            ),
+            'UpdateVcenterCredentials': grpc.unary_unary_rpc_method_handler(
+                    servicer.UpdateVcenterCredentials,
+                    request_deserializer=siterecovery_dot_v1_dot_admin__pb2.UpdateVcenterCredentialsRequest.FromString,
+                    response_serializer=siterecovery_dot_v1_dot_admin__pb2.Vcenter.SerializeToString,
+            ),
+            'RemoveVcenter': grpc.unary_unary_rpc_method_handler(
+                    servicer.RemoveVcenter,
+                    request_deserializer=siterecovery_dot_v1_dot_admin__pb2.RemoveVcenterRequest.FromString,
+                    response_serializer=siterecovery_dot_v1_dot_admin__pb2.RemoveVcenterResponse.SerializeToString,
+            ),
+            'DiscoverVcenter': grpc.unary_unary_rpc_method_handler(
+                    servicer.DiscoverVcenter,
+                    request_deserializer=siterecovery_dot_v1_dot_admin__pb2.DiscoverVcenterRequest.FromString,
+                    response_serializer=siterecovery_dot_v1_dot_admin__pb2.Job.SerializeToString,
+            ),
+            'GetVcenterInventory': grpc.unary_unary_rpc_method_handler(
+                    servicer.GetVcenterInventory,
+                    request_deserializer=siterecovery_dot_v1_dot_admin__pb2.GetVcenterInventoryRequest.FromString,
+                    response_serializer=siterecovery_dot_v1_dot_admin__pb2.VcenterInventory.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -693,6 +792,168 @@ class Admin:
             '/siterecovery.v1.Admin/MaterializePoint',
             siterecovery_dot_v1_dot_admin__pb2.MaterializePointRequest.SerializeToString,
             siterecovery_dot_v1_dot_admin__pb2.MaterializePointResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def AddVcenter(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/siterecovery.v1.Admin/AddVcenter',
+            siterecovery_dot_v1_dot_admin__pb2.AddVcenterRequest.SerializeToString,
+            siterecovery_dot_v1_dot_admin__pb2.AddVcenterResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ListVcenters(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/siterecovery.v1.Admin/ListVcenters',
+            siterecovery_dot_v1_dot_admin__pb2.ListVcentersRequest.SerializeToString,
+            siterecovery_dot_v1_dot_admin__pb2.ListVcentersResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def UpdateVcenterCredentials(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/siterecovery.v1.Admin/UpdateVcenterCredentials',
+            siterecovery_dot_v1_dot_admin__pb2.UpdateVcenterCredentialsRequest.SerializeToString,
+            siterecovery_dot_v1_dot_admin__pb2.Vcenter.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def RemoveVcenter(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/siterecovery.v1.Admin/RemoveVcenter',
+            siterecovery_dot_v1_dot_admin__pb2.RemoveVcenterRequest.SerializeToString,
+            siterecovery_dot_v1_dot_admin__pb2.RemoveVcenterResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def DiscoverVcenter(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/siterecovery.v1.Admin/DiscoverVcenter',
+            siterecovery_dot_v1_dot_admin__pb2.DiscoverVcenterRequest.SerializeToString,
+            siterecovery_dot_v1_dot_admin__pb2.Job.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def GetVcenterInventory(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/siterecovery.v1.Admin/GetVcenterInventory',
+            siterecovery_dot_v1_dot_admin__pb2.GetVcenterInventoryRequest.SerializeToString,
+            siterecovery_dot_v1_dot_admin__pb2.VcenterInventory.FromString,
             options,
             channel_credentials,
             insecure,

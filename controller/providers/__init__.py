@@ -1,1 +1,1 @@
-"""Site providers: what the workflows call to act on a site (DESIGN §4)."""
+"""Site providers: the code that talks to vSphere, Azure and the local lab site."""

@@ -16,6 +16,7 @@ from siterecovery.common.pb import replication_pb2 as rpb
 from siterecovery.controller import inventory_view, replication, revocation
 from siterecovery.controller.context import ControllerContext
 from siterecovery.controller.convert import timestamp
+from siterecovery.controller.servicers.vcenter_rpcs import VcenterRpcs
 
 log = structlog.get_logger(__name__)
 
@@ -23,7 +24,7 @@ WATCH_POLL_SECONDS = 0.2
 MAX_JOBS = 1000
 
 
-class AdminServicer(admin_pb2_grpc.AdminServicer):
+class AdminServicer(VcenterRpcs, admin_pb2_grpc.AdminServicer):
     def __init__(self, ctx: ControllerContext, stop: threading.Event) -> None:
         self._ctx = ctx
         self._stop = stop

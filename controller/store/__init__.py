@@ -13,6 +13,8 @@ from siterecovery.controller.store.base import (
     StepRecord,
     Store,
     TagRequestRecord,
+    VcenterInventory,
+    VcenterRecord,
 )
 
 TYPE_CHECKING = False
@@ -40,5 +42,7 @@ __all__ = [
     "StepRecord",
     "Store",
     "TagRequestRecord",
+    "VcenterInventory",
+    "VcenterRecord",
     "open_store",
 ]

@@ -20,6 +20,11 @@ What is stored (the SQL schema is spelled out in `sql.py`):
   per pair and agent), as JSON; recovery points come from the master target's.
 - tag_requests - recovery points asked for (on demand, multi-VM) and not yet
   seen at the master target; delivered to the source agent until then.
+- vcenters - one row per vCenter or standalone ESXi endpoint: address, user,
+  the password encrypted by the controller (opaque here), how its certificate
+  is trusted, and how its last discovery went.
+- vcenter_inventories - the last successful discovery of each endpoint, one
+  JSON document (removed with its endpoint).
 
 Transaction boundaries: every method is one transaction; nothing is committed
 half-way, so a crash (process killed, power lost) in the middle of any method
@@ -167,6 +172,34 @@ class TagRequestRecord:
 
 
 BARRIER_WAIT, BARRIER_COMMITTED, BARRIER_ABORTED = "", "committed", "aborted"
+
+DISCOVERY_STATUSES = ("", "ok", "failed")  # "" = never discovered
+
+
+@dataclass(frozen=True)
+class VcenterRecord:
+    """A vCenter or standalone ESXi endpoint. `secret` is ciphertext, never a clear password."""
+
+    id: str
+    name: str
+    host: str
+    port: int
+    username: str
+    secret: str = field(repr=False)
+    trust: dict  # {"ca_pem": str, "thumbprint": str, "insecure": bool}
+    created_at: datetime
+    updated_at: datetime
+    discovery_requested_at: datetime | None = None
+    discovered_at: datetime | None = None
+    discovery_status: str = ""
+    discovery_error: str = ""
+
+
+@dataclass(frozen=True)
+class VcenterInventory:
+    vcenter_id: str
+    discovered_at: datetime
+    document: dict
 
 
 class Store(ABC):
@@ -376,6 +409,49 @@ class Store(ABC):
         job whose status has to be settled (all steps done, a step failed, all
         compensations done). Jobs waiting on a live lease are left out.
         """
+
+    # --- vCenter / ESXi endpoints --------------------------------------------
+
+    @abstractmethod
+    def add_vcenter(self, vcenter: VcenterRecord) -> VcenterRecord:
+        """Store a new endpoint. Conflict when its id, name or host:port is taken."""
+
+    @abstractmethod
+    def get_vcenter(self, name_or_id: str) -> VcenterRecord:
+        """The endpoint with that name (or id). NotFound otherwise."""
+
+    @abstractmethod
+    def list_vcenters(self) -> list[VcenterRecord]:
+        """Every endpoint, by name."""
+
+    @abstractmethod
+    def update_vcenter_credentials(
+        self, name_or_id: str, *, username: str, secret: str, now: datetime
+    ) -> VcenterRecord:
+        """Replace the user and encrypted password. NotFound when there is no such endpoint."""
+
+    @abstractmethod
+    def remove_vcenter(self, name_or_id: str) -> None:
+        """Remove the endpoint and its inventory. NotFound when there is no such endpoint."""
+
+    @abstractmethod
+    def request_discovery(self, vcenter_id: str, *, due_before: datetime | None, now: datetime) -> bool:
+        """Compare-and-set: mark a discovery as requested now.
+
+        With `due_before`, only when the last request is older than that (or
+        there was none): of several replicas asking at once exactly one gets
+        True and creates the job. With None, always (an on-demand request).
+        """
+
+    @abstractmethod
+    def record_discovery(
+        self, vcenter_id: str, *, now: datetime, document: dict | None = None, error: str = ""
+    ) -> VcenterRecord:
+        """Record a discovery: its inventory document on success, or the error (the last inventory stays)."""
+
+    @abstractmethod
+    def get_vcenter_inventory(self, vcenter_id: str) -> VcenterInventory:
+        """The last successful discovery. NotFound when there is none yet."""
 
     @abstractmethod
     def close(self) -> None:

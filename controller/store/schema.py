@@ -170,3 +170,35 @@ tag_requests = sa.Table(
     sa.Column("held_at", UtcDateTime(), nullable=True),
     sa.Column("outcome", sa.String(16), nullable=False),
 )
+
+# vCenter / ESXi endpoints (0003). `secret` is the password encrypted by the
+# controller (controller/secrets.py); the store never sees it in clear.
+vcenters = sa.Table(
+    "vcenters",
+    metadata,
+    sa.Column("id", sa.String(64), primary_key=True),
+    sa.Column("name", sa.String(255), nullable=False, unique=True),
+    sa.Column("host", sa.String(255), nullable=False),
+    sa.Column("port", sa.Integer(), nullable=False),
+    sa.Column("username", sa.String(255), nullable=False),
+    sa.Column("secret", sa.Text(), nullable=False),
+    sa.Column("trust", Json, nullable=False),
+    sa.Column("created_at", UtcDateTime(), nullable=False),
+    sa.Column("updated_at", UtcDateTime(), nullable=False),
+    # When a discovery job was last asked for (compare-and-set: one replica wins).
+    sa.Column("discovery_requested_at", UtcDateTime(), nullable=True),
+    sa.Column("discovered_at", UtcDateTime(), nullable=True),
+    sa.Column("discovery_status", sa.String(16), nullable=False),
+    sa.Column("discovery_error", sa.Text(), nullable=False),
+    sa.UniqueConstraint("host", "port"),
+)
+
+# The last successful discovery of each endpoint, as one JSON document
+# (controller/providers/vsphere/model.py, Inventory.to_dict()).
+vcenter_inventories = sa.Table(
+    "vcenter_inventories",
+    metadata,
+    sa.Column("vcenter_id", sa.String(64), sa.ForeignKey("vcenters.id", ondelete="CASCADE"), primary_key=True),
+    sa.Column("discovered_at", UtcDateTime(), nullable=False),
+    sa.Column("document", Json, nullable=False),
+)

@@ -29,7 +29,8 @@ Schema (tables in `schema.py`, created by `migrations/versions/0001_initial.py`)
               tag_id), kind, group_id, created_at, expires_at)
     alembic_version (version_num)                     - the schema revision
 
-(0002_replication.py adds pairs, pair_reports and tag_requests.)
+(0002_replication.py adds pairs, pair_reports and tag_requests; 0003_vcenters.py
+adds vcenters and vcenter_inventories, whose methods live in vcenters_sql.py.)
 
 Times are stored in UTC (`timestamptz` on PostgreSQL, fixed-format text on
 SQLite); JSON is JSONB on PostgreSQL and text on SQLite.
@@ -103,6 +104,7 @@ from siterecovery.controller.store.schema import (
     steps,
     tag_requests,
 )
+from siterecovery.controller.store.vcenters_sql import VcenterSqlMixin
 
 SQLITE_BUSY_TIMEOUT_S = 30.0
 # Any constant: replicas starting together take turns migrating PostgreSQL.
@@ -120,7 +122,7 @@ def open_store(url: str) -> Store:
     return store
 
 
-class SqlStore(Store):
+class SqlStore(VcenterSqlMixin, Store):
     """`Store` on SQLAlchemy Core. Call `migrate()` (or use `open_store`) first."""
 
     def __init__(self, url: str) -> None:
