@@ -1,7 +1,8 @@
 """Removing a server, and the list of revoked identities every port enforces.
 
-`srctl servers remove` revokes an agent's certificate: the store marks the
-server revoked (the row stays, for the record). From then on:
+`srctl servers remove` revokes an agent's certificate (and `srctl user remove`
+an operator's, see operators.py): the store marks it revoked (the row stays,
+for the record). From then on:
 
 - the configuration server refuses the certificate on every RPC (the guard in
   common/grpcserver.py asks `Revocations.is_revoked`);
@@ -48,7 +49,7 @@ class Revocations:
         with self._lock:
             now = self._clock()
             if self._read_at is None or now - self._read_at >= self._refresh:
-                self._ids = frozenset(self._store.revoked_server_ids())
+                self._ids = frozenset(self._store.revoked_server_ids()) | frozenset(self._store.revoked_operator_ids())
                 self._read_at = now
             return self._ids
 

@@ -46,6 +46,21 @@ class AdminStub:
                 request_serializer=siterecovery_dot_v1_dot_admin__pb2.RemoveServerRequest.SerializeToString,
                 response_deserializer=siterecovery_dot_v1_dot_common__pb2.ServerInfo.FromString,
                 _registered_method=True)
+        self.AddOperator = channel.unary_unary(
+                '/siterecovery.v1.Admin/AddOperator',
+                request_serializer=siterecovery_dot_v1_dot_admin__pb2.AddOperatorRequest.SerializeToString,
+                response_deserializer=siterecovery_dot_v1_dot_admin__pb2.AddOperatorResponse.FromString,
+                _registered_method=True)
+        self.ListOperators = channel.unary_unary(
+                '/siterecovery.v1.Admin/ListOperators',
+                request_serializer=siterecovery_dot_v1_dot_admin__pb2.ListOperatorsRequest.SerializeToString,
+                response_deserializer=siterecovery_dot_v1_dot_admin__pb2.ListOperatorsResponse.FromString,
+                _registered_method=True)
+        self.RemoveOperator = channel.unary_unary(
+                '/siterecovery.v1.Admin/RemoveOperator',
+                request_serializer=siterecovery_dot_v1_dot_admin__pb2.RemoveOperatorRequest.SerializeToString,
+                response_deserializer=siterecovery_dot_v1_dot_admin__pb2.Operator.FromString,
+                _registered_method=True)
         self.ListMachines = channel.unary_unary(
                 '/siterecovery.v1.Admin/ListMachines',
                 request_serializer=siterecovery_dot_v1_dot_admin__pb2.ListMachinesRequest.SerializeToString,
@@ -154,6 +169,26 @@ class AdminServicer:
 
     def RemoveServer(self, request, context):
         """Revoke an agent's certificate: every port refuses it from then on.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def AddOperator(self, request, context):
+        """Operators: people and scripts with a client certificate, role admin or reader.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def ListOperators(self, request, context):
+        """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def RemoveOperator(self, request, context):
+        """Revoke an operator's certificate.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -290,6 +325,21 @@ def add_AdminServicer_to_server(servicer, server):
                     servicer.RemoveServer,
                     request_deserializer=siterecovery_dot_v1_dot_admin__pb2.RemoveServerRequest.FromString,
                     response_serializer=siterecovery_dot_v1_dot_common__pb2.ServerInfo.SerializeToString,
+            ),
+            'AddOperator': grpc.unary_unary_rpc_method_handler(
+                    servicer.AddOperator,
+                    request_deserializer=siterecovery_dot_v1_dot_admin__pb2.AddOperatorRequest.FromString,
+                    response_serializer=siterecovery_dot_v1_dot_admin__pb2.AddOperatorResponse.SerializeToString,
+            ),
+            'ListOperators': grpc.unary_unary_rpc_method_handler(
+                    servicer.ListOperators,
+                    request_deserializer=siterecovery_dot_v1_dot_admin__pb2.ListOperatorsRequest.FromString,
+                    response_serializer=siterecovery_dot_v1_dot_admin__pb2.ListOperatorsResponse.SerializeToString,
+            ),
+            'RemoveOperator': grpc.unary_unary_rpc_method_handler(
+                    servicer.RemoveOperator,
+                    request_deserializer=siterecovery_dot_v1_dot_admin__pb2.RemoveOperatorRequest.FromString,
+                    response_serializer=siterecovery_dot_v1_dot_admin__pb2.Operator.SerializeToString,
             ),
             'ListMachines': grpc.unary_unary_rpc_method_handler(
                     servicer.ListMachines,
@@ -441,6 +491,87 @@ class Admin:
             '/siterecovery.v1.Admin/RemoveServer',
             siterecovery_dot_v1_dot_admin__pb2.RemoveServerRequest.SerializeToString,
             siterecovery_dot_v1_dot_common__pb2.ServerInfo.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def AddOperator(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/siterecovery.v1.Admin/AddOperator',
+            siterecovery_dot_v1_dot_admin__pb2.AddOperatorRequest.SerializeToString,
+            siterecovery_dot_v1_dot_admin__pb2.AddOperatorResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ListOperators(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/siterecovery.v1.Admin/ListOperators',
+            siterecovery_dot_v1_dot_admin__pb2.ListOperatorsRequest.SerializeToString,
+            siterecovery_dot_v1_dot_admin__pb2.ListOperatorsResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def RemoveOperator(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/siterecovery.v1.Admin/RemoveOperator',
+            siterecovery_dot_v1_dot_admin__pb2.RemoveOperatorRequest.SerializeToString,
+            siterecovery_dot_v1_dot_admin__pb2.Operator.FromString,
             options,
             channel_credentials,
             insecure,

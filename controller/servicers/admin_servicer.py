@@ -13,7 +13,7 @@ from siterecovery.common import errors, pki
 from siterecovery.common.channels import secure_channel
 from siterecovery.common.pb import admin_pb2, admin_pb2_grpc, common_pb2, dataplane_pb2_grpc
 from siterecovery.common.pb import replication_pb2 as rpb
-from siterecovery.controller import inventory_view, replication, revocation
+from siterecovery.controller import inventory_view, operators, replication, revocation
 from siterecovery.controller.context import ControllerContext
 from siterecovery.controller.convert import timestamp
 from siterecovery.controller.servicers.vcenter_rpcs import VcenterRpcs
@@ -48,6 +48,26 @@ class AdminServicer(VcenterRpcs, admin_pb2_grpc.AdminServicer):
         now = datetime.now(UTC)
         server = revocation.remove_server(self._ctx.store, self._ctx.revocations, request.server, now=now)
         return inventory_view.server_info(server, interval=self._ctx.settings.heartbeat_interval, now=now)
+
+    # -- operators ---------------------------------------------------------------
+
+    def AddOperator(self, request, context):
+        role = pki.role_from_proto(request.role)
+        record, cert_pem = operators.add(
+            self._ctx.store, self._ctx.ca, name=request.name, role=role, csr_der=request.csr_der,
+            now=datetime.now(UTC),
+        )
+        return admin_pb2.AddOperatorResponse(
+            operator=_operator(record), cert_pem=cert_pem, ca_pem=self._ctx.ca.cert_pem, endpoint=self._ctx.endpoint,
+        )
+
+    def ListOperators(self, request, context):
+        records = self._ctx.store.list_operators(include_revoked=request.include_removed)
+        return admin_pb2.ListOperatorsResponse(operators=[_operator(r) for r in records])
+
+    def RemoveOperator(self, request, context):
+        assert self._ctx.revocations is not None
+        return _operator(operators.remove(self._ctx.store, self._ctx.revocations, request.name, now=datetime.now(UTC)))
 
     def ListMachines(self, request, context):
         now = datetime.now(UTC)
@@ -200,3 +220,14 @@ def _job_id(text: str) -> str:
     if not text or len(text) > 64 or not all(c.isalnum() or c == "-" for c in text):
         raise errors.InvalidInput(f"{text!r} is not a job id", hint="see `srctl jobs list`", code="bad-job-id")
     return text
+
+
+def _operator(record) -> admin_pb2.Operator:
+    return admin_pb2.Operator(
+        name=record.name,
+        role=pki.role_to_proto(record.role),
+        identity_id=record.identity_id,
+        issued_at=timestamp(record.issued_at),
+        expires_at=timestamp(record.expires_at),
+        revoked_at=timestamp(record.revoked_at),
+    )

@@ -72,6 +72,22 @@ class ServerRecord:
     revoked_at: datetime | None = None
 
 
+OPERATOR_ROLES = ("admin", "reader")
+
+
+@dataclass(frozen=True)
+class OperatorRecord:
+    """A person or script with a client certificate; one row per certificate issued."""
+
+    identity_id: str
+    name: str
+    role: str
+    cert_serial: str
+    issued_at: datetime
+    expires_at: datetime
+    revoked_at: datetime | None = None
+
+
 @dataclass(frozen=True)
 class MachineRecord:
     id: str
@@ -245,6 +261,25 @@ class Store(ABC):
     @abstractmethod
     def revoked_server_ids(self) -> list[str]:
         """The ids of every revoked server (a small query: every port checks it often)."""
+
+    # --- operators -------------------------------------------------------------
+
+    @abstractmethod
+    def add_operator(self, operator: OperatorRecord) -> OperatorRecord:
+        """Record a certificate issued to an operator. Conflict while one with that
+        name is not revoked; InvalidInput for an unknown role."""
+
+    @abstractmethod
+    def list_operators(self, *, include_revoked: bool = False) -> list[OperatorRecord]:
+        """By name, then issue time."""
+
+    @abstractmethod
+    def revoke_operator(self, name: str, *, now: datetime) -> OperatorRecord:
+        """Revoke the operator's current certificate. NotFound when none is current."""
+
+    @abstractmethod
+    def revoked_operator_ids(self) -> list[str]:
+        """The identity ids of every revoked operator certificate."""
 
     # --- machines --------------------------------------------------------------
 

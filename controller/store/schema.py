@@ -155,6 +155,19 @@ pair_reports = sa.Table(
     sa.Column("reported_at", UtcDateTime(), nullable=False),
 )
 
+operators = sa.Table(
+    "operators",
+    metadata,
+    sa.Column("identity_id", sa.String(64), primary_key=True),
+    sa.Column("name", sa.String(64), nullable=False),
+    sa.Column("role", sa.String(32), nullable=False),
+    sa.Column("cert_serial", sa.String(64), nullable=False),
+    sa.Column("issued_at", UtcDateTime(), nullable=False),
+    sa.Column("expires_at", UtcDateTime(), nullable=False),
+    sa.Column("revoked_at", UtcDateTime(), nullable=True),
+    sa.Index("ix_operators_name", "name"),
+)
+
 tag_requests = sa.Table(
     "tag_requests",
     metadata,

@@ -80,11 +80,13 @@ from siterecovery.controller.store.base import (
     BARRIER_ABORTED,
     BARRIER_COMMITTED,
     BARRIER_WAIT,
+    OPERATOR_ROLES,
     PAIR_DESIRED_STATES,
     PAIR_MODES,
     ROLES,
     JobRecord,
     MachineRecord,
+    OperatorRecord,
     PairRecord,
     PairReport,
     ServerRecord,
@@ -98,6 +100,7 @@ from siterecovery.controller.store.base import (
 from siterecovery.controller.store.schema import (
     jobs,
     machines,
+    operators,
     pair_reports,
     pairs,
     servers,
@@ -253,6 +256,63 @@ class SqlStore(VcenterSqlMixin, Store):
         query = sa.select(servers.c.id).where(servers.c.revoked_at.is_not(None)).order_by(servers.c.id)
         with self._read() as conn:
             return list(conn.execute(query).scalars())
+
+    # --- operators -------------------------------------------------------------
+
+    def add_operator(self, operator: OperatorRecord) -> OperatorRecord:
+        if operator.role not in OPERATOR_ROLES:
+            raise InvalidInput(f"unknown operator role {operator.role!r}", code="role-invalid")
+        values = {
+            "identity_id": operator.identity_id,
+            "name": operator.name,
+            "role": operator.role,
+            "cert_serial": operator.cert_serial,
+            "issued_at": utc(operator.issued_at, "issued_at"),
+            "expires_at": utc(operator.expires_at, "expires_at"),
+            "revoked_at": utc_or_none(operator.revoked_at, "revoked_at"),
+        }
+        with self._write() as conn:
+            current = conn.execute(
+                sa.select(operators.c.identity_id).where(
+                    operators.c.name == operator.name, operators.c.revoked_at.is_(None)
+                )
+            ).first()
+            if current is not None:
+                raise Conflict(
+                    f"operator {operator.name!r} already has a certificate",
+                    hint=f"remove it first (`srctl user remove {operator.name}`), or choose another name",
+                    code="operator-exists",
+                )
+            try:
+                conn.execute(sa.insert(operators).values(values))
+            except sa.exc.IntegrityError as exc:
+                raise Conflict(f"identity {operator.identity_id} is already recorded", code="operator-exists") from exc
+        return operator
+
+    def list_operators(self, *, include_revoked: bool = False) -> list[OperatorRecord]:
+        query = sa.select(operators).order_by(operators.c.name, operators.c.issued_at)
+        if not include_revoked:
+            query = query.where(operators.c.revoked_at.is_(None))
+        with self._read() as conn:
+            return [_operator_record(row) for row in conn.execute(query).mappings()]
+
+    def revoke_operator(self, name: str, *, now: datetime) -> OperatorRecord:
+        now = utc(now, "now")
+        with self._write() as conn:
+            row = conn.execute(
+                sa.select(operators).where(operators.c.name == name, operators.c.revoked_at.is_(None))
+            ).mappings().first()
+            if row is None:
+                raise NotFound(f"no operator {name!r}", hint="`srctl user list` shows them", code="operator-not-found")
+            conn.execute(
+                sa.update(operators).where(operators.c.identity_id == row["identity_id"]).values(revoked_at=now)
+            )
+            return _operator_record({**row, "revoked_at": now})
+
+    def revoked_operator_ids(self) -> list[str]:
+        query = sa.select(operators.c.identity_id).where(operators.c.revoked_at.is_not(None))
+        with self._read() as conn:
+            return sorted(conn.execute(query).scalars())
 
     def _server(self, conn: Connection, server_id: str, *, lock: bool = False) -> ServerRecord:
         query = sa.select(servers).where(servers.c.id == server_id)
@@ -915,6 +975,18 @@ def _server_record(row: Any) -> ServerRecord:
         registered_at=row["registered_at"],
         inventory=row["inventory"],
         problems=row["problems"],
+        revoked_at=row["revoked_at"],
+    )
+
+
+def _operator_record(row: Any) -> OperatorRecord:
+    return OperatorRecord(
+        identity_id=row["identity_id"],
+        name=row["name"],
+        role=row["role"],
+        cert_serial=row["cert_serial"],
+        issued_at=row["issued_at"],
+        expires_at=row["expires_at"],
         revoked_at=row["revoked_at"],
     )
 

@@ -15,6 +15,7 @@ from siterecovery.common.errors import Conflict, InvalidInput, NotFound
 from siterecovery.controller.jobs import states
 from siterecovery.controller.store import (
     MachineRecord,
+    OperatorRecord,
     ServerRecord,
     SqlStore,
     Store,
@@ -174,6 +175,40 @@ def test_revoked_server_ids_lists_exactly_the_revoked(store: Store) -> None:
     store.revoke_server("srv-2", now=T0)
     assert store.revoked_server_ids() == ["srv-2"]
 
+
+
+# --- operators ----------------------------------------------------------------------------
+
+
+def operator(name: str = "alice", identity_id: str = "op-alice-1", role: str = "reader", issued_at=T0) -> OperatorRecord:
+    return OperatorRecord(
+        identity_id=identity_id, name=name, role=role, cert_serial="0f", issued_at=issued_at,
+        expires_at=issued_at + timedelta(days=365),
+    )
+
+
+def test_operators_one_current_certificate_per_name_and_revocation(store: Store) -> None:
+    store.add_operator(operator())
+    store.add_operator(operator("bob", "op-bob-1", "admin"))
+    with pytest.raises(Conflict):
+        store.add_operator(operator(identity_id="op-alice-2"))
+    with pytest.raises(InvalidInput):
+        store.add_operator(operator("carol", "op-carol-1", role="source"))
+    assert [(o.name, o.role) for o in store.list_operators()] == [("alice", "reader"), ("bob", "admin")]
+    assert store.list_operators()[0] == operator()
+
+    revoked = store.revoke_operator("alice", now=T0 + timedelta(hours=1))
+    assert revoked.revoked_at == T0 + timedelta(hours=1) and revoked.identity_id == "op-alice-1"
+    assert store.revoked_operator_ids() == ["op-alice-1"]
+    assert [o.name for o in store.list_operators()] == ["bob"]
+    with pytest.raises(NotFound):
+        store.revoke_operator("alice", now=T0)
+
+    store.add_operator(operator(identity_id="op-alice-2", issued_at=T0 + timedelta(hours=2)))  # a new identity
+    assert [o.identity_id for o in store.list_operators(include_revoked=True) if o.name == "alice"] == [
+        "op-alice-1", "op-alice-2",
+    ]
+    assert store.revoked_operator_ids() == ["op-alice-1"]
 
 # --- machines -----------------------------------------------------------------------------
 
@@ -472,14 +507,14 @@ def test_fresh_database_is_at_head_and_migrating_again_is_a_no_op(store_url: str
     first = open_store(store_url)
     try:
         assert isinstance(first, SqlStore)
-        assert first.schema_revision() == head_revision() == "0003"
+        assert first.schema_revision() == head_revision() == "0004"
         first.add_server(server())
         first.migrate()
     finally:
         first.close()
     second = open_store(store_url)
     try:
-        assert second.schema_revision() == "0003"
+        assert second.schema_revision() == "0004"
         assert second.get_server("srv-1") == server()
     finally:
         second.close()
