@@ -106,6 +106,8 @@ def test_self_signed_certificate_is_refused_without_explicit_trust(vpx: Vcsim) -
     with pytest.raises(Unauthenticated) as err:
         Session(endpoint).open()
     assert err.value.code == "vsphere-untrusted-certificate"
+    # The hint names the thumbprint it presented, to check and pin.
+    assert f"--thumbprint {vpx.thumbprint.upper()}" in err.value.hint
 
 
 def test_insecure_trust_connects(vpx: Vcsim) -> None:

@@ -7,6 +7,7 @@ converts them at its edge so callers only ever see `SiteRecoveryError`s.
 
 from __future__ import annotations
 
+import hashlib
 import http.client
 import ssl
 
@@ -49,6 +50,21 @@ def fault_text(exc: BaseException) -> str:
     return msg or type(exc).__name__.rsplit(".", 1)[-1]
 
 
+def presented_thumbprint(endpoint: str, timeout: float = 5.0) -> str:
+    """The SHA-1 thumbprint (AA:BB:...) of the certificate `host:port` presents, or "".
+
+    Read without trusting it, only to tell the user what to verify and pin, the
+    way vSphere's own tools show a thumbprint to accept.
+    """
+    host, _, port = endpoint.rpartition(":")
+    try:
+        pem = ssl.get_server_certificate((host.strip("[]"), int(port)), timeout=timeout)
+    except (OSError, ValueError):
+        return ""
+    digest = hashlib.sha1(ssl.PEM_cert_to_DER_cert(pem)).hexdigest().upper()
+    return ":".join(digest[i : i + 2] for i in range(0, len(digest), 2))
+
+
 def translate(exc: BaseException, *, what: str, endpoint: str) -> SiteRecoveryError:
     """Map a pyvmomi or transport failure while doing `what` to our error categories."""
     if isinstance(exc, SiteRecoveryError):
@@ -56,9 +72,16 @@ def translate(exc: BaseException, *, what: str, endpoint: str) -> SiteRecoveryEr
     detail = fault_text(exc)
     where = f"{what} on {endpoint}"
     if isinstance(exc, ssl.SSLCertVerificationError):
+        presented = presented_thumbprint(endpoint)
+        hint = "give its CA file (--ca-file) or its certificate thumbprint (--thumbprint)"
+        if presented:
+            hint = (
+                f"its certificate's SHA-1 thumbprint is {presented}; check it on the host (vSphere Client or "
+                f"the ESXi console), then pass --thumbprint {presented}, or give its CA file with --ca-file"
+            )
         return Unauthenticated(
             f"{endpoint} presented a certificate we do not trust: {getattr(exc, 'verify_message', None) or exc}",
-            hint="give its CA file (--ca-file) or its certificate thumbprint (--thumbprint)",
+            hint=hint,
             code="vsphere-untrusted-certificate",
         )
     if isinstance(exc, vim.fault.InvalidLogin):
