@@ -47,10 +47,18 @@ class ProcessServerSettings(AgentSettings):
     spool_dir: Path | None = None
     # The spool never grows past this; sources are pushed back when it is full.
     spool_limit_bytes: int = 64 * 1024**3
+    # Encrypt spooled frames at rest (AES-256-GCM, common/sealing.py) with the key
+    # in spool_key_file (default <state_dir>/spool.key, made 0600 on first use).
+    spool_encryption: bool = False
+    spool_key_file: Path | None = None
 
     @property
     def resolved_spool_dir(self) -> Path:
         return self.spool_dir or self.state_dir / "spool"
+
+    @property
+    def resolved_spool_key_file(self) -> Path:
+        return self.spool_key_file or self.state_dir / "spool.key"
 
 
 @dataclass(frozen=True)

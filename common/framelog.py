@@ -16,7 +16,8 @@ A segment is an 8-byte magic (``SRFLOG1\\n``) followed by records::
     u32 length | u64 seq | u64 xxh3-64 | body (length bytes)       little-endian
 
 `body` is the serialized `rpb.Frame` (stored as given: the process server
-stores compressed frames, the source uncompressed ones); the xxh3-64 covers
+stores compressed frames, the source uncompressed ones), or, when the log has
+a cipher, that sealed with AES-GCM (common/sealing.py); the xxh3-64 covers
 length, seq and body. `release.json` is replaced atomically (write a temporary
 file, fsync, rename, fsync the directory). `last_seq` in it keeps the highest
 seq ever appended once every segment holding it has been deleted.
@@ -72,10 +73,11 @@ import xxhash
 from google.protobuf.message import DecodeError
 from google.protobuf.timestamp_pb2 import Timestamp
 
-from siterecovery.common import errors
+from siterecovery.common import errors, sealing
 from siterecovery.common.daemon import fsync_dir
 from siterecovery.common.logging import get_logger
 from siterecovery.common.pb import replication_pb2 as rpb
+from siterecovery.common.sealing import RecordCipher
 
 log = get_logger(__name__)
 
@@ -140,13 +142,23 @@ class FrameLog:
     """See the module docstring for the layout, crash behaviour and threading."""
 
     def __init__(
-        self, directory: Path, *, segment_bytes: int = DEFAULT_SEGMENT_BYTES, fsync: bool = True
+        self,
+        directory: Path,
+        *,
+        segment_bytes: int = DEFAULT_SEGMENT_BYTES,
+        fsync: bool = True,
+        cipher: RecordCipher | None = None,
+        seal: bool = True,
     ) -> None:
         if segment_bytes < 4096:
             raise errors.InvalidInput(f"segment_bytes {segment_bytes} is below 4096", code="config-range")
         self.directory = Path(directory)
         self.segment_bytes = segment_bytes
         self._fsync = fsync
+        # Opens sealed records (common/sealing.py) and, with `seal`, seals every
+        # record appended from now on; sealed and plain records are both read back.
+        self._cipher = cipher
+        self._seal = seal and cipher is not None
         self._lock = threading.Lock()
         self._appended = threading.Condition(self._lock)
         self._append_lock = threading.Lock()
@@ -182,8 +194,12 @@ class FrameLog:
             if segment.last_seq <= self._released:
                 self._unlink(segment)
         if self._segments:
-            self._fd = os.open(self._segments[-1].path, os.O_WRONLY)
-            os.lseek(self._fd, self._segments[-1].size, os.SEEK_SET)
+            last = self._segments[-1]
+            if last.seqs:
+                # Reading the newest record proves, at once, that a sealed log has its key.
+                self._read_record(last, len(last.seqs) - 1)
+            self._fd = os.open(last.path, os.O_WRONLY)
+            os.lseek(self._fd, last.size, os.SEEK_SET)
 
     def _damage(self, path: Path, what: str) -> errors.Integrity:
         return errors.Integrity(
@@ -369,6 +385,14 @@ class FrameLog:
         body = memoryview(record)[HEADER_SIZE : HEADER_SIZE + length]
         if len(body) != length or _record_hash(length, seq, body) != digest:
             raise self._damage(path, f"the record at offset {offset} fails its hash")
+        if sealing.is_sealed(body):
+            if self._cipher is None:
+                raise errors.Integrity(
+                    f"frame log {self.directory}: record {seq} is encrypted and no key is configured",
+                    hint="configure the key this log was written with (spool_encryption and its key file)",
+                    code="record-sealed-no-key",
+                )
+            body = memoryview(self._cipher.open(self.directory.name, seq, bytes(body)))
         try:
             frame = rpb.Frame.FromString(bytes(body))
         except DecodeError as exc:
@@ -400,6 +424,8 @@ class FrameLog:
                         code="seq-order",
                     )
                 body = frame.SerializeToString()
+                if self._seal:
+                    body = self._cipher.seal(self.directory.name, frame.seq, body)
                 records.append(_HEADER.pack(len(body), frame.seq, _record_hash(len(body), frame.seq, body)))
                 records.append(body)
                 seqs.append(frame.seq)

@@ -19,6 +19,7 @@ from siterecovery.common import daemon, logging, pki
 from siterecovery.common.grpcserver import Service
 from siterecovery.common.inventory import directory_facts, host_facts, space_problems
 from siterecovery.common.pb import common_pb2, dataplane_pb2, dataplane_pb2_grpc
+from siterecovery.common.sealing import RecordCipher
 
 from .pairs import ProcessServerPairs
 from .receiver import Receiver
@@ -45,7 +46,10 @@ def run(cfg: ProcessServerSettings, stop: threading.Event | None = None) -> int:
     logging.configure(level=cfg.log_level, json=cfg.log_json)
     stop = stop or daemon.install_stop_handlers()
     spool_dir = cfg.resolved_spool_dir
-    spool = Spool(spool_dir, limit_bytes=cfg.spool_limit_bytes)
+    # With encryption off, a key made earlier still opens the records sealed with it.
+    key_file = cfg.resolved_spool_key_file
+    cipher = RecordCipher.load_or_create(key_file) if cfg.spool_encryption or key_file.exists() else None
+    spool = Spool(spool_dir, limit_bytes=cfg.spool_limit_bytes, cipher=cipher, seal=cfg.spool_encryption)
     pairs = ProcessServerPairs(spool, credentials=lambda: runtime.credentials)
 
     def directories() -> list[common_pb2.DirectoryFacts]:

@@ -17,6 +17,9 @@ than the whole bound still passes once the spool is empty, so nothing deadlocks.
 Released frames wait on disk until their segment is deleted: at most one
 segment (`segment_bytes`) per pair beyond the bound.
 
+With a cipher (setting `spool_encryption`), every record is sealed with
+AES-256-GCM before it reaches the disk (common/sealing.py).
+
 Every log is opened at start, so the bound counts pairs whose forwarding has
 not started yet. A pair whose log is damaged is refused (errors.Integrity) and
 reported as a critical problem; the others go on.
@@ -33,6 +36,7 @@ from siterecovery.common import errors
 from siterecovery.common.framelog import FrameLog
 from siterecovery.common.logging import get_logger
 from siterecovery.common.pb import common_pb2
+from siterecovery.common.sealing import RecordCipher
 
 log = get_logger(__name__)
 
@@ -51,6 +55,8 @@ class Spool:
         limit_bytes: int,
         segment_bytes: int | None = None,
         fsync: bool = True,
+        cipher: RecordCipher | None = None,
+        seal: bool = True,
     ) -> None:
         if limit_bytes <= 0:
             raise errors.InvalidInput(f"spool_limit_bytes {limit_bytes} must be positive", code="config-range")
@@ -58,6 +64,8 @@ class Spool:
         self.limit_bytes = limit_bytes
         self.segment_bytes = segment_bytes or max(64 * 1024, min(MAX_SEGMENT_BYTES, limit_bytes // 16))
         self._fsync = fsync
+        self._cipher = cipher
+        self._seal = seal
         self._lock = threading.Lock()
         self._space = threading.Condition(self._lock)
         self._logs: dict[str, FrameLog] = {}
@@ -77,7 +85,8 @@ class Spool:
     # -- logs ------------------------------------------------------------------
     def _open_locked(self, pair_id: str) -> FrameLog:
         frame_log = FrameLog(
-            self.directory / "pairs" / pair_id, segment_bytes=self.segment_bytes, fsync=self._fsync
+            self.directory / "pairs" / pair_id, segment_bytes=self.segment_bytes, fsync=self._fsync,
+            cipher=self._cipher, seal=self._seal,
         )
         self._logs[pair_id] = frame_log
         return frame_log

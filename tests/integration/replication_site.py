@@ -57,13 +57,13 @@ class ReplicatingSite(Site):
 
     def start(
         self, *, disk_size: int, data_bytes: int, seed: int = 1, source_extra: dict | None = None,
-        sources: tuple[str, ...] = (SOURCE,),
+        sources: tuple[str, ...] = (SOURCE,), ps_extra: dict | None = None,
     ) -> None:
         """The configuration server, a process server, a master target, and one source
         agent per name in `sources`, each protecting its own image (`disk_of(name)`)."""
         self.start_config_server()
         passphrase = self.passphrase_file()
-        extras: dict[str, dict[str, Any]] = {"process-server": {}, "master-target": {}}
+        extras: dict[str, dict[str, Any]] = {"process-server": dict(ps_extra or {}), "master-target": {}}
         for number, name in enumerate(sources):
             disk = self.disk_of(name)
             make_image(disk, disk_size, data_bytes=data_bytes, seed=seed + number)

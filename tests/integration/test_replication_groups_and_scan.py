@@ -33,7 +33,10 @@ def rsite(tmp_path: Path):
 
 
 def test_scan_mode_replicates_writes_made_straight_to_the_disk_and_sends_only_changed_blocks(rsite: ReplicatingSite):
-    rsite.start(disk_size=64 * MiB, data_bytes=8 * MiB)
+    # The process server also encrypts its spool here: the data must come through intact.
+    rsite.start(disk_size=64 * MiB, data_bytes=8 * MiB, ps_extra={"spool_encryption": True})
+    key = rsite.root / "process-server" / "spool.key"
+    assert key.stat().st_size == 32 and key.stat().st_mode & 0o777 == 0o600
     # An hour between passes: every pass here is one a point asked for.
     (enabled,) = rsite.srctl_json(
         "replication", "enable", rsite.machine, "--disk", "disk0", "--mode", "scan", "--scan-interval", "3600",

@@ -322,3 +322,54 @@ def test_sigkill_mid_append_loses_no_returned_frame(tmp_path: Path) -> None:
             if round_ % 2 == 0:
                 released = last // 2
                 log.release_through(released)
+
+
+# -- encryption at rest ------------------------------------------------------------------------
+
+
+def test_sealed_records_read_back_and_hide_their_data_on_disk(tmp_path: Path) -> None:
+    from siterecovery.common.sealing import RecordCipher
+
+    cipher = RecordCipher.load_or_create(tmp_path / "spool.key")
+    assert oct((tmp_path / "spool.key").stat().st_mode & 0o777) == "0o600"
+    directory = tmp_path / "pair-a"
+    plain = FrameLog(directory)
+    plain.append([frame(1)])  # written before encryption was turned on
+    plain.close()
+    written = [frame(seq) for seq in range(2, 40)]
+    log = FrameLog(directory, cipher=cipher, segment_bytes=8192)
+    log.append(written[:20])
+    log.append(written[20:])
+    assert digest(log.read_from(1)) == digest([frame(1), *written])
+    log.close()
+    on_disk = b"".join(p.read_bytes() for p in segments(directory))
+    assert written[5].write.data[:64] not in on_disk and frame(1).write.data[:64] in on_disk
+
+    # Reopened with the key (even with sealing now off): everything reads back.
+    again = FrameLog(directory, cipher=RecordCipher.load_or_create(tmp_path / "spool.key"), seal=False)
+    assert digest(again.read_from(1)) == digest([frame(1), *written])
+    again.close()
+
+    # Without the key, or with another one: refused with the reason, nothing guessed.
+    with pytest.raises(errors.Integrity) as no_key:
+        FrameLog(directory)
+    assert no_key.value.code == "record-sealed-no-key"
+    with pytest.raises(errors.Integrity) as wrong:
+        FrameLog(directory, cipher=RecordCipher(os.urandom(32)))
+    assert wrong.value.code == "record-sealed-badly"
+
+
+def test_a_sealed_record_moved_to_another_log_does_not_open(tmp_path: Path) -> None:
+    from siterecovery.common.sealing import RecordCipher
+
+    cipher = RecordCipher(os.urandom(32))
+    for name in ("pair-a", "pair-b"):
+        log = FrameLog(tmp_path / name, cipher=cipher)
+        log.append([frame(1)])
+        log.close()
+    (a,) = segments(tmp_path / "pair-a")
+    (b,) = segments(tmp_path / "pair-b")
+    b.write_bytes(a.read_bytes())  # the record hash still matches; the sealing does not
+    with pytest.raises(errors.Integrity) as moved:
+        FrameLog(tmp_path / "pair-b", cipher=cipher)
+    assert moved.value.code == "record-sealed-badly"
