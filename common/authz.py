@@ -24,6 +24,7 @@ RPC_ROLES: dict[str, frozenset[str]] = {
     "/siterecovery.v1.Admin/AddOperator": frozenset({pki.ADMIN}),
     "/siterecovery.v1.Admin/ListOperators": OPERATORS,
     "/siterecovery.v1.Admin/RemoveOperator": frozenset({pki.ADMIN}),
+    "/siterecovery.v1.Admin/CreateBackup": frozenset({pki.ADMIN}),
     "/siterecovery.v1.Admin/ListMachines": OPERATORS,
     "/siterecovery.v1.Admin/ListJobs": OPERATORS,
     "/siterecovery.v1.Admin/GetJob": OPERATORS,

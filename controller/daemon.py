@@ -33,7 +33,7 @@ from siterecovery.common.pb import (
     enrollment_pb2,
     enrollment_pb2_grpc,
 )
-from siterecovery.controller import vcenters
+from siterecovery.controller import backup, vcenters
 from siterecovery.controller.context import ControllerContext
 from siterecovery.controller.enrollment import FailureLimiter, PassphraseVault
 from siterecovery.controller.jobs.engine import JobRunner, RetryPolicy
@@ -153,6 +153,22 @@ def _schedule_discoveries(ctx: ControllerContext, stop: threading.Event) -> None
             return
 
 
+def _start_backup_schedule(cfg: ConfigServerSettings, store, stop: threading.Event) -> threading.Thread | None:
+    if cfg.backup_dir is None:
+        log.warning("no backup schedule: set backup_dir and backup_passphrase_file (see controller/backup.py)")
+        return None
+    assert cfg.backup_passphrase_file is not None
+    schedule = backup.BackupSchedule(
+        store, cfg.state_dir, directory=cfg.backup_dir, passphrase_file=cfg.backup_passphrase_file,
+        interval=cfg.backup_interval, keep=cfg.backup_keep, stop=stop,
+    )
+    schedule.passphrase()  # a bad passphrase file stops the start, with the reason
+    thread = threading.Thread(target=schedule.loop, name="backups", daemon=True)
+    thread.start()
+    log.info("backups scheduled", directory=str(cfg.backup_dir), interval=cfg.backup_interval, keep=cfg.backup_keep)
+    return thread
+
+
 def run(cfg: ConfigServerSettings, stop: threading.Event | None = None) -> int:
     logging.configure(level=cfg.log_level, json=cfg.log_json)
     stop = stop or daemon.install_stop_handlers()
@@ -218,6 +234,7 @@ def run(cfg: ConfigServerSettings, stop: threading.Event | None = None) -> int:
         target=_schedule_discoveries, args=(ctx, stop), name="vcenter-discovery", daemon=True
     )
     scheduler.start()
+    backups = _start_backup_schedule(cfg, store, stop)
     ctx.endpoint = _endpoint(cfg, running.port)
     profile = _write_srctl_profile(cfg.state_dir / "admin", ctx.endpoint)
     log.info("listening", address=cfg.listen, port=running.port, srctl_profile=str(profile))
@@ -227,6 +244,8 @@ def run(cfg: ConfigServerSettings, stop: threading.Event | None = None) -> int:
     running.stop(grace=5.0)
     runner.stop()
     scheduler.join(timeout=5.0)
+    if backups is not None:
+        backups.join(timeout=30.0)
     store.close()
     log.info("stopped")
     return 0

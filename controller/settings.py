@@ -28,6 +28,13 @@ class ConfigServerSettings:
     job_poll_interval: float = 1.0
     # How often every vCenter / ESXi endpoint is discovered again, in seconds.
     vcenter_discovery_interval: float = 900.0
+    # Scheduled backups (controller/backup.py): every backup_interval seconds into
+    # backup_dir, sealed with the passphrase in backup_passphrase_file (0600); the
+    # newest backup_keep are kept. Off while backup_dir is unset.
+    backup_dir: Path | None = None
+    backup_passphrase_file: Path | None = None
+    backup_interval: float = 86400.0
+    backup_keep: int = 7
     log_level: str = "info"
     log_json: bool | None = None
 
@@ -45,6 +52,17 @@ class ConfigServerSettings:
                 f"vcenter_discovery_interval {self.vcenter_discovery_interval} s is outside 1 s-7 days",
                 code="config-range",
             )
+
+        if self.backup_dir is not None and self.backup_passphrase_file is None:
+            raise InvalidInput(
+                "backup_dir is set but backup_passphrase_file is not",
+                hint="set backup_passphrase_file to a 0600 file holding the passphrase the backups are sealed with",
+                code="config-backup",
+            )
+        if not 60 <= self.backup_interval <= 30 * 86400:
+            raise InvalidInput(f"backup_interval {self.backup_interval} s is outside 60 s-30 days", code="config-range")
+        if not 1 <= self.backup_keep <= 1000:
+            raise InvalidInput(f"backup_keep {self.backup_keep} is outside 1-1000", code="config-range")
 
     @property
     def resolved_store_url(self) -> str:

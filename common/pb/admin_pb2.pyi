@@ -100,6 +100,18 @@ class RemoveOperatorRequest(_message.Message):
     name: str
     def __init__(self, name: _Optional[str] = ...) -> None: ...
 
+class CreateBackupRequest(_message.Message):
+    __slots__ = ("passphrase",)
+    PASSPHRASE_FIELD_NUMBER: _ClassVar[int]
+    passphrase: str
+    def __init__(self, passphrase: _Optional[str] = ...) -> None: ...
+
+class BackupChunk(_message.Message):
+    __slots__ = ("data",)
+    DATA_FIELD_NUMBER: _ClassVar[int]
+    data: bytes
+    def __init__(self, data: _Optional[bytes] = ...) -> None: ...
+
 class ListServersResponse(_message.Message):
     __slots__ = ("servers",)
     SERVERS_FIELD_NUMBER: _ClassVar[int]

@@ -61,6 +61,11 @@ class AdminStub:
                 request_serializer=siterecovery_dot_v1_dot_admin__pb2.RemoveOperatorRequest.SerializeToString,
                 response_deserializer=siterecovery_dot_v1_dot_admin__pb2.Operator.FromString,
                 _registered_method=True)
+        self.CreateBackup = channel.unary_stream(
+                '/siterecovery.v1.Admin/CreateBackup',
+                request_serializer=siterecovery_dot_v1_dot_admin__pb2.CreateBackupRequest.SerializeToString,
+                response_deserializer=siterecovery_dot_v1_dot_admin__pb2.BackupChunk.FromString,
+                _registered_method=True)
         self.ListMachines = channel.unary_unary(
                 '/siterecovery.v1.Admin/ListMachines',
                 request_serializer=siterecovery_dot_v1_dot_admin__pb2.ListMachinesRequest.SerializeToString,
@@ -189,6 +194,13 @@ class AdminServicer:
 
     def RemoveOperator(self, request, context):
         """Revoke an operator's certificate.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def CreateBackup(self, request, context):
+        """A sealed backup of this server (store, CA, keys), streamed in chunks.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -340,6 +352,11 @@ def add_AdminServicer_to_server(servicer, server):
                     servicer.RemoveOperator,
                     request_deserializer=siterecovery_dot_v1_dot_admin__pb2.RemoveOperatorRequest.FromString,
                     response_serializer=siterecovery_dot_v1_dot_admin__pb2.Operator.SerializeToString,
+            ),
+            'CreateBackup': grpc.unary_stream_rpc_method_handler(
+                    servicer.CreateBackup,
+                    request_deserializer=siterecovery_dot_v1_dot_admin__pb2.CreateBackupRequest.FromString,
+                    response_serializer=siterecovery_dot_v1_dot_admin__pb2.BackupChunk.SerializeToString,
             ),
             'ListMachines': grpc.unary_unary_rpc_method_handler(
                     servicer.ListMachines,
@@ -572,6 +589,33 @@ class Admin:
             '/siterecovery.v1.Admin/RemoveOperator',
             siterecovery_dot_v1_dot_admin__pb2.RemoveOperatorRequest.SerializeToString,
             siterecovery_dot_v1_dot_admin__pb2.Operator.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def CreateBackup(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_stream(
+            request,
+            target,
+            '/siterecovery.v1.Admin/CreateBackup',
+            siterecovery_dot_v1_dot_admin__pb2.CreateBackupRequest.SerializeToString,
+            siterecovery_dot_v1_dot_admin__pb2.BackupChunk.FromString,
             options,
             channel_credentials,
             insecure,

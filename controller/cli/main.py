@@ -12,7 +12,7 @@ import typer
 
 from siterecovery.common import errors
 from siterecovery.common.pb import admin_pb2, common_pb2
-from siterecovery.controller.cli import lab, output, replication, users, vcenter
+from siterecovery.controller.cli import backups, lab, output, replication, users, vcenter
 from siterecovery.controller.cli.client import Profile
 from siterecovery.controller.cli.output import Format
 from siterecovery.controller.cli.session import State, call
@@ -44,6 +44,7 @@ app.add_typer(replication.replication_app, name="replication")
 app.add_typer(replication.points_app, name="recovery-points")
 app.add_typer(vcenter.app, name="vcenter")
 app.add_typer(users.users_app, name="user")
+app.add_typer(backups.backup_app, name="backup")
 app.add_typer(lab.app, name="lab")
 
 ConfigOption = Annotated[

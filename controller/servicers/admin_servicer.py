@@ -13,7 +13,7 @@ from siterecovery.common import errors, pki
 from siterecovery.common.channels import secure_channel
 from siterecovery.common.pb import admin_pb2, admin_pb2_grpc, common_pb2, dataplane_pb2_grpc
 from siterecovery.common.pb import replication_pb2 as rpb
-from siterecovery.controller import inventory_view, operators, replication, revocation
+from siterecovery.controller import backup, inventory_view, operators, replication, revocation
 from siterecovery.controller.context import ControllerContext
 from siterecovery.controller.convert import timestamp
 from siterecovery.controller.servicers.vcenter_rpcs import VcenterRpcs
@@ -21,6 +21,7 @@ from siterecovery.controller.servicers.vcenter_rpcs import VcenterRpcs
 log = structlog.get_logger(__name__)
 
 WATCH_POLL_SECONDS = 0.2
+BACKUP_CHUNK = 1024 * 1024
 MAX_JOBS = 1000
 
 
@@ -48,6 +49,14 @@ class AdminServicer(VcenterRpcs, admin_pb2_grpc.AdminServicer):
         now = datetime.now(UTC)
         server = revocation.remove_server(self._ctx.store, self._ctx.revocations, request.server, now=now)
         return inventory_view.server_info(server, interval=self._ctx.settings.heartbeat_interval, now=now)
+
+    # -- backup ------------------------------------------------------------------
+
+    def CreateBackup(self, request, context):
+        data = backup.create(self._ctx.store, self._ctx.settings.state_dir, request.passphrase)
+        log.info("backup created on request", bytes=len(data))
+        for start in range(0, len(data), BACKUP_CHUNK):
+            yield admin_pb2.BackupChunk(data=data[start : start + BACKUP_CHUNK])
 
     # -- operators ---------------------------------------------------------------
 

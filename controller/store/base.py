@@ -262,6 +262,16 @@ class Store(ABC):
     def revoked_server_ids(self) -> list[str]:
         """The ids of every revoked server (a small query: every port checks it often)."""
 
+    # --- backup ----------------------------------------------------------------
+
+    @abstractmethod
+    def export_tables(self) -> tuple[str | None, dict[str, list[dict[str, Any]]]]:
+        """(schema revision, every row of every table), read in one consistent snapshot."""
+
+    @abstractmethod
+    def import_tables(self, tables: dict[str, list[dict[str, Any]]]) -> None:
+        """Insert exported rows into an empty store (Conflict when it is not empty)."""
+
     # --- operators -------------------------------------------------------------
 
     @abstractmethod

@@ -100,6 +100,7 @@ from siterecovery.controller.store.base import (
 from siterecovery.controller.store.schema import (
     jobs,
     machines,
+    metadata,
     operators,
     pair_reports,
     pairs,
@@ -149,6 +150,53 @@ class SqlStore(VcenterSqlMixin, Store):
     def schema_revision(self) -> str | None:
         with self._read() as conn:
             return MigrationContext.configure(conn).get_current_revision()
+
+    # --- backup --------------------------------------------------------------------
+
+    def export_tables(self) -> tuple[str | None, dict[str, list[dict[str, Any]]]]:
+        """(schema revision, every row of every table), read in one snapshot.
+
+        One read transaction (REPEATABLE READ on PostgreSQL, a WAL read snapshot
+        on SQLite), so the copy is consistent while the server keeps working.
+        Values are as SQLAlchemy returns them (datetimes, dicts, ...).
+        """
+        with self._read() as conn:
+            revision = MigrationContext.configure(conn).get_current_revision()
+            tables = {}
+            for table in metadata.sorted_tables:
+                rows = conn.execute(sa.select(table).order_by(*table.primary_key.columns)).mappings()
+                tables[table.name] = [dict(row) for row in rows]
+            return revision, tables
+
+    def import_tables(self, tables: dict[str, list[dict[str, Any]]]) -> None:
+        """Insert exported rows into this store, which must be empty (Conflict otherwise).
+
+        One write transaction, parents before children; the schema must be at the
+        revision the rows were exported at (the caller migrates around this).
+        """
+        unknown = set(tables) - {t.name for t in metadata.sorted_tables}
+        if unknown:
+            raise InvalidInput(f"the backup holds unknown tables: {', '.join(sorted(unknown))}", code="backup-tables")
+        with self._write() as conn:
+            present = set(sa.inspect(conn).get_table_names())
+            missing = {name for name, rows in tables.items() if rows and name not in present}
+            if missing:
+                raise InvalidInput(
+                    f"the store has no table {', '.join(sorted(missing))} at this schema revision",
+                    code="backup-tables",
+                )
+            ordered = [t for t in metadata.sorted_tables if t.name in present]
+            for table in ordered:
+                if conn.execute(sa.select(sa.func.count()).select_from(table)).scalar():
+                    raise Conflict(
+                        f"the store already holds {table.name}; restore needs an empty store",
+                        hint="restore into a new database (or an empty state directory)",
+                        code="store-not-empty",
+                    )
+            for table in ordered:
+                rows = tables.get(table.name, [])
+                if rows:
+                    conn.execute(sa.insert(table), rows)
 
     # --- transactions ------------------------------------------------------------
 
@@ -952,6 +1000,11 @@ def alembic_config(connection: Connection | None = None, *, url: str | None = No
     if connection is not None:
         config.attributes["connection"] = connection
     return config
+
+
+def known_revisions() -> set[str]:
+    """Every schema revision this version's migrations know."""
+    return {script.revision for script in ScriptDirectory.from_config(alembic_config()).walk_revisions()}
 
 
 def head_revision() -> str:
