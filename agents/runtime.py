@@ -286,4 +286,4 @@ class AgentRuntime:
         host = self.cfg.advertise or (
             socket.gethostname() if self.cfg.listen in ("0.0.0.0", "::", "") else self.cfg.listen
         )
-        return f"{host}:{self.data_port}"
+        return f"{host}:{self.cfg.advertise_port or self.data_port}"

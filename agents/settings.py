@@ -29,6 +29,9 @@ class AgentSettings:
     # The host name or address peers use to reach that port; reported to the
     # configuration server. Default: this host's name.
     advertise: str = ""
+    # The port peers dial when NAT or a proxy forwards another port to this one.
+    # Default (0): the port bound.
+    advertise_port: int = 0
 
     def __post_init__(self) -> None:
         if not self.server:
@@ -37,6 +40,8 @@ class AgentSettings:
                 hint="set server = \"host:443\" in the config file or pass --server",
                 code="config-missing-server",
             )
+        if not 0 <= self.advertise_port <= 65535:
+            raise InvalidInput(f"advertise_port {self.advertise_port} is outside 0-65535", code="config-range")
         if not 0 <= self.port <= 65535:
             raise InvalidInput(f"port {self.port} is outside 0-65535", code="config-range")
 

@@ -18,6 +18,7 @@ from typing import Any
 
 from siterecovery.common import daemon as daemon_state
 from siterecovery.controller import launcher
+from tests.tcp_proxy import TcpProxy
 
 from .conftest import Site, wait_for
 
@@ -54,16 +55,20 @@ class ReplicatingSite(Site):
         self.agents: dict[str, launcher.Launched] = {}
         self.configs: dict[str, Path] = {}
         self.disk = root / "disks" / "disk0.img"
+        self.proxy: TcpProxy | None = None
 
     def start(
         self, *, disk_size: int, data_bytes: int, seed: int = 1, source_extra: dict | None = None,
-        sources: tuple[str, ...] = (SOURCE,), ps_extra: dict | None = None,
+        sources: tuple[str, ...] = (SOURCE,), ps_extra: dict | None = None, mt_proxy: bool = False,
     ) -> None:
         """The configuration server, a process server, a master target, and one source
         agent per name in `sources`, each protecting its own image (`disk_of(name)`)."""
         self.start_config_server()
         passphrase = self.passphrase_file()
         extras: dict[str, dict[str, Any]] = {"process-server": dict(ps_extra or {}), "master-target": {}}
+        if mt_proxy:  # the process server reaches the master target through a proxy we control
+            self.proxy = TcpProxy()
+            extras["master-target"].update(advertise="127.0.0.1", advertise_port=self.proxy.port)
         for number, name in enumerate(sources):
             disk = self.disk_of(name)
             make_image(disk, disk_size, data_bytes=data_bytes, seed=seed + number)
@@ -73,11 +78,18 @@ class ReplicatingSite(Site):
             config, _state_dir = self.agent_config(daemon, name, passphrase_file=passphrase, **extra)
             self.configs[name] = config
             self.agents[name] = self._launch(name)
+            if name == "master-target" and self.proxy is not None:
+                self.proxy.target = ("127.0.0.1", self.agents[name].state["port"])
         expected = len(extras)
         wait_for(
             lambda: len(self.servers()) == expected and all(s["health"] == "healthy" for s in self.servers()),
             what="healthy agents",
         )
+
+    def stop_all(self) -> None:
+        super().stop_all()
+        if self.proxy is not None:
+            self.proxy.close()
 
     def disk_of(self, source: str) -> Path:
         return self.disk if source == SOURCE else self.root / "disks" / source / "disk0.img"
