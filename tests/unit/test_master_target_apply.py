@@ -4,6 +4,7 @@ the reference disk, every point materialises exactly, bad input changes nothing.
 from __future__ import annotations
 
 import os
+import time
 from pathlib import Path
 
 import grpc
@@ -265,6 +266,12 @@ def test_a_newer_stream_replaces_an_older_one(mt: Harness):
     thread = threading.Thread(target=stalled)
     thread.start()
     assert held.wait(10)
+    # The older stream is open at the master target (it applied its frames)
+    # before the newer one starts: "newer" is the order the server sees.
+    deadline = time.monotonic() + 30
+    while mt.status("p1").last_seq < stream[9].seq:
+        assert time.monotonic() < deadline, "the older stream's frames were never applied"
+        time.sleep(0.01)
     result = send(mt.stub(), "p1", DISK, stream)
     release.set()
     thread.join(30)
