@@ -13,7 +13,8 @@ cd "$(dirname "$0")/.."
 #   golang-go, golang-github-vmware-govmomi-dev
 #               the vSphere simulator (vcsim) the vSphere provider is tested against,
 #               built offline into .tools/ by deploy/build-vcsim.sh
-APT_PACKAGES=(postgresql fio qemu-utils libnbd-bin golang-go golang-github-vmware-govmomi-dev)
+#   faketime    libfaketime: the fault tests step one daemon's wall clock
+APT_PACKAGES=(postgresql fio qemu-utils libnbd-bin golang-go golang-github-vmware-govmomi-dev faketime)
 
 as_root() { if [ "$(id -u)" -eq 0 ]; then "$@"; else sudo "$@"; fi; }
 

@@ -535,8 +535,8 @@ class PairTarget:
     # -- retention ---------------------------------------------------------------------
     def _prune_if_due(self) -> None:
         now = self.clock()
-        if now - self._last_prune < self.options.prune_interval:
-            return
+        if 0 <= now - self._last_prune < self.options.prune_interval:
+            return  # (a clock stepped back makes it due at once rather than never)
         self._last_prune = now
         self.prune_locked(now)
 
@@ -544,7 +544,12 @@ class PairTarget:
         """Enforce the retention window (call with `lock` held); returns segments deleted."""
         if not self.opened:
             return 0
-        cutoff_ns = int((now - self.retention_window) * 1e9)
+        # The window ends at the older of two clocks: ours, and the source's newest
+        # capture time. A clock stepped forward on either side alone (a bad NTP
+        # server, a VM resumed) then expires nothing early; both must agree.
+        newest_ns = int(self.state.get("newest_captured_at_ns", 0))
+        reference_ns = min(int(now * 1e9), newest_ns) if newest_ns else int(now * 1e9)
+        cutoff_ns = reference_ns - int(self.retention_window * 1e9)
         removed = self._journal.prune(cutoff_ns, self.state)
         if removed:
             floor = self._journal.floor_seq

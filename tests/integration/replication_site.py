@@ -49,6 +49,13 @@ def make_image(path: Path, size: int, *, data_bytes: int, seed: int, extent: int
         os.fsync(image.fileno())
 
 
+def faketime_library() -> str:
+    """libfaketime from Debian's faketime package, wherever the architecture puts it."""
+    found = sorted(Path("/usr/lib").glob("*/faketime/libfaketime.so.1"))
+    assert found, "libfaketime is missing (bash deploy/install.sh installs Debian's faketime)"
+    return str(found[0])
+
+
 class ReplicatingSite(Site):
     def __init__(self, root: Path) -> None:
         super().__init__(root)
@@ -60,10 +67,13 @@ class ReplicatingSite(Site):
     def start(
         self, *, disk_size: int, data_bytes: int, seed: int = 1, source_extra: dict | None = None,
         sources: tuple[str, ...] = (SOURCE,), ps_extra: dict | None = None, mt_proxy: bool = False,
+        faked_clocks: tuple[str, ...] = (),
     ) -> None:
         """The configuration server, a process server, a master target, and one source
         agent per name in `sources`, each protecting its own image (`disk_of(name)`)."""
         self.start_config_server()
+        for name in faked_clocks:
+            self.step_clock(name, "+0")
         passphrase = self.passphrase_file()
         extras: dict[str, dict[str, Any]] = {"process-server": dict(ps_extra or {}), "master-target": {}}
         if mt_proxy:  # the process server reaches the master target through a proxy we control
@@ -86,6 +96,29 @@ class ReplicatingSite(Site):
             what="healthy agents",
         )
 
+    # -- clocks ----------------------------------------------------------------------
+    def clock_file(self, name: str) -> Path:
+        return self.root / "clocks" / name
+
+    def step_clock(self, name: str, offset: str) -> None:
+        """Step `name`'s wall clock to `offset` from the real one ("+2d", "-2m", "+0").
+
+        The daemon runs under libfaketime (Debian's faketime), which re-reads this
+        file on every call; monotonic clocks are left alone, as a real step does."""
+        path = self.clock_file(name)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(offset + "\n")
+
+    def _clock_env(self, name: str) -> dict[str, str] | None:
+        if not self.clock_file(name).exists():
+            return None
+        return {
+            "LD_PRELOAD": faketime_library(),
+            "FAKETIME_TIMESTAMP_FILE": str(self.clock_file(name)),
+            "FAKETIME_NO_CACHE": "1",
+            "FAKETIME_DONT_FAKE_MONOTONIC": "1",
+        }
+
     def stop_all(self) -> None:
         super().stop_all()
         if self.proxy is not None:
@@ -97,7 +130,8 @@ class ReplicatingSite(Site):
     def _launch(self, name: str) -> launcher.Launched:
         daemon = name if name in ("process-server", "master-target") else "source-agent"
         launched = launcher.launch(
-            daemon, ["--config", str(self.configs[name])], state_dir=self.root / name, log_path=self.root / "logs" / f"{name}.log"
+            daemon, ["--config", str(self.configs[name])], state_dir=self.root / name,
+            log_path=self.root / "logs" / f"{name}.log", env=self._clock_env(name),
         )
         self.daemons.append(launched)
         return launched
