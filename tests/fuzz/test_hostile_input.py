@@ -204,6 +204,13 @@ OWN_TESTS = {
 }
 
 
+REGRESSIONS = {
+    "/siterecovery.v1.AgentControl/Heartbeat": agent_pb2.HeartbeatRequest(
+        pairs=[rpb.PairStatus(oldest_pending_captured_at={"seconds": -(2**63)})]
+    ),
+}
+
+
 def test_every_rpc_with_input_is_fuzzed():
     ours = {m for m in authz.RPC_ROLES if m.startswith("/siterecovery.")}
     covered = {r.method for r in CONTROL_PLANE} | NO_INPUT | OWN_TESTS
@@ -317,6 +324,8 @@ def test_fuzz_control_plane(fuzz_site, rpc):
 
     @settings(max_examples=30)
     @given(request=strategy)
+    # Regressions the fuzzing found (each was INTERNAL): a timestamp outside years 1-9999.
+    @example(request=REGRESSIONS.get(rpc.method, rpc.request()))
     def fuzz(request):
         code, _ = check(fuzz_site, rpc.port, channel, rpc.method, rpc.kind, request, rpc.refusals, rpc.ok)
         seen[code.name] = seen.get(code.name, 0) + 1
@@ -460,7 +469,7 @@ def _valid_frames(pair_id: str, seq: int) -> list[rpb.Frame]:
     ]
 
 
-def _fuzz_stream(fuzz: FuzzSite, port: str, role: str, method: str, max_examples: int = 40) -> None:
+def _fuzz_stream(fuzz: FuzzSite, port: str, role: str, method: str, max_examples: int = 30) -> None:
     channel = fuzz.channel(port, role)
 
     @settings(max_examples=max_examples)
@@ -509,7 +518,7 @@ def test_fuzz_materialize(fuzz_site):
                                      fuzz_site.pair["target_path"], "/etc/x.img", "relative.img"),
     })
 
-    @settings(max_examples=50)
+    @settings(max_examples=40)
     @given(request=strategy)
     @example(request=rpb.MaterializeRequest(pair_id=fuzz_site.pair["pair_id"], point=fuzz_site.tag_id,
                                             output_path=fuzz_site.pair["target_path"]))
