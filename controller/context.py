@@ -2,12 +2,12 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import grpc
 
 from siterecovery.common.pki import CertificateAuthority
-from siterecovery.controller.enrollment import FailureLimiter, PassphraseVault
+from siterecovery.controller.enrollment import FailureLimiter, NonceRegistry, PassphraseVault
 from siterecovery.controller.jobs.engine import JobKind
 from siterecovery.controller.revocation import Revocations
 from siterecovery.controller.secrets import SecretBox
@@ -35,6 +35,8 @@ class ControllerContext:
     secrets: SecretBox | None = None
     # Discovery of a vCenter / ESXi endpoint (controller/vcenters.py).
     discovery_job: JobKind | None = None
+    # Nonces of accepted enrollments: a replayed request is refused.
+    nonces: NonceRegistry = field(default_factory=NonceRegistry)
 
     def revoked_ids(self) -> list[str]:
         return sorted(self.revocations.ids()) if self.revocations is not None else []

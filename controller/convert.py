@@ -8,6 +8,7 @@ from google.protobuf import json_format
 from google.protobuf.message import Message
 from google.protobuf.timestamp_pb2 import Timestamp
 
+from siterecovery.common import errors
 from siterecovery.common.pb import common_pb2
 
 SEVERITY_NAMES = {
@@ -22,7 +23,16 @@ HEALTH_VALUES = {
 
 
 def to_dict(message: Message) -> dict:
-    return json_format.MessageToDict(message, preserving_proto_field_name=True)
+    """The message as the store keeps it; InvalidInput when a peer sent a value JSON cannot
+    carry (a timestamp outside years 1-9999, found by the fuzz suite: it was INTERNAL)."""
+    try:
+        return json_format.MessageToDict(message, preserving_proto_field_name=True)
+    except (json_format.Error, ValueError, OverflowError) as exc:
+        raise errors.InvalidInput(
+            f"the {message.DESCRIPTOR.name} message holds a value out of range: {exc}",
+            hint="timestamps must lie between years 1 and 9999; this is a bug in the sending agent",
+            code="message-out-of-range",
+        ) from exc
 
 
 def from_dict(data: dict, message: Message) -> Message:

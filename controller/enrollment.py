@@ -13,6 +13,12 @@ This module holds the domain logic the Enrollment servicer calls:
 * `FailureLimiter` counts wrong passphrases per peer host. It lives in the
   process's memory: with several controller replicas each keeps its own
   count, so a host may try (replicas x max_failures) times per window.
+* `NonceRegistry` remembers the client nonces of accepted enrollments, so the
+  same signed request sent again (a replay) is refused. Also per process and in
+  memory: a replay after a restart, or to another replica, still gets a
+  certificate, but only for the public key in the recorded CSR, which is of no
+  use without the agent's private key; the registry stops the cheap case (one
+  request captured and resent) from filling the store with server rows.
 * `enroll_agent` checks one request and returns what the servicer sends back.
 """
 
@@ -127,6 +133,36 @@ class FailureLimiter:
             del self._failures[next(iter(self._failures))]
 
 
+class NonceRegistry:
+    """Client nonces of accepted enrollments, kept `keep_seconds` (bounded in number).
+
+    Thread-safe. Only nonces of requests whose proof checked out are kept, so
+    an attacker without the passphrase cannot fill it.
+    """
+
+    MAX_NONCES = 100_000
+
+    def __init__(self, keep_seconds: float = 86_400, clock: Callable[[], float] = time.monotonic) -> None:
+        self.keep_seconds = keep_seconds
+        self._clock = clock
+        self._lock = threading.Lock()
+        self._seen: dict[bytes, float] = {}  # nonce -> when; insertion order is age order
+
+    def claim(self, nonce: bytes) -> bool:
+        """Remember `nonce`; False when it was seen already (the request is a replay)."""
+        with self._lock:
+            now = self._clock()
+            while self._seen:
+                oldest, when = next(iter(self._seen.items()))
+                if when > now - self.keep_seconds and len(self._seen) < self.MAX_NONCES:
+                    break
+                del self._seen[oldest]
+            if nonce in self._seen:
+                return False
+            self._seen[nonce] = now
+            return True
+
+
 def host_of_peer(grpc_peer: str) -> str:
     """The host part of `grpc.ServicerContext.peer()`: ``ipv4:10.0.0.5:5123`` → ``10.0.0.5``."""
     kind, _, rest = grpc_peer.partition(":")
@@ -239,6 +275,7 @@ def enroll_agent(
     client_nonce: bytes,
     proof: bytes,
     record: Callable[[pki.Identity, str, bytes], None],
+    nonces: NonceRegistry | None = None,
 ) -> EnrollmentResult:
     """Check an enrollment request and issue the agent's certificate.
 
@@ -278,6 +315,13 @@ def enroll_agent(
             "the connection passphrase is wrong", hint=PASSPHRASE_HINT, code="wrong-passphrase"
         )
 
+    if nonces is not None and not nonces.claim(bytes(client_nonce)):
+        log.warning("enrollment refused: replayed request", peer=peer_host, hostname=hostname)
+        raise errors.Unauthenticated(
+            "this enrollment request was used already (a replay); nothing was issued",
+            hint="an agent sends a fresh nonce each time: start the agent again to enroll",
+            code="enrollment-replayed",
+        )
     identity = pki.Identity(id=str(uuid.uuid4()), role=role)
     cert_pem = ca.issue_from_csr(csr_der, identity=identity)
     record(identity, hostname, cert_pem)

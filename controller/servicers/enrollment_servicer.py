@@ -42,6 +42,7 @@ class EnrollmentServicer(enrollment_pb2_grpc.EnrollmentServicer):
             client_nonce=request.client_nonce,
             proof=request.proof,
             record=record,
+            nonces=self._ctx.nonces,
         )
         return enrollment_pb2.EnrollResponse(
             agent_id=result.agent_id,
