@@ -71,6 +71,16 @@ class MasterTargetSettings(AgentSettings):
     state_dir: Path = Path("/var/lib/siterecovery/master-target")
     datastore_dirs: tuple[Path, ...] = ()
     retention_dir: Path | None = None
+    # Free space kept on the retention disk: below it a pair pauses (retention-full)
+    # instead of filling the disk, and resumes by itself when space returns.
+    retention_reserve_bytes: int = 64 * 1024**2
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        if self.retention_reserve_bytes < 0:
+            raise InvalidInput(
+                f"retention_reserve_bytes {self.retention_reserve_bytes} is negative", code="config-range"
+            )
 
     @property
     def resolved_datastore_dirs(self) -> tuple[Path, ...]:

@@ -459,9 +459,18 @@ def _state(
 ) -> tuple[int, str, str]:
     if pair.desired_state == "paused":
         return rpb.PAIR_STATE_PAUSED, "paused by an administrator", "paused"
-    for role, status in (("source agent", source), ("process server", spool), ("master target", target)):
-        if status is not None and status.state in (rpb.PAIR_STATE_ERROR, rpb.PAIR_STATE_PAUSED):
-            return status.state, f"{role}: {status.reason}", status.reason_code
+    troubled = [
+        (role, status)
+        for role, status in (("source agent", source), ("process server", spool), ("master target", target))
+        if status is not None and status.state in (rpb.PAIR_STATE_ERROR, rpb.PAIR_STATE_PAUSED)
+    ]
+    # An agent that paused the pair (say the master target: retention-full) is the
+    # cause; the process server's error repeating that refusal is only its echo.
+    paused_codes = {s.reason_code for _, s in troubled if s.state == rpb.PAIR_STATE_PAUSED}
+    for state in (rpb.PAIR_STATE_ERROR, rpb.PAIR_STATE_PAUSED):
+        for role, status in troubled:
+            if status.state == state and not (state == rpb.PAIR_STATE_ERROR and status.reason_code in paused_codes):
+                return status.state, f"{role}: {status.reason}", status.reason_code
     if source is None:
         return rpb.PAIR_STATE_INITIAL_SYNC, "waiting for the source agent to report", "waiting-for-source"
     if source.state == rpb.PAIR_STATE_INITIAL_SYNC or (

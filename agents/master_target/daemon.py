@@ -15,6 +15,7 @@ import threading
 from siterecovery.agents import entry
 from siterecovery.agents.master_target.apply import serve_apply
 from siterecovery.agents.master_target.pairs import MasterTargetPairs
+from siterecovery.agents.master_target.target import TargetOptions
 from siterecovery.agents.probe import probe_response
 from siterecovery.agents.runtime import AgentRuntime
 from siterecovery.agents.settings import MasterTargetSettings
@@ -59,6 +60,7 @@ def run(cfg: MasterTargetSettings, stop: threading.Event | None = None) -> int:
         retention_dir=cfg.resolved_retention_dir,
         agent_id=agent_id,
         on_change=lambda: runtime.heartbeat_now.set(),
+        options=TargetOptions(reserve_bytes=cfg.retention_reserve_bytes),
     )
     runtime = AgentRuntime(
         cfg,

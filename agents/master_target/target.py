@@ -77,6 +77,7 @@ DEFAULT_RETENTION_SECONDS = 86400
 STATE_FORMAT = 1
 SYNC_NONE, SYNC_STARTED, SYNC_DONE = "none", "started", "done"
 RETENTION_FULL = "retention-full"
+RESUME_HEADROOM = 4 * MiB
 DATASTORE_FULL = "datastore-full"
 
 
@@ -289,7 +290,9 @@ class PairTarget:
             where = self.journal_dir if code == RETENTION_FULL else self.target_path.parent
             reserve = self.options.reserve_bytes if code == RETENTION_FULL else 0
             free = journal.free_bytes(where)
-            if free < reserve + self.options.batch_bytes:
+            # Room for a few frames' undo is enough to go on: batches that do not
+            # fit are split (see _apply_group); the headroom keeps it from flapping.
+            if free < reserve + min(self.options.batch_bytes, RESUME_HEADROOM):
                 raise self._full_error(code, where, free)
             log.info("space returned; pair resumes", pair=self.pair_id, directory=str(where), free=free)
             self.paused = None
@@ -361,6 +364,13 @@ class PairTarget:
             self._hook("undo-synced")
         except RetentionFull as exc:
             self._journal.discard_uncommitted()
+            if len(group) > 1:
+                # Nothing was written yet. A smaller batch may fit: the pair is full
+                # only when one frame's undo does not.
+                half = len(group) // 2
+                self._apply_group(group[:half])
+                self._apply_group(group[half:])
+                return
             self._pause(RETENTION_FULL, exc.directory, exc.free)
         except OSError as exc:
             # Nothing reached the target; whatever the journal kept is dropped at the next open.

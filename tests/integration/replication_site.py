@@ -67,7 +67,7 @@ class ReplicatingSite(Site):
     def start(
         self, *, disk_size: int, data_bytes: int, seed: int = 1, source_extra: dict | None = None,
         sources: tuple[str, ...] = (SOURCE,), ps_extra: dict | None = None, mt_proxy: bool = False,
-        faked_clocks: tuple[str, ...] = (),
+        faked_clocks: tuple[str, ...] = (), mt_extra: dict | None = None,
     ) -> None:
         """The configuration server, a process server, a master target, and one source
         agent per name in `sources`, each protecting its own image (`disk_of(name)`)."""
@@ -75,7 +75,9 @@ class ReplicatingSite(Site):
         for name in faked_clocks:
             self.step_clock(name, "+0")
         passphrase = self.passphrase_file()
-        extras: dict[str, dict[str, Any]] = {"process-server": dict(ps_extra or {}), "master-target": {}}
+        extras: dict[str, dict[str, Any]] = {
+            "process-server": dict(ps_extra or {}), "master-target": dict(mt_extra or {}),
+        }
         if mt_proxy:  # the process server reaches the master target through a proxy we control
             self.proxy = TcpProxy()
             extras["master-target"].update(advertise="127.0.0.1", advertise_port=self.proxy.port)

@@ -210,3 +210,15 @@ def test_a_group_point_is_a_barrier_that_commits_when_every_source_holds(store):
     assert outcome == rpb.BARRIER_OUTCOME_ABORT and "expired" in reason
     with pytest.raises(errors.InvalidInput):
         replication.request_point(store, machine="app01", group="erp", kind=0, now=T0)
+
+
+def test_a_pause_by_the_master_target_is_shown_as_the_cause_not_its_echo(store):
+    (pair,) = _enable(store, machine="app01", disks=["disk0"])
+    full = rpb.PairStatus(state=rpb.PAIR_STATE_PAUSED, reason="retention directory full", reason_code="retention-full")
+    echo = rpb.PairStatus(state=rpb.PAIR_STATE_ERROR, reason="master target refused", reason_code="retention-full")
+    other = rpb.PairStatus(state=rpb.PAIR_STATE_ERROR, reason="disk unreadable", reason_code="disk-io")
+    ok = rpb.PairStatus(state=rpb.PAIR_STATE_REPLICATING)
+    state, reason, code = replication._state(pair, ok, echo, full)
+    assert (state, code) == (rpb.PAIR_STATE_PAUSED, "retention-full") and reason.startswith("master target:")
+    state, reason, code = replication._state(pair, other, echo, full)
+    assert (state, code) == (rpb.PAIR_STATE_ERROR, "disk-io") and reason.startswith("source agent:")

@@ -1,0 +1,88 @@
+"""The master target's retention disk runs full: the pair pauses with a clear
+reason and writes nothing half-way; writes at the source go on; when space
+returns the pair resumes by itself and every point is still exact.
+
+The retention directory is a small tmpfs the test mounts (so "full" is real and
+does not depend on what else this machine's disk holds).
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+from pathlib import Path
+
+import pytest
+
+from .conftest import wait_for
+from .replication_site import MiB, ReplicatingSite, sha256
+
+pytestmark = pytest.mark.slow
+
+DISK_SIZE = 32 * MiB
+
+
+@pytest.fixture
+def small_disk(tmp_path: Path):
+    mount = tmp_path / "retention-disk"
+    mount.mkdir()
+    result = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=48m", "tmpfs", str(mount)], capture_output=True, text=True)
+    if result.returncode != 0:
+        if os.environ.get("CI", "").lower() == "true":
+            pytest.fail(f"cannot mount a tmpfs for the retention disk: {result.stderr}")
+        pytest.skip(f"needs root to mount a tmpfs: {result.stderr.strip()}")
+    try:
+        yield mount
+    finally:
+        subprocess.run(["umount", "-l", str(mount)], check=False)
+
+
+@pytest.fixture
+def rsite(tmp_path: Path):
+    site = ReplicatingSite(tmp_path)
+    try:
+        yield site
+    finally:
+        site.stop_all()
+
+
+def test_a_full_retention_disk_pauses_the_pair_until_space_returns(rsite: ReplicatingSite, small_disk: Path):
+    rsite.start(
+        disk_size=DISK_SIZE, data_bytes=4 * MiB,
+        mt_extra={"retention_dir": str(small_disk / "retention"), "retention_reserve_bytes": MiB},
+    )
+    rsite.enable()
+    rsite.wait_replicating()
+    # 16 MiB of data where the disk held zeros: its undo records are "was zeros", a few bytes each.
+    rsite.qemu_io("write -P 0x5a 0 16M")
+    first = rsite.create_point()
+    at_first = sha256(rsite.disk)
+    rsite.wait_caught_up()
+
+    # Something else takes three quarters of the retention disk.
+    filler = small_disk / "someone-elses-file"
+    filler.write_bytes(os.urandom(36 * MiB))
+    # Overwriting those 16 MiB needs 16 MiB of undo: more than the disk has left.
+    rsite.qemu_io("write -P 0xa5 0 16M")  # the source still acknowledges every write
+
+    def paused():
+        pair = rsite.pair()
+        return pair if pair["state"] == "paused" and pair.get("reason_code") == "retention-full" else None
+
+    pair = wait_for(paused, timeout=60, what="the pair to pause with retention-full")
+    assert "retention" in pair["reason"] and "free space" in pair["reason"].lower() or "full" in pair["reason"]
+    print(f"[space] paused: {pair['reason']}")
+    # Nothing half-written: the target still equals the first point.
+    assert sha256(Path(pair["target_path"])) == at_first
+
+    filler.unlink()  # space returns
+    second = rsite.create_point()
+    at_second = sha256(rsite.disk)
+    pair = rsite.wait_caught_up(timeout=120)
+    assert pair["state"] == "replicating"
+    assert sha256(Path(pair["target_path"])) == at_second
+    for tag_id, digest in ((first, at_first), (second, at_second)):
+        result = rsite.materialize(tag_id)
+        assert sha256(Path(result["path"])) == digest
+        if result.get("copied"):
+            Path(result["path"]).unlink()
