@@ -39,6 +39,10 @@ log = get_logger(__name__)
 
 # Codes of errors that mean "could not reach the master target", not "it refused".
 _TRANSPORT_CODES = frozenset({"unreachable", "unavailable"})
+# Right after a pair is enabled, the master target may not have its assignment
+# yet (it arrives with its own next heartbeat): not an error for this long.
+NOT_YET_ASSIGNED = "pair-not-assigned"
+NOT_YET_GRACE = 30.0
 # How long the throughput figure looks back.
 RATE_WINDOW = 10.0
 _POLL = 0.5
@@ -106,6 +110,7 @@ class Forwarder:
         self.acked_seq = self._log.released_seq
         self.error: errors.SiteRecoveryError | None = None
         self.connected = False
+        self._started_at = clock()
 
     # -- life ------------------------------------------------------------------
     def start(self) -> None:
@@ -136,7 +141,8 @@ class Forwarder:
                 if self._stop.is_set():
                     break
                 self.connected = False
-                if exc.code not in _TRANSPORT_CODES:
+                not_yet = exc.code == NOT_YET_ASSIGNED and self._clock() - self._started_at < NOT_YET_GRACE
+                if exc.code not in _TRANSPORT_CODES and not not_yet:
                     self.error = exc
                 log.warning(
                     "forwarding to the master target failed; retrying",
