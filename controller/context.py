@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import grpc
 
@@ -35,6 +35,8 @@ class ControllerContext:
     secrets: SecretBox | None = None
     # Discovery of a vCenter / ESXi endpoint (controller/vcenters.py).
     discovery_job: JobKind | None = None
+    # The Azure job kinds by name (controller/azure_sites.py), as the runner has them.
+    azure_jobs: dict[str, JobKind] = field(default_factory=dict)
 
     def revoked_ids(self) -> list[str]:
         return sorted(self.revocations.ids()) if self.revocations is not None else []
