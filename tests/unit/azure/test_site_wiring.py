@@ -200,3 +200,13 @@ def test_a_second_deployment_of_the_same_vm_is_a_conflict(store, box, kinds):
     with pytest.raises(errors.NotFound):
         azure_sites.deploy_process_server(store, kind, deployment(site="nope"), now=NOW)
     assert [j.id for j in store.list_jobs()] == [first_job.id]
+
+
+def test_a_refused_credential_names_the_command_that_replaces_it():
+    from azure.core.exceptions import ClientAuthenticationError
+
+    from siterecovery.common.azure.errors import translate
+
+    error = translate("read VM web1", ClientAuthenticationError("AADSTS7000215: Invalid client secret provided."))
+    assert isinstance(error, errors.Unauthenticated) and error.code == "azure-unauthenticated"
+    assert "srctl azure update-credentials" in error.hint
