@@ -44,6 +44,11 @@ RPC_ROLES: dict[str, frozenset[str]] = {
     "/siterecovery.v1.Admin/RemoveVcenter": frozenset({pki.ADMIN}),
     "/siterecovery.v1.Admin/DiscoverVcenter": frozenset({pki.ADMIN}),
     "/siterecovery.v1.Admin/GetVcenterInventory": OPERATORS,
+    "/siterecovery.v1.Admin/AddAzureSite": frozenset({pki.ADMIN}),
+    "/siterecovery.v1.Admin/ListAzureSites": OPERATORS,
+    "/siterecovery.v1.Admin/UpdateAzureSiteCredentials": frozenset({pki.ADMIN}),
+    "/siterecovery.v1.Admin/RemoveAzureSite": frozenset({pki.ADMIN}),
+    "/siterecovery.v1.Admin/DeployAzureProcessServer": frozenset({pki.ADMIN}),
     # Process server, :9443
     "/siterecovery.v1.ProcessServer/Probe": frozenset({pki.SOURCE, pki.ADMIN}),
     "/siterecovery.v1.ProcessServer/Replicate": frozenset({pki.SOURCE}),

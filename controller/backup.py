@@ -6,7 +6,7 @@ that agents keep working against it at the same address:
     manifest.json        format, time, schema revision, row counts, source host
     store.json           every row of every table, read in one snapshot
     files/pki/...        the CA, the serving and controller-client certificates and
-                         keys, secrets.key (vCenter passwords are sealed with it)
+                         keys, secrets.key (vCenter passwords and Azure secrets are sealed with it)
     files/passphrase.json, files/admin/{ca.crt,client.crt,client.key}
 
 packed as a tar, then sealed as a whole::

@@ -37,6 +37,8 @@ class ControllerContext:
     discovery_job: JobKind | None = None
     # Nonces of accepted enrollments: a replayed request is refused.
     nonces: NonceRegistry = field(default_factory=NonceRegistry)
+    # The Azure job kinds by name (controller/azure_sites.py), as the runner has them.
+    azure_jobs: dict[str, JobKind] = field(default_factory=dict)
 
     def revoked_ids(self) -> list[str]:
         return sorted(self.revocations.ids()) if self.revocations is not None else []

@@ -33,10 +33,10 @@ from siterecovery.common.pb import (
     enrollment_pb2,
     enrollment_pb2_grpc,
 )
-from siterecovery.controller import backup, vcenters
+from siterecovery.controller import azure_sites, backup, vcenters
 from siterecovery.controller.context import ControllerContext
 from siterecovery.controller.enrollment import FailureLimiter, PassphraseVault
-from siterecovery.controller.jobs.engine import JobRunner, RetryPolicy
+from siterecovery.controller.jobs.engine import JobRunner, RetryPolicy, registry
 from siterecovery.controller.registration import register_server_kind
 from siterecovery.controller.revocation import Revocations
 from siterecovery.controller.secrets import SecretBox
@@ -169,7 +169,18 @@ def _start_backup_schedule(cfg: ConfigServerSettings, store, stop: threading.Eve
     return thread
 
 
-def run(cfg: ConfigServerSettings, stop: threading.Event | None = None) -> int:
+def run(
+    cfg: ConfigServerSettings,
+    stop: threading.Event | None = None,
+    *,
+    azure: azure_sites.AzureConnector | None = None,
+) -> int:
+    """Serve until `stop` is set (SIGTERM/SIGINT when not given).
+
+    `azure` builds the Azure clients of job steps; None is production (real
+    credential and network). Tests that run this function in-process pass one
+    with a replaying transport; there is no setting or flag for it.
+    """
     logging.configure(level=cfg.log_level, json=cfg.log_json)
     stop = stop or daemon.install_stop_handlers()
     cfg.state_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
@@ -193,11 +204,12 @@ def run(cfg: ConfigServerSettings, stop: threading.Event | None = None) -> int:
         revocations=Revocations(store),
         secrets=box,
         discovery_job=vcenters.discovery_kind(box),
+        azure_jobs=registry(azure_sites.kinds(box, vault, azure)),
     )
     runner = JobRunner(
         store,
         owner_id=f"{socket.gethostname()}-{os.getpid()}",
-        kinds=[ctx.registration_job, ctx.discovery_job],
+        kinds=[ctx.registration_job, ctx.discovery_job, *ctx.azure_jobs.values()],
         retry_policy=RetryPolicy(max_attempts=5, initial_backoff=0.5, max_backoff=5.0),
         lease_seconds=30.0,
     )

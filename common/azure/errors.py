@@ -198,7 +198,8 @@ def translate(what: str, exc: BaseException, *, attempts: int = 1) -> errors.Sit
     if status == 401 or code in AUTHN_CODES or (isinstance(exc, ClientAuthenticationError) and status != 403):
         return errors.Unauthenticated(
             f"Azure refused our credentials while trying to {what} ({said})",
-            hint="check the tenant id, client id and secret of the service principal (the secret may have expired)",
+            hint="check the tenant id, client id and secret of the service principal (the secret may have expired); "
+            "`srctl azure update-credentials SITE --secret-file FILE` replaces it",
             code="azure-unauthenticated",
         )
     if status == 403 or code == "AuthorizationFailed":

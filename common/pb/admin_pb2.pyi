@@ -519,3 +519,119 @@ class VcenterInventory(_message.Message):
     discovered_at: _timestamp_pb2.Timestamp
     document_json: str
     def __init__(self, vcenter: _Optional[_Union[Vcenter, _Mapping]] = ..., discovered_at: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., document_json: _Optional[str] = ...) -> None: ...
+
+class AzureSiteSettings(_message.Message):
+    __slots__ = ("subscription_id", "tenant_id", "client_id", "resource_group", "region", "vnet", "subnet", "storage_account", "container", "vnet_resource_group", "blob_endpoint")
+    SUBSCRIPTION_ID_FIELD_NUMBER: _ClassVar[int]
+    TENANT_ID_FIELD_NUMBER: _ClassVar[int]
+    CLIENT_ID_FIELD_NUMBER: _ClassVar[int]
+    RESOURCE_GROUP_FIELD_NUMBER: _ClassVar[int]
+    REGION_FIELD_NUMBER: _ClassVar[int]
+    VNET_FIELD_NUMBER: _ClassVar[int]
+    SUBNET_FIELD_NUMBER: _ClassVar[int]
+    STORAGE_ACCOUNT_FIELD_NUMBER: _ClassVar[int]
+    CONTAINER_FIELD_NUMBER: _ClassVar[int]
+    VNET_RESOURCE_GROUP_FIELD_NUMBER: _ClassVar[int]
+    BLOB_ENDPOINT_FIELD_NUMBER: _ClassVar[int]
+    subscription_id: str
+    tenant_id: str
+    client_id: str
+    resource_group: str
+    region: str
+    vnet: str
+    subnet: str
+    storage_account: str
+    container: str
+    vnet_resource_group: str
+    blob_endpoint: str
+    def __init__(self, subscription_id: _Optional[str] = ..., tenant_id: _Optional[str] = ..., client_id: _Optional[str] = ..., resource_group: _Optional[str] = ..., region: _Optional[str] = ..., vnet: _Optional[str] = ..., subnet: _Optional[str] = ..., storage_account: _Optional[str] = ..., container: _Optional[str] = ..., vnet_resource_group: _Optional[str] = ..., blob_endpoint: _Optional[str] = ...) -> None: ...
+
+class AzureSite(_message.Message):
+    __slots__ = ("id", "name", "settings", "created_at", "updated_at")
+    ID_FIELD_NUMBER: _ClassVar[int]
+    NAME_FIELD_NUMBER: _ClassVar[int]
+    SETTINGS_FIELD_NUMBER: _ClassVar[int]
+    CREATED_AT_FIELD_NUMBER: _ClassVar[int]
+    UPDATED_AT_FIELD_NUMBER: _ClassVar[int]
+    id: str
+    name: str
+    settings: AzureSiteSettings
+    created_at: _timestamp_pb2.Timestamp
+    updated_at: _timestamp_pb2.Timestamp
+    def __init__(self, id: _Optional[str] = ..., name: _Optional[str] = ..., settings: _Optional[_Union[AzureSiteSettings, _Mapping]] = ..., created_at: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., updated_at: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ...) -> None: ...
+
+class AddAzureSiteRequest(_message.Message):
+    __slots__ = ("name", "settings", "client_secret")
+    NAME_FIELD_NUMBER: _ClassVar[int]
+    SETTINGS_FIELD_NUMBER: _ClassVar[int]
+    CLIENT_SECRET_FIELD_NUMBER: _ClassVar[int]
+    name: str
+    settings: AzureSiteSettings
+    client_secret: str
+    def __init__(self, name: _Optional[str] = ..., settings: _Optional[_Union[AzureSiteSettings, _Mapping]] = ..., client_secret: _Optional[str] = ...) -> None: ...
+
+class ListAzureSitesRequest(_message.Message):
+    __slots__ = ()
+    def __init__(self) -> None: ...
+
+class ListAzureSitesResponse(_message.Message):
+    __slots__ = ("sites",)
+    SITES_FIELD_NUMBER: _ClassVar[int]
+    sites: _containers.RepeatedCompositeFieldContainer[AzureSite]
+    def __init__(self, sites: _Optional[_Iterable[_Union[AzureSite, _Mapping]]] = ...) -> None: ...
+
+class UpdateAzureSiteCredentialsRequest(_message.Message):
+    __slots__ = ("name", "client_id", "client_secret")
+    NAME_FIELD_NUMBER: _ClassVar[int]
+    CLIENT_ID_FIELD_NUMBER: _ClassVar[int]
+    CLIENT_SECRET_FIELD_NUMBER: _ClassVar[int]
+    name: str
+    client_id: str
+    client_secret: str
+    def __init__(self, name: _Optional[str] = ..., client_id: _Optional[str] = ..., client_secret: _Optional[str] = ...) -> None: ...
+
+class RemoveAzureSiteRequest(_message.Message):
+    __slots__ = ("name",)
+    NAME_FIELD_NUMBER: _ClassVar[int]
+    name: str
+    def __init__(self, name: _Optional[str] = ...) -> None: ...
+
+class RemoveAzureSiteResponse(_message.Message):
+    __slots__ = ()
+    def __init__(self) -> None: ...
+
+class AzureImage(_message.Message):
+    __slots__ = ("publisher", "offer", "sku", "version")
+    PUBLISHER_FIELD_NUMBER: _ClassVar[int]
+    OFFER_FIELD_NUMBER: _ClassVar[int]
+    SKU_FIELD_NUMBER: _ClassVar[int]
+    VERSION_FIELD_NUMBER: _ClassVar[int]
+    publisher: str
+    offer: str
+    sku: str
+    version: str
+    def __init__(self, publisher: _Optional[str] = ..., offer: _Optional[str] = ..., sku: _Optional[str] = ..., version: _Optional[str] = ...) -> None: ...
+
+class DeployAzureProcessServerRequest(_message.Message):
+    __slots__ = ("site", "name", "subnet", "private_ip", "size", "image", "admin_username", "ssh_public_key", "config_server", "install_command")
+    SITE_FIELD_NUMBER: _ClassVar[int]
+    NAME_FIELD_NUMBER: _ClassVar[int]
+    SUBNET_FIELD_NUMBER: _ClassVar[int]
+    PRIVATE_IP_FIELD_NUMBER: _ClassVar[int]
+    SIZE_FIELD_NUMBER: _ClassVar[int]
+    IMAGE_FIELD_NUMBER: _ClassVar[int]
+    ADMIN_USERNAME_FIELD_NUMBER: _ClassVar[int]
+    SSH_PUBLIC_KEY_FIELD_NUMBER: _ClassVar[int]
+    CONFIG_SERVER_FIELD_NUMBER: _ClassVar[int]
+    INSTALL_COMMAND_FIELD_NUMBER: _ClassVar[int]
+    site: str
+    name: str
+    subnet: str
+    private_ip: str
+    size: str
+    image: AzureImage
+    admin_username: str
+    ssh_public_key: str
+    config_server: str
+    install_command: str
+    def __init__(self, site: _Optional[str] = ..., name: _Optional[str] = ..., subnet: _Optional[str] = ..., private_ip: _Optional[str] = ..., size: _Optional[str] = ..., image: _Optional[_Union[AzureImage, _Mapping]] = ..., admin_username: _Optional[str] = ..., ssh_public_key: _Optional[str] = ..., config_server: _Optional[str] = ..., install_command: _Optional[str] = ...) -> None: ...

@@ -161,6 +161,31 @@ class AdminStub:
                 request_serializer=siterecovery_dot_v1_dot_admin__pb2.GetVcenterInventoryRequest.SerializeToString,
                 response_deserializer=siterecovery_dot_v1_dot_admin__pb2.VcenterInventory.FromString,
                 _registered_method=True)
+        self.AddAzureSite = channel.unary_unary(
+                '/siterecovery.v1.Admin/AddAzureSite',
+                request_serializer=siterecovery_dot_v1_dot_admin__pb2.AddAzureSiteRequest.SerializeToString,
+                response_deserializer=siterecovery_dot_v1_dot_admin__pb2.AzureSite.FromString,
+                _registered_method=True)
+        self.ListAzureSites = channel.unary_unary(
+                '/siterecovery.v1.Admin/ListAzureSites',
+                request_serializer=siterecovery_dot_v1_dot_admin__pb2.ListAzureSitesRequest.SerializeToString,
+                response_deserializer=siterecovery_dot_v1_dot_admin__pb2.ListAzureSitesResponse.FromString,
+                _registered_method=True)
+        self.UpdateAzureSiteCredentials = channel.unary_unary(
+                '/siterecovery.v1.Admin/UpdateAzureSiteCredentials',
+                request_serializer=siterecovery_dot_v1_dot_admin__pb2.UpdateAzureSiteCredentialsRequest.SerializeToString,
+                response_deserializer=siterecovery_dot_v1_dot_admin__pb2.AzureSite.FromString,
+                _registered_method=True)
+        self.RemoveAzureSite = channel.unary_unary(
+                '/siterecovery.v1.Admin/RemoveAzureSite',
+                request_serializer=siterecovery_dot_v1_dot_admin__pb2.RemoveAzureSiteRequest.SerializeToString,
+                response_deserializer=siterecovery_dot_v1_dot_admin__pb2.RemoveAzureSiteResponse.FromString,
+                _registered_method=True)
+        self.DeployAzureProcessServer = channel.unary_unary(
+                '/siterecovery.v1.Admin/DeployAzureProcessServer',
+                request_serializer=siterecovery_dot_v1_dot_admin__pb2.DeployAzureProcessServerRequest.SerializeToString,
+                response_deserializer=siterecovery_dot_v1_dot_admin__pb2.Job.FromString,
+                _registered_method=True)
 
 
 class AdminServicer:
@@ -325,6 +350,39 @@ class AdminServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def AddAzureSite(self, request, context):
+        """Azure sites (the Azure provider). The client secret goes in, never out.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def ListAzureSites(self, request, context):
+        """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def UpdateAzureSiteCredentials(self, request, context):
+        """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def RemoveAzureSite(self, request, context):
+        """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def DeployAzureProcessServer(self, request, context):
+        """Starts an azure-deploy-process-server job (follow it with WatchJob). The
+        enrollment passphrase is read from the server's vault when the job runs.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_AdminServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -452,6 +510,31 @@ def add_AdminServicer_to_server(servicer, server):
                     servicer.GetVcenterInventory,
                     request_deserializer=siterecovery_dot_v1_dot_admin__pb2.GetVcenterInventoryRequest.FromString,
                     response_serializer=siterecovery_dot_v1_dot_admin__pb2.VcenterInventory.SerializeToString,
+            ),
+            'AddAzureSite': grpc.unary_unary_rpc_method_handler(
+                    servicer.AddAzureSite,
+                    request_deserializer=siterecovery_dot_v1_dot_admin__pb2.AddAzureSiteRequest.FromString,
+                    response_serializer=siterecovery_dot_v1_dot_admin__pb2.AzureSite.SerializeToString,
+            ),
+            'ListAzureSites': grpc.unary_unary_rpc_method_handler(
+                    servicer.ListAzureSites,
+                    request_deserializer=siterecovery_dot_v1_dot_admin__pb2.ListAzureSitesRequest.FromString,
+                    response_serializer=siterecovery_dot_v1_dot_admin__pb2.ListAzureSitesResponse.SerializeToString,
+            ),
+            'UpdateAzureSiteCredentials': grpc.unary_unary_rpc_method_handler(
+                    servicer.UpdateAzureSiteCredentials,
+                    request_deserializer=siterecovery_dot_v1_dot_admin__pb2.UpdateAzureSiteCredentialsRequest.FromString,
+                    response_serializer=siterecovery_dot_v1_dot_admin__pb2.AzureSite.SerializeToString,
+            ),
+            'RemoveAzureSite': grpc.unary_unary_rpc_method_handler(
+                    servicer.RemoveAzureSite,
+                    request_deserializer=siterecovery_dot_v1_dot_admin__pb2.RemoveAzureSiteRequest.FromString,
+                    response_serializer=siterecovery_dot_v1_dot_admin__pb2.RemoveAzureSiteResponse.SerializeToString,
+            ),
+            'DeployAzureProcessServer': grpc.unary_unary_rpc_method_handler(
+                    servicer.DeployAzureProcessServer,
+                    request_deserializer=siterecovery_dot_v1_dot_admin__pb2.DeployAzureProcessServerRequest.FromString,
+                    response_serializer=siterecovery_dot_v1_dot_admin__pb2.Job.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -1129,6 +1212,141 @@ class Admin:
             '/siterecovery.v1.Admin/GetVcenterInventory',
             siterecovery_dot_v1_dot_admin__pb2.GetVcenterInventoryRequest.SerializeToString,
             siterecovery_dot_v1_dot_admin__pb2.VcenterInventory.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def AddAzureSite(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/siterecovery.v1.Admin/AddAzureSite',
+            siterecovery_dot_v1_dot_admin__pb2.AddAzureSiteRequest.SerializeToString,
+            siterecovery_dot_v1_dot_admin__pb2.AzureSite.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ListAzureSites(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/siterecovery.v1.Admin/ListAzureSites',
+            siterecovery_dot_v1_dot_admin__pb2.ListAzureSitesRequest.SerializeToString,
+            siterecovery_dot_v1_dot_admin__pb2.ListAzureSitesResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def UpdateAzureSiteCredentials(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/siterecovery.v1.Admin/UpdateAzureSiteCredentials',
+            siterecovery_dot_v1_dot_admin__pb2.UpdateAzureSiteCredentialsRequest.SerializeToString,
+            siterecovery_dot_v1_dot_admin__pb2.AzureSite.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def RemoveAzureSite(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/siterecovery.v1.Admin/RemoveAzureSite',
+            siterecovery_dot_v1_dot_admin__pb2.RemoveAzureSiteRequest.SerializeToString,
+            siterecovery_dot_v1_dot_admin__pb2.RemoveAzureSiteResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def DeployAzureProcessServer(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/siterecovery.v1.Admin/DeployAzureProcessServer',
+            siterecovery_dot_v1_dot_admin__pb2.DeployAzureProcessServerRequest.SerializeToString,
+            siterecovery_dot_v1_dot_admin__pb2.Job.FromString,
             options,
             channel_credentials,
             insecure,

@@ -12,7 +12,7 @@ import typer
 
 from siterecovery.common import errors
 from siterecovery.common.pb import admin_pb2, common_pb2
-from siterecovery.controller.cli import backups, lab, output, replication, users, vcenter
+from siterecovery.controller.cli import azure, backups, lab, output, replication, users, vcenter
 from siterecovery.controller.cli.client import Profile
 from siterecovery.controller.cli.output import Format
 from siterecovery.controller.cli.session import State, call
@@ -26,7 +26,7 @@ EXIT_CODES_HELP = (
 
 app = typer.Typer(
     help="Administer a siterecovery site: servers, machines, replication, recovery points, jobs, "
-    "vCenter endpoints, the passphrase and a local lab.",
+    "vCenter endpoints, Azure sites, the passphrase and a local lab.",
     epilog=EXIT_CODES_HELP,
     no_args_is_help=True,
     pretty_exceptions_enable=False,
@@ -43,6 +43,8 @@ app.add_typer(passphrase_app, name="passphrase")
 app.add_typer(replication.replication_app, name="replication")
 app.add_typer(replication.points_app, name="recovery-points")
 app.add_typer(vcenter.app, name="vcenter")
+app.add_typer(azure.app, name="azure")
+app.add_typer(azure.process_server_app, name="process-server")
 app.add_typer(users.users_app, name="user")
 app.add_typer(backups.backup_app, name="backup")
 app.add_typer(lab.app, name="lab")

@@ -5,6 +5,7 @@
 
 from siterecovery.controller.store.base import (
     ROLES,
+    AzureSiteRecord,
     JobRecord,
     MachineRecord,
     OperatorRecord,
@@ -34,6 +35,7 @@ def __getattr__(name: str):
 
 __all__ = [
     "ROLES",
+    "AzureSiteRecord",
     "JobRecord",
     "MachineRecord",
     "OperatorRecord",

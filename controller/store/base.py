@@ -25,6 +25,9 @@ What is stored (the SQL schema is spelled out in `sql.py`):
   is trusted, and how its last discovery went.
 - vcenter_inventories - the last successful discovery of each endpoint, one
   JSON document (removed with its endpoint).
+- azure_sites - one row per Azure site (subscription, resource group, region,
+  network, storage account: `common.azure.site.AzureSite` as JSON) with its
+  service principal's secret encrypted by the controller (opaque here).
 
 Transaction boundaries: every method is one transaction; nothing is committed
 half-way, so a crash (process killed, power lost) in the middle of any method
@@ -216,6 +219,18 @@ class VcenterInventory:
     vcenter_id: str
     discovered_at: datetime
     document: dict
+
+
+@dataclass(frozen=True)
+class AzureSiteRecord:
+    """An Azure site. `settings` is `AzureSite.to_dict()`; `secret` is ciphertext, never the clear secret."""
+
+    id: str
+    name: str
+    settings: dict
+    secret: str = field(repr=False)
+    created_at: datetime
+    updated_at: datetime
 
 
 class Store(ABC):
@@ -497,6 +512,37 @@ class Store(ABC):
     @abstractmethod
     def get_vcenter_inventory(self, vcenter_id: str) -> VcenterInventory:
         """The last successful discovery. NotFound when there is none yet."""
+
+    # --- Azure sites -----------------------------------------------------------
+
+    @abstractmethod
+    def add_azure_site(self, site: AzureSiteRecord) -> AzureSiteRecord:
+        """Store a new site. Conflict when its id or name is taken; InvalidInput when a field is empty."""
+
+    @abstractmethod
+    def get_azure_site(self, name_or_id: str) -> AzureSiteRecord:
+        """The site with that name (or id). NotFound otherwise."""
+
+    @abstractmethod
+    def list_azure_sites(self) -> list[AzureSiteRecord]:
+        """Every site, by name."""
+
+    @abstractmethod
+    def update_azure_site_credentials(
+        self, name_or_id: str, *, client_id: str, secret: str, now: datetime
+    ) -> AzureSiteRecord:
+        """Replace the client id (in `settings`) and the encrypted secret. NotFound when there is no such site."""
+
+    @abstractmethod
+    def remove_azure_site(self, name_or_id: str, *, unless_used_by_kinds: Collection[str] = ()) -> None:
+        """Remove the site. NotFound when there is none.
+
+        Conflict (`azure-site-in-use`), and nothing removed, when an active job
+        (pending, running, compensating) of one of `unless_used_by_kinds` has
+        `params["site_id"]` equal to the site's id, checked in the same
+        transaction as the delete. A job created for the site after that
+        check fails at its first step with NotFound (the site is gone).
+        """
 
     @abstractmethod
     def close(self) -> None:

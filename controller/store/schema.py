@@ -215,3 +215,17 @@ vcenter_inventories = sa.Table(
     sa.Column("discovered_at", UtcDateTime(), nullable=False),
     sa.Column("document", Json, nullable=False),
 )
+
+# Azure sites (0005). `settings` is common.azure.site.AzureSite.to_dict();
+# `secret` is the service principal's secret encrypted by the controller
+# (controller/secrets.py); the store never sees it in clear.
+azure_sites = sa.Table(
+    "azure_sites",
+    metadata,
+    sa.Column("id", sa.String(64), primary_key=True),
+    sa.Column("name", sa.String(64), nullable=False, unique=True),
+    sa.Column("settings", Json, nullable=False),
+    sa.Column("secret", sa.Text(), nullable=False),
+    sa.Column("created_at", UtcDateTime(), nullable=False),
+    sa.Column("updated_at", UtcDateTime(), nullable=False),
+)

@@ -30,7 +30,9 @@ Schema (tables in `schema.py`, created by `migrations/versions/0001_initial.py`)
     alembic_version (version_num)                     - the schema revision
 
 (0002_replication.py adds pairs, pair_reports and tag_requests; 0003_vcenters.py
-adds vcenters and vcenter_inventories, whose methods live in vcenters_sql.py.)
+adds vcenters and vcenter_inventories, whose methods live in vcenters_sql.py;
+0005_azure_sites.py adds azure_sites (id PK, name unique, settings JSON, secret,
+created_at, updated_at), whose methods live in azure_sites_sql.py.)
 
 Times are stored in UTC (`timestamptz` on PostgreSQL, fixed-format text on
 SQLite); JSON is JSONB on PostgreSQL and text on SQLite.
@@ -76,6 +78,7 @@ from sqlalchemy.engine import Connection, Engine
 from siterecovery.common.errors import Conflict, InvalidInput, NotFound, Unavailable
 from siterecovery.controller.jobs import states
 from siterecovery.controller.store import migrations
+from siterecovery.controller.store.azure_sites_sql import AzureSiteSqlMixin
 from siterecovery.controller.store.base import (
     BARRIER_ABORTED,
     BARRIER_COMMITTED,
@@ -126,7 +129,7 @@ def open_store(url: str) -> Store:
     return store
 
 
-class SqlStore(VcenterSqlMixin, Store):
+class SqlStore(VcenterSqlMixin, AzureSiteSqlMixin, Store):
     """`Store` on SQLAlchemy Core. Call `migrate()` (or use `open_store`) first."""
 
     def __init__(self, url: str) -> None:
