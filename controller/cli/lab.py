@@ -163,7 +163,17 @@ def up(
 def _replicate(profile: Profile) -> admin_pb2.PairView:
     """Enable replication of the lab's disk and wait for the initial sync."""
     stub = profile.admin()
-    machine = stub.ListMachines(admin_pb2.ListMachinesRequest(), timeout=RPC_TIMEOUT).machines[0]
+    deadline = time.monotonic() + RPC_TIMEOUT
+    # The source agent's machine is recorded when it registers, which may be a moment
+    # after it is healthy: wait for it rather than assume it.
+    while not (machines := stub.ListMachines(admin_pb2.ListMachinesRequest(), timeout=RPC_TIMEOUT).machines):
+        if time.monotonic() > deadline:
+            raise errors.Unavailable(
+                "the lab's source agent registered no machine", hint="see the logs in the lab directory",
+                code="lab-no-machine",
+            )
+        time.sleep(0.1)
+    machine = machines[0]
     (pair,) = stub.EnableReplication(
         admin_pb2.EnableReplicationRequest(machine=machine.id, disks=["disk0"], mode=rpb.REPLICATION_MODE_NBD),
         timeout=RPC_TIMEOUT,

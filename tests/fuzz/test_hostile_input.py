@@ -179,6 +179,17 @@ CONTROL_PLANE = [
         "config-server", pki.ADMIN, LOOKUP),
     Rpc("/siterecovery.v1.Admin/RemoveVcenter", admin_pb2.RemoveVcenterRequest, "config-server", pki.ADMIN, LOOKUP),
     Rpc("/siterecovery.v1.Admin/DiscoverVcenter", admin_pb2.DiscoverVcenterRequest, "config-server", pki.ADMIN, LOOKUP),
+    # Azure sites: adding one contacts nothing (OK may write); the rest name a site that
+    # does not exist here, or are refused for their values. A deployment never gets as
+    # far as a job: the sites it names do not exist.
+    Rpc("/siterecovery.v1.Admin/AddAzureSite", admin_pb2.AddAzureSiteRequest, "config-server", pki.ADMIN,
+        frozenset({C.INVALID_ARGUMENT, C.ABORTED}), "write"),
+    Rpc("/siterecovery.v1.Admin/UpdateAzureSiteCredentials", admin_pb2.UpdateAzureSiteCredentialsRequest,
+        "config-server", pki.ADMIN, LOOKUP),
+    Rpc("/siterecovery.v1.Admin/RemoveAzureSite", admin_pb2.RemoveAzureSiteRequest, "config-server", pki.ADMIN,
+        frozenset({C.INVALID_ARGUMENT, C.NOT_FOUND, C.FAILED_PRECONDITION})),
+    Rpc("/siterecovery.v1.Admin/DeployAzureProcessServer", admin_pb2.DeployAzureProcessServerRequest,
+        "config-server", pki.ADMIN, frozenset({C.INVALID_ARGUMENT, C.NOT_FOUND, C.FAILED_PRECONDITION})),
     # Agents (as the suite's own enrolled source agent): what an agent reports about itself
     # is accepted when well-formed (and then written), refused when not.
     Rpc("/siterecovery.v1.AgentControl/Register", agent_pb2.RegisterRequest, "config-server", "fuzz-source", BAD,
@@ -195,6 +206,7 @@ CONTROL_PLANE = [
 NO_INPUT = {
     "/siterecovery.v1.Admin/ListMachines", "/siterecovery.v1.Admin/GetPassphrase",
     "/siterecovery.v1.Admin/RotatePassphrase", "/siterecovery.v1.Admin/ListVcenters",
+    "/siterecovery.v1.Admin/ListAzureSites",
     "/siterecovery.v1.ProcessServer/Probe", "/siterecovery.v1.MasterTarget/Probe",
 }
 # Fuzzed by their own tests below (data plane, enrollment).
