@@ -67,6 +67,11 @@ class PairParticipant(Protocol):
 
     def pair_statuses(self) -> Sequence[replication_pb2.PairStatus]: ...
 
+    def end_streams(self) -> None:
+        """End every data-plane stream this agent serves, at shutdown: the peers
+        reconnect and resume from their last acknowledgement, so there is nothing
+        to wait for (without this, the gRPC server waits out its whole grace)."""
+
 
 class AgentRuntime:
     def __init__(
@@ -276,6 +281,8 @@ class AgentRuntime:
         self.register()
         self.heartbeat_loop()
         daemon.report_stopping()
+        if self.pairs is not None:
+            self.pairs.end_streams()
         running.stop(grace=5.0)
         if self._channel is not None:
             self._channel.close()

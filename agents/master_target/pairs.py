@@ -226,6 +226,12 @@ class MasterTargetPairs:
         target = self.target(request.pair_id)
         return materializing.materialize(target, request.point, request.output_path, self.datastore_dirs)
 
+    def end_streams(self) -> None:
+        with self._lock:
+            entries = list(self._entries.values())
+        for entry in entries:
+            self._stop_stream(entry)
+
     def close(self) -> None:
         with self._lock:
             entries = list(self._entries.values())

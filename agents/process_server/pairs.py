@@ -117,6 +117,9 @@ class ProcessServerPairs:
     def problems(self) -> list[common_pb2.Problem]:
         return self.spool.problems()
 
+    def end_streams(self) -> None:
+        self.receiver.end_all()
+
     def close(self) -> None:
         """Stop every forwarder and end every stream (the spool stays open; close it after)."""
         self._stop.set()

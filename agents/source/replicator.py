@@ -562,6 +562,9 @@ class SourceReplication:
                 )
         return statuses
 
+    def end_streams(self) -> None:
+        """A source agent serves no data-plane streams (its NBD export stops with it)."""
+
     def close(self) -> None:
         """Stop every pair's threads and detach the journals (call after the NBD server stopped)."""
         with self._lock:
