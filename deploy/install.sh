@@ -49,8 +49,11 @@ if [ -f "$AZURITE_DIR/node_modules/azurite/package.json" ]; then
   azurite_have=$(sed -n 's/^ *"version": *"\([^"]*\)".*/\1/p' "$AZURITE_DIR/node_modules/azurite/package.json" | head -1)
 fi
 if [ "$azurite_have" != "$azurite_wanted" ] || [ ! -x "$AZURITE_DIR/node_modules/.bin/azurite-blob" ]; then
-  command -v npm >/dev/null || {
-    echo "the Azurite tests need Node.js and npm (apt-get install nodejs npm), then run this again" >&2; exit 1; }
+  if ! command -v npm >/dev/null; then
+    echo "==> installing Debian packages: nodejs npm (for Azurite)"
+    as_root apt-get update -qq
+    as_root env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends nodejs npm
+  fi
   echo "==> installing Azurite $azurite_wanted (npm, into $AZURITE_DIR/node_modules)"
   (cd "$AZURITE_DIR" && npm ci --no-fund --no-audit --loglevel=error)
 fi
