@@ -333,6 +333,20 @@ def write_private(path: Path, data: bytes, *, exclusive: bool = False) -> None:
     _fsync_dir(path.parent)
 
 
+def load_or_create_key_file(path: Path, size: int = 32) -> bytes:
+    """The random key in `path`, made (`size` bytes, 0600, exclusively) when missing.
+
+    Of two processes making it at once, one wins and both use its key.
+    """
+    path = Path(path)
+    if not path.exists():
+        try:
+            write_private(path, os.urandom(size), exclusive=True)
+        except FileExistsError:
+            pass  # another process made it first: use theirs
+    return path.read_bytes()
+
+
 def make_private_dir(directory: Path) -> None:
     """Create `directory` and any missing parents with mode 0700; existing ones are left alone."""
     directory = Path(directory)

@@ -44,16 +44,7 @@ class RecordCipher:
     @classmethod
     def load_or_create(cls, path: Path) -> RecordCipher:
         """The key in `path`, made (0600, atomically) when the file does not exist yet."""
-        path = Path(path)
-        try:
-            return cls(path.read_bytes())
-        except FileNotFoundError:
-            pass
-        try:
-            pki.write_private(path, os.urandom(KEY_BYTES), exclusive=True)
-        except FileExistsError:
-            pass  # another process made it first: use theirs
-        return cls(path.read_bytes())
+        return cls(pki.load_or_create_key_file(path, KEY_BYTES))
 
     def seal(self, context: str, seq: int, body: bytes) -> bytes:
         nonce = os.urandom(NONCE_BYTES)

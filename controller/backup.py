@@ -45,7 +45,6 @@ from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 from cryptography.hazmat.primitives.kdf.scrypt import Scrypt
 
 from siterecovery.common import errors, pki
-from siterecovery.common.daemon import fsync_dir
 from siterecovery.common.logging import get_logger
 from siterecovery.controller.store.schema import UtcDateTime, metadata
 from siterecovery.controller.store.sql import SqlStore, head_revision, known_revisions
@@ -175,7 +174,6 @@ def _add(tar: tarfile.TarFile, name: str, data: bytes) -> None:
 def write_file(path: Path, data: bytes) -> None:
     """Atomically, 0600: a crash leaves the old file or the new one, never half of one."""
     pki.write_private(path, data)
-    fsync_dir(path.parent)
 
 
 # -- restore -----------------------------------------------------------------------------

@@ -39,12 +39,7 @@ class SecretBox:
     @classmethod
     def load_or_create(cls, pki_dir: Path) -> SecretBox:
         path = Path(pki_dir) / KEY_FILE
-        if not path.exists():
-            try:
-                pki.write_private(path, AESGCM.generate_key(bit_length=256), exclusive=True)
-            except FileExistsError:
-                pass  # another process made it first; use theirs
-        key = path.read_bytes()
+        key = pki.load_or_create_key_file(path)
         if len(key) != 32:
             raise errors.Integrity(
                 f"{path} is not a secrets key ({len(key)} bytes, not 32)",

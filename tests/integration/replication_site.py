@@ -49,6 +49,11 @@ def make_image(path: Path, size: int, *, data_bytes: int, seed: int, extent: int
         os.fsync(image.fileno())
 
 
+def _daemon_of(name: str) -> str:
+    """Agents here are named after their daemon, except the source agents (any name)."""
+    return name if name in ("process-server", "master-target") else "source-agent"
+
+
 def faketime_library() -> str:
     """libfaketime from Debian's faketime package, wherever the architecture puts it."""
     found = sorted(Path("/usr/lib").glob("*/faketime/libfaketime.so.1"))
@@ -86,8 +91,7 @@ class ReplicatingSite(Site):
             make_image(disk, disk_size, data_bytes=data_bytes, seed=seed + number)
             extras[name] = {"disks": [{"path": str(disk), "name": "disk0"}], "nbd_port": 0, **(source_extra or {})}
         for name, extra in extras.items():
-            daemon = name if name in ("process-server", "master-target") else "source-agent"
-            config, _state_dir = self.agent_config(daemon, name, passphrase_file=passphrase, **extra)
+            config, _state_dir = self.agent_config(_daemon_of(name), name, passphrase_file=passphrase, **extra)
             self.configs[name] = config
             self.agents[name] = self._launch(name)
             if name == "master-target" and self.proxy is not None:
@@ -130,9 +134,8 @@ class ReplicatingSite(Site):
         return self.disk if source == SOURCE else self.root / "disks" / source / "disk0.img"
 
     def _launch(self, name: str) -> launcher.Launched:
-        daemon = name if name in ("process-server", "master-target") else "source-agent"
         launched = launcher.launch(
-            daemon, ["--config", str(self.configs[name])], state_dir=self.root / name,
+            _daemon_of(name), ["--config", str(self.configs[name])], state_dir=self.root / name,
             log_path=self.root / "logs" / f"{name}.log", env=self._clock_env(name),
         )
         self.daemons.append(launched)
