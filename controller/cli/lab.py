@@ -153,9 +153,11 @@ def up(
             launcher.save(lab_file, started)
         servers = _wait_healthy(profile, expected=len(AGENTS))
         pair = _replicate(profile) if replicate else None
-    except (errors.SiteRecoveryError, grpc.RpcError):
+    except (errors.SiteRecoveryError, grpc.RpcError) as exc:
         for daemon in reversed(started):
             launcher.stop(daemon)
+        if isinstance(exc, grpc.RpcError):
+            raise errors.from_rpc_error(exc) from exc
         raise
     _print_summary(lab_dir, started, servers, profile, pair)
 
@@ -174,10 +176,12 @@ def _replicate(profile: Profile) -> admin_pb2.PairView:
             )
         time.sleep(0.1)
     machine = machines[0]
-    (pair,) = stub.EnableReplication(
-        admin_pb2.EnableReplicationRequest(machine=machine.id, disks=["disk0"], mode=rpb.REPLICATION_MODE_NBD),
-        timeout=RPC_TIMEOUT,
-    ).pairs
+    # A lab started again after `lab down` keeps its pair: it resumes where it stood.
+    if not stub.ListPairs(admin_pb2.ListPairsRequest(machine=machine.id), timeout=RPC_TIMEOUT).pairs:
+        stub.EnableReplication(
+            admin_pb2.EnableReplicationRequest(machine=machine.id, disks=["disk0"], mode=rpb.REPLICATION_MODE_NBD),
+            timeout=RPC_TIMEOUT,
+        )
     deadline = time.monotonic() + SYNC_TIMEOUT
     while time.monotonic() < deadline:
         (pair,) = stub.ListPairs(admin_pb2.ListPairsRequest(machine=machine.id), timeout=RPC_TIMEOUT).pairs
