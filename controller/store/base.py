@@ -141,6 +141,13 @@ class JobRecord:
 
 PAIR_MODES = ("nbd", "scan")
 PAIR_DESIRED_STATES = ("replicating", "paused")
+# How a pair's first synchronisation runs: copy every block, or compare block
+# hashes with a target disk that already holds an older copy (failback to the
+# original disk, reprotect onto an existing replica) and send only the differences.
+PAIR_SYNC_KINDS = ("full", "delta")
+# Where a pair's frames end: a master target writing a disk file, or (forward
+# protection to Azure) the process server writing a page blob.
+PAIR_TARGET_KINDS = ("master-target", "azure-page-blob")
 
 
 @dataclass(frozen=True)
@@ -163,6 +170,10 @@ class PairRecord:
     policy: dict = field(default_factory=dict)
     desired_state: str = "replicating"
     group_id: str = ""
+    sync_kind: str = "full"
+    target_kind: str = "master-target"
+    # What the target kind needs beyond target_path (e.g. the Azure site and blob name).
+    target_options: dict = field(default_factory=dict)
 
 
 @dataclass(frozen=True)

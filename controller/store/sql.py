@@ -21,8 +21,8 @@ Schema (tables in `schema.py`, created by `migrations/versions/0001_initial.py`)
     pairs    (id PK, machine_id FK machines.id, source_server_id / process_server_id /
               master_target_id FK servers.id, disk_name, disk_identity,
               disk_size_bytes, mode, target_path, journal_dir, policy JSON,
-              desired_state, group_id, created_at, updated_at)
-                                                      unique (machine_id, disk_identity)
+              desired_state, group_id, created_at, updated_at, sync_kind,
+              target_kind, target_options JSON)       unique (machine_id, disk_identity)
     pair_reports (pair_id FK pairs.id ON DELETE CASCADE, server_id, PK (pair_id,
               server_id), role, status JSON, reported_at)
     tag_requests (pair_id FK pairs.id ON DELETE CASCADE, tag_id, PK (pair_id,
@@ -32,7 +32,8 @@ Schema (tables in `schema.py`, created by `migrations/versions/0001_initial.py`)
 (0002_replication.py adds pairs, pair_reports and tag_requests; 0003_vcenters.py
 adds vcenters and vcenter_inventories, whose methods live in vcenters_sql.py;
 0005_azure_sites.py adds azure_sites (id PK, name unique, settings JSON, secret,
-created_at, updated_at), whose methods live in azure_sites_sql.py.)
+created_at, updated_at), whose methods live in azure_sites_sql.py; 0006_pair_kinds.py
+adds the pairs' sync_kind, target_kind and target_options.)
 
 Times are stored in UTC (`timestamptz` on PostgreSQL, fixed-format text on
 SQLite); JSON is JSONB on PostgreSQL and text on SQLite.
@@ -86,6 +87,8 @@ from siterecovery.controller.store.base import (
     OPERATOR_ROLES,
     PAIR_DESIRED_STATES,
     PAIR_MODES,
+    PAIR_SYNC_KINDS,
+    PAIR_TARGET_KINDS,
     ROLES,
     JobRecord,
     MachineRecord,
@@ -412,6 +415,12 @@ class SqlStore(VcenterSqlMixin, AzureSiteSqlMixin, Store):
         if pair.mode not in PAIR_MODES:
             raise InvalidInput(f"{pair.mode!r} is not a replication mode", hint=f"use one of: {', '.join(PAIR_MODES)}")
         _check_desired_state(pair.desired_state)
+        if pair.sync_kind not in PAIR_SYNC_KINDS:
+            raise InvalidInput(f"{pair.sync_kind!r} is not a sync kind", hint=f"use one of: {', '.join(PAIR_SYNC_KINDS)}")
+        if pair.target_kind not in PAIR_TARGET_KINDS:
+            raise InvalidInput(
+                f"{pair.target_kind!r} is not a target kind", hint=f"use one of: {', '.join(PAIR_TARGET_KINDS)}"
+            )
         if pair.disk_size_bytes <= 0:
             raise InvalidInput(f"disk size must be positive, not {pair.disk_size_bytes}")
         values = {
@@ -429,6 +438,9 @@ class SqlStore(VcenterSqlMixin, AzureSiteSqlMixin, Store):
             "policy": json_copy(pair.policy, "policy"),
             "desired_state": pair.desired_state,
             "group_id": pair.group_id,
+            "sync_kind": pair.sync_kind,
+            "target_kind": pair.target_kind,
+            "target_options": json_copy(pair.target_options, "target_options"),
             "created_at": utc(pair.created_at, "created_at"),
             "updated_at": utc(pair.updated_at, "updated_at"),
         }
@@ -1077,6 +1089,9 @@ def _pair_record(row: Any) -> PairRecord:
         group_id=row["group_id"],
         created_at=row["created_at"],
         updated_at=row["updated_at"],
+        sync_kind=row["sync_kind"],
+        target_kind=row["target_kind"],
+        target_options=row["target_options"],
     )
 
 
