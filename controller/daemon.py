@@ -17,6 +17,7 @@ import os
 import socket
 import sys
 import threading
+import uuid
 from datetime import UTC, datetime
 from pathlib import Path
 
@@ -208,7 +209,7 @@ def run(
     )
     runner = JobRunner(
         store,
-        owner_id=f"{socket.gethostname()}-{os.getpid()}",
+        owner_id=_runner_id(cfg.state_dir),
         kinds=[ctx.registration_job, ctx.discovery_job, *ctx.azure_jobs.values()],
         retry_policy=RetryPolicy(max_attempts=5, initial_backoff=0.5, max_backoff=5.0),
         lease_seconds=30.0,
@@ -261,6 +262,23 @@ def run(
     store.close()
     log.info("stopped")
     return 0
+
+
+def _runner_id(state_dir: Path) -> str:
+    """This server's job-runner id, the same across restarts (see JobRunner.start).
+
+    Kept in the state directory, so two servers sharing one PostgreSQL store
+    (each with its own state directory) never share it.
+    """
+    path = state_dir / "runner-id"
+    try:
+        return path.read_text("utf-8").strip()
+    except FileNotFoundError:
+        runner_id = f"{socket.gethostname()}-{uuid.uuid4().hex[:12]}"
+        tmp = path.with_suffix(".tmp")
+        tmp.write_text(runner_id + "\n", "utf-8")
+        os.replace(tmp, path)
+        return runner_id
 
 
 if __name__ == "__main__":

@@ -19,6 +19,18 @@ decided by `states.next_action`, the same rule the store uses to allow a
 claim, so two runners can only ever hold different steps of different jobs,
 and the store, not an in-process lock, guarantees it.
 
+A step that has to wait for the world (an initial sync to finish, an operator
+to confirm a manual action) raises `Waiting`: the runner records its progress
+and message, keeps the step `running` under a lease that ends when it should be
+looked at again, and moves on to other jobs; when that lease ends, any runner
+claims the step again and `execute` runs from the top (so it must find out
+where things stand rather than remember it).
+
+A job kind's steps may depend on the job's parameters (a recovery plan's
+failover has a step per group and per manual action): `JobKind(plan=...)`
+derives them, and since parameters never change after creation, every runner
+derives the same steps.
+
 While a step runs, a keeper thread renews its lease every third of the lease
 length. A runner that loses its lease (it was too slow, or the store thought
 it dead) stops recording anything for that step: `progress()` raises
@@ -30,7 +42,7 @@ from __future__ import annotations
 import threading
 import uuid
 from abc import ABC, abstractmethod
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import Any, Self
@@ -83,6 +95,23 @@ def is_retryable(error: BaseException) -> bool:
 
 
 # --- steps and kinds --------------------------------------------------------------------
+
+
+class Waiting(Exception):
+    """Raised by a step that cannot finish yet: look again in `delay` seconds.
+
+    Not an error and not retried in place: the runner records `progress` and
+    `message`, sets the step's lease to end after `delay`, and lets the thread
+    go to other jobs. The step runs again from the top when the lease ends.
+    """
+
+    def __init__(self, message: str, *, delay: float = 2.0, progress: float | None = None) -> None:
+        super().__init__(message)
+        if delay <= 0:
+            raise InvalidInput(f"a wait must be positive, not {delay}")
+        self.message = message
+        self.delay = delay
+        self.progress = progress
 
 
 class LeaseLost(Conflict):
@@ -167,23 +196,50 @@ class FunctionStep(Step):
 
 @dataclass(frozen=True, init=False)
 class JobKind:
-    """A named, ordered list of steps. The name is what jobs record as their kind."""
+    """A named, ordered list of steps. The name is what jobs record as their kind.
+
+    Either fixed `steps`, or `plan`: a function of the job's parameters that
+    returns the steps (the same ones for the same parameters, every time).
+    """
 
     name: str
     steps: tuple[Step, ...]
+    plan: Callable[[Mapping[str, Any]], Iterable[Step]] | None
 
-    def __init__(self, name: str, steps: Iterable[Step]) -> None:
+    def __init__(
+        self,
+        name: str,
+        steps: Iterable[Step] = (),
+        *,
+        plan: Callable[[Mapping[str, Any]], Iterable[Step]] | None = None,
+    ) -> None:
         object.__setattr__(self, "name", name)
         object.__setattr__(self, "steps", tuple(steps))
+        object.__setattr__(self, "plan", plan)
         if not name:
             raise InvalidInput("a job kind needs a name")
-        names = [step.name for step in self.steps]
-        if len(set(names)) != len(names) or not all(names):
-            raise InvalidInput(f"step names of job kind {name!r} must be unique: {names}")
+        if plan is not None and self.steps:
+            raise InvalidInput(f"job kind {name!r} has both fixed steps and a plan")
+        if plan is None:
+            _check_step_names(name, self.steps)
 
     @property
     def step_names(self) -> list[str]:
+        """The fixed steps' names (a planned kind has none without parameters)."""
         return [step.name for step in self.steps]
+
+    def steps_for(self, params: Mapping[str, Any]) -> tuple[Step, ...]:
+        if self.plan is None:
+            return self.steps
+        planned = tuple(self.plan(params))
+        _check_step_names(self.name, planned)
+        return planned
+
+
+def _check_step_names(kind: str, steps: Sequence[Step]) -> None:
+    names = [step.name for step in steps]
+    if not names or len(set(names)) != len(names) or not all(names):
+        raise InvalidInput(f"step names of job kind {kind!r} must be unique and not empty: {names}")
 
 
 def registry(kinds: Iterable[JobKind] | Mapping[str, JobKind]) -> dict[str, JobKind]:
@@ -206,11 +262,12 @@ def create_job(
     now: datetime | None = None,
 ) -> JobRecord:
     """Persist a new pending job of `kind`; a runner will pick it up."""
+    params = params or {}
     return store.create_job(
         kind=kind.name,
         target=target,
-        step_names=kind.step_names,
-        params=params or {},
+        step_names=[step.name for step in kind.steps_for(params)],
+        params=params,
         now=now or utcnow(),
     )
 
@@ -266,6 +323,9 @@ class JobRunner:
         """Call run_once every `interval` seconds in a background thread until stop()."""
         if self._thread is not None:
             raise Conflict("the job runner is already started")
+        released = self.store.release_leases(self.owner_id, now=self._clock())
+        if released:
+            log.info("took up the jobs this runner held before it restarted", jobs=released)
         self._stop.clear()
         self._thread = threading.Thread(
             target=self._loop, args=(interval,), name=f"jobs-{self.owner_id}", daemon=True
@@ -319,7 +379,12 @@ class JobRunner:
             if kind is None:
                 log.warning("job of an unknown kind left alone", job=job_id, kind=job.kind)
                 return ran
-            if kind.step_names != [s.name for s in job.steps]:
+            try:
+                planned = kind.steps_for(job.params)
+            except Exception:  # parameters this version cannot plan: not ours to touch
+                log.warning("job's steps cannot be planned; left alone", job=job_id, kind=job.kind, exc_info=True)
+                return ran
+            if [s.name for s in planned] != [s.name for s in job.steps]:
                 log.warning(
                     "job's steps do not match its kind; left alone",
                     job=job_id,
@@ -343,7 +408,7 @@ class JobRunner:
             if step is None:
                 return ran  # another runner got there first
             ran += 1
-            if not self._run_step(job, kind.steps[step.index], step, clock):
+            if not self._run_step(job, planned[step.index], step, clock):
                 return ran  # lost the lease: the job is someone else's now
 
     def _settle(self, job: JobRecord, action: states.Action, clock: Clock) -> None:
@@ -380,6 +445,7 @@ class JobRunner:
 
         ctx = StepContext(job=job, step=step, store=self.store, phase=phase, outputs=outputs, _report=report)
         bound = {"job": job.id, "kind": job.kind, "step": step.name, "phase": phase}
+        waiting: Waiting | None = None
         with (
             structlog.contextvars.bound_contextvars(**bound),
             _LeaseKeeper(self, job.id, step.index, clock, lost),
@@ -387,6 +453,8 @@ class JobRunner:
             log.info("step started", attempt=step.attempt)
             try:
                 result = self._with_retries(impl.execute if phase == "execute" else impl.compensate, ctx)
+            except Waiting as exc:
+                waiting = exc
             except LeaseLost:
                 log.warning("step lease lost; leaving the step to its new owner")
                 return False
@@ -401,7 +469,19 @@ class JobRunner:
                 return self._record_failure(job, step, phase, exc, clock)
             if lost.is_set():
                 return False
-            return self._record_success(job, step, phase, result, clock)
+            if waiting is None:
+                return self._record_success(job, step, phase, result, clock)
+        # Outside the keeper, which would otherwise renew the lease to its usual length.
+        self._record_waiting(job, step, waiting, clock)
+        return False
+
+    def _record_waiting(self, job: JobRecord, step: StepRecord, waiting: Waiting, clock: Clock) -> None:
+        now = clock()
+        if self.store.update_step(
+            job.id, step.index, owner=self.owner_id, now=now, progress=waiting.progress, message=waiting.message
+        ):
+            self.store.renew_lease(job.id, step.index, owner=self.owner_id, lease_seconds=waiting.delay, now=now)
+            log.debug("step waiting", job=job.id, step=step.name, delay=waiting.delay, message=waiting.message)
 
     def _with_retries(self, fn: Callable[[StepContext], Any], ctx: StepContext) -> Any:
         policy = self.retry_policy

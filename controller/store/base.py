@@ -481,6 +481,15 @@ class Store(ABC):
         compensations done). Jobs waiting on a live lease are left out.
         """
 
+    @abstractmethod
+    def release_leases(self, owner: str, *, now: datetime) -> int:
+        """End every lease `owner` holds now; return how many.
+
+        A runner calls it when it starts: leases under its id are from its
+        previous life (killed mid-step), and its steps can be taken up again at
+        once instead of after the lease runs out.
+        """
+
     # --- vCenter / ESXi endpoints --------------------------------------------
 
     @abstractmethod

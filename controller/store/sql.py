@@ -888,6 +888,26 @@ class SqlStore(VcenterSqlMixin, AzureSiteSqlMixin, Store):
             active = self._jobs(conn, query)
         return [job.id for job in active if states.next_action(job, now).kind in ("settle", "claim")]
 
+    def release_leases(self, owner: str, *, now: datetime) -> int:
+        now = utc(now, "now")
+        if not owner:
+            raise InvalidInput("owner must not be empty")
+        with self._write() as conn:
+            held = conn.execute(
+                sa.select(steps.c.job_id)
+                .where(steps.c.lease_owner == owner, steps.c.status.in_(states.LEASED_STEP_STATUSES))
+                .distinct()
+            ).scalars().all()
+            for job_id in held:
+                self._lock_job(conn, job_id)
+                conn.execute(
+                    sa.update(steps)
+                    .where(steps.c.job_id == job_id, steps.c.lease_owner == owner)
+                    .values(lease_expires_at=now)
+                )
+                self._touch(conn, job_id, now)
+            return len(held)
+
     def close(self) -> None:
         self._engine.dispose()
 

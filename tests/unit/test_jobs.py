@@ -24,6 +24,7 @@ from siterecovery.controller.jobs.engine import (
     RetryPolicy,
     Step,
     StepContext,
+    Waiting,
     cancel_job,
     create_job,
     registry,
@@ -414,3 +415,62 @@ def test_the_transition_table_is_the_only_judge() -> None:
         states.check_transition("succeeded", "compensating")  # a finished job stays finished
     with pytest.raises(InvalidInput):
         states.check_transition("pending", "succeeded", entity="step")
+
+
+# --- waiting, planned steps, restarts ------------------------------------------------------
+
+
+def test_a_waiting_step_frees_the_runner_and_is_looked_at_again_after_its_delay(store: Store, site: Site) -> None:
+    ready = threading.Event()
+
+    def until_ready(ctx: StepContext) -> None:
+        if not ready.is_set():
+            raise Waiting("waiting for the initial sync: 40 %", delay=10.0, progress=0.4)
+
+    kind = kind_of(site, "a", "b", b=MakeResource(site, "b", fail=until_ready))
+    job = create_job(store, kind, "vm1", now=T0)
+    plain = JobKind("plain", [MakeResource(site, "c")])
+    other = create_job(store, plain, "vm2", now=T0)
+    runner = JobRunner(store, "r1", [kind, plain], FAST, lease_seconds=LEASE)
+
+    runner.run_once(now=T0)
+    waiting = store.get_job(job.id).steps[1]
+    assert (waiting.status, waiting.progress, waiting.message) == ("running", 0.4, "waiting for the initial sync: 40 %")
+    assert waiting.lease_expires_at == T0 + timedelta(seconds=10)
+    assert store.get_job(other.id).status == "succeeded"  # the wait did not hold the runner
+    assert runner.run_once(now=T0 + timedelta(seconds=9)) == 0
+
+    ready.set()
+    assert runner.run_once(now=T0 + timedelta(seconds=10)) == 1
+    assert statuses(store, job.id) == ("succeeded", ["succeeded", "succeeded"])
+    assert site.tries["execute:b"] == 2 and site.tries["execute:a"] == 1 and site.tries["execute:c"] == 1
+
+
+def test_a_planned_kind_derives_its_steps_from_the_parameters(store: Store, site: Site) -> None:
+    kind = JobKind("plan", plan=lambda params: [MakeResource(site, n) for n in params["groups"]])
+    job = create_job(store, kind, "plan1", {"groups": ["g1", "pause", "g2"]}, now=T0)
+    assert [s.name for s in job.steps] == ["g1", "pause", "g2"]
+    JobRunner(store, "r1", [kind], FAST, lease_seconds=LEASE).run_once(now=T0)
+    assert store.get_job(job.id).status == "succeeded"
+    assert site.resources() == ["plan1-g1", "plan1-g2", "plan1-pause"]
+    with pytest.raises(InvalidInput):
+        create_job(store, kind, "plan2", {"groups": []}, now=T0)
+    with pytest.raises(InvalidInput):
+        JobKind("both", [MakeResource(site, "a")], plan=lambda params: [])
+
+
+def test_a_restarted_runner_takes_up_its_own_steps_at_once(store: Store, site: Site) -> None:
+    def crash_first_time(ctx: StepContext) -> None:
+        if ctx.attempt == 1:
+            raise Crash()
+
+    kind = kind_of(site, "a", "b", b=MakeResource(site, "b", fail=crash_first_time))
+    job = create_job(store, kind, "vm1", now=T0)
+    with pytest.raises(Crash):
+        JobRunner(store, "cs-1", [kind], FAST, lease_seconds=LEASE).run_once(now=T0)
+    assert store.release_leases("someone-else", now=T0) == 0
+    restarted = JobRunner(store, "cs-1", [kind], FAST, lease_seconds=LEASE)
+    assert restarted.run_once(now=T0) == 0  # still under the dead process's lease
+    assert store.release_leases("cs-1", now=T0) == 1
+    assert restarted.run_once(now=T0) == 1
+    assert statuses(store, job.id) == ("succeeded", ["succeeded", "succeeded"])
