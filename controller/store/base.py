@@ -233,6 +233,49 @@ class VcenterInventory:
 
 
 @dataclass(frozen=True)
+class ProtectionGroupRecord:
+    """A protection group; `failback_of` is set on a `<name>_Failback` twin (the primary's id)."""
+
+    id: str
+    name: str
+    policy: dict
+    created_at: datetime
+    failback_of: str = ""
+
+
+@dataclass(frozen=True)
+class RecoveryPlanRecord:
+    """A recovery plan; `definition` is controller/protection/plans.py's document."""
+
+    id: str
+    name: str
+    definition: dict
+    created_at: datetime
+    updated_at: datetime
+    version: int = 0
+
+
+@dataclass(frozen=True)
+class ProtectedItemRecord:
+    """A machine under protection: its lifecycle state and what each site holds of it.
+
+    `machine_id` is the machine first protected (its on-premises source agent);
+    `details` is controller/protection/items.py's document (VMs on each side,
+    pairs, the network identity recorded at protection, the last failover).
+    """
+
+    id: str
+    name: str
+    machine_id: str
+    group_id: str
+    state: str
+    details: dict
+    created_at: datetime
+    updated_at: datetime
+    version: int = 0
+
+
+@dataclass(frozen=True)
 class AzureSiteRecord:
     """An Azure site. `settings` is `AzureSite.to_dict()`; `secret` is ciphertext, never the clear secret."""
 
@@ -563,6 +606,70 @@ class Store(ABC):
         transaction as the delete. A job created for the site after that
         check fails at its first step with NotFound (the site is gone).
         """
+
+    # --- protection groups, recovery plans, protected machines (0007) --------
+
+    @abstractmethod
+    def add_protection_groups(self, primary: ProtectionGroupRecord, twin: ProtectionGroupRecord) -> None:
+        """Create a group and its failback twin together; Conflict when a name is taken."""
+
+    @abstractmethod
+    def get_protection_group(self, name_or_id: str) -> ProtectionGroupRecord:
+        """NotFound (code protection-group-not-found) when there is none."""
+
+    @abstractmethod
+    def list_protection_groups(self) -> list[ProtectionGroupRecord]: ...
+
+    @abstractmethod
+    def remove_protection_groups(self, name_or_id: str) -> None:
+        """Remove a primary group and its twin; Conflict while a machine is in either."""
+
+    @abstractmethod
+    def save_recovery_plan(self, plan: RecoveryPlanRecord, *, expected_version: int | None) -> RecoveryPlanRecord:
+        """Insert (expected_version None; Conflict when the name is taken) or replace
+        the plan if it is still at `expected_version` (Conflict otherwise). Bumps the version."""
+
+    @abstractmethod
+    def get_recovery_plan(self, name_or_id: str) -> RecoveryPlanRecord: ...
+
+    @abstractmethod
+    def list_recovery_plans(self) -> list[RecoveryPlanRecord]: ...
+
+    @abstractmethod
+    def remove_recovery_plan(self, name_or_id: str) -> None: ...
+
+    @abstractmethod
+    def add_protected_item(self, item: ProtectedItemRecord) -> ProtectedItemRecord:
+        """Conflict (code machine-already-protected) when the machine has one."""
+
+    @abstractmethod
+    def get_protected_item(self, item_id: str) -> ProtectedItemRecord: ...
+
+    @abstractmethod
+    def list_protected_items(self, *, group_id: str | None = None) -> list[ProtectedItemRecord]: ...
+
+    @abstractmethod
+    def update_protected_item(
+        self,
+        item_id: str,
+        *,
+        expected_version: int,
+        now: datetime,
+        state: str | None = None,
+        group_id: str | None = None,
+        details: dict | None = None,
+    ) -> ProtectedItemRecord | None:
+        """Compare-and-set on `version`: the new record, or None when it changed meanwhile."""
+
+    @abstractmethod
+    def remove_protected_item(self, item_id: str) -> None: ...
+
+    @abstractmethod
+    def signal_job(self, job_id: str, name: str, *, now: datetime) -> bool:
+        """Record an operator's signal for a job; False when it was already given."""
+
+    @abstractmethod
+    def job_signals(self, job_id: str) -> set[str]: ...
 
     @abstractmethod
     def close(self) -> None:

@@ -232,3 +232,51 @@ azure_sites = sa.Table(
     sa.Column("created_at", UtcDateTime(), nullable=False),
     sa.Column("updated_at", UtcDateTime(), nullable=False),
 )
+
+# Protection groups, recovery plans and protected machines (0007); see
+# controller/protection/ for what they mean. A group's `failback_of` names the
+# primary group of a `<name>_Failback` twin; the two are created and removed together.
+protection_groups = sa.Table(
+    "protection_groups",
+    metadata,
+    sa.Column("id", sa.String(64), primary_key=True),
+    sa.Column("name", sa.String(128), nullable=False, unique=True),
+    sa.Column("failback_of", sa.String(64), sa.ForeignKey("protection_groups.id", ondelete="CASCADE"), nullable=True),
+    sa.Column("policy", Json, nullable=False),
+    sa.Column("created_at", UtcDateTime(), nullable=False),
+)
+
+recovery_plans = sa.Table(
+    "recovery_plans",
+    metadata,
+    sa.Column("id", sa.String(64), primary_key=True),
+    sa.Column("name", sa.String(128), nullable=False, unique=True),
+    sa.Column("definition", Json, nullable=False),
+    sa.Column("version", sa.Integer(), nullable=False),
+    sa.Column("created_at", UtcDateTime(), nullable=False),
+    sa.Column("updated_at", UtcDateTime(), nullable=False),
+)
+
+protected_items = sa.Table(
+    "protected_items",
+    metadata,
+    sa.Column("id", sa.String(64), primary_key=True),
+    sa.Column("name", sa.String(255), nullable=False),
+    sa.Column("machine_id", sa.String(64), sa.ForeignKey("machines.id"), nullable=False, unique=True),
+    sa.Column("group_id", sa.String(64), sa.ForeignKey("protection_groups.id"), nullable=False),
+    sa.Column("state", sa.String(32), nullable=False),
+    sa.Column("details", Json, nullable=False),
+    sa.Column("version", sa.Integer(), nullable=False),
+    sa.Column("created_at", UtcDateTime(), nullable=False),
+    sa.Column("updated_at", UtcDateTime(), nullable=False),
+    sa.Index(None, "group_id"),
+)
+
+# An operator's answer to a job that waits for one (a plan's manual action).
+job_signals = sa.Table(
+    "job_signals",
+    metadata,
+    sa.Column("job_id", sa.String(36), sa.ForeignKey("jobs.id", ondelete="CASCADE"), primary_key=True),
+    sa.Column("name", sa.String(128), primary_key=True),
+    sa.Column("created_at", UtcDateTime(), nullable=False),
+)

@@ -33,7 +33,9 @@ Schema (tables in `schema.py`, created by `migrations/versions/0001_initial.py`)
 adds vcenters and vcenter_inventories, whose methods live in vcenters_sql.py;
 0005_azure_sites.py adds azure_sites (id PK, name unique, settings JSON, secret,
 created_at, updated_at), whose methods live in azure_sites_sql.py; 0006_pair_kinds.py
-adds the pairs' sync_kind, target_kind and target_options.)
+adds the pairs' sync_kind, target_kind and target_options; 0007_protection.py adds
+protection_groups, recovery_plans, protected_items and job_signals, whose methods
+live in protection_sql.py.)
 
 Times are stored in UTC (`timestamptz` on PostgreSQL, fixed-format text on
 SQLite); JSON is JSONB on PostgreSQL and text on SQLite.
@@ -103,6 +105,7 @@ from siterecovery.controller.store.base import (
     utc,
     utc_or_none,
 )
+from siterecovery.controller.store.protection_sql import ProtectionSqlMixin
 from siterecovery.controller.store.schema import (
     jobs,
     machines,
@@ -132,7 +135,7 @@ def open_store(url: str) -> Store:
     return store
 
 
-class SqlStore(VcenterSqlMixin, AzureSiteSqlMixin, Store):
+class SqlStore(VcenterSqlMixin, AzureSiteSqlMixin, ProtectionSqlMixin, Store):
     """`Store` on SQLAlchemy Core. Call `migrate()` (or use `open_store`) first."""
 
     def __init__(self, url: str) -> None:
