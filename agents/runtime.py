@@ -172,7 +172,7 @@ class AgentRuntime:
                 passphrase=passphrase,
                 role=self.role,
                 state_dir=self.cfg.state_dir,
-                hostname=socket.gethostname(),
+                hostname=self.cfg.hostname or socket.gethostname(),
                 sans=self._sans(),
             )
             log.info("enrolled", agent_id=credentials.identity.id)

@@ -32,6 +32,9 @@ class AgentSettings:
     # The port peers dial when NAT or a proxy forwards another port to this one.
     # Default (0): the port bound.
     advertise_port: int = 0
+    # The name this agent's machine goes by (default: the host name). Set it
+    # when one host runs several agents of a role (the lab).
+    hostname: str = ""
 
     def __post_init__(self) -> None:
         if not self.server:
@@ -115,3 +118,6 @@ class SourceSettings(AgentSettings):
     freeze_script: Path | None = None
     thaw_script: Path | None = None
     hook_timeout_seconds: float = 60.0
+    # How the configuration server recognises this machine (default: the BIOS
+    # UUID, readable by root on Linux).
+    machine_uuid: str = ""

@@ -43,12 +43,21 @@ def host_addresses() -> list[str]:
     return sorted(set(addresses))
 
 
-def host_facts() -> common_pb2.HostFacts:
+def bios_uuid() -> str:
+    """The machine's SMBIOS UUID when this process may read it (root, on Linux), else ""."""
+    try:
+        return Path("/sys/class/dmi/id/product_uuid").read_text("ascii").strip().lower()
+    except (OSError, UnicodeDecodeError):
+        return ""
+
+
+def host_facts(*, hostname: str = "", machine_uuid: str = "") -> common_pb2.HostFacts:
     return common_pb2.HostFacts(
-        hostname=socket.gethostname(),
+        hostname=hostname or socket.gethostname(),
         os=os_name(),
         addresses=host_addresses(),
         agent_version=siterecovery.__version__,
+        machine_uuid=machine_uuid,
     )
 
 

@@ -52,6 +52,7 @@ def validate_inventory(role: str, inventory: dict) -> None:
     host = inventory.get("host", {})
     _check_text("host.hostname", host.get("hostname", ""), required=True)
     _check_text("host.os", host.get("os", ""))
+    _check_text("host.machine_uuid", host.get("machine_uuid", ""))
     addresses = host.get("addresses", [])
     if len(addresses) > MAX_ADDRESSES:
         raise errors.InvalidInput(f"more than {MAX_ADDRESSES} addresses", code="inventory-invalid")

@@ -64,7 +64,7 @@ def run(cfg: ProcessServerSettings, stop: threading.Event | None = None) -> int:
         daemon_name=DAEMON,
         stop=stop,
         inventory=lambda: common_pb2.Inventory(
-            host=host_facts(), directories=directories(), data_endpoint=runtime.data_endpoint()
+            host=host_facts(hostname=cfg.hostname), directories=directories(), data_endpoint=runtime.data_endpoint()
         ),
         directories=directories,
         problems=problems,

@@ -20,7 +20,7 @@ from siterecovery.agents.runtime import AgentRuntime
 from siterecovery.agents.settings import SourceSettings
 from siterecovery.common import daemon, errors, logging, pki
 from siterecovery.common.channels import RPC_TIMEOUT, secure_channel
-from siterecovery.common.inventory import DiskIdentities, disk_facts, host_facts
+from siterecovery.common.inventory import DiskIdentities, bios_uuid, disk_facts, host_facts
 from siterecovery.common.pb import agent_pb2, agent_pb2_grpc, common_pb2
 
 from .capture import DiskCapture
@@ -70,7 +70,7 @@ def run(cfg: SourceSettings, stop: threading.Event | None = None) -> int:
 
     def inventory() -> common_pb2.Inventory:
         return common_pb2.Inventory(
-            host=host_facts(),
+            host=host_facts(hostname=cfg.hostname, machine_uuid=cfg.machine_uuid or bios_uuid()),
             disks=[disk_facts(identities, d.path, d.name) for d in cfg.disks],
             data_endpoint=runtime.data_endpoint(),
         )

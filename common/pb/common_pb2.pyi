@@ -100,16 +100,18 @@ class DirectoryFacts(_message.Message):
     def __init__(self, kind: _Optional[_Union[DirectoryKind, str]] = ..., path: _Optional[str] = ..., total_bytes: _Optional[int] = ..., free_bytes: _Optional[int] = ..., used_by_agent_bytes: _Optional[int] = ...) -> None: ...
 
 class HostFacts(_message.Message):
-    __slots__ = ("hostname", "os", "addresses", "agent_version")
+    __slots__ = ("hostname", "os", "addresses", "agent_version", "machine_uuid")
     HOSTNAME_FIELD_NUMBER: _ClassVar[int]
     OS_FIELD_NUMBER: _ClassVar[int]
     ADDRESSES_FIELD_NUMBER: _ClassVar[int]
     AGENT_VERSION_FIELD_NUMBER: _ClassVar[int]
+    MACHINE_UUID_FIELD_NUMBER: _ClassVar[int]
     hostname: str
     os: str
     addresses: _containers.RepeatedScalarFieldContainer[str]
     agent_version: str
-    def __init__(self, hostname: _Optional[str] = ..., os: _Optional[str] = ..., addresses: _Optional[_Iterable[str]] = ..., agent_version: _Optional[str] = ...) -> None: ...
+    machine_uuid: str
+    def __init__(self, hostname: _Optional[str] = ..., os: _Optional[str] = ..., addresses: _Optional[_Iterable[str]] = ..., agent_version: _Optional[str] = ..., machine_uuid: _Optional[str] = ...) -> None: ...
 
 class Inventory(_message.Message):
     __slots__ = ("host", "disks", "directories", "data_endpoint")
