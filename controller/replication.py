@@ -22,8 +22,11 @@ from collections.abc import Sequence
 from datetime import datetime, timedelta
 from pathlib import PurePosixPath
 
+import grpc
+
 from siterecovery.common import errors, pki
-from siterecovery.common.pb import admin_pb2, common_pb2
+from siterecovery.common.channels import secure_channel
+from siterecovery.common.pb import admin_pb2, common_pb2, dataplane_pb2_grpc
 from siterecovery.common.pb import replication_pb2 as rpb
 from siterecovery.controller.convert import from_dict, timestamp, to_dict
 from siterecovery.controller.store.base import (
@@ -584,3 +587,24 @@ def choose_point(available: Sequence[rpb.RecoveryPoint], wanted: str) -> rpb.Rec
         hint="`srctl recovery-points list MACHINE` shows the points there are",
         code="point-not-found",
     )
+
+
+def materialize_on_target(
+    store: Store,
+    credentials: grpc.ChannelCredentials,
+    pair: PairRecord,
+    *,
+    point: str,
+    output_path: str = "",
+    timeout: float = 3600,
+) -> rpb.MaterializeReply:
+    """Ask the pair's master target to materialise `point` (a tag id or "latest") at `output_path`."""
+    master_target = store.get_server(pair.master_target_id)
+    endpoint = master_target.inventory.get("data_endpoint", "")
+    with secure_channel(endpoint, credentials, target_name=pki.agent_dns_name(master_target.id)) as channel:
+        try:
+            return dataplane_pb2_grpc.MasterTargetStub(channel).Materialize(
+                rpb.MaterializeRequest(pair_id=pair.id, point=point, output_path=output_path), timeout=timeout
+            )
+        except grpc.RpcError as exc:
+            raise errors.from_rpc_error(exc, target=endpoint) from exc

@@ -1,10 +1,13 @@
 """A pair's target disk as it was at a recovery point.
 
-- "latest" (or an empty point) is the target disk itself: no copy, `copied`
-  false. It is only consistent while nothing applies to it, so the answer is
-  given under the pair's apply lock, and a caller that goes on to use the disk
-  (failover) pauses the pair first: the master target refuses apply streams of
-  a pair whose desired state is PAUSED.
+- "latest" (or an empty point) without `output_path` is the target disk
+  itself: no copy, `copied` false. It is only consistent while nothing applies
+  to it, so the answer is given under the pair's apply lock, and a caller that
+  goes on to use the disk pauses the pair first: the master target refuses
+  apply streams of a pair whose desired state is PAUSED.
+- "latest" with `output_path` is a copy of the target as it is, made under
+  the apply lock (a failover that gives the recovered VM disks of its own, so
+  the replica stays the replica).
 - an older point (a tag id) is a new file at `output_path`, which must lie in
   a datastore directory and must not exist yet. Under the apply lock the target
   is copied sparsely (copy_file_range over the SEEK_DATA/SEEK_HOLE extents) and
@@ -39,10 +42,11 @@ LATEST = "latest"
 def materialize(
     target: PairTarget, point: str, output_path: str, datastore_dirs: Sequence[Path]
 ) -> rpb.MaterializeReply:
-    if point in ("", LATEST):
+    latest = point in ("", LATEST)
+    if latest and not output_path:
         return _latest(target)
-    wanted = target.find_point(point)
-    if wanted is None:
+    wanted = None if latest else target.find_point(point)
+    if not latest and wanted is None:
         raise _unknown(target, point)
     out = paths.inside(output_path, datastore_dirs, what="output_path")
     if out == target.target_path.resolve():
@@ -59,7 +63,11 @@ def materialize(
         ) from None
     started = time.monotonic()
     try:
-        undone = _copy_and_undo(target, wanted, fd)
+        if wanted is None:
+            reply = _copy_latest(target, fd)
+            undone = 0
+        else:
+            undone = _copy_and_undo(target, wanted, fd)
         os.fsync(fd)
     except BaseException:
         os.close(fd)
@@ -68,28 +76,38 @@ def materialize(
     os.close(fd)
     fsync_dir(out.parent)
     elapsed = time.monotonic() - started
-    log.info("point materialised", pair=target.pair_id, tag=wanted["tag_id"], seq=wanted["seq"], path=str(out),
+    tag_id, seq = (reply.tag_id, reply.seq) if wanted is None else (wanted["tag_id"], wanted["seq"])
+    log.info("point materialised", pair=target.pair_id, tag=tag_id or LATEST, seq=seq, path=str(out),
              bytes_undone=undone, seconds=round(elapsed, 3))
-    return rpb.MaterializeReply(
-        path=str(out), tag_id=wanted["tag_id"], seq=wanted["seq"], bytes_undone=undone, copied=True
-    )
+    return rpb.MaterializeReply(path=str(out), tag_id=tag_id, seq=seq, bytes_undone=undone, copied=True)
+
+
+def _copy_latest(target: PairTarget, fd: int) -> rpb.MaterializeReply:
+    with target.lock:
+        reply = _latest_locked(target)
+        blockio.copy_sparse(target.fd, fd, target.disk_size)
+    return reply
 
 
 def _latest(target: PairTarget) -> rpb.MaterializeReply:
     with target.lock:
-        if not target.state.get("ever_synced") or not target.synced:
-            raise errors.PreconditionFailed(
-                f"the target disk of pair {target.pair_id} is not usable until its initial sync is done",
-                hint="wait until the pair is replicating", code="not-synced",
-            )
-        points = target.state["points"]
-        newest = points[-1] if points and points[-1]["seq"] == target.applied_seq else None
-        return rpb.MaterializeReply(
-            path=str(target.target_path),
-            tag_id=newest["tag_id"] if newest else "",
-            seq=target.applied_seq,
-            copied=False,
+        return _latest_locked(target)
+
+
+def _latest_locked(target: PairTarget) -> rpb.MaterializeReply:
+    if not target.state.get("ever_synced") or not target.synced:
+        raise errors.PreconditionFailed(
+            f"the target disk of pair {target.pair_id} is not usable until its initial sync is done",
+            hint="wait until the pair is replicating", code="not-synced",
         )
+    points = target.state["points"]
+    newest = points[-1] if points and points[-1]["seq"] == target.applied_seq else None
+    return rpb.MaterializeReply(
+        path=str(target.target_path),
+        tag_id=newest["tag_id"] if newest else "",
+        seq=target.applied_seq,
+        copied=False,
+    )
 
 
 def _copy_and_undo(target: PairTarget, point: dict, fd: int) -> int:

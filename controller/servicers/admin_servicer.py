@@ -6,13 +6,10 @@ import threading
 from datetime import UTC, datetime
 from pathlib import PurePosixPath
 
-import grpc
 import structlog
 
 from siterecovery.common import errors, pki
-from siterecovery.common.channels import secure_channel
-from siterecovery.common.pb import admin_pb2, admin_pb2_grpc, common_pb2, dataplane_pb2_grpc
-from siterecovery.common.pb import replication_pb2 as rpb
+from siterecovery.common.pb import admin_pb2, admin_pb2_grpc, common_pb2
 from siterecovery.controller import backup, inventory_view, operators, replication, revocation
 from siterecovery.controller.context import ControllerContext
 from siterecovery.controller.convert import timestamp
@@ -200,23 +197,14 @@ class AdminServicer(VcenterRpcs, AzureRpcs, admin_pb2_grpc.AdminServicer):
         if chosen is not None and not output_path:
             target = PurePosixPath(pair.target_path)
             output_path = str(target.with_name(f"{target.stem}.{chosen.tag_id}{target.suffix}"))
-        master_target = self._ctx.store.get_server(pair.master_target_id)
-        endpoint = master_target.inventory.get("data_endpoint", "")
         assert self._ctx.agent_client_credentials is not None
-        with secure_channel(
-            endpoint, self._ctx.agent_client_credentials, target_name=pki.agent_dns_name(master_target.id)
-        ) as channel:
-            try:
-                result = dataplane_pb2_grpc.MasterTargetStub(channel).Materialize(
-                    rpb.MaterializeRequest(
-                        pair_id=pair.id,
-                        point=chosen.tag_id if chosen is not None else "latest",
-                        output_path=output_path,
-                    ),
-                    timeout=3600,
-                )
-            except grpc.RpcError as exc:
-                raise errors.from_rpc_error(exc, target=endpoint) from exc
+        result = replication.materialize_on_target(
+            self._ctx.store,
+            self._ctx.agent_client_credentials,
+            pair,
+            point=chosen.tag_id if chosen is not None else "latest",
+            output_path=output_path,
+        )
         log.info("point materialised", pair=pair.id, tag=result.tag_id, path=result.path, copied=result.copied)
         return admin_pb2.MaterializePointResponse(pair_id=pair.id, master_target_id=pair.master_target_id, result=result)
 

@@ -116,3 +116,26 @@ def test_sparse_copy_keeps_holes(tmp_path: Path):
     assert out.stat().st_blocks * 512 <= 2 * MiB, "the copy stays sparse"
     assert target.target_path.stat().st_blocks * 512 <= 2 * MiB, "zeroing punched a hole"
     target.close()
+
+
+def test_latest_with_an_output_path_is_a_copy_of_the_target_as_it_is(tmp_path: Path):
+    target = PairTarget(
+        pair_id="l", target_path=tmp_path / "ds" / "l.img", journal_dir=tmp_path / "ret" / "l",
+        disk_size=DISK, options=TargetOptions(reserve_bytes=0),
+    )
+    target.open()
+    target.apply([
+        (frames.sync_frame("l", 1, rpb.SYNC_PHASE_INITIAL_STARTED, DISK), b""),
+        (frames.sync_frame("l", 2, rpb.SYNC_PHASE_INITIAL_DONE, DISK), b""),
+        (frames.write_frame("l", 3, 3 * MiB, b"\x07" * BLOCK), b"\x07" * BLOCK),
+    ])
+    in_place = materializing.materialize(target, "latest", "", [tmp_path / "ds"])
+    assert (in_place.path, in_place.copied, in_place.seq) == (str(target.target_path), False, 3)
+    out = tmp_path / "ds" / "vm" / "disk0.img"
+    copy = materializing.materialize(target, "latest", str(out), [tmp_path / "ds"])
+    assert (copy.path, copy.copied, copy.seq, copy.bytes_undone) == (str(out), True, 3, 0)
+    assert sha256(out) == sha256(target.target_path)
+    # The copy is the VM's own: later writes to the replica do not reach it.
+    target.apply([(frames.write_frame("l", 4, 0, b"\x09" * BLOCK), b"\x09" * BLOCK)])
+    assert sha256(out) != sha256(target.target_path)
+    target.close()
