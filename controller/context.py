@@ -9,6 +9,7 @@ import grpc
 from siterecovery.common.pki import CertificateAuthority
 from siterecovery.controller.enrollment import FailureLimiter, NonceRegistry, PassphraseVault
 from siterecovery.controller.jobs.engine import JobKind
+from siterecovery.controller.protection.environment import Environment
 from siterecovery.controller.revocation import Revocations
 from siterecovery.controller.secrets import SecretBox
 from siterecovery.controller.settings import ConfigServerSettings
@@ -39,6 +40,9 @@ class ControllerContext:
     nonces: NonceRegistry = field(default_factory=NonceRegistry)
     # The Azure job kinds by name (controller/azure_sites.py), as the runner has them.
     azure_jobs: dict[str, JobKind] = field(default_factory=dict)
+    # The protection workflows (controller/protection/) and what they need.
+    protection: Environment | None = None
+    protection_jobs: dict[str, JobKind] = field(default_factory=dict)
 
     def revoked_ids(self) -> list[str]:
         return sorted(self.revocations.ids()) if self.revocations is not None else []

@@ -33,17 +33,23 @@ from siterecovery.common.pb import (
     agent_pb2_grpc,
     enrollment_pb2,
     enrollment_pb2_grpc,
+    protection_pb2,
+    protection_pb2_grpc,
 )
 from siterecovery.controller import azure_sites, backup, vcenters
 from siterecovery.controller.context import ControllerContext
 from siterecovery.controller.enrollment import FailureLimiter, PassphraseVault
 from siterecovery.controller.jobs.engine import JobRunner, RetryPolicy, registry
+from siterecovery.controller.protection import workflows
+from siterecovery.controller.protection.environment import Environment, LocalSites
+from siterecovery.controller.providers.local.site import AgentLaunch
 from siterecovery.controller.registration import register_server_kind
 from siterecovery.controller.revocation import Revocations
 from siterecovery.controller.secrets import SecretBox
 from siterecovery.controller.servicers.admin_servicer import AdminServicer
 from siterecovery.controller.servicers.agent_servicer import AgentControlServicer
 from siterecovery.controller.servicers.enrollment_servicer import EnrollmentServicer
+from siterecovery.controller.servicers.protection_servicer import ProtectionServicer
 from siterecovery.controller.settings import ConfigServerSettings
 from siterecovery.controller.store.sql import open_store
 
@@ -207,10 +213,21 @@ def run(
         discovery_job=vcenters.discovery_kind(box),
         azure_jobs=registry(azure_sites.kinds(box, vault, azure)),
     )
+    ctx.protection = Environment(
+        credentials=agent_client,
+        heartbeat_interval=cfg.heartbeat_interval,
+        scripts_dir=cfg.resolved_plan_scripts_dir,
+        local=LocalSites(cfg.local_site_dir) if cfg.local_site_dir else None,
+        agent_launch=lambda: AgentLaunch(
+            server=ctx.endpoint, passphrase=vault.current(), heartbeat_interval=cfg.heartbeat_interval,
+            log_level=cfg.log_level,
+        ),
+    )
+    ctx.protection_jobs = registry(workflows.kinds(ctx.protection))
     runner = JobRunner(
         store,
         owner_id=_runner_id(cfg.state_dir),
-        kinds=[ctx.registration_job, ctx.discovery_job, *ctx.azure_jobs.values()],
+        kinds=[ctx.registration_job, ctx.discovery_job, *ctx.azure_jobs.values(), *ctx.protection_jobs.values()],
         retry_policy=RetryPolicy(max_attempts=5, initial_backoff=0.5, max_backoff=5.0),
         lease_seconds=30.0,
     )
@@ -239,6 +256,11 @@ def run(
                 admin_pb2.DESCRIPTOR.services_by_name["Admin"].full_name,
                 AdminServicer(ctx, stop),
                 admin_pb2_grpc.add_AdminServicer_to_server,
+            ),
+            Service(
+                protection_pb2.DESCRIPTOR.services_by_name["Protection"].full_name,
+                ProtectionServicer(ctx),
+                protection_pb2_grpc.add_ProtectionServicer_to_server,
             ),
         ],
     )

@@ -35,6 +35,11 @@ class ConfigServerSettings:
     backup_passphrase_file: Path | None = None
     backup_interval: float = 86400.0
     backup_keep: int = 7
+    # The `local` provider (the lab): a directory with `onprem/` and `cloud/`
+    # sites of directory-backed VMs (controller/providers/local/). Off while unset.
+    local_site_dir: Path | None = None
+    # Recovery plans run scripts from here only (default <state_dir>/scripts).
+    plan_scripts_dir: Path | None = None
     log_level: str = "info"
     log_json: bool | None = None
 
@@ -67,3 +72,7 @@ class ConfigServerSettings:
     @property
     def resolved_store_url(self) -> str:
         return self.store_url or f"sqlite:///{self.state_dir / 'store.db'}"
+
+    @property
+    def resolved_plan_scripts_dir(self) -> Path:
+        return self.plan_scripts_dir or self.state_dir / "scripts"

@@ -36,6 +36,7 @@ FAILBACK_PROTECTED = "failback-protected"
 FAILING_BACK = "failing-back"
 FAILED_BACK = "failed-back"
 REPROTECTING_TO_CLOUD = "reprotecting-to-cloud"
+DELETING_CLOUD_VM = "deleting-cloud-vm"
 
 STATES = (
     PROTECTING,
@@ -50,6 +51,7 @@ STATES = (
     FAILING_BACK,
     FAILED_BACK,
     REPROTECTING_TO_CLOUD,
+    DELETING_CLOUD_VM,
 )
 
 TO_CLOUD = "to-cloud"
@@ -82,6 +84,9 @@ MOVES: dict[str, Move] = {
              "reprotect the machine to on-premises first (`srctl machine reprotect`), then fail back"),
         Move("reprotect-to-cloud", frozenset({FAILED_BACK}), REPROTECTING_TO_CLOUD, PROTECTED,
              "reprotect a machine that was failed back to on-premises"),
+        Move("delete-cloud-vm", frozenset({PROTECTED}), DELETING_CLOUD_VM, PROTECTED,
+             "the cloud VM is deleted once the machine is protected to the cloud again"),
+        Move("protect", frozenset({PROTECTING}), PROTECTING, PROTECTED, "the machine is protected already"),
     )
 }
 

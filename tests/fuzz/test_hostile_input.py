@@ -47,6 +47,7 @@ from siterecovery.common.pb import (
     enrollment_pb2,
     enrollment_pb2_grpc,
 )
+from siterecovery.common.pb import protection_pb2 as ppb
 from siterecovery.common.pb import replication_pb2 as rpb
 
 from ..integration.conftest import wait_for
@@ -190,6 +191,29 @@ CONTROL_PLANE = [
         frozenset({C.INVALID_ARGUMENT, C.NOT_FOUND, C.FAILED_PRECONDITION})),
     Rpc("/siterecovery.v1.Admin/DeployAzureProcessServer", admin_pb2.DeployAzureProcessServerRequest,
         "config-server", pki.ADMIN, frozenset({C.INVALID_ARGUMENT, C.NOT_FOUND, C.FAILED_PRECONDITION})),
+    # Protection: groups may be created (OK writes); everything else names a machine,
+    # group, plan or job that does not exist here, or is refused for its values. The
+    # site's machine replicates outside a group, so protecting it is refused (ABORTED).
+    Rpc("/siterecovery.v1.Protection/CreateProtectionGroup", ppb.CreateProtectionGroupRequest, "config-server",
+        pki.ADMIN, frozenset({C.INVALID_ARGUMENT, C.ABORTED}), "write"),
+    Rpc("/siterecovery.v1.Protection/RemoveProtectionGroup", ppb.RemoveProtectionGroupRequest, "config-server",
+        pki.ADMIN, frozenset({C.INVALID_ARGUMENT, C.NOT_FOUND, C.ABORTED})),
+    Rpc("/siterecovery.v1.Protection/ProtectMachine", ppb.ProtectMachineRequest, "config-server", pki.ADMIN,
+        frozenset({C.INVALID_ARGUMENT, C.NOT_FOUND, C.FAILED_PRECONDITION, C.ABORTED}),
+        overrides=lambda f: {"machine": hostile.mixed(f.site.machine)}),
+    Rpc("/siterecovery.v1.Protection/StartWorkflow", ppb.StartWorkflowRequest, "config-server", pki.ADMIN,
+        frozenset({C.INVALID_ARGUMENT, C.NOT_FOUND, C.FAILED_PRECONDITION}),
+        overrides=lambda f: {"machine": hostile.mixed(f.site.machine)}),
+    Rpc("/siterecovery.v1.Protection/GetProtectedMachine", ppb.GetProtectedMachineRequest, "config-server",
+        pki.ADMIN, LOOKUP, "read", overrides=lambda f: {"machine": hostile.mixed(f.site.machine)}),
+    Rpc("/siterecovery.v1.Protection/SaveRecoveryPlan", ppb.SaveRecoveryPlanRequest, "config-server", pki.ADMIN,
+        frozenset({C.INVALID_ARGUMENT, C.NOT_FOUND, C.ABORTED})),
+    Rpc("/siterecovery.v1.Protection/RemoveRecoveryPlan", ppb.RemoveRecoveryPlanRequest, "config-server",
+        pki.ADMIN, LOOKUP),
+    Rpc("/siterecovery.v1.Protection/StartPlanWorkflow", ppb.StartPlanWorkflowRequest, "config-server", pki.ADMIN,
+        frozenset({C.INVALID_ARGUMENT, C.NOT_FOUND, C.FAILED_PRECONDITION})),
+    Rpc("/siterecovery.v1.Protection/ResumeJob", admin_pb2.GetJobRequest, "config-server", pki.ADMIN,
+        frozenset({C.INVALID_ARGUMENT, C.NOT_FOUND, C.FAILED_PRECONDITION})),
     # Agents (as the suite's own enrolled source agent): what an agent reports about itself
     # is accepted when well-formed (and then written), refused when not.
     Rpc("/siterecovery.v1.AgentControl/Register", agent_pb2.RegisterRequest, "config-server", "fuzz-source", BAD,
@@ -207,6 +231,8 @@ NO_INPUT = {
     "/siterecovery.v1.Admin/ListMachines", "/siterecovery.v1.Admin/GetPassphrase",
     "/siterecovery.v1.Admin/RotatePassphrase", "/siterecovery.v1.Admin/ListVcenters",
     "/siterecovery.v1.Admin/ListAzureSites",
+    "/siterecovery.v1.Protection/ListProtectionGroups", "/siterecovery.v1.Protection/ListProtectedMachines",
+    "/siterecovery.v1.Protection/ListRecoveryPlans",
     "/siterecovery.v1.ProcessServer/Probe", "/siterecovery.v1.MasterTarget/Probe",
 }
 # Fuzzed by their own tests below (data plane, enrollment).

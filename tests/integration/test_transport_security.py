@@ -19,7 +19,8 @@ from siterecovery.common.pb import dataplane_pb2, dataplane_pb2_grpc
 from .conftest import Site, wait_for
 
 SERVICES_BY_PORT = {
-    "config-server": ("siterecovery.v1.Enrollment", "siterecovery.v1.AgentControl", "siterecovery.v1.Admin"),
+    "config-server": ("siterecovery.v1.Enrollment", "siterecovery.v1.AgentControl", "siterecovery.v1.Admin",
+                      "siterecovery.v1.Protection"),
     "process-server": ("siterecovery.v1.ProcessServer",),
     "master-target": ("siterecovery.v1.MasterTarget",),
     "source-agent": (),

@@ -1,12 +1,12 @@
 """The role table covers every RPC of the contract, and nothing else."""
 
 from siterecovery.common import authz
-from siterecovery.common.pb import admin_pb2, agent_pb2, dataplane_pb2, enrollment_pb2
+from siterecovery.common.pb import admin_pb2, agent_pb2, dataplane_pb2, enrollment_pb2, protection_pb2
 
 
 def contract_methods() -> set[str]:
     methods = set()
-    for module in (admin_pb2, agent_pb2, dataplane_pb2, enrollment_pb2):
+    for module in (admin_pb2, agent_pb2, dataplane_pb2, enrollment_pb2, protection_pb2):
         for service in module.DESCRIPTOR.services_by_name.values():
             methods |= {f"/{service.full_name}/{m.name}" for m in service.methods}
     return methods

@@ -232,6 +232,18 @@ class LocalSite:
             os.replace(recovered, disk.path)
             fsync_dir(disk.path.parent)
 
+    def discard_replication_state(self, name: str) -> None:
+        """Forget what the VM's agent journaled for its old pairs (the VM must be off).
+
+        Failback rewrites the VM's disks from the cloud: journals of the pairs
+        that replicated them before describe writes that are no longer the
+        disk's, and must not be replayed onto it when the agent starts again.
+        """
+        vm = self._require(name)
+        if self._agent(vm) is not None:
+            raise errors.PreconditionFailed(f"VM {name} is running", hint="power it off first", code="vm-running")
+        shutil.rmtree(vm.agent_dir / "pairs", ignore_errors=True)
+
     def delete_vm(self, name: str) -> bool:
         """Power off and remove the VM and its disks; False when there was none."""
         vm = self.get_vm(name)

@@ -1,0 +1,368 @@
+"""The steps that act on the sites' VMs: recover disks, create, power and delete VMs.
+
+They drive the `local` provider (controller/providers/local/); vSphere and
+Azure implement the same operations against their APIs. Disks are always
+recovered by the pair's master target (`Materialize`), so the undo journal is
+the one source of recovery points whatever the provider.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path, PurePosixPath
+from typing import Any
+
+from siterecovery.common import errors
+from siterecovery.common.logging import get_logger
+from siterecovery.controller import health, replication
+from siterecovery.controller.jobs.engine import StepContext, Waiting
+from siterecovery.controller.protection.steps import (
+    FAILBACK,
+    FORWARD,
+    POLL,
+    ItemStep,
+    materialize,
+    pairs_of,
+    remove_stale,
+    resolve_point,
+)
+from siterecovery.controller.providers.local.site import LocalSite
+from siterecovery.controller.store.base import ProtectedItemRecord
+
+log = get_logger(__name__)
+
+RECOVERED_SUFFIX = ".sr-recovered"
+
+
+def _datastores(ctx: StepContext, server_id: str) -> list[str]:
+    server = ctx.store.get_server(server_id)
+    return [d.get("path", "") for d in server.inventory.get("directories", []) if d.get("kind") == "DIRECTORY_KIND_DATASTORE"]
+
+
+def _inside(path: Path, roots: list[str]) -> bool:
+    resolved = path.resolve()
+    return any(resolved.is_relative_to(Path(root).resolve()) for root in roots if root)
+
+
+class RecoverToCloud(ItemStep):
+    """Materialise the chosen point of every forward pair as the cloud VM's own disk files."""
+
+    action = "recover disks"
+
+    def __init__(self, *args: Any, test: bool = False, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.test = test
+
+    def vm_name(self, item: ProtectedItemRecord) -> str:
+        return f"{item.name}-test" if self.test else item.name
+
+    def run(self, ctx: StepContext, item: ProtectedItemRecord) -> dict:
+        cloud = self.env.local_sites().cloud
+        name = self.vm_name(item)
+        if cloud.get_vm(name) is not None and cloud.get_vm(name).created_by != "siterecovery":
+            raise errors.Conflict(f"the cloud already has a VM {name}", hint="rename or remove it", code="vm-exists")
+        pairs = pairs_of(ctx.store, item, FORWARD)
+        if not pairs:
+            raise errors.PreconditionFailed(f"{item.name} has no replicated disks", code="no-pairs")
+        wanted = self.options.get("point", "latest")
+        disks, points, undone = {}, set(), 0
+        for index, pair in enumerate(pairs):
+            point = self._point(ctx, item, pair, wanted)
+            output = cloud.vm_dir(name) / f"{pair.disk_name}.img"
+            if cloud.get_vm(name) is None:
+                remove_stale(output)
+            if output.exists():  # recovered by an earlier run of this step
+                disks[pair.disk_name] = str(output)
+                continue
+            ctx.progress(index / len(pairs), f"recovering {pair.disk_name} at {point}")
+            recovered = materialize(self.env, ctx, pair, point, output)
+            disks[pair.disk_name] = recovered.path
+            points.add(recovered.point)
+        return {"disks": disks, "point": ",".join(sorted(points)) or wanted, "bytes_undone": undone}
+
+    def _point(self, ctx: StepContext, item: ProtectedItemRecord, pair, wanted: str) -> str:
+        if wanted in ("", "latest"):
+            final = item.details.get("final_point", {})
+            if final.get("job") == ctx.job.id and any(
+                p.tag_id == final.get("tag") for p in replication.points(ctx.store, pair)
+            ):
+                return "latest"
+        return resolve_point(ctx, pair, wanted)
+
+    def undo(self, ctx: StepContext, item: ProtectedItemRecord) -> None:
+        cloud = self.env.local_sites().cloud
+        cloud.delete_vm(self.vm_name(item)) or _remove_dir(cloud, self.vm_name(item))
+
+
+def _remove_dir(site: LocalSite, name: str) -> None:
+    import shutil
+
+    shutil.rmtree(site.vm_dir(name), ignore_errors=True)
+
+
+class CreateCloudVm(ItemStep):
+    """Define the cloud VM over the recovered disks and power it on (its agent starts)."""
+
+    action = "create VM"
+
+    def __init__(self, *args: Any, test: bool = False, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.test = test
+
+    def run(self, ctx: StepContext, item: ProtectedItemRecord) -> dict:
+        cloud = self.env.local_sites().cloud
+        recovered = ctx.outputs.get(f"{self.label}: recover disks", {})
+        name = f"{item.name}-test" if self.test else item.name
+        vm = cloud.define_vm(
+            name,
+            {disk: Path(path) for disk, path in recovered.get("disks", {}).items()},
+            network="isolated" if self.test else "production",
+        )
+        vm = cloud.power_on(name, self.env.launch())
+        if self.test:
+            self.update(ctx, test={"vm": vm.name, "vm_uuid": vm.uuid, "point": recovered.get("point", "")})
+        else:
+            self.update(ctx, cloud={"provider": "local", "vm": vm.name, "vm_uuid": vm.uuid, "machine_id": ""})
+        ctx.progress(1.0, f"VM {vm.name} is on in the {'isolated' if self.test else 'production'} network")
+        return {"vm": vm.name, "point": recovered.get("point", "")}
+
+    def undo(self, ctx: StepContext, item: ProtectedItemRecord) -> None:
+        name = f"{item.name}-test" if self.test else item.name
+        self.env.local_sites().cloud.delete_vm(name)
+
+
+class DeleteTestVm(ItemStep):
+    action = "delete test VM"
+
+    def run(self, ctx: StepContext, item: ProtectedItemRecord) -> dict:
+        name = item.details.get("test", {}).get("vm", "")
+        if name:
+            self.env.local_sites().cloud.delete_vm(name)
+        self.update(ctx, test={})
+        return {"deleted": name}
+
+
+class DeleteCloudVm(ItemStep):
+    """Delete the cloud VM left behind by a failback (its disks go with it; the replicas stay)."""
+
+    action = "delete cloud VM"
+
+    def run(self, ctx: StepContext, item: ProtectedItemRecord) -> dict:
+        name = item.details.get("cloud", {}).get("vm", "")
+        if name:
+            self.env.local_sites().cloud.delete_vm(name)
+        self.update(ctx, cloud={"vm": "", "vm_uuid": "", "machine_id": ""})
+        return {"deleted": name}
+
+
+class ShutdownSource(ItemStep):
+    """Power off the on-premises VM, if it can still be reached (an unplanned failover goes on anyway)."""
+
+    action = "shut down source"
+
+    def run(self, ctx: StepContext, item: ProtectedItemRecord) -> dict:
+        name = item.details.get("onprem", {}).get("vm", "")
+        if not name or self.env.local is None:
+            return {"shut_down": ""}
+        try:
+            self.env.local.onprem.power_off(name)
+        except errors.SiteRecoveryError as exc:
+            ctx.progress(1.0, f"could not shut down {name}: {exc}; going on (unplanned failover)")
+            return {"shut_down": ""}
+        return {"shut_down": name}
+
+    def undo(self, ctx: StepContext, item: ProtectedItemRecord) -> None:
+        name = ctx.output.get("shut_down", "")
+        if name and self.env.local is not None:
+            self.env.local.onprem.power_on(name, self.env.launch())
+
+
+class ShutdownCloudVm(ItemStep):
+    """Power off the cloud VM (Azure: power off, then deallocate)."""
+
+    action = "shut down cloud VM"
+
+    def run(self, ctx: StepContext, item: ProtectedItemRecord) -> dict:
+        name = item.details.get("cloud", {}).get("vm", "")
+        if name:
+            self.env.local_sites().cloud.power_off(name)
+        return {"shut_down": name}
+
+    def undo(self, ctx: StepContext, item: ProtectedItemRecord) -> None:
+        name = ctx.output.get("shut_down", "")
+        if name:
+            self.env.local_sites().cloud.power_on(name, self.env.launch())
+
+
+class FindAgent(ItemStep):
+    """Wait until the agent of the VM on one side has registered and heartbeats; record its machine."""
+
+    action = "find agent"
+
+    def __init__(self, *args: Any, side: str, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.side = side  # "cloud" or "onprem"
+
+    def run(self, ctx: StepContext, item: ProtectedItemRecord) -> dict:
+        vm_uuid = item.details.get(self.side, {}).get("vm_uuid", "")
+        known = item.details.get(self.side, {}).get("machine_id", "")
+        now = self.env.clock()
+        candidates = []
+        for machine in ctx.store.list_machines():
+            server = ctx.store.get_server(machine.server_id)
+            if server.revoked_at is not None:
+                continue
+            uuid_matches = vm_uuid and server.inventory.get("host", {}).get("machine_uuid", "") == vm_uuid
+            if uuid_matches or (not vm_uuid and machine.id == known):
+                candidates.append((server.last_heartbeat_at or now.replace(year=1970), machine, server))
+        fresh = [
+            (at, machine) for at, machine, server in candidates
+            if health.heartbeat_age(server.last_heartbeat_at, now) <= 3 * self.env.heartbeat_interval
+        ]
+        if not fresh:
+            where = "in the cloud" if self.side == "cloud" else "on-premises"
+            raise Waiting(
+                f"waiting for the agent of {item.name} {where} to register (VM uuid {vm_uuid or '?'})",
+                delay=POLL,
+            )
+        machine = max(fresh, key=lambda pair: pair[0])[1]
+        self.update(ctx, **{self.side: {"machine_id": machine.id}})
+        ctx.progress(1.0, f"{item.name} {self.side}: agent {machine.server_id}")
+        return {"machine_id": machine.id}
+
+
+class PreflightOnprem(ItemStep):
+    """The failback rules of DESIGN §1 that the local provider can check, before anything changes."""
+
+    action = "preflight"
+
+    def run(self, ctx: StepContext, item: ProtectedItemRecord) -> dict:
+        route = item.details.get(FAILBACK, {})
+        onprem = self.env.local_sites().onprem
+        wanted = self.options.get("target", "original")
+        original = item.details.get("onprem", {}).get("vm", "")
+        if item.details.get("kind") == "physical":
+            if wanted == "original":
+                raise errors.PreconditionFailed(
+                    f"{item.name} is a physical server; failback to physical is not supported",
+                    hint="reprotect with --target new: it fails back to a new VM on the master target's host and datastore",
+                    code="physical-failback",
+                )
+        vm = onprem.get_vm(original) if original else None
+        if wanted == "original":
+            if vm is None:
+                raise errors.PreconditionFailed(
+                    f"the original VM {original or item.name} no longer exists on-premises",
+                    hint="reprotect with --target new to fail back to a new VM",
+                    code="original-vm-missing",
+                )
+            if vm.snapshots:
+                raise errors.PreconditionFailed(
+                    f"VM {vm.name} has {len(vm.snapshots)} snapshot{'s' if len(vm.snapshots) != 1 else ''}",
+                    hint="delete them, then run reprotect again",
+                    code="vm-has-snapshots",
+                )
+            roots = _datastores(ctx, route["master_target"])
+            outside = [d.name for d in vm.disks if not _inside(d.path, roots)]
+            if outside:
+                raise errors.PreconditionFailed(
+                    f"the datastore of VM {vm.name} (disks {', '.join(outside)}) is not reachable from the master target",
+                    hint="choose a master target whose host mounts that datastore, or reprotect with --target new",
+                    code="datastore-unreachable",
+                )
+        return {"target": wanted, "vm": vm.name if vm is not None else ""}
+
+
+class PrepareOnpremTarget(ItemStep):
+    """Make the on-premises disks the failback pairs write to: the original VM's, or new files."""
+
+    action = "prepare target"
+
+    def run(self, ctx: StepContext, item: ProtectedItemRecord) -> dict:
+        preflight = ctx.outputs.get(f"{self.label}: preflight", {})
+        onprem = self.env.local_sites().onprem
+        cloud_machine = ctx.store.get_machine(item.details["cloud"]["machine_id"])
+        targets: dict[str, dict] = {}
+        if preflight.get("target") == "original":
+            vm_name = preflight["vm"]
+            vm = onprem.power_off(vm_name)
+            onprem.discard_replication_state(vm_name)
+            on_vm = {d.name: d for d in vm.disks}
+            for disk in cloud_machine.disks:
+                name = disk.get("name", "")
+                if name not in on_vm:
+                    raise errors.PreconditionFailed(f"VM {vm_name} has no disk {name}", code="disk-not-found")
+                targets[name] = {"path": str(on_vm[name].path), "delta": True}
+        else:
+            vm_name = self._new_name(onprem, item)
+            directory = onprem.vm_dir(vm_name)
+            roots = _datastores(ctx, item.details[FAILBACK]["master_target"])
+            if not _inside(directory.parent, roots):
+                raise errors.PreconditionFailed(
+                    f"the on-premises site {onprem.root} is not a datastore of the master target",
+                    hint="choose the master target of the on-premises site", code="datastore-unreachable",
+                )
+            directory.mkdir(parents=True, exist_ok=True)
+            for disk in cloud_machine.disks:
+                path = directory / f"{disk.get('name')}.img"
+                with open(path, "ab") as f:
+                    f.truncate(int(disk.get("size_bytes", 0)))
+                targets[disk.get("name", "")] = {"path": str(path), "delta": False}
+        self.update(ctx, failback={"targets": targets, "vm": vm_name, "target": preflight.get("target", "new")})
+        return {"vm": vm_name, "targets": targets}
+
+    @staticmethod
+    def _new_name(onprem: LocalSite, item: ProtectedItemRecord) -> str:
+        existing = item.details.get(FAILBACK, {}).get("vm", "")
+        if existing and item.details.get(FAILBACK, {}).get("target") != "original":
+            return existing
+        for candidate in (item.name, f"{item.name}-failback"):
+            if onprem.get_vm(candidate) is None:
+                return candidate
+        return f"{item.name}-failback-{item.id[-6:]}"
+
+
+class RecoverOnprem(ItemStep):
+    """Bring every failback target to the chosen point (nothing to do for the latest)."""
+
+    action = "recover disks"
+
+    def run(self, ctx: StepContext, item: ProtectedItemRecord) -> dict:
+        wanted = self.options.get("point", "latest")
+        final = ctx.outputs.get(f"{self.label}: final point", {}).get("point", "")
+        recovered, points = {}, set()
+        for pair in pairs_of(ctx.store, item, FAILBACK):
+            point = "latest" if wanted in ("", "latest") else resolve_point(ctx, pair, wanted)
+            if point == "latest":
+                points.add(final or "latest")
+                continue
+            output = Path(str(PurePosixPath(pair.target_path))).with_name(
+                Path(pair.target_path).name + RECOVERED_SUFFIX
+            )
+            remove_stale(output)
+            result = materialize(self.env, ctx, pair, point, output)
+            recovered[pair.disk_name] = result.path
+            points.add(result.point)
+        return {"recovered": recovered, "point": ",".join(sorted(points))}
+
+
+class PowerOnOnprem(ItemStep):
+    """Put recovered disks in place, define the VM when it is new, and power it on."""
+
+    action = "power on"
+
+    def run(self, ctx: StepContext, item: ProtectedItemRecord) -> dict:
+        onprem = self.env.local_sites().onprem
+        route = item.details.get(FAILBACK, {})
+        name = route.get("vm", "")
+        recovered = ctx.outputs.get(f"{self.label}: recover disks", {}).get("recovered", {})
+        vm = onprem.get_vm(name)
+        if vm is None:
+            vm = onprem.define_vm(name, {disk: Path(t["path"]) for disk, t in route.get("targets", {}).items()})
+        for disk, path in recovered.items():
+            onprem.replace_disk(name, disk, Path(path))
+        if onprem.get_vm(name).power == "off":
+            onprem.discard_replication_state(name)
+        vm = onprem.power_on(name, self.env.launch())
+        self.update(ctx, onprem={"vm": vm.name, "vm_uuid": vm.uuid, "provider": "local"})
+        ctx.progress(1.0, f"VM {vm.name} is on")
+        return {"vm": vm.name}
