@@ -18,7 +18,7 @@ import grpc
 
 from siterecovery.common import errors
 from siterecovery.common.channels import secure_channel
-from siterecovery.common.pb import admin_pb2_grpc
+from siterecovery.common.pb import admin_pb2_grpc, protection_pb2_grpc
 from siterecovery.common.pki import CONFIG_SERVER_NAME
 from siterecovery.controller.settings import DEFAULT_STATE_DIR
 
@@ -88,3 +88,6 @@ class Profile:
 
     def admin(self) -> admin_pb2_grpc.AdminStub:
         return admin_pb2_grpc.AdminStub(self.channel())
+
+    def protection(self) -> protection_pb2_grpc.ProtectionStub:
+        return protection_pb2_grpc.ProtectionStub(self.channel())

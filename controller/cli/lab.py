@@ -1,12 +1,15 @@
-"""`srctl lab`: a whole site on this host, on free loopback ports.
+"""`srctl lab`: an on-premises site and a cloud on this host, on free loopback ports.
 
-`lab up` starts a configuration server, a process server, a master target and a
-source agent protecting a generated 256 MiB disk image, waits until every one
-is enrolled and healthy, enables replication of the disk (nbd mode: the source
-agent serves it as an NBD export and journals every write), waits for the
-initial sync, and prints where everything is, the NBD address first. Everything lives
-under one directory (default ~/.local/state/siterecovery/lab); `lab down` stops
-every process it started, and `--purge` also removes the directory.
+`lab up` starts a configuration server with the `local` provider (VMs are
+directories under `sites/onprem` and `sites/cloud`), a process server and a
+master target for each site, and the on-premises VM `app01` (a 256 MiB disk
+served over NBD by its agent); waits until every one is enrolled and healthy;
+protects `app01` to the cloud in protection group PG1 and waits for the
+initial sync; and prints where everything is, the NBD address first.
+Everything lives under one directory (default ~/.local/state/siterecovery/lab);
+`lab down` stops every process (VMs that were on come back with the next
+`lab up`), and `--purge` also removes the directory. `srctl drill` runs the
+whole failover and failback cycle in it.
 """
 
 from __future__ import annotations
@@ -21,14 +24,15 @@ import grpc
 import tomli_w
 import typer
 
-from siterecovery.common import daemon as daemon_state
 from siterecovery.common import errors
 from siterecovery.common.channels import RPC_TIMEOUT
 from siterecovery.common.pb import admin_pb2, common_pb2
-from siterecovery.common.pb import replication_pb2 as rpb
+from siterecovery.common.pb import protection_pb2 as ppb
 from siterecovery.controller import launcher
 from siterecovery.controller.cli import output
 from siterecovery.controller.cli.client import Profile, default_lab_dir, lab_profile
+from siterecovery.controller.protection.environment import LocalSites
+from siterecovery.controller.providers.local.site import AgentLaunch
 
 app = typer.Typer(help="A whole site on this host, for trying things out.", no_args_is_help=True)
 
@@ -39,7 +43,9 @@ SYNC_TIMEOUT = 300.0
 # reach the lab's agents within a couple of seconds.
 LAB_HEARTBEAT_SECONDS = 2.0
 LAB_FILE = "lab.json"
-AGENTS = ("process-server", "master-target", "source-agent")
+PS_ONPREM, MT_ONPREM, PS_CLOUD, MT_CLOUD = "ps-onprem", "mt-onprem", "ps-cloud", "mt-cloud"
+LAB_VM = "app01"
+LAB_GROUP = "PG1"
 
 DirOption = Annotated[
     Path | None,
@@ -106,9 +112,9 @@ def _wait_healthy(profile: Profile, expected: int) -> list[common_pb2.ServerInfo
 def up(
     directory: DirOption = None,
     heartbeat_interval: Annotated[float, typer.Option(help="seconds between heartbeats")] = LAB_HEARTBEAT_SECONDS,
-    replicate: Annotated[bool, typer.Option("--replicate/--no-replicate", help="replicate the lab's disk")] = True,
+    replicate: Annotated[bool, typer.Option("--replicate/--no-replicate", help="protect the lab's VM to the cloud")] = True,
 ) -> None:
-    """Start a whole site on loopback and wait until it is healthy."""
+    """Start a whole site on loopback (on-premises and cloud, local provider) and wait until it is healthy."""
     lab_dir = _lab_dir(directory)
     if _running(lab_dir):
         raise errors.Conflict(
@@ -120,125 +126,168 @@ def up(
     logs = lab_dir / "logs"
     started: list[launcher.Launched] = []
     lab_file = lab_dir / LAB_FILE
+    sites = LocalSites(lab_dir / "sites")
     try:
         cs_dir = lab_dir / "config-server"
         cs_config = _write_toml(
             lab_dir / "config" / "config-server.toml",
-            {"state_dir": str(cs_dir), "listen": "127.0.0.1", "port": 0, "heartbeat_interval": heartbeat_interval},
+            {
+                "state_dir": str(cs_dir), "listen": "127.0.0.1", "port": 0, "heartbeat_interval": heartbeat_interval,
+                "local_site_dir": str(sites.root), "job_poll_interval": 0.5,
+            },
         )
         started.append(
-            launcher.launch("config-server", ["--config", str(cs_config)], state_dir=cs_dir, log_path=logs / "config-server.log")
+            launcher.launch("config-server", ["--config", str(cs_config)], state_dir=cs_dir,
+                            log_path=logs / "config-server.log")
         )
-        launcher.save(lab_file, started)
+        launcher.save(lab_file, started, names=["config-server"])
         port = started[0].state["port"]
         profile = Profile.load(lab_profile(lab_dir))
         passphrase = profile.admin().GetPassphrase(admin_pb2.GetPassphraseRequest(), timeout=RPC_TIMEOUT).passphrase
         passphrase_file = lab_dir / "config" / "passphrase"
         passphrase_file.write_text(passphrase + "\n")
         os.chmod(passphrase_file, 0o600)
-        disk = lab_dir / "disks" / "disk0.img"
-        if not disk.exists():
-            make_disk_image(disk)
-        common = {"server": f"127.0.0.1:{port}", "passphrase_file": str(passphrase_file), "heartbeat_interval": heartbeat_interval}
-        configs = {
-            "process-server": {**common, "state_dir": str(lab_dir / "process-server"), "listen": "127.0.0.1", "port": 0, "advertise": "127.0.0.1"},
-            "master-target": {**common, "state_dir": str(lab_dir / "master-target"), "listen": "127.0.0.1", "port": 0, "advertise": "127.0.0.1"},
-            "source-agent": {**common, "state_dir": str(lab_dir / "source-agent"), "listen": "127.0.0.1", "port": 0, "advertise": "127.0.0.1", "nbd_port": 0, "disks": [{"path": str(disk), "name": "disk0"}]},
+        common = {
+            "server": f"127.0.0.1:{port}", "passphrase_file": str(passphrase_file),
+            "heartbeat_interval": heartbeat_interval, "listen": "127.0.0.1", "port": 0, "advertise": "127.0.0.1",
         }
-        for name in AGENTS:
-            config = _write_toml(lab_dir / "config" / f"{name}.toml", configs[name])
+        configs = _agent_configs(lab_dir, sites, common)
+        names = ["config-server"]
+        for name, (daemon, config_values) in configs.items():
+            config = _write_toml(lab_dir / "config" / f"{name}.toml", config_values)
             started.append(
-                launcher.launch(name, ["--config", str(config)], state_dir=Path(configs[name]["state_dir"]), log_path=logs / f"{name}.log")
+                launcher.launch(daemon, ["--config", str(config)], state_dir=Path(config_values["state_dir"]),
+                                log_path=logs / f"{name}.log")
             )
-            launcher.save(lab_file, started)
-        servers = _wait_healthy(profile, expected=len(AGENTS))
-        pair = _replicate(profile) if replicate else None
+            names.append(name)
+            launcher.save(lab_file, started, names=names)
+        _start_vms(sites, AgentLaunch(server=f"127.0.0.1:{port}", passphrase=passphrase,
+                                      heartbeat_interval=heartbeat_interval))
+        servers = _wait_healthy(profile, expected=len(configs) + 1)
+        protected = _protect(profile, LAB_VM) if replicate else None
     except (errors.SiteRecoveryError, grpc.RpcError) as exc:
+        halt_vms(sites)
         for daemon in reversed(started):
             launcher.stop(daemon)
         if isinstance(exc, grpc.RpcError):
             raise errors.from_rpc_error(exc) from exc
         raise
-    _print_summary(lab_dir, started, servers, profile, pair)
+    _print_summary(lab_dir, started, names, servers, profile, sites, protected)
 
 
-def _replicate(profile: Profile) -> admin_pb2.PairView:
-    """Enable replication of the lab's disk and wait for the initial sync."""
+def _agent_configs(lab_dir: Path, sites: LocalSites, common: dict) -> dict[str, tuple[str, dict]]:
+    """The lab's agents: a process server and a master target at each site.
+
+    On-premises: the process server that forwards the VM's writes to the cloud,
+    and the master target that writes the on-premises VMs' disks on failback.
+    In the cloud: the process server that a failed-over VM replicates through,
+    and the master target that keeps the replicas (the stand-in for page blobs).
+    """
+    def agent(name: str, **extra: object) -> dict:
+        return {**common, "state_dir": str(lab_dir / name), "hostname": name, **extra}
+
+    sites.onprem.root.mkdir(parents=True, exist_ok=True)
+    sites.cloud.root.mkdir(parents=True, exist_ok=True)
+    return {
+        PS_ONPREM: ("process-server", agent(PS_ONPREM)),
+        MT_ONPREM: ("master-target", agent(MT_ONPREM, datastore_dirs=[str(sites.onprem.root)])),
+        PS_CLOUD: ("process-server", agent(PS_CLOUD)),
+        MT_CLOUD: ("master-target", agent(MT_CLOUD, datastore_dirs=[str(sites.cloud.root)])),
+    }
+
+
+def _start_vms(sites: LocalSites, launch: AgentLaunch) -> None:
+    """The lab's VMs: the first time, the on-premises VM with a 256 MiB disk; later, every VM that was on."""
+    onprem = sites.onprem
+    if onprem.get_vm(LAB_VM) is None:
+        directory = onprem.vm_dir(LAB_VM)
+        make_disk_image(directory / "disk0.img")
+        onprem.define_vm(LAB_VM, {"disk0": directory / "disk0.img"}, created_by="user")
+        onprem.power_on(LAB_VM, launch)
+    for site in (onprem, sites.cloud):
+        for vm in site.list_vms():
+            if vm.power == "on":
+                site.power_on(vm.name, launch)  # no-op when its agent runs
+
+
+def halt_vms(sites: LocalSites) -> None:
+    """Stop every VM's agent, keeping the VMs `on` for the next `lab up`."""
+    for site in (sites.onprem, sites.cloud):
+        for vm in site.list_vms():
+            site.halt(vm.name)
+
+
+def _protect(profile: Profile, machine: str) -> ppb.ProtectedMachine:
+    """Protect the lab's VM to the cloud (group PG1) and wait for its initial sync."""
+    stub = profile.protection()
+    if LAB_GROUP not in [g.name for g in stub.ListProtectionGroups(ppb.ListProtectionGroupsRequest(), timeout=RPC_TIMEOUT).groups]:
+        stub.CreateProtectionGroup(ppb.CreateProtectionGroupRequest(name=LAB_GROUP), timeout=RPC_TIMEOUT)
+    known = {m.name: m for m in stub.ListProtectedMachines(ppb.ListProtectedMachinesRequest(), timeout=RPC_TIMEOUT).machines}
+    if machine not in known:
+        deadline = time.monotonic() + HEALTH_TIMEOUT
+        while True:  # the VM's agent registers its machine a moment after it is healthy
+            try:
+                job = stub.ProtectMachine(
+                    ppb.ProtectMachineRequest(machine=machine, group=LAB_GROUP, process_server=PS_ONPREM,
+                                              master_target=MT_CLOUD),
+                    timeout=RPC_TIMEOUT,
+                )
+                break
+            except grpc.RpcError as exc:
+                error = errors.from_rpc_error(exc)
+                if error.code != "machine-not-found" or time.monotonic() > deadline:
+                    raise error from exc
+                time.sleep(0.2)
+        wait_job(profile, job.id, SYNC_TIMEOUT)
+    return stub.GetProtectedMachine(ppb.GetProtectedMachineRequest(machine=machine), timeout=RPC_TIMEOUT)
+
+
+def wait_job(profile: Profile, job_id: str, timeout: float) -> admin_pb2.Job:
+    """Until the job ends; PreconditionFailed with its error when it did not succeed."""
     stub = profile.admin()
-    deadline = time.monotonic() + RPC_TIMEOUT
-    # The source agent's machine is recorded when it registers, which may be a moment
-    # after it is healthy: wait for it rather than assume it.
-    while not (machines := stub.ListMachines(admin_pb2.ListMachinesRequest(), timeout=RPC_TIMEOUT).machines):
-        if time.monotonic() > deadline:
-            raise errors.Unavailable(
-                "the lab's source agent registered no machine", hint="see the logs in the lab directory",
-                code="lab-no-machine",
-            )
-        time.sleep(0.1)
-    machine = machines[0]
-    # A lab started again after `lab down` keeps its pair: it resumes where it stood.
-    if not stub.ListPairs(admin_pb2.ListPairsRequest(machine=machine.id), timeout=RPC_TIMEOUT).pairs:
-        stub.EnableReplication(
-            admin_pb2.EnableReplicationRequest(machine=machine.id, disks=["disk0"], mode=rpb.REPLICATION_MODE_NBD),
-            timeout=RPC_TIMEOUT,
+    deadline = time.monotonic() + timeout
+    job = None
+    try:
+        for update in stub.WatchJob(admin_pb2.GetJobRequest(id=job_id), timeout=timeout):
+            job = update
+    except grpc.RpcError as exc:
+        if exc.code() != grpc.StatusCode.DEADLINE_EXCEEDED or time.monotonic() < deadline:
+            raise errors.from_rpc_error(exc) from exc
+    if job is None or job.status != admin_pb2.JOB_STATUS_SUCCEEDED:
+        detail = f"{job.error_code}: {job.error_message}" if job is not None else "no answer"
+        raise errors.PreconditionFailed(
+            f"job {job_id} ({job.kind if job else '?'}) did not succeed: {detail}",
+            hint=f"`srctl jobs show {job_id}` shows every step",
+            code="lab-job-failed",
         )
-    deadline = time.monotonic() + SYNC_TIMEOUT
-    while time.monotonic() < deadline:
-        (pair,) = stub.ListPairs(admin_pb2.ListPairsRequest(machine=machine.id), timeout=RPC_TIMEOUT).pairs
-        if pair.state == rpb.PAIR_STATE_REPLICATING:
-            return pair
-        if pair.state == rpb.PAIR_STATE_ERROR:
-            raise errors.PreconditionFailed(
-                f"the lab's replication failed: {pair.reason}",
-                hint="see the logs in the lab's logs/ folder",
-                code=pair.reason_code or "lab-replication",
-            )
-        time.sleep(0.2)
-    raise errors.Unavailable(
-        f"the lab's initial sync did not finish within {SYNC_TIMEOUT:.0f} s",
-        hint="`srctl replication status` shows how far it got; the logs are in the lab's logs/ folder",
-        code="lab-sync-timeout",
-    )
-
-
-def nbd_address(lab_dir: Path) -> str:
-    """The NBD URI of the lab's disk, from the source agent's state file."""
-    state = daemon_state.read_state_file(lab_dir / "source-agent", "source-agent") or {}
-    return state.get("nbd", {}).get("disk0", "")
+    return job
 
 
 def _print_summary(
-    lab_dir: Path, started: list[launcher.Launched], servers, profile: Profile, pair: admin_pb2.PairView | None
+    lab_dir: Path, started: list[launcher.Launched], names: list[str], servers, profile: Profile,
+    sites: LocalSites, protected: ppb.ProtectedMachine | None,
 ) -> None:
     output.console.print(f"[bold green]Lab is up[/bold green] in {lab_dir}")
-    if pair is not None:
-        uri = nbd_address(lab_dir)
-        output.console.print(f"Write to the protected disk over NBD: [bold]{uri}[/bold]", highlight=False)
-        output.console.print(
-            f"  e.g. qemu-io -f raw -c 'write -P 0xab 0 1M' {uri}\n"
-            f"       fio --name=w --ioengine=nbd --uri={uri} --rw=randwrite --bs=16k --size=64M",
-            highlight=False,
-        )
-        output.console.print(
-            f"Replicating disk0 (pair {pair.pair_id}) to the master target at {pair.target_path}", highlight=False
-        )
+    for site in (sites.onprem, sites.cloud):
+        for vm in site.list_vms():
+            for disk, uri in vm.nbd_uris().items():
+                output.console.print(f"VM {vm.name} ({site.role}) {disk}: write over NBD to [bold]{uri}[/bold]",
+                                     highlight=False)
+                output.console.print(f"  e.g. qemu-io -f raw -c 'write -P 0xab 0 1M' {uri}", highlight=False)
+    if protected is not None:
+        output.console.print(f"{protected.name} is {protected.state} (group {protected.group}); "
+                             f"`srctl drill` runs the whole failover and failback cycle", highlight=False)
     rows = []
-    for daemon in started:
+    for name, daemon in zip(names, started, strict=False):
         port = daemon.state.get("port", "-")
-        rows.append([daemon.name, daemon.pid, f"127.0.0.1:{port}" if port != "-" else "-", str(daemon.state_dir), str(daemon.log_path)])
-    output.print_table("Processes", ["COMPONENT", "PID", "ADDRESS", "STATE DIR", "LOG"], rows)
-    output.console.print(
-        f"Disk image behind the export: {lab_dir / 'disks' / 'disk0.img'} "
-        "(write through NBD: changes made to the file directly are not replicated)",
-        highlight=False,
-    )
+        rows.append([name, daemon.pid, f"127.0.0.1:{port}" if port != "-" else "-", str(daemon.log_path)])
+    output.print_table("Processes", ["COMPONENT", "PID", "ADDRESS", "LOG"], rows)
     output.console.print(f"srctl profile: {profile.path}")
     if profile.path != lab_profile(default_lab_dir()):
         output.console.print(f"  use it with: export SRCTL_CONFIG={profile.path}")
-    machine = pair.machine_hostname if pair is not None else "<machine>"
     output.console.print(
-        f"Next: `srctl replication status`, `srctl recovery-points create {machine}`, "
-        f"`srctl recovery-points list {machine}`, `srctl lab status`, `srctl lab down`.",
+        f"Next: `srctl drill`, `srctl machine failback-status {LAB_VM}`, `srctl replication status`, "
+        "`srctl lab status`, `srctl lab down`.",
         highlight=False,
     )
 
@@ -250,43 +299,58 @@ def status(directory: DirOption = None, output_format: Annotated[output.Format, 
     path = lab_dir / LAB_FILE
     if not path.exists():
         raise errors.NotFound(f"no lab in {lab_dir}", hint="start one with `srctl lab up`", code="lab-missing")
-    daemons, _ = launcher.load(path)
+    daemons, extra = launcher.load(path)
+    names = extra.get("names") or [d.name for d in daemons]
     health: dict[str, str] = {}
     try:
         profile = Profile.load(lab_profile(lab_dir))
         for s in profile.admin().ListServers(admin_pb2.ListServersRequest(), timeout=RPC_TIMEOUT).servers:
-            health[output.enum_label(common_pb2.Role.Name(s.role), "ROLE_")] = output.enum_label(common_pb2.Health.Name(s.health), "HEALTH_")
+            name = "config-server" if s.role == common_pb2.ROLE_CONFIG_SERVER else s.hostname
+            health[name] = output.enum_label(common_pb2.Health.Name(s.health), "HEALTH_")
     except (errors.SiteRecoveryError, grpc.RpcError):
         pass
-    role_of = {"config-server": "config-server", "process-server": "process-server", "master-target": "master-target", "source-agent": "source"}
     rows = []
-    for d in daemons:
+    for name, d in zip(names, daemons, strict=False):
         alive = d.process() is not None
         port = d.state.get("port")
         rows.append({
-            "component": d.name,
+            "component": name,
             "pid": d.pid,
             "running": "yes" if alive else "no",
             "address": f"127.0.0.1:{port}" if port is not None else "",
-            "health": health.get(role_of[d.name], "unknown") if alive else "stopped",
+            "health": health.get(name, "unknown") if alive else "stopped",
             "log": str(d.log_path),
         })
+    sites = LocalSites(lab_dir / "sites")
+    for site in (sites.onprem, sites.cloud):
+        for vm in site.list_vms():
+            uris = vm.nbd_uris()
+            rows.append({
+                "component": f"vm {vm.name} ({site.role})",
+                "pid": "",
+                "running": "yes" if uris else "no",
+                "address": ", ".join(uris.values()),
+                "health": health.get(vm.name, "unknown") if uris else vm.power,
+                "log": str(vm.directory / "agent.log"),
+            })
     if output_format is output.Format.json:
-        output.print_json({"dir": str(lab_dir), "daemons": rows})
+        output.print_json({"dir": str(lab_dir), "daemons": rows[: len(daemons)], "vms": rows[len(daemons):]})
     else:
-        output.print_table(f"Lab in {lab_dir}", ["COMPONENT", "PID", "RUNNING", "ADDRESS", "HEALTH", "LOG"], [list(r.values()) for r in rows])
-    if not all(r["running"] == "yes" for r in rows):
+        output.print_table(f"Lab in {lab_dir}", ["COMPONENT", "PID", "RUNNING", "ADDRESS", "HEALTH", "LOG"],
+                           [list(r.values()) for r in rows])
+    if not all(r["running"] == "yes" for r in rows[: len(daemons)]):
         raise typer.Exit(errors.Unavailable.exit_code)
 
 
 @app.command("down")
 def down(directory: DirOption = None, purge: Annotated[bool, typer.Option(help="also delete the lab directory")] = False) -> None:
-    """Stop every process of the lab (SIGTERM, then SIGKILL after 15 s)."""
+    """Stop every process of the lab (SIGTERM, then SIGKILL after 15 s); VMs that were on return with `lab up`."""
     lab_dir = _lab_dir(directory)
     path = lab_dir / LAB_FILE
     if not path.exists():
         raise errors.NotFound(f"no lab in {lab_dir}", hint="nothing to stop", code="lab-missing")
     daemons, _ = launcher.load(path)
+    halt_vms(LocalSites(lab_dir / "sites"))
     left = [d.name for d in reversed(daemons) if not launcher.stop(d)]
     if left:
         raise errors.Internal(f"could not stop {', '.join(left)}", code="lab-stop-failed")

@@ -12,10 +12,10 @@ import typer
 
 from siterecovery.common import errors
 from siterecovery.common.pb import admin_pb2, common_pb2
-from siterecovery.controller.cli import azure, backups, lab, output, replication, users, vcenter
+from siterecovery.controller.cli import azure, backups, lab, output, protection, replication, users, vcenter
 from siterecovery.controller.cli.client import Profile
 from siterecovery.controller.cli.output import Format
-from siterecovery.controller.cli.session import State, call
+from siterecovery.controller.cli.session import State, call, protect_call
 from siterecovery.controller.inventory_view import JOB_STATUS_VALUES
 
 EXIT_CODES_HELP = (
@@ -33,7 +33,7 @@ app = typer.Typer(
     add_completion=True,
 )
 servers_app = typer.Typer(help="Configuration, process and master target servers, and source agents.", no_args_is_help=True)
-machines_app = typer.Typer(help="Protected machines.", no_args_is_help=True)
+machines_app = typer.Typer(help="Machines whose source agent registered (protect them with `srctl machine protect`).", no_args_is_help=True)
 jobs_app = typer.Typer(help="Long-running actions and their progress.", no_args_is_help=True)
 passphrase_app = typer.Typer(help="The connection passphrase agents enroll with.", no_args_is_help=True)
 app.add_typer(servers_app, name="servers")
@@ -47,6 +47,9 @@ app.add_typer(azure.app, name="azure")
 app.add_typer(azure.process_server_app, name="process-server")
 app.add_typer(users.users_app, name="user")
 app.add_typer(backups.backup_app, name="backup")
+app.add_typer(protection.group_app, name="group")
+app.add_typer(protection.machine_app, name="machine")
+app.add_typer(protection.plan_app, name="plan")
 app.add_typer(lab.app, name="lab")
 
 ConfigOption = Annotated[
@@ -59,6 +62,11 @@ OutputOption = Annotated[Format, typer.Option("--output", "-o", help="table for 
 @app.callback()
 def _main(config: ConfigOption = None) -> None:
     State.config = config
+    # What srctl does itself (the lab starting VMs) is told in its own output;
+    # library log lines would only clutter it. Warnings still show.
+    from siterecovery.common import logging as sr_logging
+
+    sr_logging.configure(level="warning")
 
 
 
@@ -245,6 +253,16 @@ def jobs_watch(job_id: str, output_format: OutputOption = Format.table) -> None:
         output.console.print(f"Job {final.id} {_status(final)}" + (f": {final.error_message}" if final.error_message else ""))
     if final is not None and final.status != admin_pb2.JOB_STATUS_SUCCEEDED:
         raise typer.Exit(errors.PreconditionFailed.exit_code if final.status in (admin_pb2.JOB_STATUS_FAILED, admin_pb2.JOB_STATUS_COMPENSATED) else 1)
+
+
+@jobs_app.command("resume")
+def jobs_resume(job_id: str, output_format: OutputOption = Format.table) -> None:
+    """Confirm the manual action a job waits for (a recovery plan's pause), so it goes on."""
+    job = protect_call("ResumeJob", admin_pb2.GetJobRequest(id=job_id))
+    if output_format is Format.json:
+        output.print_json(_job_json(job))
+        return
+    output.console.print(f"job {job.id} resumed; follow it with srctl jobs watch {job.id}")
 
 
 # -- passphrase --------------------------------------------------------------

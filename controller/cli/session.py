@@ -19,9 +19,14 @@ def profile() -> Profile:
     return Profile.find(State.config)
 
 
-def call(method: str, request, *, timeout: float = RPC_TIMEOUT):
+def call(method: str, request, *, timeout: float = RPC_TIMEOUT, service: str = "admin"):
+    """Call `method` of the Admin service (or of `service`: "protection") and rebuild its error."""
     chosen = profile()
     try:
-        return getattr(chosen.admin(), method)(request, timeout=timeout)
+        return getattr(getattr(chosen, service)(), method)(request, timeout=timeout)
     except grpc.RpcError as exc:
         raise errors.from_rpc_error(exc, target=chosen.server) from exc
+
+
+def protect_call(method: str, request, *, timeout: float = RPC_TIMEOUT):
+    return call(method, request, timeout=timeout, service="protection")

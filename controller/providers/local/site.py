@@ -220,6 +220,13 @@ class LocalSite:
             log.info("local VM powered off", site=self.role, vm=name)
         return self._replace(vm, power="off") if vm.power != "off" else vm
 
+    def halt(self, name: str) -> None:
+        """Stop the VM's agent but keep it `on`: the host went down (`srctl lab down`); power_on resumes it."""
+        vm = self._require(name)
+        running = self._agent(vm)
+        if running is not None and not launcher.stop(running):
+            raise errors.Unavailable(f"the agent of VM {name} did not stop", code="local-vm-stuck")
+
     def replace_disk(self, name: str, disk_name: str, recovered: Path) -> None:
         """Put a recovered image in place of a (powered-off) VM's disk; no-op when `recovered` is gone."""
         vm = self._require(name)
