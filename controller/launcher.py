@@ -8,6 +8,7 @@ sleeps. If the process dies first, the error carries the end of its log.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import secrets
@@ -15,6 +16,7 @@ import signal
 import socket
 import subprocess
 import sys
+import threading
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -128,6 +130,9 @@ def launch(
                     hint=f"its whole log is {log_path}",
                     code="daemon-timeout",
                 )
+    # Reap it when it ends, so a long-lived launcher (the configuration server
+    # powering local VMs on) does not collect zombies.
+    threading.Thread(target=proc.wait, name=f"reap-{daemon}-{proc.pid}", daemon=True).start()
     state = read_state_file(state_dir, daemon) or {}
     return Launched(
         name=daemon,
@@ -140,17 +145,29 @@ def launch(
 
 
 def stop(launched: Launched, *, grace: float = 15.0) -> bool:
-    """SIGTERM, then SIGKILL after `grace`; True when the process is gone."""
+    """SIGTERM, then SIGKILL after `grace`; True when the process is gone.
+
+    "Gone" includes a zombie: a process started by another parent (the
+    configuration server starts local VMs' agents) is reaped by that parent.
+    """
     proc = launched.process()
     if proc is None:
         return True
     proc.send_signal(signal.SIGTERM)
-    try:
-        proc.wait(grace)
-    except psutil.TimeoutExpired:
+    if _ended(launched, grace):
+        return True
+    with contextlib.suppress(psutil.NoSuchProcess):
         proc.kill()
-        proc.wait(5)
-    return launched.process() is None
+    return _ended(launched, 5.0)
+
+
+def _ended(launched: Launched, timeout: float) -> bool:
+    deadline = time.monotonic() + timeout
+    while launched.process() is not None:
+        if time.monotonic() > deadline:
+            return False
+        time.sleep(0.05)
+    return True
 
 
 def kill9(launched: Launched) -> None:

@@ -12,7 +12,17 @@ import typer
 
 from siterecovery.common import errors
 from siterecovery.common.pb import admin_pb2, common_pb2
-from siterecovery.controller.cli import azure, backups, lab, output, protection, replication, users, vcenter
+from siterecovery.controller.cli import (
+    azure,
+    backups,
+    drill,
+    lab,
+    output,
+    protection,
+    replication,
+    users,
+    vcenter,
+)
 from siterecovery.controller.cli.client import Profile
 from siterecovery.controller.cli.output import Format
 from siterecovery.controller.cli.session import State, call, protect_call
@@ -51,6 +61,7 @@ app.add_typer(protection.group_app, name="group")
 app.add_typer(protection.machine_app, name="machine")
 app.add_typer(protection.plan_app, name="plan")
 app.add_typer(lab.app, name="lab")
+app.command("drill")(drill.drill)
 
 ConfigOption = Annotated[
     Path | None,

@@ -248,6 +248,7 @@ def start_workflow(
     workflow = workflow_for(item, request.workflow)
     lifecycle.check_can_start(workflow, item.name, item.state)
     _check_not_busy(store, item)
+    _check_cloud_free(item, workflow)
     if workflow == "delete-cloud-vm" and not item.details.get("cloud", {}).get("vm"):
         raise errors.PreconditionFailed(f"{item.name} has no cloud VM", code="no-cloud-vm")
     options = _options(store, item, workflow, request)
@@ -259,6 +260,17 @@ def start_workflow(
         ) or _raise_busy(item)
     return create_job(store, kinds[workflow], target=f"{workflow} {item.name}",
                       params=_params(workflow, [[(item.id, item.name)]], options, plan=""), now=now)
+
+
+def _check_cloud_free(item: ProtectedItemRecord, workflow: str) -> None:
+    """A failover creates the cloud VM: one left by an earlier cycle must go first."""
+    vm = item.details.get("cloud", {}).get("vm", "")
+    if workflow == "failover" and vm:
+        raise errors.PreconditionFailed(
+            f"the cloud VM {vm} of an earlier failover of {item.name} still exists",
+            hint=f"delete it with `srctl machine delete-cloud-vm {item.name}`, then fail over",
+            code="cloud-vm-exists",
+        )
 
 
 def _check_not_busy(store: Store, item: ProtectedItemRecord) -> None:
@@ -407,6 +419,7 @@ def start_plan_workflow(
                 continue
             lifecycle.check_can_start(this, item.name, item.state)
             _check_not_busy(store, item)
+            _check_cloud_free(item, this)
             if workflow and this != workflow:
                 raise errors.PreconditionFailed(
                     f"the plan's machines stand in different places ({workflow} and {this})",

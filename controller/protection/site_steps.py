@@ -8,6 +8,7 @@ the one source of recovery points whatever the provider.
 
 from __future__ import annotations
 
+import shutil
 from pathlib import Path, PurePosixPath
 from typing import Any
 
@@ -58,26 +59,26 @@ class RecoverToCloud(ItemStep):
     def run(self, ctx: StepContext, item: ProtectedItemRecord) -> dict:
         cloud = self.env.local_sites().cloud
         name = self.vm_name(item)
-        if cloud.get_vm(name) is not None and cloud.get_vm(name).created_by != "siterecovery":
-            raise errors.Conflict(f"the cloud already has a VM {name}", hint="rename or remove it", code="vm-exists")
+        if cloud.get_vm(name) is not None:
+            raise errors.Conflict(
+                f"the cloud already has a VM {name}",
+                hint="an earlier failover left it: `srctl machine delete-cloud-vm` (or remove it), then try again",
+                code="vm-exists",
+            )
         pairs = pairs_of(ctx.store, item, FORWARD)
         if not pairs:
             raise errors.PreconditionFailed(f"{item.name} has no replicated disks", code="no-pairs")
         wanted = self.options.get("point", "latest")
-        disks, points, undone = {}, set(), 0
+        disks, points = {}, set()
         for index, pair in enumerate(pairs):
             point = self._point(ctx, item, pair, wanted)
             output = cloud.vm_dir(name) / f"{pair.disk_name}.img"
-            if cloud.get_vm(name) is None:
-                remove_stale(output)
-            if output.exists():  # recovered by an earlier run of this step
-                disks[pair.disk_name] = str(output)
-                continue
+            remove_stale(output)  # left by an earlier run of this step that did not finish
             ctx.progress(index / len(pairs), f"recovering {pair.disk_name} at {point}")
             recovered = materialize(self.env, ctx, pair, point, output)
             disks[pair.disk_name] = recovered.path
             points.add(recovered.point)
-        return {"disks": disks, "point": ",".join(sorted(points)) or wanted, "bytes_undone": undone}
+        return {"disks": disks, "point": ",".join(sorted(points)) or wanted}
 
     def _point(self, ctx: StepContext, item: ProtectedItemRecord, pair, wanted: str) -> str:
         if wanted in ("", "latest"):
@@ -90,13 +91,8 @@ class RecoverToCloud(ItemStep):
 
     def undo(self, ctx: StepContext, item: ProtectedItemRecord) -> None:
         cloud = self.env.local_sites().cloud
-        cloud.delete_vm(self.vm_name(item)) or _remove_dir(cloud, self.vm_name(item))
-
-
-def _remove_dir(site: LocalSite, name: str) -> None:
-    import shutil
-
-    shutil.rmtree(site.vm_dir(name), ignore_errors=True)
+        if cloud.get_vm(self.vm_name(item)) is None:  # disks only: the VM was never defined
+            shutil.rmtree(cloud.vm_dir(self.vm_name(item)), ignore_errors=True)
 
 
 class CreateCloudVm(ItemStep):

@@ -35,10 +35,14 @@ def test_lab_up_status_down_leaves_nothing_behind(tmp_path: Path):
         assert status.returncode == 0, status.stderr
         daemons = json.loads(status.stdout)["daemons"]
         pids = [d["pid"] for d in daemons]
-        assert [d["component"] for d in daemons] == ["config-server", "process-server", "master-target", "source-agent"]
+        assert [d["component"] for d in daemons] == ["config-server", "ps-onprem", "mt-onprem", "ps-cloud", "mt-cloud"]
         assert all(d["running"] == "yes" for d in daemons)
-        assert [d["health"] for d in daemons] == ["healthy"] * 4
-        image = lab / "disks" / "disk0.img"
+        assert [d["health"] for d in daemons] == ["healthy"] * 5
+        (vm,) = json.loads(status.stdout)["vms"]
+        assert vm["component"] == "vm app01 (on-premises)" and vm["running"] == "yes"
+        vm_dir = lab / "sites" / "onprem" / "vms" / "app01"
+        pids.append(json.loads((vm_dir / "agent" / "launched.json").read_text())["pid"])
+        image = vm_dir / "disk0.img"
         assert image.stat().st_size == 256 * 1024 * 1024
 
         profile = lab / "config-server" / "admin" / "srctl.toml"
@@ -49,8 +53,9 @@ def test_lab_up_status_down_leaves_nothing_behind(tmp_path: Path):
         assert again.returncode == 4 and "already runs" in again.stderr
 
         passphrase = (lab / "config" / "passphrase").read_text().strip()
-        for log in (lab / "logs").iterdir():
+        for log in [*(lab / "logs").iterdir(), vm_dir / "agent.log"]:
             assert passphrase not in log.read_text(), f"{log.name} logs the passphrase"
+        assert (vm_dir / "agent" / "passphrase").stat().st_mode & 0o077 == 0
     finally:
         down = srctl("lab", "down", "--dir", str(lab), home=tmp_path)
     assert down.returncode == 0, down.stderr
@@ -66,7 +71,9 @@ def test_srctl_finds_the_default_lab_without_flags(tmp_path: Path):
         assert up.returncode == 0, up.stdout + up.stderr
         servers = srctl("servers", "list", "--output", "json", home=tmp_path)
         assert servers.returncode == 0, servers.stderr
-        assert sorted(s["role"] for s in json.loads(servers.stdout)) == ["config-server", "master-target", "process-server", "source"]
+        assert sorted(s["role"] for s in json.loads(servers.stdout)) == [
+            "config-server", "master-target", "master-target", "process-server", "process-server", "source"
+        ]
     finally:
         assert srctl("lab", "down", "--purge", home=tmp_path).returncode == 0
     assert not (tmp_path / ".local" / "state" / "siterecovery" / "lab").exists()
