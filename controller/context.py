@@ -9,6 +9,7 @@ import grpc
 from siterecovery.common.pki import CertificateAuthority
 from siterecovery.controller.enrollment import FailureLimiter, NonceRegistry, PassphraseVault
 from siterecovery.controller.jobs.engine import JobKind
+from siterecovery.controller.network_orders import NetworkOrderHooks
 from siterecovery.controller.revocation import Revocations
 from siterecovery.controller.secrets import SecretBox
 from siterecovery.controller.settings import ConfigServerSettings
@@ -39,6 +40,8 @@ class ControllerContext:
     nonces: NonceRegistry = field(default_factory=NonceRegistry)
     # The Azure job kinds by name (controller/azure_sites.py), as the runner has them.
     azure_jobs: dict[str, JobKind] = field(default_factory=dict)
+    # Pending network orders per agent and where their results go (controller/network_orders.py).
+    network_orders: NetworkOrderHooks = field(default_factory=NetworkOrderHooks)
 
     def revoked_ids(self) -> list[str]:
         return sorted(self.revocations.ids()) if self.revocations is not None else []
