@@ -599,3 +599,28 @@ def test_the_runtime_reports_results_and_heartbeats_at_once_after_an_order(tmp_p
     assert [len(r.network_results) for r in sent] == [0, 1, 1, 0]
     assert sent[1].network_results[0].ok and sent[1].network_results[0].order_id == "o-1"
     assert os.path.exists(tmp_path / "state" / "network-orders.json")
+
+
+def test_a_malformed_file_or_an_unreadable_tree_never_fails_the_registration(tmp_path):
+    root = tree(tmp_path, "nm")
+    (root / "etc/NetworkManager/system-connections/broken.nmconnection").write_text("no section header\n")
+    (root / "etc/netplan").mkdir(parents=True)
+    (root / "etc/netplan/50-cloud-init.yaml").write_text("network: {ethernets: {eth5: {nameservers: x}}}\n")
+    (root / "etc/netplan/60-bad.yaml").write_text("network: [unclosed\n")
+    agent = NetworkAgent(tmp_path / "state", root=root, windows=False)
+    recorded = agent.identity()
+    assert recorded is not None and [i.name for i in recorded.interfaces] == ["eth0", "eth1"]
+    not_a_directory = tmp_path / "file"
+    not_a_directory.write_text("x")
+    assert NetworkAgent(tmp_path / "state", root=not_a_directory, windows=False).identity() is not None
+
+
+def test_an_order_without_interfaces_is_refused(tmp_path):
+    root = tmp_path / "vm"
+    devices(root, eth0=OFFICE.mac)
+    (root / "etc/netplan").mkdir(parents=True)
+    agent = NetworkAgent(tmp_path / "state", root=root, windows=False)
+    agent.handle_order(agent_pb2.NetworkOrder(order_id="empty"))
+    (result,) = agent.results()
+    assert not result.ok and "names no interface" in result.message
+    assert not (root / "etc/netplan/90-siterecovery.yaml").exists()

@@ -70,9 +70,10 @@ class NetworkAgent:
             return dataclasses.replace(self.stated, captured_at=now).to_proto()
         try:
             found = capture(self.root, now=now)
-        except (OSError, errors.SiteRecoveryError) as exc:
-            # Registration must not fail over this: the machine is still worth protecting.
-            log.warning("could not read the network configuration", root=str(self.root), error=str(exc))
+        except Exception as exc:  # on purpose: see below
+            # Registration must not fail over this: the machine is still worth protecting,
+            # and capture already skips each file it cannot read; this is the last resort.
+            log.warning("could not read the network configuration", root=str(self.root), error=repr(exc))
             return None
         log.info("network identity recorded", system=found.system.value,
                  interfaces=[i.name for i in found.interfaces], static=found.is_static)

@@ -74,9 +74,12 @@ class Order:
 
     @classmethod
     def from_proto(cls, message: agent_pb2.NetworkOrder) -> Order:
+        identity = Identity.from_proto(message.identity)
+        if not identity.interfaces:
+            raise errors.InvalidInput("the order names no interface", code="network-identity-invalid")
         return cls(
             order_id=message.order_id,
-            identity=Identity.from_proto(message.identity),
+            identity=identity,
             target_system=system_from_proto(message.target_system),
         )
 
@@ -196,9 +199,9 @@ def _checked_path(root: Path, relative: PurePosixPath) -> Path:
 
 
 def _write_atomically(path: Path, content: bytes, mode: int) -> None:
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)  # made 0600
     try:
-        os.fchmod(fd, mode)
+        os.chmod(tmp, mode)  # before any content is in it
         with os.fdopen(fd, "wb") as handle:
             handle.write(content)
             handle.flush()
@@ -216,10 +219,11 @@ def backup_path(path: Path) -> Path:
     return path.with_name(f".{path.name}{BACKUP_SUFFIX}")
 
 
-def write_files(root: Path, files: Sequence[RenderedFile]) -> list[Path]:
-    """Write what differs (backing up what it replaces); the paths written."""
+def write_files(root: Path, files: Sequence[RenderedFile], written: list[Path] | None = None) -> list[Path]:
+    """Write what differs (backing up what it replaces); the paths written, also appended to
+    `written` as they are, so a caller knows them when a later write fails."""
     targets = [(_checked_path(root, f.path), f) for f in files]  # every path checked before any write
-    written = []
+    written = [] if written is None else written
     for path, rendered in targets:
         path.parent.mkdir(parents=True, exist_ok=True)
         if path.is_symlink() or (path.exists() and not path.is_file()):
@@ -289,16 +293,20 @@ def carry_out(
 ) -> Result:
     """Match, render, write, optionally activate. Refusals become a failed Result with nothing written."""
     bound = log.bind(order=order.order_id)
+    written: list[Path] = []
     try:
         matches = match_interfaces(order.identity.interfaces, devices(root) if live is None else live)
         system = choose_system(order, root, windows=windows)
-        written = write_files(root, render([m.interface for m in matches], system))
+        write_files(root, render([m.interface for m in matches], system), written)
     except errors.SiteRecoveryError as exc:
         bound.warning("network order refused", error=exc.message, code=exc.code)
-        return Result(order.order_id, False, f"{exc.message} ({exc.hint})" if exc.hint else exc.message)
+        return Result(order.order_id, False, f"{exc.message} ({exc.hint})" if exc.hint else exc.message,
+                      tuple(str(p) for p in written))
     except OSError as exc:
-        bound.error("writing the network configuration failed", error=str(exc))
-        return Result(order.order_id, False, f"writing the network configuration failed: {exc}")
+        # Each file is whole (old or new, with its backup); the result lists those already written.
+        bound.error("writing the network configuration failed", error=str(exc), written=[str(p) for p in written])
+        return Result(order.order_id, False, f"writing the network configuration failed: {exc}",
+                      tuple(str(p) for p in written))
     files = tuple(str(p) for p in written)
     interfaces = ", ".join(m.describe() for m in matches)
     done = (f"wrote {len(files)} file(s) for {system.value}" if files

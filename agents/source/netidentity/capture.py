@@ -152,7 +152,7 @@ class _Builder:
 def _checked(source: str, build: Callable[[], Interface | None]) -> Interface | None:
     try:
         return build()
-    except (errors.InvalidInput, ValueError, KeyError, TypeError, AttributeError) as exc:
+    except (errors.InvalidInput, OSError, configparser.Error, ValueError, KeyError, TypeError, AttributeError) as exc:
         log.warning("skipping a network configuration that does not check out", source=source, error=str(exc))
         return None
 
