@@ -73,6 +73,19 @@ class PairParticipant(Protocol):
         to wait for (without this, the gRPC server waits out its whole grace)."""
 
 
+class NetworkParticipant(Protocol):
+    """What a source agent plugs in for network orders (agents/source/netidentity).
+
+    `handle_order` gets the network order of every heartbeat response (None when
+    there is none) and returns True when it produced a new result, which is then
+    sent at once; `results` is reported with every heartbeat.
+    """
+
+    def handle_order(self, message: agent_pb2.NetworkOrder | None) -> bool: ...
+
+    def results(self) -> Sequence[agent_pb2.NetworkOrderResult]: ...
+
+
 class AgentRuntime:
     def __init__(
         self,
@@ -87,6 +100,7 @@ class AgentRuntime:
             [Sequence[common_pb2.DirectoryFacts]], Sequence[common_pb2.Problem]
         ] = space_problems,
         pairs: PairParticipant | None = None,
+        network: NetworkParticipant | None = None,
         ready_facts: Mapping[str, Any] | None = None,
     ) -> None:
         self.cfg = cfg
@@ -97,6 +111,7 @@ class AgentRuntime:
         self._directories = directories
         self._problems = problems
         self.pairs = pairs
+        self.network = network
         # Extra facts for the state file written when the agent is ready (say, its NBD exports).
         self.ready_facts = dict(ready_facts or {})
         # Set to send the next heartbeat at once (say, a pair has news for the controller).
@@ -223,16 +238,22 @@ class AgentRuntime:
             return
         directories = list(self._directories())
         statuses = list(self.pairs.pair_statuses()) if self.pairs is not None else []
+        network_results = list(self.network.results()) if self.network is not None else []
         response = self._call(
             "Heartbeat",
             agent_pb2.HeartbeatRequest(
-                problems=list(self._problems(directories)), directories=directories, pairs=statuses
+                problems=list(self._problems(directories)), directories=directories, pairs=statuses,
+                network_results=network_results,
             ),
         )
         self._interval = response.heartbeat_interval_seconds or self._interval
         self._set_revoked(response.revoked_ids)
         if self.pairs is not None:
             self.pairs.apply_assignments(list(response.pairs), list(response.tag_requests))
+        if self.network is not None:
+            order = response.network_order if response.HasField("network_order") else None
+            if self.network.handle_order(order):
+                self.heartbeat_now.set()
 
     def heartbeat_loop(self) -> None:
         """Until stopped: a heartbeat every interval; retries with backoff in between."""

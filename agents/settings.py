@@ -101,6 +101,39 @@ class DiskSettings:
 
 
 @dataclass(frozen=True)
+class NetworkInterfaceSettings:
+    """One interface of a network identity stated in the config file ([[network.interfaces]])."""
+
+    name: str = ""
+    mac_address: str = ""
+    # static, dhcp, disabled (IPv6 also auto); empty: static when addresses has one of that family.
+    ipv4_method: str = ""
+    ipv6_method: str = ""
+    # "10.0.0.5/24", "fd00::5/64"
+    addresses: tuple[str, ...] = ()
+    # At most one per family.
+    gateways: tuple[str, ...] = ()
+    dns_servers: tuple[str, ...] = ()
+    dns_search: tuple[str, ...] = ()
+    mtu: int = 0
+
+
+@dataclass(frozen=True)
+class NetworkSettings:
+    """A network identity stated in the config file instead of read from the OS.
+
+    On Windows the agent cannot read one (there are no files to read; netsh or WMI
+    output may be read in the future): state it here. On Linux it overrides what
+    agents/source/netidentity/capture.py would read.
+    """
+
+    # Which system the machine uses: networkmanager, ifcfg, netplan or windows.
+    # Empty: windows on Windows, else the system found under network_root.
+    system: str = ""
+    interfaces: tuple[NetworkInterfaceSettings, ...] = ()
+
+
+@dataclass(frozen=True)
 class SourceSettings(AgentSettings):
     state_dir: Path = Path("/var/lib/siterecovery/source")
     # A source agent's own port serves health and reflection to local monitoring.
@@ -121,3 +154,11 @@ class SourceSettings(AgentSettings):
     # How the configuration server recognises this machine (default: the BIOS
     # UUID, readable by root on Linux).
     machine_uuid: str = ""
+    # Network identity (failback restores the static IP configuration): the OS's network
+    # configuration is read under this directory, and a network order writes there.
+    network_root: Path = Path("/")
+    # Run after a network order wrote its files ("nmcli connection reload", "netplan apply");
+    # empty: only write them, and log what an administrator should run.
+    network_apply_command: str = ""
+    # A network identity stated here instead of read from the OS (Windows; or an override).
+    network: NetworkSettings = field(default_factory=NetworkSettings)

@@ -11,7 +11,7 @@ from __future__ import annotations
 import ipaddress
 from datetime import datetime
 
-from siterecovery.common import errors, pki
+from siterecovery.common import errors, netidentity, pki
 from siterecovery.common.settings import parse_endpoint
 from siterecovery.controller import registration
 from siterecovery.controller.jobs.engine import JobKind, create_job
@@ -72,6 +72,15 @@ def validate_inventory(role: str, inventory: dict) -> None:
         raise errors.InvalidInput("two disks report the same identity", code="inventory-invalid")
     if len(inventory.get("directories", [])) > MAX_DIRECTORIES:
         raise errors.InvalidInput(f"more than {MAX_DIRECTORIES} directories", code="inventory-invalid")
+    if "network" in inventory:
+        if role != pki.SOURCE:
+            raise errors.InvalidInput("only a source agent reports a network identity", code="inventory-invalid")
+        try:
+            netidentity.validate_dict(inventory["network"])
+        except errors.InvalidInput as exc:
+            raise errors.InvalidInput(
+                f"network identity: {exc.message}", hint=exc.hint, code="inventory-invalid"
+            ) from exc
     endpoint = inventory.get("data_endpoint", "")
     if role in (pki.PROCESS_SERVER, pki.MASTER_TARGET):
         if not endpoint:

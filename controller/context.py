@@ -9,6 +9,7 @@ import grpc
 from siterecovery.common.pki import CertificateAuthority
 from siterecovery.controller.enrollment import FailureLimiter, NonceRegistry, PassphraseVault
 from siterecovery.controller.jobs.engine import JobKind
+from siterecovery.controller.network_orders import NetworkOrderHooks
 from siterecovery.controller.protection.environment import Environment
 from siterecovery.controller.revocation import Revocations
 from siterecovery.controller.secrets import SecretBox
@@ -43,6 +44,8 @@ class ControllerContext:
     # The protection workflows (controller/protection/) and what they need.
     protection: Environment | None = None
     protection_jobs: dict[str, JobKind] = field(default_factory=dict)
+    # Pending network orders per agent and where their results go (controller/network_orders.py).
+    network_orders: NetworkOrderHooks = field(default_factory=NetworkOrderHooks)
 
     def revoked_ids(self) -> list[str]:
         return sorted(self.revocations.ids()) if self.revocations is not None else []

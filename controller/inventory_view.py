@@ -74,8 +74,11 @@ def config_server_info(settings: ConfigServerSettings, endpoint: str, *, now: da
     )
 
 
-def machine(record: MachineRecord, health: int) -> admin_pb2.Machine:
+def machine(record: MachineRecord, health: int, server: ServerRecord | None = None) -> admin_pb2.Machine:
+    """`server`: its source agent's row, whose inventory holds the network identity last reported."""
+    network = server.inventory.get("network") if server is not None else None
     return admin_pb2.Machine(
+        network=from_dict(network, common_pb2.NetworkIdentity()) if isinstance(network, dict) else None,
         id=record.id,
         hostname=record.hostname,
         os=record.os,

@@ -5,7 +5,9 @@ identity), and heartbeats. Every configured disk is served as an NBD export
 named after the disk on `nbd_listen:nbd_port` (reported as `nbd` =
 {disk name: URI} in the state file and in the log); writes made through it are
 journaled and streamed to the process server while the disk's pair replicates
-in nbd mode (see replicator.py). Start-up order: open the disks, re-attach and
+in nbd mode (see replicator.py). The registration carries the machine's network
+identity, and a heartbeat response may carry a network order to re-apply it
+(netidentity/). Start-up order: open the disks, re-attach and
 replay the pairs' journals, then serve NBD, then enroll/register.
 """
 
@@ -25,6 +27,7 @@ from siterecovery.common.pb import agent_pb2, agent_pb2_grpc, common_pb2
 
 from .capture import DiskCapture
 from .nbd import NbdServer
+from .netidentity import NetworkAgent
 from .replicator import ReplicationOptions, SourceReplication
 
 DAEMON = "source-agent"
@@ -65,6 +68,7 @@ def run(cfg: SourceSettings, stop: threading.Event | None = None) -> int:
     logging.configure(level=cfg.log_level, json=cfg.log_json)
     stop = stop or daemon.install_stop_handlers()
     _check(cfg)
+    network = NetworkAgent.from_settings(cfg)
     identities = DiskIdentities(cfg.state_dir)
     disks = {d.name: DiskCapture(d.name, d.path) for d in cfg.disks}
 
@@ -73,6 +77,7 @@ def run(cfg: SourceSettings, stop: threading.Event | None = None) -> int:
             host=host_facts(hostname=cfg.hostname, machine_uuid=cfg.machine_uuid or bios_uuid()),
             disks=[disk_facts(identities, d.path, d.name) for d in cfg.disks],
             data_endpoint=runtime.data_endpoint(),
+            network=network.identity(),
         )
 
     def connect(endpoint: str, process_server_id: str) -> grpc.Channel:
@@ -120,7 +125,7 @@ def run(cfg: SourceSettings, stop: threading.Event | None = None) -> int:
         log.info("serving disk over NBD", disk=name, uri=uri)
     runtime = AgentRuntime(
         cfg, role=pki.SOURCE, daemon_name=DAEMON, stop=stop, inventory=inventory, pairs=replication,
-        ready_facts={"nbd": exports},
+        network=network, ready_facts={"nbd": exports},
     )
     try:
         return runtime.run()

@@ -119,7 +119,7 @@ class ListServersResponse(_message.Message):
     def __init__(self, servers: _Optional[_Iterable[_Union[_common_pb2.ServerInfo, _Mapping]]] = ...) -> None: ...
 
 class Machine(_message.Message):
-    __slots__ = ("id", "hostname", "os", "server_id", "disks", "addresses", "health")
+    __slots__ = ("id", "hostname", "os", "server_id", "disks", "addresses", "health", "network")
     ID_FIELD_NUMBER: _ClassVar[int]
     HOSTNAME_FIELD_NUMBER: _ClassVar[int]
     OS_FIELD_NUMBER: _ClassVar[int]
@@ -127,6 +127,7 @@ class Machine(_message.Message):
     DISKS_FIELD_NUMBER: _ClassVar[int]
     ADDRESSES_FIELD_NUMBER: _ClassVar[int]
     HEALTH_FIELD_NUMBER: _ClassVar[int]
+    NETWORK_FIELD_NUMBER: _ClassVar[int]
     id: str
     hostname: str
     os: str
@@ -134,7 +135,8 @@ class Machine(_message.Message):
     disks: _containers.RepeatedCompositeFieldContainer[_common_pb2.DiskFacts]
     addresses: _containers.RepeatedScalarFieldContainer[str]
     health: _common_pb2.Health
-    def __init__(self, id: _Optional[str] = ..., hostname: _Optional[str] = ..., os: _Optional[str] = ..., server_id: _Optional[str] = ..., disks: _Optional[_Iterable[_Union[_common_pb2.DiskFacts, _Mapping]]] = ..., addresses: _Optional[_Iterable[str]] = ..., health: _Optional[_Union[_common_pb2.Health, str]] = ...) -> None: ...
+    network: _common_pb2.NetworkIdentity
+    def __init__(self, id: _Optional[str] = ..., hostname: _Optional[str] = ..., os: _Optional[str] = ..., server_id: _Optional[str] = ..., disks: _Optional[_Iterable[_Union[_common_pb2.DiskFacts, _Mapping]]] = ..., addresses: _Optional[_Iterable[str]] = ..., health: _Optional[_Union[_common_pb2.Health, str]] = ..., network: _Optional[_Union[_common_pb2.NetworkIdentity, _Mapping]] = ...) -> None: ...
 
 class ListMachinesRequest(_message.Message):
     __slots__ = ()

@@ -27,7 +27,7 @@ from siterecovery.common.pb import common_pb2 as siterecovery_dot_v1_dot_common_
 from siterecovery.common.pb import replication_pb2 as siterecovery_dot_v1_dot_replication__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1bsiterecovery/v1/agent.proto\x12\x0fsiterecovery.v1\x1a\x1csiterecovery/v1/common.proto\x1a!siterecovery/v1/replication.proto\"$\n\x12HoldBarrierRequest\x12\x0e\n\x06tag_id\x18\x01 \x01(\t\"W\n\x13HoldBarrierResponse\x12\x30\n\x07outcome\x18\x01 \x01(\x0e\x32\x1f.siterecovery.v1.BarrierOutcome\x12\x0e\n\x06reason\x18\x02 \x01(\t\"@\n\x0fRegisterRequest\x12-\n\tinventory\x18\x01 \x01(\x0b\x32\x1a.siterecovery.v1.Inventory\"\x8e\x01\n\x10RegisterResponse\x12\x11\n\tserver_id\x18\x01 \x01(\t\x12\"\n\x1aheartbeat_interval_seconds\x18\x02 \x01(\x01\x12.\n\x05pairs\x18\x03 \x03(\x0b\x32\x1f.siterecovery.v1.PairAssignment\x12\x13\n\x0brevoked_ids\x18\x04 \x03(\t\"\xa0\x01\n\x10HeartbeatRequest\x12*\n\x08problems\x18\x01 \x03(\x0b\x32\x18.siterecovery.v1.Problem\x12\x34\n\x0b\x64irectories\x18\x02 \x03(\x0b\x32\x1f.siterecovery.v1.DirectoryFacts\x12*\n\x05pairs\x18\x03 \x03(\x0b\x32\x1b.siterecovery.v1.PairStatus\"\xaf\x01\n\x11HeartbeatResponse\x12\"\n\x1aheartbeat_interval_seconds\x18\x01 \x01(\x01\x12.\n\x05pairs\x18\x02 \x03(\x0b\x32\x1f.siterecovery.v1.PairAssignment\x12\x31\n\x0ctag_requests\x18\x03 \x03(\x0b\x32\x1b.siterecovery.v1.TagRequest\x12\x13\n\x0brevoked_ids\x18\x04 \x03(\t2\x8d\x02\n\x0c\x41gentControl\x12O\n\x08Register\x12 .siterecovery.v1.RegisterRequest\x1a!.siterecovery.v1.RegisterResponse\x12R\n\tHeartbeat\x12!.siterecovery.v1.HeartbeatRequest\x1a\".siterecovery.v1.HeartbeatResponse\x12X\n\x0bHoldBarrier\x12#.siterecovery.v1.HoldBarrierRequest\x1a$.siterecovery.v1.HoldBarrierResponseb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1bsiterecovery/v1/agent.proto\x12\x0fsiterecovery.v1\x1a\x1csiterecovery/v1/common.proto\x1a!siterecovery/v1/replication.proto\"$\n\x12HoldBarrierRequest\x12\x0e\n\x06tag_id\x18\x01 \x01(\t\"W\n\x13HoldBarrierResponse\x12\x30\n\x07outcome\x18\x01 \x01(\x0e\x32\x1f.siterecovery.v1.BarrierOutcome\x12\x0e\n\x06reason\x18\x02 \x01(\t\"@\n\x0fRegisterRequest\x12-\n\tinventory\x18\x01 \x01(\x0b\x32\x1a.siterecovery.v1.Inventory\"\x8e\x01\n\x10RegisterResponse\x12\x11\n\tserver_id\x18\x01 \x01(\t\x12\"\n\x1aheartbeat_interval_seconds\x18\x02 \x01(\x01\x12.\n\x05pairs\x18\x03 \x03(\x0b\x32\x1f.siterecovery.v1.PairAssignment\x12\x13\n\x0brevoked_ids\x18\x04 \x03(\t\"\x8b\x01\n\x0cNetworkOrder\x12\x10\n\x08order_id\x18\x01 \x01(\t\x12\x32\n\x08identity\x18\x02 \x01(\x0b\x32 .siterecovery.v1.NetworkIdentity\x12\x35\n\rtarget_system\x18\x03 \x01(\x0e\x32\x1e.siterecovery.v1.NetworkSystem\"R\n\x12NetworkOrderResult\x12\x10\n\x08order_id\x18\x01 \x01(\t\x12\n\n\x02ok\x18\x02 \x01(\x08\x12\x0f\n\x07message\x18\x03 \x01(\t\x12\r\n\x05\x66iles\x18\x04 \x03(\t\"\xde\x01\n\x10HeartbeatRequest\x12*\n\x08problems\x18\x01 \x03(\x0b\x32\x18.siterecovery.v1.Problem\x12\x34\n\x0b\x64irectories\x18\x02 \x03(\x0b\x32\x1f.siterecovery.v1.DirectoryFacts\x12*\n\x05pairs\x18\x03 \x03(\x0b\x32\x1b.siterecovery.v1.PairStatus\x12<\n\x0fnetwork_results\x18\x04 \x03(\x0b\x32#.siterecovery.v1.NetworkOrderResult\"\xe5\x01\n\x11HeartbeatResponse\x12\"\n\x1aheartbeat_interval_seconds\x18\x01 \x01(\x01\x12.\n\x05pairs\x18\x02 \x03(\x0b\x32\x1f.siterecovery.v1.PairAssignment\x12\x31\n\x0ctag_requests\x18\x03 \x03(\x0b\x32\x1b.siterecovery.v1.TagRequest\x12\x13\n\x0brevoked_ids\x18\x04 \x03(\t\x12\x34\n\rnetwork_order\x18\x05 \x01(\x0b\x32\x1d.siterecovery.v1.NetworkOrder2\x8d\x02\n\x0c\x41gentControl\x12O\n\x08Register\x12 .siterecovery.v1.RegisterRequest\x1a!.siterecovery.v1.RegisterResponse\x12R\n\tHeartbeat\x12!.siterecovery.v1.HeartbeatRequest\x1a\".siterecovery.v1.HeartbeatResponse\x12X\n\x0bHoldBarrier\x12#.siterecovery.v1.HoldBarrierRequest\x1a$.siterecovery.v1.HoldBarrierResponseb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -42,10 +42,14 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_REGISTERREQUEST']._serialized_end=304
   _globals['_REGISTERRESPONSE']._serialized_start=307
   _globals['_REGISTERRESPONSE']._serialized_end=449
-  _globals['_HEARTBEATREQUEST']._serialized_start=452
-  _globals['_HEARTBEATREQUEST']._serialized_end=612
-  _globals['_HEARTBEATRESPONSE']._serialized_start=615
-  _globals['_HEARTBEATRESPONSE']._serialized_end=790
-  _globals['_AGENTCONTROL']._serialized_start=793
-  _globals['_AGENTCONTROL']._serialized_end=1062
+  _globals['_NETWORKORDER']._serialized_start=452
+  _globals['_NETWORKORDER']._serialized_end=591
+  _globals['_NETWORKORDERRESULT']._serialized_start=593
+  _globals['_NETWORKORDERRESULT']._serialized_end=675
+  _globals['_HEARTBEATREQUEST']._serialized_start=678
+  _globals['_HEARTBEATREQUEST']._serialized_end=900
+  _globals['_HEARTBEATRESPONSE']._serialized_start=903
+  _globals['_HEARTBEATRESPONSE']._serialized_end=1132
+  _globals['_AGENTCONTROL']._serialized_start=1135
+  _globals['_AGENTCONTROL']._serialized_end=1404
 # @@protoc_insertion_point(module_scope)

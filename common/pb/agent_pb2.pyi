@@ -41,24 +41,50 @@ class RegisterResponse(_message.Message):
     revoked_ids: _containers.RepeatedScalarFieldContainer[str]
     def __init__(self, server_id: _Optional[str] = ..., heartbeat_interval_seconds: _Optional[float] = ..., pairs: _Optional[_Iterable[_Union[_replication_pb2.PairAssignment, _Mapping]]] = ..., revoked_ids: _Optional[_Iterable[str]] = ...) -> None: ...
 
+class NetworkOrder(_message.Message):
+    __slots__ = ("order_id", "identity", "target_system")
+    ORDER_ID_FIELD_NUMBER: _ClassVar[int]
+    IDENTITY_FIELD_NUMBER: _ClassVar[int]
+    TARGET_SYSTEM_FIELD_NUMBER: _ClassVar[int]
+    order_id: str
+    identity: _common_pb2.NetworkIdentity
+    target_system: _common_pb2.NetworkSystem
+    def __init__(self, order_id: _Optional[str] = ..., identity: _Optional[_Union[_common_pb2.NetworkIdentity, _Mapping]] = ..., target_system: _Optional[_Union[_common_pb2.NetworkSystem, str]] = ...) -> None: ...
+
+class NetworkOrderResult(_message.Message):
+    __slots__ = ("order_id", "ok", "message", "files")
+    ORDER_ID_FIELD_NUMBER: _ClassVar[int]
+    OK_FIELD_NUMBER: _ClassVar[int]
+    MESSAGE_FIELD_NUMBER: _ClassVar[int]
+    FILES_FIELD_NUMBER: _ClassVar[int]
+    order_id: str
+    ok: bool
+    message: str
+    files: _containers.RepeatedScalarFieldContainer[str]
+    def __init__(self, order_id: _Optional[str] = ..., ok: _Optional[bool] = ..., message: _Optional[str] = ..., files: _Optional[_Iterable[str]] = ...) -> None: ...
+
 class HeartbeatRequest(_message.Message):
-    __slots__ = ("problems", "directories", "pairs")
+    __slots__ = ("problems", "directories", "pairs", "network_results")
     PROBLEMS_FIELD_NUMBER: _ClassVar[int]
     DIRECTORIES_FIELD_NUMBER: _ClassVar[int]
     PAIRS_FIELD_NUMBER: _ClassVar[int]
+    NETWORK_RESULTS_FIELD_NUMBER: _ClassVar[int]
     problems: _containers.RepeatedCompositeFieldContainer[_common_pb2.Problem]
     directories: _containers.RepeatedCompositeFieldContainer[_common_pb2.DirectoryFacts]
     pairs: _containers.RepeatedCompositeFieldContainer[_replication_pb2.PairStatus]
-    def __init__(self, problems: _Optional[_Iterable[_Union[_common_pb2.Problem, _Mapping]]] = ..., directories: _Optional[_Iterable[_Union[_common_pb2.DirectoryFacts, _Mapping]]] = ..., pairs: _Optional[_Iterable[_Union[_replication_pb2.PairStatus, _Mapping]]] = ...) -> None: ...
+    network_results: _containers.RepeatedCompositeFieldContainer[NetworkOrderResult]
+    def __init__(self, problems: _Optional[_Iterable[_Union[_common_pb2.Problem, _Mapping]]] = ..., directories: _Optional[_Iterable[_Union[_common_pb2.DirectoryFacts, _Mapping]]] = ..., pairs: _Optional[_Iterable[_Union[_replication_pb2.PairStatus, _Mapping]]] = ..., network_results: _Optional[_Iterable[_Union[NetworkOrderResult, _Mapping]]] = ...) -> None: ...
 
 class HeartbeatResponse(_message.Message):
-    __slots__ = ("heartbeat_interval_seconds", "pairs", "tag_requests", "revoked_ids")
+    __slots__ = ("heartbeat_interval_seconds", "pairs", "tag_requests", "revoked_ids", "network_order")
     HEARTBEAT_INTERVAL_SECONDS_FIELD_NUMBER: _ClassVar[int]
     PAIRS_FIELD_NUMBER: _ClassVar[int]
     TAG_REQUESTS_FIELD_NUMBER: _ClassVar[int]
     REVOKED_IDS_FIELD_NUMBER: _ClassVar[int]
+    NETWORK_ORDER_FIELD_NUMBER: _ClassVar[int]
     heartbeat_interval_seconds: float
     pairs: _containers.RepeatedCompositeFieldContainer[_replication_pb2.PairAssignment]
     tag_requests: _containers.RepeatedCompositeFieldContainer[_replication_pb2.TagRequest]
     revoked_ids: _containers.RepeatedScalarFieldContainer[str]
-    def __init__(self, heartbeat_interval_seconds: _Optional[float] = ..., pairs: _Optional[_Iterable[_Union[_replication_pb2.PairAssignment, _Mapping]]] = ..., tag_requests: _Optional[_Iterable[_Union[_replication_pb2.TagRequest, _Mapping]]] = ..., revoked_ids: _Optional[_Iterable[str]] = ...) -> None: ...
+    network_order: NetworkOrder
+    def __init__(self, heartbeat_interval_seconds: _Optional[float] = ..., pairs: _Optional[_Iterable[_Union[_replication_pb2.PairAssignment, _Mapping]]] = ..., tag_requests: _Optional[_Iterable[_Union[_replication_pb2.TagRequest, _Mapping]]] = ..., revoked_ids: _Optional[_Iterable[str]] = ..., network_order: _Optional[_Union[NetworkOrder, _Mapping]] = ...) -> None: ...

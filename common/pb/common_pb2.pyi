@@ -42,6 +42,22 @@ class DirectoryKind(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
     DIRECTORY_KIND_RETENTION: _ClassVar[DirectoryKind]
     DIRECTORY_KIND_SPOOL: _ClassVar[DirectoryKind]
     DIRECTORY_KIND_STATE: _ClassVar[DirectoryKind]
+
+class NetworkSystem(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
+    __slots__ = ()
+    NETWORK_SYSTEM_UNSPECIFIED: _ClassVar[NetworkSystem]
+    NETWORK_SYSTEM_NETWORKMANAGER: _ClassVar[NetworkSystem]
+    NETWORK_SYSTEM_IFCFG: _ClassVar[NetworkSystem]
+    NETWORK_SYSTEM_NETPLAN: _ClassVar[NetworkSystem]
+    NETWORK_SYSTEM_WINDOWS: _ClassVar[NetworkSystem]
+
+class AddressMethod(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
+    __slots__ = ()
+    ADDRESS_METHOD_UNSPECIFIED: _ClassVar[AddressMethod]
+    ADDRESS_METHOD_STATIC: _ClassVar[AddressMethod]
+    ADDRESS_METHOD_DHCP: _ClassVar[AddressMethod]
+    ADDRESS_METHOD_AUTO: _ClassVar[AddressMethod]
+    ADDRESS_METHOD_DISABLED: _ClassVar[AddressMethod]
 ROLE_UNSPECIFIED: Role
 ROLE_SOURCE: Role
 ROLE_PROCESS_SERVER: Role
@@ -62,6 +78,16 @@ DIRECTORY_KIND_DATASTORE: DirectoryKind
 DIRECTORY_KIND_RETENTION: DirectoryKind
 DIRECTORY_KIND_SPOOL: DirectoryKind
 DIRECTORY_KIND_STATE: DirectoryKind
+NETWORK_SYSTEM_UNSPECIFIED: NetworkSystem
+NETWORK_SYSTEM_NETWORKMANAGER: NetworkSystem
+NETWORK_SYSTEM_IFCFG: NetworkSystem
+NETWORK_SYSTEM_NETPLAN: NetworkSystem
+NETWORK_SYSTEM_WINDOWS: NetworkSystem
+ADDRESS_METHOD_UNSPECIFIED: AddressMethod
+ADDRESS_METHOD_STATIC: AddressMethod
+ADDRESS_METHOD_DHCP: AddressMethod
+ADDRESS_METHOD_AUTO: AddressMethod
+ADDRESS_METHOD_DISABLED: AddressMethod
 
 class Problem(_message.Message):
     __slots__ = ("code", "severity", "message")
@@ -114,16 +140,60 @@ class HostFacts(_message.Message):
     def __init__(self, hostname: _Optional[str] = ..., os: _Optional[str] = ..., addresses: _Optional[_Iterable[str]] = ..., agent_version: _Optional[str] = ..., machine_uuid: _Optional[str] = ...) -> None: ...
 
 class Inventory(_message.Message):
-    __slots__ = ("host", "disks", "directories", "data_endpoint")
+    __slots__ = ("host", "disks", "directories", "data_endpoint", "network")
     HOST_FIELD_NUMBER: _ClassVar[int]
     DISKS_FIELD_NUMBER: _ClassVar[int]
     DIRECTORIES_FIELD_NUMBER: _ClassVar[int]
     DATA_ENDPOINT_FIELD_NUMBER: _ClassVar[int]
+    NETWORK_FIELD_NUMBER: _ClassVar[int]
     host: HostFacts
     disks: _containers.RepeatedCompositeFieldContainer[DiskFacts]
     directories: _containers.RepeatedCompositeFieldContainer[DirectoryFacts]
     data_endpoint: str
-    def __init__(self, host: _Optional[_Union[HostFacts, _Mapping]] = ..., disks: _Optional[_Iterable[_Union[DiskFacts, _Mapping]]] = ..., directories: _Optional[_Iterable[_Union[DirectoryFacts, _Mapping]]] = ..., data_endpoint: _Optional[str] = ...) -> None: ...
+    network: NetworkIdentity
+    def __init__(self, host: _Optional[_Union[HostFacts, _Mapping]] = ..., disks: _Optional[_Iterable[_Union[DiskFacts, _Mapping]]] = ..., directories: _Optional[_Iterable[_Union[DirectoryFacts, _Mapping]]] = ..., data_endpoint: _Optional[str] = ..., network: _Optional[_Union[NetworkIdentity, _Mapping]] = ...) -> None: ...
+
+class IpAddress(_message.Message):
+    __slots__ = ("address", "prefix_length")
+    ADDRESS_FIELD_NUMBER: _ClassVar[int]
+    PREFIX_LENGTH_FIELD_NUMBER: _ClassVar[int]
+    address: str
+    prefix_length: int
+    def __init__(self, address: _Optional[str] = ..., prefix_length: _Optional[int] = ...) -> None: ...
+
+class NetworkInterface(_message.Message):
+    __slots__ = ("name", "mac_address", "ipv4_method", "ipv6_method", "addresses", "gateways", "dns_servers", "dns_search", "mtu")
+    NAME_FIELD_NUMBER: _ClassVar[int]
+    MAC_ADDRESS_FIELD_NUMBER: _ClassVar[int]
+    IPV4_METHOD_FIELD_NUMBER: _ClassVar[int]
+    IPV6_METHOD_FIELD_NUMBER: _ClassVar[int]
+    ADDRESSES_FIELD_NUMBER: _ClassVar[int]
+    GATEWAYS_FIELD_NUMBER: _ClassVar[int]
+    DNS_SERVERS_FIELD_NUMBER: _ClassVar[int]
+    DNS_SEARCH_FIELD_NUMBER: _ClassVar[int]
+    MTU_FIELD_NUMBER: _ClassVar[int]
+    name: str
+    mac_address: str
+    ipv4_method: AddressMethod
+    ipv6_method: AddressMethod
+    addresses: _containers.RepeatedCompositeFieldContainer[IpAddress]
+    gateways: _containers.RepeatedScalarFieldContainer[str]
+    dns_servers: _containers.RepeatedScalarFieldContainer[str]
+    dns_search: _containers.RepeatedScalarFieldContainer[str]
+    mtu: int
+    def __init__(self, name: _Optional[str] = ..., mac_address: _Optional[str] = ..., ipv4_method: _Optional[_Union[AddressMethod, str]] = ..., ipv6_method: _Optional[_Union[AddressMethod, str]] = ..., addresses: _Optional[_Iterable[_Union[IpAddress, _Mapping]]] = ..., gateways: _Optional[_Iterable[str]] = ..., dns_servers: _Optional[_Iterable[str]] = ..., dns_search: _Optional[_Iterable[str]] = ..., mtu: _Optional[int] = ...) -> None: ...
+
+class NetworkIdentity(_message.Message):
+    __slots__ = ("system", "captured_at", "interfaces", "from_agent_config")
+    SYSTEM_FIELD_NUMBER: _ClassVar[int]
+    CAPTURED_AT_FIELD_NUMBER: _ClassVar[int]
+    INTERFACES_FIELD_NUMBER: _ClassVar[int]
+    FROM_AGENT_CONFIG_FIELD_NUMBER: _ClassVar[int]
+    system: NetworkSystem
+    captured_at: _timestamp_pb2.Timestamp
+    interfaces: _containers.RepeatedCompositeFieldContainer[NetworkInterface]
+    from_agent_config: bool
+    def __init__(self, system: _Optional[_Union[NetworkSystem, str]] = ..., captured_at: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., interfaces: _Optional[_Iterable[_Union[NetworkInterface, _Mapping]]] = ..., from_agent_config: _Optional[bool] = ...) -> None: ...
 
 class ServerInfo(_message.Message):
     __slots__ = ("id", "role", "hostname", "health", "enrolled_at", "last_heartbeat_at", "heartbeat_age_seconds", "problems", "inventory", "health_reason", "revoked_at")

@@ -88,7 +88,7 @@ class AdminServicer(VcenterRpcs, AzureRpcs, admin_pb2_grpc.AdminServicer):
                 if server
                 else common_pb2.HEALTH_CRITICAL
             )
-            machines.append(inventory_view.machine(record, health))
+            machines.append(inventory_view.machine(record, health, server))
         return admin_pb2.ListMachinesResponse(machines=machines)
 
     def ListJobs(self, request, context):

@@ -9,7 +9,7 @@ import structlog
 
 from siterecovery.common.grpcserver import caller
 from siterecovery.common.pb import agent_pb2, agent_pb2_grpc
-from siterecovery.controller import agents, replication
+from siterecovery.controller import agents, network_orders, replication
 from siterecovery.controller.context import ControllerContext
 from siterecovery.controller.convert import problem_to_dict, to_dict
 
@@ -38,6 +38,7 @@ class AgentControlServicer(agent_pb2_grpc.AgentControlServicer):
 
     def Heartbeat(self, request: agent_pb2.HeartbeatRequest, context: grpc.ServicerContext):
         identity, now = caller(), datetime.now(UTC)
+        network_orders.check_results(request.network_results)  # before anything is written
         agents.heartbeat(
             self._ctx.store,
             identity,
@@ -46,11 +47,15 @@ class AgentControlServicer(agent_pb2_grpc.AgentControlServicer):
             now=now,
         )
         replication.record_reports(self._ctx.store, identity, request.pairs, now=now)
+        hooks = self._ctx.network_orders
+        if request.network_results:
+            hooks.record_results(self._ctx.store, identity, request.network_results, now=now)
         return agent_pb2.HeartbeatResponse(
             heartbeat_interval_seconds=self._ctx.settings.heartbeat_interval,
             pairs=replication.assignments_for(self._ctx.store, identity.id),
             tag_requests=replication.tag_requests_for(self._ctx.store, identity.id, now=now),
             revoked_ids=self._ctx.revoked_ids(),
+            network_order=hooks.order_for(self._ctx.store, identity.id, now=now),
         )
 
     def HoldBarrier(self, request: agent_pb2.HoldBarrierRequest, context: grpc.ServicerContext):

@@ -88,6 +88,8 @@ class Site:
             data["disks"] = [{"path": str(disk), "name": "disk0"}]
         if daemon == "source-agent":
             data["nbd_port"] = 0
+            # The network identity is read under an empty directory, not this host's /etc.
+            data["network_root"] = str(self.root / f"{name}-network-root")
         data.update(extra)
         return self._write(f"{name}.toml", data), state_dir
 

@@ -1,0 +1,105 @@
+"""Network orders: the configuration server's side of re-applying a network identity.
+
+A source agent reports its machine's network identity with every registration
+(`Inventory.network`, kept with the server's inventory and checked by
+`agents.validate_inventory`). At failback the workflow sends the identity back
+to the agent on the failed-back machine as a `NetworkOrder` in heartbeat
+responses, until the agent's `network_results` for that order arrive.
+
+**Not backed yet.** Which order is pending for which server, and where results go,
+belong to the failback workflow (issue 6), whose table arrives with its own
+migration. Until then `network_order_for` returns None (no order is ever sent) and
+`record_network_results` checks and logs what agents report and keeps nothing. The
+servicer reaches both through `NetworkOrderHooks` on the ControllerContext, so
+the workflow replaces them without touching the servicer.
+
+TODO(issue 6, failback workflow) — the interface to back:
+- `network_order_for(store, server_id, now=)` → the pending `NetworkOrder` for the
+  agent `server_id` (an order id that stays the same until it is answered, the
+  identity, the target system if known), or None;
+- `record_network_results(store, identity, results, now=)` → mark the order done
+  (ok or failed, with message and files) so the step of the failback job can go on
+  and the order stops being sent.
+- The identity to send is the one **recorded at protection time**
+  (`recorded_identity` at enable-protection, kept in the workflow's table): a
+  machine failed over to Azure registers again with the DHCP configuration Azure
+  gave it, which replaces the inventory's copy.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from datetime import datetime
+
+import structlog
+
+from siterecovery.common import errors, netidentity, pki
+from siterecovery.common.pb import agent_pb2
+from siterecovery.controller.store.base import Store
+
+log = structlog.get_logger(__name__)
+
+MAX_RESULTS = 16
+MAX_FILES = 64
+MAX_MESSAGE = 4096
+MAX_PATH = 1024
+_ORDER_ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.:-]{0,127}")
+
+
+def recorded_identity(store: Store, server_id: str) -> dict | None:
+    """The network identity the agent `server_id` last reported (NetworkIdentity as JSON), or None."""
+    network = store.get_server(server_id).inventory.get("network")
+    return network if isinstance(network, dict) else None
+
+
+def make_order(order_id: str, identity: dict, target_system: netidentity.System) -> agent_pb2.NetworkOrder:
+    """A network order for an identity as stored (checked again here: it is about to be written to a machine)."""
+    if not _ORDER_ID.fullmatch(order_id):
+        raise errors.InvalidInput(f"network order id {order_id[:80]!r} is malformed", code="network-order-invalid")
+    return agent_pb2.NetworkOrder(
+        order_id=order_id,
+        identity=netidentity.from_dict(identity).to_proto(),
+        target_system=netidentity.system_to_proto(target_system),
+    )
+
+
+def check_results(results: Sequence[agent_pb2.NetworkOrderResult]) -> None:
+    """Refuse what no agent of ours sends, before anything of the heartbeat is written."""
+    if len(results) > MAX_RESULTS:
+        raise errors.InvalidInput(f"more than {MAX_RESULTS} network order results", code="heartbeat-invalid")
+    for result in results:
+        if not _ORDER_ID.fullmatch(result.order_id):
+            raise errors.InvalidInput("a network order result has a malformed order id", code="heartbeat-invalid")
+        if len(result.message) > MAX_MESSAGE or len(result.files) > MAX_FILES:
+            raise errors.InvalidInput("a network order result is too long", code="heartbeat-invalid")
+        for text in (result.message, *result.files):
+            if any(ord(c) < 32 and c not in "\t\n" for c in text) or any(len(f) > MAX_PATH for f in result.files):
+                raise errors.InvalidInput("a network order result has control characters or an overlong path",
+                                          code="heartbeat-invalid")
+
+
+def network_order_for(store: Store, server_id: str, *, now: datetime) -> agent_pb2.NetworkOrder | None:
+    """The network order pending for this agent. TODO(issue 6): back it with the failback
+    workflow's table; until then there is never one."""
+    return None
+
+
+def record_network_results(
+    store: Store, identity: pki.Identity, results: Sequence[agent_pb2.NetworkOrderResult], *, now: datetime
+) -> None:
+    """What an agent reports about its network orders. TODO(issue 6): settle the order in the
+    failback workflow's table; until then the results are checked and logged only."""
+    check_results(results)
+    for result in results:
+        log.debug("network order result", agent=identity.id, order=result.order_id, ok=result.ok,
+                 message=result.message, files=list(result.files))
+
+
+@dataclass(frozen=True)
+class NetworkOrderHooks:
+    """The pending-order lookup and the result sink the AgentControl servicer calls."""
+
+    order_for: Callable[..., agent_pb2.NetworkOrder | None] = network_order_for
+    record_results: Callable[..., None] = record_network_results
