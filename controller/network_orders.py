@@ -6,24 +6,13 @@ A source agent reports its machine's network identity with every registration
 to the agent on the failed-back machine as a `NetworkOrder` in heartbeat
 responses, until the agent's `network_results` for that order arrive.
 
-**Not backed yet.** Which order is pending for which server, and where results go,
-belong to the failback workflow (issue 6), whose table arrives with its own
-migration. Until then `network_order_for` returns None (no order is ever sent) and
-`record_network_results` checks and logs what agents report and keeps nothing. The
-servicer reaches both through `NetworkOrderHooks` on the ControllerContext, so
-the workflow replaces them without touching the servicer.
-
-TODO(issue 6, failback workflow) — the interface to back:
-- `network_order_for(store, server_id, now=)` → the pending `NetworkOrder` for the
-  agent `server_id` (an order id that stays the same until it is answered, the
-  identity, the target system if known), or None;
-- `record_network_results(store, identity, results, now=)` → mark the order done
-  (ok or failed, with message and files) so the step of the failback job can go on
-  and the order stops being sent.
-- The identity to send is the one **recorded at protection time**
-  (`recorded_identity` at enable-protection, kept in the workflow's table): a
-  machine failed over to Azure registers again with the DHCP configuration Azure
-  gave it, which replaces the inventory's copy.
+The pending order lives with the protected machine
+(`details["network_order"]`: order id, the agent's server id, the identity
+recorded at protection time, status pending / ok / failed, message, files); the
+failback workflow's `apply network` step writes it and waits for its status.
+The identity sent is the one recorded when the machine was protected, not the
+inventory's current copy: a machine failed over to Azure registers again with
+the DHCP configuration Azure gave it.
 """
 
 from __future__ import annotations
@@ -81,20 +70,34 @@ def check_results(results: Sequence[agent_pb2.NetworkOrderResult]) -> None:
 
 
 def network_order_for(store: Store, server_id: str, *, now: datetime) -> agent_pb2.NetworkOrder | None:
-    """The network order pending for this agent. TODO(issue 6): back it with the failback
-    workflow's table; until then there is never one."""
+    """The network order pending for this agent, if a failback asked for one."""
+    for item in store.list_protected_items():
+        order = item.details.get("network_order") or {}
+        if order.get("server_id") == server_id and order.get("status") == "pending":
+            return make_order(order["order_id"], order["identity"], netidentity.System(order.get("system", "")))
     return None
 
 
 def record_network_results(
     store: Store, identity: pki.Identity, results: Sequence[agent_pb2.NetworkOrderResult], *, now: datetime
 ) -> None:
-    """What an agent reports about its network orders. TODO(issue 6): settle the order in the
-    failback workflow's table; until then the results are checked and logged only."""
+    """Settle the orders an agent reports on (only orders addressed to that agent)."""
     check_results(results)
-    for result in results:
-        log.debug("network order result", agent=identity.id, order=result.order_id, ok=result.ok,
-                 message=result.message, files=list(result.files))
+    by_id = {r.order_id: r for r in results}
+    if not by_id:
+        return
+    for item in store.list_protected_items():
+        order = item.details.get("network_order") or {}
+        result = by_id.get(order.get("order_id", ""))
+        if result is None or order.get("server_id") != identity.id or order.get("status") != "pending":
+            continue
+        settled = {**order, "status": "ok" if result.ok else "failed", "message": result.message,
+                   "files": list(result.files)}
+        if store.update_protected_item(item.id, expected_version=item.version, now=now,
+                                       details={**item.details, "network_order": settled}) is None:
+            continue  # changed meanwhile: the agent reports again with its next heartbeat
+        log.info("network order settled", machine=item.name, order=result.order_id, ok=result.ok,
+                 message=result.message)
 
 
 @dataclass(frozen=True)

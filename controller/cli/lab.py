@@ -202,12 +202,26 @@ def _start_vms(sites: LocalSites, launch: AgentLaunch) -> None:
     if onprem.get_vm(LAB_VM) is None:
         directory = onprem.vm_dir(LAB_VM)
         make_disk_image(directory / "disk0.img")
-        onprem.define_vm(LAB_VM, {"disk0": directory / "disk0.img"}, created_by="user")
+        vm = onprem.define_vm(LAB_VM, {"disk0": directory / "disk0.img"}, created_by="user")
+        _static_network(vm.guest_root)
         onprem.power_on(LAB_VM, launch)
     for site in (onprem, sites.cloud):
         for vm in site.list_vms():
             if vm.power == "on":
                 site.power_on(vm.name, launch)  # no-op when its agent runs
+
+
+def _static_network(root: Path) -> None:
+    """The lab VM's guest network configuration: a static address (what a failover to a cloud loses)."""
+    mac = (root / "sys" / "class" / "net" / "eth0" / "address").read_text().strip()
+    keyfile = root / "etc" / "NetworkManager" / "system-connections" / "eth0.nmconnection"
+    keyfile.parent.mkdir(parents=True, exist_ok=True)
+    keyfile.write_text(
+        "[connection]\nid=eth0\ntype=ethernet\ninterface-name=eth0\n\n"
+        f"[ethernet]\nmac-address={mac}\n\n"
+        "[ipv4]\nmethod=manual\naddress1=10.10.0.11/24,10.10.0.1\ndns=10.10.0.2;\n\n[ipv6]\nmethod=ignore\n"
+    )
+    keyfile.chmod(0o600)
 
 
 def halt_vms(sites: LocalSites) -> None:

@@ -9,10 +9,11 @@ the one source of recovery points whatever the provider.
 from __future__ import annotations
 
 import shutil
+from datetime import datetime
 from pathlib import Path, PurePosixPath
 from typing import Any
 
-from siterecovery.common import errors
+from siterecovery.common import errors, netidentity
 from siterecovery.common.logging import get_logger
 from siterecovery.controller import health, replication
 from siterecovery.controller.jobs.engine import StepContext, Waiting
@@ -362,3 +363,46 @@ class PowerOnOnprem(ItemStep):
         self.update(ctx, onprem={"vm": vm.name, "vm_uuid": vm.uuid, "provider": "local"})
         ctx.progress(1.0, f"VM {vm.name} is on")
         return {"vm": vm.name}
+
+
+class ApplyNetwork(ItemStep):
+    """Re-apply the static IP configuration recorded at protection time, through the on-premises agent.
+
+    The agent writes the configuration for the guest's network system (see
+    agents/source/netidentity/) and reports back. A failure does not undo the
+    failback (the machine runs; its data is there): the step ends with the
+    agent's reason, which the job and `failback-status` show, for a person to fix.
+    """
+
+    action = "apply network"
+    TIMEOUT = 600.0
+
+    def run(self, ctx: StepContext, item: ProtectedItemRecord) -> dict:
+        recorded = item.details.get("network") or {}
+        if not recorded or not netidentity.from_dict(recorded).is_static:
+            ctx.progress(1.0, "no static IP configuration was recorded: nothing to re-apply")
+            return {"network": "dhcp"}
+        order = item.details.get("network_order") or {}
+        if order.get("job") != ctx.job.id:
+            machine = ctx.store.get_machine(item.details["onprem"]["machine_id"])
+            order = {
+                "job": ctx.job.id,
+                "order_id": f"net-{ctx.job.id[:8]}-{item.id[-8:]}",
+                "server_id": machine.server_id,
+                "identity": recorded,
+                "system": recorded.get("system", ""),
+                "status": "pending",
+                "asked_at": self.env.clock().isoformat(),
+            }
+            self.update(ctx, network_order=order)
+        if order["status"] == "pending":
+            waited = (self.env.clock() - datetime.fromisoformat(order["asked_at"])).total_seconds()
+            if waited > self.TIMEOUT:
+                ctx.progress(1.0, f"the agent did not answer the network order in {waited:.0f} s; re-apply by hand")
+                return {"network": "no answer"}
+            raise Waiting(f"waiting for the agent to re-apply the network identity ({waited:.0f} s)", delay=POLL)
+        if order["status"] == "ok":
+            ctx.progress(1.0, f"static IP configuration re-applied: {order.get('message', '')}")
+            return {"network": "ok", "files": order.get("files", [])}
+        ctx.progress(1.0, f"static IP configuration NOT re-applied: {order.get('message', '')}; fix it by hand")
+        return {"network": f"failed: {order.get('message', '')}"}

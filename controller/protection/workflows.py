@@ -28,6 +28,7 @@ from siterecovery.common import errors
 from siterecovery.controller.jobs.engine import JobKind, Step, StepContext, Waiting
 from siterecovery.controller.protection.environment import Environment
 from siterecovery.controller.protection.site_steps import (
+    ApplyNetwork,
     CreateCloudVm,
     DeleteCloudVm,
     DeleteTestVm,
@@ -84,6 +85,8 @@ RECIPES: dict[str, list[tuple[type, dict]]] = {
         (RecoverOnprem, {}),
         (RemovePairs, {"direction": FAILBACK}),
         (PowerOnOnprem, {}),
+        (FindAgent, {"side": "onprem"}),
+        (ApplyNetwork, {}),
         (Finish, {}),
     ],
     "reprotect-to-cloud": [

@@ -67,6 +67,11 @@ class LocalVm:
     def agent_dir(self) -> Path:
         return self.directory / "agent"
 
+    @property
+    def guest_root(self) -> Path:
+        """The guest's file system as far as its agent looks (network configuration, NICs in sys/class/net)."""
+        return self.directory / "root"
+
     def nbd_uris(self) -> dict[str, str]:
         """Disk name -> NBD URI of the running VM's disks (empty when it is off)."""
         if self.power != "on":
@@ -186,6 +191,10 @@ class LocalSite:
             directory=directory,
             created_by=created_by,
         )
+        nic = vm.guest_root / "sys" / "class" / "net" / "eth0" / "address"
+        if not nic.exists():  # a new VM gets a NIC of its own (a locally administered MAC)
+            nic.parent.mkdir(parents=True, exist_ok=True)
+            nic.write_text("52:54:00:" + ":".join(f"{b:02x}" for b in os.urandom(3)) + "\n")
         self._save(vm)
         log.info("local VM defined", site=self.role, vm=name, disks=list(disks))
         return vm
@@ -298,6 +307,7 @@ class LocalSite:
             "nbd_port": 0,
             "hostname": vm.name,
             "machine_uuid": vm.uuid,
+            "network_root": str(vm.guest_root),
             "disks": [{"path": str(d.path), "name": d.name} for d in vm.disks],
             **launch.extra,
         }
