@@ -22,6 +22,7 @@ from siterecovery.controller.jobs import states
 from siterecovery.controller.jobs.engine import JobKind, create_job
 from siterecovery.controller.protection import lifecycle
 from siterecovery.controller.protection.environment import Environment
+from siterecovery.controller.protection.site_steps import onprem_preflight
 from siterecovery.controller.protection.steps import FAILBACK, FORWARD
 from siterecovery.controller.store.base import (
     JobRecord,
@@ -242,7 +243,7 @@ def _route_changes(store: Store, item: ProtectedItemRecord, workflow: str, reque
 
 
 def start_workflow(
-    store: Store, kinds: dict[str, JobKind], request: ppb.StartWorkflowRequest, *, now: datetime
+    store: Store, env: Environment, kinds: dict[str, JobKind], request: ppb.StartWorkflowRequest, *, now: datetime
 ) -> JobRecord:
     item = find_item(store, request.machine)
     workflow = workflow_for(item, request.workflow)
@@ -250,10 +251,14 @@ def start_workflow(
     _check_not_busy(store, item)
     _check_cloud_free(item, workflow)
     if workflow == "delete-cloud-vm" and not item.details.get("cloud", {}).get("vm"):
-        raise errors.PreconditionFailed(f"{item.name} has no cloud VM", code="no-cloud-vm")
+        raise errors.PreconditionFailed(
+            f"{item.name} has no cloud VM to delete",
+            hint=f"`srctl machine failback-status {item.name}` shows its VMs", code="no-cloud-vm",
+        )
     options = _options(store, item, workflow, request)
     route = _route_changes(store, item, workflow, request)
     if route is not None:
+        onprem_preflight(env, store, item, options["target"], route["master_target"])
         store.update_protected_item(
             item.id, expected_version=item.version, now=now,
             details={**item.details, FAILBACK: {**item.details.get(FAILBACK, {}), **route}},
@@ -396,7 +401,8 @@ def _action_message(action: dict) -> ppb.PlanAction:
 
 
 def start_plan_workflow(
-    store: Store, kinds: dict[str, JobKind], request: ppb.StartPlanWorkflowRequest, *, now: datetime
+    store: Store, env: Environment, kinds: dict[str, JobKind], request: ppb.StartPlanWorkflowRequest, *,
+    now: datetime,
 ) -> JobRecord:
     plan = store.get_recovery_plan(request.plan)
     asked = request.workflow or "failover"
@@ -438,6 +444,10 @@ def start_plan_workflow(
     kept = [(g, a) for g, a in zip(groups, actions, strict=True) if g or a["before"] or a["after"]]
     params = _params(workflow, [g for g, _ in kept], options, plan=plan.name, actions=[a for _, a in kept])
     if workflow == "reprotect-to-onprem":
+        for item_id in (m[0] for g in groups for m in g):  # every machine checked before any changes
+            item = store.get_protected_item(item_id)
+            route = _route_changes(store, item, workflow, request)
+            onprem_preflight(env, store, item, options["target"], route["master_target"])
         for item_id in (m[0] for g in groups for m in g):
             item = store.get_protected_item(item_id)
             route = _route_changes(store, item, workflow, request)

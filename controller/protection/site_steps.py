@@ -37,7 +37,8 @@ RECOVERED_SUFFIX = ".sr-recovered"
 
 def _datastores(ctx: StepContext, server_id: str) -> list[str]:
     server = ctx.store.get_server(server_id)
-    return [d.get("path", "") for d in server.inventory.get("directories", []) if d.get("kind") == "DIRECTORY_KIND_DATASTORE"]
+    return [d.get("path", "") for d in server.inventory.get("directories", [])
+            if d.get("kind") == "DIRECTORY_KIND_DATASTORE"]
 
 
 def _inside(path: Path, roots: list[str]) -> bool:
@@ -227,46 +228,57 @@ class FindAgent(ItemStep):
         return {"machine_id": machine.id}
 
 
+def onprem_preflight(env, store, item: ProtectedItemRecord, wanted: str, master_target_id: str) -> dict:
+    """The failback rules of DESIGN §1 the on-premises site can check; PreconditionFailed names the fix.
+
+    Run when a reprotect to on-premises is asked for (so a refusal changes
+    nothing) and again as the job's first step after claiming the machine.
+    """
+    onprem = env.local_sites().onprem
+    original = item.details.get("onprem", {}).get("vm", "")
+    if item.details.get("kind") == "physical" and wanted == "original":
+        raise errors.PreconditionFailed(
+            f"{item.name} is a physical server; failback to physical is not supported",
+            hint="reprotect with --target new: it fails back to a new VM on the master target's host and datastore",
+            code="physical-failback",
+        )
+    vm = onprem.get_vm(original) if original else None
+    if wanted == "original":
+        if vm is None:
+            raise errors.PreconditionFailed(
+                f"the original VM {original or item.name} no longer exists on-premises",
+                hint="reprotect with --target new to fail back to a new VM",
+                code="original-vm-missing",
+            )
+        if vm.snapshots:
+            count = len(vm.snapshots)
+            raise errors.PreconditionFailed(
+                f"VM {vm.name} has {count} snapshot{'s' if count != 1 else ''}",
+                hint="delete them, then run reprotect again",
+                code="vm-has-snapshots",
+            )
+        server = store.get_server(master_target_id)
+        roots = [d.get("path", "") for d in server.inventory.get("directories", [])
+                 if d.get("kind") == "DIRECTORY_KIND_DATASTORE"]
+        outside = [d.name for d in vm.disks if not _inside(d.path, roots)]
+        if outside:
+            raise errors.PreconditionFailed(
+                f"the datastore of VM {vm.name} (disks {', '.join(outside)}) is not reachable from "
+                f"master target {server.hostname}",
+                hint="choose a master target whose host mounts that datastore, or reprotect with --target new",
+                code="datastore-unreachable",
+            )
+    return {"target": wanted, "vm": vm.name if vm is not None else ""}
+
+
 class PreflightOnprem(ItemStep):
-    """The failback rules of DESIGN §1 that the local provider can check, before anything changes."""
+    """`onprem_preflight` again, now that the machine is this job's."""
 
     action = "preflight"
 
     def run(self, ctx: StepContext, item: ProtectedItemRecord) -> dict:
-        route = item.details.get(FAILBACK, {})
-        onprem = self.env.local_sites().onprem
-        wanted = self.options.get("target", "original")
-        original = item.details.get("onprem", {}).get("vm", "")
-        if item.details.get("kind") == "physical":
-            if wanted == "original":
-                raise errors.PreconditionFailed(
-                    f"{item.name} is a physical server; failback to physical is not supported",
-                    hint="reprotect with --target new: it fails back to a new VM on the master target's host and datastore",
-                    code="physical-failback",
-                )
-        vm = onprem.get_vm(original) if original else None
-        if wanted == "original":
-            if vm is None:
-                raise errors.PreconditionFailed(
-                    f"the original VM {original or item.name} no longer exists on-premises",
-                    hint="reprotect with --target new to fail back to a new VM",
-                    code="original-vm-missing",
-                )
-            if vm.snapshots:
-                raise errors.PreconditionFailed(
-                    f"VM {vm.name} has {len(vm.snapshots)} snapshot{'s' if len(vm.snapshots) != 1 else ''}",
-                    hint="delete them, then run reprotect again",
-                    code="vm-has-snapshots",
-                )
-            roots = _datastores(ctx, route["master_target"])
-            outside = [d.name for d in vm.disks if not _inside(d.path, roots)]
-            if outside:
-                raise errors.PreconditionFailed(
-                    f"the datastore of VM {vm.name} (disks {', '.join(outside)}) is not reachable from the master target",
-                    hint="choose a master target whose host mounts that datastore, or reprotect with --target new",
-                    code="datastore-unreachable",
-                )
-        return {"target": wanted, "vm": vm.name if vm is not None else ""}
+        return onprem_preflight(self.env, ctx.store, item, self.options.get("target", "original"),
+                                item.details.get(FAILBACK, {})["master_target"])
 
 
 class PrepareOnpremTarget(ItemStep):

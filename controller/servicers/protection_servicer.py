@@ -50,7 +50,7 @@ class ProtectionServicer(protection_pb2_grpc.ProtectionServicer):
         return inventory_view.job(job)
 
     def StartWorkflow(self, request, context):
-        job = service.start_workflow(self._store, self._ctx.protection_jobs, request, now=datetime.now(UTC))
+        job = service.start_workflow(self._store, self._ctx.protection, self._ctx.protection_jobs, request, now=datetime.now(UTC))
         log.info("workflow started", machine=request.machine, kind=job.kind, job=job.id)
         return inventory_view.job(job)
 
@@ -84,7 +84,7 @@ class ProtectionServicer(protection_pb2_grpc.ProtectionServicer):
         return ppb.RemoveRecoveryPlanResponse()
 
     def StartPlanWorkflow(self, request, context):
-        job = service.start_plan_workflow(self._store, self._ctx.protection_jobs, request, now=datetime.now(UTC))
+        job = service.start_plan_workflow(self._store, self._ctx.protection, self._ctx.protection_jobs, request, now=datetime.now(UTC))
         log.info("plan workflow started", plan=request.plan, kind=job.kind, job=job.id)
         return inventory_view.job(job)
 

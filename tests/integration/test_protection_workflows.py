@@ -1,0 +1,152 @@
+"""Protection workflows with real daemons and the local provider: test failover, failover,
+the refusals that must change nothing, and a configuration server killed mid-job.
+
+Every check is by state and by SHA-256 of the disks involved.
+"""
+
+from __future__ import annotations
+
+import json
+import random
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from tests.conftest import needs_tools
+
+from .conftest import wait_for
+from .failback_site import VM, FailbackSite, MiB, sha256
+
+pytestmark = [pytest.mark.slow, needs_tools("qemu-io")]
+
+
+@pytest.fixture
+def protected(tmp_path: Path) -> Iterator[FailbackSite]:
+    site = FailbackSite(tmp_path)
+    try:
+        site.start()
+        site.protect()
+        yield site
+    finally:
+        site.stop_all()
+
+
+def test_protection_creates_the_failback_twin_and_replicates_to_the_cloud(protected: FailbackSite) -> None:
+    groups = {g["name"]: g for g in protected.srctl_json("group", "list")}
+    assert groups["PG1_Failback"]["failback_of"] == "PG1" and groups["PG1"]["machines"] == 1
+    machine = protected.machine()
+    assert (machine["state"], machine["direction"], machine["group"]) == ("protected", "to-cloud", "PG1")
+    assert machine["details"]["kind"] == "vm" and machine["details"]["onprem"]["vm"] == VM
+    network = machine["details"]["network"]
+    assert network["interfaces"][0]["addresses"][0]["address"] == "10.10.0.11", "static IP recorded at protection"
+    (pair,) = machine["pairs"]
+    assert Path(pair["target_path"]).is_relative_to(protected.sites.cloud.root)
+    protected.caught_up()
+    assert sha256(Path(pair["target_path"])) == sha256(protected.disk("onprem"))
+    history = machine["details"]["history"]
+    assert [h["workflow"] for h in history] == ["protect"] and history[0]["bytes_moved"] > 0
+
+
+def test_test_failover_runs_beside_replication_and_cleans_up(protected: FailbackSite) -> None:
+    protected.write("onprem", 0x5A, 4 * MiB, MiB)
+    protected.caught_up()
+    expected = sha256(protected.disk("onprem"))
+    protected.run_job("machine", "test-failover", VM)
+    machine = protected.machine()
+    assert machine["state"] == "test-failed-over"
+    test_vm = protected.sites.cloud.get_vm(f"{VM}-test")
+    assert test_vm is not None and test_vm.network == "isolated" and test_vm.power == "on"
+    assert sha256(protected.disk("cloud", f"{VM}-test")) == expected
+    # Replication goes on: a write on-premises still reaches the replica.
+    protected.write("onprem", 0x6B, 8 * MiB, MiB)
+    protected.caught_up()
+    (pair,) = protected.machine()["pairs"]
+    assert sha256(Path(pair["target_path"])) == sha256(protected.disk("onprem"))
+    # A test VM is not the failover: failing over now is refused until it is cleaned up.
+    refused = protected.refused("machine", "failover", VM)
+    assert "test-failed-over" in refused.stderr and "clean up" in refused.stderr
+    protected.run_job("machine", "test-cleanup", VM)
+    assert protected.machine()["state"] == "protected"
+    assert protected.sites.cloud.get_vm(f"{VM}-test") is None
+    assert not protected.sites.cloud.vm_dir(f"{VM}-test").exists()
+
+
+def test_refusals_name_the_fix_and_change_nothing(protected: FailbackSite) -> None:
+    before = protected.machine()
+    cases = [
+        (("machine", "failback", VM), "reprotect the machine to on-premises first"),
+        (("machine", "reprotect", VM), "reprotect follows a failover"),
+        (("machine", "test-cleanup", VM), "no test failover to clean up"),
+        (("machine", "delete-cloud-vm", VM), "has no cloud VM to delete"),
+    ]
+    for args, hint in cases:
+        result = protected.refused(*args)
+        assert hint in result.stderr, result.stderr
+    assert protected.srctl("plan", "create", "P1", "--group", VM).returncode == 0
+    plan = protected.srctl_json("plan", "show", "P1")
+    assert plan["protection_groups"] == ["PG1", "PG1_Failback"], "a plan holding PG1 holds its twin"
+    wrong_way = protected.refused("plan", "failover", "P1", "--direction", "to-onprem")
+    assert "replicates to-cloud" in wrong_way.stderr and "reprotect it to on-premises first" in wrong_way.stderr
+    bad_point = protected.srctl("machine", "failover", VM, "--recovery-point", "../etc", "--no-wait")
+    assert bad_point.returncode == 2 and "not a recovery point" in bad_point.stderr
+    after = protected.machine()
+    assert (after["state"], after["job"], after["details"]["pairs"]) == (
+        before["state"], before["job"], before["details"]["pairs"]
+    )
+
+
+def test_failover_brings_the_latest_data_up_in_the_cloud(protected: FailbackSite) -> None:
+    protected.write("onprem", 0x11, 0, 2 * MiB)
+    protected.write("onprem", 0x22, 20 * MiB, 64 * 1024)
+    assert protected.srctl("plan", "create", "P1", "--group", VM).returncode == 0
+    job = protected.run_job("plan", "failover", "P1", "--direction", "to-cloud", "--recovery-point", "latest")
+    assert [s["name"].split(": ")[1] for s in job["steps"]] == [
+        "claim", "final point", "shut down source", "pause pairs", "recover disks", "create VM", "remove pairs", "finish"
+    ]
+    machine = protected.machine()
+    assert machine["state"] == "failed-over" and machine["pairs"] == []
+    onprem = protected.sites.onprem.get_vm(VM)
+    assert onprem is not None and onprem.power == "off", "the source was shut down"
+    assert sha256(protected.disk("cloud")) == sha256(protected.disk("onprem")), "every acknowledged write came up"
+    # The cloud VM runs: its agent serves the disk, and registered as the cloud side of app01.
+    protected.write("cloud", 0x33, 4 * MiB, MiB)
+    wait_for(lambda: any(m["hostname"] == VM and m["id"] != machine["details"]["onprem"]["machine_id"]
+                         for m in protected.srctl_json("machines", "list")), what="the cloud VM's agent")
+    again = protected.refused("plan", "failover", "P1", "--direction", "to-cloud")
+    assert "has done that already" in again.stderr
+
+
+def test_a_configuration_server_killed_mid_job_resumes_it(protected: FailbackSite) -> None:
+    """kill -9 at a seeded random moment of a test failover and of a failover; both finish."""
+    rng = random.Random(11)
+    for workflow in ("test-failover", "test-cleanup", "failover"):
+        job_id = protected.start_job("machine", workflow, VM)
+        wait_for(lambda jid=job_id: rng.random() < 0.3 or protected.srctl_json("jobs", "show", jid)["status"] != "pending",
+                 what="a moment to strike")
+        protected.kill_config_server()
+        protected.restart_config_server()
+        job = protected.wait_job(job_id)
+        attempts = [s["attempt"] for s in job["steps"]]
+        assert all(a >= 1 for a in attempts), attempts
+    assert protected.machine()["state"] == "failed-over"
+    assert sha256(protected.disk("cloud")) == sha256(protected.disk("onprem"))
+
+
+def test_reprotect_refuses_what_design_rules_forbid(protected: FailbackSite) -> None:
+    protected.run_job("machine", "failover", VM)
+    vm_json = protected.sites.onprem.vm_dir(VM) / "vm.json"
+    data = json.loads(vm_json.read_text())
+    data["snapshots"] = ["before-patch", "after-patch"]
+    vm_json.write_text(json.dumps(data))
+    route = ("--process-server", "ps-cloud", "--master-target", "mt-onprem")
+    refused = protected.refused("machine", "reprotect", VM, *route)
+    assert "VM app01 has 2 snapshots" in refused.stderr and "delete them, then run reprotect again" in refused.stderr
+    data["snapshots"] = []
+    vm_json.write_text(json.dumps(data))
+    unreachable = protected.refused("machine", "reprotect", VM, "--process-server", "ps-cloud",
+                                    "--master-target", "mt-cloud")
+    assert "not reachable from master target mt-cloud" in unreachable.stderr
+    machine = protected.machine()
+    assert machine["state"] == "failed-over" and machine["pairs"] == []
+    assert protected.sites.onprem.get_vm(VM).power == "off"
