@@ -32,7 +32,16 @@ from siterecovery.common.channels import RPC_TIMEOUT
 from siterecovery.common.pb import protection_pb2 as ppb
 from siterecovery.controller.cli import output
 from siterecovery.controller.cli.client import Profile, lab_profile
-from siterecovery.controller.cli.lab import LAB_VM, MT_ONPREM, PS_CLOUD, DirOption, _lab_dir, wait_job
+from siterecovery.controller.cli.lab import (
+    LAB_VM,
+    MT_ONPREM,
+    PS_CLOUD,
+    DirOption,
+    lab_dir_of,
+    running_daemons,
+    up,
+    wait_job,
+)
 from siterecovery.controller.protection.environment import LocalSites
 
 PLAN = "drill"
@@ -189,10 +198,11 @@ def drill(
     directory: DirOption = None,
     output_format: Annotated[output.Format, typer.Option("--output", "-o")] = output.Format.table,
 ) -> None:
-    """Run the whole failover and failback cycle in the lab and print a verdict per phase."""
-    lab_dir = _lab_dir(directory)
-    if not (lab_dir / "lab.json").exists():
-        raise errors.NotFound(f"no lab runs in {lab_dir}", hint="start one with `srctl lab up`", code="lab-missing")
+    """Run the whole failover and failback cycle in the lab (started first when none runs); a verdict per phase."""
+    lab_dir = lab_dir_of(directory)
+    if not running_daemons(lab_dir):
+        output.console.print(f"No lab runs in {lab_dir}: starting one (srctl lab up).")
+        up(directory=lab_dir)
     profile = Profile.load(lab_profile(lab_dir))
     runner = Drill(lab_dir, profile)
     try:

@@ -53,11 +53,11 @@ DirOption = Annotated[
 ]
 
 
-def _lab_dir(directory: Path | None) -> Path:
+def lab_dir_of(directory: Path | None) -> Path:
     return (directory or default_lab_dir()).expanduser().resolve()
 
 
-def _running(lab_dir: Path) -> list[launcher.Launched]:
+def running_daemons(lab_dir: Path) -> list[launcher.Launched]:
     path = lab_dir / LAB_FILE
     if not path.exists():
         return []
@@ -115,8 +115,8 @@ def up(
     replicate: Annotated[bool, typer.Option("--replicate/--no-replicate", help="protect the lab's VM to the cloud")] = True,
 ) -> None:
     """Start a whole site on loopback (on-premises and cloud, local provider) and wait until it is healthy."""
-    lab_dir = _lab_dir(directory)
-    if _running(lab_dir):
+    lab_dir = lab_dir_of(directory)
+    if running_daemons(lab_dir):
         raise errors.Conflict(
             f"a lab already runs in {lab_dir}",
             hint="see `srctl lab status`, or stop it with `srctl lab down`",
@@ -309,7 +309,7 @@ def _print_summary(
 @app.command("status")
 def status(directory: DirOption = None, output_format: Annotated[output.Format, typer.Option("--output", "-o")] = output.Format.table) -> None:
     """Show the lab's processes and their health."""
-    lab_dir = _lab_dir(directory)
+    lab_dir = lab_dir_of(directory)
     path = lab_dir / LAB_FILE
     if not path.exists():
         raise errors.NotFound(f"no lab in {lab_dir}", hint="start one with `srctl lab up`", code="lab-missing")
@@ -359,7 +359,7 @@ def status(directory: DirOption = None, output_format: Annotated[output.Format, 
 @app.command("down")
 def down(directory: DirOption = None, purge: Annotated[bool, typer.Option(help="also delete the lab directory")] = False) -> None:
     """Stop every process of the lab (SIGTERM, then SIGKILL after 15 s); VMs that were on return with `lab up`."""
-    lab_dir = _lab_dir(directory)
+    lab_dir = lab_dir_of(directory)
     path = lab_dir / LAB_FILE
     if not path.exists():
         raise errors.NotFound(f"no lab in {lab_dir}", hint="nothing to stop", code="lab-missing")

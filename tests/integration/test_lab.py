@@ -77,3 +77,24 @@ def test_srctl_finds_the_default_lab_without_flags(tmp_path: Path):
     finally:
         assert srctl("lab", "down", "--purge", home=tmp_path).returncode == 0
     assert not (tmp_path / ".local" / "state" / "siterecovery" / "lab").exists()
+
+
+@pytest.mark.slow
+def test_drill_runs_the_whole_cycle_and_every_verdict_holds(tmp_path: Path):
+    lab = tmp_path / "lab"
+    try:
+        drill = srctl("drill", "--dir", str(lab), "--output", "json", home=tmp_path)
+        assert drill.returncode == 0, drill.stdout + drill.stderr
+        report = json.loads(drill.stdout[drill.stdout.index("{"):])
+        phases = {p["name"]: p for p in report["phases"]}
+        assert report["ok"] and list(phases) == [
+            "protect to the cloud", "write on-premises", "fail over to the cloud", "write in the cloud",
+            "reprotect to on-premises", "fail back to on-premises", "reprotect to the cloud", "delete the cloud VM",
+        ]
+        assert all(p["verdict"] in ("ok", "-") for p in phases.values())
+        # Only the blocks written in the cloud travel back: far less than the 256 MiB disk.
+        assert 0 < phases["reprotect to on-premises"]["bytes_moved"] <= 32 * 1024 * 1024
+        again = srctl("drill", "--dir", str(lab), "--output", "json", home=tmp_path)
+        assert again.returncode == 0, again.stdout + again.stderr
+    finally:
+        assert srctl("lab", "down", "--dir", str(lab), "--purge", home=tmp_path).returncode == 0

@@ -150,3 +150,43 @@ def test_reprotect_refuses_what_design_rules_forbid(protected: FailbackSite) -> 
     machine = protected.machine()
     assert machine["state"] == "failed-over" and machine["pairs"] == []
     assert protected.sites.onprem.get_vm(VM).power == "off"
+
+
+def test_the_whole_cycle_moves_only_the_differences_back(protected: FailbackSite) -> None:
+    protected.write("onprem", 0x41, 0, MiB)
+    protected.run_job("machine", "failover", VM)
+    failed_over = sha256(protected.disk("cloud"))
+    # Work done in the cloud: 3 x 256 KiB.
+    for index in range(3):
+        protected.write("cloud", 0x50 + index, (5 + 7 * index) * MiB, 256 * 1024)
+    protected.run_job("machine", "reprotect", VM, "--process-server", "ps-cloud", "--master-target", "mt-onprem")
+    machine = protected.machine()
+    assert (machine["state"], machine["group"], machine["direction"]) == ("failback-protected", "PG1_Failback", "to-onprem")
+    (pair,) = machine["pairs"]
+    assert Path(pair["target_path"]) == protected.disk("onprem"), "the original VM's disk is the failback target"
+    reprotect = machine["details"]["history"][-1]
+    assert reprotect["workflow"] == "reprotect-to-onprem"
+    assert reprotect["bytes_moved"] <= 4 * MiB, f"a delta resync moved {reprotect['bytes_moved']} bytes"
+    protected.caught_up()
+    protected.write("cloud", 0x60, 30 * MiB, 64 * 1024)  # after the reprotect, still carried back
+    protected.run_job("machine", "failback", VM, "--recovery-point", "latest")
+    machine = protected.machine()
+    assert machine["state"] == "failed-back" and machine["pairs"] == []
+    cloud_vm = protected.sites.cloud.get_vm(VM)
+    assert cloud_vm is not None and cloud_vm.power == "off", "failback shuts the cloud VM down"
+    assert sha256(protected.disk("onprem")) == sha256(protected.disk("cloud")) != failed_over
+    assert protected.sites.onprem.get_vm(VM).power == "on"
+    order = machine["details"]["network_order"]
+    assert order["status"] == "ok", order
+    protected.run_job("machine", "reprotect", VM)
+    machine = protected.machine()
+    assert (machine["state"], machine["group"]) == ("protected", "PG1")
+    protected.caught_up()
+    (pair,) = machine["pairs"]
+    assert sha256(Path(pair["target_path"])) == sha256(protected.disk("onprem"))
+    assert machine["details"]["history"][-1]["bytes_moved"] <= 4 * MiB
+    protected.run_job("machine", "delete-cloud-vm", VM)
+    assert protected.sites.cloud.get_vm(VM) is None
+    assert [h["workflow"] for h in protected.machine()["details"]["history"]] == [
+        "protect", "failover", "reprotect-to-onprem", "failback", "reprotect-to-cloud", "delete-cloud-vm"
+    ]
