@@ -20,12 +20,11 @@ acknowledgement of INITIAL_DONE sets the phase to done.
 
 from __future__ import annotations
 
-import errno
-import os
 import threading
 from collections.abc import Callable
 
 from siterecovery.common import frames
+from siterecovery.common.blockhash import next_data
 from siterecovery.common.logging import get_logger
 from siterecovery.common.pb import replication_pb2 as rpb
 
@@ -39,15 +38,7 @@ CHUNK_BYTES = 1024 * 1024
 MAX_ZERO_FRAME = 1024 * 1024 * 1024
 _ZEROS = bytes(CHUNK_BYTES)
 
-
-def next_data(fd: int, offset: int, size: int) -> int:
-    """The first offset >= `offset` that may hold data (`size` when none; `offset` when unknown)."""
-    try:
-        return min(os.lseek(fd, offset, os.SEEK_DATA), size)
-    except OSError as exc:
-        if exc.errno == errno.ENXIO:
-            return size
-        return offset  # SEEK_DATA not supported here: assume data
+__all__ = ["CHUNK_BYTES", "MAX_ZERO_FRAME", "InitialSync", "next_data"]
 
 
 class InitialSync:
