@@ -115,3 +115,6 @@ class SourceSettings(AgentSettings):
     freeze_script: Path | None = None
     thaw_script: Path | None = None
     hook_timeout_seconds: float = 60.0
+    # A delta sync asks the process server for this many 64 KiB blocks' digests per
+    # call (1 to 16384; 4096 = 256 MiB of disk, 64 KiB of digests), two calls ahead.
+    delta_hash_blocks: int = 4096
