@@ -40,8 +40,8 @@ def _state_text(p: admin_pb2.PairView) -> str:
 
 def _sync_text(p: admin_pb2.PairView) -> str:
     """How the first sync runs and what it moved: "full, 1.0 GiB sent", "delta: 3.0 MiB of 40 GiB differ"."""
-    if p.sync_kind != rpb.SYNC_KIND_DELTA:
-        return f"full, {output.human_bytes(p.sync_sent_bytes)} sent"
+    if p.sync_kind != rpb.SYNC_KIND_DELTA:  # (a scan pair's first pass reports no bytes here)
+        return f"full, {output.human_bytes(p.sync_sent_bytes)} sent" if p.sync_sent_bytes else "full"
     return (
         f"delta: {output.human_bytes(p.sync_differing_bytes)} of {output.human_bytes(p.sync_compared_bytes)} "
         f"differ, {output.human_bytes(p.sync_sent_bytes)} sent"
