@@ -97,9 +97,11 @@ log = get_logger(__name__)
 B = blockhash.BLOCK_BYTES
 D = blockhash.DIGEST_BYTES
 DEFAULT_BATCH_BLOCKS = 4096  # 256 MiB of disk, 64 KiB of digests per BlockHashes call
-GROUP_BYTES = 4 * 1024 * 1024  # read and compared inside one quiesced()
+# Read and compared inside one quiesced(): NBD writes wait for at most this much reading,
+# as long as for one chunk of the full sync.
+GROUP_BYTES = 1024 * 1024
 # Groups one produce() call compares at most (the shipper's thread sends nothing meanwhile).
-GROUPS_PER_CALL = 16
+GROUPS_PER_CALL = 64
 PREFETCH = 2
 SAVE_EVERY_BYTES = 256 * 1024 * 1024
 INITIAL_BACKOFF = 0.2
