@@ -162,3 +162,6 @@ class SourceSettings(AgentSettings):
     network_apply_command: str = ""
     # A network identity stated here instead of read from the OS (Windows; or an override).
     network: NetworkSettings = field(default_factory=NetworkSettings)
+    # A delta sync asks the process server for this many 64 KiB blocks' digests per
+    # call (1 to 16384; 4096 = 256 MiB of disk, 64 KiB of digests), two calls ahead.
+    delta_hash_blocks: int = 4096

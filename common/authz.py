@@ -64,12 +64,16 @@ RPC_ROLES: dict[str, frozenset[str]] = {
     # Process server, :9443
     "/siterecovery.v1.ProcessServer/Probe": frozenset({pki.SOURCE, pki.ADMIN}),
     "/siterecovery.v1.ProcessServer/Replicate": frozenset({pki.SOURCE}),
+    # A delta sync: the pair's source agent only (the process server checks ownership).
+    "/siterecovery.v1.ProcessServer/BlockHashes": frozenset({pki.SOURCE}),
     # Master target, :9443
     "/siterecovery.v1.MasterTarget/Probe": frozenset({pki.PROCESS_SERVER, pki.ADMIN}),
     "/siterecovery.v1.MasterTarget/Apply": frozenset({pki.PROCESS_SERVER}),
     # The configuration server calls it (with its admin client certificate) for
     # failover and `srctl recovery-points materialize`.
     "/siterecovery.v1.MasterTarget/Materialize": frozenset({pki.ADMIN}),
+    # Asked by the pair's process server for its source (the master target checks it).
+    "/siterecovery.v1.MasterTarget/BlockHashes": frozenset({pki.PROCESS_SERVER}),
     # Every port
     "/grpc.health.v1.Health/Check": ANYONE_ENROLLED | {pki.ENROLLEE},
     "/grpc.health.v1.Health/Watch": ANYONE_ENROLLED,

@@ -62,6 +62,9 @@ MAX_PAIRS_PER_REPORT = 4096
 
 MODES = {rpb.REPLICATION_MODE_NBD: "nbd", rpb.REPLICATION_MODE_SCAN: "scan"}
 MODE_VALUES = {v: k for k, v in MODES.items()}
+SYNC_KINDS = {rpb.SYNC_KIND_FULL: "full", rpb.SYNC_KIND_DELTA: "delta"}
+SYNC_KIND_VALUES = {v: k for k, v in SYNC_KINDS.items()}
+MAX_PATH = 4096
 DESIRED = {rpb.PAIR_DESIRED_STATE_REPLICATING: "replicating", rpb.PAIR_DESIRED_STATE_PAUSED: "paused"}
 DESIRED_VALUES = {v: k for k, v in DESIRED.items()}
 KINDS = {
@@ -153,6 +156,34 @@ def _check_name(value: str, what: str) -> str:
     return value
 
 
+def _target_file(value: str, datastores: list[dict], chosen: dict | None) -> tuple[str, dict]:
+    """An existing disk file named for a pair: its path and datastore.
+
+    Relative: inside the chosen datastore (or the first). Absolute: it must lie
+    inside the chosen datastore, or any the master target reports. No `..`.
+    The master target checks again with symbolic links resolved (paths.py).
+    """
+    names = ", ".join(d.get("path", "") for d in ([chosen] if chosen else datastores))
+    if "\0" in value or len(value) > MAX_PATH:
+        raise errors.InvalidInput(f"target path {value[:200]!r} is not a file path", code="path-invalid")
+    path = PurePosixPath(value)
+    if ".." in path.parts:
+        raise errors.InvalidInput(
+            f"target path {value} contains '..'", hint=f"give a plain path inside {names}", code="path-traversal"
+        )
+    if not path.is_absolute():
+        path = PurePosixPath((chosen or datastores[0])["path"]) / path
+    for datastore in [chosen] if chosen else datastores:
+        root = PurePosixPath(datastore["path"])
+        if path != root and path.is_relative_to(root):
+            return str(path), datastore
+    raise errors.InvalidInput(
+        f"target path {path} lies outside the master target's datastores",
+        hint=f"name a disk file inside {names} (absolute, or relative to the datastore)",
+        code="path-outside",
+    )
+
+
 # -- creating pairs ------------------------------------------------------------------
 
 
@@ -192,7 +223,18 @@ def enable(
     *,
     now: datetime,
 ) -> list[PairRecord]:
-    """Create one pair per chosen disk; every check passes before anything is stored."""
+    """Create one pair per chosen disk; every check passes before anything is stored.
+
+    A delta pair (`sync_kind` DELTA: failback to the original disk, reprotect
+    onto an existing replica) compares its target file, which already holds an
+    older copy, with the source and sends only the blocks that differ. It needs
+    nbd mode. Its file is `target_path` (one disk only) or the default layout
+    (so disabling a pair and enabling it again with DELTA reuses its replica); a
+    file that does not exist yet is created empty by the master target, and the
+    sync then sends every block that is not all zeros. The datastore's free space
+    is not checked for a delta pair: its file is mostly there already, and a
+    datastore that fills up pauses the pair (`datastore-full`).
+    """
     machine = resolve_machine(store, request.machine)
     source = store.get_server(machine.server_id)
     if source.revoked_at is not None:
@@ -209,6 +251,17 @@ def enable(
     mode = MODES.get(request.mode or rpb.REPLICATION_MODE_NBD)
     if mode is None:
         raise errors.InvalidInput(f"unknown replication mode {request.mode}", code="mode-invalid")
+    sync_kind = SYNC_KINDS.get(request.sync_kind or rpb.SYNC_KIND_FULL)
+    if sync_kind is None:
+        raise errors.InvalidInput(
+            f"unknown sync kind {request.sync_kind}", hint="use full or delta", code="sync-kind-invalid"
+        )
+    if sync_kind == "delta" and mode != "nbd":
+        raise errors.InvalidInput(
+            "a delta sync needs nbd mode",
+            hint="enable the pair in nbd mode (the source agent fronts the disk), or use a full sync in scan mode",
+            code="sync-kind-invalid",
+        )
     policy = policy_from(request.policy if request.HasField("policy") else None)
     policy[SCAN_INTERVAL_KEY] = scan_interval_from(request.scan_interval_seconds)
     group = request.group
@@ -223,6 +276,7 @@ def enable(
             hint="configure datastore_dirs and retention_dir on the master target and restart it",
             code="master-target-directories",
         )
+    named: dict | None = None
     if request.datastore:
         chosen = [d for d in datastores if d.get("path") == request.datastore]
         if not chosen:
@@ -231,9 +285,11 @@ def enable(
                 hint="its datastores: " + ", ".join(d.get("path", "") for d in datastores),
                 code="datastore-not-found",
             )
-        datastore = chosen[0]
-    else:
-        datastore = datastores[0]
+        named = chosen[0]
+    datastore = named or datastores[0]
+    target_path = ""
+    if request.target_path:
+        target_path, datastore = _target_file(request.target_path, datastores, named)
 
     disks = {d.get("name") or d.get("identity"): d for d in machine.disks}
     names = list(request.disks) or sorted(disks)
@@ -246,6 +302,11 @@ def enable(
             hint="its disks: " + ", ".join(sorted(disks)),
             code="disk-not-found",
         )
+    if target_path and len(names) != 1:
+        raise errors.InvalidInput(
+            f"a target path names one disk file, but {len(names)} disks were chosen",
+            hint="choose the disk it belongs to with --disk", code="target-path-one-disk",
+        )
     existing = {p.disk_identity for p in store.list_pairs(machine_id=machine.id)}
     already = [n for n in names if disks[n].get("identity") in existing]
     if already:
@@ -254,7 +315,7 @@ def enable(
             hint="`srctl replication status` shows it",
             code="pair-exists",
         )
-    needed = sum(int(disks[n].get("size_bytes", 0)) for n in names)
+    needed = sum(int(disks[n].get("size_bytes", 0)) for n in names) if sync_kind == "full" else 0
     free = int(datastore.get("free_bytes", 0))
     if needed > free:
         raise errors.PreconditionFailed(
@@ -265,12 +326,21 @@ def enable(
         )
 
     host_dir = _check_name(f"{machine.hostname}-{machine.id[:8]}", "machine directory")
+    in_use = {p.target_path: p for p in store.list_pairs() if p.master_target_id == master_target.id}
     created = []
     for name in names:
         disk = disks[name]
         size = int(disk.get("size_bytes", 0))
         if size <= 0:
             raise errors.PreconditionFailed(f"disk {name} reports no size", code="disk-size-unknown")
+        path = target_path or str(PurePosixPath(datastore["path"]) / host_dir / f"{_check_name(name, 'disk name')}.img")
+        other = in_use.get(path)
+        if other is not None:
+            raise errors.Conflict(
+                f"target disk {path} on {master_target.hostname} is already written by pair {other.id}",
+                hint="disable that pair first (`srctl replication disable`), or choose another target path",
+                code="target-in-use",
+            )
         pair_id = f"pair-{uuid.uuid4().hex[:16]}"
         created.append(
             PairRecord(
@@ -283,12 +353,13 @@ def enable(
                 mode=mode,
                 process_server_id=process_server.id,
                 master_target_id=master_target.id,
-                target_path=str(PurePosixPath(datastore["path"]) / host_dir / f"{_check_name(name, 'disk name')}.img"),
+                target_path=path,
                 journal_dir=str(PurePosixPath(retention[0]["path"]) / pair_id),
                 created_at=now,
                 updated_at=now,
                 policy=policy,
                 group_id=group,
+                sync_kind=sync_kind,
             )
         )
     return [store.create_pair(p) for p in created]
@@ -317,6 +388,7 @@ def assignment(store_servers: dict[str, ServerRecord], pair: PairRecord) -> rpb.
         desired_state=DESIRED_VALUES[pair.desired_state],
         group_id=pair.group_id,
         scan_interval_seconds=int(pair.policy.get(SCAN_INTERVAL_KEY, DEFAULT_SCAN_INTERVAL_SECONDS)),
+        sync_kind=SYNC_KIND_VALUES.get(pair.sync_kind, rpb.SYNC_KIND_FULL),
     )
 
 
@@ -408,6 +480,7 @@ def view(
         policy=recovery_policy(pair),
         group=pair.group_id,
         created_at=timestamp(pair.created_at),
+        sync_kind=SYNC_KIND_VALUES.get(pair.sync_kind, rpb.SYNC_KIND_FULL),
     )
     if source is not None:
         out.sync_done_bytes = source.sync_done_bytes
@@ -417,6 +490,10 @@ def view(
         out.source_seq = source.last_seq
         out.throughput_bytes_per_second = source.throughput_bytes_per_second
         out.source_bytes_sent = source.bytes_sent
+        out.sync_compared_bytes = source.sync_compared_bytes
+        out.sync_differing_bytes = source.sync_differing_bytes
+        out.sync_hash_bytes = source.sync_hash_bytes
+        out.sync_sent_bytes = source.sync_sent_bytes
     if spool is not None:
         out.spool_backlog_bytes = spool.backlog_bytes
         out.spool_backlog_frames = spool.backlog_frames

@@ -3,8 +3,9 @@
 The daemon enrolls, registers its datastore and retention directories with
 their free space, heartbeats (with every pair's status and recovery points) and
 serves its data port: health, reflection, Probe, Apply (process servers stream
-frames in; apply.py, target.py, journal.py) and Materialize (a disk as it was
-at a recovery point; materialize.py). The pairs it serves arrive with the
+frames in; apply.py, target.py, journal.py), Materialize (a disk as it was
+at a recovery point; materialize.py) and BlockHashes (digests of a target disk's
+blocks for a delta sync; hashes.py). The pairs it serves arrive with the
 heartbeat (pairs.py).
 """
 
@@ -19,7 +20,7 @@ from siterecovery.agents.master_target.target import TargetOptions
 from siterecovery.agents.probe import probe_response
 from siterecovery.agents.runtime import AgentRuntime
 from siterecovery.agents.settings import MasterTargetSettings
-from siterecovery.common import daemon, logging, pki
+from siterecovery.common import daemon, grpcserver, logging, pki
 from siterecovery.common.grpcserver import Service
 from siterecovery.common.inventory import directory_facts, host_facts
 from siterecovery.common.pb import common_pb2, dataplane_pb2, dataplane_pb2_grpc
@@ -40,6 +41,9 @@ class MasterTargetServicer(dataplane_pb2_grpc.MasterTargetServicer):
 
     def Materialize(self, request, context):
         return self._pairs.materialize(request)
+
+    def BlockHashes(self, request, context):
+        return self._pairs.block_hashes(request, grpcserver.caller())
 
 
 def run(cfg: MasterTargetSettings, stop: threading.Event | None = None) -> int:

@@ -5,7 +5,9 @@ Every heartbeat hands it the controller's complete list of assignments; it
 keeps those whose master target is this agent, opens each pair's target disk
 and journal (target.py; recovery runs there), and closes pairs that are no
 longer assigned (their files stay). It answers for the Apply stream
-(`open_stream`: which pair, from whom) and for Materialize.
+(`open_stream`: which pair, from whom), for Materialize and for BlockHashes
+(hashes.py: the digests of a range of a pair's target disk, asked for by the
+pair's process server only, for a delta sync).
 
 An apply stream is accepted only when
 - the pair is currently assigned to this master target (else NOT_FOUND),
@@ -25,10 +27,10 @@ import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
+from siterecovery.agents.master_target import hashes, paths
 from siterecovery.agents.master_target import materialize as materializing
-from siterecovery.agents.master_target import paths
 from siterecovery.agents.master_target.target import DEFAULT_OPTIONS, PairTarget, TargetOptions
-from siterecovery.common import errors, pki
+from siterecovery.common import blockhash, errors, pki
 from siterecovery.common.logging import get_logger
 from siterecovery.common.pb import replication_pb2 as rpb
 
@@ -162,6 +164,7 @@ class MasterTargetPairs:
                 target = PairTarget(
                     pair_id=a.pair_id, target_path=target_path, journal_dir=journal_dir,
                     disk_size=a.disk_size_bytes, options=self.options, clock=self.clock,
+                    delta=a.sync_kind == rpb.SYNC_KIND_DELTA,
                 )
                 target.retention_window = _window(a)
                 target.on_change = self.on_change
@@ -220,6 +223,23 @@ class MasterTargetPairs:
     def release(self, target: PairTarget, owner: object) -> None:
         if target.owner is owner:
             target.owner = None
+
+    # -- BlockHashes -----------------------------------------------------------------
+    def block_hashes(self, request: rpb.BlockHashesRequest, caller: pki.Identity) -> rpb.BlockHashesReply:
+        """Digests of a range of an assigned pair's target disk, for the pair's process server."""
+        entry = self._entry(request.pair_id)
+        a = entry.assignment
+        if caller.id != a.process_server_id:
+            raise errors.PermissionDenied(
+                f"{caller.id} is not the process server of pair {a.pair_id} (that is {a.process_server_id})",
+                hint="block hashes of a pair are given only to its assigned process server",
+                code="wrong-process-server",
+            )
+        blockhash.check_range(request.offset, request.block_count, a.disk_size_bytes)
+        # Opened (and, when missing, created sparse) as for a stream; a pair that cannot be
+        # opened (say, a target of the wrong size) answers with that error.
+        target = self._target(entry)
+        return hashes.target_hashes(target.target_path, request.offset, request.block_count, a.disk_size_bytes)
 
     # -- Materialize -----------------------------------------------------------------
     def materialize(self, request: rpb.MaterializeRequest) -> rpb.MaterializeReply:

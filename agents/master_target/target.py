@@ -45,6 +45,23 @@ with and without undo. Later resyncs (INITIAL_STARTED after the pair was
 synced once) keep journaling, so older points stay reachable through them;
 tags that arrive while a sync runs are not points and are dropped.
 
+**A delta pair** (`delta`: failback to the original disk, reprotect onto an
+existing replica) starts on a target file that already holds an older copy of
+the disk, and its first sync sends only the blocks that differ (BlockHashes,
+hashes.py). The file is used as it is: never truncated or recreated (a missing
+one is created sparse, and then every block that is not all zeros is sent); one
+whose size is not the disk's is refused (`target-size-mismatch`, with a hint to
+resize it or to enable a full sync onto a new file): growing or cutting a disk
+we did not write would hide the mistake of pointing the pair at the wrong file.
+Its first sync journals no undo either, by the same rule: the pair's journal is
+empty, the old contents are no recovery point of this pair, and the resend
+argument above holds for delta frames as for any others (each sets its whole
+range to fixed contents). The cost is that the disk's previous contents are
+overwritten block by block as the differences arrive: whoever wants to keep
+them (the disk as it was before a failback) copies or snapshots the file before
+enabling the pair. Journaling them would keep only the overwritten blocks, yet
+no point could name them, since a tag during a sync is not a point.
+
 Locking: `lock` is the pair's apply lock; `apply`, recovery, pruning and the
 copy phase of a materialisation hold it. `status` reads a snapshot published
 after every change and never waits for it.
@@ -109,8 +126,11 @@ class PairTarget:
         disk_size: int,
         options: TargetOptions | None = None,
         clock: Callable[[], float] = time.time,
+        delta: bool = False,
     ) -> None:
         self.pair_id = pair_id
+        # The pair's first sync is a delta sync onto a disk that existed before it.
+        self.delta = delta
         self.target_path = target_path
         self.journal_dir = journal_dir
         self.disk_size = disk_size
@@ -244,9 +264,16 @@ class PairTarget:
         if size != self.disk_size:
             os.close(self._fd)
             self._fd = -1
+            hint = "remove or rename the file (it is not this pair's disk), then resume the pair"
+            if self.delta:
+                hint = (
+                    f"a delta sync compares the existing disk with the source block by block, so both must be "
+                    f"{self.disk_size} bytes: check that {path} is the right disk and resize it (qemu-img resize), "
+                    "or disable the pair and enable a full sync onto a new file"
+                )
             raise errors.PreconditionFailed(
                 f"target disk {path} holds {size} bytes; pair {self.pair_id} needs {self.disk_size}",
-                hint="remove or rename the file (it is not this pair's disk), then resume the pair",
+                hint=hint,
                 code="target-size-mismatch",
             )
         return created

@@ -1,10 +1,11 @@
 """sr-process-server: receives replication from source agents and forwards it.
 
 The daemon enrolls, registers its spool directory, heartbeats and serves its
-data port: health, reflection, Probe and Replicate. Replicate spools each
+data port: health, reflection, Probe, Replicate and BlockHashes. Replicate spools each
 pair's frames durably (receiver.py, spool.py); one forwarder per assigned pair
-sends them on to the pair's master target (forwarder.py); pairs.py ties both
-to the controller's assignments and reports them with every heartbeat.
+sends them on to the pair's master target (forwarder.py); BlockHashes carries a
+delta sync's question for target block hashes to the master target (hashes.py);
+pairs.py ties them to the controller's assignments and reports them with every heartbeat.
 """
 
 from __future__ import annotations
@@ -15,7 +16,7 @@ from siterecovery.agents import entry
 from siterecovery.agents.probe import probe_response
 from siterecovery.agents.runtime import AgentRuntime
 from siterecovery.agents.settings import ProcessServerSettings
-from siterecovery.common import daemon, logging, pki
+from siterecovery.common import daemon, grpcserver, logging, pki
 from siterecovery.common.grpcserver import Service
 from siterecovery.common.inventory import directory_facts, host_facts, space_problems
 from siterecovery.common.pb import common_pb2, dataplane_pb2, dataplane_pb2_grpc
@@ -29,17 +30,22 @@ DAEMON = "process-server"
 
 
 class ProcessServerServicer(dataplane_pb2_grpc.ProcessServerServicer):
-    """Thin: Probe answers from the runtime; Replicate is the receiver's (receiver.py)."""
+    """Thin: Probe answers from the runtime; Replicate is the receiver's (receiver.py);
+    BlockHashes is asked of the master target (hashes.py)."""
 
-    def __init__(self, runtime: AgentRuntime, receiver: Receiver) -> None:
+    def __init__(self, runtime: AgentRuntime, receiver: Receiver, pairs: ProcessServerPairs) -> None:
         self._runtime = runtime
         self._receiver = receiver
+        self._pairs = pairs
 
     def Probe(self, request, context):
         return probe_response(self._runtime)
 
     def Replicate(self, request_iterator, context):
         return self._receiver.replicate(request_iterator, context)
+
+    def BlockHashes(self, request, context):
+        return self._pairs.block_hashes(request, grpcserver.caller())
 
 
 def run(cfg: ProcessServerSettings, stop: threading.Event | None = None) -> int:
@@ -78,7 +84,7 @@ def run(cfg: ProcessServerSettings, stop: threading.Event | None = None) -> int:
             lambda _creds: [
                 Service(
                     dataplane_pb2.DESCRIPTOR.services_by_name["ProcessServer"].full_name,
-                    ProcessServerServicer(runtime, pairs.receiver),
+                    ProcessServerServicer(runtime, pairs.receiver, pairs),
                     dataplane_pb2_grpc.add_ProcessServerServicer_to_server,
                 )
             ]

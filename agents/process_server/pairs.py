@@ -1,7 +1,7 @@
 """The process server's part in replication pairs (the runtime's PairParticipant).
 
 It holds the controller's current assignments (the receiver checks streams
-against them), runs one Forwarder per assigned pair, and reports each pair's
+against them, and BlockHashes requests: hashes.py), runs one Forwarder per assigned pair, and reports each pair's
 spool and forwarding status with every heartbeat. A pair that leaves the
 assignments has its forwarder stopped and its open stream ended; its spooled
 frames stay on disk (the pair may come back; see the gaps in the report).
@@ -12,12 +12,13 @@ from __future__ import annotations
 import threading
 from collections.abc import Callable, Sequence
 
-from siterecovery.common import errors
+from siterecovery.common import errors, pki
 from siterecovery.common.enrollment import AgentCredentials
 from siterecovery.common.logging import get_logger
 from siterecovery.common.pb import common_pb2
 from siterecovery.common.pb import replication_pb2 as rpb
 
+from . import hashes
 from .forwarder import DEFAULT_POLICY, Forwarder, ForwardPolicy
 from .receiver import Receiver
 from .spool import Spool
@@ -55,6 +56,13 @@ class ProcessServerPairs:
     def assignment(self, pair_id: str) -> rpb.PairAssignment | None:
         with self._lock:
             return self._assignments.get(pair_id)
+
+    def block_hashes(self, request: rpb.BlockHashesRequest, caller: pki.Identity) -> rpb.BlockHashesReply:
+        """BlockHashes for a source agent's delta sync, asked of the pair's master target (hashes.py)."""
+        return hashes.block_hashes(
+            request, caller=caller, assignment=self.assignment(request.pair_id), me=self.me(),
+            credentials=self._credentials(),
+        )
 
     # -- PairParticipant -----------------------------------------------------------
     def apply_assignments(

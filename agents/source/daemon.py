@@ -20,7 +20,7 @@ import grpc
 from siterecovery.agents import entry
 from siterecovery.agents.runtime import AgentRuntime
 from siterecovery.agents.settings import SourceSettings
-from siterecovery.common import daemon, errors, logging, pki
+from siterecovery.common import blockhash, daemon, errors, logging, pki
 from siterecovery.common.channels import RPC_TIMEOUT, secure_channel
 from siterecovery.common.inventory import DiskIdentities, bios_uuid, disk_facts, host_facts
 from siterecovery.common.pb import agent_pb2, agent_pb2_grpc, common_pb2
@@ -55,6 +55,10 @@ def _check(cfg: SourceSettings) -> None:
         raise errors.InvalidInput(f"nbd_port {cfg.nbd_port} is outside 0-65535", code="config-range")
     if cfg.send_window_bytes < 1024 * 1024:
         raise errors.InvalidInput("send_window_bytes must be at least 1 MiB", code="config-range")
+    if not 1 <= cfg.delta_hash_blocks <= blockhash.MAX_BLOCKS_PER_CALL:
+        raise errors.InvalidInput(
+            f"delta_hash_blocks must be 1 to {blockhash.MAX_BLOCKS_PER_CALL}", code="config-range"
+        )
     for script in (cfg.freeze_script, cfg.thaw_script):
         if script is not None and not script.exists():
             raise errors.InvalidInput(
@@ -111,6 +115,7 @@ def run(cfg: SourceSettings, stop: threading.Event | None = None) -> int:
             freeze_script=cfg.freeze_script,
             thaw_script=cfg.thaw_script,
             hook_timeout_seconds=cfg.hook_timeout_seconds,
+            delta_batch_blocks=cfg.delta_hash_blocks,
         ),
         hold_barrier=hold_barrier,
         notify=lambda: runtime.heartbeat_now.set(),

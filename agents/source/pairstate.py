@@ -8,8 +8,9 @@ Layout of `<state_dir>/pairs/<pair_id>/`::
     scan.hashes     scan mode: the last acknowledged hash of every block (scan.py)
 
 `state.json` only ever moves forward on an acknowledgement from the process
-server (the sync cursor) or after a frame is journaled (the sync phase
-"copying"), so a crash leaves it behind the truth, never ahead of it: the
+server (the sync cursor and what the sync did up to it; for a delta sync also
+past blocks found identical once every frame before them is acknowledged, see
+delta.py) or after a frame is journaled (the sync phase "copying"), so a crash leaves it behind the truth, never ahead of it: the
 agent then sends a little again, and loses nothing. When a pair is forgotten
 its directory is removed except `seq.json`, so a pair id that comes back never
 reuses a seq.
@@ -27,6 +28,7 @@ from siterecovery.common import daemon, errors
 STATE_FILE = "state.json"
 SYNC_COPYING = "copying"
 SYNC_DONE = "done"
+SYNC_FULL, SYNC_DELTA = "full", "delta"
 MAX_TAGS_REMEMBERED = 256
 
 
@@ -50,6 +52,13 @@ class PairState:
     sync_phase: str = SYNC_COPYING
     # Initial sync: every byte below this is acknowledged by the process server.
     sync_cursor: int = 0
+    # "full" (copy every block) or "delta" (send the blocks whose hash differs from the target's).
+    sync_kind: str = SYNC_FULL
+    # What the sync did up to `sync_cursor` (saved with it): write payload bytes
+    # its frames carried; delta: bytes of the blocks that differed, digest bytes received.
+    sync_sent_bytes: int = 0
+    sync_differing_bytes: int = 0
+    sync_hash_bytes: int = 0
     # Tag ids of requested tags already inserted (requests repeat until the target has the point).
     tags_done: list[str] = field(default_factory=list)
 

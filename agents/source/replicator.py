@@ -5,7 +5,10 @@ assigned to this machine it runs a `PairReplicator`:
 
 - nbd mode: the pair's journal is attached to the disk's `DiskCapture`, so every
   write through the NBD export is journaled (capture.py); a new pair starts
-  with the initial sync (sync.py);
+  with the initial sync (sync.py), or, when its assignment says SYNC_KIND_DELTA
+  (the target already holds an older copy), with the delta sync (delta.py), which
+  asks the process server for the target's block hashes and sends only the
+  blocks that differ; the kind is kept in the pair's state;
 - scan mode: periodic hash passes (scan.py); the first pass is the initial sync;
 - a *shipper* thread streams the frames to the process server (shipper.py);
 - a *tagger* thread inserts recovery points: crash-consistent every
@@ -43,11 +46,13 @@ from google.protobuf.timestamp_pb2 import Timestamp
 
 from siterecovery.common import errors, frames
 from siterecovery.common.logging import get_logger
+from siterecovery.common.pb import dataplane_pb2_grpc
 from siterecovery.common.pb import replication_pb2 as rpb
 
 from .capture import DiskCapture, PairJournal
+from .delta import DEFAULT_BATCH_BLOCKS, DeltaSync
 from .hooks import run_hook
-from .pairstate import SYNC_COPYING, PairState, TagSpec, forget_pair
+from .pairstate import SYNC_COPYING, SYNC_DELTA, SYNC_FULL, PairState, TagSpec, forget_pair
 from .scan import ScanSource
 from .shipper import Shipper
 from .sync import InitialSync
@@ -58,8 +63,11 @@ PAIRS_DIR = "pairs"
 BARRIER_WAIT = 30.0
 BARRIER_POLL = 0.2
 MODE_NAMES = {rpb.REPLICATION_MODE_NBD: "nbd", rpb.REPLICATION_MODE_SCAN: "scan"}
+SYNC_KIND_NAMES = {rpb.SYNC_KIND_DELTA: SYNC_DELTA}  # anything else (UNSPECIFIED, FULL): full
 DEFAULT_CRASH_INTERVAL = 300
 DEFAULT_SCAN_INTERVAL = 300
+# BlockHashes: the process server asks the master target, which may read 1 GiB for one call.
+HASHES_TIMEOUT = 180.0
 
 
 @dataclass(frozen=True)
@@ -70,6 +78,8 @@ class ReplicationOptions:
     freeze_script: Path | None = None
     thaw_script: Path | None = None
     hook_timeout_seconds: float = 60.0
+    # Delta sync: blocks per BlockHashes call (64 KiB each).
+    delta_batch_blocks: int = DEFAULT_BATCH_BLOCKS
 
 
 Connect = Callable[[str, str], grpc.Channel]
@@ -114,7 +124,13 @@ class PairReplicator:
                     code="disk-busy",
                 )
             disk.attach(self.journal)
-            self.sync = InitialSync(disk, self.journal, state, save=self.save)
+            if state.sync_kind == SYNC_DELTA:
+                self.sync = DeltaSync(
+                    disk, self.journal, state, save=self.save, fetch=self._block_hashes,
+                    wake=lambda: self.shipper.wake(), stop=self.stop, batch_blocks=options.delta_batch_blocks,
+                )
+            else:
+                self.sync = InitialSync(disk, self.journal, state, save=self.save)
             if is_new:
                 self.sync.start()
             self.source = self.sync
@@ -160,7 +176,11 @@ class PairReplicator:
             if mode is None:
                 raise errors.InvalidInput(f"pair {assignment.pair_id} has no replication mode", code="pair-mode")
             directory.mkdir(parents=True, exist_ok=True)
-            state = PairState(pair_id=assignment.pair_id, disk_name=disk.name, disk_size=disk.size, mode=mode)
+            # A delta sync needs the NBD journal (its argument rests on every write being a frame).
+            kind = SYNC_KIND_NAMES.get(assignment.sync_kind, SYNC_FULL) if mode == "nbd" else SYNC_FULL
+            state = PairState(
+                pair_id=assignment.pair_id, disk_name=disk.name, disk_size=disk.size, mode=mode, sync_kind=kind
+            )
             state.save(directory)
         return cls(directory, disk, state, is_new=is_new, **kwargs)
 
@@ -219,6 +239,19 @@ class PairReplicator:
             )
         return self._connect(assignment.process_server_endpoint, assignment.process_server_id)
 
+    def _block_hashes(self, offset: int, count: int) -> rpb.BlockHashesReply:
+        """The target's digests of `count` blocks from `offset`, through the process server (delta sync)."""
+        channel = self._channel()
+        try:
+            return dataplane_pb2_grpc.ProcessServerStub(channel).BlockHashes(
+                rpb.BlockHashesRequest(pair_id=self.pair_id, offset=offset, block_count=count), timeout=HASHES_TIMEOUT
+            )
+        except grpc.RpcError as exc:
+            endpoint = self.assignment.process_server_endpoint if self.assignment is not None else ""
+            raise errors.from_rpc_error(exc, target=endpoint) from exc
+        finally:
+            channel.close()
+
     def _start_shipping(self) -> None:
         if self._ship_thread is not None and self._ship_thread.is_alive():
             return
@@ -248,6 +281,8 @@ class PairReplicator:
             self._tag_thread.join(10)
 
     def detach(self) -> None:
+        if isinstance(self.sync, DeltaSync):
+            self.sync.close()
         if self.disk.journal is self.journal:
             self.disk.detach()
         if self.scan is not None:
@@ -441,8 +476,15 @@ class PairReplicator:
         if status.state in (rpb.PAIR_STATE_INITIAL_SYNC, rpb.PAIR_STATE_REPLICATING) and self.shipper.last_error:
             status.reason = f"cannot stream to the process server: {self.shipper.last_error}"
             status.reason_code = "process-server-unreachable"
-        status.sync_done_bytes = self.source.done_bytes
-        status.sync_total_bytes = self.disk.size
+        elif status.state == rpb.PAIR_STATE_INITIAL_SYNC and isinstance(self.sync, DeltaSync) and self.sync.fetch_error:
+            message, code = self.sync.fetch_error
+            status.reason = f"cannot read the target disk's block hashes (delta sync; retrying): {message}"
+            status.reason_code = code
+        if self.sync is not None:
+            self.sync.fill_status(status)
+        else:
+            status.sync_done_bytes = self.source.done_bytes
+            status.sync_total_bytes = self.disk.size
         log_ = self.journal.log
         status.last_seq = max(log_.last_seq, self.shipper.last_sent, self.shipper.acked_seq)
         status.acked_seq = self.shipper.acked_seq

@@ -33,9 +33,7 @@ from collections import deque
 from collections.abc import Callable
 from pathlib import Path
 
-import xxhash
-
-from siterecovery.common import frames
+from siterecovery.common import blockhash, frames
 from siterecovery.common.logging import get_logger
 from siterecovery.common.pb import replication_pb2 as rpb
 
@@ -46,16 +44,12 @@ from .sync import next_data
 
 log = get_logger(__name__)
 
-BLOCK_BYTES = 64 * 1024
+BLOCK_BYTES = blockhash.BLOCK_BYTES
 GROUP_BYTES = 4 * 1024 * 1024
 MAX_FRAME_BYTES = 1024 * 1024
-DIGEST = 16
+DIGEST = blockhash.DIGEST_BYTES
 HASH_FILE = "scan.hashes"
-_UNKNOWN = bytes(DIGEST)
-
-
-def block_digest(data: bytes | memoryview) -> bytes:
-    return xxhash.xxh3_128_digest(data)
+block_digest = blockhash.block_digest
 
 
 class ScanSource:
@@ -86,7 +80,6 @@ class ScanSource:
         if os.fstat(self._map_fd).st_size != self.blocks * DIGEST:
             os.ftruncate(self._map_fd, self.blocks * DIGEST)
         self.acked = bytearray(os.pread(self._map_fd, self.blocks * DIGEST, 0))
-        self._zero_digest = block_digest(bytes(BLOCK_BYTES))
         self._lock = threading.Lock()
         self._req_lock = threading.Lock()
         self._requests: list[TagSpec] = []
@@ -177,19 +170,16 @@ class ScanSource:
             end = min(start + GROUP_BYTES, size)
             hole = next_data(self.disk.fd, start, size) >= end
             data = None if hole else memoryview(self.disk.read_locked(start, end - start))
+            digests = blockhash.zero_digests(start, end) if data is None else blockhash.block_digests(data)
             changed: list[tuple[int, bytes, bool]] = []  # block, digest, all zeros
-            for block in range(start // BLOCK_BYTES, (end + BLOCK_BYTES - 1) // BLOCK_BYTES):
-                b_start = block * BLOCK_BYTES
-                length = min(BLOCK_BYTES, size - b_start)
-                if data is None:
-                    digest = self._zero_digest if length == BLOCK_BYTES else block_digest(bytes(length))
-                    zero = True
-                else:
-                    digest = block_digest(data[b_start - start:b_start - start + length])
-                    zero = digest == (self._zero_digest if length == BLOCK_BYTES else block_digest(bytes(length)))
+            first = start // BLOCK_BYTES
+            for index in range(len(digests) // DIGEST):
+                block = first + index
+                digest = digests[index * DIGEST:(index + 1) * DIGEST]
+                zero = data is None or digest == blockhash.zero_digest(min(BLOCK_BYTES, size - block * BLOCK_BYTES))
                 if digest != self.acked[block * DIGEST:(block + 1) * DIGEST]:
                     changed.append((block, digest, zero))
-            for run in _runs(changed):
+            for run in frame_runs(changed):
                 first_block = run[0][0]
                 offset = first_block * BLOCK_BYTES
                 length = min(len(run) * BLOCK_BYTES, size - offset)
@@ -255,8 +245,9 @@ class ScanSource:
         log.info("scan pass done", pair=self.journal.pair_id, changed_blocks=self.last_pass_blocks)
 
 
-def _runs(changed: list[tuple[int, bytes, bool]]) -> list[list[tuple[int, bytes, bool]]]:
-    """Split changed blocks into runs of adjacent blocks of one kind, each at most MAX_FRAME_BYTES."""
+def frame_runs(changed: list[tuple[int, bytes, bool]]) -> list[list[tuple[int, bytes, bool]]]:
+    """Split changed (block, digest, all zeros) into runs of adjacent blocks of one kind, each at
+    most MAX_FRAME_BYTES: one frame each."""
     runs: list[list[tuple[int, bytes, bool]]] = []
     per_frame = MAX_FRAME_BYTES // BLOCK_BYTES
     for entry in changed:

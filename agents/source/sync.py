@@ -13,19 +13,22 @@ the chunk), a frame:
 
 After the last chunk comes the SyncMarker INITIAL_DONE. Chunks are volatile:
 each frame's acknowledgement moves the persisted cursor (`PairState.sync_cursor`)
-to its end; after a reconnect or a restart the sync continues from that cursor,
-so what is sent again is at most what was unacknowledged plus one chunk. The
-acknowledgement of INITIAL_DONE sets the phase to done.
+to its end (and adds its data to `sync_sent_bytes`); after a reconnect or a
+restart the sync continues from that cursor, so what is sent again is at most
+what was unacknowledged plus one chunk. The acknowledgement of INITIAL_DONE
+sets the phase to done.
+
+A delta pair's first sync (delta.py) is a subclass: the same start, markers,
+cursor and resume, but it sends only the blocks that differ from the target's.
 """
 
 from __future__ import annotations
 
-import errno
-import os
 import threading
 from collections.abc import Callable
 
 from siterecovery.common import frames
+from siterecovery.common.blockhash import next_data
 from siterecovery.common.logging import get_logger
 from siterecovery.common.pb import replication_pb2 as rpb
 
@@ -39,15 +42,7 @@ CHUNK_BYTES = 1024 * 1024
 MAX_ZERO_FRAME = 1024 * 1024 * 1024
 _ZEROS = bytes(CHUNK_BYTES)
 
-
-def next_data(fd: int, offset: int, size: int) -> int:
-    """The first offset >= `offset` that may hold data (`size` when none; `offset` when unknown)."""
-    try:
-        return min(os.lseek(fd, offset, os.SEEK_DATA), size)
-    except OSError as exc:
-        if exc.errno == errno.ENXIO:
-            return size
-        return offset  # SEEK_DATA not supported here: assume data
+__all__ = ["CHUNK_BYTES", "MAX_ZERO_FRAME", "InitialSync", "next_data"]
 
 
 class InitialSync:
@@ -91,10 +86,22 @@ class InitialSync:
             with self._lock:
                 self.state.sync_phase = SYNC_COPYING
                 self.state.sync_cursor = 0
+                self.state.sync_sent_bytes = self.state.sync_differing_bytes = self.state.sync_hash_bytes = 0
                 self._pos = 0
                 self._done_sent = False
+                self._restarted_locked()
             self._save()
-        log.info("initial sync started", pair=self.journal.pair_id, disk=self.disk.name, bytes=self.disk.size)
+        log.info("initial sync started", pair=self.journal.pair_id, disk=self.disk.name, bytes=self.disk.size,
+                 kind=self.state.sync_kind)
+
+    def _restarted_locked(self) -> None:
+        """The sync starts over from byte 0 (with the lock held): forget what was made."""
+
+    def fill_status(self, status: rpb.PairStatus) -> None:
+        """The sync's share of the pair's status."""
+        status.sync_done_bytes = self.done_bytes
+        status.sync_total_bytes = self.disk.size
+        status.sync_sent_bytes = self.state.sync_sent_bytes
 
     def rewind(self) -> None:
         with self._lock:
@@ -129,12 +136,14 @@ class InitialSync:
                     frame = frames.write_frame(pair, seq, pos, data)
         with self._lock:
             self._pos = end
-        return Produced(frame, lambda: self._acked_to(end))
+        sent = frame.write.length if frame.WhichOneof("body") == "write" else 0
+        return Produced(frame, lambda: self._acked_to(end, sent))
 
-    def _acked_to(self, end: int) -> None:
+    def _acked_to(self, end: int, sent: int) -> None:
         with self._lock:
             if end > self.state.sync_cursor and not self.done:
                 self.state.sync_cursor = end
+                self.state.sync_sent_bytes += sent
                 self.state_dirty = True
 
     def _acked_done(self) -> None:

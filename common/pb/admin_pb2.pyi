@@ -225,7 +225,7 @@ class Passphrase(_message.Message):
     def __init__(self, passphrase: _Optional[str] = ..., created_at: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ...) -> None: ...
 
 class EnableReplicationRequest(_message.Message):
-    __slots__ = ("machine", "disks", "process_server", "master_target", "datastore", "mode", "policy", "group", "scan_interval_seconds")
+    __slots__ = ("machine", "disks", "process_server", "master_target", "datastore", "mode", "policy", "group", "scan_interval_seconds", "sync_kind", "target_path")
     MACHINE_FIELD_NUMBER: _ClassVar[int]
     DISKS_FIELD_NUMBER: _ClassVar[int]
     PROCESS_SERVER_FIELD_NUMBER: _ClassVar[int]
@@ -235,6 +235,8 @@ class EnableReplicationRequest(_message.Message):
     POLICY_FIELD_NUMBER: _ClassVar[int]
     GROUP_FIELD_NUMBER: _ClassVar[int]
     SCAN_INTERVAL_SECONDS_FIELD_NUMBER: _ClassVar[int]
+    SYNC_KIND_FIELD_NUMBER: _ClassVar[int]
+    TARGET_PATH_FIELD_NUMBER: _ClassVar[int]
     machine: str
     disks: _containers.RepeatedScalarFieldContainer[str]
     process_server: str
@@ -244,7 +246,9 @@ class EnableReplicationRequest(_message.Message):
     policy: _replication_pb2.RecoveryPolicy
     group: str
     scan_interval_seconds: int
-    def __init__(self, machine: _Optional[str] = ..., disks: _Optional[_Iterable[str]] = ..., process_server: _Optional[str] = ..., master_target: _Optional[str] = ..., datastore: _Optional[str] = ..., mode: _Optional[_Union[_replication_pb2.ReplicationMode, str]] = ..., policy: _Optional[_Union[_replication_pb2.RecoveryPolicy, _Mapping]] = ..., group: _Optional[str] = ..., scan_interval_seconds: _Optional[int] = ...) -> None: ...
+    sync_kind: _replication_pb2.SyncKind
+    target_path: str
+    def __init__(self, machine: _Optional[str] = ..., disks: _Optional[_Iterable[str]] = ..., process_server: _Optional[str] = ..., master_target: _Optional[str] = ..., datastore: _Optional[str] = ..., mode: _Optional[_Union[_replication_pb2.ReplicationMode, str]] = ..., policy: _Optional[_Union[_replication_pb2.RecoveryPolicy, _Mapping]] = ..., group: _Optional[str] = ..., scan_interval_seconds: _Optional[int] = ..., sync_kind: _Optional[_Union[_replication_pb2.SyncKind, str]] = ..., target_path: _Optional[str] = ...) -> None: ...
 
 class ListPairsRequest(_message.Message):
     __slots__ = ("machine",)
@@ -253,7 +257,7 @@ class ListPairsRequest(_message.Message):
     def __init__(self, machine: _Optional[str] = ...) -> None: ...
 
 class PairView(_message.Message):
-    __slots__ = ("pair_id", "machine_id", "machine_hostname", "disk_name", "disk_size_bytes", "mode", "process_server_id", "master_target_id", "target_path", "desired_state", "state", "reason", "reason_code", "sync_progress", "sync_done_bytes", "sync_total_bytes", "rpo_known", "rpo_seconds", "source_backlog_bytes", "source_backlog_frames", "spool_backlog_bytes", "spool_backlog_frames", "throughput_bytes_per_second", "source_seq", "spooled_seq", "applied_seq", "policy", "group", "recovery_points", "latest_point_at", "created_at", "journal_bytes", "source_bytes_sent", "applied_bytes_total")
+    __slots__ = ("pair_id", "machine_id", "machine_hostname", "disk_name", "disk_size_bytes", "mode", "process_server_id", "master_target_id", "target_path", "desired_state", "state", "reason", "reason_code", "sync_progress", "sync_done_bytes", "sync_total_bytes", "rpo_known", "rpo_seconds", "source_backlog_bytes", "source_backlog_frames", "spool_backlog_bytes", "spool_backlog_frames", "throughput_bytes_per_second", "source_seq", "spooled_seq", "applied_seq", "policy", "group", "recovery_points", "latest_point_at", "created_at", "journal_bytes", "source_bytes_sent", "applied_bytes_total", "sync_kind", "sync_compared_bytes", "sync_differing_bytes", "sync_hash_bytes", "sync_sent_bytes")
     PAIR_ID_FIELD_NUMBER: _ClassVar[int]
     MACHINE_ID_FIELD_NUMBER: _ClassVar[int]
     MACHINE_HOSTNAME_FIELD_NUMBER: _ClassVar[int]
@@ -288,6 +292,11 @@ class PairView(_message.Message):
     JOURNAL_BYTES_FIELD_NUMBER: _ClassVar[int]
     SOURCE_BYTES_SENT_FIELD_NUMBER: _ClassVar[int]
     APPLIED_BYTES_TOTAL_FIELD_NUMBER: _ClassVar[int]
+    SYNC_KIND_FIELD_NUMBER: _ClassVar[int]
+    SYNC_COMPARED_BYTES_FIELD_NUMBER: _ClassVar[int]
+    SYNC_DIFFERING_BYTES_FIELD_NUMBER: _ClassVar[int]
+    SYNC_HASH_BYTES_FIELD_NUMBER: _ClassVar[int]
+    SYNC_SENT_BYTES_FIELD_NUMBER: _ClassVar[int]
     pair_id: str
     machine_id: str
     machine_hostname: str
@@ -322,7 +331,12 @@ class PairView(_message.Message):
     journal_bytes: int
     source_bytes_sent: int
     applied_bytes_total: int
-    def __init__(self, pair_id: _Optional[str] = ..., machine_id: _Optional[str] = ..., machine_hostname: _Optional[str] = ..., disk_name: _Optional[str] = ..., disk_size_bytes: _Optional[int] = ..., mode: _Optional[_Union[_replication_pb2.ReplicationMode, str]] = ..., process_server_id: _Optional[str] = ..., master_target_id: _Optional[str] = ..., target_path: _Optional[str] = ..., desired_state: _Optional[_Union[_replication_pb2.PairDesiredState, str]] = ..., state: _Optional[_Union[_replication_pb2.PairState, str]] = ..., reason: _Optional[str] = ..., reason_code: _Optional[str] = ..., sync_progress: _Optional[float] = ..., sync_done_bytes: _Optional[int] = ..., sync_total_bytes: _Optional[int] = ..., rpo_known: _Optional[bool] = ..., rpo_seconds: _Optional[float] = ..., source_backlog_bytes: _Optional[int] = ..., source_backlog_frames: _Optional[int] = ..., spool_backlog_bytes: _Optional[int] = ..., spool_backlog_frames: _Optional[int] = ..., throughput_bytes_per_second: _Optional[float] = ..., source_seq: _Optional[int] = ..., spooled_seq: _Optional[int] = ..., applied_seq: _Optional[int] = ..., policy: _Optional[_Union[_replication_pb2.RecoveryPolicy, _Mapping]] = ..., group: _Optional[str] = ..., recovery_points: _Optional[int] = ..., latest_point_at: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., created_at: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., journal_bytes: _Optional[int] = ..., source_bytes_sent: _Optional[int] = ..., applied_bytes_total: _Optional[int] = ...) -> None: ...
+    sync_kind: _replication_pb2.SyncKind
+    sync_compared_bytes: int
+    sync_differing_bytes: int
+    sync_hash_bytes: int
+    sync_sent_bytes: int
+    def __init__(self, pair_id: _Optional[str] = ..., machine_id: _Optional[str] = ..., machine_hostname: _Optional[str] = ..., disk_name: _Optional[str] = ..., disk_size_bytes: _Optional[int] = ..., mode: _Optional[_Union[_replication_pb2.ReplicationMode, str]] = ..., process_server_id: _Optional[str] = ..., master_target_id: _Optional[str] = ..., target_path: _Optional[str] = ..., desired_state: _Optional[_Union[_replication_pb2.PairDesiredState, str]] = ..., state: _Optional[_Union[_replication_pb2.PairState, str]] = ..., reason: _Optional[str] = ..., reason_code: _Optional[str] = ..., sync_progress: _Optional[float] = ..., sync_done_bytes: _Optional[int] = ..., sync_total_bytes: _Optional[int] = ..., rpo_known: _Optional[bool] = ..., rpo_seconds: _Optional[float] = ..., source_backlog_bytes: _Optional[int] = ..., source_backlog_frames: _Optional[int] = ..., spool_backlog_bytes: _Optional[int] = ..., spool_backlog_frames: _Optional[int] = ..., throughput_bytes_per_second: _Optional[float] = ..., source_seq: _Optional[int] = ..., spooled_seq: _Optional[int] = ..., applied_seq: _Optional[int] = ..., policy: _Optional[_Union[_replication_pb2.RecoveryPolicy, _Mapping]] = ..., group: _Optional[str] = ..., recovery_points: _Optional[int] = ..., latest_point_at: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., created_at: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., journal_bytes: _Optional[int] = ..., source_bytes_sent: _Optional[int] = ..., applied_bytes_total: _Optional[int] = ..., sync_kind: _Optional[_Union[_replication_pb2.SyncKind, str]] = ..., sync_compared_bytes: _Optional[int] = ..., sync_differing_bytes: _Optional[int] = ..., sync_hash_bytes: _Optional[int] = ..., sync_sent_bytes: _Optional[int] = ...) -> None: ...
 
 class ListPairsResponse(_message.Message):
     __slots__ = ("pairs",)

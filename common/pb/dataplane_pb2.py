@@ -27,7 +27,7 @@ from siterecovery.common.pb import common_pb2 as siterecovery_dot_v1_dot_common_
 from siterecovery.common.pb import replication_pb2 as siterecovery_dot_v1_dot_replication__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1fsiterecovery/v1/dataplane.proto\x12\x0fsiterecovery.v1\x1a\x1csiterecovery/v1/common.proto\x1a!siterecovery/v1/replication.proto\"\x0e\n\x0cProbeRequest\"\x86\x01\n\rProbeResponse\x12\x11\n\tserver_id\x18\x01 \x01(\t\x12#\n\x04role\x18\x02 \x01(\x0e\x32\x15.siterecovery.v1.Role\x12\x11\n\tcaller_id\x18\x03 \x01(\t\x12*\n\x0b\x63\x61ller_role\x18\x04 \x01(\x0e\x32\x15.siterecovery.v1.Role2\xb0\x01\n\rProcessServer\x12\x46\n\x05Probe\x12\x1d.siterecovery.v1.ProbeRequest\x1a\x1e.siterecovery.v1.ProbeResponse\x12W\n\tReplicate\x12#.siterecovery.v1.ReplicationMessage\x1a!.siterecovery.v1.ReplicationReply(\x01\x30\x01\x32\x82\x02\n\x0cMasterTarget\x12\x46\n\x05Probe\x12\x1d.siterecovery.v1.ProbeRequest\x1a\x1e.siterecovery.v1.ProbeResponse\x12S\n\x05\x41pply\x12#.siterecovery.v1.ReplicationMessage\x1a!.siterecovery.v1.ReplicationReply(\x01\x30\x01\x12U\n\x0bMaterialize\x12#.siterecovery.v1.MaterializeRequest\x1a!.siterecovery.v1.MaterializeReplyb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1fsiterecovery/v1/dataplane.proto\x12\x0fsiterecovery.v1\x1a\x1csiterecovery/v1/common.proto\x1a!siterecovery/v1/replication.proto\"\x0e\n\x0cProbeRequest\"\x86\x01\n\rProbeResponse\x12\x11\n\tserver_id\x18\x01 \x01(\t\x12#\n\x04role\x18\x02 \x01(\x0e\x32\x15.siterecovery.v1.Role\x12\x11\n\tcaller_id\x18\x03 \x01(\t\x12*\n\x0b\x63\x61ller_role\x18\x04 \x01(\x0e\x32\x15.siterecovery.v1.Role2\x87\x02\n\rProcessServer\x12\x46\n\x05Probe\x12\x1d.siterecovery.v1.ProbeRequest\x1a\x1e.siterecovery.v1.ProbeResponse\x12W\n\tReplicate\x12#.siterecovery.v1.ReplicationMessage\x1a!.siterecovery.v1.ReplicationReply(\x01\x30\x01\x12U\n\x0b\x42lockHashes\x12#.siterecovery.v1.BlockHashesRequest\x1a!.siterecovery.v1.BlockHashesReply2\xd9\x02\n\x0cMasterTarget\x12\x46\n\x05Probe\x12\x1d.siterecovery.v1.ProbeRequest\x1a\x1e.siterecovery.v1.ProbeResponse\x12S\n\x05\x41pply\x12#.siterecovery.v1.ReplicationMessage\x1a!.siterecovery.v1.ReplicationReply(\x01\x30\x01\x12U\n\x0bMaterialize\x12#.siterecovery.v1.MaterializeRequest\x1a!.siterecovery.v1.MaterializeReply\x12U\n\x0b\x42lockHashes\x12#.siterecovery.v1.BlockHashesRequest\x1a!.siterecovery.v1.BlockHashesReplyb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -39,7 +39,7 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_PROBERESPONSE']._serialized_start=134
   _globals['_PROBERESPONSE']._serialized_end=268
   _globals['_PROCESSSERVER']._serialized_start=271
-  _globals['_PROCESSSERVER']._serialized_end=447
-  _globals['_MASTERTARGET']._serialized_start=450
-  _globals['_MASTERTARGET']._serialized_end=708
+  _globals['_PROCESSSERVER']._serialized_end=534
+  _globals['_MASTERTARGET']._serialized_start=537
+  _globals['_MASTERTARGET']._serialized_end=882
 # @@protoc_insertion_point(module_scope)

@@ -47,6 +47,11 @@ class ProcessServerStub:
                 request_serializer=siterecovery_dot_v1_dot_replication__pb2.ReplicationMessage.SerializeToString,
                 response_deserializer=siterecovery_dot_v1_dot_replication__pb2.ReplicationReply.FromString,
                 _registered_method=True)
+        self.BlockHashes = channel.unary_unary(
+                '/siterecovery.v1.ProcessServer/BlockHashes',
+                request_serializer=siterecovery_dot_v1_dot_replication__pb2.BlockHashesRequest.SerializeToString,
+                response_deserializer=siterecovery_dot_v1_dot_replication__pb2.BlockHashesReply.FromString,
+                _registered_method=True)
 
 
 class ProcessServerServicer:
@@ -66,6 +71,14 @@ class ProcessServerServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def BlockHashes(self, request, context):
+        """The pair's source agent asks for the block hashes of the pair's target disk
+        (a delta sync); the process server asks the pair's master target.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_ProcessServerServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -78,6 +91,11 @@ def add_ProcessServerServicer_to_server(servicer, server):
                     servicer.Replicate,
                     request_deserializer=siterecovery_dot_v1_dot_replication__pb2.ReplicationMessage.FromString,
                     response_serializer=siterecovery_dot_v1_dot_replication__pb2.ReplicationReply.SerializeToString,
+            ),
+            'BlockHashes': grpc.unary_unary_rpc_method_handler(
+                    servicer.BlockHashes,
+                    request_deserializer=siterecovery_dot_v1_dot_replication__pb2.BlockHashesRequest.FromString,
+                    response_serializer=siterecovery_dot_v1_dot_replication__pb2.BlockHashesReply.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -145,6 +163,33 @@ class ProcessServer:
             metadata,
             _registered_method=True)
 
+    @staticmethod
+    def BlockHashes(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/siterecovery.v1.ProcessServer/BlockHashes',
+            siterecovery_dot_v1_dot_replication__pb2.BlockHashesRequest.SerializeToString,
+            siterecovery_dot_v1_dot_replication__pb2.BlockHashesReply.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
 
 class MasterTargetStub:
     """Served by the master target; called by process servers (and the configuration server).
@@ -170,6 +215,11 @@ class MasterTargetStub:
                 '/siterecovery.v1.MasterTarget/Materialize',
                 request_serializer=siterecovery_dot_v1_dot_replication__pb2.MaterializeRequest.SerializeToString,
                 response_deserializer=siterecovery_dot_v1_dot_replication__pb2.MaterializeReply.FromString,
+                _registered_method=True)
+        self.BlockHashes = channel.unary_unary(
+                '/siterecovery.v1.MasterTarget/BlockHashes',
+                request_serializer=siterecovery_dot_v1_dot_replication__pb2.BlockHashesRequest.SerializeToString,
+                response_deserializer=siterecovery_dot_v1_dot_replication__pb2.BlockHashesReply.FromString,
                 _registered_method=True)
 
 
@@ -197,6 +247,13 @@ class MasterTargetServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def BlockHashes(self, request, context):
+        """The pair's process server asks for the block hashes of a pair's target disk.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_MasterTargetServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -214,6 +271,11 @@ def add_MasterTargetServicer_to_server(servicer, server):
                     servicer.Materialize,
                     request_deserializer=siterecovery_dot_v1_dot_replication__pb2.MaterializeRequest.FromString,
                     response_serializer=siterecovery_dot_v1_dot_replication__pb2.MaterializeReply.SerializeToString,
+            ),
+            'BlockHashes': grpc.unary_unary_rpc_method_handler(
+                    servicer.BlockHashes,
+                    request_deserializer=siterecovery_dot_v1_dot_replication__pb2.BlockHashesRequest.FromString,
+                    response_serializer=siterecovery_dot_v1_dot_replication__pb2.BlockHashesReply.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -298,6 +360,33 @@ class MasterTarget:
             '/siterecovery.v1.MasterTarget/Materialize',
             siterecovery_dot_v1_dot_replication__pb2.MaterializeRequest.SerializeToString,
             siterecovery_dot_v1_dot_replication__pb2.MaterializeReply.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def BlockHashes(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/siterecovery.v1.MasterTarget/BlockHashes',
+            siterecovery_dot_v1_dot_replication__pb2.BlockHashesRequest.SerializeToString,
+            siterecovery_dot_v1_dot_replication__pb2.BlockHashesReply.FromString,
             options,
             channel_credentials,
             insecure,

@@ -29,6 +29,12 @@ class SyncPhase(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
     SYNC_PHASE_INITIAL_STARTED: _ClassVar[SyncPhase]
     SYNC_PHASE_INITIAL_DONE: _ClassVar[SyncPhase]
 
+class SyncKind(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
+    __slots__ = ()
+    SYNC_KIND_UNSPECIFIED: _ClassVar[SyncKind]
+    SYNC_KIND_FULL: _ClassVar[SyncKind]
+    SYNC_KIND_DELTA: _ClassVar[SyncKind]
+
 class ReplicationMode(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
     __slots__ = ()
     REPLICATION_MODE_UNSPECIFIED: _ClassVar[ReplicationMode]
@@ -64,6 +70,9 @@ RECOVERY_POINT_KIND_MULTI_VM_CONSISTENT: RecoveryPointKind
 SYNC_PHASE_UNSPECIFIED: SyncPhase
 SYNC_PHASE_INITIAL_STARTED: SyncPhase
 SYNC_PHASE_INITIAL_DONE: SyncPhase
+SYNC_KIND_UNSPECIFIED: SyncKind
+SYNC_KIND_FULL: SyncKind
+SYNC_KIND_DELTA: SyncKind
 REPLICATION_MODE_UNSPECIFIED: ReplicationMode
 REPLICATION_MODE_NBD: ReplicationMode
 REPLICATION_MODE_SCAN: ReplicationMode
@@ -213,7 +222,7 @@ class RecoveryPolicy(_message.Message):
     def __init__(self, crash_consistent_interval_seconds: _Optional[int] = ..., app_consistent_interval_seconds: _Optional[int] = ..., retention_window_seconds: _Optional[int] = ..., rpo_threshold_seconds: _Optional[int] = ...) -> None: ...
 
 class PairAssignment(_message.Message):
-    __slots__ = ("pair_id", "machine_id", "disk_name", "disk_identity", "disk_size_bytes", "mode", "process_server_id", "process_server_endpoint", "master_target_id", "master_target_endpoint", "target_path", "journal_dir", "policy", "desired_state", "group_id", "scan_interval_seconds")
+    __slots__ = ("pair_id", "machine_id", "disk_name", "disk_identity", "disk_size_bytes", "mode", "process_server_id", "process_server_endpoint", "master_target_id", "master_target_endpoint", "target_path", "journal_dir", "policy", "desired_state", "group_id", "scan_interval_seconds", "sync_kind")
     PAIR_ID_FIELD_NUMBER: _ClassVar[int]
     MACHINE_ID_FIELD_NUMBER: _ClassVar[int]
     DISK_NAME_FIELD_NUMBER: _ClassVar[int]
@@ -230,6 +239,7 @@ class PairAssignment(_message.Message):
     DESIRED_STATE_FIELD_NUMBER: _ClassVar[int]
     GROUP_ID_FIELD_NUMBER: _ClassVar[int]
     SCAN_INTERVAL_SECONDS_FIELD_NUMBER: _ClassVar[int]
+    SYNC_KIND_FIELD_NUMBER: _ClassVar[int]
     pair_id: str
     machine_id: str
     disk_name: str
@@ -246,7 +256,8 @@ class PairAssignment(_message.Message):
     desired_state: PairDesiredState
     group_id: str
     scan_interval_seconds: int
-    def __init__(self, pair_id: _Optional[str] = ..., machine_id: _Optional[str] = ..., disk_name: _Optional[str] = ..., disk_identity: _Optional[str] = ..., disk_size_bytes: _Optional[int] = ..., mode: _Optional[_Union[ReplicationMode, str]] = ..., process_server_id: _Optional[str] = ..., process_server_endpoint: _Optional[str] = ..., master_target_id: _Optional[str] = ..., master_target_endpoint: _Optional[str] = ..., target_path: _Optional[str] = ..., journal_dir: _Optional[str] = ..., policy: _Optional[_Union[RecoveryPolicy, _Mapping]] = ..., desired_state: _Optional[_Union[PairDesiredState, str]] = ..., group_id: _Optional[str] = ..., scan_interval_seconds: _Optional[int] = ...) -> None: ...
+    sync_kind: SyncKind
+    def __init__(self, pair_id: _Optional[str] = ..., machine_id: _Optional[str] = ..., disk_name: _Optional[str] = ..., disk_identity: _Optional[str] = ..., disk_size_bytes: _Optional[int] = ..., mode: _Optional[_Union[ReplicationMode, str]] = ..., process_server_id: _Optional[str] = ..., process_server_endpoint: _Optional[str] = ..., master_target_id: _Optional[str] = ..., master_target_endpoint: _Optional[str] = ..., target_path: _Optional[str] = ..., journal_dir: _Optional[str] = ..., policy: _Optional[_Union[RecoveryPolicy, _Mapping]] = ..., desired_state: _Optional[_Union[PairDesiredState, str]] = ..., group_id: _Optional[str] = ..., scan_interval_seconds: _Optional[int] = ..., sync_kind: _Optional[_Union[SyncKind, str]] = ...) -> None: ...
 
 class TagRequest(_message.Message):
     __slots__ = ("pair_id", "tag_id", "kind", "group_id", "cut_at")
@@ -283,7 +294,7 @@ class RecoveryPoint(_message.Message):
     def __init__(self, tag_id: _Optional[str] = ..., kind: _Optional[_Union[RecoveryPointKind, str]] = ..., seq: _Optional[int] = ..., captured_at: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., journal_bytes_back: _Optional[int] = ..., group_id: _Optional[str] = ..., note: _Optional[str] = ..., on_demand: _Optional[bool] = ...) -> None: ...
 
 class PairStatus(_message.Message):
-    __slots__ = ("pair_id", "state", "reason", "reason_code", "sync_done_bytes", "sync_total_bytes", "last_seq", "acked_seq", "backlog_frames", "backlog_bytes", "oldest_pending_captured_at", "bytes_sent", "throughput_bytes_per_second", "points", "applied_captured_at", "journal_bytes", "applied_bytes_total")
+    __slots__ = ("pair_id", "state", "reason", "reason_code", "sync_done_bytes", "sync_total_bytes", "last_seq", "acked_seq", "backlog_frames", "backlog_bytes", "oldest_pending_captured_at", "bytes_sent", "throughput_bytes_per_second", "points", "applied_captured_at", "journal_bytes", "applied_bytes_total", "sync_compared_bytes", "sync_differing_bytes", "sync_hash_bytes", "sync_sent_bytes")
     PAIR_ID_FIELD_NUMBER: _ClassVar[int]
     STATE_FIELD_NUMBER: _ClassVar[int]
     REASON_FIELD_NUMBER: _ClassVar[int]
@@ -301,6 +312,10 @@ class PairStatus(_message.Message):
     APPLIED_CAPTURED_AT_FIELD_NUMBER: _ClassVar[int]
     JOURNAL_BYTES_FIELD_NUMBER: _ClassVar[int]
     APPLIED_BYTES_TOTAL_FIELD_NUMBER: _ClassVar[int]
+    SYNC_COMPARED_BYTES_FIELD_NUMBER: _ClassVar[int]
+    SYNC_DIFFERING_BYTES_FIELD_NUMBER: _ClassVar[int]
+    SYNC_HASH_BYTES_FIELD_NUMBER: _ClassVar[int]
+    SYNC_SENT_BYTES_FIELD_NUMBER: _ClassVar[int]
     pair_id: str
     state: PairState
     reason: str
@@ -318,4 +333,34 @@ class PairStatus(_message.Message):
     applied_captured_at: _timestamp_pb2.Timestamp
     journal_bytes: int
     applied_bytes_total: int
-    def __init__(self, pair_id: _Optional[str] = ..., state: _Optional[_Union[PairState, str]] = ..., reason: _Optional[str] = ..., reason_code: _Optional[str] = ..., sync_done_bytes: _Optional[int] = ..., sync_total_bytes: _Optional[int] = ..., last_seq: _Optional[int] = ..., acked_seq: _Optional[int] = ..., backlog_frames: _Optional[int] = ..., backlog_bytes: _Optional[int] = ..., oldest_pending_captured_at: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., bytes_sent: _Optional[int] = ..., throughput_bytes_per_second: _Optional[float] = ..., points: _Optional[_Iterable[_Union[RecoveryPoint, _Mapping]]] = ..., applied_captured_at: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., journal_bytes: _Optional[int] = ..., applied_bytes_total: _Optional[int] = ...) -> None: ...
+    sync_compared_bytes: int
+    sync_differing_bytes: int
+    sync_hash_bytes: int
+    sync_sent_bytes: int
+    def __init__(self, pair_id: _Optional[str] = ..., state: _Optional[_Union[PairState, str]] = ..., reason: _Optional[str] = ..., reason_code: _Optional[str] = ..., sync_done_bytes: _Optional[int] = ..., sync_total_bytes: _Optional[int] = ..., last_seq: _Optional[int] = ..., acked_seq: _Optional[int] = ..., backlog_frames: _Optional[int] = ..., backlog_bytes: _Optional[int] = ..., oldest_pending_captured_at: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., bytes_sent: _Optional[int] = ..., throughput_bytes_per_second: _Optional[float] = ..., points: _Optional[_Iterable[_Union[RecoveryPoint, _Mapping]]] = ..., applied_captured_at: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., journal_bytes: _Optional[int] = ..., applied_bytes_total: _Optional[int] = ..., sync_compared_bytes: _Optional[int] = ..., sync_differing_bytes: _Optional[int] = ..., sync_hash_bytes: _Optional[int] = ..., sync_sent_bytes: _Optional[int] = ...) -> None: ...
+
+class BlockHashesRequest(_message.Message):
+    __slots__ = ("pair_id", "offset", "block_count")
+    PAIR_ID_FIELD_NUMBER: _ClassVar[int]
+    OFFSET_FIELD_NUMBER: _ClassVar[int]
+    BLOCK_COUNT_FIELD_NUMBER: _ClassVar[int]
+    pair_id: str
+    offset: int
+    block_count: int
+    def __init__(self, pair_id: _Optional[str] = ..., offset: _Optional[int] = ..., block_count: _Optional[int] = ...) -> None: ...
+
+class BlockHashesReply(_message.Message):
+    __slots__ = ("offset", "block_bytes", "digests", "present_blocks", "target_exists", "target_size_bytes")
+    OFFSET_FIELD_NUMBER: _ClassVar[int]
+    BLOCK_BYTES_FIELD_NUMBER: _ClassVar[int]
+    DIGESTS_FIELD_NUMBER: _ClassVar[int]
+    PRESENT_BLOCKS_FIELD_NUMBER: _ClassVar[int]
+    TARGET_EXISTS_FIELD_NUMBER: _ClassVar[int]
+    TARGET_SIZE_BYTES_FIELD_NUMBER: _ClassVar[int]
+    offset: int
+    block_bytes: int
+    digests: bytes
+    present_blocks: int
+    target_exists: bool
+    target_size_bytes: int
+    def __init__(self, offset: _Optional[int] = ..., block_bytes: _Optional[int] = ..., digests: _Optional[bytes] = ..., present_blocks: _Optional[int] = ..., target_exists: _Optional[bool] = ..., target_size_bytes: _Optional[int] = ...) -> None: ...

@@ -19,6 +19,7 @@ points_app = typer.Typer(help="Recovery points: list, take on demand, materialis
 
 OutputOption = Annotated[Format, typer.Option("--output", "-o", help="table for people, json for scripts")]
 MODES = {"nbd": rpb.REPLICATION_MODE_NBD, "scan": rpb.REPLICATION_MODE_SCAN}
+SYNC_KINDS = {"full": rpb.SYNC_KIND_FULL, "delta": rpb.SYNC_KIND_DELTA}
 KINDS = {
     "crash-consistent": rpb.RECOVERY_POINT_KIND_CRASH_CONSISTENT,
     "app-consistent": rpb.RECOVERY_POINT_KIND_APP_CONSISTENT,
@@ -37,11 +38,22 @@ def _state_text(p: admin_pb2.PairView) -> str:
     return state
 
 
+def _sync_text(p: admin_pb2.PairView) -> str:
+    """How the first sync runs and what it moved: "full, 1.0 GiB sent", "delta: 3.0 MiB of 40 GiB differ"."""
+    if p.sync_kind != rpb.SYNC_KIND_DELTA:  # (a scan pair's first pass reports no bytes here)
+        return f"full, {output.human_bytes(p.sync_sent_bytes)} sent" if p.sync_sent_bytes else "full"
+    return (
+        f"delta: {output.human_bytes(p.sync_differing_bytes)} of {output.human_bytes(p.sync_compared_bytes)} "
+        f"differ, {output.human_bytes(p.sync_sent_bytes)} sent"
+    )
+
+
 def _pair_json(p: admin_pb2.PairView) -> dict:
     data = output.message_dict(p)
     data["state"] = _label(rpb.PairState, p.state, "PAIR_STATE_")
     data["desired_state"] = _label(rpb.PairDesiredState, p.desired_state, "PAIR_DESIRED_STATE_")
     data["mode"] = _label(rpb.ReplicationMode, p.mode, "REPLICATION_MODE_")
+    data["sync_kind"] = "delta" if p.sync_kind == rpb.SYNC_KIND_DELTA else "full"
     data["rpo_seconds"] = p.rpo_seconds if p.rpo_known else None
     return data
 
@@ -52,7 +64,8 @@ def _print_pairs(pairs, output_format: Format) -> None:
         return
     output.print_table(
         "Replication",
-        ["PAIR", "MACHINE", "DISK", "MODE", "STATE", "RPO", "SOURCE BACKLOG", "SPOOL BACKLOG", "THROUGHPUT", "POINTS", "REASON"],
+        ["PAIR", "MACHINE", "DISK", "MODE", "STATE", "SYNC", "RPO", "SOURCE BACKLOG", "SPOOL BACKLOG", "THROUGHPUT",
+         "POINTS", "REASON"],
         [
             [
                 p.pair_id,
@@ -60,6 +73,7 @@ def _print_pairs(pairs, output_format: Format) -> None:
                 f"{p.disk_name} ({output.human_bytes(p.disk_size_bytes)})",
                 _label(rpb.ReplicationMode, p.mode, "REPLICATION_MODE_"),
                 _state_text(p),
+                _sync_text(p),
                 output.age(p.rpo_seconds) if p.rpo_known else "unknown",
                 output.human_bytes(p.source_backlog_bytes),
                 output.human_bytes(p.spool_backlog_bytes),
@@ -85,12 +99,20 @@ def enable(
     app_interval: Annotated[int, typer.Option(help="seconds between app-consistent points")] = 0,
     retention: Annotated[int, typer.Option(help="seconds of recovery points to keep")] = 0,
     scan_interval: Annotated[int, typer.Option(help="scan mode: seconds between hash passes (default 300)")] = 0,
+    sync: Annotated[str, typer.Option(
+        help="full (copy every block) or delta (the target disk already holds an older copy: "
+        "only the 64 KiB blocks that differ travel; nbd mode)")] = "full",
+    target_path: Annotated[str, typer.Option(
+        help="the target disk file (one disk): absolute, or relative to the datastore; "
+        "default: <datastore>/<host>-<id>/<disk>.img")] = "",
     wait: Annotated[bool, typer.Option("--wait/--no-wait", help="wait for the initial sync to finish")] = False,
     output_format: OutputOption = Format.table,
 ) -> None:
-    """Start replicating a machine's disks: initial sync, then every change."""
+    """Start replicating a machine's disks: initial sync (full or delta), then every change."""
     if mode not in MODES:
         raise errors.InvalidInput(f"unknown mode {mode!r}", hint="use nbd or scan")
+    if sync not in SYNC_KINDS:
+        raise errors.InvalidInput(f"unknown sync kind {sync!r}", hint="use full or delta")
     response = call(
         "EnableReplication",
         admin_pb2.EnableReplicationRequest(
@@ -107,6 +129,8 @@ def enable(
                 retention_window_seconds=retention,
             ),
             scan_interval_seconds=scan_interval,
+            sync_kind=SYNC_KINDS[sync],
+            target_path=target_path,
         ),
     )
     if wait:

@@ -225,6 +225,30 @@ CONTROL_PLANE = [
         LOOKUP, "read", overrides=lambda f: {"tag_id": hostile.mixed(f.tag_id)}),
 ]
 
+
+DISK = 8 * 1024 * 1024  # the fuzz site's disk (conftest.py)
+
+
+def _hashes_request(fuzz: FuzzSite) -> dict:
+    # The real pair, and ranges at and around the edges of its 8 MiB disk (128 blocks).
+    return {
+        "pair_id": hostile.mixed(fuzz.pair["pair_id"]),
+        "offset": st.one_of(st.sampled_from([0, 65536, DISK - 65536, DISK, DISK + 65536, 1, 2**63, 2**64 - 65536]),
+                            st.integers(0, 2**64 - 1)),
+        "block_count": st.one_of(st.sampled_from([0, 1, 2, 128, 129, 16384, 16385, 2**32 - 1]),
+                                 st.integers(0, 2**32 - 1)),
+    }
+
+
+# Unary data-plane RPCs, fuzzed like the control plane (before the data-plane tests below stop
+# the source agent and the process server). A delta sync's block hashes are a read: OK writes nothing.
+DATA_PLANE = [
+    Rpc("/siterecovery.v1.ProcessServer/BlockHashes", rpb.BlockHashesRequest, "process-server", pki.SOURCE,
+        LOOKUP, "read", overrides=_hashes_request),
+    Rpc("/siterecovery.v1.MasterTarget/BlockHashes", rpb.BlockHashesRequest, "master-target", pki.PROCESS_SERVER,
+        LOOKUP, "read", overrides=_hashes_request),
+]
+
 # RPCs without input fields (nothing to fuzz): ListMachines, GetPassphrase,
 # RotatePassphrase, ListVcenters, Probe, and the standard health and reflection services.
 NO_INPUT = {
@@ -251,9 +275,9 @@ REGRESSIONS = {
 
 def test_every_rpc_with_input_is_fuzzed():
     ours = {m for m in authz.RPC_ROLES if m.startswith("/siterecovery.")}
-    covered = {r.method for r in CONTROL_PLANE} | NO_INPUT | OWN_TESTS
+    covered = {r.method for r in CONTROL_PLANE + DATA_PLANE} | NO_INPUT | OWN_TESTS
     assert ours == covered, f"not fuzzed: {sorted(ours - covered)}; unknown: {sorted(covered - ours)}"
-    for rpc in CONTROL_PLANE:
+    for rpc in CONTROL_PLANE + DATA_PLANE:
         role = pki.SOURCE if rpc.role == "fuzz-source" else rpc.role
         assert authz.allowed(rpc.method, role), rpc.method
 
@@ -372,6 +396,26 @@ def test_fuzz_control_plane(fuzz_site, rpc):
     print(rpc.method, seen)
 
 
+# -- block hashes (delta sync): fuzzed, and ranges past the disk refused ---------------------------
+
+
+@pytest.mark.parametrize("rpc", DATA_PLANE, ids=[r.method.split("/")[1].rsplit(".", 1)[1] for r in DATA_PLANE])
+def test_fuzz_block_hashes(fuzz_site, rpc):
+    test_fuzz_control_plane(fuzz_site, rpc)
+
+
+@pytest.mark.parametrize("rpc", DATA_PLANE, ids=[r.method.split("/")[1].rsplit(".", 1)[1] for r in DATA_PLANE])
+@pytest.mark.parametrize(("offset", "count"), [
+    (0, 0), (0, 16385), (0, 129), (1, 1), (65535, 1), (DISK, 1), (DISK - 65536, 2), (2**64 - 65536, 1),
+    (2**63, 16384), (2**64 - 1, 2**32 - 1),
+])
+def test_block_hashes_refuse_ranges_outside_the_disk(fuzz_site, rpc, offset, count):
+    request = rpb.BlockHashesRequest(pair_id=fuzz_site.pair["pair_id"], offset=offset, block_count=count)
+    _code, details = check(fuzz_site, rpc.port, fuzz_site.channel(rpc.port, rpc.role), rpc.method, "unary_unary",
+                           request, BAD, None)
+    assert "block" in details or "offset" in details, details
+
+
 # -- oversized messages, expired and revoked certificates --------------------------------------
 
 
@@ -467,7 +511,6 @@ def test_revoked_certificates_are_refused(fuzz_site):
 
 # -- the data plane ------------------------------------------------------------------------
 
-DISK = 8 * 1024 * 1024
 FRAME_REFUSALS = frozenset({C.INVALID_ARGUMENT, C.DATA_LOSS, C.NOT_FOUND, C.PERMISSION_DENIED, C.FAILED_PRECONDITION})
 U64 = 2**64 - 1
 

@@ -7,12 +7,18 @@ writes and zeroed ranges to a sparse target image, and acks each frame. Knobs:
 `send_acks` (clear it to hold acks back while still storing frames: an ack
 lost), `break_after` (end the stream with UNAVAILABLE after that many frames),
 `reset()` (a rebuilt process server that holds nothing).
+
+BlockHashes answers from that same target image (as the master target would:
+common/blockhash.py, blocks past the file's end absent); `preload()` puts an
+older copy of a disk there first (a delta sync's target), `hash_failures`
+makes the next calls fail with UNAVAILABLE.
 """
 
 from __future__ import annotations
 
 import hashlib
 import os
+import shutil
 import threading
 import time
 from collections.abc import Callable
@@ -22,7 +28,7 @@ from pathlib import Path
 import grpc
 
 from siterecovery.agents.source.capture import apply_frame
-from siterecovery.common import frames, pki
+from siterecovery.common import blockhash, errors, frames, pki
 from siterecovery.common.channels import secure_channel
 from siterecovery.common.enrollment import AgentCredentials
 from siterecovery.common.grpcserver import Service, start_server
@@ -79,7 +85,10 @@ class PairRecord:
     durable: int = 0
     frames: list[rpb.Frame] = field(default_factory=list)  # accepted, in order (write data dropped)
     data_bytes: int = 0  # write payload bytes accepted (resent ones included)
+    zero_bytes: int = 0  # zeroed-range bytes accepted (resent ones included)
     streams: int = 0
+    hash_calls: int = 0
+    hash_blocks: int = 0
 
 
 class FakeProcessServer(dataplane_pb2_grpc.ProcessServerServicer):
@@ -91,6 +100,39 @@ class FakeProcessServer(dataplane_pb2_grpc.ProcessServerServicer):
         self.send_acks.set()
         self.break_after: int | None = None
         self.errors: list[str] = []
+        self.hash_failures = 0
+
+    def preload(self, pair_id: str, image: Path, disk_size: int) -> Path:
+        """Make the pair's target image a copy of `image` (an older copy of the disk)."""
+        with self.lock:
+            target = self.directory / f"{pair_id}.img"
+            shutil.copyfile(image, target)
+            self.pairs[pair_id] = PairRecord(disk_size, target)
+            return target
+
+    def BlockHashes(self, request, context):
+        with self.lock:
+            record = self.pairs.get(request.pair_id)
+            if record is not None:
+                record.hash_calls += 1
+            failing = self.hash_failures > 0
+            self.hash_failures -= failing
+        if failing:
+            raise errors.Unavailable("the fake master target is away", code="unreachable-test")
+        if record is None:
+            raise errors.NotFound(f"no pair {request.pair_id}", code="pair-not-assigned")
+        blockhash.check_range(request.offset, request.block_count, record.disk_size)
+        with self.lock:  # frames are applied under the lock: a digest sees whole frames
+            fd = os.open(record.target, os.O_RDONLY)
+            try:
+                digests, present, size = blockhash.file_digests(fd, request.offset, request.block_count, record.disk_size)
+            finally:
+                os.close(fd)
+            record.hash_blocks += request.block_count
+        return rpb.BlockHashesReply(
+            offset=request.offset, block_bytes=blockhash.BLOCK_BYTES, digests=digests, present_blocks=present,
+            target_exists=True, target_size_bytes=size,
+        )
 
     def record(self, pair_id: str) -> PairRecord:
         with self.lock:
@@ -107,8 +149,9 @@ class FakeProcessServer(dataplane_pb2_grpc.ProcessServerServicer):
             record = self.pairs.get(pair_id)
             if record is None:
                 target = self.directory / f"{pair_id}.img"
-                with open(target, "wb") as f:
-                    f.truncate(size)
+                if not target.exists():
+                    with open(target, "wb") as f:
+                        f.truncate(size)
                 record = self.pairs[pair_id] = PairRecord(size, target)
             record.streams += 1
             durable = record.durable
@@ -145,6 +188,7 @@ class FakeProcessServer(dataplane_pb2_grpc.ProcessServerServicer):
                     record.frames.append(kept)
                     record.durable = frame.seq
                     record.data_bytes += frames.payload_length(frame) if frame.WhichOneof("body") == "write" else 0
+                    record.zero_bytes += frame.zero.length if frame.WhichOneof("body") == "zero" else 0
                 durable = record.durable
             count += 1
             if self.break_after is not None and count >= self.break_after:
@@ -179,8 +223,9 @@ class Site:
         )
 
     def assignment(self, pair_id: str, disk_name: str, disk_size: int, *, mode: int = rpb.REPLICATION_MODE_NBD,
-                   **policy: int) -> rpb.PairAssignment:
+                   sync_kind: int = rpb.SYNC_KIND_UNSPECIFIED, **policy: int) -> rpb.PairAssignment:
         return rpb.PairAssignment(
+            sync_kind=sync_kind,
             pair_id=pair_id, machine_id=SOURCE_ID, disk_name=disk_name, disk_size_bytes=disk_size, mode=mode,
             process_server_id=PS_ID, process_server_endpoint=self.endpoint,
             policy=rpb.RecoveryPolicy(

@@ -162,7 +162,7 @@ class ProcessServer:
         runtime = SimpleNamespace(credentials=creds)
         self.server = serve(
             creds,
-            ProcessServerServicer(runtime, self.pairs.receiver),  # type: ignore[arg-type]
+            ProcessServerServicer(runtime, self.pairs.receiver, self.pairs),  # type: ignore[arg-type]
             "ProcessServer",
             dataplane_pb2_grpc.add_ProcessServerServicer_to_server,
         )

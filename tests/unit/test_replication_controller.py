@@ -58,6 +58,7 @@ def _enable(store, **kw):
 
 def test_enable_makes_one_pair_per_disk_under_the_datastore(store):
     pairs = _enable(store, machine="app01")
+    assert {p.sync_kind for p in pairs} == {"full"}
     assert [p.disk_name for p in pairs] == ["disk0", "disk1"]
     assert pairs[0].target_path == "/ds1/app01-src-1/disk0.img"
     assert pairs[0].journal_dir == f"/ret/{pairs[0].id}"
@@ -67,7 +68,7 @@ def test_enable_makes_one_pair_per_disk_under_the_datastore(store):
     assert (a.process_server_endpoint, a.master_target_endpoint, a.disk_size_bytes) == (
         "127.0.0.1:1001", "127.0.0.1:1002", 10 * GiB,
     )
-    assert a.desired_state == rpb.PAIR_DESIRED_STATE_REPLICATING
+    assert a.desired_state == rpb.PAIR_DESIRED_STATE_REPLICATING and a.sync_kind == rpb.SYNC_KIND_FULL
     assert {x.pair_id for x in replication.assignments_for(store, "src-1")} == {p.id for p in pairs}
 
 
@@ -222,3 +223,76 @@ def test_a_pause_by_the_master_target_is_shown_as_the_cause_not_its_echo(store):
     assert (state, code) == (rpb.PAIR_STATE_PAUSED, "retention-full") and reason.startswith("master target:")
     state, reason, code = replication._state(pair, other, echo, full)
     assert (state, code) == (rpb.PAIR_STATE_ERROR, "disk-io") and reason.startswith("source agent:")
+
+
+# -- delta pairs --------------------------------------------------------------------------------
+
+
+def _delta(store, **kw):
+    return _enable(store, machine="app01", sync_kind=rpb.SYNC_KIND_DELTA, **kw)
+
+
+def test_a_delta_pair_onto_an_existing_disk_file(store):
+    # disk0 is 10 GiB and /ds2 has 1 GiB free: a delta pair's file is mostly there, space is not checked.
+    (pair,) = _delta(store, disks=["disk0"], target_path="/ds2/vms/app01/app01-flat.vmdk")
+    assert (pair.sync_kind, pair.target_path) == ("delta", "/ds2/vms/app01/app01-flat.vmdk")
+    (a,) = replication.assignments_for(store, "mt-1")
+    assert (a.sync_kind, a.target_path) == (rpb.SYNC_KIND_DELTA, "/ds2/vms/app01/app01-flat.vmdk")
+    # Relative paths are inside the chosen datastore (or the first).
+    (rel,) = _delta(store, disks=["disk1"], datastore="/ds2", target_path="old/disk1.img")
+    assert rel.target_path == "/ds2/old/disk1.img"
+
+
+def test_a_delta_pair_keeps_the_default_layout_without_a_path(store):
+    (pair,) = _delta(store, disks=["disk1"])
+    assert (pair.sync_kind, pair.target_path) == ("delta", "/ds1/app01-src-1/disk1.img")
+    (a,) = replication.assignments_for(store, "src-1")
+    assert a.sync_kind == rpb.SYNC_KIND_DELTA
+    view = replication.view(pair, [], hostname="app01", heartbeat_interval=10, now=T0)
+    assert view.sync_kind == rpb.SYNC_KIND_DELTA
+
+
+@pytest.mark.parametrize(
+    ("kw", "error", "code"),
+    [
+        ({"disks": ["disk0"], "mode": rpb.REPLICATION_MODE_SCAN}, errors.InvalidInput, "sync-kind-invalid"),
+        ({"disks": ["disk0"], "sync_kind": 7}, errors.InvalidInput, "sync-kind-invalid"),
+        ({"disks": ["disk0"], "target_path": "/ds1/../etc/passwd"}, errors.InvalidInput, "path-traversal"),
+        ({"disks": ["disk0"], "target_path": "../x.img"}, errors.InvalidInput, "path-traversal"),
+        ({"disks": ["disk0"], "target_path": "/etc/passwd"}, errors.InvalidInput, "path-outside"),
+        ({"disks": ["disk0"], "target_path": "/ds1"}, errors.InvalidInput, "path-outside"),
+        ({"disks": ["disk0"], "target_path": "/ds10/x.img"}, errors.InvalidInput, "path-outside"),
+        ({"disks": ["disk0"], "target_path": "/ds2/x.img", "datastore": "/ds1"}, errors.InvalidInput, "path-outside"),
+        ({"disks": ["disk0"], "target_path": "/ds1/x\0.img"}, errors.InvalidInput, "path-invalid"),
+        ({"target_path": "/ds1/x.img"}, errors.InvalidInput, "target-path-one-disk"),
+    ],
+)
+def test_delta_requests_are_checked_before_anything_is_stored(store, kw, error, code):
+    kw.setdefault("sync_kind", rpb.SYNC_KIND_DELTA)
+    with pytest.raises(error) as caught:
+        _enable(store, machine="app01", **kw)
+    assert caught.value.code == code, caught.value
+    assert caught.value.hint or code in ("path-invalid", "sync-kind-invalid")
+    assert store.list_pairs() == []
+
+
+def test_a_target_file_written_by_another_pair_is_a_conflict(store):
+    (first,) = _enable(store, machine="app01", disks=["disk1"], target_path="/ds1/shared.img")
+    with pytest.raises(errors.Conflict) as caught:
+        _delta(store, disks=["disk0"], target_path="shared.img")
+    assert caught.value.code == "target-in-use" and first.id in caught.value.message
+    assert len(store.list_pairs()) == 1
+
+
+def test_the_view_shows_what_the_delta_sync_did(store):
+    (pair,) = _delta(store, disks=["disk1"])
+    source = rpb.PairStatus(
+        pair_id=pair.id, state=rpb.PAIR_STATE_INITIAL_SYNC, sync_done_bytes=GiB // 2, sync_total_bytes=GiB,
+        sync_compared_bytes=GiB // 2, sync_differing_bytes=3 * 65536, sync_hash_bytes=8192 * 16,
+        sync_sent_bytes=2 * 65536,
+    )
+    view = replication.view(pair, [_report(pair.id, "src-1", "source", source)], hostname="app01",
+                            heartbeat_interval=10, now=T0)
+    assert (view.sync_kind, view.sync_compared_bytes, view.sync_differing_bytes, view.sync_hash_bytes,
+            view.sync_sent_bytes) == (rpb.SYNC_KIND_DELTA, GiB // 2, 3 * 65536, 8192 * 16, 2 * 65536)
+    assert view.sync_progress == pytest.approx(0.5)
