@@ -74,7 +74,12 @@ def network_order_for(store: Store, server_id: str, *, now: datetime) -> agent_p
     for item in store.list_protected_items():
         order = item.details.get("network_order") or {}
         if order.get("server_id") == server_id and order.get("status") == "pending":
-            return make_order(order["order_id"], order["identity"], netidentity.System(order.get("system", "")))
+            try:
+                identity = netidentity.from_dict(order["identity"])
+                return make_order(order["order_id"], order["identity"], identity.system)
+            except (errors.SiteRecoveryError, KeyError, ValueError):
+                # Never fail the agent's heartbeat over it: the failback step times out and says so.
+                log.error("a pending network order cannot be sent", machine=item.name, exc_info=True)
     return None
 
 

@@ -199,7 +199,7 @@ class RemoveRecoveryPlanResponse(_message.Message):
     def __init__(self) -> None: ...
 
 class StartPlanWorkflowRequest(_message.Message):
-    __slots__ = ("plan", "workflow", "direction", "recovery_point", "process_server", "master_target", "datastore", "target")
+    __slots__ = ("plan", "workflow", "direction", "recovery_point", "process_server", "master_target", "datastore", "target", "retention_dir", "vcenter")
     PLAN_FIELD_NUMBER: _ClassVar[int]
     WORKFLOW_FIELD_NUMBER: _ClassVar[int]
     DIRECTION_FIELD_NUMBER: _ClassVar[int]
@@ -208,6 +208,8 @@ class StartPlanWorkflowRequest(_message.Message):
     MASTER_TARGET_FIELD_NUMBER: _ClassVar[int]
     DATASTORE_FIELD_NUMBER: _ClassVar[int]
     TARGET_FIELD_NUMBER: _ClassVar[int]
+    RETENTION_DIR_FIELD_NUMBER: _ClassVar[int]
+    VCENTER_FIELD_NUMBER: _ClassVar[int]
     plan: str
     workflow: str
     direction: str
@@ -216,4 +218,6 @@ class StartPlanWorkflowRequest(_message.Message):
     master_target: str
     datastore: str
     target: str
-    def __init__(self, plan: _Optional[str] = ..., workflow: _Optional[str] = ..., direction: _Optional[str] = ..., recovery_point: _Optional[str] = ..., process_server: _Optional[str] = ..., master_target: _Optional[str] = ..., datastore: _Optional[str] = ..., target: _Optional[str] = ...) -> None: ...
+    retention_dir: str
+    vcenter: str
+    def __init__(self, plan: _Optional[str] = ..., workflow: _Optional[str] = ..., direction: _Optional[str] = ..., recovery_point: _Optional[str] = ..., process_server: _Optional[str] = ..., master_target: _Optional[str] = ..., datastore: _Optional[str] = ..., target: _Optional[str] = ..., retention_dir: _Optional[str] = ..., vcenter: _Optional[str] = ...) -> None: ...

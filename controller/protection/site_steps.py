@@ -402,7 +402,6 @@ class ApplyNetwork(ItemStep):
                 "order_id": f"net-{ctx.job.id[:8]}-{item.id[-8:]}",
                 "server_id": machine.server_id,
                 "identity": recorded,
-                "system": recorded.get("system", ""),
                 "status": "pending",
                 "asked_at": self.env.clock().isoformat(),
             }

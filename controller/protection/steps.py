@@ -228,6 +228,11 @@ class CreatePairs(ItemStep):
             )
         group = ctx.store.get_protection_group(item.group_id)
         targets: dict = route.get("targets", {})
+        if self.direction == FORWARD and not targets:
+            # Back to the cloud after a failback: onto the replicas the first protection
+            # made, comparing blocks, so only what changed since travels.
+            targets = {disk: {"path": path, "delta": True}
+                       for disk, path in item.details.get("cloud", {}).get("replicas", {}).items()}
         created: list[PairRecord] = []
         machine = ctx.store.get_machine(source_machine)
         disks = [d.get("name") for d in machine.disks]
@@ -248,7 +253,10 @@ class CreatePairs(ItemStep):
                 request.sync_kind = rpb.SYNC_KIND_DELTA if target.get("delta") else rpb.SYNC_KIND_FULL
             created += replication.enable(ctx.store, request, now=self.env.clock())
         ids = [p.id for p in created]
-        self.update(ctx, pairs={self.direction: ids})
+        if self.direction == FORWARD:
+            self.update(ctx, pairs={FORWARD: ids}, cloud={"replicas": {p.disk_name: p.target_path for p in created}})
+        else:
+            self.update(ctx, pairs={self.direction: ids})
         ctx.progress(1.0, f"{len(ids)} pair(s) {self.direction}: " + ", ".join(f"{p.disk_name} → {p.target_path}" for p in created))
         return {"pairs": ids}
 

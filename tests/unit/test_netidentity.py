@@ -555,11 +555,44 @@ def test_network_order_results_are_checked_before_a_heartbeat_is_written():
         network_orders.check_results([good] * 17)
 
 
-def test_until_the_failback_workflow_backs_it_no_network_order_is_sent():
-    assert network_orders.network_order_for(None, "src-1", now=NOW) is None  # type: ignore[arg-type]
-    order = network_orders.make_order("failback-1", {"interfaces": [{"name": "eth0", "ipv4_method": "ADDRESS_METHOD_DHCP"}]},
-                                      System.NETPLAN)
+def test_a_pending_order_is_sent_to_its_agent_until_that_agent_settles_it(tmp_path):
+    from siterecovery.common import pki
+    from siterecovery.controller.store import (
+        MachineRecord,
+        ProtectedItemRecord,
+        ProtectionGroupRecord,
+        ServerRecord,
+        open_store,
+    )
+
+    store = open_store(f"sqlite:///{tmp_path}/store.db")
+    for sid in ("src-1", "src-2"):
+        store.add_server(ServerRecord(id=sid, role="source", hostname=sid, cert_serial="01",
+                                      cert_fingerprint="sha256:00", enrolled_at=NOW))
+    store.upsert_machine(MachineRecord(id="src-1", server_id="src-1", hostname="app01", os="Linux"))
+    store.add_protection_groups(
+        ProtectionGroupRecord(id="pg", name="PG1", policy={}, created_at=NOW),
+        ProtectionGroupRecord(id="pgf", name="PG1_Failback", policy={}, created_at=NOW, failback_of="pg"),
+    )
+    recorded = {"system": "NETWORK_SYSTEM_NETPLAN",
+                "interfaces": [{"name": "eth0", "ipv4_method": "ADDRESS_METHOD_DHCP"}]}
+    store.add_protected_item(ProtectedItemRecord(
+        id="it", name="app01", machine_id="src-1", group_id="pg", state="failing-back", created_at=NOW, updated_at=NOW,
+        details={"network_order": {"order_id": "net-1", "server_id": "src-1", "identity": recorded,
+                                   "status": "pending"}},
+    ))
+    assert network_orders.network_order_for(store, "src-2", now=NOW) is None
+    order = network_orders.network_order_for(store, "src-1", now=NOW)
+    assert order is not None and order.order_id == "net-1"
     assert order.target_system == common_pb2.NETWORK_SYSTEM_NETPLAN and order.identity.interfaces[0].name == "eth0"
+    result = agent_pb2.NetworkOrderResult(order_id="net-1", ok=True, message="written", files=["etc/netplan/x.yaml"])
+    network_orders.record_network_results(store, pki.Identity(role="source", id="src-2"), [result], now=NOW)
+    assert store.get_protected_item("it").details["network_order"]["status"] == "pending", "not its order"
+    network_orders.record_network_results(store, pki.Identity(role="source", id="src-1"), [result], now=NOW)
+    settled = store.get_protected_item("it").details["network_order"]
+    assert (settled["status"], settled["files"]) == ("ok", ["etc/netplan/x.yaml"])
+    assert network_orders.network_order_for(store, "src-1", now=NOW) is None
+    store.close()
 
 
 def test_the_runtime_reports_results_and_heartbeats_at_once_after_an_order(tmp_path):
