@@ -1,8 +1,10 @@
 """The process server's part in replication pairs (the runtime's PairParticipant).
 
 It holds the controller's current assignments (the receiver checks streams
-against them), runs one Forwarder per assigned pair, and reports each pair's
-spool and forwarding status with every heartbeat. A pair that leaves the
+against them), runs one forwarder per assigned pair - a `Forwarder` to the
+pair's master target, or, for a pair whose target kind is an Azure page blob,
+a `BlobForwarder` that writes the blob itself (blob_forwarder.py) - and
+reports each pair's spool and forwarding status with every heartbeat. A pair that leaves the
 assignments has its forwarder stopped and its open stream ended; its spooled
 frames stay on disk (the pair may come back; see the gaps in the report).
 """
@@ -11,6 +13,7 @@ from __future__ import annotations
 
 import threading
 from collections.abc import Callable, Sequence
+from pathlib import Path
 
 from siterecovery.common import errors
 from siterecovery.common.enrollment import AgentCredentials
@@ -18,6 +21,8 @@ from siterecovery.common.logging import get_logger
 from siterecovery.common.pb import common_pb2
 from siterecovery.common.pb import replication_pb2 as rpb
 
+from .azure_storage import SETTING, StorageCredentialFile
+from .blob_forwarder import DEFAULT_BLOB_POLICY, BlobForwarder, BlobPolicy
 from .forwarder import DEFAULT_POLICY, Forwarder, ForwardPolicy
 from .receiver import Receiver
 from .spool import Spool
@@ -25,11 +30,17 @@ from .spool import Spool
 log = get_logger(__name__)
 
 # A change in any of these restarts the pair's forwarder.
-_FORWARDING_FIELDS = ("master_target_id", "master_target_endpoint", "disk_size_bytes")
+_FORWARDING_FIELDS = ("master_target_id", "master_target_endpoint", "disk_size_bytes", "target_kind", "azure_blob")
 
 
 class ProcessServerPairs:
-    """`credentials()` is the agent's mTLS identity (None until enrolled)."""
+    """`credentials()` is the agent's mTLS identity (None until enrolled).
+
+    `storage` is this process server's own Azure Storage credential (None when
+    it has none: it then refuses Azure pairs with the setting to fix);
+    `state_dir` holds the Azure pairs' state files; `on_change` is called when a
+    pair has news for the controller (a recovery point), to heartbeat at once.
+    """
 
     def __init__(
         self,
@@ -37,14 +48,22 @@ class ProcessServerPairs:
         *,
         credentials: Callable[[], AgentCredentials | None],
         policy: ForwardPolicy = DEFAULT_POLICY,
+        storage: StorageCredentialFile | None = None,
+        state_dir: Path | None = None,
+        blob_policy: BlobPolicy = DEFAULT_BLOB_POLICY,
+        on_change: Callable[[], None] | None = None,
     ) -> None:
         self.spool = spool
         self._credentials = credentials
         self._policy = policy
+        self._storage = storage
+        self._state_dir = state_dir
+        self._blob_policy = blob_policy
+        self._on_change = on_change
         self._lock = threading.Lock()
         self._stop = threading.Event()
         self._assignments: dict[str, rpb.PairAssignment] = {}
-        self._forwarders: dict[str, Forwarder] = {}
+        self._forwarders: dict[str, Forwarder | BlobForwarder] = {}
         self._failures: dict[str, errors.SiteRecoveryError] = {}
         self.receiver = Receiver(spool, lookup=self.assignment, me=self.me, stop=self._stop)
 
@@ -64,7 +83,7 @@ class ProcessServerPairs:
         if creds is None or self._stop.is_set():
             return
         mine = {p.pair_id: p for p in pairs if p.process_server_id == creds.identity.id}
-        stopping: list[Forwarder] = []
+        stopping: list[Forwarder | BlobForwarder] = []
         with self._lock:
             self._assignments = dict(mine)
             for pair_id, forwarder in list(self._forwarders.items()):
@@ -81,7 +100,7 @@ class ProcessServerPairs:
                     self._forwarders[pair_id].assignment = assignment
                     continue
                 try:
-                    forwarder = Forwarder(assignment, self.spool, creds, policy=self._policy)
+                    forwarder = self._forwarder(assignment, creds)
                 except errors.SiteRecoveryError as exc:
                     if pair_id not in self._failures:
                         log.error("cannot forward pair", pair=pair_id, code=exc.code, error=exc.message)
@@ -90,12 +109,28 @@ class ProcessServerPairs:
                 self._failures.pop(pair_id, None)
                 self._forwarders[pair_id] = forwarder
                 forwarder.start()
-                log.info("forwarding pair", pair=pair_id, target=assignment.master_target_id)
+                log.info("forwarding pair", pair=pair_id, target=assignment.master_target_id,
+                         target_kind=rpb.TargetKind.Name(assignment.target_kind))
         for forwarder in stopping:
             forwarder.stop()
         for pair_id in gone:
             log.info("pair left this process server", pair=pair_id)
             self.receiver.end_pair(pair_id)
+
+    def _forwarder(self, assignment: rpb.PairAssignment, creds: AgentCredentials) -> Forwarder | BlobForwarder:
+        if assignment.target_kind != rpb.TARGET_KIND_AZURE_PAGE_BLOB:
+            return Forwarder(assignment, self.spool, creds, policy=self._policy)
+        if self._storage is None or self._state_dir is None:
+            raise errors.PreconditionFailed(
+                f"pair {assignment.pair_id} is to be written into Azure page blob {assignment.azure_blob.blob_name}, "
+                "but this process server has no Azure Storage credential",
+                hint=f"set {SETTING} in the process server's settings to a 0600 file holding the storage "
+                "account's connection string, then restart it",
+                code="azure-storage-not-configured",
+            )
+        return BlobForwarder(
+            assignment, self.spool, self._storage, self._state_dir, policy=self._blob_policy, on_change=self._on_change
+        )
 
     def pair_statuses(self) -> list[rpb.PairStatus]:
         with self._lock:
@@ -107,7 +142,8 @@ class ProcessServerPairs:
                 rpb.PairStatus(
                     pair_id=pair_id,
                     state=rpb.PAIR_STATE_ERROR,
-                    reason=f"process server cannot spool this pair: {exc.message}",
+                    reason=f"process server cannot spool or forward this pair: {exc.message}"
+                    + (f" ({exc.hint})" if exc.hint else ""),
                     reason_code=exc.code,
                 )
             )
