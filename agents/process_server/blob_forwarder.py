@@ -82,18 +82,19 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
+from azure.core.exceptions import ResourceExistsError
 from google.protobuf.timestamp_pb2 import Timestamp
 
 from siterecovery.common import errors, frames
 from siterecovery.common.azure import points as blob_points
-from siterecovery.common.azure.errors import DEFAULT_RETRY, AzureRetryPolicy, retry_after
+from siterecovery.common.azure.errors import DEFAULT_RETRY, AzureRetryPolicy, call, retry_after
 from siterecovery.common.azure.pageblob import PageBlobDisk
 from siterecovery.common.daemon import write_json_atomically
 from siterecovery.common.framelog import FrameLog
 from siterecovery.common.logging import get_logger
 from siterecovery.common.pb import replication_pb2 as rpb
 
-from .azure_storage import StorageCredentialFile, redact
+from .azure_storage import SETTING, StorageCredentialFile, redact
 from .spool import Spool
 
 log = get_logger(__name__)
@@ -271,6 +272,7 @@ class BlobForwarder:
                 if self._stop.is_set():
                     break
                 self.failures += 1
+                exc = _with_storage_hint(exc, self._storage)
                 if exc.code not in TRANSIENT_CODES:
                     self.error = exc
                 asked = retry_after(exc.__cause__) if exc.__cause__ is not None else None
@@ -312,7 +314,18 @@ class BlobForwarder:
             )
         if state.blob_created:
             self._disk = self._open_existing()
-        self._reload_points()
+        else:
+            self._ensure_container()
+        try:
+            self._reload_points()
+        except errors.NotFound as exc:
+            target = self.assignment.azure_blob
+            raise errors.NotFound(
+                exc.message,
+                hint=f"create container {target.container} in storage account {target.storage_account}, or give "
+                f"the process server a credential ({SETTING}) that may create it",
+                code="azure-container-not-found",
+            ) from exc
         self._spool.release(self._log, state.applied_seq)
         self.connected = True
         self.error = None
@@ -346,8 +359,24 @@ class BlobForwarder:
             )
         return disk
 
+    def _ensure_container(self) -> None:
+        """Create the pair's container when missing (a SAS scoped to it may not: then it must exist)."""
+
+        def create() -> None:
+            try:
+                self._container.create_container()
+            except ResourceExistsError:
+                pass
+
+        try:
+            call(f"create container {self.assignment.azure_blob.container}", create, self._policy.retry, sleep=self._sleep)
+        except errors.PermissionDenied:
+            pass  # the blob's creation says what is wrong, if anything
+
     def _ensure_disk(self) -> PageBlobDisk:
         if self._disk is None:
+            if not self.state.blob_created:
+                self._ensure_container()
             self._disk = PageBlobDisk.open_or_create(
                 self._container, self.assignment.azure_blob.blob_name, self.assignment.disk_size_bytes,
                 metadata={META_PAIR: self.pair_id}, policy=self._policy.retry, sleep=self._sleep,
@@ -559,6 +588,21 @@ class BlobForwarder:
             out.reason = redact(f"page blob {self.blob}: {error.message}" + (f" ({error.hint})" if error.hint else ""))
             out.reason_code = error.code
         return out
+
+
+def _with_storage_hint(exc: errors.SiteRecoveryError, storage: StorageCredentialFile) -> errors.SiteRecoveryError:
+    """A refused storage credential is the process server's own, not the site's service principal."""
+    if exc.code not in ("azure-unauthenticated", "azure-forbidden"):
+        return exc
+    out = type(exc)(
+        exc.message.replace("the service principal", "the process server's storage credential"),
+        hint=f"check the connection string in {storage.path} (the process server's {SETTING}): the account "
+        "key may have been rotated, or the SAS expired or lacks read, add, create, write, delete or list "
+        "permission on the container; the next attempt reads the file again",
+        code=exc.code,
+    )
+    out.__cause__ = exc.__cause__
+    return out
 
 
 def _stamp(ns: int) -> Timestamp:

@@ -261,3 +261,33 @@ def test_expired_points_are_deleted_but_never_the_newest(tmp_path, container, az
     finally:
         forwarder.stop()
         spool.close()
+
+
+def test_a_refused_key_is_an_error_naming_the_file_and_a_fixed_file_is_read_again(tmp_path, container, azurite):
+    spec = _spec(tmp_path, container, azurite, SEED + 4, count=30)
+    stream = spool_stream(Path(spec["spool_dir"]), spec)
+    credential = Path(spec["credential"])
+    wrong_key = "d3Jvbmcta2V5LW5vdC1henVyaXRlcy1rZXktYXQtYWxsLXJlYWxseQ=="
+    good = credential.read_text()
+    credential.write_text(good.replace(good.split("AccountKey=")[1].split(";")[0], wrong_key))
+    spool = Spool(Path(spec["spool_dir"]), limit_bytes=1 << 30)
+    forwarder = BlobForwarder(
+        assignment(spec["pair_id"], DISK, spec["container"], spec["blob"]),
+        spool, StorageCredentialFile(credential), Path(spec["state_dir"]),
+        policy=BlobPolicy(retry=FAST_RETRY, initial_backoff=0.05, max_backoff=0.2, prune_interval=1e9),
+    )
+    try:
+        forwarder.start()
+        status = _wait(forwarder, lambda s: s.state == rpb.PAIR_STATE_ERROR, "the refusal")
+        # (Azurite answers a bad signature with 403 AuthorizationFailure; Azure with 403 AuthenticationFailed)
+        assert status.reason_code in ("azure-unauthenticated", "azure-forbidden") and str(credential) in status.reason
+        assert "service principal" not in status.reason
+        assert wrong_key not in status.reason and status.acked_seq == 0
+        assert spool.log(spec["pair_id"]).pending_frames == len(stream)
+        credential.write_text(good)
+        status = _wait(forwarder, lambda s: s.acked_seq >= stream[-1].seq, "the forwarder to write after the fix")
+        assert status.state == rpb.PAIR_STATE_REPLICATING
+    finally:
+        forwarder.stop()
+        spool.close()
+    _check_blob_and_points(container, spec, stream)
