@@ -211,6 +211,25 @@ def copy_status(
     sleep: Callable[[float], None] = time.sleep,
 ) -> str:
     """'pending', 'success', 'aborted' or 'failed' for a copy started by `copy_to_blob`."""
+    return copy_progress(container, dest_name, policy=policy, sleep=sleep)[0]
+
+
+def copy_progress(
+    container: ContainerClient,
+    dest_name: str,
+    *,
+    policy: AzureRetryPolicy = DEFAULT_RETRY,
+    sleep: Callable[[float], None] = time.sleep,
+) -> tuple[str, int, int, str]:
+    """(status, bytes copied, bytes in all, Azure's reason when it failed) of a `copy_to_blob` copy."""
     dest = container.get_blob_client(dest_name)
     props = call(f"read blob {dest_name}", dest.get_blob_properties, policy, sleep=sleep)
-    return str(props.copy.status or "success")
+    status = str(props.copy.status or "success")
+    copied = total = props.size or 0
+    if props.copy.progress and "/" in props.copy.progress:
+        done, _, whole = props.copy.progress.partition("/")
+        try:
+            copied, total = int(done), int(whole)
+        except ValueError:
+            pass
+    return status, copied, total, str(props.copy.status_description or "")
