@@ -327,8 +327,7 @@ def enable(
 
 
 def _azure_site(store: Store, ref: str) -> AzureSiteRecord:
-    if len(ref) > 128:
-        raise errors.InvalidInput("the Azure site name is too long", code="azure-site-name-invalid")
+    _check_name(ref, "Azure site")  # before the store sees it: names and ids are safe names
     try:
         return store.get_azure_site(ref)
     except errors.NotFound:

@@ -283,7 +283,8 @@ def test_a_pair_to_a_master_target_says_so_in_its_assignment(store):
         ({"azure_site": "nowhere"}, errors.NotFound, "azure-site-not-found"),
         ({"azure_site": "dr-west", "master_target": "mt-1"}, errors.InvalidInput, "azure-target-conflict"),
         ({"azure_site": "dr-west", "datastore": "/ds1"}, errors.InvalidInput, "azure-target-conflict"),
-        ({"azure_site": "x" * 300}, errors.InvalidInput, "azure-site-name-invalid"),
+        ({"azure_site": "x" * 300}, errors.InvalidInput, "name-invalid"),
+        ({"azure_site": "dr\x00west"}, errors.InvalidInput, "name-invalid"),
         ({"azure_site": "dr-west", "disks": ["../x"]}, errors.NotFound, "disk-not-found"),
     ],
 )
