@@ -31,6 +31,13 @@ log = get_logger(__name__)
 
 # A change in any of these restarts the pair's forwarder.
 _FORWARDING_FIELDS = ("master_target_id", "master_target_endpoint", "disk_size_bytes", "target_kind", "azure_blob")
+# A blob forwarder does not dial anyone: only these restart it.
+_BLOB_FIELDS = ("disk_size_bytes", "target_kind", "azure_blob")
+
+
+def _changed(wanted: rpb.PairAssignment, running: rpb.PairAssignment) -> bool:
+    fields = _BLOB_FIELDS if running.target_kind == rpb.TARGET_KIND_AZURE_PAGE_BLOB else _FORWARDING_FIELDS
+    return any(getattr(wanted, f) != getattr(running, f) for f in fields)
 
 
 class ProcessServerPairs:
@@ -64,6 +71,10 @@ class ProcessServerPairs:
         self._stop = threading.Event()
         self._assignments: dict[str, rpb.PairAssignment] = {}
         self._forwarders: dict[str, Forwarder | BlobForwarder] = {}
+        # Blob forwarders told to stop whose thread may still run. A blob has one
+        # writer at a time (read-modify-write of edge pages, snapshots, the state
+        # file), so a pair's next blob forwarder starts only once this one is gone.
+        self._draining: dict[str, BlobForwarder] = {}
         self._failures: dict[str, errors.SiteRecoveryError] = {}
         self.receiver = Receiver(spool, lookup=self.assignment, me=self.me, stop=self._stop)
 
@@ -88,10 +99,13 @@ class ProcessServerPairs:
             self._assignments = dict(mine)
             for pair_id, forwarder in list(self._forwarders.items()):
                 wanted = mine.get(pair_id)
-                if wanted is None or any(
-                    getattr(wanted, f) != getattr(forwarder.assignment, f) for f in _FORWARDING_FIELDS
-                ):
+                if wanted is None or _changed(wanted, forwarder.assignment):
                     stopping.append(self._forwarders.pop(pair_id))
+                    if isinstance(forwarder, BlobForwarder):
+                        self._draining[pair_id] = forwarder
+            for pair_id, forwarder in list(self._draining.items()):
+                if not forwarder.alive and forwarder not in stopping:
+                    del self._draining[pair_id]
             gone = [f.pair_id for f in stopping if f.pair_id not in mine]
             for pair_id in set(self._failures) - set(mine):
                 del self._failures[pair_id]
@@ -99,6 +113,8 @@ class ProcessServerPairs:
                 if pair_id in self._forwarders:
                     self._forwarders[pair_id].assignment = assignment
                     continue
+                if pair_id in self._draining:
+                    continue  # its previous blob forwarder is still stopping: at a later heartbeat
                 try:
                     forwarder = self._forwarder(assignment, creds)
                 except errors.SiteRecoveryError as exc:
@@ -113,9 +129,20 @@ class ProcessServerPairs:
                          target_kind=rpb.TargetKind.Name(assignment.target_kind))
         for forwarder in stopping:
             forwarder.stop()
+        with self._lock:
+            stopped = any(not f.alive for f in self._draining.values())
+        if stopped:
+            self._on_stopped()
         for pair_id in gone:
             log.info("pair left this process server", pair=pair_id)
             self.receiver.end_pair(pair_id)
+
+    def _on_stopped(self) -> None:
+        """A blob forwarder stopped: its successor may start now rather than at the next heartbeat."""
+        with self._lock:
+            assignments = list(self._assignments.values())
+        if any(p.pair_id in self._draining for p in assignments):
+            self.apply_assignments(assignments, [])
 
     def _forwarder(self, assignment: rpb.PairAssignment, creds: AgentCredentials) -> Forwarder | BlobForwarder:
         if assignment.target_kind != rpb.TARGET_KIND_AZURE_PAGE_BLOB:
