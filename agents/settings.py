@@ -59,6 +59,11 @@ class ProcessServerSettings(AgentSettings):
     # in spool_key_file (default <state_dir>/spool.key, made 0600 on first use).
     spool_encryption: bool = False
     spool_key_file: Path | None = None
+    # Forward protection to Azure: a file (0600, owner only) holding one Azure
+    # Storage connection string (account key or SAS) for the storage account of
+    # the Azure site; with it the process server writes azure-page-blob pairs
+    # into page blobs itself (agents/process_server/azure_storage.py).
+    azure_storage_connection_string_file: Path | None = None
 
     @property
     def resolved_spool_dir(self) -> Path:

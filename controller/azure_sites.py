@@ -31,6 +31,7 @@ from datetime import datetime
 from typing import Any
 
 from siterecovery.common import errors
+from siterecovery.common.azure.clients import container_client
 from siterecovery.common.azure.site import AzureSite, ClientSecret, make_credential
 from siterecovery.common.logging import get_logger
 from siterecovery.controller.enrollment import PassphraseVault
@@ -132,6 +133,15 @@ class AzureConnector:
     credential: Callable[[AzureSite, ClientSecret], Any] = make_credential
     polling_interval: float | None = None
     sleep: Callable[[float], None] | None = None
+    # The credential for the site's blob container (copy-points); None: `credential`
+    # (the service principal needs a data role on the account, e.g. Storage Blob
+    # Data Contributor). Tests against Azurite pass its shared key.
+    storage_credential: Callable[[AzureSite, ClientSecret], Any] | None = None
+
+    def storage(self, site: AzureSite, secret: ClientSecret) -> Any:
+        """The site's blob container (where the replica page blobs and failover copies live)."""
+        credential = (self.storage_credential or self.credential)(site, secret)
+        return container_client(site, credential)
 
     def compute(self, site: AzureSite, secret: ClientSecret) -> AzureCompute:
         return AzureCompute.connect(
@@ -143,6 +153,23 @@ class AzureConnector:
         )
 
 
+def _site_for(ctx: StepContext) -> AzureSiteRecord:
+    site_id = ctx.params.get("site_id")
+    if not site_id:
+        raise errors.InvalidInput(f"job {ctx.job.id} names no Azure site", code="azure-site-missing")
+    return ctx.store.get_azure_site(site_id)
+
+
+def storage_factory(box: SecretBox, connector: AzureConnector) -> steps.StorageFactory:
+    """`storage_for(ctx)`: the blob container of the site of `params["site_id"]`, at step time."""
+
+    def storage_for(ctx: StepContext) -> Any:
+        record = _site_for(ctx)
+        return connector.storage(site_of(record), secret_of(record, box))
+
+    return storage_for
+
+
 def compute_factory(box: SecretBox, connector: AzureConnector) -> steps.ComputeFactory:
     """`compute_for(ctx)`: the site of `params["site_id"]`, read and decrypted at step time.
 
@@ -151,10 +178,7 @@ def compute_factory(box: SecretBox, connector: AzureConnector) -> steps.ComputeF
     """
 
     def compute_for(ctx: StepContext) -> AzureCompute:
-        site_id = ctx.params.get("site_id")
-        if not site_id:
-            raise errors.InvalidInput(f"job {ctx.job.id} names no Azure site", code="azure-site-missing")
-        record = ctx.store.get_azure_site(site_id)
+        record = _site_for(ctx)
         site = site_of(record)
         if ctx.params.get("subnet"):
             site = replace(site, subnet=ctx.params["subnet"])
@@ -178,7 +202,10 @@ def custom_data_factory(vault: PassphraseVault) -> steps.CustomDataFactory:
 
 def kinds(box: SecretBox, vault: PassphraseVault, connector: AzureConnector | None = None) -> list[JobKind]:
     """The Azure job kinds, wired to the store's sites and the vault."""
-    return steps.kinds(compute_factory(box, connector or AzureConnector()), custom_data_factory(vault))
+    connector = connector or AzureConnector()
+    return steps.kinds(
+        compute_factory(box, connector), custom_data_factory(vault), storage_factory(box, connector)
+    )
 
 
 # --- process server deployment ---------------------------------------------------------

@@ -25,6 +25,7 @@ from pathlib import PurePosixPath
 import grpc
 
 from siterecovery.common import errors, pki
+from siterecovery.common.azure.site import AzureSite
 from siterecovery.common.channels import secure_channel
 from siterecovery.common.pb import admin_pb2, common_pb2, dataplane_pb2_grpc
 from siterecovery.common.pb import replication_pb2 as rpb
@@ -33,6 +34,7 @@ from siterecovery.controller.store.base import (
     BARRIER_ABORTED,
     BARRIER_COMMITTED,
     BARRIER_WAIT,
+    AzureSiteRecord,
     MachineRecord,
     PairRecord,
     PairReport,
@@ -59,6 +61,11 @@ TAG_REQUEST_LIFETIME = timedelta(minutes=10)
 BARRIER_LEAD_HEARTBEATS = 2
 BARRIER_TIMEOUT = timedelta(seconds=15)
 MAX_PAIRS_PER_REPORT = 4096
+# PairRecord.target_kind values (store/base.py PAIR_TARGET_KINDS).
+TARGET_MT, TARGET_AZURE = "master-target", "azure-page-blob"
+TARGET_KINDS = {TARGET_MT: rpb.TARGET_KIND_MASTER_TARGET, TARGET_AZURE: rpb.TARGET_KIND_AZURE_PAGE_BLOB}
+# Page blobs hold whole 512-byte pages.
+PAGE = 512
 
 MODES = {rpb.REPLICATION_MODE_NBD: "nbd", rpb.REPLICATION_MODE_SCAN: "scan"}
 MODE_VALUES = {v: k for k, v in MODES.items()}
@@ -234,13 +241,27 @@ def enable(
     sync then sends every block that is not all zeros. The datastore's free space
     is not checked for a delta pair: its file is mostly there already, and a
     datastore that fills up pauses the pair (`datastore-full`).
+
+    With `request.azure_site` the pairs are forward protection to Azure
+    (`target_kind` azure-page-blob): the process server writes each disk into
+    a page blob of the site's storage account (`azure_target`), and is also the
+    pair's `master_target_id` - it is the end of the data path and reports the
+    pair's applied seq and recovery points, as a master target would.
     """
     machine = resolve_machine(store, request.machine)
     source = store.get_server(machine.server_id)
     if source.revoked_at is not None:
         raise errors.PreconditionFailed(f"the source agent of {machine.hostname} is revoked", code="server-revoked")
+    azure = bool(request.azure_site)
+    if azure and (request.master_target or request.datastore):
+        raise errors.InvalidInput(
+            "a pair to an Azure site has no master target and no datastore",
+            hint="leave out --master-target and --datastore with --azure-site",
+            code="azure-target-conflict",
+        )
+    site = _azure_site(store, request.azure_site) if azure else None
     process_server = resolve_server(store, request.process_server, pki.PROCESS_SERVER)
-    master_target = resolve_server(store, request.master_target, pki.MASTER_TARGET)
+    master_target = process_server if azure else resolve_server(store, request.master_target, pki.MASTER_TARGET)
     for server in (process_server, master_target):
         if not server.inventory.get("data_endpoint"):
             raise errors.PreconditionFailed(
@@ -268,28 +289,36 @@ def enable(
     if group:
         _check_name(group, "group")
 
-    datastores = _directories(master_target, common_pb2.DIRECTORY_KIND_DATASTORE)
-    retention = _directories(master_target, common_pb2.DIRECTORY_KIND_RETENTION)
-    if not datastores or not retention:
-        raise errors.PreconditionFailed(
-            f"master target {master_target.hostname} reports no datastore or no retention directory",
-            hint="configure datastore_dirs and retention_dir on the master target and restart it",
-            code="master-target-directories",
-        )
-    named: dict | None = None
-    if request.datastore:
-        chosen = [d for d in datastores if d.get("path") == request.datastore]
-        if not chosen:
-            raise errors.NotFound(
-                f"master target {master_target.hostname} has no datastore {request.datastore!r}",
-                hint="its datastores: " + ", ".join(d.get("path", "") for d in datastores),
-                code="datastore-not-found",
-            )
-        named = chosen[0]
-    datastore = named or datastores[0]
+    datastore: dict = {}
+    retention: list[dict] = []
     target_path = ""
-    if request.target_path:
-        target_path, datastore = _target_file(request.target_path, datastores, named)
+    if not azure:
+        datastores = _directories(master_target, common_pb2.DIRECTORY_KIND_DATASTORE)
+        retention = _directories(master_target, common_pb2.DIRECTORY_KIND_RETENTION)
+        if not datastores or not retention:
+            raise errors.PreconditionFailed(
+                f"master target {master_target.hostname} reports no datastore or no retention directory",
+                hint="configure datastore_dirs and retention_dir on the master target and restart it",
+                code="master-target-directories",
+            )
+        named: dict | None = None
+        if request.datastore:
+            chosen = [d for d in datastores if d.get("path") == request.datastore]
+            if not chosen:
+                raise errors.NotFound(
+                    f"master target {master_target.hostname} has no datastore {request.datastore!r}",
+                    hint="its datastores: " + ", ".join(d.get("path", "") for d in datastores),
+                    code="datastore-not-found",
+                )
+            named = chosen[0]
+        datastore = named or datastores[0]
+        if request.target_path:
+            target_path, datastore = _target_file(request.target_path, datastores, named)
+    elif request.target_path or sync_kind == "delta":
+        raise errors.InvalidInput(
+            "a pair to an Azure site takes no target path and no delta sync",
+            hint="leave out --target-path and --sync with --azure-site", code="azure-target-conflict",
+        )
 
     disks = {d.get("name") or d.get("identity"): d for d in machine.disks}
     names = list(request.disks) or sorted(disks)
@@ -317,7 +346,7 @@ def enable(
         )
     needed = sum(int(disks[n].get("size_bytes", 0)) for n in names) if sync_kind == "full" else 0
     free = int(datastore.get("free_bytes", 0))
-    if needed > free:
+    if not azure and needed > free:
         raise errors.PreconditionFailed(
             f"datastore {datastore.get('path')} on {master_target.hostname} has {free} bytes free; "
             f"the disks need {needed}",
@@ -333,15 +362,21 @@ def enable(
         size = int(disk.get("size_bytes", 0))
         if size <= 0:
             raise errors.PreconditionFailed(f"disk {name} reports no size", code="disk-size-unknown")
-        path = target_path or str(PurePosixPath(datastore["path"]) / host_dir / f"{_check_name(name, 'disk name')}.img")
-        other = in_use.get(path)
-        if other is not None:
-            raise errors.Conflict(
-                f"target disk {path} on {master_target.hostname} is already written by pair {other.id}",
-                hint="disable that pair first (`srctl replication disable`), or choose another target path",
-                code="target-in-use",
-            )
+        disk_file = _check_name(name, "disk name")
         pair_id = f"pair-{uuid.uuid4().hex[:16]}"
+        if site is not None:
+            path, options = azure_target(store, site, host_dir, disk_file, size)
+            journal_dir, target_kind = "", TARGET_AZURE
+        else:
+            path = target_path or str(PurePosixPath(datastore["path"]) / host_dir / f"{disk_file}.img")
+            other = in_use.get(path)
+            if other is not None:
+                raise errors.Conflict(
+                    f"target disk {path} on {master_target.hostname} is already written by pair {other.id}",
+                    hint="disable that pair first (`srctl replication disable`), or choose another target path",
+                    code="target-in-use",
+                )
+            journal_dir, target_kind, options = str(PurePosixPath(retention[0]["path"]) / pair_id), TARGET_MT, {}
         created.append(
             PairRecord(
                 id=pair_id,
@@ -354,15 +389,65 @@ def enable(
                 process_server_id=process_server.id,
                 master_target_id=master_target.id,
                 target_path=path,
-                journal_dir=str(PurePosixPath(retention[0]["path"]) / pair_id),
+                journal_dir=journal_dir,
                 created_at=now,
                 updated_at=now,
                 policy=policy,
                 group_id=group,
                 sync_kind=sync_kind,
+                target_kind=target_kind,
+                target_options=options,
             )
         )
     return [store.create_pair(p) for p in created]
+
+
+def _azure_site(store: Store, ref: str) -> AzureSiteRecord:
+    _check_name(ref, "Azure site")  # before the store sees it: names and ids are safe names
+    try:
+        return store.get_azure_site(ref)
+    except errors.NotFound:
+        raise errors.NotFound(
+            f"there is no Azure site {ref!r}",
+            hint="`srctl azure list` shows the sites; `srctl azure add` adds one",
+            code="azure-site-not-found",
+        ) from None
+
+
+def azure_target(store: Store, record: AzureSiteRecord, host_dir: str, disk: str, size: int) -> tuple[str, dict]:
+    """The page blob of one disk: (its URL, the pair's target_options). Checks, stores nothing.
+
+    Blob name `<host>-<machine id[:8]>/<disk>.vhd` in the site's storage account
+    and container (both parts are safe file names already, so safe blob names
+    too). A blob another pair writes is refused.
+    """
+    if size % PAGE:
+        raise errors.PreconditionFailed(
+            f"disk {disk} has {size} bytes, not a whole number of {PAGE}-byte sectors; a page blob cannot hold it",
+            hint="replicate it to a master target instead",
+            code="azure-disk-size",
+        )
+    site = AzureSite(**record.settings)
+    blob_name = f"{host_dir}/{disk}.vhd"
+    options = {
+        "azure_site_id": record.id,
+        "azure_site": record.name,
+        "storage_account": site.storage_account,
+        "container": site.container,
+        "blob_name": blob_name,
+    }
+    where = (site.storage_account, site.container, blob_name)
+    for pair in store.list_pairs():
+        theirs = pair.target_options
+        if pair.target_kind == TARGET_AZURE and (
+            theirs.get("storage_account"), theirs.get("container"), theirs.get("blob_name")
+        ) == where:
+            raise errors.Conflict(
+                f"pair {pair.id} already writes blob {blob_name} in container {site.container}",
+                hint="`srctl replication status` shows it",
+                code="pair-exists",
+            )
+    return f"{site.account_url.rstrip('/')}/{site.container}/{blob_name}", options
 
 
 # -- telling agents -----------------------------------------------------------------
@@ -371,7 +456,7 @@ def enable(
 def assignment(store_servers: dict[str, ServerRecord], pair: PairRecord) -> rpb.PairAssignment:
     ps = store_servers.get(pair.process_server_id)
     mt = store_servers.get(pair.master_target_id)
-    return rpb.PairAssignment(
+    out = rpb.PairAssignment(
         pair_id=pair.id,
         machine_id=pair.source_server_id,
         disk_name=pair.disk_name,
@@ -389,7 +474,24 @@ def assignment(store_servers: dict[str, ServerRecord], pair: PairRecord) -> rpb.
         group_id=pair.group_id,
         scan_interval_seconds=int(pair.policy.get(SCAN_INTERVAL_KEY, DEFAULT_SCAN_INTERVAL_SECONDS)),
         sync_kind=SYNC_KIND_VALUES.get(pair.sync_kind, rpb.SYNC_KIND_FULL),
+        target_kind=TARGET_KINDS[pair.target_kind],
     )
+    if pair.target_kind == TARGET_AZURE:
+        options = pair.target_options
+        out.azure_blob.CopyFrom(
+            rpb.AzureBlobTarget(
+                site=options.get("azure_site", ""),
+                storage_account=options.get("storage_account", ""),
+                container=options.get("container", ""),
+                blob_name=options.get("blob_name", ""),
+            )
+        )
+    return out
+
+
+def is_azure(pair: PairRecord) -> bool:
+    """Forward protection to an Azure page blob: the process server is the end of the path."""
+    return pair.target_kind == TARGET_AZURE
 
 
 def assignments_for(store: Store, server_id: str) -> list[rpb.PairAssignment]:
@@ -443,10 +545,17 @@ def record_reports(
     if role is None or not statuses:
         return
     store.record_pair_reports(identity.id, role, {s.pair_id: to_dict(s) for s in statuses}, now=now)
-    if identity.role == pki.MASTER_TARGET:
-        for status in statuses:
-            if status.points:
-                store.remove_tag_requests(status.pair_id, [p.tag_id for p in status.points], now=now)
+    with_points = [s for s in statuses if s.points]
+    if not with_points:
+        return
+    if identity.role == pki.PROCESS_SERVER:
+        # The end of an Azure pair's path: its points count, a spool's do not.
+        ends = {p.id for p in store.list_pairs(server_id=identity.id) if is_azure(p) and p.process_server_id == identity.id}
+        with_points = [s for s in with_points if s.pair_id in ends]
+    elif identity.role != pki.MASTER_TARGET:
+        return
+    for status in with_points:
+        store.remove_tag_requests(status.pair_id, [p.tag_id for p in status.points], now=now)
 
 
 # -- what users see -------------------------------------------------------------------
@@ -465,7 +574,7 @@ def view(
     now: datetime,
 ) -> admin_pb2.PairView:
     by_role = {r.role: r for r in reports}
-    source, spool, target = (_status(by_role.get(r)) for r in ("source", "process-server", "master-target"))
+    source, spool, target = (_status(by_role.get(r)) for r in ("source", "process-server", _end_role(pair)))
     out = admin_pb2.PairView(
         pair_id=pair.id,
         machine_id=pair.machine_id,
@@ -499,7 +608,10 @@ def view(
         out.spool_backlog_frames = spool.backlog_frames
         out.spooled_seq = spool.last_seq
     if target is not None:
-        out.applied_seq = target.last_seq
+        # A master target's last_seq is what it applied; the process server at the
+        # end of an Azure pair reports what it spooled as last_seq, what it wrote
+        # into the blob as acked_seq.
+        out.applied_seq = target.acked_seq if is_azure(pair) else target.last_seq
         out.recovery_points = len(target.points)
         out.journal_bytes = target.journal_bytes
         out.applied_bytes_total = target.applied_bytes_total
@@ -531,6 +643,11 @@ def view(
     return out
 
 
+def _end_role(pair: PairRecord) -> str:
+    """Whose report holds the pair's applied seq and points."""
+    return "process-server" if is_azure(pair) else "master-target"
+
+
 def _state(
     pair: PairRecord,
     source: rpb.PairStatus | None,
@@ -539,9 +656,12 @@ def _state(
 ) -> tuple[int, str, str]:
     if pair.desired_state == "paused":
         return rpb.PAIR_STATE_PAUSED, "paused by an administrator", "paused"
+    hops = [("source agent", source), ("process server", spool)]
+    if not is_azure(pair):  # for an Azure pair the process server is the target too
+        hops.append(("master target", target))
     troubled = [
         (role, status)
-        for role, status in (("source agent", source), ("process server", spool), ("master target", target))
+        for role, status in hops
         if status is not None and status.state in (rpb.PAIR_STATE_ERROR, rpb.PAIR_STATE_PAUSED)
     ]
     # An agent that paused the pair (say the master target: retention-full) is the
@@ -592,7 +712,12 @@ def pairs_of(store: Store, machine_ref: str, disk: str = "") -> list[PairRecord]
 
 
 def points(store: Store, pair: PairRecord) -> list[rpb.RecoveryPoint]:
-    target = next((r for r in store.pair_reports(pair.id) if r.role == "master-target"), None)
+    """The pair's points as its end reports them: the master target, or the process
+    server for an Azure pair (blob snapshots), oldest first."""
+    role = _end_role(pair)
+    target = next(
+        (r for r in store.pair_reports(pair.id) if r.role == role and r.server_id == pair.master_target_id), None
+    )
     status = _status(target)
     return list(status.points) if status is not None else []
 

@@ -3,9 +3,11 @@
 The daemon enrolls, registers its spool directory, heartbeats and serves its
 data port: health, reflection, Probe, Replicate and BlockHashes. Replicate spools each
 pair's frames durably (receiver.py, spool.py); one forwarder per assigned pair
-sends them on to the pair's master target (forwarder.py); BlockHashes carries a
-delta sync's question for target block hashes to the master target (hashes.py);
-pairs.py ties them to the controller's assignments and reports them with every heartbeat.
+sends them on to the pair's master target (forwarder.py) or, for forward
+protection to Azure, writes them into the pair's page blob (blob_forwarder.py,
+with the credential of azure_storage.py); BlockHashes carries a delta sync's
+question for target block hashes to the master target (hashes.py); pairs.py
+ties them to the controller's assignments and reports them with every heartbeat.
 """
 
 from __future__ import annotations
@@ -22,11 +24,13 @@ from siterecovery.common.inventory import directory_facts, host_facts, space_pro
 from siterecovery.common.pb import common_pb2, dataplane_pb2, dataplane_pb2_grpc
 from siterecovery.common.sealing import RecordCipher
 
+from .azure_storage import StorageCredentialFile
 from .pairs import ProcessServerPairs
 from .receiver import Receiver
 from .spool import Spool
 
 DAEMON = "process-server"
+log = logging.get_logger(__name__)
 
 
 class ProcessServerServicer(dataplane_pb2_grpc.ProcessServerServicer):
@@ -51,12 +55,23 @@ class ProcessServerServicer(dataplane_pb2_grpc.ProcessServerServicer):
 def run(cfg: ProcessServerSettings, stop: threading.Event | None = None) -> int:
     logging.configure(level=cfg.log_level, json=cfg.log_json)
     stop = stop or daemon.install_stop_handlers()
+    storage = None
+    if cfg.azure_storage_connection_string_file is not None:
+        storage = StorageCredentialFile(cfg.azure_storage_connection_string_file)
+        account = storage.check()  # refuse to start with a file others may read, or a wrong one
+        log.info("azure storage credential found", path=str(storage.path), storage_account=account)
     spool_dir = cfg.resolved_spool_dir
     # With encryption off, a key made earlier still opens the records sealed with it.
     key_file = cfg.resolved_spool_key_file
     cipher = RecordCipher.load_or_create(key_file) if cfg.spool_encryption or key_file.exists() else None
     spool = Spool(spool_dir, limit_bytes=cfg.spool_limit_bytes, cipher=cipher, seal=cfg.spool_encryption)
-    pairs = ProcessServerPairs(spool, credentials=lambda: runtime.credentials)
+    pairs = ProcessServerPairs(
+        spool,
+        credentials=lambda: runtime.credentials,
+        storage=storage,
+        state_dir=cfg.state_dir,
+        on_change=lambda: runtime.heartbeat_now.set(),
+    )
 
     def directories() -> list[common_pb2.DirectoryFacts]:
         return [directory_facts(common_pb2.DIRECTORY_KIND_SPOOL, spool_dir)]

@@ -1,8 +1,11 @@
 """The process server's part in replication pairs (the runtime's PairParticipant).
 
 It holds the controller's current assignments (the receiver checks streams
-against them, and BlockHashes requests: hashes.py), runs one Forwarder per assigned pair, and reports each pair's
-spool and forwarding status with every heartbeat. A pair that leaves the
+against them, and BlockHashes requests: hashes.py), runs one forwarder per
+assigned pair - a `Forwarder` to the pair's master target, or, for a pair whose
+target kind is an Azure page blob, a `BlobForwarder` that writes the blob
+itself (blob_forwarder.py) - and reports each pair's spool and forwarding
+status with every heartbeat. A pair that leaves the
 assignments has its forwarder stopped and its open stream ended; its spooled
 frames stay on disk (the pair may come back; see the gaps in the report).
 """
@@ -11,6 +14,7 @@ from __future__ import annotations
 
 import threading
 from collections.abc import Callable, Sequence
+from pathlib import Path
 
 from siterecovery.common import errors, pki
 from siterecovery.common.enrollment import AgentCredentials
@@ -19,6 +23,8 @@ from siterecovery.common.pb import common_pb2
 from siterecovery.common.pb import replication_pb2 as rpb
 
 from . import hashes
+from .azure_storage import SETTING, StorageCredentialFile
+from .blob_forwarder import DEFAULT_BLOB_POLICY, BlobForwarder, BlobPolicy
 from .forwarder import DEFAULT_POLICY, Forwarder, ForwardPolicy
 from .receiver import Receiver
 from .spool import Spool
@@ -26,11 +32,24 @@ from .spool import Spool
 log = get_logger(__name__)
 
 # A change in any of these restarts the pair's forwarder.
-_FORWARDING_FIELDS = ("master_target_id", "master_target_endpoint", "disk_size_bytes")
+_FORWARDING_FIELDS = ("master_target_id", "master_target_endpoint", "disk_size_bytes", "target_kind", "azure_blob")
+# A blob forwarder does not dial anyone: only these restart it.
+_BLOB_FIELDS = ("disk_size_bytes", "target_kind", "azure_blob")
+
+
+def _changed(wanted: rpb.PairAssignment, running: rpb.PairAssignment) -> bool:
+    fields = _BLOB_FIELDS if running.target_kind == rpb.TARGET_KIND_AZURE_PAGE_BLOB else _FORWARDING_FIELDS
+    return any(getattr(wanted, f) != getattr(running, f) for f in fields)
 
 
 class ProcessServerPairs:
-    """`credentials()` is the agent's mTLS identity (None until enrolled)."""
+    """`credentials()` is the agent's mTLS identity (None until enrolled).
+
+    `storage` is this process server's own Azure Storage credential (None when
+    it has none: it then refuses Azure pairs with the setting to fix);
+    `state_dir` holds the Azure pairs' state files; `on_change` is called when a
+    pair has news for the controller (a recovery point), to heartbeat at once.
+    """
 
     def __init__(
         self,
@@ -38,14 +57,26 @@ class ProcessServerPairs:
         *,
         credentials: Callable[[], AgentCredentials | None],
         policy: ForwardPolicy = DEFAULT_POLICY,
+        storage: StorageCredentialFile | None = None,
+        state_dir: Path | None = None,
+        blob_policy: BlobPolicy = DEFAULT_BLOB_POLICY,
+        on_change: Callable[[], None] | None = None,
     ) -> None:
         self.spool = spool
         self._credentials = credentials
         self._policy = policy
+        self._storage = storage
+        self._state_dir = state_dir
+        self._blob_policy = blob_policy
+        self._on_change = on_change
         self._lock = threading.Lock()
         self._stop = threading.Event()
         self._assignments: dict[str, rpb.PairAssignment] = {}
-        self._forwarders: dict[str, Forwarder] = {}
+        self._forwarders: dict[str, Forwarder | BlobForwarder] = {}
+        # Blob forwarders told to stop whose thread may still run. A blob has one
+        # writer at a time (read-modify-write of edge pages, snapshots, the state
+        # file), so a pair's next blob forwarder starts only once this one is gone.
+        self._draining: dict[str, BlobForwarder] = {}
         self._failures: dict[str, errors.SiteRecoveryError] = {}
         self.receiver = Receiver(spool, lookup=self.assignment, me=self.me, stop=self._stop)
 
@@ -72,15 +103,18 @@ class ProcessServerPairs:
         if creds is None or self._stop.is_set():
             return
         mine = {p.pair_id: p for p in pairs if p.process_server_id == creds.identity.id}
-        stopping: list[Forwarder] = []
+        stopping: list[Forwarder | BlobForwarder] = []
         with self._lock:
             self._assignments = dict(mine)
             for pair_id, forwarder in list(self._forwarders.items()):
                 wanted = mine.get(pair_id)
-                if wanted is None or any(
-                    getattr(wanted, f) != getattr(forwarder.assignment, f) for f in _FORWARDING_FIELDS
-                ):
+                if wanted is None or _changed(wanted, forwarder.assignment):
                     stopping.append(self._forwarders.pop(pair_id))
+                    if isinstance(forwarder, BlobForwarder):
+                        self._draining[pair_id] = forwarder
+            for pair_id, forwarder in list(self._draining.items()):
+                if not forwarder.alive and forwarder not in stopping:
+                    del self._draining[pair_id]
             gone = [f.pair_id for f in stopping if f.pair_id not in mine]
             for pair_id in set(self._failures) - set(mine):
                 del self._failures[pair_id]
@@ -88,8 +122,10 @@ class ProcessServerPairs:
                 if pair_id in self._forwarders:
                     self._forwarders[pair_id].assignment = assignment
                     continue
+                if pair_id in self._draining:
+                    continue  # its previous blob forwarder is still stopping: at a later heartbeat
                 try:
-                    forwarder = Forwarder(assignment, self.spool, creds, policy=self._policy)
+                    forwarder = self._forwarder(assignment, creds)
                 except errors.SiteRecoveryError as exc:
                     if pair_id not in self._failures:
                         log.error("cannot forward pair", pair=pair_id, code=exc.code, error=exc.message)
@@ -98,12 +134,39 @@ class ProcessServerPairs:
                 self._failures.pop(pair_id, None)
                 self._forwarders[pair_id] = forwarder
                 forwarder.start()
-                log.info("forwarding pair", pair=pair_id, target=assignment.master_target_id)
+                log.info("forwarding pair", pair=pair_id, target=assignment.master_target_id,
+                         target_kind=rpb.TargetKind.Name(assignment.target_kind))
         for forwarder in stopping:
             forwarder.stop()
+        with self._lock:
+            stopped = any(not f.alive for f in self._draining.values())
+        if stopped:
+            self._on_stopped()
         for pair_id in gone:
             log.info("pair left this process server", pair=pair_id)
             self.receiver.end_pair(pair_id)
+
+    def _on_stopped(self) -> None:
+        """A blob forwarder stopped: its successor may start now rather than at the next heartbeat."""
+        with self._lock:
+            assignments = list(self._assignments.values())
+        if any(p.pair_id in self._draining for p in assignments):
+            self.apply_assignments(assignments, [])
+
+    def _forwarder(self, assignment: rpb.PairAssignment, creds: AgentCredentials) -> Forwarder | BlobForwarder:
+        if assignment.target_kind != rpb.TARGET_KIND_AZURE_PAGE_BLOB:
+            return Forwarder(assignment, self.spool, creds, policy=self._policy)
+        if self._storage is None or self._state_dir is None:
+            raise errors.PreconditionFailed(
+                f"pair {assignment.pair_id} is to be written into Azure page blob {assignment.azure_blob.blob_name}, "
+                "but this process server has no Azure Storage credential",
+                hint=f"set {SETTING} in the process server's settings to a 0600 file holding the storage "
+                "account's connection string, then restart it",
+                code="azure-storage-not-configured",
+            )
+        return BlobForwarder(
+            assignment, self.spool, self._storage, self._state_dir, policy=self._blob_policy, on_change=self._on_change
+        )
 
     def pair_statuses(self) -> list[rpb.PairStatus]:
         with self._lock:
@@ -115,7 +178,8 @@ class ProcessServerPairs:
                 rpb.PairStatus(
                     pair_id=pair_id,
                     state=rpb.PAIR_STATE_ERROR,
-                    reason=f"process server cannot spool this pair: {exc.message}",
+                    reason=f"process server cannot spool or forward this pair: {exc.message}"
+                    + (f" ({exc.hint})" if exc.hint else ""),
                     reason_code=exc.code,
                 )
             )

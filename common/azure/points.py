@@ -10,6 +10,9 @@ takes that snapshot with metadata:
     sr_captured_at  when the source captured it, ISO 8601 UTC
     sr_disk_size    the disk's size in bytes
 
+plus whatever `extra` metadata the caller adds (the process server adds
+`sr_pair_id`, `sr_seq`, …), returned in `BlobPoint.extra`.
+
 A snapshot is immutable and keeps the VHD footer, so Azure can import it (via
 `copy_to_blob`) as a managed disk. `list_points` lists the blob's snapshots
 with their metadata (one List Blobs call; no page-range diffs, which the
@@ -22,8 +25,8 @@ Retention prunes with `delete_point`.
 from __future__ import annotations
 
 import time
-from collections.abc import Callable
-from dataclasses import dataclass
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
 from datetime import UTC, datetime
 
 from azure.core.exceptions import ResourceNotFoundError
@@ -47,9 +50,14 @@ class BlobPoint:
     kind: str
     captured_at: datetime
     disk_size: int
+    # The snapshot's other metadata (what `create_point` was given as `extra`).
+    extra: Mapping[str, str] = field(default_factory=dict)
 
 
-def _point(blob_name: str, snapshot: str, metadata: dict[str, str]) -> BlobPoint | None:
+_CORE = frozenset({META_TAG, META_KIND, META_CAPTURED, META_SIZE})
+
+
+def _point(blob_name: str, snapshot: str, metadata: Mapping[str, str]) -> BlobPoint | None:
     try:
         return BlobPoint(
             blob_name=blob_name,
@@ -58,6 +66,8 @@ def _point(blob_name: str, snapshot: str, metadata: dict[str, str]) -> BlobPoint
             kind=metadata[META_KIND],
             captured_at=datetime.fromisoformat(metadata[META_CAPTURED]),
             disk_size=int(metadata[META_SIZE]),
+            # (an empty value may come back as None)
+            extra={k: v or "" for k, v in metadata.items() if k not in _CORE},
         )
     except (KeyError, ValueError):
         return None  # a snapshot someone else took: not a recovery point of ours
@@ -86,8 +96,21 @@ def list_points(
     return sorted(points, key=lambda p: (p.captured_at, p.snapshot))
 
 
-def create_point(disk: PageBlobDisk, tag_id: str, kind: str, captured_at: datetime) -> BlobPoint:
-    """Snapshot the disk as the recovery point `tag_id`; returns the existing one if taken before."""
+def create_point(
+    disk: PageBlobDisk,
+    tag_id: str,
+    kind: str,
+    captured_at: datetime,
+    *,
+    extra: Mapping[str, str] | None = None,
+    existing: list[BlobPoint] | None = None,
+) -> BlobPoint:
+    """Snapshot the disk as the recovery point `tag_id`; returns the existing one if taken before.
+
+    `extra`: more metadata (names and values ASCII, names valid C# identifiers,
+    as Azure requires). `existing`: the blob's points when the caller knows
+    them already (saves a listing; it must be current, or a point may be taken twice).
+    """
     if kind not in KINDS:
         raise errors.InvalidInput(f"unknown recovery point kind {kind!r}; one of {', '.join(KINDS)}")
     if not tag_id or not tag_id.isascii():
@@ -97,10 +120,13 @@ def create_point(disk: PageBlobDisk, tag_id: str, kind: str, captured_at: dateti
     if disk.snapshot is not None:
         raise errors.InvalidInput("a recovery point cannot be taken of a recovery point", code="azure-tag")
     name = disk.name
-    for point in list_points(disk.container, name, policy=disk.policy, sleep=disk._sleep):
+    if existing is None:
+        existing = list_points(disk.container, name, policy=disk.policy, sleep=disk._sleep)
+    for point in existing:
         if point.tag_id == tag_id:
             return point
     metadata = {
+        **(extra or {}),
         META_TAG: tag_id,
         META_KIND: kind,
         META_CAPTURED: captured_at.astimezone(UTC).isoformat(),
@@ -185,6 +211,25 @@ def copy_status(
     sleep: Callable[[float], None] = time.sleep,
 ) -> str:
     """'pending', 'success', 'aborted' or 'failed' for a copy started by `copy_to_blob`."""
+    return copy_progress(container, dest_name, policy=policy, sleep=sleep)[0]
+
+
+def copy_progress(
+    container: ContainerClient,
+    dest_name: str,
+    *,
+    policy: AzureRetryPolicy = DEFAULT_RETRY,
+    sleep: Callable[[float], None] = time.sleep,
+) -> tuple[str, int, int, str]:
+    """(status, bytes copied, bytes in all, Azure's reason when it failed) of a `copy_to_blob` copy."""
     dest = container.get_blob_client(dest_name)
     props = call(f"read blob {dest_name}", dest.get_blob_properties, policy, sleep=sleep)
-    return str(props.copy.status or "success")
+    status = str(props.copy.status or "success")
+    copied = total = props.size or 0
+    if props.copy.progress and "/" in props.copy.progress:
+        done, _, whole = props.copy.progress.partition("/")
+        try:
+            copied, total = int(done), int(whole)
+        except ValueError:
+            pass
+    return status, copied, total, str(props.copy.status_description or "")

@@ -225,7 +225,7 @@ class Passphrase(_message.Message):
     def __init__(self, passphrase: _Optional[str] = ..., created_at: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ...) -> None: ...
 
 class EnableReplicationRequest(_message.Message):
-    __slots__ = ("machine", "disks", "process_server", "master_target", "datastore", "mode", "policy", "group", "scan_interval_seconds", "sync_kind", "target_path")
+    __slots__ = ("machine", "disks", "process_server", "master_target", "datastore", "mode", "policy", "group", "scan_interval_seconds", "sync_kind", "target_path", "azure_site")
     MACHINE_FIELD_NUMBER: _ClassVar[int]
     DISKS_FIELD_NUMBER: _ClassVar[int]
     PROCESS_SERVER_FIELD_NUMBER: _ClassVar[int]
@@ -237,6 +237,7 @@ class EnableReplicationRequest(_message.Message):
     SCAN_INTERVAL_SECONDS_FIELD_NUMBER: _ClassVar[int]
     SYNC_KIND_FIELD_NUMBER: _ClassVar[int]
     TARGET_PATH_FIELD_NUMBER: _ClassVar[int]
+    AZURE_SITE_FIELD_NUMBER: _ClassVar[int]
     machine: str
     disks: _containers.RepeatedScalarFieldContainer[str]
     process_server: str
@@ -248,7 +249,8 @@ class EnableReplicationRequest(_message.Message):
     scan_interval_seconds: int
     sync_kind: _replication_pb2.SyncKind
     target_path: str
-    def __init__(self, machine: _Optional[str] = ..., disks: _Optional[_Iterable[str]] = ..., process_server: _Optional[str] = ..., master_target: _Optional[str] = ..., datastore: _Optional[str] = ..., mode: _Optional[_Union[_replication_pb2.ReplicationMode, str]] = ..., policy: _Optional[_Union[_replication_pb2.RecoveryPolicy, _Mapping]] = ..., group: _Optional[str] = ..., scan_interval_seconds: _Optional[int] = ..., sync_kind: _Optional[_Union[_replication_pb2.SyncKind, str]] = ..., target_path: _Optional[str] = ...) -> None: ...
+    azure_site: str
+    def __init__(self, machine: _Optional[str] = ..., disks: _Optional[_Iterable[str]] = ..., process_server: _Optional[str] = ..., master_target: _Optional[str] = ..., datastore: _Optional[str] = ..., mode: _Optional[_Union[_replication_pb2.ReplicationMode, str]] = ..., policy: _Optional[_Union[_replication_pb2.RecoveryPolicy, _Mapping]] = ..., group: _Optional[str] = ..., scan_interval_seconds: _Optional[int] = ..., sync_kind: _Optional[_Union[_replication_pb2.SyncKind, str]] = ..., target_path: _Optional[str] = ..., azure_site: _Optional[str] = ...) -> None: ...
 
 class ListPairsRequest(_message.Message):
     __slots__ = ("machine",)

@@ -47,6 +47,12 @@ class PairDesiredState(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
     PAIR_DESIRED_STATE_REPLICATING: _ClassVar[PairDesiredState]
     PAIR_DESIRED_STATE_PAUSED: _ClassVar[PairDesiredState]
 
+class TargetKind(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
+    __slots__ = ()
+    TARGET_KIND_UNSPECIFIED: _ClassVar[TargetKind]
+    TARGET_KIND_MASTER_TARGET: _ClassVar[TargetKind]
+    TARGET_KIND_AZURE_PAGE_BLOB: _ClassVar[TargetKind]
+
 class BarrierOutcome(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
     __slots__ = ()
     BARRIER_OUTCOME_UNSPECIFIED: _ClassVar[BarrierOutcome]
@@ -79,6 +85,9 @@ REPLICATION_MODE_SCAN: ReplicationMode
 PAIR_DESIRED_STATE_UNSPECIFIED: PairDesiredState
 PAIR_DESIRED_STATE_REPLICATING: PairDesiredState
 PAIR_DESIRED_STATE_PAUSED: PairDesiredState
+TARGET_KIND_UNSPECIFIED: TargetKind
+TARGET_KIND_MASTER_TARGET: TargetKind
+TARGET_KIND_AZURE_PAGE_BLOB: TargetKind
 BARRIER_OUTCOME_UNSPECIFIED: BarrierOutcome
 BARRIER_OUTCOME_WAIT: BarrierOutcome
 BARRIER_OUTCOME_COMMIT: BarrierOutcome
@@ -221,8 +230,20 @@ class RecoveryPolicy(_message.Message):
     rpo_threshold_seconds: int
     def __init__(self, crash_consistent_interval_seconds: _Optional[int] = ..., app_consistent_interval_seconds: _Optional[int] = ..., retention_window_seconds: _Optional[int] = ..., rpo_threshold_seconds: _Optional[int] = ...) -> None: ...
 
+class AzureBlobTarget(_message.Message):
+    __slots__ = ("site", "storage_account", "container", "blob_name")
+    SITE_FIELD_NUMBER: _ClassVar[int]
+    STORAGE_ACCOUNT_FIELD_NUMBER: _ClassVar[int]
+    CONTAINER_FIELD_NUMBER: _ClassVar[int]
+    BLOB_NAME_FIELD_NUMBER: _ClassVar[int]
+    site: str
+    storage_account: str
+    container: str
+    blob_name: str
+    def __init__(self, site: _Optional[str] = ..., storage_account: _Optional[str] = ..., container: _Optional[str] = ..., blob_name: _Optional[str] = ...) -> None: ...
+
 class PairAssignment(_message.Message):
-    __slots__ = ("pair_id", "machine_id", "disk_name", "disk_identity", "disk_size_bytes", "mode", "process_server_id", "process_server_endpoint", "master_target_id", "master_target_endpoint", "target_path", "journal_dir", "policy", "desired_state", "group_id", "scan_interval_seconds", "sync_kind")
+    __slots__ = ("pair_id", "machine_id", "disk_name", "disk_identity", "disk_size_bytes", "mode", "process_server_id", "process_server_endpoint", "master_target_id", "master_target_endpoint", "target_path", "journal_dir", "policy", "desired_state", "group_id", "scan_interval_seconds", "sync_kind", "target_kind", "azure_blob")
     PAIR_ID_FIELD_NUMBER: _ClassVar[int]
     MACHINE_ID_FIELD_NUMBER: _ClassVar[int]
     DISK_NAME_FIELD_NUMBER: _ClassVar[int]
@@ -240,6 +261,8 @@ class PairAssignment(_message.Message):
     GROUP_ID_FIELD_NUMBER: _ClassVar[int]
     SCAN_INTERVAL_SECONDS_FIELD_NUMBER: _ClassVar[int]
     SYNC_KIND_FIELD_NUMBER: _ClassVar[int]
+    TARGET_KIND_FIELD_NUMBER: _ClassVar[int]
+    AZURE_BLOB_FIELD_NUMBER: _ClassVar[int]
     pair_id: str
     machine_id: str
     disk_name: str
@@ -257,7 +280,9 @@ class PairAssignment(_message.Message):
     group_id: str
     scan_interval_seconds: int
     sync_kind: SyncKind
-    def __init__(self, pair_id: _Optional[str] = ..., machine_id: _Optional[str] = ..., disk_name: _Optional[str] = ..., disk_identity: _Optional[str] = ..., disk_size_bytes: _Optional[int] = ..., mode: _Optional[_Union[ReplicationMode, str]] = ..., process_server_id: _Optional[str] = ..., process_server_endpoint: _Optional[str] = ..., master_target_id: _Optional[str] = ..., master_target_endpoint: _Optional[str] = ..., target_path: _Optional[str] = ..., journal_dir: _Optional[str] = ..., policy: _Optional[_Union[RecoveryPolicy, _Mapping]] = ..., desired_state: _Optional[_Union[PairDesiredState, str]] = ..., group_id: _Optional[str] = ..., scan_interval_seconds: _Optional[int] = ..., sync_kind: _Optional[_Union[SyncKind, str]] = ...) -> None: ...
+    target_kind: TargetKind
+    azure_blob: AzureBlobTarget
+    def __init__(self, pair_id: _Optional[str] = ..., machine_id: _Optional[str] = ..., disk_name: _Optional[str] = ..., disk_identity: _Optional[str] = ..., disk_size_bytes: _Optional[int] = ..., mode: _Optional[_Union[ReplicationMode, str]] = ..., process_server_id: _Optional[str] = ..., process_server_endpoint: _Optional[str] = ..., master_target_id: _Optional[str] = ..., master_target_endpoint: _Optional[str] = ..., target_path: _Optional[str] = ..., journal_dir: _Optional[str] = ..., policy: _Optional[_Union[RecoveryPolicy, _Mapping]] = ..., desired_state: _Optional[_Union[PairDesiredState, str]] = ..., group_id: _Optional[str] = ..., scan_interval_seconds: _Optional[int] = ..., sync_kind: _Optional[_Union[SyncKind, str]] = ..., target_kind: _Optional[_Union[TargetKind, str]] = ..., azure_blob: _Optional[_Union[AzureBlobTarget, _Mapping]] = ...) -> None: ...
 
 class TagRequest(_message.Message):
     __slots__ = ("pair_id", "tag_id", "kind", "group_id", "cut_at")

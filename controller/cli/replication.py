@@ -14,7 +14,9 @@ from siterecovery.controller.cli import output
 from siterecovery.controller.cli.output import Format
 from siterecovery.controller.cli.session import call
 
-replication_app = typer.Typer(help="Replicate machines' disks to a master target, and watch it.", no_args_is_help=True)
+replication_app = typer.Typer(
+    help="Replicate machines' disks to a master target or to Azure page blobs, and watch it.", no_args_is_help=True
+)
 points_app = typer.Typer(help="Recovery points: list, take on demand, materialise.", no_args_is_help=True)
 
 OutputOption = Annotated[Format, typer.Option("--output", "-o", help="table for people, json for scripts")]
@@ -93,6 +95,9 @@ def enable(
     process_server: Annotated[str, typer.Option(help="id or host name; default: the only one")] = "",
     master_target: Annotated[str, typer.Option(help="id or host name; default: the only one")] = "",
     datastore: Annotated[str, typer.Option(help="a datastore directory of the master target; default: its first")] = "",
+    azure_site: Annotated[
+        str, typer.Option(help="protect to this Azure site: the process server writes each disk into a page blob")
+    ] = "",
     mode: Annotated[str, typer.Option(help="nbd (the source agent fronts the disk) or scan (periodic hash compare)")] = "nbd",
     group: Annotated[str, typer.Option(help="replication group for multi-VM-consistent points")] = "",
     crash_interval: Annotated[int, typer.Option(help="seconds between crash-consistent points")] = 0,
@@ -121,6 +126,7 @@ def enable(
             process_server=process_server,
             master_target=master_target,
             datastore=datastore,
+            azure_site=azure_site,
             mode=MODES[mode],
             group=group,
             policy=rpb.RecoveryPolicy(

@@ -18,7 +18,7 @@ from sqlalchemy.engine import Connection
 from siterecovery.common.errors import Conflict, InvalidInput, NotFound
 from siterecovery.controller.jobs import states
 from siterecovery.controller.store.base import AzureSiteRecord, json_copy, utc
-from siterecovery.controller.store.schema import azure_sites, jobs
+from siterecovery.controller.store.schema import azure_sites, jobs, pairs
 
 
 class AzureSiteSqlMixin:
@@ -95,6 +95,20 @@ class AzureSiteSqlMixin:
                         hint="wait for them to finish (srctl jobs watch ID), then remove the site",
                         code="azure-site-in-use",
                     )
+            protecting = [
+                row.id
+                for row in conn.execute(
+                    sa.select(pairs.c.id, pairs.c.target_options).where(pairs.c.target_kind == "azure-page-blob")
+                )
+                if (row.target_options or {}).get("azure_site_id") == current.id
+            ]
+            if protecting:
+                raise Conflict(
+                    f"Azure site {current.name!r} holds the page blobs of replicated disks (pair "
+                    f"{', '.join(protecting[:5])}{', ...' if len(protecting) > 5 else ''})",
+                    hint="stop replicating them first (srctl replication disable MACHINE), then remove the site",
+                    code="azure-site-in-use",
+                )
             conn.execute(sa.delete(azure_sites).where(azure_sites.c.id == current.id))
 
 

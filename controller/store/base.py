@@ -605,6 +605,8 @@ class Store(ABC):
         `params["site_id"]` equal to the site's id, checked in the same
         transaction as the delete. A job created for the site after that
         check fails at its first step with NotFound (the site is gone).
+        Conflict (`azure-site-in-use`) too while an azure-page-blob pair's
+        `target_options["azure_site_id"]` names the site.
         """
 
     # --- protection groups, recovery plans, protected machines (0007) --------

@@ -9,7 +9,7 @@ import pytest
 
 from siterecovery.common.errors import Conflict, InvalidInput, NotFound
 from siterecovery.controller.jobs import states
-from siterecovery.controller.store import AzureSiteRecord, Store
+from siterecovery.controller.store import AzureSiteRecord, MachineRecord, PairRecord, ServerRecord, Store
 
 T0 = datetime(2026, 3, 1, 12, 0, tzinfo=UTC)
 SETTINGS = {
@@ -107,4 +107,32 @@ def test_a_site_an_active_job_uses_is_not_removed(store: Store) -> None:
     # Once the job has finished, the site can go.
     assert store.set_job_status(job.id, expected={states.PENDING}, new=states.CANCELLED, now=T0)
     store.remove_azure_site("dr-west", unless_used_by_kinds={"azure-failover"})
+    assert store.list_azure_sites() == []
+
+
+def test_a_site_holding_a_pairs_page_blob_is_not_removed(store: Store) -> None:
+    store.add_server(
+        ServerRecord(id="src-1", role="source", hostname="src-1", cert_serial="01", cert_fingerprint="sha256:00", enrolled_at=T0)
+    )
+    store.add_server(
+        ServerRecord(id="ps-1", role="process-server", hostname="ps-1", cert_serial="02", cert_fingerprint="sha256:01", enrolled_at=T0)
+    )
+    store.upsert_machine(MachineRecord(id="src-1", server_id="src-1", hostname="web1", os="Linux"))
+    store.add_azure_site(azure_site())
+    store.add_azure_site(azure_site("az-2", "other"))
+    store.create_pair(
+        PairRecord(
+            id="pair-1", machine_id="src-1", source_server_id="src-1", disk_name="disk0", disk_identity="d0",
+            disk_size_bytes=2**30, mode="nbd", process_server_id="ps-1", master_target_id="ps-1",
+            target_path="https://srdrstore.blob.core.windows.net/siterecovery/web1-src-1/disk0.vhd", journal_dir="",
+            created_at=T0, updated_at=T0, target_kind="azure-page-blob",
+            target_options={"azure_site_id": "az-1", "blob_name": "web1-src-1/disk0.vhd"},
+        )
+    )
+    with pytest.raises(Conflict) as caught:
+        store.remove_azure_site("dr-west")
+    assert caught.value.code == "azure-site-in-use" and "pair-1" in caught.value.message
+    store.remove_azure_site("other")  # a site no pair uses goes
+    store.delete_pair("pair-1")
+    store.remove_azure_site("dr-west")
     assert store.list_azure_sites() == []

@@ -72,17 +72,18 @@ class ReplicatingSite(Site):
     def start(
         self, *, disk_size: int, data_bytes: int, seed: int = 1, source_extra: dict | None = None,
         sources: tuple[str, ...] = (SOURCE,), ps_extra: dict | None = None, mt_proxy: bool = False,
-        faked_clocks: tuple[str, ...] = (), mt_extra: dict | None = None,
+        faked_clocks: tuple[str, ...] = (), mt_extra: dict | None = None, master_target: bool = True,
     ) -> None:
-        """The configuration server, a process server, a master target, and one source
+        """The configuration server, a process server, a master target (unless not
+        `master_target`: forward protection to Azure needs none), and one source
         agent per name in `sources`, each protecting its own image (`disk_of(name)`)."""
         self.start_config_server()
         for name in faked_clocks:
             self.step_clock(name, "+0")
         passphrase = self.passphrase_file()
-        extras: dict[str, dict[str, Any]] = {
-            "process-server": dict(ps_extra or {}), "master-target": dict(mt_extra or {}),
-        }
+        extras: dict[str, dict[str, Any]] = {"process-server": dict(ps_extra or {})}
+        if master_target:
+            extras["master-target"] = dict(mt_extra or {})
         if mt_proxy:  # the process server reaches the master target through a proxy we control
             self.proxy = TcpProxy()
             extras["master-target"].update(advertise="127.0.0.1", advertise_port=self.proxy.port)
@@ -153,6 +154,19 @@ class ReplicatingSite(Site):
         return state["nbd"]["disk0"]
 
     # -- replication ------------------------------------------------------------
+    def add_azure_site(self, name: str, *, storage_account: str, container: str) -> dict:
+        """An Azure site in the configuration server (placeholder ids: nothing here calls Azure Compute)."""
+        secret = self.root / "azure-sp-secret"
+        secret.write_text("not-used-by-these-tests\n")
+        os.chmod(secret, 0o600)
+        return self.srctl_json(
+            "azure", "add", name, "--subscription", "11111111-2222-3333-4444-555555555555",
+            "--tenant", "aaaaaaaa-bbbb-cccc-dddd-eeeeeeeeeeee", "--client-id", "99999999-8888-7777-6666-555555555555",
+            "--secret-file", str(secret), "--resource-group", "rg-dr", "--region", "westeurope",
+            "--vnet", "vnet-dr", "--subnet", "default", "--storage-account", storage_account,
+            "--container", container,
+        )
+
     def enable(self, *extra: str, source: str = SOURCE) -> dict:
         (pair,) = self.srctl_json("replication", "enable", self.machine_of(source), "--disk", "disk0", *extra)
         return pair

@@ -570,3 +570,64 @@ def test_disk_full_refuses_the_batch_as_unavailable_and_acknowledges_nothing_of_
     # With space back the source resumes where the process server stands.
     replies = site.replicate(make_frames(4, 3))
     assert replies[0].accepted.durable_seq == 3 and acks(replies)[-1] == 6
+
+
+def test_an_azure_pair_without_a_storage_credential_is_an_error_naming_the_setting(tmp_path: Path) -> None:
+    from siterecovery.agents.process_server.azure_storage import SETTING
+
+    spool = Spool(tmp_path / "spool", limit_bytes=1 << 20)
+    creds = SimpleNamespace(identity=pki.Identity("ps-1", pki.PROCESS_SERVER))
+    pairs = ProcessServerPairs(spool, credentials=lambda: creds)
+    azure = rpb.PairAssignment(
+        pair_id="pair-az", machine_id="src-1", disk_size_bytes=1 << 20, process_server_id="ps-1",
+        master_target_id="ps-1", target_kind=rpb.TARGET_KIND_AZURE_PAGE_BLOB,
+        azure_blob=rpb.AzureBlobTarget(storage_account="srdrstore", container="replicas", blob_name="h-1/disk0.vhd"),
+    )
+    try:
+        pairs.apply_assignments([azure], [])
+        (status,) = pairs.pair_statuses()
+        assert (status.state, status.reason_code) == (rpb.PAIR_STATE_ERROR, "azure-storage-not-configured")
+        assert SETTING in status.reason
+        # Frames still spool: the receiver knows the pair.
+        assert pairs.assignment("pair-az") == azure
+    finally:
+        pairs.close()
+        spool.close()
+
+
+def test_a_blob_forwarder_is_replaced_only_after_it_stopped_and_not_for_an_endpoint(tmp_path: Path) -> None:
+    from siterecovery.agents.process_server.azure_storage import StorageCredentialFile
+    from siterecovery.agents.process_server.blob_forwarder import BlobForwarder
+
+    conn = tmp_path / "azure.conn"
+    # Nothing listens there: sessions fail as "unavailable" and the forwarder keeps trying.
+    conn.write_text("DefaultEndpointsProtocol=http;AccountName=srdrstore;AccountKey=a2V5;"
+                    "BlobEndpoint=http://127.0.0.1:9/srdrstore;\n")
+    os.chmod(conn, 0o600)
+    spool = Spool(tmp_path / "spool", limit_bytes=1 << 20)
+    creds = SimpleNamespace(identity=pki.Identity("ps-1", pki.PROCESS_SERVER))
+    pairs = ProcessServerPairs(spool, credentials=lambda: creds, storage=StorageCredentialFile(conn),
+                               state_dir=tmp_path / "state")
+    azure = rpb.PairAssignment(
+        pair_id="pair-az", machine_id="src-1", disk_size_bytes=1 << 20, process_server_id="ps-1",
+        master_target_id="ps-1", master_target_endpoint="127.0.0.1:1", target_kind=rpb.TARGET_KIND_AZURE_PAGE_BLOB,
+        azure_blob=rpb.AzureBlobTarget(storage_account="srdrstore", container="replicas", blob_name="h-1/disk0.vhd"),
+    )
+    try:
+        pairs.apply_assignments([azure], [])
+        first = pairs._forwarders["pair-az"]
+        assert isinstance(first, BlobForwarder) and first.alive
+        moved = rpb.PairAssignment()
+        moved.CopyFrom(azure)
+        moved.master_target_endpoint = moved.process_server_endpoint = "127.0.0.1:2"  # the process server moved
+        pairs.apply_assignments([moved], [])
+        assert pairs._forwarders["pair-az"] is first and first.assignment == moved
+        other = rpb.PairAssignment()
+        other.CopyFrom(moved)
+        other.azure_blob.blob_name = "h-1/disk0-new.vhd"
+        pairs.apply_assignments([other], [])
+        second = pairs._forwarders["pair-az"]
+        assert second is not first and not first.alive and second.assignment == other
+    finally:
+        pairs.close()
+        spool.close()

@@ -252,6 +252,59 @@ def test_a_delta_pair_keeps_the_default_layout_without_a_path(store):
     assert view.sync_kind == rpb.SYNC_KIND_DELTA
 
 
+# -- forward protection to Azure ---------------------------------------------------------
+
+SITE_SETTINGS = {
+    "subscription_id": "11111111-2222-3333-4444-555555555555",
+    "tenant_id": "aaaaaaaa-bbbb-cccc-dddd-eeeeeeeeeeee",
+    "client_id": "99999999-8888-7777-6666-555555555555",
+    "resource_group": "rg-dr",
+    "region": "westeurope",
+    "vnet": "vnet-dr",
+    "subnet": "workloads",
+    "storage_account": "srdrstore",
+    "container": "replicas",
+}
+
+
+@pytest.fixture
+def azure_store(store):
+    from siterecovery.controller.store import AzureSiteRecord
+
+    store.add_azure_site(
+        AzureSiteRecord(id="az-1", name="dr-west", settings=SITE_SETTINGS, secret="v1:x", created_at=T0, updated_at=T0)
+    )
+    return store
+
+
+def test_enable_to_azure_makes_one_blob_per_disk_ended_by_the_process_server(azure_store):
+    pairs = _enable(azure_store, machine="app01", azure_site="dr-west")
+    assert [p.disk_name for p in pairs] == ["disk0", "disk1"]
+    first = pairs[0]
+    assert (first.target_kind, first.master_target_id, first.process_server_id, first.journal_dir) == (
+        "azure-page-blob", "ps-1", "ps-1", "",
+    )
+    assert first.target_options == {
+        "azure_site_id": "az-1", "azure_site": "dr-west", "storage_account": "srdrstore",
+        "container": "replicas", "blob_name": "app01-src-1/disk0.vhd",
+    }
+    assert first.target_path == "https://srdrstore.blob.core.windows.net/replicas/app01-src-1/disk0.vhd"
+    (a,) = [x for x in replication.assignments_for(azure_store, "ps-1") if x.pair_id == first.id]
+    assert a.target_kind == rpb.TARGET_KIND_AZURE_PAGE_BLOB
+    assert (a.azure_blob.site, a.azure_blob.storage_account, a.azure_blob.container, a.azure_blob.blob_name) == (
+        "dr-west", "srdrstore", "replicas", "app01-src-1/disk0.vhd",
+    )
+    assert a.master_target_id == "ps-1"
+    # A master target hears nothing of it.
+    assert replication.assignments_for(azure_store, "mt-1") == []
+
+
+def test_a_pair_to_a_master_target_says_so_in_its_assignment(store):
+    _enable(store, machine="app01", disks=["disk1"])
+    (a,) = replication.assignments_for(store, "mt-1")
+    assert a.target_kind == rpb.TARGET_KIND_MASTER_TARGET and not a.HasField("azure_blob")
+
+
 @pytest.mark.parametrize(
     ("kw", "error", "code"),
     [
@@ -296,3 +349,74 @@ def test_the_view_shows_what_the_delta_sync_did(store):
     assert (view.sync_kind, view.sync_compared_bytes, view.sync_differing_bytes, view.sync_hash_bytes,
             view.sync_sent_bytes) == (rpb.SYNC_KIND_DELTA, GiB // 2, 3 * 65536, 8192 * 16, 2 * 65536)
     assert view.sync_progress == pytest.approx(0.5)
+
+
+@pytest.mark.parametrize(
+    ("kw", "error", "code"),
+    [
+        ({"azure_site": "nowhere"}, errors.NotFound, "azure-site-not-found"),
+        ({"azure_site": "dr-west", "master_target": "mt-1"}, errors.InvalidInput, "azure-target-conflict"),
+        ({"azure_site": "dr-west", "datastore": "/ds1"}, errors.InvalidInput, "azure-target-conflict"),
+        ({"azure_site": "x" * 300}, errors.InvalidInput, "name-invalid"),
+        ({"azure_site": "dr\x00west"}, errors.InvalidInput, "name-invalid"),
+        ({"azure_site": "dr-west", "disks": ["../x"]}, errors.NotFound, "disk-not-found"),
+    ],
+)
+def test_enable_to_azure_refuses_bad_requests_and_stores_nothing(azure_store, kw, error, code):
+    with pytest.raises(error) as caught:
+        _enable(azure_store, machine="app01", **kw)
+    assert caught.value.code == code
+    assert azure_store.list_pairs() == []
+
+
+def test_enable_to_azure_refuses_a_disk_a_page_blob_cannot_hold_and_a_blob_in_use(azure_store):
+    azure_store.upsert_machine(
+        MachineRecord(id="src-1", server_id="src-1", hostname="app01", os="Linux", disks=[
+            {"identity": "wwn-1", "path": "/d/0", "size_bytes": str(GiB + 100), "name": "odd"},
+            {"identity": "wwn-2", "path": "/d/1", "size_bytes": str(GiB), "name": "disk1"},
+        ])
+    )
+    with pytest.raises(errors.PreconditionFailed) as caught:
+        _enable(azure_store, machine="app01", azure_site="dr-west")
+    assert caught.value.code == "azure-disk-size" and azure_store.list_pairs() == []
+    (pair,) = _enable(azure_store, machine="app01", azure_site="dr-west", disks=["disk1"])
+    # The same machine's disk under a new identity would land on the same blob.
+    azure_store.upsert_machine(
+        MachineRecord(id="src-1", server_id="src-1", hostname="app01", os="Linux", disks=[
+            {"identity": "wwn-3", "path": "/d/1", "size_bytes": str(GiB), "name": "disk1"},
+        ])
+    )
+    with pytest.raises(errors.Conflict) as caught:
+        _enable(azure_store, machine="app01", azure_site="dr-west")
+    assert caught.value.code == "pair-exists" and pair.id in caught.value.message
+
+
+def test_the_process_server_ends_an_azure_pair_its_report_is_the_targets(azure_store):
+    (pair,) = _enable(azure_store, machine="app01", disks=["disk1"], azure_site="dr-west")
+    tag_id, _ = replication.request_point(azure_store, machine="app01", group="", kind=0, now=T0)
+    source = rpb.PairStatus(pair_id=pair.id, state=rpb.PAIR_STATE_REPLICATING, last_seq=12)
+    point = rpb.RecoveryPoint(tag_id=tag_id, seq=11, kind=rpb.RECOVERY_POINT_KIND_CRASH_CONSISTENT)
+    ps_status = rpb.PairStatus(pair_id=pair.id, state=rpb.PAIR_STATE_REPLICATING, last_seq=12, acked_seq=11,
+                               points=[point], applied_bytes_total=GiB)
+    replication.record_reports(azure_store, pki.Identity(id="src-1", role=pki.SOURCE), [source], now=T0)
+    replication.record_reports(azure_store, pki.Identity(id="ps-1", role=pki.PROCESS_SERVER), [ps_status], now=T0)
+    # The point settles the tag request, and is the pair's.
+    assert replication.tag_requests_for(azure_store, "src-1", now=T0) == []
+    assert [p.tag_id for p in replication.points(azure_store, pair)] == [tag_id]
+    view = replication.view(pair, azure_store.pair_reports(pair.id), hostname="app01", heartbeat_interval=10, now=T0)
+    assert (view.state, view.spooled_seq, view.applied_seq, view.recovery_points, view.applied_bytes_total) == (
+        rpb.PAIR_STATE_REPLICATING, 12, 11, 1, GiB,
+    )
+    ps_status.state = rpb.PAIR_STATE_INITIAL_SYNC
+    replication.record_reports(azure_store, pki.Identity(id="ps-1", role=pki.PROCESS_SERVER), [ps_status], now=T0)
+    view = replication.view(pair, azure_store.pair_reports(pair.id), hostname="app01", heartbeat_interval=10, now=T0)
+    assert view.state == rpb.PAIR_STATE_INITIAL_SYNC
+
+
+def test_a_spools_points_do_not_settle_a_master_target_pairs_tag_requests(store):
+    (pair,) = _enable(store, machine="app01", disks=["disk1"])
+    tag_id, _ = replication.request_point(store, machine="app01", group="", kind=0, now=T0)
+    fake = rpb.PairStatus(pair_id=pair.id, points=[rpb.RecoveryPoint(tag_id=tag_id, seq=1)])
+    replication.record_reports(store, pki.Identity(id="ps-1", role=pki.PROCESS_SERVER), [fake], now=T0)
+    assert [r.tag_id for r in replication.tag_requests_for(store, "src-1", now=T0)] == [tag_id]
+    assert replication.points(store, pair) == []

@@ -16,22 +16,28 @@ a job may have created complete:
 
 Job kinds (params shapes in each builder's docstring):
 
-    azure-failover               create-disks → create-nic → create-vm
+    azure-failover               copy-points → create-disks → create-nic → create-vm
     azure-shutdown-vm            power-off → deallocate          (nothing to compensate)
     azure-delete-vm              record-resources → delete-vm → delete-disks → delete-nics
     azure-deploy-process-server  create-nic (static IP) → create-vm (image + cloud-init)
 
-Steps get their `AzureCompute` from a factory called with the step context, so
-wiring decides where the site's settings and credential come from. Secrets never
+Steps get their `AzureCompute` (and copy-points its blob container) from a
+factory called with the step context, so wiring decides where the site's
+settings and credential come from. Secrets never
 enter params (params are stored as plain JSON): the process server's custom data,
 which carries an enrollment passphrase, comes from a second factory at execute time.
 """
 
 from __future__ import annotations
 
+import time
+import urllib.parse
 from collections.abc import Callable, Iterable
+from typing import Any
 
 from siterecovery.common import errors
+from siterecovery.common.azure import points as blob_points
+from siterecovery.common.azure.errors import call
 from siterecovery.common.logging import get_logger
 from siterecovery.controller.jobs.engine import JobKind, Step, StepContext
 from siterecovery.controller.providers.azure.compute import (
@@ -46,6 +52,8 @@ log = get_logger(__name__)
 
 ComputeFactory = Callable[[StepContext], AzureCompute]
 CustomDataFactory = Callable[[StepContext], bytes]
+# The site's blob container (an azure.storage.blob ContainerClient), for copy-points.
+StorageFactory = Callable[[StepContext], Any]
 
 FAILOVER = "azure-failover"
 SHUTDOWN = "azure-shutdown-vm"
@@ -94,22 +102,168 @@ class AzureStep(Step):
         self.compute_for = compute_for
 
 
+def copy_blob_name(point: dict) -> str:
+    """Where a failover copies a point: `<blob without .vhd>-failover-<tag>.vhd` (one blob per point)."""
+    stem = point["blob"].removesuffix(".vhd")
+    return f"{stem}-failover-{urllib.parse.quote(point['tag_id'], safe='')}.vhd"
+
+
+class CopyPoints(Step):
+    """Copy each disk's chosen recovery point (a snapshot) into a blob of its own.
+
+    Azure imports a managed disk from a blob, and the replica blob keeps
+    changing while replication runs, so the chosen snapshot is copied first,
+    server-side, within the storage account (points.copy_to_blob). Idempotent:
+    a copy already made from the same snapshot is kept, one still running is
+    waited for. Before a copy starts, the step's progress names the blob it is
+    about to create; a copy that fails is deleted before the step fails.
+
+    params["disks"][i]["point"] = {blob, tag_id} (the replica blob and the point's
+    tag id), optional params["disks"][i]["copy_blob"] (default `copy_blob_name`).
+    Disks with a `source_uri` instead are imported as they are. Output:
+    {"source_uris": {disk name: copy URL}, "copies": [copy blob names]}.
+    """
+
+    name = "copy-points"
+
+    def __init__(
+        self,
+        storage_for: StorageFactory | None,
+        *,
+        poll_seconds: float = 5.0,
+        max_wait_seconds: float = 6 * 3600.0,
+        sleep: Callable[[float], None] = time.sleep,
+    ) -> None:
+        self.storage_for = storage_for
+        self.poll_seconds = poll_seconds
+        self.max_wait_seconds = max_wait_seconds
+        self.sleep = sleep
+
+    def _copies(self, ctx: StepContext) -> list[tuple[dict, str]]:
+        return [(d, d.get("copy_blob") or copy_blob_name(d["point"])) for d in ctx.params["disks"] if d.get("point")]
+
+    def execute(self, ctx: StepContext) -> dict:
+        copies = self._copies(ctx)
+        if not copies:
+            return {"source_uris": {}, "copies": []}
+        if self.storage_for is None:
+            raise errors.PreconditionFailed(
+                f"job {ctx.job.id} names recovery points, but this server has no storage access for Azure jobs",
+                code="azure-storage-missing",
+            )
+        container = self.storage_for(ctx)
+        uris: dict[str, str] = {}
+        for index, (disk, dest) in enumerate(copies):
+            point = disk["point"]
+            chosen = self._find(container, point)
+            where = f"{container.container_name}/{dest}"
+            ctx.progress(index / len(copies), f"copying point {point['tag_id']} of {point['blob']} to blob {where}")
+            started_here = not _exists(container, dest)
+            try:
+                uris[disk["name"]] = blob_points.copy_to_blob(container, chosen, dest)
+                self._wait(ctx, container, dest, index, len(copies))
+            except errors.SiteRecoveryError as exc:
+                created = [dest] if started_here else []
+                raise _clean_up_after_failure(exc, created, lambda name: _delete_blob(container, name)) from exc
+        ctx.progress(1.0, f"{len(copies)} point(s) copied: {', '.join(dest for _, dest in copies)}")
+        return {"source_uris": uris, "copies": [dest for _, dest in copies]}
+
+    def _find(self, container: Any, point: dict) -> blob_points.BlobPoint:
+        tag = urllib.parse.quote(point["tag_id"], safe="")
+        for found in blob_points.list_points(container, point["blob"]):
+            if found.tag_id == tag:
+                return found
+        raise errors.NotFound(
+            f"recovery point {point['tag_id']} of {point['blob']} does not exist (any more)",
+            hint="it may have left the retention window; `srctl recovery-points list` shows the points there are",
+            code="point-not-found",
+        )
+
+    def _wait(self, ctx: StepContext, container: Any, dest: str, index: int, count: int) -> None:
+        waited = 0.0
+        while True:
+            status, copied, total, reason = blob_points.copy_progress(container, dest)
+            if status == "success":
+                return
+            if status != "pending":
+                raise errors.Unavailable(
+                    f"copying into blob {dest} ended {status}: {reason or 'no reason given'}",
+                    hint="the step is retried; if it fails again, check the storage account in the Azure portal",
+                    code="azure-copy-failed",
+                )
+            if waited >= self.max_wait_seconds:
+                raise errors.Unavailable(
+                    f"copying into blob {dest} has not finished after {waited:.0f} s ({copied} of {total} bytes)",
+                    hint="the copy goes on in Azure; retry the job later and it waits for it again",
+                    code="azure-copy-slow",
+                )
+            share = copied / total if total else 0.0
+            ctx.progress((index + share) / count, f"copying into blob {dest}: {copied} of {total} bytes")
+            self.sleep(self.poll_seconds)
+            waited += self.poll_seconds
+
+    def compensate(self, ctx: StepContext) -> None:
+        copies = self._copies(ctx)
+        if not copies or self.storage_for is None:
+            return
+        container = self.storage_for(ctx)
+        for _disk, dest in copies:
+            ctx.progress(0.0, f"deleting blob {container.container_name}/{dest}")
+            _delete_blob(container, dest)
+
+
+def _exists(container: Any, name: str) -> bool:
+    from azure.core.exceptions import ResourceNotFoundError
+
+    def probe() -> bool:
+        try:
+            container.get_blob_client(name).get_blob_properties()
+            return True
+        except ResourceNotFoundError:
+            return False
+
+    return call(f"read blob {name}", probe)
+
+
+def _delete_blob(container: Any, name: str) -> None:
+    """Delete a blob (an unfinished copy is aborted by the delete); nothing to do when it is gone."""
+    from azure.core.exceptions import ResourceNotFoundError
+
+    def delete() -> None:
+        try:
+            container.get_blob_client(name).delete_blob(delete_snapshots="include")
+        except ResourceNotFoundError:
+            pass
+
+    call(f"delete blob {name}", delete)
+
+
 class CreateDisks(AzureStep):
-    """Managed disks imported from page blobs. params["disks"]: [{name, source_uri, os_type?}]."""
+    """Managed disks imported from page blobs.
+
+    params["disks"]: [{name, source_uri, os_type?}], or {name, point, os_type?}
+    for a disk whose recovery point copy-points copied (its URL is that step's output).
+    """
 
     name = "create-disks"
 
     def execute(self, ctx: StepContext) -> dict:
         azure = self.compute_for(ctx)
         disks = ctx.params["disks"]
+        copied = ctx.outputs.get("copy-points", {}).get("source_uris", {})
         ids, created = [], []
         try:
             for index, disk in enumerate(disks):
                 disk_id = _disk_id(azure, disk["name"])
+                source_uri = disk.get("source_uri") or copied.get(disk["name"])
+                if not source_uri:
+                    raise errors.InvalidInput(
+                        f"disk {disk['name']} names neither a source blob nor a copied point", code="azure-disk-source"
+                    )
                 existed = azure.find_disk(disk["name"]) is not None
                 ctx.progress(index / len(disks), f"creating disk {disk_id}")
                 info = azure.ensure_disk_from_blob(
-                    disk["name"], disk["source_uri"], os_type=disk.get("os_type", ""), tags=_tags(ctx)
+                    disk["name"], source_uri, os_type=disk.get("os_type", ""), tags=_tags(ctx)
                 )
                 if not existed:
                     created.append(info.id or disk_id)
@@ -316,13 +470,17 @@ class DeleteNics(AzureStep):
 # --- job kinds -------------------------------------------------------------------------
 
 
-def failover_kind(compute_for: ComputeFactory) -> JobKind:
+def failover_kind(compute_for: ComputeFactory, storage_for: StorageFactory | None = None, **copy: Any) -> JobKind:
     """Fail a machine over to Azure.
 
-    params: {disks: [{name, source_uri, os_type?}] (OS disk first),
+    params: {disks: [{name, source_uri | point: {blob, tag_id}, copy_blob?, os_type?}] (OS disk first),
              nic: {name, private_ip?}, vm: {name, size, os_type?, tags?}}
+    `copy`: CopyPoints' pacing (poll_seconds, max_wait_seconds, sleep), for tests.
     """
-    return JobKind(FAILOVER, [CreateDisks(compute_for), CreateNic(compute_for), CreateVm(compute_for)])
+    return JobKind(
+        FAILOVER,
+        [CopyPoints(storage_for, **copy), CreateDisks(compute_for), CreateNic(compute_for), CreateVm(compute_for)],
+    )
 
 
 def shutdown_kind(compute_for: ComputeFactory) -> JobKind:
@@ -383,10 +541,12 @@ def _yaml_quote(text: str) -> str:
     return "'" + text.replace("'", "''") + "'"
 
 
-def kinds(compute_for: ComputeFactory, custom_data_for: CustomDataFactory) -> list[JobKind]:
+def kinds(
+    compute_for: ComputeFactory, custom_data_for: CustomDataFactory, storage_for: StorageFactory | None = None
+) -> list[JobKind]:
     """Every Azure job kind, to register with a runner."""
     return [
-        failover_kind(compute_for),
+        failover_kind(compute_for, storage_for),
         shutdown_kind(compute_for),
         delete_kind(compute_for),
         deploy_process_server_kind(compute_for, custom_data_for),

@@ -210,3 +210,25 @@ def test_a_refused_credential_names_the_command_that_replaces_it():
     error = translate("read VM web1", ClientAuthenticationError("AADSTS7000215: Invalid client secret provided."))
     assert isinstance(error, errors.Unauthenticated) and error.code == "azure-unauthenticated"
     assert "srctl azure update-credentials" in error.hint
+
+
+def test_copy_points_gets_the_sites_container_with_its_secret_at_step_time(store, box):
+    record = azure_sites.add(store, box, "dr-west", replace(SITE, container="replicas"), ClientSecret(SECRET), now=NOW)
+    seen: list[str] = []
+
+    def storage_credential(site, secret):
+        seen.append(secret.reveal())
+        return {"account_name": site.storage_account, "account_key": base64.b64encode(b"k" * 32).decode()}
+
+    connector = azure_sites.AzureConnector(storage_credential=storage_credential)
+    storage_for = azure_sites.storage_factory(box, connector)
+    ctx = type("Ctx", (), {"params": {"site_id": record.id}, "store": store, "job": None})()
+    container = storage_for(ctx)
+    assert (container.account_name, container.container_name) == (SITE.storage_account, "replicas")
+    assert container.url == f"https://{SITE.storage_account}.blob.core.windows.net/replicas"
+    assert seen == [SECRET]
+
+
+def test_the_failover_kind_copies_points_first(box, vault):
+    kinds = registry(azure_sites.kinds(box, vault))
+    assert [s.name for s in kinds[steps.FAILOVER].steps][:2] == ["copy-points", "create-disks"]
