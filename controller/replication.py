@@ -801,6 +801,13 @@ def materialize_on_target(
     timeout: float = 3600,
 ) -> rpb.MaterializeReply:
     """Ask the pair's master target to materialise `point` (a tag id or "latest") at `output_path`."""
+    if is_azure(pair):
+        raise errors.PreconditionFailed(
+            f"disk {pair.disk_name} replicates to Azure page blob {pair.target_path}; its recovery points are "
+            "snapshots of that blob, not files on a master target",
+            hint="`srctl recovery-points list` shows them; a failover to Azure copies the chosen snapshot",
+            code="point-in-azure",
+        )
     master_target = store.get_server(pair.master_target_id)
     endpoint = master_target.inventory.get("data_endpoint", "")
     with secure_channel(endpoint, credentials, target_name=pki.agent_dns_name(master_target.id)) as channel:

@@ -192,13 +192,6 @@ class AdminServicer(VcenterRpcs, AzureRpcs, admin_pb2_grpc.AdminServicer):
                 code="disk-ambiguous",
             )
         pair = pairs[0]
-        if replication.is_azure(pair):
-            raise errors.PreconditionFailed(
-                f"disk {pair.disk_name} replicates to Azure page blob {pair.target_path}; its recovery points are "
-                "snapshots of that blob, not files on a master target",
-                hint="`srctl recovery-points list` shows them; a failover to Azure copies the chosen snapshot",
-                code="point-in-azure",
-            )
         chosen = replication.choose_point(replication.points(self._ctx.store, pair), request.point)
         output_path = request.output_path
         if chosen is not None and not output_path:
