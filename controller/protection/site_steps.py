@@ -128,15 +128,26 @@ class CreateCloudVm(ItemStep):
         self.env.local_sites().cloud.delete_vm(name)
 
 
+def retire_agents(ctx: StepContext, vm_uuid: str, now) -> list[str]:
+    """Revoke the agents of a VM that is gone: their certificates die with it (`srctl servers list --all`)."""
+    retired = []
+    for server in ctx.store.list_servers(role="source"):
+        if vm_uuid and server.revoked_at is None and server.inventory.get("host", {}).get("machine_uuid") == vm_uuid:
+            ctx.store.revoke_server(server.id, now=now)
+            retired.append(server.id)
+    return retired
+
+
 class DeleteTestVm(ItemStep):
     action = "delete test VM"
 
     def run(self, ctx: StepContext, item: ProtectedItemRecord) -> dict:
-        name = item.details.get("test", {}).get("vm", "")
-        if name:
-            self.env.local_sites().cloud.delete_vm(name)
+        test = item.details.get("test", {})
+        if test.get("vm"):
+            self.env.local_sites().cloud.delete_vm(test["vm"])
+        retired = retire_agents(ctx, test.get("vm_uuid", ""), self.env.clock())
         self.update(ctx, test={})
-        return {"deleted": name}
+        return {"deleted": test.get("vm", ""), "retired_agents": retired}
 
 
 class DeleteCloudVm(ItemStep):
@@ -145,11 +156,12 @@ class DeleteCloudVm(ItemStep):
     action = "delete cloud VM"
 
     def run(self, ctx: StepContext, item: ProtectedItemRecord) -> dict:
-        name = item.details.get("cloud", {}).get("vm", "")
-        if name:
-            self.env.local_sites().cloud.delete_vm(name)
+        cloud = item.details.get("cloud", {})
+        if cloud.get("vm"):
+            self.env.local_sites().cloud.delete_vm(cloud["vm"])
+        retired = retire_agents(ctx, cloud.get("vm_uuid", ""), self.env.clock())
         self.update(ctx, cloud={"vm": "", "vm_uuid": "", "machine_id": ""})
-        return {"deleted": name}
+        return {"deleted": cloud.get("vm", ""), "retired_agents": retired}
 
 
 class ShutdownSource(ItemStep):

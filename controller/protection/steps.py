@@ -167,7 +167,6 @@ class Finish(ItemStep):
             "seconds": round((self.env.clock() - ctx.job.created_at).total_seconds(), 3),
             "bytes_moved": sum(int(o.get("bytes_moved", 0)) for o in mine.values()),
             "point": next((o["point"] for o in mine.values() if o.get("point")), ""),
-            "digests": {k: v for o in mine.values() for k, v in o.get("digests", {}).items()},
         }
         history = [*list(item.details.get("history", []))[-19:], record]
         changes: dict[str, Any] = {"state": self.move.done, "details": with_details(item, history=history)}

@@ -83,6 +83,8 @@ class AdminServicer(VcenterRpcs, AzureRpcs, admin_pb2_grpc.AdminServicer):
         machines = []
         for record in self._ctx.store.list_machines():
             server = servers.get(record.server_id)
+            if server is not None and server.revoked_at is not None:
+                continue  # its agent was removed (or its VM deleted): not a machine of this site any more
             health = (
                 inventory_view.server_info(server, interval=interval, now=now).health
                 if server
