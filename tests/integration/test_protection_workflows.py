@@ -32,7 +32,7 @@ def protected(tmp_path: Path) -> Iterator[FailbackSite]:
         site.stop_all()
 
 
-def test_protection_creates_the_failback_twin_and_replicates_to_the_cloud(protected: FailbackSite) -> None:
+def test_a_protected_machine_its_twin_group_refusals_and_a_test_failover(protected: FailbackSite) -> None:
     groups = {g["name"]: g for g in protected.srctl_json("group", "list")}
     assert groups["PG1_Failback"]["failback_of"] == "PG1" and groups["PG1"]["machines"] == 1
     machine = protected.machine()
@@ -47,8 +47,30 @@ def test_protection_creates_the_failback_twin_and_replicates_to_the_cloud(protec
     history = machine["details"]["history"]
     assert [h["workflow"] for h in history] == ["protect"] and history[0]["bytes_moved"] > 0
 
+    # Refusals: each names the fix, and nothing changes.
+    before = protected.machine()
+    cases = [
+        (("machine", "failback", VM), "reprotect the machine to on-premises first"),
+        (("machine", "reprotect", VM), "reprotect follows a failover"),
+        (("machine", "test-cleanup", VM), "no test failover to clean up"),
+        (("machine", "delete-cloud-vm", VM), "has no cloud VM to delete"),
+    ]
+    for args, hint in cases:
+        result = protected.refused(*args)
+        assert hint in result.stderr, result.stderr
+    assert protected.srctl("plan", "create", "P1", "--group", VM).returncode == 0
+    plan = protected.srctl_json("plan", "show", "P1")
+    assert plan["protection_groups"] == ["PG1", "PG1_Failback"], "a plan holding PG1 holds its twin"
+    wrong_way = protected.refused("plan", "failover", "P1", "--direction", "to-onprem")
+    assert "replicates to-cloud" in wrong_way.stderr and "reprotect it to on-premises first" in wrong_way.stderr
+    bad_point = protected.srctl("machine", "failover", VM, "--recovery-point", "../etc", "--no-wait")
+    assert bad_point.returncode == 2 and "not a recovery point" in bad_point.stderr
+    after = protected.machine()
+    assert (after["state"], after["job"], after["details"]["pairs"]) == (
+        before["state"], before["job"], before["details"]["pairs"]
+    )
 
-def test_test_failover_runs_beside_replication_and_cleans_up(protected: FailbackSite) -> None:
+    # A test failover runs beside replication and is cleaned up.
     protected.write("onprem", 0x5A, 4 * MiB, MiB)
     protected.caught_up()
     expected = sha256(protected.disk("onprem"))
@@ -72,31 +94,7 @@ def test_test_failover_runs_beside_replication_and_cleans_up(protected: Failback
     assert not protected.sites.cloud.vm_dir(f"{VM}-test").exists()
 
 
-def test_refusals_name_the_fix_and_change_nothing(protected: FailbackSite) -> None:
-    before = protected.machine()
-    cases = [
-        (("machine", "failback", VM), "reprotect the machine to on-premises first"),
-        (("machine", "reprotect", VM), "reprotect follows a failover"),
-        (("machine", "test-cleanup", VM), "no test failover to clean up"),
-        (("machine", "delete-cloud-vm", VM), "has no cloud VM to delete"),
-    ]
-    for args, hint in cases:
-        result = protected.refused(*args)
-        assert hint in result.stderr, result.stderr
-    assert protected.srctl("plan", "create", "P1", "--group", VM).returncode == 0
-    plan = protected.srctl_json("plan", "show", "P1")
-    assert plan["protection_groups"] == ["PG1", "PG1_Failback"], "a plan holding PG1 holds its twin"
-    wrong_way = protected.refused("plan", "failover", "P1", "--direction", "to-onprem")
-    assert "replicates to-cloud" in wrong_way.stderr and "reprotect it to on-premises first" in wrong_way.stderr
-    bad_point = protected.srctl("machine", "failover", VM, "--recovery-point", "../etc", "--no-wait")
-    assert bad_point.returncode == 2 and "not a recovery point" in bad_point.stderr
-    after = protected.machine()
-    assert (after["state"], after["job"], after["details"]["pairs"]) == (
-        before["state"], before["job"], before["details"]["pairs"]
-    )
-
-
-def test_failover_brings_the_latest_data_up_in_the_cloud(protected: FailbackSite) -> None:
+def test_failover_the_failback_rules_and_a_failback_to_a_new_vm(protected: FailbackSite) -> None:
     protected.write("onprem", 0x11, 0, 2 * MiB)
     protected.write("onprem", 0x22, 20 * MiB, 64 * 1024)
     assert protected.srctl("plan", "create", "P1", "--group", VM).returncode == 0
@@ -116,25 +114,7 @@ def test_failover_brings_the_latest_data_up_in_the_cloud(protected: FailbackSite
     again = protected.refused("plan", "failover", "P1", "--direction", "to-cloud")
     assert "has done that already" in again.stderr
 
-
-def test_a_configuration_server_killed_mid_job_resumes_it(protected: FailbackSite) -> None:
-    """kill -9 at a seeded random moment of a test failover and of a failover; both finish."""
-    rng = random.Random(11)
-    for workflow in ("test-failover", "test-cleanup", "failover"):
-        job_id = protected.start_job("machine", workflow, VM)
-        wait_for(lambda jid=job_id: rng.random() < 0.3 or protected.srctl_json("jobs", "show", jid)["status"] != "pending",
-                 what="a moment to strike")
-        protected.kill_config_server()
-        protected.restart_config_server()
-        job = protected.wait_job(job_id)
-        attempts = [s["attempt"] for s in job["steps"]]
-        assert all(a >= 1 for a in attempts), attempts
-    assert protected.machine()["state"] == "failed-over"
-    assert sha256(protected.disk("cloud")) == sha256(protected.disk("onprem"))
-
-
-def test_reprotect_refuses_what_design_rules_forbid(protected: FailbackSite) -> None:
-    protected.run_job("machine", "failover", VM)
+    # The failback rules refuse before anything changes.
     vm_json = protected.sites.onprem.vm_dir(VM) / "vm.json"
     data = json.loads(vm_json.read_text())
     data["snapshots"] = ["before-patch", "after-patch"]
@@ -150,6 +130,58 @@ def test_reprotect_refuses_what_design_rules_forbid(protected: FailbackSite) -> 
     machine = protected.machine()
     assert machine["state"] == "failed-over" and machine["pairs"] == []
     assert protected.sites.onprem.get_vm(VM).power == "off"
+
+    # Alternate location: a new VM on the master target's datastore, fully synced, then failed back to.
+    protected.run_job("machine", "reprotect", VM, *route, "--target", "new")
+    machine = protected.machine()
+    (pair,) = machine["pairs"]
+    new_disk = protected.disk("onprem", f"{VM}-failback")
+    assert Path(pair["target_path"]) == new_disk and machine["details"]["failback"]["target"] == "new"
+    protected.run_job("machine", "failback", VM)
+    new_vm = protected.sites.onprem.get_vm(f"{VM}-failback")
+    assert new_vm is not None and new_vm.power == "on"
+    assert sha256(new_disk) == sha256(protected.disk("cloud"))
+    assert protected.sites.onprem.get_vm(VM).power == "off", "the original VM was left alone"
+    machine = protected.machine()
+    assert machine["state"] == "failed-back" and machine["details"]["network_order"]["status"] == "ok"
+    keyfiles = list((new_vm.guest_root / "etc" / "NetworkManager" / "system-connections").glob("*.nmconnection"))
+    assert keyfiles and "10.10.0.11/24" in keyfiles[0].read_text(), "the static IP came back on the new VM"
+
+
+def test_a_killed_configuration_server_resumes_its_jobs_and_a_physical_server_fails_back_to_a_vm_only(
+    protected: FailbackSite,
+) -> None:
+    """kill -9 at seeded random moments of a test failover, its cleanup and a failover; each finishes."""
+    rng = random.Random(11)
+    for workflow in ("test-failover", "test-cleanup", "failover"):
+        job_id = protected.start_job("machine", workflow, VM)
+        wait_for(lambda jid=job_id: rng.random() < 0.3 or protected.srctl_json("jobs", "show", jid)["status"] != "pending",
+                 what="a moment to strike")
+        protected.kill_config_server()
+        protected.restart_config_server()
+        protected.wait_job(job_id)
+    assert protected.machine()["state"] == "failed-over"
+    assert sha256(protected.disk("cloud")) == sha256(protected.disk("onprem"))
+
+    # A physical server (an agent on no VM the site knows) is protected like a VM,
+    # and may fail back only to a new VM.
+    disk = protected.root / "phys01-disk0.img"
+    with open(disk, "wb") as image:
+        image.truncate(16 * MiB)
+    protected.start_agent("source-agent", "phys01", hostname="phys01", disks=[{"path": str(disk), "name": "disk0"}],
+                          network_root=str(protected.root / "phys01-root"))
+    wait_for(lambda: any(m["hostname"] == "phys01" for m in protected.srctl_json("machines", "list")),
+             what="phys01 to register")
+    protected.run_job("machine", "protect", "phys01", "--group", "PG1", "--process-server", "ps-onprem",
+                      "--master-target", "mt-cloud")
+    physical = protected.srctl_json("machine", "failback-status", "phys01")
+    assert physical["details"]["kind"] == "physical" and physical["state"] == "protected"
+    protected.run_job("machine", "failover", "phys01")
+    refused = protected.refused("machine", "reprotect", "phys01", "--process-server", "ps-cloud",
+                                "--master-target", "mt-onprem")
+    assert "physical server; failback to physical is not supported" in refused.stderr
+    assert "--target new" in refused.stderr
+    assert protected.srctl_json("machine", "failback-status", "phys01")["state"] == "failed-over"
 
 
 def test_the_whole_cycle_moves_only_the_differences_back(protected: FailbackSite) -> None:
