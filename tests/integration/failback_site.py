@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import subprocess
+import time
 from pathlib import Path
 from typing import Any
 
@@ -127,6 +128,18 @@ class FailbackSite(Site):
         assert self.cs is not None
         launcher.kill9(self.cs)
         self.daemons.remove(self.cs)
+
+    def strike(self, rng, *args: str) -> dict:
+        """Start a job, kill -9 the configuration server at a random moment of it, start it again;
+        the job must still succeed."""
+        job_id = self.start_job(*args)
+        strike_at = time.monotonic() + rng.uniform(0.0, 3.0)  # a seeded moment, not a synchronisation
+        wait_for(lambda: time.monotonic() >= strike_at
+                 or self.srctl_json("jobs", "show", job_id)["status"] not in ("pending", "running"),
+                 what="the moment to strike")
+        self.kill_config_server()
+        self.restart_config_server()
+        return self.wait_job(job_id)
 
     def restart_config_server(self) -> None:
         """Start it again on the port it had (agents know that one)."""

@@ -154,12 +154,7 @@ def test_a_killed_configuration_server_resumes_its_jobs_and_a_physical_server_fa
     """kill -9 at seeded random moments of a test failover, its cleanup and a failover; each finishes."""
     rng = random.Random(11)
     for workflow in ("test-failover", "test-cleanup", "failover"):
-        job_id = protected.start_job("machine", workflow, VM)
-        wait_for(lambda jid=job_id: rng.random() < 0.3 or protected.srctl_json("jobs", "show", jid)["status"] != "pending",
-                 what="a moment to strike")
-        protected.kill_config_server()
-        protected.restart_config_server()
-        protected.wait_job(job_id)
+        protected.strike(rng, "machine", workflow, VM)
     assert protected.machine()["state"] == "failed-over"
     assert sha256(protected.disk("cloud")) == sha256(protected.disk("onprem"))
 
@@ -191,7 +186,9 @@ def test_the_whole_cycle_moves_only_the_differences_back(protected: FailbackSite
     # Work done in the cloud: 3 x 256 KiB.
     for index in range(3):
         protected.write("cloud", 0x50 + index, (5 + 7 * index) * MiB, 256 * 1024)
-    protected.run_job("machine", "reprotect", VM, "--process-server", "ps-cloud", "--master-target", "mt-onprem")
+    # The configuration server is killed in the middle of the reprotect and of the failback.
+    rng = random.Random(5)
+    protected.strike(rng, "machine", "reprotect", VM, "--process-server", "ps-cloud", "--master-target", "mt-onprem")
     machine = protected.machine()
     assert (machine["state"], machine["group"], machine["direction"]) == ("failback-protected", "PG1_Failback", "to-onprem")
     (pair,) = machine["pairs"]
@@ -201,7 +198,7 @@ def test_the_whole_cycle_moves_only_the_differences_back(protected: FailbackSite
     assert reprotect["bytes_moved"] <= 4 * MiB, f"a delta resync moved {reprotect['bytes_moved']} bytes"
     protected.caught_up()
     protected.write("cloud", 0x60, 30 * MiB, 64 * 1024)  # after the reprotect, still carried back
-    protected.run_job("machine", "failback", VM, "--recovery-point", "latest")
+    protected.strike(rng, "machine", "failback", VM, "--recovery-point", "latest")
     machine = protected.machine()
     assert machine["state"] == "failed-back" and machine["pairs"] == []
     cloud_vm = protected.sites.cloud.get_vm(VM)
