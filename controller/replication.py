@@ -164,13 +164,14 @@ def _check_name(value: str, what: str) -> str:
 
 
 def _target_file(value: str, datastores: list[dict], chosen: dict | None) -> tuple[str, dict]:
-    """An existing disk file named for a pair: its path and datastore.
+    """An existing disk file named for a pair: its path and the datastore holding it.
 
-    Relative: inside the chosen datastore (or the first). Absolute: it must lie
-    inside the chosen datastore, or any the master target reports. No `..`.
-    The master target checks again with symbolic links resolved (paths.py).
+    Relative: inside the chosen datastore (or the first). Absolute: inside any
+    datastore the master target reports (the original disk of a failback lies
+    where it lies, whichever datastore new files go to). No `..`. The master
+    target checks again with symbolic links resolved (paths.py).
     """
-    names = ", ".join(d.get("path", "") for d in ([chosen] if chosen else datastores))
+    names = ", ".join(d.get("path", "") for d in datastores)
     if "\0" in value or len(value) > MAX_PATH:
         raise errors.InvalidInput(f"target path {value[:200]!r} is not a file path", code="path-invalid")
     path = PurePosixPath(value)
@@ -180,15 +181,17 @@ def _target_file(value: str, datastores: list[dict], chosen: dict | None) -> tup
         )
     if not path.is_absolute():
         path = PurePosixPath((chosen or datastores[0])["path"]) / path
-    for datastore in [chosen] if chosen else datastores:
-        root = PurePosixPath(datastore["path"])
-        if path != root and path.is_relative_to(root):
-            return str(path), datastore
-    raise errors.InvalidInput(
-        f"target path {path} lies outside the master target's datastores",
-        hint=f"name a disk file inside {names} (absolute, or relative to the datastore)",
-        code="path-outside",
-    )
+    holding = [
+        d for d in datastores
+        if path != PurePosixPath(d["path"]) and path.is_relative_to(PurePosixPath(d["path"]))
+    ]
+    if not holding:
+        raise errors.InvalidInput(
+            f"target path {path} lies outside the master target's datastores",
+            hint=f"name a disk file inside {names} (absolute, or relative to the datastore)",
+            code="path-outside",
+        )
+    return str(path), max(holding, key=lambda d: len(PurePosixPath(d["path"]).parts))
 
 
 # -- creating pairs ------------------------------------------------------------------

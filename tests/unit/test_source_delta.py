@@ -274,3 +274,26 @@ def test_a_full_pair_ignores_block_hashes_and_counts_what_it_sent(site, tmp_path
         assert site.ps.record(PAIR).hash_calls == 0
     finally:
         source.close()
+
+
+def test_a_disk_whose_last_block_is_short(site, tmp_path):
+    size = 8 * MiB + 1000
+    image = make_image(tmp_path / "disk0.img", size, data_bytes=4 * MiB, seed=11)
+    with open(image, "r+b") as f:
+        f.seek(size - 1000)
+        f.write(os.urandom(1000))
+    older = tmp_path / "older.img"
+    shutil.copyfile(image, older)
+    with open(older, "r+b") as f:
+        f.seek(size - 10)
+        f.write(b"0123456789")
+    target = site.ps.preload(PAIR, older, size)
+    source = Source(site, tmp_path / "source", image)
+    try:
+        source.replication.apply_assignments([delta_assignment(site, size)], [])
+        wait_for(lambda: caught_up(site, source), what="the delta sync")
+        assert sha(target) == sha(image)
+        assert site.ps.record(PAIR).data_bytes == 1000  # the short block, at its length
+        assert source.status().sync_differing_bytes == 1000
+    finally:
+        source.close()
