@@ -49,6 +49,7 @@ passphrase_app = typer.Typer(help="The connection passphrase agents enroll with.
 app.add_typer(servers_app, name="servers")
 app.add_typer(machines_app, name="machines")
 app.add_typer(jobs_app, name="jobs")
+app.add_typer(jobs_app, name="job", hidden=True)  # `srctl job watch ID` reads naturally too
 app.add_typer(passphrase_app, name="passphrase")
 app.add_typer(replication.replication_app, name="replication")
 app.add_typer(replication.points_app, name="recovery-points")

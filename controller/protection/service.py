@@ -225,10 +225,8 @@ def _options(store: Store, item: ProtectedItemRecord, workflow: str, request) ->
     return options
 
 
-def _route_changes(store: Store, item: ProtectedItemRecord, workflow: str, request) -> dict | None:
-    """The failback route named by a reprotect request, checked; None when nothing changes."""
-    if workflow != "reprotect-to-onprem":
-        return None
+def _failback_route(store: Store, request) -> dict:
+    """The failback route a reprotect to on-premises names: process server, master target, datastore (checked)."""
     ps = replication.resolve_server(store, request.process_server, pki.PROCESS_SERVER)
     mt = replication.resolve_server(store, request.master_target, pki.MASTER_TARGET)
     if request.retention_dir:
@@ -256,13 +254,8 @@ def start_workflow(
             hint=f"`srctl machine failback-status {item.name}` shows its VMs", code="no-cloud-vm",
         )
     options = _options(store, item, workflow, request)
-    route = _route_changes(store, item, workflow, request)
-    if route is not None:
-        onprem_preflight(env, store, item, options["target"], route["master_target"])
-        store.update_protected_item(
-            item.id, expected_version=item.version, now=now,
-            details={**item.details, FAILBACK: {**item.details.get(FAILBACK, {}), **route}},
-        ) or _raise_busy(item)
+    if workflow == "reprotect-to-onprem":
+        _set_failback_routes(store, env, [item], request, options["target"], now=now)
     return create_job(store, kinds[workflow], target=f"{workflow} {item.name}",
                       params=_params(workflow, [[(item.id, item.name)]], options, plan=""), now=now)
 
@@ -416,10 +409,7 @@ def start_plan_workflow(
         members = []
         for item_id in group["machines"]:
             item = store.get_protected_item(item_id)
-            if asked == "failover":
-                this = lifecycle.check_direction(request.direction, item.name, item.state) if not _done(item, request.direction) else None
-            else:
-                this = workflow_for(item, asked) if not (asked == "reprotect" and item.state in lifecycle.DIRECTION_OF) else None
+            this = _member_workflow(item, asked, request.direction)
             if this is None:
                 skipped.append(item.name)
                 continue
@@ -444,18 +434,33 @@ def start_plan_workflow(
     kept = [(g, a) for g, a in zip(groups, actions, strict=True) if g or a["before"] or a["after"]]
     params = _params(workflow, [g for g, _ in kept], options, plan=plan.name, actions=[a for _, a in kept])
     if workflow == "reprotect-to-onprem":
-        for item_id in (m[0] for g in groups for m in g):  # every machine checked before any changes
-            item = store.get_protected_item(item_id)
-            route = _route_changes(store, item, workflow, request)
-            onprem_preflight(env, store, item, options["target"], route["master_target"])
-        for item_id in (m[0] for g in groups for m in g):
-            item = store.get_protected_item(item_id)
-            route = _route_changes(store, item, workflow, request)
-            store.update_protected_item(item.id, expected_version=item.version, now=now,
-                                        details={**item.details, FAILBACK: {**item.details.get(FAILBACK, {}), **route}}
-                                        ) or _raise_busy(item)
-    job = create_job(store, kinds[workflow], target=f"{workflow} of plan {plan.name}", params=params, now=now)
-    return job
+        members = [store.get_protected_item(m[0]) for g in groups for m in g]
+        _set_failback_routes(store, env, members, request, options["target"], now=now)
+    return create_job(store, kinds[workflow], target=f"{workflow} of plan {plan.name}", params=params, now=now)
+
+
+def _member_workflow(item: ProtectedItemRecord, asked: str, direction: str) -> str | None:
+    """The workflow a plan command means for one of its machines; None when the machine is there already."""
+    if asked == "failover":
+        return None if _done(item, direction) else lifecycle.check_direction(direction, item.name, item.state)
+    if asked == "reprotect" and item.state in lifecycle.DIRECTION_OF:
+        return None  # protected already (one way or the other)
+    return workflow_for(item, asked)
+
+
+def _set_failback_routes(
+    store: Store, env: Environment, items: list[ProtectedItemRecord], request, target: str, *, now: datetime
+) -> None:
+    """Check every machine against the failback rules, then record the route back; a refusal changes nothing."""
+    routes = []
+    for item in items:
+        route = _failback_route(store, request)
+        onprem_preflight(env, store, item, target, route["master_target"])
+        routes.append((item, route))
+    for item, route in routes:
+        details = {**item.details, FAILBACK: {**item.details.get(FAILBACK, {}), **route}}
+        if store.update_protected_item(item.id, expected_version=item.version, now=now, details=details) is None:
+            _raise_busy(item)
 
 
 def _done(item: ProtectedItemRecord, direction: str) -> bool:
