@@ -10,16 +10,18 @@ event, and drains.
 
 from __future__ import annotations
 
+import fcntl
 import json
 import os
 import signal
 import threading
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import Any
+from typing import IO, Any
 
 import sdnotify
 
+from siterecovery.common import errors
 from siterecovery.common.logging import get_logger
 
 log = get_logger(__name__)
@@ -58,6 +60,29 @@ def fsync_dir(directory: Path) -> None:
         os.fsync(fd)
     finally:
         os.close(fd)
+
+
+def lock_state_dir(state_dir: Path, daemon: str) -> IO[str]:
+    """Hold `<state_dir>/<daemon>.lock` for as long as the returned file stays open.
+
+    Two daemons on one state directory would interleave their journals and
+    spools; the second is refused (Conflict, exit 4) before it touches
+    anything. The lock ends with the process (or when the file is closed), so a
+    daemon killed with -9 leaves nothing to clean up.
+    """
+    state_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
+    handle = open(state_dir / f"{daemon}.lock", "a+")
+    try:
+        fcntl.flock(handle.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        handle.close()
+        pid = (read_state_file(state_dir, daemon) or {}).get("pid", "?")
+        raise errors.Conflict(
+            f"another {daemon} runs with state directory {state_dir} (pid {pid})",
+            hint="stop it first: two daemons on one state directory would corrupt what it holds",
+            code="state-dir-in-use",
+        ) from None
+    return handle
 
 
 def state_file_path(state_dir: Path, daemon: str) -> Path:

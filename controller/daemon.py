@@ -190,6 +190,7 @@ def run(
     """
     logging.configure(level=cfg.log_level, json=cfg.log_json)
     stop = stop or daemon.install_stop_handlers()
+    _held = daemon.lock_state_dir(cfg.state_dir, "config-server")  # released when run() returns
     cfg.state_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
     ca = pki.CertificateAuthority.load_or_create(cfg.state_dir / "pki")
     key_pem, cert_pem = _ensure_serving_cert(ca, cfg.state_dir / "pki", _serving_names(cfg))

@@ -49,6 +49,7 @@ class MasterTargetServicer(dataplane_pb2_grpc.MasterTargetServicer):
 def run(cfg: MasterTargetSettings, stop: threading.Event | None = None) -> int:
     logging.configure(level=cfg.log_level, json=cfg.log_json)
     stop = stop or daemon.install_stop_handlers()
+    _held = daemon.lock_state_dir(cfg.state_dir, "master-target")  # released when run() returns
 
     def directories() -> list[common_pb2.DirectoryFacts]:
         found = [directory_facts(common_pb2.DIRECTORY_KIND_DATASTORE, d) for d in cfg.resolved_datastore_dirs]

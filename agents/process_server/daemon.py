@@ -55,6 +55,7 @@ class ProcessServerServicer(dataplane_pb2_grpc.ProcessServerServicer):
 def run(cfg: ProcessServerSettings, stop: threading.Event | None = None) -> int:
     logging.configure(level=cfg.log_level, json=cfg.log_json)
     stop = stop or daemon.install_stop_handlers()
+    _held = daemon.lock_state_dir(cfg.state_dir, "process-server")  # released when run() returns
     storage = None
     if cfg.azure_storage_connection_string_file is not None:
         storage = StorageCredentialFile(cfg.azure_storage_connection_string_file)

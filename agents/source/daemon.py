@@ -71,6 +71,7 @@ def _check(cfg: SourceSettings) -> None:
 def run(cfg: SourceSettings, stop: threading.Event | None = None) -> int:
     logging.configure(level=cfg.log_level, json=cfg.log_json)
     stop = stop or daemon.install_stop_handlers()
+    _held = daemon.lock_state_dir(cfg.state_dir, "source-agent")  # released when run() returns
     _check(cfg)
     network = NetworkAgent.from_settings(cfg)
     identities = DiskIdentities(cfg.state_dir)

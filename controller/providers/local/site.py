@@ -32,6 +32,7 @@ import uuid
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import psutil
 import tomli_w
 
 from siterecovery.common import errors
@@ -282,12 +283,25 @@ class LocalSite:
         return vm
 
     def _agent(self, vm: LocalVm) -> launcher.Launched | None:
+        """The VM's running agent: as launched.json records it, or (when whoever started it died
+        before writing that) as its own state file says, if that process runs its config."""
         path = vm.agent_dir / "launched.json"
         try:
             launched = launcher.Launched.from_json(json.loads(path.read_text("utf-8")))
+            if launched.process() is not None:
+                return launched
         except (FileNotFoundError, ValueError):
+            pass
+        pid = (read_state_file(vm.agent_dir, AGENT) or {}).get("pid")
+        try:
+            proc = psutil.Process(int(pid)) if pid else None
+            if proc is None or str(vm.agent_dir / "source-agent.toml") not in proc.cmdline():
+                return None
+            adopted = launcher.Launched(AGENT, proc.pid, proc.create_time(), vm.agent_dir, vm.directory / "agent.log")
+        except (psutil.Error, ValueError):
             return None
-        return launched if launched.process() is not None else None
+        write_json_atomically(path, adopted.to_json())
+        return adopted
 
     def _agent_config(self, vm: LocalVm, launch: AgentLaunch) -> Path:
         vm.agent_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
