@@ -9,4 +9,4 @@ echo "==> generated stubs are fresh"
 echo "==> lint"
 .venv/bin/ruff check .
 echo "==> tests"
-exec .venv/bin/python -m pytest "$@"
+exec .venv/bin/python -m pytest --durations=30 "$@"
