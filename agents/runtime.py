@@ -290,7 +290,15 @@ class AgentRuntime:
 
     # -- the whole life ----------------------------------------------------
     def run(self, services: Callable[[AgentCredentials], Sequence[Service]] = lambda _c: ()) -> int:
-        credentials = self.ensure_enrolled()
+        try:
+            credentials = self.ensure_enrolled()
+        except errors.SiteRecoveryError:
+            # Stopped while the configuration server could not be reached: the retry
+            # loop ends with its last error, but stopping is what was asked for.
+            if self.stop.is_set():
+                log.info("stopped before enrollment completed")
+                return 0
+            raise
         if self.stop.is_set():
             return 0
         running = start_server(
