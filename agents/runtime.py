@@ -122,6 +122,13 @@ class AgentRuntime:
         self._channel: grpc.Channel | None = None
         self.data_port = 0
         self.revoked: frozenset[str] = self._load_revoked()
+        self._last_status = ""
+
+    def _status(self, text: str) -> None:
+        """Tell systemd (STATUS=, shown by `systemctl status`) when the situation changes."""
+        if text != self._last_status:
+            self._last_status = text
+            daemon.report_status(text)
 
     # -- revoked identities ------------------------------------------------
     def _load_revoked(self) -> frozenset[str]:
@@ -155,6 +162,7 @@ class AgentRuntime:
         def before_sleep(state: tenacity.RetryCallState) -> None:
             exc = state.outcome.exception() if state.outcome else None
             log.warning(f"{what} failed; retrying", error=str(exc), attempt=state.attempt_number)
+            self._status(f"{what} with {self.cfg.server} failed; retrying: {exc}")
 
         return tenacity.Retrying(
             retry=tenacity.retry_if_exception(
@@ -181,6 +189,7 @@ class AgentRuntime:
                 )
             passphrase = read_passphrase_file(self.cfg.passphrase_file)
             log.info("enrolling", server=self.cfg.server, role=self.role)
+            self._status(f"enrolling with {self.cfg.server}")
             credentials = self._retrying("enrollment")(
                 enroll,
                 server_address=self.cfg.server,
@@ -229,6 +238,7 @@ class AgentRuntime:
         self._registered = True
         self._set_revoked(response.revoked_ids)
         log.info("registered", heartbeat_interval=self._interval)
+        self._status(f"registered with {self.cfg.server}; heartbeat every {self._interval:g} s")
         if self.pairs is not None:
             self.pairs.apply_assignments(list(response.pairs), [])
 
@@ -250,6 +260,7 @@ class AgentRuntime:
         self._set_revoked(response.revoked_ids)
         if self.pairs is not None:
             self.pairs.apply_assignments(list(response.pairs), list(response.tag_requests))
+        self._status(f"heartbeat ok with {self.cfg.server}; {len(statuses)} pair(s)")
         if self.network is not None:
             order = response.network_order if response.HasField("network_order") else None
             if self.network.handle_order(order):
@@ -275,10 +286,19 @@ class AgentRuntime:
                 # Not retryable (say, the server no longer knows us): say so and keep trying
                 # at the normal pace, so a restored server finds us again.
                 log.error("heartbeat refused", error=exc.message, hint=exc.hint, code=exc.code)
+                self._status(f"heartbeat refused by {self.cfg.server}: {exc.message}")
 
     # -- the whole life ----------------------------------------------------
     def run(self, services: Callable[[AgentCredentials], Sequence[Service]] = lambda _c: ()) -> int:
-        credentials = self.ensure_enrolled()
+        try:
+            credentials = self.ensure_enrolled()
+        except errors.SiteRecoveryError:
+            # Stopped while the configuration server could not be reached: the retry
+            # loop ends with its last error, but stopping is what was asked for.
+            if self.stop.is_set():
+                log.info("stopped before enrollment completed")
+                return 0
+            raise
         if self.stop.is_set():
             return 0
         running = start_server(
@@ -299,6 +319,7 @@ class AgentRuntime:
             tls_name=agent_dns_name(credentials.identity.id),
             **self.ready_facts,
         )
+        daemon.start_watchdog(self.stop)
         self.register()
         self.heartbeat_loop()
         daemon.report_stopping()

@@ -6,6 +6,13 @@ The shape of every daemon's entry point (CONVENTIONS 7) is
 readiness (the `NOTIFY_SOCKET` protocol of systemd, which the test harness
 and the lab also listen on), then works until SIGTERM/SIGINT sets the stop
 event, and drains.
+
+Supervisor messages go through the `sdnotify` package (a dependency since the
+foundation): READY=1 with a STATUS line when the ports are bound, STATUS= as
+the daemon's situation changes (enrolling, registered, configuration server
+unreachable), STOPPING=1 when it drains, and WATCHDOG=1 from a small thread
+while systemd asks for it (`WatchdogSec=` in the unit sets `WATCHDOG_USEC`).
+Without `NOTIFY_SOCKET` every message is dropped silently.
 """
 
 from __future__ import annotations
@@ -15,6 +22,7 @@ import json
 import os
 import signal
 import threading
+from collections.abc import Mapping
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import IO, Any
@@ -102,11 +110,57 @@ def report_ready(state_dir: Path, daemon: str, **facts: Any) -> Path:
 
 
 def report_status(text: str) -> None:
-    sdnotify.SystemdNotifier().notify(f"STATUS={text}")
+    """One line for `systemctl status`; newlines would end the assignment, so they go."""
+    sdnotify.SystemdNotifier().notify("STATUS=" + " ".join(text.split())[:400])
 
 
 def report_stopping() -> None:
     sdnotify.SystemdNotifier().notify("STOPPING=1")
+
+
+def watchdog_interval(environ: Mapping[str, str] | None = None) -> float | None:
+    """Seconds between WATCHDOG=1 pings systemd asks of this process, or None.
+
+    Half of `WATCHDOG_USEC`, as sd_watchdog_enabled(3) advises; None when it is
+    unset or not a positive number, or when `WATCHDOG_PID` names another process
+    (the variables were inherited by a child, which must not ping for us).
+    """
+    environ = os.environ if environ is None else environ
+    try:
+        usec = int(environ.get("WATCHDOG_USEC", ""))
+    except ValueError:
+        return None
+    if usec <= 0:
+        return None
+    pid = environ.get("WATCHDOG_PID", "")
+    if pid and pid != str(os.getpid()):
+        return None
+    return usec / 2 / 1_000_000
+
+
+def start_watchdog(stop: threading.Event, environ: Mapping[str, str] | None = None) -> threading.Thread | None:
+    """Ping WATCHDOG=1 every half `WATCHDOG_USEC` until `stop` is set; None when not asked to.
+
+    What it proves is modest and stated here so nobody reads more into it: the
+    interpreter still schedules threads (not wedged in a C call holding the GIL,
+    not frozen or swapped to death). A Python-level deadlock of the daemon's own
+    threads does not stop these pings. Started after READY=1, since systemd
+    arms the watchdog when start-up completes.
+    """
+    interval = watchdog_interval(environ)
+    if interval is None:
+        return None
+    notifier = sdnotify.SystemdNotifier()
+
+    def ping() -> None:
+        notifier.notify("WATCHDOG=1")
+        while not stop.wait(interval):
+            notifier.notify("WATCHDOG=1")
+
+    thread = threading.Thread(target=ping, name="systemd-watchdog", daemon=True)
+    thread.start()
+    log.info("systemd watchdog armed", ping_interval=interval)
+    return thread
 
 
 def read_state_file(state_dir: Path, daemon: str) -> dict[str, Any] | None:

@@ -275,6 +275,7 @@ def run(
     profile = _write_srctl_profile(cfg.state_dir / "admin", ctx.endpoint)
     log.info("listening", address=cfg.listen, port=running.port, srctl_profile=str(profile))
     daemon.report_ready(cfg.state_dir, DAEMON, port=running.port, srctl_profile=str(profile))
+    daemon.start_watchdog(stop)
     stop.wait()
     daemon.report_stopping()
     running.stop(grace=5.0)
