@@ -379,9 +379,9 @@ class PowerOnOnprem(ItemStep):
         vm = onprem.get_vm(name)
         if vm is None:
             vm = onprem.define_vm(name, {disk: Path(t["path"]) for disk, t in route.get("targets", {}).items()})
-        for disk, path in recovered.items():
-            onprem.replace_disk(name, disk, Path(path))
-        if onprem.get_vm(name).power == "off":
+        if not onprem.is_running(name):  # else an earlier run of this step started it already
+            for disk, path in recovered.items():
+                onprem.replace_disk(name, disk, Path(path))
             onprem.discard_replication_state(name)
         vm = onprem.power_on(name, self.env.launch())
         self.update(ctx, onprem={"vm": vm.name, "vm_uuid": vm.uuid, "provider": "local"})

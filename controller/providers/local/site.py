@@ -230,6 +230,11 @@ class LocalSite:
             log.info("local VM powered off", site=self.role, vm=name)
         return self._replace(vm, power="off") if vm.power != "off" else vm
 
+    def is_running(self, name: str) -> bool:
+        """Whether the VM's agent runs (which is what `on` means), whatever vm.json says."""
+        vm = self.get_vm(name)
+        return vm is not None and self._agent(vm) is not None
+
     def halt(self, name: str) -> None:
         """Stop the VM's agent but keep it `on`: the host went down (`srctl lab down`); power_on resumes it."""
         vm = self._require(name)
@@ -240,7 +245,7 @@ class LocalSite:
     def replace_disk(self, name: str, disk_name: str, recovered: Path) -> None:
         """Put a recovered image in place of a (powered-off) VM's disk; no-op when `recovered` is gone."""
         vm = self._require(name)
-        if vm.power == "on":
+        if self._agent(vm) is not None:
             raise errors.PreconditionFailed(f"VM {name} is running", hint="power it off first", code="vm-running")
         disk = next((d for d in vm.disks if d.name == disk_name), None)
         if disk is None:
