@@ -148,7 +148,7 @@ def resolve_server(store: Store, ref: str, role: str) -> ServerRecord:
     )
 
 
-def _directories(server: ServerRecord, kind: int) -> list[dict]:
+def directories(server: ServerRecord, kind: int) -> list[dict]:
     name = common_pb2.DirectoryKind.Name(kind)
     return [d for d in server.inventory.get("directories", []) if d.get("kind") == name]
 
@@ -296,8 +296,8 @@ def enable(
     retention: list[dict] = []
     target_path = ""
     if not azure:
-        datastores = _directories(master_target, common_pb2.DIRECTORY_KIND_DATASTORE)
-        retention = _directories(master_target, common_pb2.DIRECTORY_KIND_RETENTION)
+        datastores = directories(master_target, common_pb2.DIRECTORY_KIND_DATASTORE)
+        retention = directories(master_target, common_pb2.DIRECTORY_KIND_RETENTION)
         if not datastores or not retention:
             raise errors.PreconditionFailed(
                 f"master target {master_target.hostname} reports no datastore or no retention directory",

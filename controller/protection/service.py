@@ -14,6 +14,7 @@ import uuid
 from datetime import datetime
 
 from siterecovery.common import errors, pki
+from siterecovery.common.pb import common_pb2
 from siterecovery.common.pb import protection_pb2 as ppb
 from siterecovery.common.pb import replication_pb2 as rpb
 from siterecovery.controller import replication
@@ -230,8 +231,7 @@ def _failback_route(store: Store, request) -> dict:
     ps = replication.resolve_server(store, request.process_server, pki.PROCESS_SERVER)
     mt = replication.resolve_server(store, request.master_target, pki.MASTER_TARGET)
     if request.retention_dir:
-        retention = [d.get("path") for d in mt.inventory.get("directories", [])
-                     if d.get("kind") == "DIRECTORY_KIND_RETENTION"]
+        retention = [d.get("path") for d in replication.directories(mt, common_pb2.DIRECTORY_KIND_RETENTION)]
         if request.retention_dir not in retention:
             raise errors.NotFound(
                 f"master target {mt.hostname} has no retention directory {request.retention_dir}",

@@ -15,6 +15,7 @@ from typing import Any
 
 from siterecovery.common import errors, netidentity
 from siterecovery.common.logging import get_logger
+from siterecovery.common.pb import common_pb2
 from siterecovery.controller import health, replication
 from siterecovery.controller.jobs.engine import StepContext, Waiting
 from siterecovery.controller.protection.steps import (
@@ -37,8 +38,7 @@ RECOVERED_SUFFIX = ".sr-recovered"
 
 def _datastores(ctx: StepContext, server_id: str) -> list[str]:
     server = ctx.store.get_server(server_id)
-    return [d.get("path", "") for d in server.inventory.get("directories", [])
-            if d.get("kind") == "DIRECTORY_KIND_DATASTORE"]
+    return [d.get("path", "") for d in replication.directories(server, common_pb2.DIRECTORY_KIND_DATASTORE)]
 
 
 def _inside(path: Path, roots: list[str]) -> bool:
@@ -270,8 +270,7 @@ def onprem_preflight(env, store, item: ProtectedItemRecord, wanted: str, master_
                 code="vm-has-snapshots",
             )
         server = store.get_server(master_target_id)
-        roots = [d.get("path", "") for d in server.inventory.get("directories", [])
-                 if d.get("kind") == "DIRECTORY_KIND_DATASTORE"]
+        roots = [d.get("path", "") for d in replication.directories(server, common_pb2.DIRECTORY_KIND_DATASTORE)]
         outside = [d.name for d in vm.disks if not _inside(d.path, roots)]
         if outside:
             raise errors.PreconditionFailed(
