@@ -801,9 +801,11 @@ def materialize_on_target(
     *,
     point: str,
     output_path: str = "",
+    in_place: bool = False,
     timeout: float = 3600,
 ) -> rpb.MaterializeReply:
-    """Ask the pair's master target to materialise `point` (a tag id or "latest") at `output_path`."""
+    """Ask the pair's master target to materialise `point` (a tag id or "latest") at `output_path`
+    (or, `in_place`, to put the paused pair's disk itself back to it)."""
     if is_azure(pair):
         raise errors.PreconditionFailed(
             f"disk {pair.disk_name} replicates to Azure page blob {pair.target_path}; its recovery points are "
@@ -816,7 +818,8 @@ def materialize_on_target(
     with secure_channel(endpoint, credentials, target_name=pki.agent_dns_name(master_target.id)) as channel:
         try:
             return dataplane_pb2_grpc.MasterTargetStub(channel).Materialize(
-                rpb.MaterializeRequest(pair_id=pair.id, point=point, output_path=output_path), timeout=timeout
+                rpb.MaterializeRequest(pair_id=pair.id, point=point, output_path=output_path, in_place=in_place),
+                timeout=timeout,
             )
         except grpc.RpcError as exc:
             raise errors.from_rpc_error(exc, target=endpoint) from exc

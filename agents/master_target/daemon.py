@@ -22,7 +22,7 @@ from siterecovery.agents.runtime import AgentRuntime
 from siterecovery.agents.settings import MasterTargetSettings
 from siterecovery.common import daemon, grpcserver, logging, pki
 from siterecovery.common.grpcserver import Service
-from siterecovery.common.inventory import directory_facts, host_facts
+from siterecovery.common.inventory import bios_uuid, directory_facts, host_facts
 from siterecovery.common.pb import common_pb2, dataplane_pb2, dataplane_pb2_grpc
 
 DAEMON = "master-target"
@@ -73,7 +73,7 @@ def run(cfg: MasterTargetSettings, stop: threading.Event | None = None) -> int:
         daemon_name=DAEMON,
         stop=stop,
         inventory=lambda: common_pb2.Inventory(
-            host=host_facts(hostname=cfg.hostname), directories=directories(), data_endpoint=runtime.data_endpoint()
+            host=host_facts(hostname=cfg.hostname, machine_uuid=cfg.machine_uuid or bios_uuid()), directories=directories(), data_endpoint=runtime.data_endpoint()
         ),
         directories=directories,
         pairs=pairs,

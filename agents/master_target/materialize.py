@@ -17,6 +17,16 @@
   on during that second phase; pruning waits for it.
 
 A failure leaves no partial output file behind.
+
+`revert` puts the target disk itself back to an older point (failback to a
+point before the latest: the failback pair's target is the VM's own disk).
+The pair is paused and its stream ended first (pairs.py); under the apply lock
+every undo record newer than the point is written onto the disk, newest first,
+the disk is flushed, and `reverted.json` in the journal directory records the
+point. From then on the pair refuses streams (its seq bookkeeping no longer
+describes the disk); the workflow removes it next. A crash before the record is
+written is repaired by running it again: writing the same undo records newest
+first leaves every block as the oldest record newer than the point had it.
 """
 
 from __future__ import annotations
@@ -127,6 +137,40 @@ def _copy_and_undo(target: PairTarget, point: dict, fd: int) -> int:
                 blockio.pwrite_all(fd, data, ref.target_offset)
             undone += ref.length
     return undone
+
+
+def revert(target: PairTarget, point: str) -> rpb.MaterializeReply:
+    if point in ("", LATEST):
+        return _latest(target)
+    with target.lock:
+        done = target.reverted_to()
+        if done is not None:
+            if done["tag_id"] != point:
+                raise errors.Conflict(
+                    f"the target of pair {target.pair_id} was put back to point {done['tag_id']} already",
+                    hint="remove the pair; create a new one to replicate again", code="pair-reverted",
+                )
+            return rpb.MaterializeReply(path=str(target.target_path), tag_id=done["tag_id"], seq=done["seq"],
+                                        bytes_undone=done["bytes_undone"], copied=False)
+        wanted = target.find_point(point)
+        if wanted is None:
+            raise _unknown(target, point)
+        journal = target.journal
+        cut = journal.cut()
+        undone = 0
+        with journal.reading():
+            for ref, data in journal.undo_after(wanted["seq"], cut):
+                if data is None:
+                    blockio.zero_range(target.fd, ref.target_offset, ref.length)
+                else:
+                    blockio.pwrite_all(target.fd, data, ref.target_offset)
+                undone += ref.length
+        os.fsync(target.fd)
+        target.mark_reverted(wanted, undone)
+    log.info("target put back to a point in place", pair=target.pair_id, tag=point, seq=wanted["seq"],
+             bytes_undone=undone)
+    return rpb.MaterializeReply(path=str(target.target_path), tag_id=wanted["tag_id"], seq=wanted["seq"],
+                                bytes_undone=undone, copied=False)
 
 
 def _unknown(target: PairTarget, point: str) -> errors.NotFound:

@@ -243,6 +243,19 @@ class MasterTargetPairs:
 
     # -- Materialize -----------------------------------------------------------------
     def materialize(self, request: rpb.MaterializeRequest) -> rpb.MaterializeReply:
+        if request.in_place:
+            entry = self._entry(request.pair_id)
+            if request.output_path:
+                raise errors.InvalidInput("in_place writes no output file; leave output_path empty",
+                                          code="output-with-in-place")
+            if entry.assignment.desired_state != rpb.PAIR_DESIRED_STATE_PAUSED:
+                raise errors.PreconditionFailed(
+                    f"pair {request.pair_id} is not paused; its disk cannot be put back to a point in place",
+                    hint="pause the pair first (the failback workflow does)", code="pair-not-paused",
+                )
+            target = self._target(entry)
+            self._stop_stream(entry)
+            return materializing.revert(target, request.point)
         target = self.target(request.pair_id)
         return materializing.materialize(target, request.point, request.output_path, self.datastore_dirs)
 

@@ -70,6 +70,7 @@ after every change and never waits for it.
 from __future__ import annotations
 
 import errno
+import json
 import os
 import threading
 import time
@@ -83,7 +84,7 @@ from google.protobuf.timestamp_pb2 import Timestamp
 from siterecovery.agents.master_target import blockio, journal
 from siterecovery.agents.master_target.journal import RetentionFull, UndoJournal, UndoRef
 from siterecovery.common import errors
-from siterecovery.common.daemon import fsync_dir
+from siterecovery.common.daemon import fsync_dir, write_json_atomically
 from siterecovery.common.logging import get_logger
 from siterecovery.common.pb import replication_pb2 as rpb
 
@@ -96,6 +97,8 @@ SYNC_NONE, SYNC_STARTED, SYNC_DONE = "none", "started", "done"
 RETENTION_FULL = "retention-full"
 RESUME_HEADROOM = 4 * MiB
 DATASTORE_FULL = "datastore-full"
+# Written when the disk was put back to a point in place (materialize.revert).
+REVERTED = "reverted.json"
 
 
 @dataclass(frozen=True)
@@ -305,10 +308,31 @@ class PairTarget:
     def synced(self) -> bool:
         return self.state.get("sync") == SYNC_DONE
 
+    # -- put back in place (materialize.revert) -----------------------------------
+    def reverted_to(self) -> dict[str, Any] | None:
+        """The point the disk was put back to in place, or None."""
+        try:
+            return json.loads((self.journal_dir / REVERTED).read_text())
+        except FileNotFoundError:
+            return None
+
+    def mark_reverted(self, point: dict[str, Any], bytes_undone: int) -> None:
+        write_json_atomically(
+            self.journal_dir / REVERTED,
+            {"tag_id": point["tag_id"], "seq": point["seq"], "bytes_undone": bytes_undone},
+        )
+
     # -- resuming after a pause --------------------------------------------------
     def ensure_ready(self) -> None:
         """At a stream open: reopen after an error, resume after a pause when space returned."""
         with self.lock:
+            reverted = self.reverted_to()
+            if reverted is not None:
+                raise errors.PreconditionFailed(
+                    f"the target of pair {self.pair_id} was put back to point {reverted['tag_id']} in place; "
+                    "it takes no more frames",
+                    hint="remove the pair; create a new one to replicate again", code="pair-reverted",
+                )
             if self.error is not None or not self.opened:
                 self._open_locked()
             if self.paused is None:

@@ -195,14 +195,16 @@ class ReplicationReply(_message.Message):
     def __init__(self, accepted: _Optional[_Union[StreamAccepted, _Mapping]] = ..., ack: _Optional[_Union[Ack, _Mapping]] = ...) -> None: ...
 
 class MaterializeRequest(_message.Message):
-    __slots__ = ("pair_id", "point", "output_path")
+    __slots__ = ("pair_id", "point", "output_path", "in_place")
     PAIR_ID_FIELD_NUMBER: _ClassVar[int]
     POINT_FIELD_NUMBER: _ClassVar[int]
     OUTPUT_PATH_FIELD_NUMBER: _ClassVar[int]
+    IN_PLACE_FIELD_NUMBER: _ClassVar[int]
     pair_id: str
     point: str
     output_path: str
-    def __init__(self, pair_id: _Optional[str] = ..., point: _Optional[str] = ..., output_path: _Optional[str] = ...) -> None: ...
+    in_place: bool
+    def __init__(self, pair_id: _Optional[str] = ..., point: _Optional[str] = ..., output_path: _Optional[str] = ..., in_place: _Optional[bool] = ...) -> None: ...
 
 class MaterializeReply(_message.Message):
     __slots__ = ("path", "tag_id", "seq", "bytes_undone", "copied")

@@ -278,3 +278,38 @@ def test_a_newer_stream_replaces_an_older_one(mt: Harness):
     assert result.last_ack == stream[-1].seq
     assert outcome and outcome[0] == grpc.StatusCode.CANCELLED
     assert sha256(Path(assignment.target_path)) == reference_hash(stream, DISK, stream[-1].seq)
+
+
+def test_a_paused_pair_is_put_back_to_a_point_in_place_once_and_then_takes_no_frames(mt: Harness):
+    stream = make_stream("p1", seed=23, disk_size=DISK, count=300, done_at=30)
+    assignment = mt.assign("p1", DISK)
+    send(mt.stub(), "p1", DISK, stream)
+    target = Path(assignment.target_path)
+    latest = sha256(target)
+    tags = tag_hashes(stream, DISK)
+    tag_id, (seq, at_tag) = list(tags.items())[len(tags) // 2]
+
+    def revert(point: str) -> rpb.MaterializeReply:
+        return mt.admin().Materialize(rpb.MaterializeRequest(pair_id="p1", point=point, in_place=True), timeout=60)
+
+    # Not while the pair replicates: refused, the disk untouched.
+    status, code, _ = rpc_error(lambda: revert(tag_id))
+    assert (status, code) == (grpc.StatusCode.FAILED_PRECONDITION, "pair-not-paused")
+    assert sha256(target) == latest
+
+    mt.assign("p1", DISK, desired_state=rpb.PAIR_DESIRED_STATE_PAUSED)
+    reply = revert(tag_id)
+    assert (reply.path, reply.tag_id, reply.seq, reply.copied) == (str(target), tag_id, seq, False)
+    assert reply.bytes_undone > 0 and sha256(target) == at_tag
+    # Asked again (a step that runs twice): the same answer, nothing written again.
+    assert revert(tag_id).bytes_undone == reply.bytes_undone and sha256(target) == at_tag
+    other = next(t for t in tags if t != tag_id)
+    assert rpc_error(lambda: revert(other))[1] == "pair-reverted"
+    assert sha256(target) == at_tag
+
+    # Resumed by mistake, the pair refuses frames rather than mix them into the older disk.
+    mt.assign("p1", DISK, desired_state=rpb.PAIR_DESIRED_STATE_REPLICATING)
+    more = make_stream("p1", seed=24, disk_size=DISK, count=20, start_seq=stream[-1].seq + 1, sync=False)
+    status, code, _ = rpc_error(lambda: send(mt.stub(), "p1", DISK, more))
+    assert (status, code) == (grpc.StatusCode.FAILED_PRECONDITION, "pair-reverted")
+    assert sha256(target) == at_tag
