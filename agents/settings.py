@@ -82,6 +82,9 @@ class MasterTargetSettings(AgentSettings):
     # Free space kept on the retention disk: below it a pair pauses (retention-full)
     # instead of filling the disk, and resumes by itself when space returns.
     retention_reserve_bytes: int = 64 * 1024**2
+    # The master target VM's BIOS UUID, by which failback finds it in vCenter's
+    # inventory (its host, its datastores). Empty: read it (root on Linux).
+    machine_uuid: str = ""
 
     def __post_init__(self) -> None:
         super().__post_init__()
@@ -165,6 +168,11 @@ class SourceSettings(AgentSettings):
     # Run after a network order wrote its files ("nmcli connection reload", "netplan apply");
     # empty: only write them, and log what an administrator should run.
     network_apply_command: str = ""
+    # Prints the disk generation failback stamps on a VM before it rewrites its disks
+    # (agents/source/generation.py); a new value drops the old pairs' journals
+    # instead of replaying them. VMware VMs (Tools installed):
+    # 'vmware-rpctool "info-get guestinfo.siterecovery.disk-generation"'. Empty: not asked.
+    disk_generation_command: str = ""
     # A network identity stated here instead of read from the OS (Windows; or an override).
     network: NetworkSettings = field(default_factory=NetworkSettings)
     # A delta sync asks the process server for this many 64 KiB blocks' digests per

@@ -43,6 +43,7 @@ from siterecovery.controller.jobs.engine import JobRunner, RetryPolicy, registry
 from siterecovery.controller.protection import workflows
 from siterecovery.controller.protection.environment import Environment, LocalSites
 from siterecovery.controller.providers.local.site import AgentLaunch
+from siterecovery.controller.providers.vsphere.session import Session
 from siterecovery.controller.registration import register_server_kind
 from siterecovery.controller.revocation import Revocations
 from siterecovery.controller.secrets import SecretBox
@@ -223,6 +224,7 @@ def run(
             server=ctx.endpoint, passphrase=vault.current(), heartbeat_interval=cfg.heartbeat_interval,
             log_level=cfg.log_level,
         ),
+        vsphere_session=lambda record: Session(vcenters.endpoint_of(record, box)),
     )
     ctx.protection_jobs = registry(workflows.kinds(ctx.protection))
     runner = JobRunner(

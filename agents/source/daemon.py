@@ -25,6 +25,7 @@ from siterecovery.common.channels import RPC_TIMEOUT, secure_channel
 from siterecovery.common.inventory import DiskIdentities, bios_uuid, disk_facts, host_facts
 from siterecovery.common.pb import agent_pb2, agent_pb2_grpc, common_pb2
 
+from . import generation
 from .capture import DiskCapture
 from .nbd import NbdServer
 from .netidentity import NetworkAgent
@@ -121,6 +122,7 @@ def run(cfg: SourceSettings, stop: threading.Event | None = None) -> int:
         hold_barrier=hold_barrier,
         notify=lambda: runtime.heartbeat_now.set(),
     )
+    generation.drop_stale_pairs(cfg.state_dir, replication.root, cfg.disk_generation_command)
     replication.recover()
     nbd = NbdServer(cfg.nbd_listen, cfg.nbd_port)
     for name, disk in disks.items():

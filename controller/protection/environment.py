@@ -15,6 +15,8 @@ import grpc
 
 from siterecovery.common import errors
 from siterecovery.controller.providers.local.site import AgentLaunch, LocalSite
+from siterecovery.controller.providers.vsphere.session import Session
+from siterecovery.controller.store.base import VcenterRecord
 
 
 def utcnow() -> datetime:
@@ -48,6 +50,8 @@ class Environment:
     clock: Callable[[], datetime] = field(default=utcnow)
     # How long a failover waits for its final point before it goes on without one.
     final_point_timeout: float = 300.0
+    # Opens a session to a stored vCenter / ESXi endpoint (vSphere provider); None: none here.
+    vsphere_session: Callable[[VcenterRecord], Session] | None = None
 
     def local_sites(self) -> LocalSites:
         if self.local is None:

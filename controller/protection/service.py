@@ -22,6 +22,7 @@ from siterecovery.controller.convert import timestamp
 from siterecovery.controller.jobs import states
 from siterecovery.controller.jobs.engine import JobKind, create_job
 from siterecovery.controller.protection import lifecycle
+from siterecovery.controller.protection import onprem as onprem_sites
 from siterecovery.controller.protection.environment import Environment
 from siterecovery.controller.protection.site_steps import onprem_preflight
 from siterecovery.controller.protection.steps import FAILBACK, FORWARD
@@ -141,15 +142,14 @@ def protect(
     mt = replication.resolve_server(store, request.master_target, pki.MASTER_TARGET)
     source = store.get_server(machine.server_id)
     vm_uuid = source.inventory.get("host", {}).get("machine_uuid", "")
-    onprem_vm = None
-    if env.local is not None and vm_uuid:
-        onprem_vm = env.local.onprem.find_vm_by_uuid(vm_uuid)
+    found = onprem_sites.identify(store, env.local.onprem if env.local is not None else None, vm_uuid)
     details = {
-        "kind": "vm" if onprem_vm is not None else "physical",
+        "kind": "vm" if found is not None else "physical",
         "onprem": {
-            "provider": "local" if onprem_vm is not None else "",
-            "vm": onprem_vm.name if onprem_vm is not None else "",
+            "provider": found.provider if found is not None else "",
+            "vm": found.vm if found is not None else "",
             "vm_uuid": vm_uuid,
+            "vcenter": found.vcenter if found is not None else "",
             "machine_id": machine.id,
         },
         "cloud": {"provider": "local", "vm": "", "vm_uuid": "", "machine_id": "", "replicas": {}},
@@ -237,7 +237,10 @@ def _failback_route(store: Store, request) -> dict:
                 f"master target {mt.hostname} has no retention directory {request.retention_dir}",
                 hint="its retention directories: " + ", ".join(retention), code="retention-not-found",
             )
-    return {"process_server": ps.id, "master_target": mt.id, "datastore": request.datastore}
+    route = {"process_server": ps.id, "master_target": mt.id, "datastore": request.datastore}
+    if request.vcenter:
+        route["vcenter"] = store.get_vcenter(request.vcenter).id
+    return route
 
 
 def start_workflow(
@@ -455,7 +458,7 @@ def _set_failback_routes(
     routes = []
     for item in items:
         route = _failback_route(store, request)
-        onprem_preflight(env, store, item, target, route["master_target"])
+        onprem_preflight(env, store, item, target, route)
         routes.append((item, route))
     for item, route in routes:
         details = {**item.details, FAILBACK: {**item.details.get(FAILBACK, {}), **route}}

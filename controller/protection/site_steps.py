@@ -10,14 +10,14 @@ from __future__ import annotations
 
 import shutil
 from datetime import datetime
-from pathlib import Path, PurePosixPath
+from pathlib import Path
 from typing import Any
 
 from siterecovery.common import errors, netidentity
 from siterecovery.common.logging import get_logger
-from siterecovery.common.pb import common_pb2
 from siterecovery.controller import health, replication
 from siterecovery.controller.jobs.engine import StepContext, Waiting
+from siterecovery.controller.protection import onprem as onprem_sites
 from siterecovery.controller.protection.steps import (
     FAILBACK,
     FORWARD,
@@ -28,22 +28,10 @@ from siterecovery.controller.protection.steps import (
     remove_stale,
     resolve_point,
 )
-from siterecovery.controller.providers.local.site import LocalSite
 from siterecovery.controller.store.base import ProtectedItemRecord
 
 log = get_logger(__name__)
 
-RECOVERED_SUFFIX = ".sr-recovered"
-
-
-def _datastores(ctx: StepContext, server_id: str) -> list[str]:
-    server = ctx.store.get_server(server_id)
-    return [d.get("path", "") for d in replication.directories(server, common_pb2.DIRECTORY_KIND_DATASTORE)]
-
-
-def _inside(path: Path, roots: list[str]) -> bool:
-    resolved = path.resolve()
-    return any(resolved.is_relative_to(Path(root).resolve()) for root in roots if root)
 
 
 class RecoverToCloud(ItemStep):
@@ -170,11 +158,12 @@ class ShutdownSource(ItemStep):
     action = "shut down source"
 
     def run(self, ctx: StepContext, item: ProtectedItemRecord) -> dict:
-        name = item.details.get("onprem", {}).get("vm", "")
-        if not name or self.env.local is None:
+        onprem = item.details.get("onprem", {})
+        name = onprem.get("vm", "")
+        if not name or (onprem.get("provider") == onprem_sites.LOCAL and self.env.local is None):
             return {"shut_down": ""}
         try:
-            self.env.local.onprem.power_off(name)
+            onprem_sites.site_for(self.env, ctx.store, onprem).power_off(name)
         except errors.SiteRecoveryError as exc:
             ctx.progress(1.0, f"could not shut down {name}: {exc}; going on (unplanned failover)")
             return {"shut_down": ""}
@@ -182,8 +171,8 @@ class ShutdownSource(ItemStep):
 
     def undo(self, ctx: StepContext, item: ProtectedItemRecord) -> None:
         name = ctx.output.get("shut_down", "")
-        if name and self.env.local is not None:
-            self.env.local.onprem.power_on(name, self.env.launch())
+        if name:
+            onprem_sites.site_for(self.env, ctx.store, item.details.get("onprem", {})).power_on(name)
 
 
 class ShutdownCloudVm(ItemStep):
@@ -240,129 +229,100 @@ class FindAgent(ItemStep):
         return {"machine_id": machine.id}
 
 
-def onprem_preflight(env, store, item: ProtectedItemRecord, wanted: str, master_target_id: str) -> dict:
-    """The failback rules of DESIGN §1 the on-premises site can check; PreconditionFailed names the fix.
+def onprem_site(env, store, item: ProtectedItemRecord) -> onprem_sites.OnpremSite:
+    """The on-premises site a machine fails back to: the endpoint its reprotect chose, else where it came from."""
+    return onprem_sites.site_for(env, store, item.details.get("onprem", {}), item.details.get(FAILBACK, {}).get("vcenter", ""))
 
-    Run when a reprotect to on-premises is asked for (so a refusal changes
-    nothing) and again as the job's first step after claiming the machine.
+
+def onprem_preflight(env, store, item: ProtectedItemRecord, wanted: str, route: dict, *, fresh: bool = False) -> dict:
+    """The failback rules of DESIGN §1 (onprem.py); PreconditionFailed names the broken one and its fix.
+
+    Run when a reprotect to on-premises is asked for, on what is known (so a
+    refusal changes nothing), and again as the job's first step after claiming
+    the machine, on the site as it is now (`fresh`).
     """
-    onprem = env.local_sites().onprem
-    original = item.details.get("onprem", {}).get("vm", "")
-    if item.details.get("kind") == "physical" and wanted == "original":
-        raise errors.PreconditionFailed(
-            f"{item.name} is a physical server; failback to physical is not supported",
-            hint="reprotect with --target new: it fails back to a new VM on the master target's host and datastore",
-            code="physical-failback",
-        )
-    vm = onprem.get_vm(original) if original else None
-    if wanted == "original":
-        if vm is None:
-            raise errors.PreconditionFailed(
-                f"the original VM {original or item.name} no longer exists on-premises",
-                hint="reprotect with --target new to fail back to a new VM",
-                code="original-vm-missing",
-            )
-        if vm.snapshots:
-            count = len(vm.snapshots)
-            raise errors.PreconditionFailed(
-                f"VM {vm.name} has {count} snapshot{'s' if count != 1 else ''}",
-                hint="delete them, then run reprotect again",
-                code="vm-has-snapshots",
-            )
-        server = store.get_server(master_target_id)
-        roots = [d.get("path", "") for d in replication.directories(server, common_pb2.DIRECTORY_KIND_DATASTORE)]
-        outside = [d.name for d in vm.disks if not _inside(d.path, roots)]
-        if outside:
-            raise errors.PreconditionFailed(
-                f"the datastore of VM {vm.name} (disks {', '.join(outside)}) is not reachable from "
-                f"master target {server.hostname}",
-                hint="choose a master target whose host mounts that datastore, or reprotect with --target new",
-                code="datastore-unreachable",
-            )
-    return {"target": wanted, "vm": vm.name if vm is not None else ""}
+    site = onprem_sites.site_for(env, store, item.details.get("onprem", {}), route.get("vcenter", ""))
+    master_target = store.get_server(route["master_target"])
+    return site.preflight(item, wanted, master_target, route.get("datastore", ""), fresh=fresh)
 
 
 class PreflightOnprem(ItemStep):
-    """`onprem_preflight` again, now that the machine is this job's."""
+    """`onprem_preflight` again, on the site as it is now that the machine is this job's."""
 
     action = "preflight"
 
     def run(self, ctx: StepContext, item: ProtectedItemRecord) -> dict:
         return onprem_preflight(self.env, ctx.store, item, self.options.get("target", "original"),
-                                item.details.get(FAILBACK, {})["master_target"])
+                                item.details.get(FAILBACK, {}), fresh=True)
 
 
 class PrepareOnpremTarget(ItemStep):
-    """Make the on-premises disks the failback pairs write to: the original VM's, or new files."""
+    """Name the on-premises disks the failback pairs write to: the original VM's, or a new VM's files."""
 
     action = "prepare target"
 
     def run(self, ctx: StepContext, item: ProtectedItemRecord) -> dict:
         preflight = ctx.outputs.get(f"{self.label}: preflight", {})
-        onprem = self.env.local_sites().onprem
+        site = onprem_site(self.env, ctx.store, item)
+        master_target = ctx.store.get_server(item.details[FAILBACK]["master_target"])
         cloud_machine = ctx.store.get_machine(item.details["cloud"]["machine_id"])
-        targets: dict[str, dict] = {}
         if preflight.get("target") == "original":
             vm_name = preflight["vm"]
-            vm = onprem.power_off(vm_name)
-            onprem.discard_replication_state(vm_name)
-            on_vm = {d.name: d for d in vm.disks}
-            for disk in cloud_machine.disks:
-                name = disk.get("name", "")
-                if name not in on_vm:
-                    raise errors.PreconditionFailed(f"VM {vm_name} has no disk {name}", code="disk-not-found")
-                targets[name] = {"path": str(on_vm[name].path), "delta": True}
+            paths = site.original_targets(preflight, list(cloud_machine.disks), master_target)
+            site.power_off(vm_name)
+            site.before_overwrite(vm_name, ctx.job.id)
+            targets = {disk: {"path": path, "delta": True} for disk, path in paths.items()}
         else:
-            vm_name = self._new_name(onprem, item)
-            directory = onprem.vm_dir(vm_name)
-            roots = _datastores(ctx, item.details[FAILBACK]["master_target"])
-            if not _inside(directory.parent, roots):
-                raise errors.PreconditionFailed(
-                    f"the on-premises site {onprem.root} is not a datastore of the master target",
-                    hint="choose the master target of the on-premises site", code="datastore-unreachable",
-                )
-            directory.mkdir(parents=True, exist_ok=True)
-            for disk in cloud_machine.disks:
-                path = directory / f"{disk.get('name')}.img"
-                with open(path, "ab") as f:
-                    f.truncate(int(disk.get("size_bytes", 0)))
-                targets[disk.get("name", "")] = {"path": str(path), "delta": False}
-        self.update(ctx, failback={"targets": targets, "vm": vm_name, "target": preflight.get("target", "new")})
+            vm_name = self._new_name(site, item)
+            paths = site.new_vm_targets(vm_name, preflight, list(cloud_machine.disks), master_target)
+            targets = {disk: {"path": path, "delta": False} for disk, path in paths.items()}
+        self.update(ctx, failback={"targets": targets, "vm": vm_name, "target": preflight.get("target", "new"),
+                                   "preflight": preflight})
         return {"vm": vm_name, "targets": targets}
 
     @staticmethod
-    def _new_name(onprem: LocalSite, item: ProtectedItemRecord) -> str:
+    def _new_name(site: onprem_sites.OnpremSite, item: ProtectedItemRecord) -> str:
         existing = item.details.get(FAILBACK, {}).get("vm", "")
         if existing and item.details.get(FAILBACK, {}).get("target") != "original":
             return existing
         for candidate in (item.name, f"{item.name}-failback"):
-            if onprem.get_vm(candidate) is None:
+            if not site.vm_exists(candidate):
                 return candidate
         return f"{item.name}-failback-{item.id[-6:]}"
 
 
 class RecoverOnprem(ItemStep):
-    """Bring every failback target to the chosen point (nothing to do for the latest)."""
+    """Put every failback target back to the chosen point, in place (nothing to do for the latest).
+
+    The pairs are paused; the master target writes the undo records newer than
+    the point onto the disk itself (materialize.revert), so no second copy of the
+    disk is made and the same works whatever the provider.
+    """
 
     action = "recover disks"
 
     def run(self, ctx: StepContext, item: ProtectedItemRecord) -> dict:
         wanted = self.options.get("point", "latest")
         final = ctx.outputs.get(f"{self.label}: final point", {}).get("point", "")
-        recovered, points = {}, set()
+        undone, points = 0, set()
         for pair in pairs_of(ctx.store, item, FAILBACK):
             point = "latest" if wanted in ("", "latest") else resolve_point(ctx, pair, wanted)
             if point == "latest":
                 points.add(final or "latest")
                 continue
-            output = Path(str(PurePosixPath(pair.target_path))).with_name(
-                Path(pair.target_path).name + RECOVERED_SUFFIX
-            )
-            remove_stale(output)
-            result = materialize(self.env, ctx, pair, point, output)
-            recovered[pair.disk_name] = result.path
-            points.add(result.point)
-        return {"recovered": recovered, "point": ",".join(sorted(points))}
+            ctx.progress(0.5, f"putting {pair.disk_name} back to {point}")
+            try:
+                reply = replication.materialize_on_target(
+                    ctx.store, self.env.master_target_credentials(), pair, point=point, in_place=True
+                )
+            except errors.PreconditionFailed as exc:
+                if exc.code != "pair-not-paused":
+                    raise
+                # The pause reaches the master target with its next heartbeat.
+                raise Waiting(f"waiting for the master target to pause {pair.disk_name}", delay=POLL) from exc
+            undone += reply.bytes_undone
+            points.add(reply.tag_id or point)
+        return {"point": ",".join(sorted(points)), "bytes_undone": undone}
 
 
 class PowerOnOnprem(ItemStep):
@@ -371,21 +331,18 @@ class PowerOnOnprem(ItemStep):
     action = "power on"
 
     def run(self, ctx: StepContext, item: ProtectedItemRecord) -> dict:
-        onprem = self.env.local_sites().onprem
+        site = onprem_site(self.env, ctx.store, item)
         route = item.details.get(FAILBACK, {})
         name = route.get("vm", "")
-        recovered = ctx.outputs.get(f"{self.label}: recover disks", {}).get("recovered", {})
-        vm = onprem.get_vm(name)
-        if vm is None:
-            vm = onprem.define_vm(name, {disk: Path(t["path"]) for disk, t in route.get("targets", {}).items()})
-        if not onprem.is_running(name):  # else an earlier run of this step started it already
-            for disk, path in recovered.items():
-                onprem.replace_disk(name, disk, Path(path))
-            onprem.discard_replication_state(name)
-        vm = onprem.power_on(name, self.env.launch())
-        self.update(ctx, onprem={"vm": vm.name, "vm_uuid": vm.uuid, "provider": "local"})
-        ctx.progress(1.0, f"VM {vm.name} is on")
-        return {"vm": vm.name}
+        if not site.vm_exists(name):
+            site.define_vm(name, route.get("preflight", {}),
+                           {disk: t["path"] for disk, t in route.get("targets", {}).items()})
+        if not site.is_running(name):  # else an earlier run of this step started it already
+            site.before_overwrite(name, ctx.job.id)
+        vm = site.power_on(name)
+        self.update(ctx, onprem={"vm": vm.vm, "vm_uuid": vm.vm_uuid, "provider": vm.provider, "vcenter": vm.vcenter})
+        ctx.progress(1.0, f"VM {vm.vm} is on")
+        return {"vm": vm.vm}
 
 
 class ApplyNetwork(ItemStep):

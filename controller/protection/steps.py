@@ -166,7 +166,9 @@ class Finish(ItemStep):
             "at": self.env.clock().isoformat(),
             "seconds": round((self.env.clock() - ctx.job.created_at).total_seconds(), 3),
             "bytes_moved": sum(int(o.get("bytes_moved", 0)) for o in mine.values()),
-            "point": next((o["point"] for o in mine.values() if o.get("point")), ""),
+            # The point the disks were recovered at; else the first one a step named (a final point).
+            "point": mine.get(f"{self.label}: recover disks", {}).get("point")
+            or next((o["point"] for o in mine.values() if o.get("point")), ""),
         }
         history = [*list(item.details.get("history", []))[-19:], record]
         changes: dict[str, Any] = {"state": self.move.done, "details": with_details(item, history=history)}

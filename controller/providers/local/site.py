@@ -242,18 +242,6 @@ class LocalSite:
         if running is not None and not launcher.stop(running):
             raise errors.Unavailable(f"the agent of VM {name} did not stop", code="local-vm-stuck")
 
-    def replace_disk(self, name: str, disk_name: str, recovered: Path) -> None:
-        """Put a recovered image in place of a (powered-off) VM's disk; no-op when `recovered` is gone."""
-        vm = self._require(name)
-        if self._agent(vm) is not None:
-            raise errors.PreconditionFailed(f"VM {name} is running", hint="power it off first", code="vm-running")
-        disk = next((d for d in vm.disks if d.name == disk_name), None)
-        if disk is None:
-            raise errors.NotFound(f"VM {name} has no disk {disk_name}", code="disk-not-found")
-        if recovered.exists():
-            os.replace(recovered, disk.path)
-            fsync_dir(disk.path.parent)
-
     def discard_replication_state(self, name: str) -> None:
         """Forget what the VM's agent journaled for its old pairs (the VM must be off).
 

@@ -74,7 +74,7 @@ def wait_for_task(session: Session, task: Any, *, what: str, timeout: float = 60
         interval = min(interval * 2, 2.0)
 
 
-def _datastore_path(path: str) -> tuple[str, str]:
+def parse_datastore_path(path: str) -> tuple[str, str]:
     """'[ds] dir/file.vmdk' → ('ds', 'dir/file.vmdk'), refusing anything else."""
     text = path.strip()
     if not text.startswith("[") or "]" not in text:
@@ -148,7 +148,7 @@ def create_vm(
     if memory_mb < 4 or cpus < 1:
         raise InvalidInput("memory must be at least 4 MB and the VM needs at least one CPU")
     for path in disks:
-        _datastore_path(path)
+        parse_datastore_path(path)
     host = ref(session, vim.HostSystem, host_id)
     try:
         host_row = properties.read_one(session, host, ["parent", "datastore"])
@@ -246,7 +246,7 @@ def attached_disks(session: Session, vm_id: str) -> dict[str, Any]:
 
 def attach_disk(session: Session, vm_id: str, path: str) -> int:
     """Attach the existing VMDK `path` to VM `vm_id`; returns the disk's device key."""
-    _datastore_path(path)
+    parse_datastore_path(path)
     devices = _vm_row(session, vm_id, ["config.hardware.device"]).get("config.hardware.device") or []
     for d in devices:
         if isinstance(d, vim.vm.device.VirtualDisk) and getattr(d.backing, "fileName", "") == path:
@@ -277,7 +277,7 @@ def attach_disk(session: Session, vm_id: str, path: str) -> int:
 
 def detach_disk(session: Session, vm_id: str, path: str) -> bool:
     """Detach `path` from VM `vm_id`, keeping the file; False when it was not attached."""
-    _datastore_path(path)
+    parse_datastore_path(path)
     disk = attached_disks(session, vm_id).get(path)
     if disk is None:
         return False

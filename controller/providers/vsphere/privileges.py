@@ -47,6 +47,8 @@ FAILBACK_HOST_PRIVILEGES: tuple[str, ...] = (
     "VirtualMachine.Config.RemoveDisk",
     "VirtualMachine.Interact.PowerOn",
     "VirtualMachine.Interact.PowerOff",
+    # Failback stamps the disk generation in the VM's advanced settings (guestinfo).
+    "VirtualMachine.Config.AdvancedConfig",
     "Resource.AssignVMToPool",
 )
 
