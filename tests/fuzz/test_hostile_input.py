@@ -603,6 +603,8 @@ def test_fuzz_materialize(fuzz_site):
     @given(request=strategy)
     @example(request=rpb.MaterializeRequest(pair_id=fuzz_site.pair["pair_id"], point=fuzz_site.tag_id,
                                             output_path=fuzz_site.pair["target_path"]))
+    # In place on a pair that replicates: refused (pair-not-paused), the disk untouched.
+    @example(request=rpb.MaterializeRequest(pair_id=fuzz_site.pair["pair_id"], point=fuzz_site.tag_id, in_place=True))
     def run(request):
         # OK only for "latest" (the disk itself, nothing copied); ABORTED: the output exists.
         check(fuzz_site, "master-target", channel, "/siterecovery.v1.MasterTarget/Materialize", "unary_unary",
