@@ -25,7 +25,13 @@ from siterecovery.controller.protection import lifecycle
 from siterecovery.controller.protection import onprem as onprem_sites
 from siterecovery.controller.protection.environment import Environment
 from siterecovery.controller.protection.site_steps import onprem_preflight
-from siterecovery.controller.protection.steps import FAILBACK, FORWARD
+from siterecovery.controller.protection.steps import (
+    FAILBACK,
+    FORWARD,
+    MULTI_VM,
+    common_multi_vm_points,
+    pairs_of,
+)
 from siterecovery.controller.store.base import (
     JobRecord,
     ProtectedItemRecord,
@@ -226,6 +232,15 @@ def _options(store: Store, item: ProtectedItemRecord, workflow: str, request) ->
     return options
 
 
+def _pin_multi_vm_points(store: Store, items: list[ProtectedItemRecord], workflow: str, options: dict) -> None:
+    """For latest-multi-vm-consistent: one tag per group, common to all its machines, chosen now."""
+    if options.get("point") != MULTI_VM:
+        return
+    direction = FAILBACK if workflow == "failback" else FORWARD
+    pairs = [p for item in items for p in pairs_of(store, item, direction)]
+    options["multi_vm_points"] = common_multi_vm_points([(p, replication.points(store, p)) for p in pairs])
+
+
 def _failback_route(store: Store, request) -> dict:
     """The failback route a reprotect to on-premises names: process server, master target, datastore (checked)."""
     ps = replication.resolve_server(store, request.process_server, pki.PROCESS_SERVER)
@@ -257,6 +272,7 @@ def start_workflow(
             hint=f"`srctl machine failback-status {item.name}` shows its VMs", code="no-cloud-vm",
         )
     options = _options(store, item, workflow, request)
+    _pin_multi_vm_points(store, [item], workflow, options)
     if workflow == "reprotect-to-onprem":
         _set_failback_routes(store, env, [item], request, options["target"], now=now)
     return create_job(store, kinds[workflow], target=f"{workflow} {item.name}",
@@ -434,6 +450,7 @@ def start_plan_workflow(
         )
     options = _options(store, all_items[0], workflow, request)
     options["direction"] = request.direction
+    _pin_multi_vm_points(store, [store.get_protected_item(m[0]) for g in groups for m in g], workflow, options)
     kept = [(g, a) for g, a in zip(groups, actions, strict=True) if g or a["before"] or a["after"]]
     params = _params(workflow, [g for g, _ in kept], options, plan=plan.name, actions=[a for _, a in kept])
     if workflow == "reprotect-to-onprem":

@@ -77,7 +77,7 @@ class RecoverToCloud(ItemStep):
                 p.tag_id == final.get("tag") for p in replication.points(ctx.store, pair)
             ):
                 return "latest"
-        return resolve_point(ctx, pair, wanted)
+        return resolve_point(ctx, pair, wanted, self.options)
 
     def undo(self, ctx: StepContext, item: ProtectedItemRecord) -> None:
         cloud = self.env.local_sites().cloud
@@ -306,7 +306,7 @@ class RecoverOnprem(ItemStep):
         final = ctx.outputs.get(f"{self.label}: final point", {}).get("point", "")
         undone, points = 0, set()
         for pair in pairs_of(ctx.store, item, FAILBACK):
-            point = "latest" if wanted in ("", "latest") else resolve_point(ctx, pair, wanted)
+            point = "latest" if wanted in ("", "latest") else resolve_point(ctx, pair, wanted, self.options)
             if point == "latest":
                 points.add(final or "latest")
                 continue

@@ -380,10 +380,46 @@ class FinalPoint(ItemStep):
 # --- helpers for recovering disks -----------------------------------------------------------
 
 
-def resolve_point(ctx: StepContext, pair: PairRecord, wanted: str) -> str:
-    """The tag id `wanted` names for this pair, or "latest"."""
+MULTI_VM = "latest-multi-vm-consistent"
+
+
+def resolve_point(ctx: StepContext, pair: PairRecord, wanted: str, options: dict | None = None) -> str:
+    """The tag id `wanted` names for this pair, or "latest".
+
+    The latest multi-VM-consistent point is the one pinned for the pair's group
+    when the job was asked for (`common_multi_vm_points`), so every machine of the
+    group recovers at the same cut even if a newer one reaches some pairs meanwhile.
+    """
+    pinned = (options or {}).get("multi_vm_points", {})
+    if wanted == MULTI_VM and pair.group_id in pinned:
+        return pinned[pair.group_id]
     chosen = replication.choose_point(replication.points(ctx.store, pair), wanted or "latest")
     return chosen.tag_id if chosen is not None else "latest"
+
+
+def common_multi_vm_points(points_by_pair: list[tuple[PairRecord, list[rpb.RecoveryPoint]]]) -> dict[str, str]:
+    """Per pair group, the newest multi-VM-consistent tag every pair of the group holds.
+
+    PreconditionFailed names a group whose pairs have none in common (a barrier
+    some pair has not received yet, or the group never took one).
+    """
+    by_group: dict[str, list[list[rpb.RecoveryPoint]]] = {}
+    for pair, points in points_by_pair:
+        mvc = [p for p in points if p.kind == rpb.RECOVERY_POINT_KIND_MULTI_VM_CONSISTENT]
+        by_group.setdefault(pair.group_id, []).append(mvc)
+    chosen: dict[str, str] = {}
+    for group, lists in sorted(by_group.items()):
+        common = set.intersection(*(set(p.tag_id for p in points) for points in lists))
+        newest = next((p.tag_id for p in reversed(lists[0]) if p.tag_id in common), None)
+        if newest is None:
+            raise errors.PreconditionFailed(
+                f"the disks of group {group or '(none)'} have no multi-VM-consistent point in common",
+                hint=f"take one with `srctl recovery-points create --group {group}`, wait until every "
+                "pair holds it, then retry (or choose another point)",
+                code="no-common-multi-vm-point",
+            )
+        chosen[group] = newest
+    return chosen
 
 
 @dataclass(frozen=True)
