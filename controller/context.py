@@ -37,8 +37,8 @@ class ControllerContext:
     secrets: SecretBox | None = None
     # Discovery of a vCenter / ESXi endpoint (controller/vcenters.py).
     discovery_job: JobKind | None = None
-    # Nonces of accepted enrollments: a replayed request is refused.
-    nonces: NonceRegistry = field(default_factory=NonceRegistry)
+    # Nonces of accepted enrollments, in the store: a replayed request is refused (default: on `store`).
+    nonces: NonceRegistry | None = None
     # The Azure job kinds by name (controller/azure_sites.py), as the runner has them.
     azure_jobs: dict[str, JobKind] = field(default_factory=dict)
     # The protection workflows (controller/protection/) and what they need.
@@ -46,6 +46,10 @@ class ControllerContext:
     protection_jobs: dict[str, JobKind] = field(default_factory=dict)
     # Pending network orders per agent and where their results go (controller/network_orders.py).
     network_orders: NetworkOrderHooks = field(default_factory=NetworkOrderHooks)
+
+    def __post_init__(self) -> None:
+        if self.nonces is None:
+            self.nonces = NonceRegistry(self.store)
 
     def revoked_ids(self) -> list[str]:
         return sorted(self.revocations.ids()) if self.revocations is not None else []

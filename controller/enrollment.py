@@ -13,18 +13,19 @@ This module holds the domain logic the Enrollment servicer calls:
 * `FailureLimiter` counts wrong passphrases per peer host. It lives in the
   process's memory: with several controller replicas each keeps its own
   count, so a host may try (replicas x max_failures) times per window.
-* `NonceRegistry` remembers the client nonces of accepted enrollments, so the
-  same signed request sent again (a replay) is refused. Also per process and in
-  memory: a replay after a restart, or to another replica, still gets a
-  certificate, but only for the public key in the recorded CSR, which is of no
-  use without the agent's private key; the registry stops the cheap case (one
-  request captured and resent) from filling the store with server rows.
+* `NonceRegistry` remembers the client nonces of accepted enrollments for a
+  day, in the store (shared by replicas, kept across restarts), so the same
+  signed request sent again (a replay) is refused. A replayed request could
+  only ever get a certificate for the public key in the recorded CSR, of no use
+  without the agent's private key; refusing it keeps a captured request from
+  filling the store with server rows.
 * `enroll_agent` checks one request and returns what the servicer sends back.
 """
 
 from __future__ import annotations
 
 import datetime as dt
+import hashlib
 import hmac
 import json
 import math
@@ -49,6 +50,7 @@ from siterecovery.common.enrollment import (
     server_proof,
 )
 from siterecovery.common.logging import get_logger
+from siterecovery.controller.store.base import Store
 
 log = get_logger(__name__)
 
@@ -134,33 +136,23 @@ class FailureLimiter:
 
 
 class NonceRegistry:
-    """Client nonces of accepted enrollments, kept `keep_seconds` (bounded in number).
+    """The client nonces of accepted enrollments, kept a day in the store.
 
-    Thread-safe. Only nonces of requests whose proof checked out are kept, so
-    an attacker without the passphrase cannot fill it.
+    Only nonces of requests whose proof checked out are kept, so an attacker
+    without the passphrase cannot fill it. The store is shared by every replica
+    and survives restarts, so a captured request cannot be replayed to another
+    replica or after a restart either. Nonces are kept as SHA-256 digests.
     """
 
-    MAX_NONCES = 100_000
-
-    def __init__(self, keep_seconds: float = 86_400, clock: Callable[[], float] = time.monotonic) -> None:
+    def __init__(self, store: Store, keep_seconds: float = 86_400, clock: Callable[[], dt.datetime] | None = None):
+        self.store = store
         self.keep_seconds = keep_seconds
-        self._clock = clock
-        self._lock = threading.Lock()
-        self._seen: dict[bytes, float] = {}  # nonce -> when; insertion order is age order
+        self._clock = clock or (lambda: dt.datetime.now(dt.UTC))
 
     def claim(self, nonce: bytes) -> bool:
         """Remember `nonce`; False when it was seen already (the request is a replay)."""
-        with self._lock:
-            now = self._clock()
-            while self._seen:
-                oldest, when = next(iter(self._seen.items()))
-                if when > now - self.keep_seconds and len(self._seen) < self.MAX_NONCES:
-                    break
-                del self._seen[oldest]
-            if nonce in self._seen:
-                return False
-            self._seen[nonce] = now
-            return True
+        digest = hashlib.sha256(nonce).hexdigest()
+        return self.store.claim_enrollment_nonce(digest, now=self._clock(), keep_seconds=self.keep_seconds)
 
 
 def host_of_peer(grpc_peer: str) -> str:

@@ -673,6 +673,16 @@ class Store(ABC):
     @abstractmethod
     def job_signals(self, job_id: str) -> set[str]: ...
 
+    # --- enrollment -----------------------------------------------------------------
+
+    @abstractmethod
+    def claim_enrollment_nonce(self, digest: str, *, now: datetime, keep_seconds: float) -> bool:
+        """Remember an accepted enrollment's nonce (its digest); False when it was seen already.
+
+        Digests older than `keep_seconds` are forgotten in the same transaction.
+        Shared by every replica on the store and kept across restarts.
+        """
+
     @abstractmethod
     def close(self) -> None:
         """Release connections. The store is unusable afterwards."""

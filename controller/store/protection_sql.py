@@ -11,7 +11,7 @@ so a crash leaves all of a method's changes or none.
 
 from __future__ import annotations
 
-from datetime import datetime
+from datetime import datetime, timedelta
 from typing import Any
 
 import sqlalchemy as sa
@@ -26,6 +26,7 @@ from siterecovery.controller.store.base import (
     utc,
 )
 from siterecovery.controller.store.schema import (
+    enrollment_nonces,
     job_signals,
     jobs,
     machines,
@@ -238,6 +239,25 @@ class ProtectionSqlMixin:
                 conn.execute(sa.insert(job_signals).values(job_id=job_id, name=name, created_at=utc(now, "now")))
                 return True
         except sa.exc.IntegrityError:  # the same signal given twice at once
+            return False
+
+    # --- enrollment nonces (not protection, but as small; 0008) ---
+
+    def claim_enrollment_nonce(self, digest: str, *, now: datetime, keep_seconds: float) -> bool:
+        if not digest or len(digest) > 64:
+            raise InvalidInput("a nonce digest is 1 to 64 characters")
+        now = utc(now, "now")
+        try:
+            with self._write() as conn:
+                conn.execute(sa.delete(enrollment_nonces).where(
+                    enrollment_nonces.c.seen_at < now - timedelta(seconds=keep_seconds)))
+                if conn.execute(
+                    sa.select(enrollment_nonces.c.digest).where(enrollment_nonces.c.digest == digest)
+                ).first():
+                    return False
+                conn.execute(sa.insert(enrollment_nonces).values(digest=digest, seen_at=now))
+                return True
+        except sa.exc.IntegrityError:  # the same request twice at once, on two replicas
             return False
 
     def job_signals(self, job_id: str) -> set[str]:

@@ -280,3 +280,13 @@ job_signals = sa.Table(
     sa.Column("name", sa.String(128), primary_key=True),
     sa.Column("created_at", UtcDateTime(), nullable=False),
 )
+
+# Digests of the client nonces of accepted enrollments (a replayed request is refused,
+# by every replica and after a restart); rows older than a day are dropped as new ones come.
+enrollment_nonces = sa.Table(
+    "enrollment_nonces",
+    metadata,
+    sa.Column("digest", sa.String(64), primary_key=True),
+    sa.Column("seen_at", UtcDateTime(), nullable=False),
+    sa.Index(None, "seen_at"),
+)
