@@ -13,7 +13,8 @@
    appended and flushed; only then is the batch acknowledged.
 
 The target file is `target_path` (created sparse at the disk size when
-missing); the journal lives in `journal_dir` (layout in journal.py). Nothing
+missing, or when empty: a hypervisor's new thin extent; never for a delta
+pair, which compares an existing disk); the journal lives in `journal_dir` (layout in journal.py). Nothing
 else is kept on disk: the pair's state is the journal's committed state.
 
 Crash analysis (kill -9 or power loss at any moment; `open` runs recovery):
@@ -206,7 +207,10 @@ class PairTarget:
                     code="disk-size-mismatch",
                 )
             if created and int(state.get("applied_seq", 0)) > 0:
-                os.unlink(self.target_path)
+                if self._was_empty:  # not ours to remove: leave it as empty as it was
+                    os.ftruncate(self._fd, 0)
+                else:
+                    os.unlink(self.target_path)
                 raise errors.PreconditionFailed(
                     f"target disk {self.target_path} was missing, but the journal says frames up to "
                     f"{state['applied_seq']} were applied to it",
@@ -250,6 +254,7 @@ class PairTarget:
         """Open the target disk; create it sparse when missing. True when created."""
         path = self.target_path
         created = False
+        self._was_empty = False
         if not path.exists():
             blockio.make_dirs(path.parent)
             tmp = path.with_name(f".{path.name}.creating")
@@ -264,6 +269,12 @@ class PairTarget:
             created = True
         self._fd = os.open(path, os.O_RDWR | os.O_CLOEXEC)
         size = blockio.device_size(self._fd)
+        if size == 0 and self.disk_size and not self.delta and path.is_file():
+            # An empty file is a disk never written (a hypervisor's new thin extent, say a new
+            # VM's for failback): it gets the disk's size, sparse, and counts as created.
+            os.ftruncate(self._fd, self.disk_size)
+            os.fsync(self._fd)
+            size, created, self._was_empty = self.disk_size, True, True
         if size != self.disk_size:
             os.close(self._fd)
             self._fd = -1

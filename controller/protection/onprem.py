@@ -253,12 +253,6 @@ class VsphereOnprem(OnpremSite):
         ds = inventory.datastore(decision["datastore"]["id"])
         directory = _datastore_dir(ds.name, ds.url, master_target)  # the master target must reach it as files
         vm = decision["vm"]
-        if vm is None:
-            raise errors.PreconditionFailed(
-                f"failing back to a new VM on {self.vcenter.name} is not supported yet",
-                hint="fail back to the original VM (--target original), or through the local provider",
-                code="vsphere-new-vm-unsupported",
-            )
         return {
             "target": decision["target"],
             "vm": vm["name"] if vm else "",
@@ -333,17 +327,28 @@ class VsphereOnprem(OnpremSite):
             operations.set_extra_config(session, self._require(session, vm), {GUESTINFO_GENERATION: generation})
 
     def new_vm_targets(self, name, preflight, disks, master_target):
-        directory = PurePosixPath(preflight["datastore_dir"]) / name
-        return {d.get("name", ""): str(directory / flat_extent(f"{d.get('name')}.vmdk")) for d in disks}
+        """Create the new VM now, powered off, with new thin disks; the master target writes their flat extents."""
+        datastore = preflight["datastore"]
+        files = [f"{name}/{d.get('name')}.vmdk" for d in disks]
+        with self.open_session(self.vcenter) as session:
+            if operations.find_vm(session, name) is None:
+                operations.create_vm(
+                    session, name=name, host_id=preflight["host"], datastore=datastore,
+                    disks=[f"[{datastore}] {f}" for f in files],
+                    new_disk_sizes=[int(d.get("size_bytes", 0)) for d in disks],
+                )
+        directory = PurePosixPath(preflight["datastore_dir"])
+        return {d.get("name", ""): str(directory / flat_extent(f)) for d, f in zip(disks, files, strict=True)}
 
     def vm_exists(self, name):
         with self.open_session(self.vcenter) as session:
             return self._vm_id(session, name) is not None
 
     def define_vm(self, name, preflight, targets):
-        raise errors.PreconditionFailed(
-            f"creating a new VM {name} on {self.vcenter.name} from failed-back disks is not supported yet",
-            hint="fail back to the original VM (--target original)", code="vsphere-new-vm-unsupported",
+        """The VM was made with its disks (`new_vm_targets`); that it is gone now is an error."""
+        raise errors.NotFound(
+            f"the new VM {name} is gone from {self.vcenter.name}",
+            hint="run reprotect again: it makes the VM and copies its disks anew", code="vm-not-found",
         )
 
 

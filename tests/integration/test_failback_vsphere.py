@@ -54,13 +54,15 @@ class Guest:
     """app01's guest: a source agent on the VM's flat VMDK, alive while vCenter says the VM is on."""
 
     def __init__(self, site: FailbackSite, admin: Session, vm_id: str, flat: Path, bios_uuid: str) -> None:
+        # vm_id "": a physical server (no VM, no VMware Tools to ask).
         self.site, self.admin, self.vm_id, self.flat, self.bios_uuid = site, admin, vm_id, flat, bios_uuid
         self.guestinfo = site.root / "guestinfo-disk-generation"
         self.agent: launcher.Launched | None = None
 
     def boot(self) -> None:
         # What VMware Tools would answer for the disk generation failback stamps on the VM.
-        self.guestinfo.write_text(operations.extra_config(self.admin, self.vm_id).get(GUESTINFO_GENERATION, ""))
+        stamp = operations.extra_config(self.admin, self.vm_id).get(GUESTINFO_GENERATION, "") if self.vm_id else ""
+        self.guestinfo.write_text(stamp)
         self.agent = self.site.start_agent(
             "source-agent", VM, hostname=VM, machine_uuid=self.bios_uuid,
             disks=[{"name": "disk0", "path": str(self.flat)}],
@@ -115,11 +117,39 @@ def _discover(site: FailbackSite) -> None:
     site.wait_job(job)
 
 
-def test_failback_to_the_original_vsphere_vm_moves_only_the_differences(tmp_path: Path, vpx: Vcsim) -> None:
-    admin = vpx.session()
+def _vcenter_ready(admin: Session) -> tuple[Path, str]:
+    """The master target VM made ready for failback; (LocalDS_0's directory, the master target's BIOS UUID)."""
     inv = discover(admin)
     operations.set_extra_config(admin, inv.vm(MT_VM).id, {"disk.EnableUUID": "TRUE"})
-    datastore = Path(inv.datastore("LocalDS_0").url)
+    return Path(inv.datastore("LocalDS_0").url), discover(admin).vm(MT_VM).bios_uuid
+
+
+def _start(site: FailbackSite, vpx: Vcsim, datastore: Path, mt_uuid: str) -> None:
+    """The configuration server, the four agents (the on-premises master target on LocalDS_0), vc01 discovered."""
+    site.cs_config = {"local_site_dir": str(site.sites.root), "job_poll_interval": 0.2}
+    site.start_config_server(**site.cs_config)
+    site.sites.cloud.root.mkdir(parents=True)
+    for name, (daemon, where) in AGENTS.items():
+        extra: dict = {"hostname": name}
+        if where.get("onprem"):
+            extra.update(datastore_dirs=[str(datastore)], machine_uuid=mt_uuid)
+        if where.get("cloud"):
+            extra["datastore_dirs"] = [str(site.sites.cloud.root)]
+        site.start_agent(daemon, name, **extra)
+    password = site.root / "vc-password"
+    password.write_text("secret\n")
+    password.chmod(0o600)
+    added = site.srctl("vcenter", "add", "vc01", "--host", vpx.host, "--port", str(vpx.port), "--user", "admin",
+                       "--password-file", str(password), "--ca-file", vpx.cert_file)
+    assert added.returncode == 0, added.stderr
+    wait_for(lambda: site.srctl_json("vcenter", "list")[0]["discovery_status"] == "ok", timeout=60,
+             what="the first discovery")
+
+
+def test_failback_to_the_original_vsphere_vm_moves_only_the_differences(tmp_path: Path, vpx: Vcsim) -> None:
+    admin = vpx.session()
+    datastore, mt_uuid = _vcenter_ready(admin)
+    inv = discover(admin)
     (datastore / VM).mkdir()
     flat = datastore / VM / "disk0-flat.vmdk"
     make_image(flat, DISK, data_bytes=8 * MiB, seed=5)
@@ -129,30 +159,12 @@ def test_failback_to_the_original_vsphere_vm_moves_only_the_differences(tmp_path
     app = operations.create_vm(admin, name=VM, host_id=inv.host(APP_HOST).id, datastore="LocalDS_0",
                                disks=[f"[LocalDS_0] {VM}/disk0.vmdk"])
     operations.power_on(admin, app.id)
-    mt_uuid = discover(admin).vm(MT_VM).bios_uuid
 
     site = FailbackSite(tmp_path)
     try:
-        site.cs_config = {"local_site_dir": str(site.sites.root), "job_poll_interval": 0.2}
-        site.start_config_server(**site.cs_config)
-        site.sites.cloud.root.mkdir(parents=True)
-        for name, (daemon, where) in AGENTS.items():
-            extra: dict = {"hostname": name}
-            if where.get("onprem"):
-                extra.update(datastore_dirs=[str(datastore)], machine_uuid=mt_uuid)
-            if where.get("cloud"):
-                extra["datastore_dirs"] = [str(site.sites.cloud.root)]
-            site.start_agent(daemon, name, **extra)
+        _start(site, vpx, datastore, mt_uuid)
         guest = Guest(site, admin, app.id, flat, app.bios_uuid)
         guest.boot()
-        password = tmp_path / "vc-password"
-        password.write_text("secret\n")
-        password.chmod(0o600)
-        added = site.srctl("vcenter", "add", "vc01", "--host", vpx.host, "--port", str(vpx.port), "--user", "admin",
-                           "--password-file", str(password), "--ca-file", vpx.cert_file)
-        assert added.returncode == 0, added.stderr
-        wait_for(lambda: site.srctl_json("vcenter", "list")[0]["discovery_status"] == "ok", timeout=60,
-                 what="the first discovery")
 
         # Protect: the machine is recognised as vCenter's VM app01 by its BIOS UUID.
         protected = site.protect()
@@ -224,6 +236,51 @@ def test_failback_to_the_original_vsphere_vm_moves_only_the_differences(tmp_path
         assert site.machine()["state"] == "protected"
         guest.write(0x33, 0, 1 * MiB)
         site.caught_up()
+    finally:
+        admin.close()
+        site.stop_all()
+
+
+def test_a_physical_server_fails_back_to_a_new_vsphere_vm_on_the_master_targets_host(
+    tmp_path: Path, vpx: Vcsim
+) -> None:
+    admin = vpx.session()
+    datastore, mt_uuid = _vcenter_ready(admin)
+    disk = tmp_path / "physical-disk0.img"
+    make_image(disk, DISK, data_bytes=8 * MiB, seed=7)
+    site = FailbackSite(tmp_path)
+    try:
+        _start(site, vpx, datastore, mt_uuid)
+        server = Guest(site, admin, "", disk, "4c4c4544-0000-1000-8000-000000000001")
+        server.boot()
+        protected = site.protect()
+        assert (protected["details"]["kind"], protected["details"]["onprem"]["provider"]) == ("physical", "")
+        site.run_job("machine", "failover", VM)
+        server.shut_down()
+        site.write("cloud", 0x22, 10 * MiB, 3 * MiB)
+
+        reprotect = ("machine", "reprotect", VM, "--process-server", "ps-cloud", "--master-target", "mt-onprem",
+                     "--vcenter", "vc01")
+        refused = site.refused(*reprotect)  # --target original is the default
+        assert "physical server" in refused.stderr and "--target new" in refused.stderr
+        site.run_job(*reprotect, "--target", "new")
+        machine = site.machine()
+        assert machine["state"] == "failback-protected", machine
+        new_vm = discover(admin).vm(VM)
+        assert new_vm is not None and new_vm.host == discover(admin).host("DC0_C0_H1").id, "on the master target's host"
+        assert new_vm.power_state == "poweredOff"
+        (target,) = [Path(p["target_path"]) for p in machine["pairs"]]
+        assert target == datastore / VM / "disk0-flat.vmdk"
+
+        failback = site.start_job("machine", "failback", VM)
+        _until_powered_on(site, admin, new_vm.id, failback)
+        cloud_disk = sha256(site.disk("cloud"))  # off now: it holds still
+        Guest(site, admin, new_vm.id, target, new_vm.bios_uuid).boot()
+        site.wait_job(failback)
+        machine = site.machine()
+        assert machine["state"] == "failed-back"
+        assert (machine["details"]["onprem"]["provider"], machine["details"]["onprem"]["vm"]) == ("vsphere", VM)
+        assert sha256(target) == cloud_disk
     finally:
         admin.close()
         site.stop_all()

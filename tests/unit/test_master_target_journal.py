@@ -142,3 +142,19 @@ def test_zero_frames_read_back_as_zeros_and_journal_zeros_as_flags(tmp_path: Pat
     assert target.state["undo_bytes"] - before == DISK
     _apply(target, [frames.zero_frame("j", 4, 0, DISK)])
     assert target.state["undo_bytes"] - before == DISK, "zeroing zeros stores nothing"
+
+
+def test_an_empty_target_file_is_a_new_disk_unless_the_journal_says_it_was_written(tmp_path: Path):
+    path = tmp_path / "ds" / "j.img"
+    path.parent.mkdir(parents=True)
+    path.touch()  # what a hypervisor leaves for a new VM's disk
+    target = _target(tmp_path)
+    assert path.stat().st_size == target.disk_size
+    _synced(target)
+    _apply(target, [frames.write_frame("j", 2, 0, b"\x05" * 4096)])
+    target.close()
+    # Emptied behind our back after frames were applied: refused, and the file is left empty, not removed.
+    os.truncate(path, 0)
+    with pytest.raises(errors.PreconditionFailed) as caught:
+        _target(tmp_path)
+    assert caught.value.code == "target-missing" and path.exists() and path.stat().st_size == 0

@@ -133,8 +133,15 @@ def create_vm(
     cpus: int = 1,
     guest_id: str = "otherGuest64",
     controller: str = "lsilogic",
+    new_disk_sizes: Sequence[int] = (),
 ) -> CreatedVm:
-    """Create VM `name` on host `host_id`, its files on `datastore`, with the existing VMDKs `disks`."""
+    """Create VM `name` on host `host_id`, its files on `datastore`, with the existing VMDKs `disks`.
+
+    With `new_disk_sizes` (bytes, one per disk) the disks are created instead, thin
+    (a failback to a new VM: its master target then writes their flat extents).
+    """
+    if new_disk_sizes and (len(new_disk_sizes) != len(disks) or any(size <= 0 for size in new_disk_sizes)):
+        raise InvalidInput("give one positive size per new disk")
     if not name or len(name) > 80 or any(c in name for c in "/\\%[]"):
         raise InvalidInput(
             f"{name!r} is not a usable VM name", hint="use up to 80 characters without / \\ % [ ]"
@@ -189,7 +196,8 @@ def create_vm(
     ]
     units = [u for u in range(SCSI_UNITS) if u != SCSI_RESERVED_UNIT]
     for i, path in enumerate(disks):
-        changes.append(_disk_spec(path, controller_key, units[i], key=-(i + 1)))
+        size = new_disk_sizes[i] if new_disk_sizes else 0
+        changes.append(_disk_spec(path, controller_key, units[i], key=-(i + 1), new_size=size))
     spec = vim.vm.ConfigSpec(
         name=name,
         memoryMB=memory_mb,
@@ -216,16 +224,17 @@ def create_vm(
     )
 
 
-def _disk_spec(path: str, controller_key: int, unit: int, *, key: int) -> Any:
+def _disk_spec(path: str, controller_key: int, unit: int, *, key: int, new_size: int = 0) -> Any:
     backing = vim.vm.device.VirtualDisk.FlatVer2BackingInfo(
-        fileName=path, diskMode="persistent", thinProvisioned=False
+        fileName=path, diskMode="persistent", thinProvisioned=bool(new_size)
     )
-    return vim.vm.device.VirtualDeviceSpec(
-        operation=vim.vm.device.VirtualDeviceSpec.Operation.add,
-        device=vim.vm.device.VirtualDisk(
-            key=key, backing=backing, controllerKey=controller_key, unitNumber=unit
-        ),
-    )
+    disk = vim.vm.device.VirtualDisk(key=key, backing=backing, controllerKey=controller_key, unitNumber=unit)
+    spec = vim.vm.device.VirtualDeviceSpec(operation=vim.vm.device.VirtualDeviceSpec.Operation.add, device=disk)
+    if new_size:
+        disk.capacityInKB = (new_size + 1023) // 1024
+        disk.capacityInBytes = new_size
+        spec.fileOperation = vim.vm.device.VirtualDeviceSpec.FileOperation.create
+    return spec
 
 
 def _reconfigure(session: Session, vm_id: str, spec: Any, what: str) -> None:
