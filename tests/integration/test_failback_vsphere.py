@@ -4,7 +4,8 @@ The on-premises VM app01 is a vcsim VM whose disk is a flat VMDK on
 LocalDS_0 (a real directory); its "guest" is a source agent the test starts
 on that flat file with the VM's BIOS UUID, and stops or starts when the
 workflows power the VM off or on in vcsim (the test watches the power state,
-as a guest would live and die with its VM). The on-premises master target
+as a guest would live and die with its VM). Writes on both sides go through
+fio's nbd engine. The on-premises master target
 mounts LocalDS_0 (its datastore directory is the datastore's URL) and reports
 the BIOS UUID of the simulator's VM DC0_C0_RP0_VM0 as its own.
 
@@ -84,8 +85,16 @@ class Guest:
         return (read_state_file(self.site.root / VM, "source-agent") or {})["nbd"]["disk0"]
 
     def write(self, pattern: int, offset: int, length: int) -> None:
-        subprocess.run(["qemu-io", "-f", "raw", "-c", f"write -P {pattern} {offset} {length}", self.nbd()],
-                       check=True, capture_output=True, timeout=60)
+        fio_write(self.nbd(), pattern, offset, length)
+
+
+def fio_write(uri: str, pattern: int, offset: int, length: int) -> None:
+    """fio's nbd engine writing `length` bytes of `pattern` at `offset` through an NBD export."""
+    subprocess.run(
+        ["fio", "--name=guest", "--ioengine=nbd", f"--uri={uri}", "--rw=write", "--bs=64k",
+         f"--offset={offset}", f"--size={length}", f"--buffer_pattern={pattern:#04x}"],
+        check=True, capture_output=True, timeout=120,
+    )
 
 
 def _power(admin: Session, vm_id: str) -> str:
@@ -186,7 +195,7 @@ def test_failback_to_the_original_vsphere_vm_moves_only_the_differences(tmp_path
         site.run_job("machine", "failover", VM, "--recovery-point", "latest")
         assert _power(admin, app.id) == "poweredOff"
         site.start_agent("process-server", "ps-onprem", hostname="ps-onprem")
-        site.write("cloud", 0x22, 10 * MiB, 3 * MiB)
+        fio_write(site.nbd("cloud"), 0x22, 10 * MiB, 3 * MiB)
 
         # A snapshot on the original VM: reprotect is refused with the fix, nothing changes.
         _snapshot(admin, app.id)
@@ -210,11 +219,11 @@ def test_failback_to_the_original_vsphere_vm_moves_only_the_differences(tmp_path
         assert job["status"] == "succeeded"
 
         # A point in the cloud, then more writes there that failback must leave behind.
-        site.write("cloud", 0x44, 20 * MiB, 1 * MiB)
+        fio_write(site.nbd("cloud"), 0x44, 20 * MiB, 1 * MiB)
         site.caught_up()
         (view,) = site.srctl_json("recovery-points", "create", machine["details"]["cloud"]["machine_id"])
         at_point = sha256(site.disk("cloud"))
-        site.write("cloud", 0x55, 0, 4 * MiB)
+        fio_write(site.nbd("cloud"), 0x55, 0, 4 * MiB)
         site.caught_up()
         assert sha256(site.disk("cloud")) != at_point
 
@@ -257,7 +266,7 @@ def test_a_physical_server_fails_back_to_a_new_vsphere_vm_on_the_master_targets_
         assert (protected["details"]["kind"], protected["details"]["onprem"]["provider"]) == ("physical", "")
         site.run_job("machine", "failover", VM)
         server.shut_down()
-        site.write("cloud", 0x22, 10 * MiB, 3 * MiB)
+        fio_write(site.nbd("cloud"), 0x22, 10 * MiB, 3 * MiB)
 
         reprotect = ("machine", "reprotect", VM, "--process-server", "ps-cloud", "--master-target", "mt-onprem",
                      "--vcenter", "vc01")
