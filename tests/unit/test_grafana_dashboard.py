@@ -1,0 +1,212 @@
+"""deploy/grafana/siterecovery.json refers only to metrics and labels the daemons export.
+
+What "exported" means is found out, not listed: every daemon's registry is
+built with its real collectors over a small real state (a SQLite store with a
+replicating pair and its reports, a spool, statuses of every role), one RPC,
+one job and one step are observed, and the exposition is parsed. A panel whose
+expression names a metric or a label nobody exports fails here, so the
+dashboard cannot drift from the code.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+
+import pytest
+from google.protobuf.timestamp_pb2 import Timestamp
+from prometheus_client import generate_latest
+from prometheus_client.parser import text_string_to_metric_families
+
+from siterecovery.agents.metrics import AgentCollector, PairCollector
+from siterecovery.agents.process_server.metrics import SpoolCollector
+from siterecovery.agents.process_server.spool import Spool
+from siterecovery.common import metrics
+from siterecovery.common.pb import admin_pb2, common_pb2
+from siterecovery.common.pb import replication_pb2 as rpb
+from siterecovery.controller import replication
+from siterecovery.controller.convert import to_dict
+from siterecovery.controller.jobs.engine import FunctionStep, JobKind, create_job
+from siterecovery.controller.metrics import JobMetrics, StoreCollector
+from siterecovery.controller.store import MachineRecord, ServerRecord, open_store
+
+DASHBOARD = Path(__file__).resolve().parents[2] / "deploy" / "grafana" / "siterecovery.json"
+T0 = datetime(2026, 11, 28, 12, 0, tzinfo=UTC)
+# Labels Prometheus adds to every scraped series.
+TARGET_LABELS = {"job", "instance"}
+METRIC = re.compile(r"\b((?:siterecovery|process)_[a-z0-9_]+)\b")
+SELECTOR = re.compile(r"\b((?:siterecovery|process)_[a-z0-9_]+)\{([^}]*)\}")
+MATCHER = re.compile(r"([a-zA-Z_][a-zA-Z0-9_]*)\s*(?:=~|!~|!=|=)")
+GROUPING = re.compile(r"\b(?:by|on|without|ignoring|group_left|group_right)\s*\(([^)]*)\)")
+
+
+def stamp(when: datetime) -> Timestamp:
+    ts = Timestamp()
+    ts.FromDatetime(when)
+    return ts
+
+
+def full_status(pair_id: str) -> rpb.PairStatus:
+    """A status with every field set, as any role might report it."""
+    return rpb.PairStatus(
+        pair_id=pair_id, state=rpb.PAIR_STATE_REPLICATING, last_seq=9, acked_seq=8, backlog_frames=1,
+        backlog_bytes=10, oldest_pending_captured_at=stamp(T0), bytes_sent=100, throughput_bytes_per_second=1.0,
+        sync_done_bytes=1, sync_total_bytes=1, journal_bytes=5, applied_bytes_total=100,
+        applied_captured_at=stamp(T0), points=[rpb.RecoveryPoint(tag_id="t", captured_at=stamp(T0))],
+    )
+
+
+def exposition(served: metrics.DaemonMetrics) -> dict[str, set[str]]:
+    generate_latest(served.registry)  # a collector's cost and failures show from the second scrape on
+    text = generate_latest(served.registry).decode()
+    out: dict[str, set[str]] = {}
+    for family in text_string_to_metric_families(text):
+        for sample in family.samples:
+            out.setdefault(sample.name, set()).update(sample.labels)
+        # A family without samples still names its series (a histogram's _bucket/_sum/_count).
+        out.setdefault(family.name, set())
+    return out
+
+
+@pytest.fixture(scope="module")
+def exported(tmp_path_factory) -> dict[str, set[str]]:
+    """Every metric name any daemon exports, with the labels seen on it."""
+    tmp = tmp_path_factory.mktemp("exported")
+    found: dict[str, set[str]] = {}
+
+    def merge(served: metrics.DaemonMetrics) -> None:
+        served.rpc_seconds.labels("s", "m", "unary", "OK").observe(0.01)
+        served.rpc_in_flight.labels("s", "m").set(0)
+        for name, labels in exposition(served).items():
+            found.setdefault(name, set()).update(labels)
+
+    # The configuration server, over a store with a replicating pair.
+    store = open_store(f"sqlite:///{tmp}/store.db")
+    try:
+        for sid, role, inventory in (
+            ("src-1", "source", {}),
+            ("ps-1", "process-server", {"data_endpoint": "127.0.0.1:1"}),
+            ("mt-1", "master-target", {"data_endpoint": "127.0.0.1:2", "directories": [
+                {"kind": "DIRECTORY_KIND_DATASTORE", "path": "/ds", "free_bytes": str(2**40)},
+                {"kind": "DIRECTORY_KIND_RETENTION", "path": "/ret", "free_bytes": str(2**40)}]}),
+        ):
+            store.add_server(ServerRecord(id=sid, role=role, hostname=sid, cert_serial="1", cert_fingerprint="f",
+                                          enrolled_at=T0, inventory=inventory))
+            store.record_heartbeat(sid, problems=[], directories=None, now=T0)
+        store.upsert_machine(MachineRecord(id="src-1", server_id="src-1", hostname="app01", os="Linux", disks=[
+            {"identity": "w", "path": "/d", "size_bytes": str(2**30), "name": "disk0"}]))
+        (pair,) = replication.enable(store, admin_pb2.EnableReplicationRequest(machine="app01"), now=T0)
+        for sid, role in (("src-1", "source"), ("ps-1", "process-server"), ("mt-1", "master-target")):
+            store.record_pair_reports(sid, role, {pair.id: to_dict(full_status(pair.id))}, now=T0)
+        create_job(store, JobKind("demo", [FunctionStep("a", lambda ctx: None)]), "x", now=T0)
+        controller = metrics.DaemonMetrics("config-server")
+        controller.register("store", StoreCollector(store, heartbeat_interval=10, clock=lambda: T0 + timedelta(seconds=1)))
+        jobs = JobMetrics(controller.registry)
+        jobs.job_finished("demo", "succeeded", 1.0)
+        jobs.step_finished("demo", "execute", "succeeded", 1.0)
+        merge(controller)
+    finally:
+        store.close()
+
+    # The agents, with the collectors their daemons register.
+    directories = [common_pb2.DirectoryFacts(kind=k, path="/x", total_bytes=2, free_bytes=1)
+                   for k in (common_pb2.DIRECTORY_KIND_SPOOL, common_pb2.DIRECTORY_KIND_DATASTORE,
+                             common_pb2.DIRECTORY_KIND_RETENTION)]
+    spool = Spool(tmp / "spool", limit_bytes=2**20, fsync=False)
+    try:
+        for role in ("source", "process-server", "master-target"):
+            agent = metrics.DaemonMetrics(role)
+            agent.register("pairs", PairCollector(role, lambda: [full_status("p1")]))
+            agent.register("agent", AgentCollector(lambda: (1.0, 1), lambda: directories))
+            if role == "process-server":
+                agent.register("spool", SpoolCollector(spool))
+            merge(agent)
+    finally:
+        spool.close()
+    return found
+
+
+def expressions(dashboard: dict) -> list[tuple[str, str]]:
+    """(where, PromQL) for every panel target and every query variable."""
+    out = []
+    for panel in dashboard["panels"]:
+        for inner in [panel, *panel.get("panels", [])]:
+            for target in inner.get("targets", []):
+                out.append((f"panel {inner['title']!r}", target["expr"]))
+    for variable in dashboard["templating"]["list"]:
+        if variable["type"] == "query":
+            out.append((f"variable {variable['name']}", variable["query"]["query"]))
+    return out
+
+
+@pytest.fixture(scope="module")
+def dashboard() -> dict:
+    return json.loads(DASHBOARD.read_text())
+
+
+def test_the_dashboard_is_valid_json_with_a_datasource_variable(dashboard):
+    variables = {v["name"]: v for v in dashboard["templating"]["list"]}
+    assert variables["datasource"]["type"] == "datasource" and variables["datasource"]["query"] == "prometheus"
+    panels = [p for p in dashboard["panels"] if p["type"] != "row"]
+    assert len(panels) >= 10
+    for panel in panels:
+        assert panel["datasource"] == {"type": "prometheus", "uid": "${datasource}"}, panel["title"]
+        assert panel["targets"], panel["title"]
+        for target in panel["targets"]:
+            assert target["datasource"]["uid"] == "${datasource}", panel["title"]
+    assert len({p["id"] for p in dashboard["panels"]}) == len(dashboard["panels"])
+
+
+def test_the_dashboard_covers_what_operators_watch(dashboard):
+    text = " ".join(expr for _, expr in expressions(dashboard))
+    for needed in (
+        "siterecovery_replication_rpo_seconds", "siterecovery_replication_rpo_threshold_seconds",
+        "siterecovery_replication_applied_bytes_total", "siterecovery_spool_used_bytes",
+        "siterecovery_pair_journal_bytes", "siterecovery_agent_heartbeat_age_seconds",
+        "siterecovery_job_duration_seconds_bucket", "siterecovery_grpc_server_handling_seconds_bucket",
+    ):
+        assert needed in text, f"no panel shows {needed}"
+
+
+def problems_in(dashboard: dict, exported: dict[str, set[str]]) -> list[str]:
+    problems = []
+    for where, expr in expressions(dashboard):
+        names = METRIC.findall(expr)
+        if not names:
+            problems.append(f"{where}: no siterecovery metric in {expr!r}")
+        for name in names:
+            if name not in exported:
+                problems.append(f"{where}: {name} is not exported")
+        for name, matchers in SELECTOR.findall(expr):
+            if name not in exported:
+                continue  # said above
+            for label in MATCHER.findall(matchers):
+                if label not in exported.get(name, set()) | TARGET_LABELS:
+                    problems.append(f"{where}: {name} has no label {label}")
+        known = set().union(*(exported.get(n, set()) for n in names)) | TARGET_LABELS
+        for group in GROUPING.findall(expr):
+            for label in filter(None, (x.strip() for x in group.split(","))):
+                if label not in known:
+                    problems.append(f"{where}: no metric of {expr!r} has label {label}")
+    return problems
+
+
+def test_every_expression_names_exported_metrics_and_labels(dashboard, exported):
+    problems = problems_in(dashboard, exported)
+    assert not problems, "\n".join(problems)
+
+
+def test_the_check_catches_drift(exported):
+    # The check itself: a renamed metric, a label it lacks, a grouping by a label nobody has.
+    drifted = {"panels": [{"title": "x", "targets": [
+        {"expr": 'siterecovery_replication_rpo{machine="a"}'},
+        {"expr": 'siterecovery_spool_used_bytes{pair="p"}'},
+        {"expr": 'sum by (colour) (siterecovery_spool_used_bytes)'},
+    ]}], "templating": {"list": []}}
+    assert problems_in(drifted, exported) == [
+        "panel 'x': siterecovery_replication_rpo is not exported",
+        "panel 'x': siterecovery_spool_used_bytes has no label pair",
+        "panel 'x': no metric of 'sum by (colour) (siterecovery_spool_used_bytes)' has label colour",
+    ]
