@@ -21,6 +21,9 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from prometheus_client.parser import text_string_to_metric_families
 
 from siterecovery.common.channels import secure_channel
+from siterecovery.common.enrollment import load_credentials
+from siterecovery.common.pb import admin_pb2, admin_pb2_grpc
+from siterecovery.common.pki import CONFIG_SERVER_NAME
 from siterecovery.controller.registration import KIND as REGISTER_SERVER
 
 from .conftest import wait_for
@@ -126,6 +129,15 @@ def test_every_daemon_serves_metrics_that_follow_replication(rsite: ReplicatingS
         page = scrape(daemon)
         assert page.get("siterecovery_grpc_server_handling_seconds_count", grpc_method="Probe", grpc_code="OK") >= 1
         assert time.time() - page.get("siterecovery_heartbeat_last_success_timestamp_seconds") < 60
+    # A call the guard refuses is timed too, with its code: a source agent's certificate may not list servers.
+    source = load_credentials(rsite.root / SOURCE)
+    with secure_channel(f"127.0.0.1:{rsite.cs_port}", source.channel_credentials(),
+                        target_name=CONFIG_SERVER_NAME) as channel:
+        with pytest.raises(grpc.RpcError) as refused:
+            admin_pb2_grpc.AdminStub(channel).ListServers(admin_pb2.ListServersRequest(), timeout=10)
+    assert refused.value.code() == grpc.StatusCode.PERMISSION_DENIED
+    assert scrape("config-server").get("siterecovery_grpc_server_handling_seconds_count", grpc_method="ListServers",
+                                       grpc_code="PERMISSION_DENIED") == 1
     health_check_source(rsite)
     assert scrape(SOURCE).get("siterecovery_grpc_server_handling_seconds_count", grpc_service="grpc.health.v1.Health",
                               grpc_method="Check", grpc_type="unary", grpc_code="OK") == 1
