@@ -5,7 +5,9 @@ built with its real collectors over a small real state (a SQLite store with a
 replicating pair and its reports, a spool, statuses of every role), one RPC,
 one job and one step are observed, and the exposition is parsed. A panel whose
 expression names a metric or a label nobody exports fails here, so the
-dashboard cannot drift from the code.
+dashboard cannot drift from the code. Expressions are parsed with a real PromQL
+parser (promql-parser), so a syntax error fails too; the README's example
+alerts are held to the same rules.
 """
 
 from __future__ import annotations
@@ -15,6 +17,7 @@ import re
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
+import promql_parser
 import pytest
 from google.protobuf.timestamp_pb2 import Timestamp
 from prometheus_client import generate_latest
@@ -34,12 +37,11 @@ from siterecovery.controller.store import MachineRecord, ServerRecord, open_stor
 
 DASHBOARD = Path(__file__).resolve().parents[2] / "deploy" / "grafana" / "siterecovery.json"
 T0 = datetime(2026, 11, 28, 12, 0, tzinfo=UTC)
+README = DASHBOARD.parents[2] / "README.md"
 # Labels Prometheus adds to every scraped series.
 TARGET_LABELS = {"job", "instance"}
-METRIC = re.compile(r"\b((?:siterecovery|process)_[a-z0-9_]+)\b")
-SELECTOR = re.compile(r"\b((?:siterecovery|process)_[a-z0-9_]+)\{([^}]*)\}")
-MATCHER = re.compile(r"([a-zA-Z_][a-zA-Z0-9_]*)\s*(?:=~|!~|!=|=)")
-GROUPING = re.compile(r"\b(?:by|on|without|ignoring|group_left|group_right)\s*\(([^)]*)\)")
+# What Grafana puts in place of its variables before a query is sent.
+GRAFANA_VARIABLES = {"$__rate_interval": "1m", "$__range": "6h", "$__interval": "15s", "$machine": ".*"}
 
 
 def stamp(when: datetime) -> Timestamp:
@@ -137,7 +139,10 @@ def expressions(dashboard: dict) -> list[tuple[str, str]]:
                 out.append((f"panel {inner['title']!r}", target["expr"]))
     for variable in dashboard["templating"]["list"]:
         if variable["type"] == "query":
-            out.append((f"variable {variable['name']}", variable["query"]["query"]))
+            query = variable["query"]["query"]
+            # Grafana's label_values(series, label) asks for what `group by (label) (series)` returns.
+            found = re.fullmatch(r"label_values\((.*),\s*(\w+)\s*\)", query)
+            out.append((f"variable {variable['name']}", f"group by ({found[2]}) ({found[1]})" if found else query))
     return out
 
 
@@ -170,43 +175,83 @@ def test_the_dashboard_covers_what_operators_watch(dashboard):
         assert needed in text, f"no panel shows {needed}"
 
 
-def problems_in(dashboard: dict, exported: dict[str, set[str]]) -> list[str]:
+def promql(expr: str) -> promql_parser.Expr:
+    for variable, value in GRAFANA_VARIABLES.items():
+        expr = expr.replace(variable, value)
+    return promql_parser.parse(expr)
+
+
+def problems_in(queries: list[tuple[str, str]], exported: dict[str, set[str]]) -> list[str]:
+    """What is wrong with each (where, PromQL): syntax, metrics nobody exports, labels they lack."""
     problems = []
-    for where, expr in expressions(dashboard):
-        names = METRIC.findall(expr)
-        if not names:
+    for where, expr in queries:
+        try:
+            tree = promql(expr)
+        except ValueError as exc:
+            problems.append(f"{where}: not PromQL ({exc}): {expr!r}")
+            continue
+        nodes: list = []
+        promql_parser.walk(tree, nodes.append)
+        selectors = [n for n in nodes if isinstance(n, promql_parser.VectorSelector)]
+        if not any(n.name.startswith("siterecovery_") for n in selectors):
             problems.append(f"{where}: no siterecovery metric in {expr!r}")
-        for name in names:
-            if name not in exported:
-                problems.append(f"{where}: {name} is not exported")
-        for name, matchers in SELECTOR.findall(expr):
-            if name not in exported:
-                continue  # said above
-            for label in MATCHER.findall(matchers):
-                if label not in exported.get(name, set()) | TARGET_LABELS:
-                    problems.append(f"{where}: {name} has no label {label}")
-        known = set().union(*(exported.get(n, set()) for n in names)) | TARGET_LABELS
-        for group in GROUPING.findall(expr):
-            for label in filter(None, (x.strip() for x in group.split(","))):
-                if label not in known:
-                    problems.append(f"{where}: no metric of {expr!r} has label {label}")
+        known = set(TARGET_LABELS)
+        for selector in selectors:
+            if selector.name not in exported:
+                problems.append(f"{where}: {selector.name} is not exported")
+                continue
+            known |= exported[selector.name]
+            for matcher in selector.matchers.matchers:
+                if matcher.name not in exported[selector.name] | TARGET_LABELS:
+                    problems.append(f"{where}: {selector.name} has no label {matcher.name}")
+        grouped = [label for n in nodes if isinstance(n, promql_parser.AggregateExpr) and n.modifier
+                   for label in n.modifier.labels]
+        grouped += [label for n in nodes if isinstance(n, promql_parser.BinaryExpr) and n.modifier
+                    for label in [*(n.modifier.matching.labels if n.modifier.matching else []),
+                                  *(n.modifier.group_labels or [])]]
+        problems += [f"{where}: no metric of {expr!r} has label {label}" for label in grouped if label not in known]
     return problems
 
 
+def readme_queries() -> list[tuple[str, str]]:
+    """The PromQL examples of the README's Metrics section, one alert per line (comments cut)."""
+    section = README.read_text().split("## Metrics", 1)[1].split("\n## ", 1)[0]
+    blocks = re.findall(r"```promql\n(.*?)```", section, flags=re.S)
+    assert blocks, "the README's Metrics section has no promql block"
+    queries, current = [], ""
+    for line in "\n".join(blocks).splitlines():
+        code = line.split("#", 1)[0].rstrip()
+        if code and not code.startswith(" ") and current:
+            queries.append(("README", current))
+            current = ""
+        current = f"{current} {code.strip()}".strip()
+    return [*queries, ("README", current)] if current else queries
+
+
 def test_every_expression_names_exported_metrics_and_labels(dashboard, exported):
-    problems = problems_in(dashboard, exported)
+    problems = problems_in(expressions(dashboard), exported)
+    assert not problems, "\n".join(problems)
+
+
+def test_the_readme_alerts_name_exported_metrics_and_labels(exported):
+    queries = readme_queries()
+    assert len(queries) >= 3
+    problems = problems_in(queries, exported)
     assert not problems, "\n".join(problems)
 
 
 def test_the_check_catches_drift(exported):
-    # The check itself: a renamed metric, a label it lacks, a grouping by a label nobody has.
-    drifted = {"panels": [{"title": "x", "targets": [
-        {"expr": 'siterecovery_replication_rpo{machine="a"}'},
-        {"expr": 'siterecovery_spool_used_bytes{pair="p"}'},
-        {"expr": 'sum by (colour) (siterecovery_spool_used_bytes)'},
-    ]}], "templating": {"list": []}}
-    assert problems_in(drifted, exported) == [
-        "panel 'x': siterecovery_replication_rpo is not exported",
-        "panel 'x': siterecovery_spool_used_bytes has no label pair",
-        "panel 'x': no metric of 'sum by (colour) (siterecovery_spool_used_bytes)' has label colour",
+    # The check itself: a renamed metric, a label it lacks, a grouping by a label nobody has, bad syntax.
+    assert problems_in([
+        ("a", 'siterecovery_replication_rpo{machine="a"}'),
+        ("b", 'siterecovery_spool_used_bytes{pair="p"}'),
+        ("c", 'sum by (colour) (siterecovery_spool_used_bytes)'),
+        ("d", 'siterecovery_spool_used_bytes > on (pair) siterecovery_spool_limit_bytes'),
+        ("e", 'sum(rate(siterecovery_spool_used_bytes[$__rate_interval])'),
+    ], exported) == [
+        "a: siterecovery_replication_rpo is not exported",
+        "b: siterecovery_spool_used_bytes has no label pair",
+        "c: no metric of 'sum by (colour) (siterecovery_spool_used_bytes)' has label colour",
+        "d: no metric of 'siterecovery_spool_used_bytes > on (pair) siterecovery_spool_limit_bytes' has label pair",
+        "e: not PromQL (unclosed left parenthesis): 'sum(rate(siterecovery_spool_used_bytes[$__rate_interval])'",
     ]
