@@ -162,6 +162,14 @@ def test_the_dashboard_is_valid_json_with_a_datasource_variable(dashboard):
         for target in panel["targets"]:
             assert target["datasource"]["uid"] == "${datasource}", panel["title"]
     assert len({p["id"] for p in dashboard["panels"]}) == len(dashboard["panels"])
+    taken: dict[tuple[int, int], str] = {}  # panels side by side, none on top of another
+    for panel in dashboard["panels"]:
+        grid = panel["gridPos"]
+        assert grid["x"] + grid["w"] <= 24, panel["title"]
+        for cell in ((x, y) for x in range(grid["x"], grid["x"] + grid["w"])
+                     for y in range(grid["y"], grid["y"] + grid["h"])):
+            assert cell not in taken, f"{panel['title']!r} overlaps {taken[cell]!r}"
+            taken[cell] = panel["title"]
 
 
 def test_the_dashboard_covers_what_operators_watch(dashboard):
