@@ -158,9 +158,11 @@ class _Guarded:
         started = time.perf_counter()
         try:
             families = list(self._inner.collect())
-        except Exception:
+        except Exception as exc:
+            # A known failure (the store is unreachable) says enough; anything else is a bug.
+            expected = isinstance(exc, errors.SiteRecoveryError)
             log.warning("a metrics collector failed; its metrics are left out of this scrape",
-                        collector=self._name, exc_info=True)
+                        collector=self._name, error=str(exc), exc_info=None if expected else exc)
             self._metrics.collector_errors.labels(self._name).inc()
             families = []
         self._metrics.collect_seconds.labels(self._name).set(time.perf_counter() - started)
