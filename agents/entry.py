@@ -24,6 +24,8 @@ def parse(prog: str, description: str, cls: type[T], argv: list[str] | None) -> 
     parser.add_argument("--listen", help="address to listen on")
     parser.add_argument("--port", type=int, help="port to listen on (0 picks a free one)")
     parser.add_argument("--advertise", help="name or address peers use to reach this agent")
+    parser.add_argument("--metrics-listen", dest="metrics_listen",
+                        help="serve Prometheus metrics on host:port (0 picks a free port)")
     args: dict[str, Any] = vars(parser.parse_args(argv))
     config = args.pop("config")
     return settings.load(cls, config, args)

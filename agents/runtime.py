@@ -16,15 +16,18 @@ from __future__ import annotations
 import json
 import socket
 import threading
+import time
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, Protocol
 
 import grpc
 import tenacity
+from prometheus_client.registry import Collector
 
+from siterecovery.agents.metrics import AgentCollector, PairCollector
 from siterecovery.agents.settings import AgentSettings
-from siterecovery.common import daemon, errors, logging
+from siterecovery.common import daemon, errors, logging, metrics
 from siterecovery.common.channels import RPC_TIMEOUT, secure_channel
 from siterecovery.common.enrollment import (
     AgentCredentials,
@@ -102,6 +105,7 @@ class AgentRuntime:
         pairs: PairParticipant | None = None,
         network: NetworkParticipant | None = None,
         ready_facts: Mapping[str, Any] | None = None,
+        collectors: Mapping[str, Collector] | None = None,
     ) -> None:
         self.cfg = cfg
         self.role = role
@@ -123,6 +127,14 @@ class AgentRuntime:
         self.data_port = 0
         self.revoked: frozenset[str] = self._load_revoked()
         self._last_status = ""
+        # Scraped by /metrics when metrics_listen is set (agents/metrics.py); `collectors`
+        # are the daemon's own (say, the process server's spool).
+        self._collectors = dict(collectors or {})
+        self.metrics: metrics.DaemonMetrics | None = None
+        self.metrics_port = 0
+        self._last_heartbeat_at: float | None = None
+        self._control_failures = 0
+        self._last_directories: list[common_pb2.DirectoryFacts] = []
 
     def _status(self, text: str) -> None:
         """Tell systemd (STATUS=, shown by `systemctl status`) when the situation changes."""
@@ -221,9 +233,12 @@ class AgentRuntime:
 
     def _call(self, method: str, request: object) -> object:
         try:
-            return getattr(self._stub(), method)(request, timeout=RPC_TIMEOUT)
+            response = getattr(self._stub(), method)(request, timeout=RPC_TIMEOUT)
         except grpc.RpcError as exc:
+            self._control_failures += 1
             raise errors.from_rpc_error(exc, target=self.cfg.server) from exc
+        self._last_heartbeat_at = time.time()
+        return response
 
     def register(self) -> None:
         try:
@@ -247,6 +262,7 @@ class AgentRuntime:
             self.register()
             return
         directories = list(self._directories())
+        self._last_directories = directories
         statuses = list(self.pairs.pair_statuses()) if self.pairs is not None else []
         network_results = list(self.network.results()) if self.network is not None else []
         response = self._call(
@@ -288,8 +304,32 @@ class AgentRuntime:
                 log.error("heartbeat refused", error=exc.message, hint=exc.hint, code=exc.code)
                 self._status(f"heartbeat refused by {self.cfg.server}: {exc.message}")
 
+    # -- metrics -----------------------------------------------------------
+    def _start_metrics(self) -> None:
+        """Serve /metrics from the start, so an agent stuck enrolling can be seen too."""
+        self.metrics, self.metrics_port = metrics.start(self.role, self.cfg.metrics_listen)
+        if self.metrics is None:
+            return
+        if self.pairs is not None and "pairs" not in self._collectors:
+            self.metrics.register("pairs", PairCollector(self.role, self.pairs.pair_statuses))
+        self.metrics.register(
+            "agent", AgentCollector(lambda: (self._last_heartbeat_at, self._control_failures),
+                                    lambda: self._last_directories),
+        )
+        for name, collector in self._collectors.items():
+            self.metrics.register(name, collector)
+        self.ready_facts["metrics_port"] = self.metrics_port
+
     # -- the whole life ----------------------------------------------------
     def run(self, services: Callable[[AgentCredentials], Sequence[Service]] = lambda _c: ()) -> int:
+        self._start_metrics()
+        try:
+            return self._run(services)
+        finally:
+            if self.metrics is not None:
+                self.metrics.stop()
+
+    def _run(self, services: Callable[[AgentCredentials], Sequence[Service]]) -> int:
         try:
             credentials = self.ensure_enrolled()
         except errors.SiteRecoveryError:
@@ -307,6 +347,7 @@ class AgentRuntime:
             credentials=credentials.server_credentials(),
             services=services(credentials),
             is_revoked=self.is_revoked,
+            observers=[self.metrics.rpc_interceptor()] if self.metrics is not None else (),
         )
         self.data_port = running.port
         log.info("listening", address=self.cfg.listen, port=running.port)

@@ -6,6 +6,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from siterecovery.common.errors import InvalidInput
+from siterecovery.common.settings import parse_listen
 
 DATA_PORT = 9443
 SOURCE_PORT = 9444
@@ -35,8 +36,13 @@ class AgentSettings:
     # The name this agent's machine goes by (default: the host name). Set it
     # when one host runs several agents of a role (the lab).
     hostname: str = ""
+    # Serve Prometheus metrics at http://<this>/metrics ("127.0.0.1:9464"; port 0
+    # picks a free one, written to the state file as metrics_port). Empty: off.
+    metrics_listen: str = ""
 
     def __post_init__(self) -> None:
+        if self.metrics_listen:
+            parse_listen(self.metrics_listen, setting="metrics_listen")
         if not self.server:
             raise InvalidInput(
                 "no configuration server given",

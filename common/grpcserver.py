@@ -1,7 +1,8 @@
 """Starting a gRPC server the one way production and tests share.
 
 `start_server` binds (port 0 allowed), adds health and reflection, installs the
-authorisation interceptor and returns the bound port. Every RPC runs inside
+authorisation interceptor (after any observers, such as common/metrics.py's
+RPC timer) and returns the bound port. Every RPC runs inside
 `_guard`, which
 - identifies the caller from its client certificate and refuses it unless the
   table in common/authz.py allows its role to call the method;
@@ -73,10 +74,13 @@ def start_server(
     services: Sequence[Service],
     is_revoked: Callable[[pki.Identity, bytes], bool] | None = None,
     max_workers: int = 32,
+    observers: Sequence[grpc.ServerInterceptor] = (),
 ) -> RunningServer:
+    """`observers` run around the authorisation guard (common/metrics.py times RPCs so,
+    refused ones included); they see every call and must not change its outcome."""
     server = grpc.server(
         futures.ThreadPoolExecutor(max_workers=max_workers, thread_name_prefix="rpc"),
-        interceptors=[_AuthInterceptor(is_revoked)],
+        interceptors=[*observers, _AuthInterceptor(is_revoked)],
         options=SERVER_OPTIONS,
     )
     health_servicer = health.HealthServicer()

@@ -107,3 +107,15 @@ def parse_endpoint(text: str, *, default_port: int) -> tuple[str, int]:
     if not host or not 0 <= number <= 65535:
         raise InvalidInput(f"{text!r} is not host:port with a port 0-65535", code="bad-endpoint")
     return host, number
+
+
+def parse_listen(text: str, *, setting: str) -> tuple[str, int]:
+    """`host:port` (or `[v6]:port`) a daemon listens on; the port is required, 0 picks a free one."""
+    host, sep, port = text.rpartition(":")
+    if not sep or "]" in port or not port.isdigit() or not host.strip("[]"):
+        raise InvalidInput(
+            f"{setting} {text!r} is not host:port",
+            hint=f'write it as {setting} = "127.0.0.1:9464" (port 0 picks a free one)',
+            code="bad-endpoint",
+        )
+    return parse_endpoint(text, default_port=0)

@@ -24,7 +24,7 @@ from pathlib import Path
 import grpc
 import tomli_w
 
-from siterecovery.common import daemon, errors, logging, pki, settings
+from siterecovery.common import daemon, errors, logging, metrics, pki, settings
 from siterecovery.common.grpcserver import Service, start_server
 from siterecovery.common.pb import (
     admin_pb2,
@@ -40,6 +40,7 @@ from siterecovery.controller import azure_sites, backup, vcenters
 from siterecovery.controller.context import ControllerContext
 from siterecovery.controller.enrollment import FailureLimiter, PassphraseVault
 from siterecovery.controller.jobs.engine import JobRunner, RetryPolicy, registry
+from siterecovery.controller.metrics import JobMetrics, StoreCollector
 from siterecovery.controller.protection import workflows
 from siterecovery.controller.protection.environment import Environment, LocalSites
 from siterecovery.controller.providers.local.site import AgentLaunch
@@ -75,6 +76,8 @@ def parse_args(argv: list[str] | None) -> ConfigServerSettings:
         help="seconds between discoveries of each vCenter / ESXi endpoint (default 900)",
     )
     parser.add_argument("--log-level", dest="log_level")
+    parser.add_argument("--metrics-listen", dest="metrics_listen",
+                        help="serve Prometheus metrics on host:port (0 picks a free port)")
     args = vars(parser.parse_args(argv))
     config = args.pop("config")
     if args.get("advertise"):
@@ -192,6 +195,21 @@ def run(
     logging.configure(level=cfg.log_level, json=cfg.log_json)
     stop = stop or daemon.install_stop_handlers()
     _held = daemon.lock_state_dir(cfg.state_dir, "config-server")  # released when run() returns
+    served, metrics_port = metrics.start(pki.CONFIG_SERVER, cfg.metrics_listen)
+    try:
+        return _serve(cfg, stop, azure, served, metrics_port)
+    finally:
+        if served is not None:
+            served.stop()
+
+
+def _serve(
+    cfg: ConfigServerSettings,
+    stop: threading.Event,
+    azure: azure_sites.AzureConnector | None,
+    served: metrics.DaemonMetrics | None,
+    metrics_port: int,
+) -> int:
     cfg.state_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
     ca = pki.CertificateAuthority.load_or_create(cfg.state_dir / "pki")
     key_pem, cert_pem = _ensure_serving_cert(ca, cfg.state_dir / "pki", _serving_names(cfg))
@@ -233,7 +251,10 @@ def run(
         kinds=[ctx.registration_job, ctx.discovery_job, *ctx.azure_jobs.values(), *ctx.protection_jobs.values()],
         retry_policy=RetryPolicy(max_attempts=5, initial_backoff=0.5, max_backoff=5.0),
         lease_seconds=30.0,
+        observer=JobMetrics(served.registry) if served is not None else None,
     )
+    if served is not None:
+        served.register("store", StoreCollector(store, heartbeat_interval=cfg.heartbeat_interval))
     credentials = grpc.ssl_server_credentials(
         [(key_pem, cert_pem)],
         root_certificates=ca.cert_pem + pki.bootstrap_ca_pem(),
@@ -244,6 +265,7 @@ def run(
         port=cfg.port,
         credentials=credentials,
         is_revoked=ctx.revocations.is_revoked,
+        observers=[served.rpc_interceptor()] if served is not None else (),
         services=[
             Service(
                 enrollment_pb2.DESCRIPTOR.services_by_name["Enrollment"].full_name,
@@ -276,7 +298,8 @@ def run(
     ctx.endpoint = _endpoint(cfg, running.port)
     profile = _write_srctl_profile(cfg.state_dir / "admin", ctx.endpoint)
     log.info("listening", address=cfg.listen, port=running.port, srctl_profile=str(profile))
-    daemon.report_ready(cfg.state_dir, DAEMON, port=running.port, srctl_profile=str(profile))
+    facts = {"metrics_port": metrics_port} if served is not None else {}
+    daemon.report_ready(cfg.state_dir, DAEMON, port=running.port, srctl_profile=str(profile), **facts)
     daemon.start_watchdog(stop)
     stop.wait()
     daemon.report_stopping()

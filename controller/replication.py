@@ -61,6 +61,8 @@ TAG_REQUEST_LIFETIME = timedelta(minutes=10)
 BARRIER_LEAD_HEARTBEATS = 2
 BARRIER_TIMEOUT = timedelta(seconds=15)
 MAX_PAIRS_PER_REPORT = 4096
+# `views` of more pairs than this reads every pair's reports in one query.
+FEW_PAIRS = 8
 # PairRecord.target_kind values (store/base.py PAIR_TARGET_KINDS).
 TARGET_MT, TARGET_AZURE = "master-target", "azure-page-blob"
 TARGET_KINDS = {TARGET_MT: rpb.TARGET_KIND_MASTER_TARGET, TARGET_AZURE: rpb.TARGET_KIND_AZURE_PAGE_BLOB}
@@ -564,8 +566,16 @@ def record_reports(
 # -- what users see -------------------------------------------------------------------
 
 
-def _status(report: PairReport | None) -> rpb.PairStatus | None:
-    return None if report is None else from_dict(report.status, rpb.PairStatus())
+def _status(report: PairReport | None, *, newest_point_only: bool = False) -> rpb.PairStatus | None:
+    """The report as a message; `newest_point_only` leaves out all but its newest recovery
+    point (a view needs only the newest and the count, and parsing a day of points per
+    pair made `replication status` and a metrics scrape of many pairs take seconds)."""
+    if report is None:
+        return None
+    data = report.status
+    if newest_point_only and len(data.get("points", ())) > 1:
+        data = {**data, "points": data["points"][-1:]}
+    return from_dict(data, rpb.PairStatus())
 
 
 def view(
@@ -577,7 +587,10 @@ def view(
     now: datetime,
 ) -> admin_pb2.PairView:
     by_role = {r.role: r for r in reports}
-    source, spool, target = (_status(by_role.get(r)) for r in ("source", "process-server", _end_role(pair)))
+    end = by_role.get(_end_role(pair))
+    source, spool, target = (
+        _status(by_role.get("source")), _status(by_role.get("process-server")), _status(end, newest_point_only=True)
+    )
     out = admin_pb2.PairView(
         pair_id=pair.id,
         machine_id=pair.machine_id,
@@ -615,7 +628,7 @@ def view(
         # end of an Azure pair reports what it spooled as last_seq, what it wrote
         # into the blob as acked_seq.
         out.applied_seq = target.acked_seq if is_azure(pair) else target.last_seq
-        out.recovery_points = len(target.points)
+        out.recovery_points = len(end.status.get("points", ())) if end is not None else 0
         out.journal_bytes = target.journal_bytes
         out.applied_bytes_total = target.applied_bytes_total
         if target.points:
@@ -684,11 +697,19 @@ def _state(
 
 
 def views(store: Store, pairs: Sequence[PairRecord], *, heartbeat_interval: float, now: datetime) -> list[admin_pb2.PairView]:
+    """Views of `pairs`: a few pairs read their own reports, more read every report at once."""
     hostnames = {m.id: m.hostname for m in store.list_machines()}
+    if len(pairs) <= FEW_PAIRS:
+        found = [r for p in pairs for r in store.pair_reports(p.id)]
+    else:
+        found = store.pair_reports()
+    reports: dict[str, list[PairReport]] = {}
+    for report in found:
+        reports.setdefault(report.pair_id, []).append(report)
     return [
         view(
             p,
-            store.pair_reports(p.id),
+            reports.get(p.id, []),
             hostname=hostnames.get(p.machine_id, ""),
             heartbeat_interval=heartbeat_interval,
             now=now,

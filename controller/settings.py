@@ -6,6 +6,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from siterecovery.common.errors import InvalidInput
+from siterecovery.common.settings import parse_listen
 
 DEFAULT_PORT = 443
 DEFAULT_STATE_DIR = Path("/var/lib/siterecovery/config-server")
@@ -42,8 +43,13 @@ class ConfigServerSettings:
     plan_scripts_dir: Path | None = None
     log_level: str = "info"
     log_json: bool | None = None
+    # Serve Prometheus metrics at http://<this>/metrics ("127.0.0.1:9464"; port 0
+    # picks a free one, written to the state file as metrics_port). Empty: off.
+    metrics_listen: str = ""
 
     def __post_init__(self) -> None:
+        if self.metrics_listen:
+            parse_listen(self.metrics_listen, setting="metrics_listen")
         if not 0 <= self.port <= 65535:
             raise InvalidInput(f"port {self.port} is outside 0-65535", code="config-range")
         if not 0.05 <= self.heartbeat_interval <= 3600:

@@ -17,6 +17,7 @@ from siterecovery.agents import entry
 from siterecovery.agents.master_target.apply import serve_apply
 from siterecovery.agents.master_target.pairs import MasterTargetPairs
 from siterecovery.agents.master_target.target import TargetOptions
+from siterecovery.agents.metrics import PairCollector
 from siterecovery.agents.probe import probe_response
 from siterecovery.agents.runtime import AgentRuntime
 from siterecovery.agents.settings import MasterTargetSettings
@@ -77,6 +78,8 @@ def run(cfg: MasterTargetSettings, stop: threading.Event | None = None) -> int:
         ),
         directories=directories,
         pairs=pairs,
+        # A scrape reads the pairs without pruning their journals (the heartbeat does that).
+        collectors={"pairs": PairCollector(pki.MASTER_TARGET, pairs.observed_statuses)},
     )
     try:
         return runtime.run(

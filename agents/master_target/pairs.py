@@ -122,13 +122,19 @@ class MasterTargetPairs:
                 pass  # reported in pair_statuses and again at the next stream open
 
     def pair_statuses(self) -> list[rpb.PairStatus]:
+        """For the heartbeat, which also prunes each pair's journal when due."""
+        return self.observed_statuses(prune=True)
+
+    def observed_statuses(self, *, prune: bool = False) -> list[rpb.PairStatus]:
+        """Every pair's status; without `prune` nothing changes on disk (a metrics scrape)."""
         with self._lock:
             entries = list(self._entries.values())
         out = []
         for entry in entries:
             target = entry.target
             if target is not None:
-                target.maybe_prune()
+                if prune:
+                    target.maybe_prune()
                 out.append(target.status())
             elif entry.open_error is not None:
                 error = entry.open_error

@@ -25,6 +25,7 @@ from siterecovery.common.pb import common_pb2, dataplane_pb2, dataplane_pb2_grpc
 from siterecovery.common.sealing import RecordCipher
 
 from .azure_storage import StorageCredentialFile
+from .metrics import SpoolCollector
 from .pairs import ProcessServerPairs
 from .receiver import Receiver
 from .spool import Spool
@@ -91,6 +92,7 @@ def run(cfg: ProcessServerSettings, stop: threading.Event | None = None) -> int:
         directories=directories,
         problems=problems,
         pairs=pairs,
+        collectors={"spool": SpoolCollector(spool)},
     )
     # On SIGTERM end the replication streams and forwarders at once, so the server's
     # graceful stop does not wait out its grace period on streams that never end.

@@ -118,6 +118,12 @@ class Spool:
             return self._used_locked()
 
     @property
+    def damaged_count(self) -> int:
+        """Pairs whose log was refused as damaged at start."""
+        with self._lock:
+            return len(self._damaged)
+
+    @property
     def waiting(self) -> int:
         """How many receivers are waiting for space right now."""
         with self._lock:

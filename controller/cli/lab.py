@@ -43,6 +43,8 @@ SYNC_TIMEOUT = 300.0
 # reach the lab's agents within a couple of seconds.
 LAB_HEARTBEAT_SECONDS = 2.0
 LAB_FILE = "lab.json"
+# Every lab daemon serves Prometheus metrics on a free loopback port (`srctl lab status` lists them).
+METRICS_LISTEN = "127.0.0.1:0"
 PS_ONPREM, MT_ONPREM, PS_CLOUD, MT_CLOUD = "ps-onprem", "mt-onprem", "ps-cloud", "mt-cloud"
 LAB_VM = "app01"
 LAB_GROUP = "PG1"
@@ -133,7 +135,7 @@ def up(
             lab_dir / "config" / "config-server.toml",
             {
                 "state_dir": str(cs_dir), "listen": "127.0.0.1", "port": 0, "heartbeat_interval": heartbeat_interval,
-                "local_site_dir": str(sites.root), "job_poll_interval": 0.5,
+                "local_site_dir": str(sites.root), "job_poll_interval": 0.5, "metrics_listen": METRICS_LISTEN,
             },
         )
         started.append(
@@ -150,6 +152,7 @@ def up(
         common = {
             "server": f"127.0.0.1:{port}", "passphrase_file": str(passphrase_file),
             "heartbeat_interval": heartbeat_interval, "listen": "127.0.0.1", "port": 0, "advertise": "127.0.0.1",
+            "metrics_listen": METRICS_LISTEN,
         }
         configs = _agent_configs(lab_dir, sites, common)
         names = ["config-server"]
@@ -294,8 +297,9 @@ def _print_summary(
     rows = []
     for name, daemon in zip(names, started, strict=False):
         port = daemon.state.get("port", "-")
-        rows.append([name, daemon.pid, f"127.0.0.1:{port}" if port != "-" else "-", str(daemon.log_path)])
-    output.print_table("Processes", ["COMPONENT", "PID", "ADDRESS", "LOG"], rows)
+        rows.append([name, daemon.pid, f"127.0.0.1:{port}" if port != "-" else "-", metrics_url(daemon.state),
+                     str(daemon.log_path)])
+    output.print_table("Processes", ["COMPONENT", "PID", "ADDRESS", "METRICS", "LOG"], rows)
     output.console.print(f"srctl profile: {profile.path}")
     if profile.path != lab_profile(default_lab_dir()):
         output.console.print(f"  use it with: export SRCTL_CONFIG={profile.path}")
@@ -304,6 +308,12 @@ def _print_summary(
         "`srctl lab status`, `srctl lab down`.",
         highlight=False,
     )
+
+
+def metrics_url(state: dict) -> str:
+    """Where a lab daemon serves Prometheus metrics (its state file's metrics_port)."""
+    port = state.get("metrics_port")
+    return f"http://127.0.0.1:{port}/metrics" if port else ""
 
 
 @app.command("status")
@@ -333,6 +343,7 @@ def status(directory: DirOption = None, output_format: Annotated[output.Format, 
             "running": "yes" if alive else "no",
             "address": f"127.0.0.1:{port}" if port is not None else "",
             "health": health.get(name, "unknown") if alive else "stopped",
+            "metrics": metrics_url(d.state),
             "log": str(d.log_path),
         })
     sites = LocalSites(lab_dir / "sites")
@@ -345,12 +356,13 @@ def status(directory: DirOption = None, output_format: Annotated[output.Format, 
                 "running": "yes" if uris else "no",
                 "address": ", ".join(uris.values()),
                 "health": health.get(vm.name, "unknown") if uris else vm.power,
+                "metrics": "",
                 "log": str(vm.directory / "agent.log"),
             })
     if output_format is output.Format.json:
         output.print_json({"dir": str(lab_dir), "daemons": rows[: len(daemons)], "vms": rows[len(daemons):]})
     else:
-        output.print_table(f"Lab in {lab_dir}", ["COMPONENT", "PID", "RUNNING", "ADDRESS", "HEALTH", "LOG"],
+        output.print_table(f"Lab in {lab_dir}", ["COMPONENT", "PID", "RUNNING", "ADDRESS", "HEALTH", "METRICS", "LOG"],
                            [list(r.values()) for r in rows])
     if not all(r["running"] == "yes" for r in rows[: len(daemons)]):
         raise typer.Exit(errors.Unavailable.exit_code)

@@ -35,17 +35,21 @@ While a step runs, a keeper thread renews its lease every third of the lease
 length. A runner that loses its lease (it was too slow, or the store thought
 it dead) stops recording anything for that step: `progress()` raises
 `LeaseLost` and the outcome is dropped; the new owner runs the step again.
+
+A `JobObserver`, when given, is told how long each run of a step and each job
+this runner ends took (the configuration server's metrics, controller/metrics.py).
 """
 
 from __future__ import annotations
 
 import threading
+import time
 import uuid
 from abc import ABC, abstractmethod
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
-from typing import Any, Self
+from typing import Any, Protocol, Self
 
 import structlog
 import tenacity
@@ -293,6 +297,28 @@ def cancel_job(store: Store, job_id: str, *, now: datetime | None = None) -> boo
 # --- the runner ---------------------------------------------------------------------
 
 
+class JobObserver(Protocol):
+    """Told how long steps and jobs took (controller/metrics.py turns it into histograms).
+
+    `step_finished`: one run of a step's execute or compensate on this runner,
+    outcome succeeded | failed | waiting | lease-lost | stopped.
+    `job_finished`: a job this runner ended, from its creation; outcome is its
+    final status (succeeded, compensated, failed).
+    """
+
+    def step_finished(self, kind: str, phase: str, outcome: str, seconds: float) -> None: ...
+
+    def job_finished(self, kind: str, outcome: str, seconds: float) -> None: ...
+
+
+class _NoObserver:
+    def step_finished(self, kind: str, phase: str, outcome: str, seconds: float) -> None:
+        pass
+
+    def job_finished(self, kind: str, outcome: str, seconds: float) -> None:
+        pass
+
+
 class JobRunner:
     """Drives jobs from the store. Several runners (threads, replicas) may share a store."""
 
@@ -305,6 +331,7 @@ class JobRunner:
         *,
         lease_seconds: float = 60.0,
         clock: Clock = utcnow,
+        observer: JobObserver | None = None,
     ) -> None:
         if lease_seconds <= 0:
             raise InvalidInput(f"lease_seconds must be positive, not {lease_seconds}")
@@ -314,6 +341,7 @@ class JobRunner:
         self.retry_policy = retry_policy or RetryPolicy()
         self.lease_seconds = lease_seconds
         self._clock = clock
+        self.observer: JobObserver = observer or _NoObserver()
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
 
@@ -412,16 +440,22 @@ class JobRunner:
                 return ran  # lost the lease: the job is someone else's now
 
     def _settle(self, job: JobRecord, action: states.Action, clock: Clock) -> None:
+        now = clock()
         changed = self.store.set_job_status(
             job.id,
             expected={job.status},
             new=action.status,
-            now=clock(),
+            now=now,
             error_code=action.error_code,
             error_message=action.error_message,
         )
         if changed:
             log.info("job status", job=job.id, kind=job.kind, old=job.status, new=action.status)
+            if action.status in states.TERMINAL_JOB_STATUSES:
+                self._job_finished(job, action.status, now)
+
+    def _job_finished(self, job: JobRecord, outcome: str, now: datetime) -> None:
+        self.observer.job_finished(job.kind, outcome, (now - job.created_at).total_seconds())
 
     def _run_step(self, job: JobRecord, impl: Step, step: StepRecord, clock: Clock) -> bool:
         """Run one claimed step and record its outcome; False when the lease was lost."""
@@ -446,6 +480,11 @@ class JobRunner:
         ctx = StepContext(job=job, step=step, store=self.store, phase=phase, outputs=outputs, _report=report)
         bound = {"job": job.id, "kind": job.kind, "step": step.name, "phase": phase}
         waiting: Waiting | None = None
+        started = time.monotonic()
+
+        def ran(outcome: str) -> None:
+            self.observer.step_finished(job.kind, phase, outcome, time.monotonic() - started)
+
         with (
             structlog.contextvars.bound_contextvars(**bound),
             _LeaseKeeper(self, job.id, step.index, clock, lost),
@@ -457,21 +496,27 @@ class JobRunner:
                 waiting = exc
             except LeaseLost:
                 log.warning("step lease lost; leaving the step to its new owner")
+                ran("lease-lost")
                 return False
             except BaseException as exc:
                 if self._stop.is_set() and is_retryable(exc):
                     # Shutting down mid-retry is not a failure: the lease expires
                     # and a runner (maybe this one, restarted) takes it up again.
                     log.info("stopping; step left to its lease")
+                    ran("stopped")
                     return False
                 if not isinstance(exc, Exception):
                     raise
+                ran("failed")
                 return self._record_failure(job, step, phase, exc, clock)
             if lost.is_set():
+                ran("lease-lost")
                 return False
             if waiting is None:
+                ran("succeeded")
                 return self._record_success(job, step, phase, result, clock)
         # Outside the keeper, which would otherwise renew the lease to its usual length.
+        ran("waiting")
         self._record_waiting(job, step, waiting, clock)
         return False
 
@@ -570,16 +615,18 @@ class JobRunner:
         ):
             return False
         earlier = self.store.get_job(job.id)
-        self.store.set_job_status(
+        now = clock()
+        if self.store.set_job_status(
             job.id,
             expected={states.COMPENSATING},
             new=states.FAILED,
-            now=clock(),
+            now=now,
             error_code=code,
             error_message="; ".join(
                 m for m in (earlier.error_message, f"compensating {step.name!r} failed: {message}") if m
             ),
-        )
+        ):
+            self._job_finished(job, states.FAILED, now)
         self.store.update_step(
             job.id,
             step.index,

@@ -408,8 +408,9 @@ class Store(ABC):
         """
 
     @abstractmethod
-    def pair_reports(self, pair_id: str) -> list[PairReport]:
-        """The last report of each agent of the pair."""
+    def pair_reports(self, pair_id: str | None = None) -> list[PairReport]:
+        """The last report of each agent of the pair; with no pair id, of every pair
+        (one read, ordered by pair and server: views of many pairs at once)."""
 
     @abstractmethod
     def add_tag_requests(self, requests: Sequence[TagRequestRecord]) -> None:

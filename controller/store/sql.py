@@ -541,10 +541,10 @@ class SqlStore(VcenterSqlMixin, AzureSiteSqlMixin, ProtectionSqlMixin, Store):
             )
             conn.execute(statement)
 
-    def pair_reports(self, pair_id: str) -> list[PairReport]:
-        query = (
-            sa.select(pair_reports).where(pair_reports.c.pair_id == pair_id).order_by(pair_reports.c.server_id)
-        )
+    def pair_reports(self, pair_id: str | None = None) -> list[PairReport]:
+        query = sa.select(pair_reports).order_by(pair_reports.c.pair_id, pair_reports.c.server_id)
+        if pair_id is not None:
+            query = query.where(pair_reports.c.pair_id == pair_id)
         with self._read() as conn:
             return [
                 PairReport(

@@ -127,6 +127,11 @@ def test_reports_replace_per_agent_and_ignore_strangers(site: Store) -> None:
     assert reports["mt-1"].reported_at == later
     assert reports["src-1"].role == "source"
     assert site.pair_reports("pair-2") == []
+    # Every pair's reports in one read, ordered by pair and server.
+    site.record_pair_reports("ps-1", "process-server", {"pair-2": {"lastSeq": "3"}}, now=later)
+    assert [(r.pair_id, r.server_id) for r in site.pair_reports()] == [
+        ("pair-1", "mt-1"), ("pair-1", "src-1"), ("pair-2", "ps-1"),
+    ]
 
 
 def test_tag_requests_go_to_the_source_until_removed_or_expired(site: Store) -> None:

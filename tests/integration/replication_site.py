@@ -73,11 +73,12 @@ class ReplicatingSite(Site):
         self, *, disk_size: int, data_bytes: int, seed: int = 1, source_extra: dict | None = None,
         sources: tuple[str, ...] = (SOURCE,), ps_extra: dict | None = None, mt_proxy: bool = False,
         faked_clocks: tuple[str, ...] = (), mt_extra: dict | None = None, master_target: bool = True,
+        cs_extra: dict | None = None,
     ) -> None:
         """The configuration server, a process server, a master target (unless not
         `master_target`: forward protection to Azure needs none), and one source
         agent per name in `sources`, each protecting its own image (`disk_of(name)`)."""
-        self.start_config_server()
+        self.start_config_server(**(cs_extra or {}))
         for name in faked_clocks:
             self.step_clock(name, "+0")
         passphrase = self.passphrase_file()

@@ -6,6 +6,7 @@ import json
 import os
 import subprocess
 import sys
+import urllib.request
 from pathlib import Path
 
 import psutil
@@ -38,6 +39,9 @@ def test_lab_up_status_down_leaves_nothing_behind(tmp_path: Path):
         assert [d["component"] for d in daemons] == ["config-server", "ps-onprem", "mt-onprem", "ps-cloud", "mt-cloud"]
         assert all(d["running"] == "yes" for d in daemons)
         assert [d["health"] for d in daemons] == ["healthy"] * 5
+        for d in daemons:  # every lab daemon serves its metrics on a port of its own
+            page = urllib.request.urlopen(d["metrics"], timeout=10).read().decode()
+            assert "siterecovery_build_info{" in page, d["component"]
         (vm,) = json.loads(status.stdout)["vms"]
         assert vm["component"] == "vm app01 (on-premises)" and vm["running"] == "yes"
         vm_dir = lab / "sites" / "onprem" / "vms" / "app01"
