@@ -15,6 +15,7 @@ from siterecovery.controller.cli import (
     azure,
     backups,
     completion,
+    doctor,
     drill,
     follow,
     lab,
@@ -64,6 +65,7 @@ app.add_typer(protection.machine_app, name="machine")
 app.add_typer(protection.plan_app, name="plan")
 app.add_typer(lab.app, name="lab")
 app.command("drill")(drill.drill)
+app.command("doctor")(doctor.doctor)
 
 ConfigOption = Annotated[
     Path | None,

@@ -4,6 +4,7 @@ and turning what went wrong into one line of what happened and one line of what 
 from __future__ import annotations
 
 import re
+import socket
 from pathlib import Path
 
 import grpc
@@ -35,10 +36,22 @@ def protect_call(method: str, request, *, timeout: float = RPC_TIMEOUT):
 
 
 # What a failed connection's details say, and what it means for the operator.
-_TLS_MARKERS = ("ssl", "tls", "handshake", "certificate", "alert")
 _REFUSED = re.compile(r"connection refused|connect: no route|network is unreachable", re.I)
 _DNS = re.compile(r"dns resolution failed|name or service not known|could not resolve", re.I)
-_TLS_REASON = re.compile(r"\b([A-Z][A-Z0-9_]{6,})\b|(tlsv1[^:;,]*alert[^:;,]*)|(sslv3[^:;,]*alert[^:;,]*)")
+_VERIFY = re.compile(r"CERTIFICATE_VERIFY_FAILED:?\s*([^:]*)")
+_ALERT = re.compile(r"((?:tlsv1|tlsv13|sslv3)[ _]alert[ _][a-z_ ]+)", re.I)
+_CLOSED = re.compile(r"socket closed|connection reset|end of tcp stream", re.I)
+
+
+def _tcp_open(server: str) -> bool:
+    from siterecovery.common.settings import parse_endpoint
+
+    try:
+        host, port = parse_endpoint(server, default_port=443)
+        with socket.create_connection((host, port), timeout=2.0):
+            return True
+    except (OSError, errors.SiteRecoveryError):
+        return False
 
 
 def explain(exc: grpc.RpcError, chosen: Profile | None) -> errors.SiteRecoveryError:
@@ -69,13 +82,21 @@ def connection_error(details: str, chosen: Profile | None, *, deadline: bool = F
             "`srctl doctor` checks the rest",
             code="unreachable",
         )
-    if any(marker in lowered for marker in _TLS_MARKERS):
-        found = _TLS_REASON.search(details.split("last error:")[-1])
-        reason = next((g for g in found.groups() if g), "") if found else ""
+    verify, alert = _VERIFY.search(details), _ALERT.search(details)
+    if verify:
+        reason = verify.group(1).strip() or "certificate verify failed"
         return errors.Unauthenticated(
-            f"the TLS handshake with {server} failed" + (f" ({reason.strip()})" if reason else ""),
-            hint=f"the server and this profile{where} do not trust each other: check its ca, cert and key "
-            "(same configuration server? certificate expired or removed?); `srctl doctor` checks them",
+            f"the certificate of the server at {server} does not check out against this profile's CA ({reason})",
+            hint=f"the profile{where} must hold the ca.crt of the configuration server it names (a profile of "
+            "another server?); `srctl doctor` checks the profile",
+            code="tls-handshake-failed",
+        )
+    if alert or "handshake" in lowered or (_CLOSED.search(details) and chosen and _tcp_open(chosen.server)):
+        reason = f" ({alert.group(1).replace('_', ' ').lower()})" if alert else ""
+        return errors.Unauthenticated(
+            f"the configuration server at {server} refused this profile's certificate in the TLS handshake{reason}",
+            hint=f"the certificate in the profile{where} is expired, revoked or from another CA: `srctl doctor` "
+            "says which; an admin issues a new one with `srctl user add`",
             code="tls-handshake-failed",
         )
     if deadline:

@@ -18,6 +18,7 @@ from siterecovery.common.logging import get_logger
 from siterecovery.common.pb import common_pb2
 from siterecovery.controller import health, replication
 from siterecovery.controller.jobs.engine import StepContext, Waiting
+from siterecovery.controller.protection import rules
 from siterecovery.controller.protection.steps import (
     FAILBACK,
     FORWARD,
@@ -246,22 +247,57 @@ def onprem_preflight(env, store, item: ProtectedItemRecord, wanted: str, master_
     Run when a reprotect to on-premises is asked for (so a refusal changes
     nothing) and again as the job's first step after claiming the machine.
     """
+    verdicts = onprem_failback_rules(env, store, item, wanted, master_target_id)
+    rules.raise_first(verdicts)
+    original = item.details.get("onprem", {}).get("vm", "")
+    vm = env.local_sites().onprem.get_vm(original) if original else None
+    return {"target": wanted, "vm": vm.name if vm is not None else ""}
+
+
+def onprem_failback_rules(
+    env, store, item: ProtectedItemRecord, wanted: str, master_target_id: str | None
+) -> list[rules.Verdict]:
+    """Every failback rule's verdict, in order (`srctl doctor --machine` shows them all).
+
+    `master_target_id` None: no master target is chosen yet, so the rule that
+    needs one says so instead of guessing.
+    """
     onprem = env.local_sites().onprem
     original = item.details.get("onprem", {}).get("vm", "")
-    if item.details.get("kind") == "physical" and wanted == "original":
-        raise errors.PreconditionFailed(
-            f"{item.name} is a physical server; failback to physical is not supported",
-            hint="reprotect with --target new: it fails back to a new VM on the master target's host and datastore",
-            code="physical-failback",
-        )
+    physical = item.details.get("kind") == "physical"
+    verdicts: list[rules.Verdict] = []
+
+    def physical_rule() -> str:
+        if physical and wanted == "original":
+            raise errors.PreconditionFailed(
+                f"{item.name} is a physical server; failback to physical is not supported",
+                hint="reprotect with --target new: it fails back to a new VM on the master target's host and datastore",
+                code="physical-failback",
+            )
+        return f"{item.name} is a physical server: it fails back to a new VM" if physical else f"{item.name} is a VM"
+
+    verdicts.append(rules.check("physical servers fail back to a new VM", physical_rule))
     vm = onprem.get_vm(original) if original else None
-    if wanted == "original":
+    names = ("original VM exists", "original VM has no snapshots", "original VM's datastore reachable")
+    if wanted != "original":
+        return verdicts + [rules.skipped(n, f"not needed: failback to a {wanted} VM") for n in names]
+    if physical:
+        return verdicts + [rules.skipped(n, "not needed: a physical server has no original VM") for n in names]
+
+    def exists() -> str:
         if vm is None:
             raise errors.PreconditionFailed(
                 f"the original VM {original or item.name} no longer exists on-premises",
                 hint="reprotect with --target new to fail back to a new VM",
                 code="original-vm-missing",
             )
+        return f"VM {vm.name} exists on-premises"
+
+    verdicts.append(rules.check(names[0], exists))
+    if vm is None:
+        return verdicts + [rules.skipped(n, "not checked: the original VM is missing") for n in names[1:]]
+
+    def no_snapshots() -> str:
         if vm.snapshots:
             count = len(vm.snapshots)
             raise errors.PreconditionFailed(
@@ -269,7 +305,24 @@ def onprem_preflight(env, store, item: ProtectedItemRecord, wanted: str, master_
                 hint="delete them, then run reprotect again",
                 code="vm-has-snapshots",
             )
-        server = store.get_server(master_target_id)
+        return f"VM {vm.name} has no snapshots"
+
+    verdicts.append(rules.check(names[1], no_snapshots))
+    if not master_target_id:
+        verdicts.append(rules.skipped(
+            names[2], "not checked: no master target chosen yet (reprotect --master-target records it; "
+            "`srctl doctor --machine M --master-target MT` checks one)"))
+        return verdicts
+
+    def datastore_reachable() -> str:
+        try:
+            server = store.get_server(master_target_id)
+        except errors.NotFound as exc:
+            raise errors.PreconditionFailed(
+                f"master target {master_target_id} of the failback route is not enrolled",
+                hint="choose an enrolled master target (`srctl servers list`) with reprotect --master-target",
+                code="master-target-not-found",
+            ) from exc
         roots = [d.get("path", "") for d in replication.directories(server, common_pb2.DIRECTORY_KIND_DATASTORE)]
         outside = [d.name for d in vm.disks if not _inside(d.path, roots)]
         if outside:
@@ -279,7 +332,10 @@ def onprem_preflight(env, store, item: ProtectedItemRecord, wanted: str, master_
                 hint="choose a master target whose host mounts that datastore, or reprotect with --target new",
                 code="datastore-unreachable",
             )
-    return {"target": wanted, "vm": vm.name if vm is not None else ""}
+        return f"the disks of VM {vm.name} are on a datastore of master target {server.hostname}"
+
+    verdicts.append(rules.check(names[2], datastore_reachable))
+    return verdicts
 
 
 class PreflightOnprem(ItemStep):
