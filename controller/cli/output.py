@@ -80,10 +80,6 @@ def emit_item(output_format: Format, data: Any) -> None:
     sys.stdout.flush()
 
 
-def print_json(data: Any) -> None:
-    emit(Format.json, data)
-
-
 def print_table(title: str, columns: Sequence[str], rows: Iterable[Sequence[Any]]) -> None:
     table = Table(title=title, title_justify="left", header_style="bold")
     for column in columns:

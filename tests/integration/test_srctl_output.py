@@ -114,7 +114,7 @@ def steps(site: FailbackSite, ctx: dict) -> list[tuple[Callable[[], list[str]], 
         (s("machine", "test-cleanup", VM), 0),
         (s("machine", "test-failover", VM, "--no-wait"), 0), (s("jobs", "watch", "{last_job}"), 0),
         # The plan pauses before its group every time: the cleanup waits for its resume too.
-        (s("plan", "test-cleanup", "P1", "--no-wait"), 0), (s("jobs", "resume", "{last_job}"), 0),
+        (s("plan", "test-cleanup", "P1", "--no-wait"), 0), (s("job", "resume", "{last_job}"), 0),
         (s("plan", "remove", "P1"), 0),
         (s("lab", "status", "--dir", nolab), 3), (s("lab", "down", "--dir", nolab), 3),
         (s("servers", "remove", "ps-cloud", "--yes"), 0),
