@@ -122,7 +122,7 @@ def reach_config_server(chosen: Profile) -> Check:
     """TCP, then the TLS handshake with an RPC (the health check every operator may call), then the latency."""
     from grpc_health.v1 import health_pb2, health_pb2_grpc
 
-    name, subject = "configuration server", f"configuration server {chosen.server}"
+    name, subject = "reachable", f"configuration server {chosen.server}"
     refused = _connect(chosen.server)
     if refused:
         error = connection_error(refused, chosen)

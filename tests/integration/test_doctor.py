@@ -13,7 +13,10 @@ from __future__ import annotations
 
 import datetime as dt
 import json
+import os
 import socket
+import subprocess
+import sys
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -63,7 +66,7 @@ def test_all_green_then_snapshots_a_wrong_master_target_a_stopped_process_server
     code, report = doctor(protected, "--machine", VM, "--master-target", "mt-onprem")
     assert code == 0 and failed(report) == [], json.dumps(report, indent=1)
     assert {c["status"] for c in report["checks"]} <= {"ok", "skipped"}, json.dumps(report, indent=1)
-    assert by_name(report, "configuration server")[0]["status"] == "ok"
+    assert by_name(report, "reachable", "configuration server")[0]["status"] == "ok"
     assert by_name(report, "clock skew")[0]["status"] == "ok"
     for name in ("client certificate", "CA certificate"):
         assert by_name(report, name)[0]["status"] == "ok"
@@ -85,6 +88,12 @@ def test_all_green_then_snapshots_a_wrong_master_target_a_stopped_process_server
     assert all(c["status"] == "ok" for c in rules)
     table = protected.srctl("doctor", "--machine", VM, "--master-target", "mt-onprem")
     assert table.returncode == 0 and "✓" in table.stdout and "no failures" in table.stdout
+    # Shell completion (typer's) offers the server's names: TAB after `srctl machine failover a`.
+    words = ["srctl", "--config", str(protected.profile), "machine", "failover", "a"]
+    completed = subprocess.run([str(Path(sys.executable).parent / "srctl")], capture_output=True, text=True, timeout=60,
+                               env={**os.environ, "_SRCTL_COMPLETE": "complete_bash", "COMP_WORDS": " ".join(words),
+                                    "COMP_CWORD": str(len(words) - 1)})
+    assert completed.stdout.split() == [VM], completed.stderr
 
     # Two failback rules broken at once: both are reported, each with its fix (a reprotect shows only the first).
     vm_json = protected.sites.onprem.vm_dir(VM) / "vm.json"
@@ -185,7 +194,7 @@ def test_certificates_near_and_past_expiry_an_unreachable_server_and_a_foreign_c
     assert code == 5
     (mine,) = by_name(report, "client certificate")
     assert mine["status"] == "failed" and "expired on" in mine["message"]
-    (server,) = by_name(report, "configuration server")
+    (server,) = by_name(report, "reachable", "configuration server")
     assert server["status"] == "failed" and server["code"] == "tls-handshake-failed", server
     assert by_name(report, "clock skew")[0]["status"] == "skipped"
 
@@ -193,7 +202,7 @@ def test_certificates_near_and_past_expiry_an_unreachable_server_and_a_foreign_c
     nobody = _profile_with(site, "nobody", (admin / "client.key").read_bytes(), (admin / "client.crt").read_bytes(),
                            server=f"127.0.0.1:{_closed_port()}")
     code, report = doctor(site, config=nobody)
-    (server,) = by_name(report, "configuration server")
+    (server,) = by_name(report, "reachable", "configuration server")
     assert code == 5 and "connection refused" in server["message"] and "start the configuration server" in server["hint"]
     table = site.srctl("doctor", config=nobody)
     assert table.returncode == 5 and "✗" in table.stdout and "fix: start the configuration server" in table.stdout
