@@ -83,7 +83,8 @@ def run_checks(request: admin_pb2.DiagnoseRequest) -> list[Check]:
     checks.append(reached)
     if reached.status == "failed":
         skip = "not checked: the configuration server cannot be reached"
-        return checks + [Check(n, "skipped", skip) for n in ("clock skew", "replication ports", "agents")]
+        names = ["clock skew", "replication ports", "agents"] + (["failback prerequisites"] if request.machine else [])
+        return checks + [Check(n, "skipped", skip) for n in names]
     checks += server_side(chosen, request)
     checks += replication_ports(chosen)
     return checks
@@ -218,7 +219,7 @@ def _connect(endpoint: str, *, default_port: int = 443) -> str:
     except TimeoutError:
         return f"no answer within {CONNECT_TIMEOUT:.0f} s (filtered by a firewall, or the host is down)"
     except OSError as exc:
-        return f"connection refused ({exc.strerror})" if isinstance(exc, ConnectionRefusedError) else str(exc.strerror or exc)
+        return "connection refused" if isinstance(exc, ConnectionRefusedError) else str(exc.strerror or exc)
 
 
 def _print(checks: list[Check], counts: dict[str, int]) -> None:
