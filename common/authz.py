@@ -49,6 +49,8 @@ RPC_ROLES: dict[str, frozenset[str]] = {
     "/siterecovery.v1.Admin/UpdateAzureSiteCredentials": frozenset({pki.ADMIN}),
     "/siterecovery.v1.Admin/RemoveAzureSite": frozenset({pki.ADMIN}),
     "/siterecovery.v1.Admin/DeployAzureProcessServer": frozenset({pki.ADMIN}),
+    # srctl doctor: reads only, so a reader may run it too.
+    "/siterecovery.v1.Admin/Diagnose": OPERATORS,
     "/siterecovery.v1.Protection/CreateProtectionGroup": frozenset({pki.ADMIN}),
     "/siterecovery.v1.Protection/ListProtectionGroups": OPERATORS,
     "/siterecovery.v1.Protection/RemoveProtectionGroup": frozenset({pki.ADMIN}),

@@ -23,6 +23,14 @@ class JobStatus(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
     JOB_STATUS_COMPENSATING: _ClassVar[JobStatus]
     JOB_STATUS_COMPENSATED: _ClassVar[JobStatus]
     JOB_STATUS_CANCELLED: _ClassVar[JobStatus]
+
+class CheckStatus(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
+    __slots__ = ()
+    CHECK_STATUS_UNSPECIFIED: _ClassVar[CheckStatus]
+    CHECK_STATUS_OK: _ClassVar[CheckStatus]
+    CHECK_STATUS_WARNING: _ClassVar[CheckStatus]
+    CHECK_STATUS_FAILED: _ClassVar[CheckStatus]
+    CHECK_STATUS_SKIPPED: _ClassVar[CheckStatus]
 JOB_STATUS_UNSPECIFIED: JobStatus
 JOB_STATUS_PENDING: JobStatus
 JOB_STATUS_RUNNING: JobStatus
@@ -31,6 +39,11 @@ JOB_STATUS_FAILED: JobStatus
 JOB_STATUS_COMPENSATING: JobStatus
 JOB_STATUS_COMPENSATED: JobStatus
 JOB_STATUS_CANCELLED: JobStatus
+CHECK_STATUS_UNSPECIFIED: CheckStatus
+CHECK_STATUS_OK: CheckStatus
+CHECK_STATUS_WARNING: CheckStatus
+CHECK_STATUS_FAILED: CheckStatus
+CHECK_STATUS_SKIPPED: CheckStatus
 
 class ListServersRequest(_message.Message):
     __slots__ = ("include_removed",)
@@ -653,3 +666,41 @@ class DeployAzureProcessServerRequest(_message.Message):
     config_server: str
     install_command: str
     def __init__(self, site: _Optional[str] = ..., name: _Optional[str] = ..., subnet: _Optional[str] = ..., private_ip: _Optional[str] = ..., size: _Optional[str] = ..., image: _Optional[_Union[AzureImage, _Mapping]] = ..., admin_username: _Optional[str] = ..., ssh_public_key: _Optional[str] = ..., config_server: _Optional[str] = ..., install_command: _Optional[str] = ...) -> None: ...
+
+class Check(_message.Message):
+    __slots__ = ("name", "status", "message", "hint", "code", "subject")
+    NAME_FIELD_NUMBER: _ClassVar[int]
+    STATUS_FIELD_NUMBER: _ClassVar[int]
+    MESSAGE_FIELD_NUMBER: _ClassVar[int]
+    HINT_FIELD_NUMBER: _ClassVar[int]
+    CODE_FIELD_NUMBER: _ClassVar[int]
+    SUBJECT_FIELD_NUMBER: _ClassVar[int]
+    name: str
+    status: CheckStatus
+    message: str
+    hint: str
+    code: str
+    subject: str
+    def __init__(self, name: _Optional[str] = ..., status: _Optional[_Union[CheckStatus, str]] = ..., message: _Optional[str] = ..., hint: _Optional[str] = ..., code: _Optional[str] = ..., subject: _Optional[str] = ...) -> None: ...
+
+class DiagnoseRequest(_message.Message):
+    __slots__ = ("machine", "master_target", "target", "vcenter", "datastore")
+    MACHINE_FIELD_NUMBER: _ClassVar[int]
+    MASTER_TARGET_FIELD_NUMBER: _ClassVar[int]
+    TARGET_FIELD_NUMBER: _ClassVar[int]
+    VCENTER_FIELD_NUMBER: _ClassVar[int]
+    DATASTORE_FIELD_NUMBER: _ClassVar[int]
+    machine: str
+    master_target: str
+    target: str
+    vcenter: str
+    datastore: str
+    def __init__(self, machine: _Optional[str] = ..., master_target: _Optional[str] = ..., target: _Optional[str] = ..., vcenter: _Optional[str] = ..., datastore: _Optional[str] = ...) -> None: ...
+
+class DiagnoseResponse(_message.Message):
+    __slots__ = ("server_time", "checks")
+    SERVER_TIME_FIELD_NUMBER: _ClassVar[int]
+    CHECKS_FIELD_NUMBER: _ClassVar[int]
+    server_time: _timestamp_pb2.Timestamp
+    checks: _containers.RepeatedCompositeFieldContainer[Check]
+    def __init__(self, server_time: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., checks: _Optional[_Iterable[_Union[Check, _Mapping]]] = ...) -> None: ...

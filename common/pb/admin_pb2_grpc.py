@@ -186,6 +186,11 @@ class AdminStub:
                 request_serializer=siterecovery_dot_v1_dot_admin__pb2.DeployAzureProcessServerRequest.SerializeToString,
                 response_deserializer=siterecovery_dot_v1_dot_admin__pb2.Job.FromString,
                 _registered_method=True)
+        self.Diagnose = channel.unary_unary(
+                '/siterecovery.v1.Admin/Diagnose',
+                request_serializer=siterecovery_dot_v1_dot_admin__pb2.DiagnoseRequest.SerializeToString,
+                response_deserializer=siterecovery_dot_v1_dot_admin__pb2.DiagnoseResponse.FromString,
+                _registered_method=True)
 
 
 class AdminServicer:
@@ -383,6 +388,15 @@ class AdminServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def Diagnose(self, request, context):
+        """What `srctl doctor` asks: this server's clock, and its checks of what only
+        it knows (agents' certificates, heartbeats, disk space; with a machine,
+        every failback rule's verdict, as a reprotect would check them). Reads only.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_AdminServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -535,6 +549,11 @@ def add_AdminServicer_to_server(servicer, server):
                     servicer.DeployAzureProcessServer,
                     request_deserializer=siterecovery_dot_v1_dot_admin__pb2.DeployAzureProcessServerRequest.FromString,
                     response_serializer=siterecovery_dot_v1_dot_admin__pb2.Job.SerializeToString,
+            ),
+            'Diagnose': grpc.unary_unary_rpc_method_handler(
+                    servicer.Diagnose,
+                    request_deserializer=siterecovery_dot_v1_dot_admin__pb2.DiagnoseRequest.FromString,
+                    response_serializer=siterecovery_dot_v1_dot_admin__pb2.DiagnoseResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -1347,6 +1366,33 @@ class Admin:
             '/siterecovery.v1.Admin/DeployAzureProcessServer',
             siterecovery_dot_v1_dot_admin__pb2.DeployAzureProcessServerRequest.SerializeToString,
             siterecovery_dot_v1_dot_admin__pb2.Job.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def Diagnose(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/siterecovery.v1.Admin/Diagnose',
+            siterecovery_dot_v1_dot_admin__pb2.DiagnoseRequest.SerializeToString,
+            siterecovery_dot_v1_dot_admin__pb2.DiagnoseResponse.FromString,
             options,
             channel_credentials,
             insecure,

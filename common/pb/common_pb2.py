@@ -26,25 +26,25 @@ _sym_db = _symbol_database.Default()
 from google.protobuf import timestamp_pb2 as google_dot_protobuf_dot_timestamp__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1csiterecovery/v1/common.proto\x12\x0fsiterecovery.v1\x1a\x1fgoogle/protobuf/timestamp.proto\"U\n\x07Problem\x12\x0c\n\x04\x63ode\x18\x01 \x01(\t\x12+\n\x08severity\x18\x02 \x01(\x0e\x32\x19.siterecovery.v1.Severity\x12\x0f\n\x07message\x18\x03 \x01(\t\"M\n\tDiskFacts\x12\x10\n\x08identity\x18\x01 \x01(\t\x12\x0c\n\x04path\x18\x02 \x01(\t\x12\x12\n\nsize_bytes\x18\x03 \x01(\x04\x12\x0c\n\x04name\x18\x04 \x01(\t\"\x92\x01\n\x0e\x44irectoryFacts\x12,\n\x04kind\x18\x01 \x01(\x0e\x32\x1e.siterecovery.v1.DirectoryKind\x12\x0c\n\x04path\x18\x02 \x01(\t\x12\x13\n\x0btotal_bytes\x18\x03 \x01(\x04\x12\x12\n\nfree_bytes\x18\x04 \x01(\x04\x12\x1b\n\x13used_by_agent_bytes\x18\x05 \x01(\x04\"i\n\tHostFacts\x12\x10\n\x08hostname\x18\x01 \x01(\t\x12\n\n\x02os\x18\x02 \x01(\t\x12\x11\n\taddresses\x18\x03 \x03(\t\x12\x15\n\ragent_version\x18\x04 \x01(\t\x12\x14\n\x0cmachine_uuid\x18\x05 \x01(\t\"\xe0\x01\n\tInventory\x12(\n\x04host\x18\x01 \x01(\x0b\x32\x1a.siterecovery.v1.HostFacts\x12)\n\x05\x64isks\x18\x02 \x03(\x0b\x32\x1a.siterecovery.v1.DiskFacts\x12\x34\n\x0b\x64irectories\x18\x03 \x03(\x0b\x32\x1f.siterecovery.v1.DirectoryFacts\x12\x15\n\rdata_endpoint\x18\x04 \x01(\t\x12\x31\n\x07network\x18\x05 \x01(\x0b\x32 .siterecovery.v1.NetworkIdentity\"3\n\tIpAddress\x12\x0f\n\x07\x61\x64\x64ress\x18\x01 \x01(\t\x12\x15\n\rprefix_length\x18\x02 \x01(\r\"\x96\x02\n\x10NetworkInterface\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x13\n\x0bmac_address\x18\x02 \x01(\t\x12\x33\n\x0bipv4_method\x18\x03 \x01(\x0e\x32\x1e.siterecovery.v1.AddressMethod\x12\x33\n\x0bipv6_method\x18\x04 \x01(\x0e\x32\x1e.siterecovery.v1.AddressMethod\x12-\n\taddresses\x18\x05 \x03(\x0b\x32\x1a.siterecovery.v1.IpAddress\x12\x10\n\x08gateways\x18\x06 \x03(\t\x12\x13\n\x0b\x64ns_servers\x18\x07 \x03(\t\x12\x12\n\ndns_search\x18\x08 \x03(\t\x12\x0b\n\x03mtu\x18\t \x01(\r\"\xc4\x01\n\x0fNetworkIdentity\x12.\n\x06system\x18\x01 \x01(\x0e\x32\x1e.siterecovery.v1.NetworkSystem\x12/\n\x0b\x63\x61ptured_at\x18\x02 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x35\n\ninterfaces\x18\x03 \x03(\x0b\x32!.siterecovery.v1.NetworkInterface\x12\x19\n\x11\x66rom_agent_config\x18\x04 \x01(\x08\"\xa1\x03\n\nServerInfo\x12\n\n\x02id\x18\x01 \x01(\t\x12#\n\x04role\x18\x02 \x01(\x0e\x32\x15.siterecovery.v1.Role\x12\x10\n\x08hostname\x18\x03 \x01(\t\x12\'\n\x06health\x18\x04 \x01(\x0e\x32\x17.siterecovery.v1.Health\x12/\n\x0b\x65nrolled_at\x18\x05 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x35\n\x11last_heartbeat_at\x18\x06 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x1d\n\x15heartbeat_age_seconds\x18\x07 \x01(\x01\x12*\n\x08problems\x18\x08 \x03(\x0b\x32\x18.siterecovery.v1.Problem\x12-\n\tinventory\x18\t \x01(\x0b\x32\x1a.siterecovery.v1.Inventory\x12\x15\n\rhealth_reason\x18\n \x01(\t\x12.\n\nrevoked_at\x18\x0b \x01(\x0b\x32\x1a.google.protobuf.Timestamp*\xaa\x01\n\x04Role\x12\x14\n\x10ROLE_UNSPECIFIED\x10\x00\x12\x0f\n\x0bROLE_SOURCE\x10\x01\x12\x17\n\x13ROLE_PROCESS_SERVER\x10\x02\x12\x16\n\x12ROLE_MASTER_TARGET\x10\x03\x12\x0e\n\nROLE_ADMIN\x10\x04\x12\x0f\n\x0bROLE_READER\x10\x05\x12\x11\n\rROLE_ENROLLEE\x10\x06\x12\x16\n\x12ROLE_CONFIG_SERVER\x10\x07*]\n\x06Health\x12\x16\n\x12HEALTH_UNSPECIFIED\x10\x00\x12\x12\n\x0eHEALTH_HEALTHY\x10\x01\x12\x12\n\x0eHEALTH_WARNING\x10\x02\x12\x13\n\x0fHEALTH_CRITICAL\x10\x03*Q\n\x08Severity\x12\x18\n\x14SEVERITY_UNSPECIFIED\x10\x00\x12\x14\n\x10SEVERITY_WARNING\x10\x01\x12\x15\n\x11SEVERITY_CRITICAL\x10\x02*\x9f\x01\n\rDirectoryKind\x12\x1e\n\x1a\x44IRECTORY_KIND_UNSPECIFIED\x10\x00\x12\x1c\n\x18\x44IRECTORY_KIND_DATASTORE\x10\x01\x12\x1c\n\x18\x44IRECTORY_KIND_RETENTION\x10\x02\x12\x18\n\x14\x44IRECTORY_KIND_SPOOL\x10\x03\x12\x18\n\x14\x44IRECTORY_KIND_STATE\x10\x04*\xa4\x01\n\rNetworkSystem\x12\x1e\n\x1aNETWORK_SYSTEM_UNSPECIFIED\x10\x00\x12!\n\x1dNETWORK_SYSTEM_NETWORKMANAGER\x10\x01\x12\x18\n\x14NETWORK_SYSTEM_IFCFG\x10\x02\x12\x1a\n\x16NETWORK_SYSTEM_NETPLAN\x10\x03\x12\x1a\n\x16NETWORK_SYSTEM_WINDOWS\x10\x04*\x99\x01\n\rAddressMethod\x12\x1e\n\x1a\x41\x44\x44RESS_METHOD_UNSPECIFIED\x10\x00\x12\x19\n\x15\x41\x44\x44RESS_METHOD_STATIC\x10\x01\x12\x17\n\x13\x41\x44\x44RESS_METHOD_DHCP\x10\x02\x12\x17\n\x13\x41\x44\x44RESS_METHOD_AUTO\x10\x03\x12\x1b\n\x17\x41\x44\x44RESS_METHOD_DISABLED\x10\x04\x62\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1csiterecovery/v1/common.proto\x12\x0fsiterecovery.v1\x1a\x1fgoogle/protobuf/timestamp.proto\"U\n\x07Problem\x12\x0c\n\x04\x63ode\x18\x01 \x01(\t\x12+\n\x08severity\x18\x02 \x01(\x0e\x32\x19.siterecovery.v1.Severity\x12\x0f\n\x07message\x18\x03 \x01(\t\"M\n\tDiskFacts\x12\x10\n\x08identity\x18\x01 \x01(\t\x12\x0c\n\x04path\x18\x02 \x01(\t\x12\x12\n\nsize_bytes\x18\x03 \x01(\x04\x12\x0c\n\x04name\x18\x04 \x01(\t\"\x92\x01\n\x0e\x44irectoryFacts\x12,\n\x04kind\x18\x01 \x01(\x0e\x32\x1e.siterecovery.v1.DirectoryKind\x12\x0c\n\x04path\x18\x02 \x01(\t\x12\x13\n\x0btotal_bytes\x18\x03 \x01(\x04\x12\x12\n\nfree_bytes\x18\x04 \x01(\x04\x12\x1b\n\x13used_by_agent_bytes\x18\x05 \x01(\x04\"i\n\tHostFacts\x12\x10\n\x08hostname\x18\x01 \x01(\t\x12\n\n\x02os\x18\x02 \x01(\t\x12\x11\n\taddresses\x18\x03 \x03(\t\x12\x15\n\ragent_version\x18\x04 \x01(\t\x12\x14\n\x0cmachine_uuid\x18\x05 \x01(\t\"\x9c\x02\n\tInventory\x12(\n\x04host\x18\x01 \x01(\x0b\x32\x1a.siterecovery.v1.HostFacts\x12)\n\x05\x64isks\x18\x02 \x03(\x0b\x32\x1a.siterecovery.v1.DiskFacts\x12\x34\n\x0b\x64irectories\x18\x03 \x03(\x0b\x32\x1f.siterecovery.v1.DirectoryFacts\x12\x15\n\rdata_endpoint\x18\x04 \x01(\t\x12\x31\n\x07network\x18\x05 \x01(\x0b\x32 .siterecovery.v1.NetworkIdentity\x12:\n\x16\x63\x65rtificate_expires_at\x18\x06 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\"3\n\tIpAddress\x12\x0f\n\x07\x61\x64\x64ress\x18\x01 \x01(\t\x12\x15\n\rprefix_length\x18\x02 \x01(\r\"\x96\x02\n\x10NetworkInterface\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x13\n\x0bmac_address\x18\x02 \x01(\t\x12\x33\n\x0bipv4_method\x18\x03 \x01(\x0e\x32\x1e.siterecovery.v1.AddressMethod\x12\x33\n\x0bipv6_method\x18\x04 \x01(\x0e\x32\x1e.siterecovery.v1.AddressMethod\x12-\n\taddresses\x18\x05 \x03(\x0b\x32\x1a.siterecovery.v1.IpAddress\x12\x10\n\x08gateways\x18\x06 \x03(\t\x12\x13\n\x0b\x64ns_servers\x18\x07 \x03(\t\x12\x12\n\ndns_search\x18\x08 \x03(\t\x12\x0b\n\x03mtu\x18\t \x01(\r\"\xc4\x01\n\x0fNetworkIdentity\x12.\n\x06system\x18\x01 \x01(\x0e\x32\x1e.siterecovery.v1.NetworkSystem\x12/\n\x0b\x63\x61ptured_at\x18\x02 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x35\n\ninterfaces\x18\x03 \x03(\x0b\x32!.siterecovery.v1.NetworkInterface\x12\x19\n\x11\x66rom_agent_config\x18\x04 \x01(\x08\"\xa1\x03\n\nServerInfo\x12\n\n\x02id\x18\x01 \x01(\t\x12#\n\x04role\x18\x02 \x01(\x0e\x32\x15.siterecovery.v1.Role\x12\x10\n\x08hostname\x18\x03 \x01(\t\x12\'\n\x06health\x18\x04 \x01(\x0e\x32\x17.siterecovery.v1.Health\x12/\n\x0b\x65nrolled_at\x18\x05 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x35\n\x11last_heartbeat_at\x18\x06 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x1d\n\x15heartbeat_age_seconds\x18\x07 \x01(\x01\x12*\n\x08problems\x18\x08 \x03(\x0b\x32\x18.siterecovery.v1.Problem\x12-\n\tinventory\x18\t \x01(\x0b\x32\x1a.siterecovery.v1.Inventory\x12\x15\n\rhealth_reason\x18\n \x01(\t\x12.\n\nrevoked_at\x18\x0b \x01(\x0b\x32\x1a.google.protobuf.Timestamp*\xaa\x01\n\x04Role\x12\x14\n\x10ROLE_UNSPECIFIED\x10\x00\x12\x0f\n\x0bROLE_SOURCE\x10\x01\x12\x17\n\x13ROLE_PROCESS_SERVER\x10\x02\x12\x16\n\x12ROLE_MASTER_TARGET\x10\x03\x12\x0e\n\nROLE_ADMIN\x10\x04\x12\x0f\n\x0bROLE_READER\x10\x05\x12\x11\n\rROLE_ENROLLEE\x10\x06\x12\x16\n\x12ROLE_CONFIG_SERVER\x10\x07*]\n\x06Health\x12\x16\n\x12HEALTH_UNSPECIFIED\x10\x00\x12\x12\n\x0eHEALTH_HEALTHY\x10\x01\x12\x12\n\x0eHEALTH_WARNING\x10\x02\x12\x13\n\x0fHEALTH_CRITICAL\x10\x03*Q\n\x08Severity\x12\x18\n\x14SEVERITY_UNSPECIFIED\x10\x00\x12\x14\n\x10SEVERITY_WARNING\x10\x01\x12\x15\n\x11SEVERITY_CRITICAL\x10\x02*\x9f\x01\n\rDirectoryKind\x12\x1e\n\x1a\x44IRECTORY_KIND_UNSPECIFIED\x10\x00\x12\x1c\n\x18\x44IRECTORY_KIND_DATASTORE\x10\x01\x12\x1c\n\x18\x44IRECTORY_KIND_RETENTION\x10\x02\x12\x18\n\x14\x44IRECTORY_KIND_SPOOL\x10\x03\x12\x18\n\x14\x44IRECTORY_KIND_STATE\x10\x04*\xa4\x01\n\rNetworkSystem\x12\x1e\n\x1aNETWORK_SYSTEM_UNSPECIFIED\x10\x00\x12!\n\x1dNETWORK_SYSTEM_NETWORKMANAGER\x10\x01\x12\x18\n\x14NETWORK_SYSTEM_IFCFG\x10\x02\x12\x1a\n\x16NETWORK_SYSTEM_NETPLAN\x10\x03\x12\x1a\n\x16NETWORK_SYSTEM_WINDOWS\x10\x04*\x99\x01\n\rAddressMethod\x12\x1e\n\x1a\x41\x44\x44RESS_METHOD_UNSPECIFIED\x10\x00\x12\x19\n\x15\x41\x44\x44RESS_METHOD_STATIC\x10\x01\x12\x17\n\x13\x41\x44\x44RESS_METHOD_DHCP\x10\x02\x12\x17\n\x13\x41\x44\x44RESS_METHOD_AUTO\x10\x03\x12\x1b\n\x17\x41\x44\x44RESS_METHOD_DISABLED\x10\x04\x62\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
 _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'siterecovery.v1.common_pb2', _globals)
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
-  _globals['_ROLE']._serialized_start=1685
-  _globals['_ROLE']._serialized_end=1855
-  _globals['_HEALTH']._serialized_start=1857
-  _globals['_HEALTH']._serialized_end=1950
-  _globals['_SEVERITY']._serialized_start=1952
-  _globals['_SEVERITY']._serialized_end=2033
-  _globals['_DIRECTORYKIND']._serialized_start=2036
-  _globals['_DIRECTORYKIND']._serialized_end=2195
-  _globals['_NETWORKSYSTEM']._serialized_start=2198
-  _globals['_NETWORKSYSTEM']._serialized_end=2362
-  _globals['_ADDRESSMETHOD']._serialized_start=2365
-  _globals['_ADDRESSMETHOD']._serialized_end=2518
+  _globals['_ROLE']._serialized_start=1745
+  _globals['_ROLE']._serialized_end=1915
+  _globals['_HEALTH']._serialized_start=1917
+  _globals['_HEALTH']._serialized_end=2010
+  _globals['_SEVERITY']._serialized_start=2012
+  _globals['_SEVERITY']._serialized_end=2093
+  _globals['_DIRECTORYKIND']._serialized_start=2096
+  _globals['_DIRECTORYKIND']._serialized_end=2255
+  _globals['_NETWORKSYSTEM']._serialized_start=2258
+  _globals['_NETWORKSYSTEM']._serialized_end=2422
+  _globals['_ADDRESSMETHOD']._serialized_start=2425
+  _globals['_ADDRESSMETHOD']._serialized_end=2578
   _globals['_PROBLEM']._serialized_start=82
   _globals['_PROBLEM']._serialized_end=167
   _globals['_DISKFACTS']._serialized_start=169
@@ -54,13 +54,13 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_HOSTFACTS']._serialized_start=397
   _globals['_HOSTFACTS']._serialized_end=502
   _globals['_INVENTORY']._serialized_start=505
-  _globals['_INVENTORY']._serialized_end=729
-  _globals['_IPADDRESS']._serialized_start=731
-  _globals['_IPADDRESS']._serialized_end=782
-  _globals['_NETWORKINTERFACE']._serialized_start=785
-  _globals['_NETWORKINTERFACE']._serialized_end=1063
-  _globals['_NETWORKIDENTITY']._serialized_start=1066
-  _globals['_NETWORKIDENTITY']._serialized_end=1262
-  _globals['_SERVERINFO']._serialized_start=1265
-  _globals['_SERVERINFO']._serialized_end=1682
+  _globals['_INVENTORY']._serialized_end=789
+  _globals['_IPADDRESS']._serialized_start=791
+  _globals['_IPADDRESS']._serialized_end=842
+  _globals['_NETWORKINTERFACE']._serialized_start=845
+  _globals['_NETWORKINTERFACE']._serialized_end=1123
+  _globals['_NETWORKIDENTITY']._serialized_start=1126
+  _globals['_NETWORKIDENTITY']._serialized_end=1322
+  _globals['_SERVERINFO']._serialized_start=1325
+  _globals['_SERVERINFO']._serialized_end=1742
 # @@protoc_insertion_point(module_scope)

@@ -140,18 +140,20 @@ class HostFacts(_message.Message):
     def __init__(self, hostname: _Optional[str] = ..., os: _Optional[str] = ..., addresses: _Optional[_Iterable[str]] = ..., agent_version: _Optional[str] = ..., machine_uuid: _Optional[str] = ...) -> None: ...
 
 class Inventory(_message.Message):
-    __slots__ = ("host", "disks", "directories", "data_endpoint", "network")
+    __slots__ = ("host", "disks", "directories", "data_endpoint", "network", "certificate_expires_at")
     HOST_FIELD_NUMBER: _ClassVar[int]
     DISKS_FIELD_NUMBER: _ClassVar[int]
     DIRECTORIES_FIELD_NUMBER: _ClassVar[int]
     DATA_ENDPOINT_FIELD_NUMBER: _ClassVar[int]
     NETWORK_FIELD_NUMBER: _ClassVar[int]
+    CERTIFICATE_EXPIRES_AT_FIELD_NUMBER: _ClassVar[int]
     host: HostFacts
     disks: _containers.RepeatedCompositeFieldContainer[DiskFacts]
     directories: _containers.RepeatedCompositeFieldContainer[DirectoryFacts]
     data_endpoint: str
     network: NetworkIdentity
-    def __init__(self, host: _Optional[_Union[HostFacts, _Mapping]] = ..., disks: _Optional[_Iterable[_Union[DiskFacts, _Mapping]]] = ..., directories: _Optional[_Iterable[_Union[DirectoryFacts, _Mapping]]] = ..., data_endpoint: _Optional[str] = ..., network: _Optional[_Union[NetworkIdentity, _Mapping]] = ...) -> None: ...
+    certificate_expires_at: _timestamp_pb2.Timestamp
+    def __init__(self, host: _Optional[_Union[HostFacts, _Mapping]] = ..., disks: _Optional[_Iterable[_Union[DiskFacts, _Mapping]]] = ..., directories: _Optional[_Iterable[_Union[DirectoryFacts, _Mapping]]] = ..., data_endpoint: _Optional[str] = ..., network: _Optional[_Union[NetworkIdentity, _Mapping]] = ..., certificate_expires_at: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ...) -> None: ...
 
 class IpAddress(_message.Message):
     __slots__ = ("address", "prefix_length")

@@ -10,8 +10,9 @@ import typer
 from siterecovery.common import errors
 from siterecovery.common.azure.site import ClientSecret
 from siterecovery.common.pb import admin_pb2
-from siterecovery.controller.cli import output
-from siterecovery.controller.cli.output import Format
+from siterecovery.controller.cli import completion, output
+from siterecovery.controller.cli.follow import WaitOption, follow
+from siterecovery.controller.cli.output import Format, OutputOption
 from siterecovery.controller.cli.session import call
 
 app = typer.Typer(
@@ -21,8 +22,9 @@ process_server_app = typer.Typer(help="Process servers.", no_args_is_help=True)
 deploy_app = typer.Typer(help="Deploy a process server.", no_args_is_help=True)
 process_server_app.add_typer(deploy_app, name="deploy")
 
-OutputOption = Annotated[Format, typer.Option("--output", "-o", help="table for people, json for scripts")]
-NameArg = Annotated[str, typer.Argument(help="the site's name (see `srctl azure list`)")]
+NameArg = Annotated[
+    str, typer.Argument(help="the site's name (see `srctl azure list`)", autocompletion=completion.azure_sites)
+]
 SecretFileOption = Annotated[
     Path,
     typer.Option(
@@ -41,8 +43,8 @@ def _site_json(s: admin_pb2.AzureSite) -> dict:
 
 
 def _print_sites(items, output_format: Format) -> None:
-    if output_format is Format.json:
-        output.print_json([_site_json(s) for s in items])
+    if output_format is not Format.table:
+        output.emit(output_format, [_site_json(s) for s in items])
         return
     output.print_table(
         "Azure sites",
@@ -98,8 +100,8 @@ def add(
         client_secret=ClientSecret.from_file(secret_file).reveal(),
     )
     site = call("AddAzureSite", request)
-    if output_format is Format.json:
-        output.print_json(_site_json(site))
+    if output_format is not Format.table:
+        output.emit(output_format, _site_json(site))
         return
     output.console.print(
         f"Added Azure site {site.name} ({site.settings.region}, resource group {site.settings.resource_group})."
@@ -130,8 +132,8 @@ def update_credentials(
 def remove(name: NameArg, output_format: OutputOption = Format.table) -> None:
     """Forget a site (nothing changes in Azure); refused while a job uses it."""
     call("RemoveAzureSite", admin_pb2.RemoveAzureSiteRequest(name=name))
-    if output_format is Format.json:
-        output.print_json({"removed": name})
+    if output_format is not Format.table:
+        output.emit(output_format, {"removed": name})
     else:
         output.console.print(f"Removed Azure site {name}.")
 
@@ -161,7 +163,7 @@ def _image(text: str) -> admin_pb2.AzureImage | None:
 
 @deploy_app.command("azure")
 def deploy_azure(
-    site: Annotated[str, typer.Argument(help="the Azure site (see `srctl azure list`)")],
+    site: NameArg,
     name: Annotated[str, typer.Option(help="the VM's name")],
     subnet: Annotated[str, typer.Option(help="subnet of the site's virtual network")],
     private_ip: Annotated[str, typer.Option(help="a free address of that subnet (made static)")],
@@ -175,7 +177,7 @@ def deploy_azure(
         str, typer.Option(help="host:port the VM enrolls with; default the server's advertised address")
     ] = "",
     install_command: Annotated[str, typer.Option(help="how the VM installs siterecovery")] = "",
-    wait: Annotated[bool, typer.Option("--wait/--no-wait", help="follow the job until it ends")] = True,
+    wait: WaitOption = True,
     output_format: OutputOption = Format.table,
 ) -> None:
     """Deploy a process server VM in Azure; it enrolls with the current passphrase (rotate it afterwards)."""
@@ -194,15 +196,6 @@ def deploy_azure(
     if chosen_image is not None:
         request.image.CopyFrom(chosen_image)
     job = call("DeployAzureProcessServer", request)
-    if not wait:
-        if output_format is Format.json:
-            output.print_json({"job": job.id})
-        else:
-            output.console.print(f"Deployment job {job.id} started (srctl jobs watch {job.id}).")
-        return
-    if output_format is Format.table:
-        output.console.print(f"Deployment job {job.id}: {job.target}")
-    # The same display and exit code as `srctl jobs watch` (imported here: main imports this module).
-    from siterecovery.controller.cli.main import jobs_watch
-
-    jobs_watch(job.id, output_format)
+    if wait and output_format is Format.table:
+        output.console.print(f"Deployment job {job.id}: {job.target}", highlight=False)
+    follow(job, wait, output_format)

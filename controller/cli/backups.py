@@ -9,11 +9,10 @@ import typer
 
 from siterecovery.common.pb import admin_pb2
 from siterecovery.controller.cli import output
-from siterecovery.controller.cli.output import Format
+from siterecovery.controller.cli.output import Format, OutputOption
 from siterecovery.controller.cli.session import call
 
 backup_app = typer.Typer(help="Backups of the configuration server: store, CA, keys.", no_args_is_help=True)
-OutputOption = Annotated[Format, typer.Option("--output", "-o", help="table for people, json for scripts")]
 PassphraseOption = Annotated[
     Path, typer.Option("--passphrase-file", help="0600 file holding the backup passphrase (12+ characters)")
 ]
@@ -32,8 +31,8 @@ def create(
     chunks = call("CreateBackup", admin_pb2.CreateBackupRequest(passphrase=passphrase), timeout=600)
     data = b"".join(chunk.data for chunk in chunks)
     backup.write_file(out, data)
-    if output_format is Format.json:
-        output.print_json({"path": str(out), "bytes": len(data)})
+    if output_format is not Format.table:
+        output.emit(output_format, {"path": str(out), "bytes": len(data)})
         return
     output.console.print(f"backup written to {out} ({output.human_bytes(len(data))}); keep the passphrase apart from it")
 
@@ -55,8 +54,8 @@ def restore(
     manifest = backup.restore(
         file.read_bytes(), backup.read_passphrase(passphrase_file), state_dir, store_url=store_url
     )
-    if output_format is Format.json:
-        output.print_json(manifest)
+    if output_format is not Format.table:
+        output.emit(output_format, manifest)
         return
     rows = sum(manifest.get("rows", {}).values())
     output.console.print(

@@ -22,7 +22,6 @@ import subprocess
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Annotated
 
 import grpc
 import typer
@@ -39,9 +38,10 @@ from siterecovery.controller.cli.lab import (
     DirOption,
     lab_dir_of,
     running_daemons,
-    up,
+    start,
     wait_job,
 )
+from siterecovery.controller.cli.session import explain
 from siterecovery.controller.protection.environment import LocalSites
 
 PLAN = "drill"
@@ -196,22 +196,26 @@ class Drill:
 
 def drill(
     directory: DirOption = None,
-    output_format: Annotated[output.Format, typer.Option("--output", "-o")] = output.Format.table,
+    output_format: output.OutputOption = output.Format.table,
 ) -> None:
     """Run the whole failover and failback cycle in the lab (started first when none runs); a verdict per phase."""
     lab_dir = lab_dir_of(directory)
     if not running_daemons(lab_dir):
-        output.console.print(f"No lab runs in {lab_dir}: starting one (srctl lab up).")
-        up(directory=lab_dir)
+        # For scripts stdout holds only the result; the lab's summary goes to stderr then.
+        people = output_format is output.Format.table
+        (output.console if people else output.err_console).print(f"No lab runs in {lab_dir}: starting one (srctl lab up).")
+        summary = start(lab_dir)
+        if people:
+            summary.print()
     profile = Profile.load(lab_profile(lab_dir))
     runner = Drill(lab_dir, profile)
     try:
         phases = runner.run()
     except grpc.RpcError as exc:
-        raise errors.from_rpc_error(exc, target=profile.server) from exc
+        raise explain(exc, profile) from exc
     failed = [p for p in phases if p.verdict not in ("ok", "-")]
-    if output_format is output.Format.json:
-        output.print_json({"phases": [asdict(p) for p in phases], "ok": not failed})
+    if output_format is not output.Format.table:
+        output.emit(output_format, {"phases": [asdict(p) for p in phases], "ok": not failed})
     else:
         output.print_table("Drill", ["PHASE", "TIME", "BYTES MOVED", "INTEGRITY"], [
             [p.name, f"{p.seconds:.1f} s", output.human_bytes(p.bytes_moved), p.verdict] for p in phases

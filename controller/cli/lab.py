@@ -17,6 +17,7 @@ from __future__ import annotations
 import os
 import shutil
 import time
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Annotated
 
@@ -115,9 +116,46 @@ def up(
     directory: DirOption = None,
     heartbeat_interval: Annotated[float, typer.Option(help="seconds between heartbeats")] = LAB_HEARTBEAT_SECONDS,
     replicate: Annotated[bool, typer.Option("--replicate/--no-replicate", help="protect the lab's VM to the cloud")] = True,
+    output_format: output.OutputOption = output.Format.table,
 ) -> None:
     """Start a whole site on loopback (on-premises and cloud, local provider) and wait until it is healthy."""
-    lab_dir = lab_dir_of(directory)
+    summary = start(lab_dir_of(directory), heartbeat_interval=heartbeat_interval, replicate=replicate)
+    output.emit(output_format, summary.data(), summary.print)
+
+
+@dataclass
+class Summary:
+    """What `lab up` started, for people (`print`) and scripts (`data`)."""
+
+    lab_dir: Path
+    started: list[launcher.Launched]
+    names: list[str]
+    profile: Profile
+    sites: LocalSites
+    protected: ppb.ProtectedMachine | None
+
+    def data(self) -> dict:
+        return {
+            "dir": str(self.lab_dir),
+            "profile": str(self.profile.path),
+            "processes": [
+                {"component": name, "pid": d.pid, "address": f"127.0.0.1:{d.state['port']}" if "port" in d.state else "",
+                 "log": str(d.log_path)}
+                for name, d in zip(self.names, self.started, strict=False)
+            ],
+            "vms": [
+                {"name": vm.name, "site": site.role, "nbd": vm.nbd_uris()}
+                for site in (self.sites.onprem, self.sites.cloud) for vm in site.list_vms()
+            ],
+            "protected": {"name": self.protected.name, "state": self.protected.state, "group": self.protected.group}
+            if self.protected is not None else None,
+        }
+
+    def print(self) -> None:
+        _print_summary(self.lab_dir, self.started, self.names, self.profile, self.sites, self.protected)
+
+
+def start(lab_dir: Path, *, heartbeat_interval: float = LAB_HEARTBEAT_SECONDS, replicate: bool = True) -> Summary:
     if running_daemons(lab_dir):
         raise errors.Conflict(
             f"a lab already runs in {lab_dir}",
@@ -166,7 +204,7 @@ def up(
             launcher.save(lab_file, started, names=names)
         _start_vms(sites, AgentLaunch(server=f"127.0.0.1:{port}", passphrase=passphrase,
                                       heartbeat_interval=heartbeat_interval))
-        servers = _wait_healthy(profile, expected=len(configs) + 1)
+        _wait_healthy(profile, expected=len(configs) + 1)
         protected = _protect(profile, LAB_VM) if replicate else None
     except (errors.SiteRecoveryError, grpc.RpcError) as exc:
         halt_vms(sites)
@@ -175,7 +213,7 @@ def up(
         if isinstance(exc, grpc.RpcError):
             raise errors.from_rpc_error(exc) from exc
         raise
-    _print_summary(lab_dir, started, names, servers, profile, sites, protected)
+    return Summary(lab_dir, started, names, profile, sites, protected)
 
 
 def _agent_configs(lab_dir: Path, sites: LocalSites, common: dict) -> dict[str, tuple[str, dict]]:
@@ -281,7 +319,7 @@ def wait_job(profile: Profile, job_id: str, timeout: float) -> admin_pb2.Job:
 
 
 def _print_summary(
-    lab_dir: Path, started: list[launcher.Launched], names: list[str], servers, profile: Profile,
+    lab_dir: Path, started: list[launcher.Launched], names: list[str], profile: Profile,
     sites: LocalSites, protected: ppb.ProtectedMachine | None,
 ) -> None:
     output.console.print(f"[bold green]Lab is up[/bold green] in {lab_dir}")
@@ -317,7 +355,7 @@ def metrics_url(state: dict) -> str:
 
 
 @app.command("status")
-def status(directory: DirOption = None, output_format: Annotated[output.Format, typer.Option("--output", "-o")] = output.Format.table) -> None:
+def status(directory: DirOption = None, output_format: output.OutputOption = output.Format.table) -> None:
     """Show the lab's processes and their health."""
     lab_dir = lab_dir_of(directory)
     path = lab_dir / LAB_FILE
@@ -359,8 +397,8 @@ def status(directory: DirOption = None, output_format: Annotated[output.Format, 
                 "metrics": "",
                 "log": str(vm.directory / "agent.log"),
             })
-    if output_format is output.Format.json:
-        output.print_json({"dir": str(lab_dir), "daemons": rows[: len(daemons)], "vms": rows[len(daemons):]})
+    if output_format is not output.Format.table:
+        output.emit(output_format, {"dir": str(lab_dir), "daemons": rows[: len(daemons)], "vms": rows[len(daemons):]})
     else:
         output.print_table(f"Lab in {lab_dir}", ["COMPONENT", "PID", "RUNNING", "ADDRESS", "HEALTH", "METRICS", "LOG"],
                            [list(r.values()) for r in rows])
@@ -369,7 +407,11 @@ def status(directory: DirOption = None, output_format: Annotated[output.Format, 
 
 
 @app.command("down")
-def down(directory: DirOption = None, purge: Annotated[bool, typer.Option(help="also delete the lab directory")] = False) -> None:
+def down(
+    directory: DirOption = None,
+    purge: Annotated[bool, typer.Option(help="also delete the lab directory")] = False,
+    output_format: output.OutputOption = output.Format.table,
+) -> None:
     """Stop every process of the lab (SIGTERM, then SIGKILL after 15 s); VMs that were on return with `lab up`."""
     lab_dir = lab_dir_of(directory)
     path = lab_dir / LAB_FILE
@@ -383,4 +425,5 @@ def down(directory: DirOption = None, purge: Annotated[bool, typer.Option(help="
     path.unlink()
     if purge:
         shutil.rmtree(lab_dir)
-    output.console.print(f"Lab in {lab_dir} stopped" + (" and removed." if purge else "."))
+    output.emit(output_format, {"dir": str(lab_dir), "stopped": [d.name for d in daemons], "removed": purge},
+                lambda: output.console.print(f"Lab in {lab_dir} stopped" + (" and removed." if purge else ".")))

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 import sys
 from pathlib import Path
 from typing import Annotated
@@ -15,7 +14,10 @@ from siterecovery.common.pb import admin_pb2, common_pb2
 from siterecovery.controller.cli import (
     azure,
     backups,
+    completion,
+    doctor,
     drill,
+    follow,
     lab,
     output,
     protection,
@@ -23,9 +25,9 @@ from siterecovery.controller.cli import (
     users,
     vcenter,
 )
-from siterecovery.controller.cli.client import Profile
-from siterecovery.controller.cli.output import Format
-from siterecovery.controller.cli.session import State, call, protect_call
+from siterecovery.controller.cli.completion import JobArg
+from siterecovery.controller.cli.output import Format, OutputOption
+from siterecovery.controller.cli.session import State, call, explain, protect_call
 from siterecovery.controller.inventory_view import JOB_STATUS_VALUES
 
 EXIT_CODES_HELP = (
@@ -63,12 +65,12 @@ app.add_typer(protection.machine_app, name="machine")
 app.add_typer(protection.plan_app, name="plan")
 app.add_typer(lab.app, name="lab")
 app.command("drill")(drill.drill)
+app.command("doctor")(doctor.doctor)
 
 ConfigOption = Annotated[
     Path | None,
     typer.Option("--config", "-c", help="srctl profile (srctl.toml); default: $SRCTL_CONFIG, the lab's, or the local server's", envvar="SRCTL_CONFIG"),
 ]
-OutputOption = Annotated[Format, typer.Option("--output", "-o", help="table for people, json for scripts")]
 
 
 @app.callback()
@@ -90,8 +92,8 @@ def servers_list(
 ) -> None:
     """List enrolled servers and agents with their health."""
     response = call("ListServers", admin_pb2.ListServersRequest(include_removed=include_removed))
-    if output_format is Format.json:
-        output.print_json([_server_json(s) for s in response.servers])
+    if output_format is not Format.table:
+        output.emit(output_format, [_server_json(s) for s in response.servers])
         return
     output.print_table(
         "Servers",
@@ -113,7 +115,7 @@ def servers_list(
 
 @servers_app.command("remove")
 def servers_remove(
-    server: Annotated[str, typer.Argument(help="id or host name of the agent")],
+    server: Annotated[str, typer.Argument(help="id or host name of the agent", autocompletion=completion.servers)],
     yes: Annotated[bool, typer.Option("--yes", help="do not ask for confirmation")] = False,
     output_format: OutputOption = Format.table,
 ) -> None:
@@ -124,8 +126,8 @@ def servers_remove(
     if not yes and not typer.confirm(f"Revoke the certificate of {server}? It cannot be undone", default=False):
         raise typer.Exit(1)
     removed = call("RemoveServer", admin_pb2.RemoveServerRequest(server=server))
-    if output_format is Format.json:
-        output.print_json(_server_json(removed))
+    if output_format is not Format.table:
+        output.emit(output_format, _server_json(removed))
         return
     output.console.print(
         f"removed {output.enum_label(common_pb2.Role.Name(removed.role), 'ROLE_')} {removed.hostname} ({removed.id}): "
@@ -155,13 +157,13 @@ def _server_details(s: common_pb2.ServerInfo) -> str:
 def machines_list(output_format: OutputOption = Format.table) -> None:
     """List machines with a source agent, and their disks."""
     response = call("ListMachines", admin_pb2.ListMachinesRequest())
-    if output_format is Format.json:
+    if output_format is not Format.table:
         rows = []
         for m in response.machines:
             data = output.message_dict(m)
             data["health"] = output.enum_label(common_pb2.Health.Name(m.health), "HEALTH_")
             rows.append(data)
-        output.print_json(rows)
+        output.emit(output_format, rows)
         return
     output.print_table(
         "Machines",
@@ -180,16 +182,8 @@ def machines_list(output_format: OutputOption = Format.table) -> None:
 
 
 # -- jobs --------------------------------------------------------------------
-def _job_json(job: admin_pb2.Job) -> dict:
-    data = output.message_dict(job)
-    data["status"] = output.enum_label(admin_pb2.JobStatus.Name(job.status), "JOB_STATUS_")
-    for step, step_data in zip(job.steps, data.get("steps", []), strict=True):
-        step_data["status"] = output.enum_label(admin_pb2.JobStatus.Name(step.status), "JOB_STATUS_")
-    return data
-
-
-def _status(job_or_step) -> str:
-    return output.enum_label(admin_pb2.JobStatus.Name(job_or_step.status), "JOB_STATUS_")
+_job_json = follow.job_json
+_status = follow.status
 
 
 @jobs_app.command("list")
@@ -206,8 +200,8 @@ def jobs_list(
         )
     request = admin_pb2.ListJobsRequest(statuses=[JOB_STATUS_VALUES[s] for s in status or []], limit=limit)
     response = call("ListJobs", request)
-    if output_format is Format.json:
-        output.print_json([_job_json(j) for j in response.jobs])
+    if output_format is not Format.table:
+        output.emit(output_format, [_job_json(j) for j in response.jobs])
         return
     output.print_table(
         "Jobs",
@@ -217,11 +211,11 @@ def jobs_list(
 
 
 @jobs_app.command("show")
-def jobs_show(job_id: str, output_format: OutputOption = Format.table) -> None:
+def jobs_show(job_id: JobArg, output_format: OutputOption = Format.table) -> None:
     """Show one job with its steps."""
     job = call("GetJob", admin_pb2.GetJobRequest(id=job_id))
-    if output_format is Format.json:
-        output.print_json(_job_json(job))
+    if output_format is not Format.table:
+        output.emit(output_format, _job_json(job))
         return
     _print_job(job)
 
@@ -238,43 +232,20 @@ def _print_job(job: admin_pb2.Job) -> None:
 
 
 @jobs_app.command("watch")
-def jobs_watch(job_id: str, output_format: OutputOption = Format.table) -> None:
+def jobs_watch(job_id: JobArg, output_format: OutputOption = Format.table) -> None:
     """Follow a job live until it finishes; the exit code tells how it ended."""
-    from rich.progress import BarColumn, Progress, TextColumn
-
-    profile = Profile.find(State.config)
-    final: admin_pb2.Job | None = None
-    try:
-        stream = profile.admin().WatchJob(admin_pb2.GetJobRequest(id=job_id))
-        if output_format is Format.json:
-            for final in stream:
-                sys.stdout.write(json.dumps(_job_json(final)) + "\n")
-                sys.stdout.flush()
-        else:
-            with Progress(TextColumn("{task.description}"), BarColumn(), TextColumn("{task.percentage:>3.0f}%  {task.fields[status]}")) as bars:
-                tasks: dict[int, int] = {}
-                for final in stream:
-                    for i, step in enumerate(final.steps):
-                        label = f"{i + 1}. {step.name}"
-                        if i not in tasks:
-                            tasks[i] = bars.add_task(label, total=1.0, status="")
-                        bars.update(tasks[i], completed=step.progress, status=f"{_status(step)} {step.message}".strip())
-    except grpc.RpcError as exc:
-        raise errors.from_rpc_error(exc, target=profile.server) from exc
-    if final is not None and output_format is Format.table:
-        output.console.print(f"Job {final.id} {_status(final)}" + (f": {final.error_message}" if final.error_message else ""))
-    if final is not None and final.status != admin_pb2.JOB_STATUS_SUCCEEDED:
-        raise typer.Exit(errors.PreconditionFailed.exit_code if final.status in (admin_pb2.JOB_STATUS_FAILED, admin_pb2.JOB_STATUS_COMPENSATED) else 1)
+    follow.watch(job_id, output_format)
 
 
 @jobs_app.command("resume")
-def jobs_resume(job_id: str, output_format: OutputOption = Format.table) -> None:
-    """Confirm the manual action a job waits for (a recovery plan's pause), so it goes on."""
+def jobs_resume(job_id: JobArg, wait: follow.WaitOption = True, output_format: OutputOption = Format.table) -> None:
+    """Confirm the manual action a job waits for (a recovery plan's pause), then follow it (unless --no-wait)."""
     job = protect_call("ResumeJob", admin_pb2.GetJobRequest(id=job_id))
-    if output_format is Format.json:
-        output.print_json(_job_json(job))
+    if wait:
+        follow.watch(job.id, output_format)
         return
-    output.console.print(f"job {job.id} resumed; follow it with srctl jobs watch {job.id}")
+    output.emit(output_format, _job_json(job),
+                lambda: output.console.print(f"job {job.id} resumed; follow it with srctl jobs watch {job.id}"))
 
 
 # -- passphrase --------------------------------------------------------------
@@ -293,21 +264,65 @@ def passphrase_rotate(output_format: OutputOption = Format.table) -> None:
 
 
 def _print_passphrase(response: admin_pb2.Passphrase, output_format: Format) -> None:
-    if output_format is Format.json:
-        output.print_json({"passphrase": response.passphrase, "created_at": output.when(response.created_at)})
+    if output_format is not Format.table:
+        output.emit(output_format, {"passphrase": response.passphrase, "created_at": output.when(response.created_at)})
     else:
         print(response.passphrase)
 
 
+# When a message comes without a hint, what to do next by its category.
+DEFAULT_HINTS = {
+    errors.InvalidInput: "check the command's arguments: srctl COMMAND --help",
+    errors.NotFound: "check the name; the matching `srctl ... list` shows what exists",
+    errors.Conflict: "see how things stand now (`srctl ... list` or `show`), then run the command again",
+    errors.PreconditionFailed: "fix what the message names, then run the command again",
+    errors.Unavailable: "check that the configuration server runs and is reachable (`srctl doctor`), then retry",
+    errors.Integrity: "do not go on with this data; see the configuration server's log for what did not check out",
+    errors.Unauthenticated: "your certificate is not accepted: `srctl doctor` checks the profile; "
+    "an admin can issue a new one (`srctl user add`)",
+    errors.PermissionDenied: "your certificate's role may not do this: use an admin profile, or ask an admin",
+    errors.RateLimited: "wait a minute, then retry",
+    errors.Internal: "see the configuration server's log for the cause",
+}
+DEBUG_ENV = "SRCTL_DEBUG"
+
+
+def report(exc: errors.SiteRecoveryError) -> None:
+    """Two lines on stderr: what happened, and what to do (`hint:`)."""
+    message = " ".join(exc.message.split()) or exc.category
+    hint = " ".join((exc.hint or DEFAULT_HINTS.get(type(exc), "")).split())
+    output.err_console.print(f"[red]error:[/red] {message}", highlight=False, soft_wrap=True, markup=True)
+    if hint:
+        output.err_console.print(f"hint: {hint}", highlight=False, soft_wrap=True, markup=False)
+
+
 def main() -> None:
-    """Typer handles usage errors (exit 2) and --help; our errors get a message, a hint and their code."""
+    """Typer handles usage errors (exit 2) and --help; every other error is two lines and its exit code.
+
+    No traceback for what can be expected (an unreachable server, a refused
+    certificate, a name that does not exist); for a bug, SRCTL_DEBUG=1 shows it."""
+    import os
+
     try:
         app()
     except errors.SiteRecoveryError as exc:
-        output.err_console.print(f"[red]error:[/red] {exc.message}", highlight=False, soft_wrap=True)
-        if exc.hint:
-            output.err_console.print(f"hint: {exc.hint}", highlight=False, soft_wrap=True)
+        report(exc)
         sys.exit(exc.exit_code)
+    except grpc.RpcError as exc:  # a call not made through session.call
+        error = explain(exc, None)
+        report(error)
+        sys.exit(error.exit_code)
+    except KeyboardInterrupt:
+        report(errors.SiteRecoveryError("interrupted", hint="a job already started goes on: srctl jobs list"))
+        sys.exit(130)
+    except Exception as exc:  # last resort: one line, not a traceback
+        if os.environ.get(DEBUG_ENV):
+            raise
+        report(errors.SiteRecoveryError(
+            f"unexpected {type(exc).__name__}: {exc}",
+            hint=f"this is a bug in srctl: run it again with {DEBUG_ENV}=1 for the traceback and report it",
+        ))
+        sys.exit(1)
 
 
 if __name__ == "__main__":

@@ -1,14 +1,23 @@
-"""Printing for srctl: a table for people, JSON for scripts."""
+"""Printing for srctl: a table for people, JSON or YAML for scripts.
+
+Every command that prints data hands it to `emit`, the one place that renders
+it: as JSON, as YAML (the same document: the data goes through JSON first, so
+both formats always say the same thing), or, for `--output table`, by calling
+the command's own function that draws tables for people. Streams (a job being
+followed) use `emit_item`: one JSON document per line, or YAML documents
+separated by `---`.
+"""
 
 from __future__ import annotations
 
 import enum
 import json
 import sys
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from datetime import UTC, datetime
-from typing import Any
+from typing import Annotated, Any
 
+import typer
 from google.protobuf import json_format
 from google.protobuf.message import Message
 from rich.console import Console
@@ -21,6 +30,12 @@ err_console = Console(stderr=True)
 class Format(enum.StrEnum):
     table = "table"
     json = "json"
+    yaml = "yaml"
+
+
+OutputOption = Annotated[
+    Format, typer.Option("--output", "-o", help="table for people; json or yaml for scripts")
+]
 
 
 def message_dict(message: Message) -> dict[str, Any]:
@@ -29,8 +44,39 @@ def message_dict(message: Message) -> dict[str, Any]:
     )
 
 
-def print_json(data: Any) -> None:
-    sys.stdout.write(json.dumps(data, indent=2, sort_keys=False, default=str) + "\n")
+def to_json(data: Any, *, indent: int | None = 2) -> str:
+    return json.dumps(data, indent=indent, sort_keys=False, default=str)
+
+
+def to_yaml(data: Any) -> str:
+    """The YAML of exactly what `to_json` prints (so values JSON shows as strings stay strings)."""
+    import yaml  # PyYAML, already a dependency (the source agent reads netplan); loaded only when asked
+
+    plain = json.loads(to_json(data, indent=None))
+    return yaml.safe_dump(plain, sort_keys=False, allow_unicode=True, default_flow_style=False, width=1_000_000)
+
+
+def render(output_format: Format, data: Any) -> str:
+    if output_format is Format.yaml:
+        return to_yaml(data)
+    return to_json(data) + "\n"
+
+
+def emit(output_format: Format, data: Any, table: Callable[[], None] | None = None) -> None:
+    """Print `data` as JSON or YAML; for a table, call `table` (or print the data as JSON when there is none)."""
+    if output_format is Format.table and table is not None:
+        table()
+        return
+    sys.stdout.write(render(Format.json if output_format is Format.table else output_format, data))
+    sys.stdout.flush()
+
+
+def emit_item(output_format: Format, data: Any) -> None:
+    """One item of a stream: a line of JSON, or a YAML document starting with `---`."""
+    if output_format is Format.yaml:
+        sys.stdout.write("---\n" + to_yaml(data))
+    else:
+        sys.stdout.write(to_json(data, indent=None) + "\n")
     sys.stdout.flush()
 
 

@@ -12,11 +12,12 @@ from typing import Annotated
 import typer
 
 from siterecovery.common import errors
-from siterecovery.common.pb import admin_pb2
 from siterecovery.common.pb import protection_pb2 as ppb
 from siterecovery.common.pb import replication_pb2 as rpb
-from siterecovery.controller.cli import output
-from siterecovery.controller.cli.output import Format
+from siterecovery.controller.cli import completion, output
+from siterecovery.controller.cli.completion import GroupArg, PlanArg, ProtectedMachineArg
+from siterecovery.controller.cli.follow import WaitOption, follow
+from siterecovery.controller.cli.output import Format, OutputOption
 from siterecovery.controller.cli.session import protect_call
 
 group_app = typer.Typer(help="Protection groups (each with its <name>_Failback twin).", no_args_is_help=True)
@@ -28,8 +29,6 @@ machine_app = typer.Typer(
 plan_app = typer.Typer(help="Recovery plans: ordered groups of machines, with scripts and manual pauses.",
                        no_args_is_help=True)
 
-OutputOption = Annotated[Format, typer.Option("--output", "-o", help="table for people, json for scripts")]
-WaitOption = Annotated[bool, typer.Option("--wait/--no-wait", help="follow the job until it ends (default) or return at once")]
 PointOption = Annotated[
     str,
     typer.Option(
@@ -37,18 +36,6 @@ PointOption = Annotated[
         help="latest, latest-app-consistent, latest-crash-consistent, latest-multi-vm-consistent, or a point id",
     ),
 ]
-
-
-def _follow(job: admin_pb2.Job, wait: bool, output_format: Format) -> None:
-    if not wait:
-        if output_format is Format.json:
-            output.print_json({"job": job.id, "kind": job.kind, "target": job.target})
-        else:
-            output.console.print(f"Job {job.id} ({job.kind}) started: srctl jobs watch {job.id}")
-        return
-    from siterecovery.controller.cli.main import jobs_watch  # main imports this module
-
-    jobs_watch(job.id, output_format)
 
 
 # -- groups -----------------------------------------------------------------------------
@@ -69,8 +56,8 @@ def group_create(
         app_consistent_interval_seconds=app_interval, retention_window_seconds=retention,
     )
     group = protect_call("CreateProtectionGroup", ppb.CreateProtectionGroupRequest(name=name, policy=policy))
-    if output_format is Format.json:
-        output.print_json(_group_json(group))
+    if output_format is not Format.table:
+        output.emit(output_format, _group_json(group))
         return
     output.console.print(f"protection group {group.name} created, with its failback twin {group.name}_Failback")
 
@@ -79,8 +66,8 @@ def group_create(
 def group_list(output_format: OutputOption = Format.table) -> None:
     """List protection groups."""
     groups = protect_call("ListProtectionGroups", ppb.ListProtectionGroupsRequest()).groups
-    if output_format is Format.json:
-        output.print_json([_group_json(g) for g in groups])
+    if output_format is not Format.table:
+        output.emit(output_format, [_group_json(g) for g in groups])
         return
     output.print_table(
         "Protection groups",
@@ -92,10 +79,11 @@ def group_list(output_format: OutputOption = Format.table) -> None:
 
 
 @group_app.command("remove")
-def group_remove(name: str) -> None:
+def group_remove(name: GroupArg, output_format: OutputOption = Format.table) -> None:
     """Remove a protection group and its twin (refused while they hold machines)."""
     protect_call("RemoveProtectionGroup", ppb.RemoveProtectionGroupRequest(name=name))
-    output.console.print(f"protection group {name} and {name}_Failback removed")
+    output.emit(output_format, {"removed": [name, f"{name}_Failback"]},
+                lambda: output.console.print(f"protection group {name} and {name}_Failback removed"))
 
 
 def _group_json(g: ppb.ProtectionGroup) -> dict:
@@ -115,8 +103,9 @@ def _group_json(g: ppb.ProtectionGroup) -> dict:
 
 @machine_app.command("protect")
 def machine_protect(
-    machine: str,
-    group: Annotated[str, typer.Option("--group", "-g", help="the protection group")],
+    machine: Annotated[str, typer.Argument(help="a machine whose agent registered (see `srctl machines list`)",
+                                           autocompletion=completion.machines)],
+    group: Annotated[str, typer.Option("--group", "-g", help="the protection group", autocompletion=completion.groups)],
     process_server: Annotated[str, typer.Option(help="id or host name; empty when there is one")] = "",
     master_target: Annotated[str, typer.Option(help="the cloud side's replica target")] = "",
     datastore: Annotated[str, typer.Option(help="a datastore of that master target")] = "",
@@ -127,29 +116,29 @@ def machine_protect(
     job = protect_call("ProtectMachine", ppb.ProtectMachineRequest(
         machine=machine, group=group, process_server=process_server, master_target=master_target, datastore=datastore,
     ))
-    _follow(job, wait, output_format)
+    follow(job, wait, output_format)
 
 
 def _workflow(machine: str, workflow: str, wait: bool, output_format: Format, **fields) -> None:
     job = protect_call("StartWorkflow", ppb.StartWorkflowRequest(machine=machine, workflow=workflow, **fields))
-    _follow(job, wait, output_format)
+    follow(job, wait, output_format)
 
 
 @machine_app.command("test-failover")
-def machine_test_failover(machine: str, recovery_point: PointOption = "latest", wait: WaitOption = True,
+def machine_test_failover(machine: ProtectedMachineArg, recovery_point: PointOption = "latest", wait: WaitOption = True,
                           output_format: OutputOption = Format.table) -> None:
     """Start a test VM in the cloud's isolated network from a point; replication goes on."""
     _workflow(machine, "test-failover", wait, output_format, recovery_point=recovery_point)
 
 
 @machine_app.command("test-cleanup")
-def machine_test_cleanup(machine: str, wait: WaitOption = True, output_format: OutputOption = Format.table) -> None:
+def machine_test_cleanup(machine: ProtectedMachineArg, wait: WaitOption = True, output_format: OutputOption = Format.table) -> None:
     """Delete the test VM of the last test failover."""
     _workflow(machine, "test-cleanup", wait, output_format)
 
 
 @machine_app.command("failover")
-def machine_failover(machine: str, recovery_point: PointOption = "latest", wait: WaitOption = True,
+def machine_failover(machine: ProtectedMachineArg, recovery_point: PointOption = "latest", wait: WaitOption = True,
                      output_format: OutputOption = Format.table) -> None:
     """Fail a protected machine over to the cloud (unplanned: the source is shut down if it answers)."""
     _workflow(machine, "failover", wait, output_format, recovery_point=recovery_point)
@@ -157,7 +146,7 @@ def machine_failover(machine: str, recovery_point: PointOption = "latest", wait:
 
 @machine_app.command("reprotect")
 def machine_reprotect(
-    machine: str,
+    machine: ProtectedMachineArg,
     process_server: Annotated[str, typer.Option(help="to on-premises: the process server in the cloud")] = "",
     master_target: Annotated[str, typer.Option(help="to on-premises: the on-premises master target")] = "",
     datastore: Annotated[str, typer.Option(help="a datastore of that master target")] = "",
@@ -173,14 +162,14 @@ def machine_reprotect(
 
 
 @machine_app.command("failback")
-def machine_failback(machine: str, recovery_point: PointOption = "latest", wait: WaitOption = True,
+def machine_failback(machine: ProtectedMachineArg, recovery_point: PointOption = "latest", wait: WaitOption = True,
                      output_format: OutputOption = Format.table) -> None:
     """Fail a reprotected machine back to on-premises; its cloud VM is shut down."""
     _workflow(machine, "failback", wait, output_format, recovery_point=recovery_point)
 
 
 @machine_app.command("delete-cloud-vm")
-def machine_delete_cloud_vm(machine: str, wait: WaitOption = True, output_format: OutputOption = Format.table) -> None:
+def machine_delete_cloud_vm(machine: ProtectedMachineArg, wait: WaitOption = True, output_format: OutputOption = Format.table) -> None:
     """Delete the cloud VM a failback left behind (after the machine is protected to the cloud again)."""
     _workflow(machine, "delete-cloud-vm", wait, output_format)
 
@@ -189,8 +178,8 @@ def machine_delete_cloud_vm(machine: str, wait: WaitOption = True, output_format
 def machine_list(output_format: OutputOption = Format.table) -> None:
     """List protected machines: state, direction, group."""
     machines = protect_call("ListProtectedMachines", ppb.ListProtectedMachinesRequest()).machines
-    if output_format is Format.json:
-        output.print_json([_machine_json(m) for m in machines])
+    if output_format is not Format.table:
+        output.emit(output_format, [_machine_json(m) for m in machines])
         return
     output.print_table(
         "Protected machines",
@@ -201,11 +190,11 @@ def machine_list(output_format: OutputOption = Format.table) -> None:
 
 
 @machine_app.command("failback-status")
-def machine_failback_status(machine: str, output_format: OutputOption = Format.table) -> None:
+def machine_failback_status(machine: ProtectedMachineArg, output_format: OutputOption = Format.table) -> None:
     """Where a machine stands in the failback cycle, and what each workflow did."""
     m = protect_call("GetProtectedMachine", ppb.GetProtectedMachineRequest(machine=machine))
-    if output_format is Format.json:
-        output.print_json(_machine_json(m))
+    if output_format is not Format.table:
+        output.emit(output_format, _machine_json(m))
         return
     details = json.loads(m.details_json)
     onprem, cloud = details.get("onprem", {}), details.get("cloud", {})
@@ -299,8 +288,8 @@ def plan_create(
 def plan_list(output_format: OutputOption = Format.table) -> None:
     """List recovery plans."""
     plans = protect_call("ListRecoveryPlans", ppb.ListRecoveryPlansRequest()).plans
-    if output_format is Format.json:
-        output.print_json([_plan_json(p) for p in plans])
+    if output_format is not Format.table:
+        output.emit(output_format, [_plan_json(p) for p in plans])
         return
     output.print_table("Recovery plans", ["NAME", "GROUPS", "MACHINES", "PROTECTION GROUPS"], [
         [p.name, len(p.groups), sum(len(g.machines) for g in p.groups), ", ".join(p.protection_groups)] for p in plans
@@ -308,7 +297,7 @@ def plan_list(output_format: OutputOption = Format.table) -> None:
 
 
 @plan_app.command("show")
-def plan_show(name: str, output_format: OutputOption = Format.table) -> None:
+def plan_show(name: PlanArg, output_format: OutputOption = Format.table) -> None:
     """Show a plan's groups, actions and protection groups."""
     plans = [p for p in protect_call("ListRecoveryPlans", ppb.ListRecoveryPlansRequest()).plans if name in (p.name, p.id)]
     if not plans:
@@ -317,20 +306,20 @@ def plan_show(name: str, output_format: OutputOption = Format.table) -> None:
 
 
 @plan_app.command("remove")
-def plan_remove(name: str) -> None:
+def plan_remove(name: PlanArg, output_format: OutputOption = Format.table) -> None:
     """Remove a recovery plan (its machines stay protected)."""
     protect_call("RemoveRecoveryPlan", ppb.RemoveRecoveryPlanRequest(name=name))
-    output.console.print(f"recovery plan {name} removed")
+    output.emit(output_format, {"removed": name}, lambda: output.console.print(f"recovery plan {name} removed"))
 
 
-def _plan_workflow(plan: str, workflow: str, wait: bool, output_format: Format, **fields) -> None:
+def _plan_workflow(plan: PlanArg, workflow: str, wait: bool, output_format: Format, **fields) -> None:
     job = protect_call("StartPlanWorkflow", ppb.StartPlanWorkflowRequest(plan=plan, workflow=workflow, **fields))
-    _follow(job, wait, output_format)
+    follow(job, wait, output_format)
 
 
 @plan_app.command("failover")
 def plan_failover(
-    plan: str,
+    plan: PlanArg,
     direction: Annotated[str, typer.Option(help="to-cloud or to-onprem (failback); checked against every machine")],
     recovery_point: PointOption = "latest",
     wait: WaitOption = True,
@@ -341,21 +330,21 @@ def plan_failover(
 
 
 @plan_app.command("test-failover")
-def plan_test_failover(plan: str, recovery_point: PointOption = "latest", wait: WaitOption = True,
+def plan_test_failover(plan: PlanArg, recovery_point: PointOption = "latest", wait: WaitOption = True,
                        output_format: OutputOption = Format.table) -> None:
     """Test failover of every machine of a plan into the isolated network."""
     _plan_workflow(plan, "test-failover", wait, output_format, recovery_point=recovery_point)
 
 
 @plan_app.command("test-cleanup")
-def plan_test_cleanup(plan: str, wait: WaitOption = True, output_format: OutputOption = Format.table) -> None:
+def plan_test_cleanup(plan: PlanArg, wait: WaitOption = True, output_format: OutputOption = Format.table) -> None:
     """Delete the test VMs of a plan's test failover."""
     _plan_workflow(plan, "test-cleanup", wait, output_format)
 
 
 @plan_app.command("reprotect")
 def plan_reprotect(
-    plan: str,
+    plan: PlanArg,
     process_server: Annotated[str, typer.Option(help="to on-premises: the process server in the cloud")] = "",
     master_target: Annotated[str, typer.Option(help="to on-premises: the on-premises master target")] = "",
     datastore: Annotated[str, typer.Option(help="a datastore of that master target")] = "",
@@ -381,8 +370,8 @@ def _plan_json(p: ppb.RecoveryPlan) -> dict:
 
 
 def _print_plan(plan: ppb.RecoveryPlan, output_format: Format) -> None:
-    if output_format is Format.json:
-        output.print_json(_plan_json(plan))
+    if output_format is not Format.table:
+        output.emit(output_format, _plan_json(plan))
         return
     output.console.print(f"[bold]Recovery plan {plan.name}[/bold] (version {plan.version}); "
                          f"protection groups: {', '.join(plan.protection_groups)}", highlight=False)

@@ -10,8 +10,8 @@ import typer
 from siterecovery.common import errors
 from siterecovery.common.pb import admin_pb2
 from siterecovery.common.pb import replication_pb2 as rpb
-from siterecovery.controller.cli import output
-from siterecovery.controller.cli.output import Format
+from siterecovery.controller.cli import completion, output
+from siterecovery.controller.cli.output import Format, OutputOption
 from siterecovery.controller.cli.session import call
 
 replication_app = typer.Typer(
@@ -19,7 +19,6 @@ replication_app = typer.Typer(
 )
 points_app = typer.Typer(help="Recovery points: list, take on demand, materialise.", no_args_is_help=True)
 
-OutputOption = Annotated[Format, typer.Option("--output", "-o", help="table for people, json for scripts")]
 MODES = {"nbd": rpb.REPLICATION_MODE_NBD, "scan": rpb.REPLICATION_MODE_SCAN}
 SYNC_KINDS = {"full": rpb.SYNC_KIND_FULL, "delta": rpb.SYNC_KIND_DELTA}
 KINDS = {
@@ -61,8 +60,8 @@ def _pair_json(p: admin_pb2.PairView) -> dict:
 
 
 def _print_pairs(pairs, output_format: Format) -> None:
-    if output_format is Format.json:
-        output.print_json([_pair_json(p) for p in pairs])
+    if output_format is not Format.table:
+        output.emit(output_format, [_pair_json(p) for p in pairs])
         return
     output.print_table(
         "Replication",
@@ -90,7 +89,7 @@ def _print_pairs(pairs, output_format: Format) -> None:
 
 @replication_app.command("enable")
 def enable(
-    machine: Annotated[str, typer.Argument(help="host name or id of the machine")],
+    machine: Annotated[str, typer.Argument(help="host name or id of the machine", autocompletion=completion.machines)],
     disk: Annotated[list[str] | None, typer.Option("--disk", help="a disk to replicate (repeatable); default: all")] = None,
     process_server: Annotated[str, typer.Option(help="id or host name; default: the only one")] = "",
     master_target: Annotated[str, typer.Option(help="id or host name; default: the only one")] = "",
@@ -150,7 +149,7 @@ def _wait_synced(machine: str, pair_ids: list[str], output_format: Format) -> No
 
     with Progress(
         TextColumn("{task.description}"), BarColumn(), TextColumn("{task.percentage:>3.0f}%  {task.fields[state]}"),
-        disable=output_format is Format.json,
+        disable=output_format is not Format.table,
     ) as bars:
         tasks: dict[str, int] = {}
         while True:
@@ -203,8 +202,8 @@ def disable(
 ) -> None:
     """Stop replicating. The target disk and its journal stay on the master target."""
     response = call("DisableReplication", admin_pb2.DisableReplicationRequest(machine=machine, disks=disk or []))
-    if output_format is Format.json:
-        output.print_json([_pair_json(p) for p in response.pairs])
+    if output_format is not Format.table:
+        output.emit(output_format, [_pair_json(p) for p in response.pairs])
     else:
         for p in response.pairs:
             output.console.print(f"stopped replicating {p.disk_name} of {p.machine_hostname}; target kept at {p.target_path}")
@@ -233,13 +232,13 @@ def points_list(
 ) -> None:
     """Recovery points, oldest first, with the journal bytes a rollback to each must read."""
     response = call("ListRecoveryPoints", admin_pb2.ListRecoveryPointsRequest(machine=machine, disk=disk))
-    if output_format is Format.json:
+    if output_format is not Format.table:
         rows = []
         for v in response.points:
             data = output.message_dict(v)
             data["point"]["kind"] = _label(rpb.RecoveryPointKind, v.point.kind, "RECOVERY_POINT_KIND_")
             rows.append(data)
-        output.print_json(rows)
+        output.emit(output_format, rows)
         return
     output.print_table(
         f"Recovery points of {machine}", ["TIME", "DISK", "KIND", "TAG", "JOURNAL BACK", "NOTE"],
@@ -263,8 +262,8 @@ def points_create(
         "CreateRecoveryPoint", admin_pb2.CreateRecoveryPointRequest(machine=machine, group=group, kind=KINDS[kind])
     )
     if not wait:
-        if output_format is Format.json:
-            output.print_json({"tag_id": response.tag_id, "pair_ids": list(response.pair_ids)})
+        if output_format is not Format.table:
+            output.emit(output_format, {"tag_id": response.tag_id, "pair_ids": list(response.pair_ids)})
         else:
             output.console.print(f"asked for recovery point {response.tag_id}")
         return
@@ -281,8 +280,8 @@ def points_create(
                 code="point-timeout",
             )
         time.sleep(WAIT_POLL_SECONDS)
-    if output_format is Format.json:
-        output.print_json([output.message_dict(v) for v in found])
+    if output_format is not Format.table:
+        output.emit(output_format, [output.message_dict(v) for v in found])
     else:
         output.print_table(
             f"Recovery point {response.tag_id}", ["TIME", "DISK", "KIND", "TAG", "JOURNAL BACK", "NOTE"],
@@ -317,8 +316,8 @@ def points_materialize(
         timeout=3600,
     )
     r = response.result
-    if output_format is Format.json:
-        output.print_json(output.message_dict(response))
+    if output_format is not Format.table:
+        output.emit(output_format, output.message_dict(response))
         return
     how = f"copied, {output.human_bytes(r.bytes_undone)} rolled back" if r.copied else "the target disk as it is, no copy"
     output.console.print(f"{r.path}  (point {r.tag_id or 'latest'}, seq {r.seq}; {how}) on master target {response.master_target_id}")

@@ -12,11 +12,10 @@ import typer
 from siterecovery.common import errors, pki
 from siterecovery.common.pb import admin_pb2, common_pb2
 from siterecovery.controller.cli import output
-from siterecovery.controller.cli.output import Format
+from siterecovery.controller.cli.output import Format, OutputOption
 from siterecovery.controller.cli.session import call, profile
 
 users_app = typer.Typer(help="Operators: who may use srctl, as admin or read-only reader.", no_args_is_help=True)
-OutputOption = Annotated[Format, typer.Option("--output", "-o", help="table for people, json for scripts")]
 ROLES = {"admin": common_pb2.ROLE_ADMIN, "reader": common_pb2.ROLE_READER}
 
 
@@ -46,8 +45,8 @@ def add(
     server = profile().server
     text = tomli_w.dumps({"server": server, "ca": "ca.crt", "cert": "client.crt", "key": "client.key"})
     pki.write_private(directory / "srctl.toml", text.encode())
-    if output_format is Format.json:
-        output.print_json({"operator": _json(response.operator), "profile": str(directory / "srctl.toml")})
+    if output_format is not Format.table:
+        output.emit(output_format, {"operator": _json(response.operator), "profile": str(directory / "srctl.toml")})
         return
     output.console.print(
         f"{name} is a{'n' if role == 'admin' else ''} {role}; certificate valid until "
@@ -64,8 +63,8 @@ def list_(
 ) -> None:
     """Operators and their certificates."""
     response = call("ListOperators", admin_pb2.ListOperatorsRequest(include_removed=include_removed))
-    if output_format is Format.json:
-        output.print_json([_json(o) for o in response.operators])
+    if output_format is not Format.table:
+        output.emit(output_format, [_json(o) for o in response.operators])
         return
     output.print_table(
         "Operators", ["NAME", "ROLE", "ISSUED", "EXPIRES", "REMOVED", "IDENTITY"],
@@ -89,8 +88,8 @@ def remove(
     if not yes and not typer.confirm(f"Revoke {name}'s certificate? It cannot be undone", default=False):
         raise typer.Exit(1)
     removed = call("RemoveOperator", admin_pb2.RemoveOperatorRequest(name=name))
-    if output_format is Format.json:
-        output.print_json(_json(removed))
+    if output_format is not Format.table:
+        output.emit(output_format, _json(removed))
         return
     output.console.print(f"removed {removed.name} ({_role(removed)}): the certificate is revoked")
 

@@ -11,16 +11,18 @@ import typer
 
 from siterecovery.common import errors
 from siterecovery.common.pb import admin_pb2
-from siterecovery.controller.cli import output
-from siterecovery.controller.cli.output import Format
+from siterecovery.controller.cli import completion, output
+from siterecovery.controller.cli.follow import WaitOption, follow
+from siterecovery.controller.cli.output import Format, OutputOption
 from siterecovery.controller.cli.session import call
 
 app = typer.Typer(
     help="vCenter and standalone ESXi endpoints: credentials, discovery, inventory.", no_args_is_help=True
 )
 
-OutputOption = Annotated[Format, typer.Option("--output", "-o", help="table for people, json for scripts")]
-NameArg = Annotated[str, typer.Argument(help="the endpoint's name (see `srctl vcenter list`)")]
+NameArg = Annotated[
+    str, typer.Argument(help="the endpoint's name (see `srctl vcenter list`)", autocompletion=completion.vcenters)
+]
 UserOption = Annotated[str, typer.Option("--user", "-u", help="account, e.g. svc-dr@vsphere.local or root")]
 PasswordFileOption = Annotated[
     Path,
@@ -49,8 +51,8 @@ def _vcenter_json(v: admin_pb2.Vcenter) -> dict:
 
 
 def _print_vcenters(items, output_format: Format) -> None:
-    if output_format is Format.json:
-        output.print_json([_vcenter_json(v) for v in items])
+    if output_format is not Format.table:
+        output.emit(output_format, [_vcenter_json(v) for v in items])
         return
     output.print_table(
         "vCenter / ESXi endpoints",
@@ -82,9 +84,10 @@ def add(
     ] = None,
     thumbprint: Annotated[str, typer.Option(help="SHA-1 or SHA-256 fingerprint of its certificate")] = "",
     insecure: Annotated[bool, typer.Option(help="do not check its certificate (labs only)")] = False,
+    wait: WaitOption = True,
     output_format: OutputOption = Format.table,
 ) -> None:
-    """Register a vCenter or standalone ESXi host; the server logs in first, then discovers it."""
+    """Register a vCenter or standalone ESXi host; the server logs in first, then discovers it (a job)."""
     if sum([ca_file is not None, bool(thumbprint), insecure]) > 1:
         raise errors.InvalidInput("give one of --ca-file, --thumbprint and --insecure")
     ca_pem = ""
@@ -102,15 +105,19 @@ def add(
         trust=admin_pb2.VcenterTrust(ca_pem=ca_pem, thumbprint=thumbprint, insecure=insecure),
     )
     response = call("AddVcenter", request, timeout=LOGIN_TIMEOUT)
-    if output_format is Format.json:
-        output.print_json(
-            {"vcenter": _vcenter_json(response.vcenter), "discovery_job": response.discovery.id}
-        )
+    added = {"vcenter": _vcenter_json(response.vcenter), "discovery_job": response.discovery.id}
+    text = (f"Added {response.vcenter.name} ({response.vcenter.host}:{response.vcenter.port}); "
+            f"discovery job {response.discovery.id}")
+    if not wait:
+        output.emit(output_format, added, lambda: output.console.print(
+            f"{text} started (srctl jobs watch {response.discovery.id}).", highlight=False))
         return
-    output.console.print(
-        f"Added {response.vcenter.name} ({response.vcenter.host}:{response.vcenter.port}); "
-        f"discovery job {response.discovery.id} started (srctl jobs watch {response.discovery.id})."
-    )
+    # Followed: for scripts, the endpoint is the first document of the stream, then the job's.
+    if output_format is Format.table:
+        output.console.print(f"{text}:", highlight=False)
+    else:
+        output.emit_item(output_format, added)
+    follow(response.discovery, wait, output_format)
 
 
 @app.command("list")
@@ -137,20 +144,16 @@ def update_credentials(
 def remove(name: NameArg, output_format: OutputOption = Format.table) -> None:
     """Forget an endpoint and its inventory (nothing changes in vSphere)."""
     call("RemoveVcenter", admin_pb2.RemoveVcenterRequest(name=name))
-    if output_format is Format.json:
-        output.print_json({"removed": name})
+    if output_format is not Format.table:
+        output.emit(output_format, {"removed": name})
     else:
         output.console.print(f"Removed {name}.")
 
 
 @app.command("discover")
-def discover(name: NameArg, output_format: OutputOption = Format.table) -> None:
-    """Discover an endpoint now; prints the job id (srctl jobs watch ID follows it)."""
-    job = call("DiscoverVcenter", admin_pb2.DiscoverVcenterRequest(name=name))
-    if output_format is Format.json:
-        output.print_json({"job": job.id})
-    else:
-        output.console.print(f"Discovery job {job.id} (srctl jobs watch {job.id}).")
+def discover(name: NameArg, wait: WaitOption = True, output_format: OutputOption = Format.table) -> None:
+    """Discover an endpoint now (a job; the one already running, if any)."""
+    follow(call("DiscoverVcenter", admin_pb2.DiscoverVcenterRequest(name=name)), wait, output_format)
 
 
 @app.command("inventory")
@@ -165,8 +168,8 @@ def inventory(name: NameArg, output_format: OutputOption = Format.table) -> None
 
     response = call("GetVcenterInventory", admin_pb2.GetVcenterInventoryRequest(name=name))
     doc = json.loads(response.document_json)
-    if output_format is Format.json:
-        output.print_json(
+    if output_format is not Format.table:
+        output.emit(output_format,
             {
                 "vcenter": _vcenter_json(response.vcenter),
                 "discovered_at": output.when(response.discovered_at),

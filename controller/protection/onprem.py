@@ -35,6 +35,7 @@ from typing import Any
 from siterecovery.common import errors
 from siterecovery.common.pb import common_pb2
 from siterecovery.controller import replication
+from siterecovery.controller.protection import rules
 from siterecovery.controller.protection.vsphere_rules import check_vsphere_failback
 from siterecovery.controller.providers.local.site import AgentLaunch, LocalSite
 from siterecovery.controller.providers.vsphere import operations
@@ -135,24 +136,9 @@ class LocalOnprem(OnpremSite):
         return Found(LOCAL, vm.name, vm.uuid) if vm is not None else None
 
     def preflight(self, item, wanted, master_target, datastore, *, fresh):
+        rules.raise_first(local_failback_rules(self.site, item, wanted, master_target))
         original = item.details.get("onprem", {}).get("vm", "")
-        _refuse_physical(item, wanted)
-        vm = self.site.get_vm(original) if original else None
-        if wanted == "original":
-            if vm is None:
-                raise _original_missing(original or item.name)
-            if vm.snapshots:
-                raise _snapshots(vm.name, len(vm.snapshots))
-            roots = datastore_dirs(master_target)
-            outside = [d.name for d in vm.disks if not inside(d.path.resolve(), [str(Path(r).resolve()) for r in roots])]
-            if outside:
-                raise errors.PreconditionFailed(
-                    f"the datastore of VM {vm.name} (disks {', '.join(outside)}) is not reachable from "
-                    f"master target {master_target.hostname}",
-                    hint="choose a master target whose host mounts that datastore, or reprotect with --target new",
-                    code="datastore-unreachable",
-                )
-        return {"target": wanted, "vm": vm.name if vm is not None and wanted == "original" else ""}
+        return {"target": wanted, "vm": original if wanted == "original" else ""}
 
     def power_off(self, vm):
         return self.site.power_off(vm) is not None
@@ -202,6 +188,63 @@ class LocalOnprem(OnpremSite):
 
     def define_vm(self, name, preflight, targets):
         self.site.define_vm(name, {disk: Path(path) for disk, path in targets.items()})
+
+
+def local_failback_rules(
+    site: LocalSite, item: ProtectedItemRecord, wanted: str, master_target: ServerRecord | None
+) -> list[rules.Verdict]:
+    """The local provider's failback rules, one verdict each, in the order they depend on each other."""
+    original = item.details.get("onprem", {}).get("vm", "")
+    physical = item.details.get("kind") == "physical"
+    verdicts: list[rules.Verdict] = []
+
+    def physical_rule() -> str:
+        _refuse_physical(item, wanted)
+        return f"{item.name} is a physical server: it fails back to a new VM" if physical else f"{item.name} is a VM"
+
+    verdicts.append(rules.check("physical servers fail back to a new VM", physical_rule))
+    vm = site.get_vm(original) if original else None
+    names = ("original VM exists", "original VM has no snapshots", "original VM's datastore reachable")
+    if wanted != "original":
+        return verdicts + [rules.skipped(n, f"not needed: failback to a {wanted} VM") for n in names]
+    if physical:
+        return verdicts + [rules.skipped(n, "not needed: a physical server has no original VM") for n in names]
+
+    def exists() -> str:
+        if vm is None:
+            raise _original_missing(original or item.name)
+        return f"VM {vm.name} exists on-premises"
+
+    verdicts.append(rules.check(names[0], exists))
+    if vm is None:
+        return verdicts + [rules.skipped(n, "not checked: the original VM is missing") for n in names[1:]]
+
+    def no_snapshots() -> str:
+        if vm.snapshots:
+            raise _snapshots(vm.name, len(vm.snapshots))
+        return f"VM {vm.name} has no snapshots"
+
+    verdicts.append(rules.check(names[1], no_snapshots))
+    if master_target is None:
+        verdicts.append(rules.skipped(
+            names[2], "not checked: no master target chosen yet (reprotect --master-target records it; "
+            "`srctl doctor --machine M --master-target MT` checks one)"))
+        return verdicts
+
+    def datastore_reachable() -> str:
+        roots = [str(Path(r).resolve()) for r in datastore_dirs(master_target)]
+        outside = [d.name for d in vm.disks if not inside(d.path.resolve(), roots)]
+        if outside:
+            raise errors.PreconditionFailed(
+                f"the datastore of VM {vm.name} (disks {', '.join(outside)}) is not reachable from "
+                f"master target {master_target.hostname}",
+                hint="choose a master target whose host mounts that datastore, or reprotect with --target new",
+                code="datastore-unreachable",
+            )
+        return f"the disks of VM {vm.name} are on a datastore of master target {master_target.hostname}"
+
+    verdicts.append(rules.check(names[2], datastore_reachable))
+    return verdicts
 
 
 # --- vSphere -----------------------------------------------------------------------------

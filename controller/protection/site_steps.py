@@ -18,6 +18,7 @@ from siterecovery.common.logging import get_logger
 from siterecovery.controller import health, replication
 from siterecovery.controller.jobs.engine import StepContext, Waiting
 from siterecovery.controller.protection import onprem as onprem_sites
+from siterecovery.controller.protection import rules
 from siterecovery.controller.protection.steps import (
     FAILBACK,
     FORWARD,
@@ -244,6 +245,26 @@ def onprem_preflight(env, store, item: ProtectedItemRecord, wanted: str, route: 
     site = onprem_sites.site_for(env, store, item.details.get("onprem", {}), route.get("vcenter", ""))
     master_target = store.get_server(route["master_target"])
     return site.preflight(item, wanted, master_target, route.get("datastore", ""), fresh=fresh)
+
+
+def onprem_failback_rules(
+    env, store, item: ProtectedItemRecord, wanted: str, master_target_id: str | None
+) -> list[rules.Verdict]:
+    """Every failback rule's verdict for the `local` provider, in order (`srctl doctor --machine` shows them all).
+
+    `master_target_id` None: no master target is chosen yet, so the rule that
+    needs one says so instead of guessing. (vSphere: `vsphere_rules.vsphere_failback_rules`.)
+    """
+    master_target = None
+    if master_target_id:
+        try:
+            master_target = store.get_server(master_target_id)
+        except errors.NotFound as exc:
+            return [rules.Verdict("master target", "failed", exc.message, errors.PreconditionFailed(
+                f"master target {master_target_id} of the failback route is not enrolled",
+                hint="choose an enrolled master target (`srctl servers list`) with reprotect --master-target",
+                code="master-target-not-found"))]
+    return onprem_sites.local_failback_rules(env.local_sites().onprem, item, wanted, master_target)
 
 
 class PreflightOnprem(ItemStep):

@@ -39,6 +39,7 @@ from collections.abc import Iterable
 from typing import Any, Literal
 
 from siterecovery.common import errors
+from siterecovery.controller.protection import rules
 from siterecovery.controller.providers.vsphere.facts import is_free_edition
 from siterecovery.controller.providers.vsphere.model import Datastore, Host, Inventory, VirtualMachine
 from siterecovery.controller.providers.vsphere.privileges import (
@@ -73,7 +74,32 @@ def check_vsphere_failback(
     "host": {"id", "name"} (where the failed-back VM runs),
     "datastore": {"id", "name"} (where its disks are, or go),
     "master_target": {"vm": {...}, "host": {...}}}.
-    Raises PreconditionFailed (a broken rule) or InvalidInput (bad arguments).
+    Raises PreconditionFailed (the first broken rule) or InvalidInput (bad arguments).
+    """
+    verdicts, decision = vsphere_failback_rules(
+        inventory, vm_uuid=vm_uuid, kind=kind, target=target, master_target_vm_uuid=master_target_vm_uuid,
+        datastore=datastore, endpoint_name=endpoint_name,
+    )
+    rules.raise_first(verdicts)
+    assert decision is not None
+    return decision
+
+
+def vsphere_failback_rules(
+    inventory: dict[str, Any],
+    *,
+    vm_uuid: str | None,
+    kind: Kind,
+    target: Target,
+    master_target_vm_uuid: str,
+    datastore: str | None,
+    endpoint_name: str = "",
+) -> tuple[list[rules.Verdict], dict[str, Any] | None]:
+    """Every rule's verdict, in the order above, and the decision when none failed.
+
+    A rule whose premise failed (the master target VM is not in the inventory,
+    the original VM is gone) is skipped with the reason; the first failure is
+    the refusal `check_vsphere_failback` raises.
     """
     if kind not in ("vm", "physical"):
         raise errors.InvalidInput(f"unknown machine kind {kind!r}", hint="use vm or physical")
@@ -86,116 +112,179 @@ def check_vsphere_failback(
     inv = Inventory.from_dict(inventory or {})
     name = endpoint_name or "ENDPOINT"
     where = inv.endpoint or name
+    verdicts: list[rules.Verdict] = []
 
     # 1. What was asked.
-    if kind == "physical" and target == "original":
-        raise errors.PreconditionFailed(
-            "a physical server fails back only to a new VM; failback to physical is not supported",
-            hint="reprotect with --target new: it fails back to a new VM on the master target's host and datastore",
-            code="physical-failback",
-        )
+    def asked() -> str:
+        if kind == "physical" and target == "original":
+            raise errors.PreconditionFailed(
+                "a physical server fails back only to a new VM; failback to physical is not supported",
+                hint="reprotect with --target new: it fails back to a new VM on the master target's host and datastore",
+                code="physical-failback",
+            )
+        return f"failback to the {target} VM of a {'physical server' if kind == 'physical' else 'VM'}"
+
+    verdicts.append(rules.check("physical servers fail back to a new VM", asked))
 
     # 2. What the inventory must hold.
     mt = _find_vm(inv, master_target_vm_uuid)
     mt_host = inv.host(mt.host) if mt is not None and mt.host else None
-    if mt is None or mt_host is None:
-        raise errors.PreconditionFailed(
-            f"master target VM {master_target_vm_uuid} is not in the inventory of {where}"
-            + ("" if mt is None else f" (its host {mt.host} is not)")
-            + "; if it runs on a standalone ESXi host, that host has not been added and discovered",
-            hint=f"add its ESXi host (`srctl vcenter add`) or its vCenter, run `srctl vcenter discover {name}`, "
-            "then retry with that endpoint",
-            code="vsphere-host-not-discovered",
-        )
-    vm: VirtualMachine | None = None
-    vm_host: Host | None = None
-    if target == "original":
-        vm = _find_vm(inv, vm_uuid) if vm_uuid else None
-        if vm is None:
+
+    def master_target_known() -> str:
+        if mt is None or mt_host is None:
             raise errors.PreconditionFailed(
-                f"the original VM {vm_uuid or '(none recorded)'} no longer exists on {where} "
-                "(as of its last discovery)",
-                hint="reprotect with --target new to fail back to a new VM on the master target's host and "
-                f"datastore (or, if the VM was moved to a host {where} does not manage, add and discover that "
-                "host first)",
-                code="original-vm-missing",
-            )
-        vm_host = inv.host(vm.host) if vm.host else None
-        if vm_host is None:
-            raise errors.PreconditionFailed(
-                f"the host {vm.host or '(none)'} of VM {vm.name} is not in the inventory of {where}",
-                hint=f"add that ESXi host (`srctl vcenter add`), run `srctl vcenter discover {name}`, then retry",
+                f"master target VM {master_target_vm_uuid} is not in the inventory of {where}"
+                + ("" if mt is None else f" (its host {mt.host} is not)")
+                + "; if it runs on a standalone ESXi host, that host has not been added and discovered",
+                hint=f"add its ESXi host (`srctl vcenter add`) or its vCenter, run `srctl vcenter discover {name}`, "
+                "then retry with that endpoint",
                 code="vsphere-host-not-discovered",
             )
+        return f"master target VM {mt.name} on host {mt_host.name} is in the inventory of {where}"
 
-        # 3. The target VM itself.
-        if vm.snapshots:
-            count = len(vm.snapshots)
-            names = ", ".join(s.name for s in vm.snapshots)
-            raise errors.PreconditionFailed(
-                f"VM {vm.name} has {count} snapshot{'s' if count != 1 else ''} ({names})",
-                hint="delete them, then run reprotect again",
-                code="vm-has-snapshots",
-            )
+    verdicts.append(rules.check("master target VM and host discovered", master_target_known))
+    vm: VirtualMachine | None = None
+    vm_host: Host | None = None
+    original_rules = ("original VM exists", "original VM's host discovered", "original VM has no snapshots")
+    if target != "original":
+        verdicts += [rules.skipped(r, "not needed: failback to a new VM") for r in original_rules]
+    else:
+        vm = _find_vm(inv, vm_uuid) if vm_uuid else None
+
+        def exists() -> str:
+            if vm is None:
+                raise errors.PreconditionFailed(
+                    f"the original VM {vm_uuid or '(none recorded)'} no longer exists on {where} "
+                    "(as of its last discovery)",
+                    hint="reprotect with --target new to fail back to a new VM on the master target's host and "
+                    f"datastore (or, if the VM was moved to a host {where} does not manage, add and discover that "
+                    "host first)",
+                    code="original-vm-missing",
+                )
+            return f"VM {vm.name} exists on {where}"
+
+        verdicts.append(rules.check(original_rules[0], exists))
+        if vm is None:
+            verdicts += [rules.skipped(r, "not checked: the original VM is missing") for r in original_rules[1:]]
+        else:
+            vm_host = inv.host(vm.host) if vm.host else None
+
+            def host_known() -> str:
+                if vm_host is None:
+                    raise errors.PreconditionFailed(
+                        f"the host {vm.host or '(none)'} of VM {vm.name} is not in the inventory of {where}",
+                        hint=f"add that ESXi host (`srctl vcenter add`), run `srctl vcenter discover {name}`, then retry",
+                        code="vsphere-host-not-discovered",
+                    )
+                return f"VM {vm.name} runs on host {vm_host.name}"
+
+            verdicts.append(rules.check(original_rules[1], host_known))
+
+            # 3. The target VM itself.
+            def no_snapshots() -> str:
+                if vm.snapshots:
+                    count = len(vm.snapshots)
+                    names = ", ".join(s.name for s in vm.snapshots)
+                    raise errors.PreconditionFailed(
+                        f"VM {vm.name} has {count} snapshot{'s' if count != 1 else ''} ({names})",
+                        hint="delete them, then run reprotect again",
+                        code="vm-has-snapshots",
+                    )
+                return f"VM {vm.name} has no snapshots"
+
+            verdicts.append(rules.check(original_rules[2], no_snapshots))
 
     # 4. The hosts.
-    for host, role in (
-        (mt_host, "the master target's host"),
-        (vm_host, f"the host of VM {vm.name if vm else ''}"),
-    ):
-        if host is not None and is_free_edition(host.edition):
+    def licensed() -> str:
+        for host, role in (
+            (mt_host, "the master target's host"),
+            (vm_host, f"the host of VM {vm.name if vm else ''}"),
+        ):
+            if host is not None and is_free_edition(host.edition):
+                raise errors.PreconditionFailed(
+                    f"{role} {host.name} runs the free ESXi edition ({host.edition}); it cannot be a failback "
+                    "target (its API is read-only)",
+                    hint="assign a vSphere licence to that host, or use a master target on a licensed host "
+                    "(or --target new), then retry",
+                    code="vsphere-free-esxi",
+                )
+        return "no host involved runs the free ESXi edition"
+
+    verdicts.append(rules.check("no free ESXi edition", licensed))
+    if mt is None or mt_host is None:
+        missing_mt = "not checked: the master target VM is not in the inventory"
+        verdicts += [rules.skipped(r, missing_mt) for r in
+                     ("disk.EnableUUID on a Linux master target", "datastore reachable", "account privileges")]
+        return verdicts, None
+
+    def enable_uuid() -> str:
+        if _is_linux(mt) and mt.enable_uuid is not True:
+            state = "not set" if mt.enable_uuid is None else "FALSE"
             raise errors.PreconditionFailed(
-                f"{role} {host.name} runs the free ESXi edition ({host.edition}); it cannot be a failback "
-                "target (its API is read-only)",
-                hint="assign a vSphere licence to that host, or use a master target on a licensed host "
-                "(or --target new), then retry",
-                code="vsphere-free-esxi",
+                f"master target VM {mt.name} has disk.EnableUUID {state}; a Linux master target cannot identify "
+                "the disks attached to it without it",
+                hint=f"set disk.EnableUUID=TRUE in the advanced settings of VM {mt.name} (Edit Settings > VM Options "
+                f"> Advanced > Configuration Parameters), power-cycle it, run `srctl vcenter discover {name}`, "
+                "then retry",
+                code="vsphere-enable-uuid",
             )
-    if _is_linux(mt) and mt.enable_uuid is not True:
-        state = "not set" if mt.enable_uuid is None else "FALSE"
-        raise errors.PreconditionFailed(
-            f"master target VM {mt.name} has disk.EnableUUID {state}; a Linux master target cannot identify "
-            "the disks attached to it without it",
-            hint=f"set disk.EnableUUID=TRUE in the advanced settings of VM {mt.name} (Edit Settings > VM Options "
-            f"> Advanced > Configuration Parameters), power-cycle it, run `srctl vcenter discover {name}`, "
-            "then retry",
-            code="vsphere-enable-uuid",
-        )
+        return f"master target VM {mt.name}: " + ("disk.EnableUUID=TRUE" if _is_linux(mt) else "Windows, not needed")
+
+    verdicts.append(rules.check("disk.EnableUUID on a Linux master target", enable_uuid))
+    if target == "original" and (vm is None or vm_host is None):
+        verdicts += [rules.skipped(r, "not checked: the original VM or its host is missing")
+                     for r in ("datastore reachable", "account privileges")]
+        return verdicts, None
 
     # 5. Where the disks are written.
-    if vm is not None:
-        stores = _datastores_of(inv, vm)
-        unreachable = [d for d in stores if mt_host.id not in d.hosts]
-        if unreachable:
-            raise errors.PreconditionFailed(
-                f"datastore {', '.join(d.name for d in unreachable)} of VM {vm.name} is not mounted on "
-                f"{mt_host.name}, the host of master target {mt.name}",
-                hint=f"use a master target on a host that mounts {unreachable[0].name}, or reprotect with "
-                "--target new",
-                code="datastore-unreachable",
-            )
-        run_host = vm_host
-    else:
-        stores = [_new_vm_datastore(inv, mt, mt_host, datastore)]
-        run_host = mt_host
+    stores: list[Datastore] = []
+
+    def reachable() -> str:
+        if vm is not None:
+            stores.extend(_datastores_of(inv, vm))
+            unreachable = [d for d in stores if mt_host.id not in d.hosts]
+            if unreachable:
+                raise errors.PreconditionFailed(
+                    f"datastore {', '.join(d.name for d in unreachable)} of VM {vm.name} is not mounted on "
+                    f"{mt_host.name}, the host of master target {mt.name}",
+                    hint=f"use a master target on a host that mounts {unreachable[0].name}, or reprotect with "
+                    "--target new",
+                    code="datastore-unreachable",
+                )
+            return f"datastore {', '.join(d.name for d in stores)} of VM {vm.name} is mounted on {mt_host.name}"
+        stores.append(_new_vm_datastore(inv, mt, mt_host, datastore))
+        return f"the new VM goes on datastore {stores[0].name} of host {mt_host.name}"
+
+    verdict = rules.check("datastore reachable", reachable)
+    verdicts.append(verdict)
+    if verdict.status != "ok":
+        verdicts.append(rules.skipped("account privileges", "not checked: no datastore to check them on"))
+        return verdicts, None
+    run_host = vm_host if vm is not None else mt_host
     assert run_host is not None
 
     # 6. What the account may do.
-    hosts = [mt_host] + ([vm_host] if vm_host is not None and vm_host.id != mt_host.id else [])
-    gaps = [(f"datastore {d.name}", missing(d.privileges, FAILBACK_DATASTORE_PRIVILEGES)) for d in stores]
-    gaps += [(f"host {h.name}", missing(h.privileges, FAILBACK_HOST_PRIVILEGES)) for h in hosts]
-    gaps = [(entity, lacking) for entity, lacking in gaps if lacking]
-    if gaps:
+    def privileges() -> str:
+        hosts = [mt_host] + ([vm_host] if vm_host is not None and vm_host.id != mt_host.id else [])
+        gaps = [(f"datastore {d.name}", missing(d.privileges, FAILBACK_DATASTORE_PRIVILEGES)) for d in stores]
+        gaps += [(f"host {h.name}", missing(h.privileges, FAILBACK_HOST_PRIVILEGES)) for h in hosts]
+        gaps = [(entity, lacking) for entity, lacking in gaps if lacking]
         account = inv.user or "the account"
-        raise errors.PreconditionFailed(
-            f"account {account} on {where} lacks "
-            + "; ".join(f"{', '.join(lacking)} on {entity}" for entity, lacking in gaps),
-            hint="update the vCenter credentials with an account that has the needed privileges "
-            f"(`srctl vcenter update-credentials {name}`), run `srctl vcenter discover {name}`, then retry",
-            code="vsphere-missing-privileges",
-        )
+        if gaps:
+            raise errors.PreconditionFailed(
+                f"account {account} on {where} lacks "
+                + "; ".join(f"{', '.join(lacking)} on {entity}" for entity, lacking in gaps),
+                hint="update the vCenter credentials with an account that has the needed privileges "
+                f"(`srctl vcenter update-credentials {name}`), run `srctl vcenter discover {name}`, then retry",
+                code="vsphere-missing-privileges",
+            )
+        return f"account {account} has the failback privileges on " + ", ".join(
+            [f"datastore {d.name}" for d in stores] + [f"host {h.name}" for h in hosts])
 
-    return {
+    verdicts.append(rules.check("account privileges", privileges))
+    if any(v.status == "failed" for v in verdicts):
+        return verdicts, None
+    return verdicts, {
         "target": target,
         "endpoint": inv.endpoint,
         "vm": _ref(vm) if vm is not None else None,

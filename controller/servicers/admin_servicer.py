@@ -14,6 +14,7 @@ from siterecovery.controller import backup, inventory_view, operators, replicati
 from siterecovery.controller.context import ControllerContext
 from siterecovery.controller.convert import timestamp
 from siterecovery.controller.servicers.azure_rpcs import AzureRpcs
+from siterecovery.controller.servicers.diagnose_rpcs import DiagnoseRpcs
 from siterecovery.controller.servicers.vcenter_rpcs import VcenterRpcs
 
 log = structlog.get_logger(__name__)
@@ -23,7 +24,7 @@ BACKUP_CHUNK = 1024 * 1024
 MAX_JOBS = 1000
 
 
-class AdminServicer(VcenterRpcs, AzureRpcs, admin_pb2_grpc.AdminServicer):
+class AdminServicer(VcenterRpcs, AzureRpcs, DiagnoseRpcs, admin_pb2_grpc.AdminServicer):
     def __init__(self, ctx: ControllerContext, stop: threading.Event) -> None:
         self._ctx = ctx
         self._stop = stop

@@ -21,10 +21,16 @@ class AgentControlServicer(agent_pb2_grpc.AgentControlServicer):
         self._ctx = ctx
 
     def Register(self, request: agent_pb2.RegisterRequest, context: grpc.ServicerContext):
+        inventory = to_dict(request.inventory)
+        # The server's to say, from the certificate the agent connected with (srctl doctor warns before it expires).
+        inventory.pop("certificate_expires_at", None)
+        expires = _certificate_expiry(context)
+        if expires:
+            inventory["certificate_expires_at"] = expires
         server = agents.register(
             self._ctx.store,
             caller(),
-            to_dict(request.inventory),
+            inventory,
             now=datetime.now(UTC),
             first_registration_job=self._ctx.registration_job,
         )
@@ -61,3 +67,18 @@ class AgentControlServicer(agent_pb2_grpc.AgentControlServicer):
     def HoldBarrier(self, request: agent_pb2.HoldBarrierRequest, context: grpc.ServicerContext):
         outcome, reason = replication.hold_barrier(self._ctx.store, caller(), request.tag_id, now=datetime.now(UTC))
         return agent_pb2.HoldBarrierResponse(outcome=outcome, reason=reason)
+
+
+def _certificate_expiry(context: grpc.ServicerContext) -> str:
+    """The caller's certificate's notAfter as a protobuf JSON timestamp, or "" when it cannot be read."""
+    from cryptography import x509
+    from google.protobuf.timestamp_pb2 import Timestamp
+
+    try:
+        pem = context.auth_context()["x509_pem_cert"][0]
+        not_after = x509.load_pem_x509_certificate(pem).not_valid_after_utc
+    except (KeyError, IndexError, TypeError, ValueError):
+        return ""
+    stamp = Timestamp()
+    stamp.FromDatetime(not_after)
+    return stamp.ToJsonString()

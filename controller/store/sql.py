@@ -135,6 +135,15 @@ def open_store(url: str) -> Store:
     return store
 
 
+def _parents_first(table: sa.Table, rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """Rows of a table that refers to itself (a group's failback twin names its primary) with every
+    referred row before the rows referring to it: the foreign key is checked at each insert."""
+    own = [fk.parent.name for fk in table.foreign_keys if fk.column.table is table]
+    if not own:
+        return rows
+    return sorted(rows, key=lambda row: any(row.get(column) is not None for column in own))
+
+
 class SqlStore(VcenterSqlMixin, AzureSiteSqlMixin, ProtectionSqlMixin, Store):
     """`Store` on SQLAlchemy Core. Call `migrate()` (or use `open_store`) first."""
 
@@ -203,7 +212,7 @@ class SqlStore(VcenterSqlMixin, AzureSiteSqlMixin, ProtectionSqlMixin, Store):
                         code="store-not-empty",
                     )
             for table in ordered:
-                rows = tables.get(table.name, [])
+                rows = _parents_first(table, tables.get(table.name, []))
                 if rows:
                     conn.execute(sa.insert(table), rows)
 

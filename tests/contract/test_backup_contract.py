@@ -13,7 +13,7 @@ import pytest
 
 from siterecovery.common import errors
 from siterecovery.controller import backup
-from siterecovery.controller.store import MachineRecord, Store, open_store
+from siterecovery.controller.store import MachineRecord, ProtectionGroupRecord, Store, open_store
 
 from .test_store_contract import T0, operator, server
 
@@ -27,6 +27,11 @@ def _fill(store: Store) -> None:
     store.upsert_machine(MachineRecord(id="m-1", server_id="srv-1", hostname="web-01", os="linux"))
     store.add_operator(operator())
     store.create_job(kind="demo", target="vm-1", step_names=["a", "b"], params={"x": [1, 2]}, now=T0)
+    # The twin refers to its primary in the same table, and sorts before it: restore puts the primary first.
+    store.add_protection_groups(
+        ProtectionGroupRecord(id="pg-b", name="PG1", policy={}, created_at=T0),
+        ProtectionGroupRecord(id="pg-a", name="PG1_Failback", policy={}, created_at=T0, failback_of="pg-b"),
+    )
 
 
 def _state_dir(root: Path) -> Path:

@@ -136,6 +136,10 @@ CONTROL_PLANE = [
         LOOKUP, "read", overrides=lambda f: {"machine": hostile.mixed(f.site.machine), "disk": hostile.mixed("disk0")}),
     Rpc("/siterecovery.v1.Admin/GetVcenterInventory", admin_pb2.GetVcenterInventoryRequest, "config-server",
         pki.ADMIN, LOOKUP, "read"),
+    # srctl doctor: names only (a control character or a long one is refused); a machine that
+    # does not exist is a failed check in the answer, not an error.
+    Rpc("/siterecovery.v1.Admin/Diagnose", admin_pb2.DiagnoseRequest, "config-server", pki.ADMIN, BAD, "read",
+        overrides=lambda f: {"machine": hostile.mixed(f.site.machine)}),
     # A backup reads the store; a short passphrase is refused.
     Rpc("/siterecovery.v1.Admin/CreateBackup", admin_pb2.CreateBackupRequest, "config-server", pki.ADMIN, BAD, "read",
         kind="unary_stream"),

@@ -11,6 +11,7 @@ from pathlib import Path
 
 import psutil
 import pytest
+import yaml
 
 
 def srctl(*args: str, home: Path) -> subprocess.CompletedProcess:
@@ -70,16 +71,20 @@ def test_lab_up_status_down_leaves_nothing_behind(tmp_path: Path):
 
 @pytest.mark.slow
 def test_srctl_finds_the_default_lab_without_flags(tmp_path: Path):
-    up = srctl("lab", "up", home=tmp_path)
+    up = srctl("lab", "up", "--output", "yaml", home=tmp_path)
     try:
         assert up.returncode == 0, up.stdout + up.stderr
+        summary = yaml.safe_load(up.stdout)  # for scripts: where everything is, as YAML (or JSON)
+        assert summary["protected"]["name"] == "app01" and summary["vms"][0]["nbd"]["disk0"].startswith("nbd://")
+        assert [p["component"] for p in summary["processes"]][0] == "config-server"
         servers = srctl("servers", "list", "--output", "json", home=tmp_path)
         assert servers.returncode == 0, servers.stderr
         assert sorted(s["role"] for s in json.loads(servers.stdout)) == [
             "config-server", "master-target", "master-target", "process-server", "process-server", "source"
         ]
     finally:
-        assert srctl("lab", "down", "--purge", home=tmp_path).returncode == 0
+        down = srctl("lab", "down", "--purge", "--output", "yaml", home=tmp_path)
+        assert down.returncode == 0 and yaml.safe_load(down.stdout)["removed"] is True, down.stderr
     assert not (tmp_path / ".local" / "state" / "siterecovery" / "lab").exists()
 
 

@@ -81,7 +81,7 @@ def test_add_discover_inventory_update_remove(site: Site, vpx: Vcsim, esx: Vcsim
     assert table.returncode == 0 and "DC0_C0_RP0_VM0" in table.stdout and "LocalDS_0" in table.stdout
 
     # On demand: a second discovery job.
-    again = site.srctl_json("vcenter", "discover", "vc01")["job"]
+    again = site.srctl_json("vcenter", "discover", "vc01", "--no-wait")["job"]
     wait_for(lambda: any(j["id"] == again for j in _discovery_jobs(site)), what="discovery on demand")
 
     # The same endpoint or name again: a conflict, nothing changes.

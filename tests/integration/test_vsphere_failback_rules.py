@@ -19,7 +19,7 @@ import pytest
 from pyVmomi import vim
 
 from siterecovery.common.errors import PreconditionFailed
-from siterecovery.controller.protection.vsphere_rules import check_vsphere_failback
+from siterecovery.controller.protection.vsphere_rules import check_vsphere_failback, vsphere_failback_rules
 from siterecovery.controller.providers.vsphere import operations, properties
 from siterecovery.controller.providers.vsphere.discovery import discover
 from siterecovery.controller.providers.vsphere.model import Inventory
@@ -180,6 +180,16 @@ def test_rule_vm_with_snapshots_is_refused_with_their_count(admin: Session, mt_u
     assert err.message.startswith("VM app01 has 2 snapshots")
     assert "before-patch" in err.message and "after-patch" in err.message
     assert err.hint == "delete them, then run reprotect again"
+    # srctl doctor --machine sees every rule, not only the first refusal: the ones after it still ran.
+    verdicts, decision = vsphere_failback_rules(_doc(admin), **_original(uuid, mt_uuid))
+    assert decision is None
+    assert [(v.rule, v.status) for v in verdicts] == [
+        ("physical servers fail back to a new VM", "ok"), ("master target VM and host discovered", "ok"),
+        ("original VM exists", "ok"), ("original VM's host discovered", "ok"),
+        ("original VM has no snapshots", "failed"), ("no free ESXi edition", "ok"),
+        ("disk.EnableUUID on a Linux master target", "ok"), ("datastore reachable", "ok"), ("account privileges", "ok"),
+    ]
+    assert verdicts[4].error is not None and verdicts[4].hint == err.hint and verdicts[4].code == err.code
     # Doing what the hint says is enough.
     operations.wait_for_task(admin, vm.RemoveAllSnapshots_Task(), what="delete snapshots")
     assert check_vsphere_failback(_doc(admin), **_original(uuid, mt_uuid))["vm"]["name"] == "app01"
