@@ -112,9 +112,15 @@ def _gib(count: int) -> str:
     return f"{count / 1024**3:.1f} GiB"
 
 
+def unit_name(role: str) -> str:
+    """The daemon's systemd unit (deploy/systemd/) for a role label: source → sr-source-agent."""
+    return "sr-source-agent" if role == "source" else f"sr-{role}"
+
+
 def heartbeat(subject: str, role: str, last: datetime | None, interval: float, now: datetime) -> Check:
     age = health.heartbeat_age(last, now)
-    hint = (f"check that sr-{role} runs on {subject.split()[-1]} (systemctl status sr-{role}) and reaches the "
+    unit = unit_name(role)
+    hint = (f"check that {unit} runs on {subject.split()[-1]} (systemctl status {unit}) and reaches the "
             "configuration server; its log says why it stopped")
     if age == float("inf"):
         return Check("heartbeat", "failed", "it never sent a heartbeat", hint=hint, code="heartbeat-stale",

@@ -110,7 +110,7 @@ class Receiver:
         if assignment is None or assignment.process_server_id != self._me():
             raise errors.NotFound(
                 f"pair {pair_id!r} is not assigned to process server {self._me()}",
-                hint="check the pair's process server with `srctl replication list`; a pair just "
+                hint="check the pair's process server with `srctl replication status`; a pair just "
                 "enabled reaches the process server with its next heartbeat",
                 code="pair-not-assigned",
             )

@@ -438,7 +438,7 @@ def start_plan_workflow(
             if workflow and this != workflow:
                 raise errors.PreconditionFailed(
                     f"the plan's machines stand in different places ({workflow} and {this})",
-                    hint="`srctl plan show` lists where each one is; act on them one by one", code="plan-mixed",
+                    hint="`srctl machine list` shows where each one is; act on them one by one", code="plan-mixed",
                 )
             workflow = this
             members.append((item.id, _label(item, names)))

@@ -135,7 +135,7 @@ class DeleteTestVm(ItemStep):
         if test.get("vm"):
             self.env.local_sites().cloud.delete_vm(test["vm"])
         retired = retire_agents(ctx, test.get("vm_uuid", ""), self.env.clock())
-        self.update(ctx, test={})
+        self.update(ctx, test={"vm": "", "vm_uuid": "", "point": ""})
         return {"deleted": test.get("vm", ""), "retired_agents": retired}
 
 

@@ -51,7 +51,7 @@ def change(store: Store, item_id: str, now: Any, mutate) -> ProtectedItemRecord:
         updated = store.update_protected_item(item.id, expected_version=item.version, now=now, **changes)
         if updated is not None:
             return updated
-    raise errors.Conflict(f"protected machine {item_id} keeps changing", code="item-busy", retryable=True)
+    raise errors.Unavailable(f"protected machine {item_id} keeps changing", code="item-busy")
 
 
 def with_details(item: ProtectedItemRecord, **parts: Any) -> dict:
@@ -136,7 +136,7 @@ class Claim(ItemStep):
             details=with_details(item, job=ctx.job.id, started_from=started_from, workflow=self.workflow),
         )
         if updated is None:
-            raise errors.Conflict(f"{item.name} changed while this job started", code="item-busy", retryable=True)
+            raise errors.Unavailable(f"{item.name} changed while this job started", code="item-busy")
         ctx.progress(1.0, f"{item.name}: {started_from} → {self.move.busy}")
         return {"from": started_from}
 
@@ -179,7 +179,7 @@ class Finish(ItemStep):
                 item.id, expected_version=item.version, now=self.env.clock(), **changes
             )
             if updated is None:
-                raise errors.Conflict(f"{item.name} changed meanwhile", code="item-busy", retryable=True)
+                raise errors.Unavailable(f"{item.name} changed meanwhile", code="item-busy")
         ctx.progress(1.0, f"{item.name} is {self.move.done}")
         return {"state": self.move.done}
 
@@ -227,7 +227,12 @@ class CreatePairs(ItemStep):
                 hint="`srctl replication status` shows the pairs; disable them first",
                 code="pair-exists",
             )
-        group = ctx.store.get_protection_group(item.group_id)
+        # The pairs belong to the group the machine is entering (its policy, its multi-VM points):
+        # the _Failback twin for a reprotect to on-premises, the primary again for one to the cloud.
+        group_id = item.group_id
+        if self.workflow in ("reprotect-to-onprem", "reprotect-to-cloud"):
+            group_id = _group_for(ctx.store, item, to_twin=self.workflow == "reprotect-to-onprem")
+        group = ctx.store.get_protection_group(group_id)
         targets: dict = route.get("targets", {})
         if self.direction == FORWARD and not targets:
             # Back to the cloud after a failback: onto the replicas the first protection

@@ -353,7 +353,7 @@ def _item(conn: Connection, item_id: str) -> ProtectedItemRecord:
     if row is None:
         raise NotFound(
             f"no protected machine {item_id!r}",
-            hint="`srctl machine list-protected` shows them",
+            hint="`srctl machine list` shows them",
             code="protected-machine-not-found",
         )
     return _item_record(row)

@@ -49,6 +49,8 @@ FAILBACK_HOST_PRIVILEGES: tuple[str, ...] = (
     "VirtualMachine.Interact.PowerOff",
     # Failback stamps the disk generation in the VM's advanced settings (guestinfo).
     "VirtualMachine.Config.AdvancedConfig",
+    # A failback to a new VM creates its disks.
+    "VirtualMachine.Config.AddNewDisk",
     "Resource.AssignVMToPool",
 )
 
