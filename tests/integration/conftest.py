@@ -20,10 +20,13 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
+import grpc
 import pytest
 import tomli_w
 
+from siterecovery.common.pb import admin_pb2_grpc
 from siterecovery.controller import launcher
+from siterecovery.controller.cli.client import Profile
 from tests.srctl_forkserver import SrctlForkServer
 
 HEARTBEAT = 0.3
@@ -68,6 +71,8 @@ class Site:
         self.daemons: list[launcher.Launched] = []
         self.cs: launcher.Launched | None = None
         self.cs_port = 0
+        self._admin: admin_pb2_grpc.AdminStub | None = None
+        self._admin_channel: grpc.Channel | None = None
 
     # -- configuration server ------------------------------------------------
     @property
@@ -79,6 +84,7 @@ class Site:
         return self.cs_dir / "admin" / "srctl.toml"
 
     def start_config_server(self, *, port: int = 0, **extra: Any) -> launcher.Launched:
+        self._close_admin()  # a new server may listen elsewhere
         config = self._write("config-server.toml", {
             "state_dir": str(self.cs_dir), "listen": "127.0.0.1", "port": port,
             "heartbeat_interval": HEARTBEAT, **extra,
@@ -155,11 +161,26 @@ class Site:
         assert result.returncode == 0, result.stderr
         return json.loads(result.stdout)
 
+    def admin(self) -> admin_pb2_grpc.AdminStub:
+        """The Admin API on one channel kept for this site, for tests that poll it directly:
+        a new channel per poll costs the server a TLS handshake each time, and on a busy
+        2-core machine a handshake can miss a short deadline."""
+        if self._admin is None:
+            self._admin_channel = Profile.load(self.profile).channel()
+            self._admin = admin_pb2_grpc.AdminStub(self._admin_channel)
+        return self._admin
+
     def servers(self) -> list[dict]:
         """The agents' rows of `srctl servers list` (the configuration server's own row left out)."""
         return [s for s in self.srctl_json("servers", "list") if s["role"] != "config-server"]
 
+    def _close_admin(self) -> None:
+        if self._admin_channel is not None:
+            self._admin_channel.close()
+        self._admin = self._admin_channel = None
+
     def stop_all(self) -> None:
+        self._close_admin()
         for daemon in reversed(self.daemons):
             launcher.stop(daemon, grace=10)
 
