@@ -96,6 +96,8 @@ class SrctlForkServer:
         return line.split(" ", 1)[1].strip()
 
     def close(self) -> None:
+        """Hang up (the helper ends at end of input) and wait for the helper."""
+        self._reader.close()  # the socket is only closed once its file object is too
         self._sock.close()
         try:
             self._proc.wait(timeout=10)

@@ -42,3 +42,9 @@ def test_a_call_with_another_width_is_refused(server, tmp_path: Path) -> None:
     forkserver, env = server
     with pytest.raises(ValueError, match="COLUMNS"):
         forkserver.run(["--help"], env={**env, "COLUMNS": "80"}, cwd=tmp_path, output_dir=tmp_path)
+
+
+def test_close_ends_the_helper_by_hanging_up(tmp_path: Path) -> None:
+    forkserver = SrctlForkServer(tmp_path / "log", {**os.environ, "COLUMNS": "120"})
+    forkserver.close()
+    assert forkserver._proc.returncode == 0, "the helper did not see the end of its input and was killed"
