@@ -207,3 +207,23 @@ def needs_tools(*names: str) -> pytest.MarkDecorator:
     if missing and os.environ.get("CI", "").lower() == "true":
         return pytest.mark.usefixtures()  # run it and let it fail where the tool is called
     return pytest.mark.skipif(bool(missing), reason=f"needs {', '.join(missing)} (bash deploy/install.sh installs it)")
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    """Files with slow tests first, then the other files that start daemons, then the rest,
+    each group in collection order and each file's tests kept together.
+
+    deploy/test.sh runs the suite on two xdist workers, a file at a time per worker in
+    this order (`--dist loadfile --no-loadscope-reorder`): the long files start early
+    and the many short ones fill in at the end, so the workers finish close together
+    instead of one running a several-minute file alone at the end."""
+
+    def weight(item: pytest.Item) -> int:
+        if any(i.get_closest_marker("slow") for i in by_file[item.path]):
+            return 0
+        return 1 if {"integration", "fuzz"} & set(item.path.parts) else 2
+
+    by_file: dict[Path, list[pytest.Item]] = {}
+    for item in items:
+        by_file.setdefault(item.path, []).append(item)
+    items.sort(key=weight)  # stable: the order within each group is kept

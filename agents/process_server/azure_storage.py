@@ -31,11 +31,12 @@ import os
 import re
 import stat
 from pathlib import Path
-from typing import Any
-
-from azure.storage.blob import ContainerClient
+from typing import TYPE_CHECKING, Any
 
 from siterecovery.common import errors
+
+if TYPE_CHECKING:
+    from azure.storage.blob import ContainerClient
 
 SETTING = "azure_storage_connection_string_file"
 # A SAS signature or an account key inside a URL or connection string (an SDK
@@ -91,6 +92,10 @@ class StorageCredentialFile:
             os.close(fd)
 
     def _client(self, container: str, **kwargs: Any) -> ContainerClient:
+        # Imported here: the SDK is a third of the process server's start-up, and most
+        # process servers (every one without an Azure pair) never need it.
+        from azure.storage.blob import ContainerClient
+
         text = self._read()
         try:
             # SDK retries off: errors.call is the one retry loop (it honours Retry-After).

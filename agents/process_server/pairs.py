@@ -15,6 +15,7 @@ from __future__ import annotations
 import threading
 from collections.abc import Callable, Sequence
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from siterecovery.common import errors, pki
 from siterecovery.common.enrollment import AgentCredentials
@@ -24,10 +25,12 @@ from siterecovery.common.pb import replication_pb2 as rpb
 
 from . import hashes
 from .azure_storage import SETTING, StorageCredentialFile
-from .blob_forwarder import DEFAULT_BLOB_POLICY, BlobForwarder, BlobPolicy
 from .forwarder import DEFAULT_POLICY, Forwarder, ForwardPolicy
 from .receiver import Receiver
 from .spool import Spool
+
+if TYPE_CHECKING:  # blob_forwarder imports the Azure SDK: only when an Azure pair comes
+    from .blob_forwarder import BlobForwarder, BlobPolicy
 
 log = get_logger(__name__)
 
@@ -59,7 +62,7 @@ class ProcessServerPairs:
         policy: ForwardPolicy = DEFAULT_POLICY,
         storage: StorageCredentialFile | None = None,
         state_dir: Path | None = None,
-        blob_policy: BlobPolicy = DEFAULT_BLOB_POLICY,
+        blob_policy: BlobPolicy | None = None,
         on_change: Callable[[], None] | None = None,
     ) -> None:
         self.spool = spool
@@ -110,7 +113,7 @@ class ProcessServerPairs:
                 wanted = mine.get(pair_id)
                 if wanted is None or _changed(wanted, forwarder.assignment):
                     stopping.append(self._forwarders.pop(pair_id))
-                    if isinstance(forwarder, BlobForwarder):
+                    if not isinstance(forwarder, Forwarder):  # a BlobForwarder
                         self._draining[pair_id] = forwarder
             for pair_id, forwarder in list(self._draining.items()):
                 if not forwarder.alive and forwarder not in stopping:
@@ -164,8 +167,11 @@ class ProcessServerPairs:
                 "account's connection string, then restart it",
                 code="azure-storage-not-configured",
             )
+        from .blob_forwarder import DEFAULT_BLOB_POLICY, BlobForwarder
+
         return BlobForwarder(
-            assignment, self.spool, self._storage, self._state_dir, policy=self._blob_policy, on_change=self._on_change
+            assignment, self.spool, self._storage, self._state_dir, policy=self._blob_policy or DEFAULT_BLOB_POLICY,
+            on_change=self._on_change,
         )
 
     def pair_statuses(self) -> list[rpb.PairStatus]:

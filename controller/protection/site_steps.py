@@ -22,10 +22,10 @@ from siterecovery.controller.protection import rules
 from siterecovery.controller.protection.steps import (
     FAILBACK,
     FORWARD,
-    POLL,
     ItemStep,
     materialize,
     pairs_of,
+    poll_delay,
     remove_stale,
     resolve_point,
 )
@@ -222,7 +222,7 @@ class FindAgent(ItemStep):
             where = "in the cloud" if self.side == "cloud" else "on-premises"
             raise Waiting(
                 f"waiting for the agent of {item.name} {where} to register (VM uuid {vm_uuid or '?'})",
-                delay=POLL,
+                delay=poll_delay(self.env),
             )
         machine = max(fresh, key=lambda pair: pair[0])[1]
         self.update(ctx, **{self.side: {"machine_id": machine.id}})
@@ -400,7 +400,7 @@ class ApplyNetwork(ItemStep):
             if waited > self.TIMEOUT:
                 ctx.progress(1.0, f"the agent did not answer the network order in {waited:.0f} s; re-apply by hand")
                 return {"network": "no answer"}
-            raise Waiting(f"waiting for the agent to re-apply the network identity ({waited:.0f} s)", delay=POLL)
+            raise Waiting(f"waiting for the agent to re-apply the network identity ({waited:.0f} s)", delay=poll_delay(self.env))
         if order["status"] == "ok":
             ctx.progress(1.0, f"static IP configuration re-applied: {order.get('message', '')}")
             return {"network": "ok", "files": order.get("files", [])}

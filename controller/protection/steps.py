@@ -38,6 +38,15 @@ FAILBACK = "failback"
 POLL = 2.0
 
 
+def poll_delay(env: Environment) -> float:
+    """How long a step that waits for what agents report (a sync, a point, a registration,
+    a network order's result) waits before it looks again: one heartbeat interval, since
+    nothing they report arrives sooner, and at most POLL. In production (10 s heartbeats)
+    that is POLL; with the tests' short heartbeats a workflow no longer idles for seconds
+    after what it waits for has arrived."""
+    return min(POLL, env.heartbeat_interval)
+
+
 # --- reading and changing a protected machine ------------------------------------------
 
 
@@ -293,7 +302,7 @@ class Sync(ItemStep):
             reasons = "; ".join(f"{v.disk_name}: {v.reason}" for v in waiting if v.reason)
             raise Waiting(
                 f"initial sync {done * 100 // max(total, 1)} % ({done} of {total} bytes)" + (f" — {reasons}" if reasons else ""),
-                delay=min(POLL, self.env.heartbeat_interval),
+                delay=poll_delay(self.env),
                 progress=min(done / max(total, 1), 0.99),
             )
         moved = sum(v.applied_bytes_total for v in views)
@@ -379,7 +388,7 @@ class FinalPoint(ItemStep):
         if waited > self.env.final_point_timeout:
             ctx.progress(1.0, f"final point {tag} did not arrive in {waited:.0f} s; the target's latest data is used")
             return {"point": ""}
-        raise Waiting(f"waiting for the final point {tag} to reach the target ({waited:.0f} s)", delay=POLL)
+        raise Waiting(f"waiting for the final point {tag} to reach the target ({waited:.0f} s)", delay=poll_delay(self.env))
 
 
 # --- helpers for recovering disks -----------------------------------------------------------

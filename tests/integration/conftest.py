@@ -1,39 +1,68 @@
 """Real daemons as subprocesses on port 0, started the way the lab starts them.
 
 `Site` starts a configuration server and agents through controller/launcher.py
-(readiness over the notify socket, no sleeps), runs srctl as a subprocess, and
-stops everything it started when the test ends.
+(readiness over the notify socket, no sleeps), runs srctl as a process of its
+own per call (forked from a helper that has imported it already:
+tests/srctl_forkserver.py), and stops everything it started when the test ends.
 """
 
 from __future__ import annotations
 
+import atexit
 import json
 import os
+import shutil
 import subprocess
 import sys
+import tempfile
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
+import grpc
 import pytest
 import tomli_w
 
+from siterecovery.common.pb import admin_pb2_grpc
 from siterecovery.controller import launcher
+from siterecovery.controller.cli.client import Profile
+from tests.srctl_forkserver import SrctlForkServer
 
 HEARTBEAT = 0.3
+SRCTL_COLUMNS = "200"  # wide enough that no table row or message is wrapped
+_srctl_server: SrctlForkServer | None = None
+
+
+def srctl_server() -> SrctlForkServer:
+    """The fork server srctl runs from, started at the first call (one per test process)."""
+    global _srctl_server
+    if _srctl_server is None:
+        log_dir = Path(tempfile.mkdtemp(prefix="sr-srctl-"))
+        env = {**os.environ, "COLUMNS": SRCTL_COLUMNS}
+        env.pop("SRCTL_CONFIG", None)
+        _srctl_server = SrctlForkServer(log_dir / "forkserver.log", env)
+        atexit.register(_srctl_server.close)
+        atexit.register(shutil.rmtree, log_dir, ignore_errors=True)
+    return _srctl_server
 
 
 def wait_for(condition: Callable[[], Any], *, timeout: float = 20.0, what: str = "condition") -> Any:
-    """Poll `condition` until it returns something truthy; fail after `timeout`."""
+    """Poll `condition` until it returns something truthy; fail after `timeout`.
+
+    Between polls it waits 50 ms, or as long as the last poll took if that was longer:
+    a condition that runs srctl then keeps at most half a core busy, and the daemons
+    under test (on a 2-core CI machine) get the rest."""
     deadline = time.monotonic() + timeout
     while True:
+        started = time.monotonic()
         result = condition()
         if result:
             return result
-        if time.monotonic() > deadline:
+        now = time.monotonic()
+        if now > deadline:
             raise AssertionError(f"timed out after {timeout} s waiting for {what}")
-        time.sleep(0.05)
+        time.sleep(max(0.05, now - started))
 
 
 class Site:
@@ -42,6 +71,8 @@ class Site:
         self.daemons: list[launcher.Launched] = []
         self.cs: launcher.Launched | None = None
         self.cs_port = 0
+        self._admin: admin_pb2_grpc.AdminStub | None = None
+        self._admin_channel: grpc.Channel | None = None
 
     # -- configuration server ------------------------------------------------
     @property
@@ -53,6 +84,7 @@ class Site:
         return self.cs_dir / "admin" / "srctl.toml"
 
     def start_config_server(self, *, port: int = 0, **extra: Any) -> launcher.Launched:
+        self._close_admin()  # a new server may listen elsewhere
         config = self._write("config-server.toml", {
             "state_dir": str(self.cs_dir), "listen": "127.0.0.1", "port": port,
             "heartbeat_interval": HEARTBEAT, **extra,
@@ -110,12 +142,13 @@ class Site:
 
     # -- srctl ----------------------------------------------------------------
     def srctl(self, *args: str, config: Path | None = None) -> subprocess.CompletedProcess:
-        env = {**os.environ, "COLUMNS": "200", "HOME": str(self.root / "home")}
+        """`srctl ARGS` as a process of its own, with this site's profile and a HOME of its own."""
+        env = {**os.environ, "COLUMNS": SRCTL_COLUMNS, "HOME": str(self.root / "home")}
         env.pop("SRCTL_CONFIG", None)
-        command = [sys.executable, "-m", "siterecovery.controller.cli.main"]
+        options: list[str] = []
         if config is not None or self.cs is not None:
-            command += ["--config", str(config or self.profile)]
-        return subprocess.run([*command, *args], capture_output=True, text=True, timeout=60, env=env)
+            options += ["--config", str(config or self.profile)]
+        return srctl_server().run([*options, *args], env=env, cwd=Path.cwd(), output_dir=self.root / "srctl", timeout=60)
 
     def srctl_json(self, *args: str) -> Any:
         result = self.srctl(*args, "--output", "json")
@@ -128,11 +161,26 @@ class Site:
         assert result.returncode == 0, result.stderr
         return json.loads(result.stdout)
 
+    def admin(self) -> admin_pb2_grpc.AdminStub:
+        """The Admin API on one channel kept for this site, for tests that poll it directly:
+        a new channel per poll costs the server a TLS handshake each time, and on a busy
+        2-core machine a handshake can miss a short deadline."""
+        if self._admin is None:
+            self._admin_channel = Profile.load(self.profile).channel()
+            self._admin = admin_pb2_grpc.AdminStub(self._admin_channel)
+        return self._admin
+
     def servers(self) -> list[dict]:
         """The agents' rows of `srctl servers list` (the configuration server's own row left out)."""
         return [s for s in self.srctl_json("servers", "list") if s["role"] != "config-server"]
 
+    def _close_admin(self) -> None:
+        if self._admin_channel is not None:
+            self._admin_channel.close()
+        self._admin = self._admin_channel = None
+
     def stop_all(self) -> None:
+        self._close_admin()
         for daemon in reversed(self.daemons):
             launcher.stop(daemon, grace=10)
 

@@ -199,7 +199,9 @@ def test_an_unreachable_azure_keeps_every_frame_in_the_spool_until_it_is_back(tm
         assert (log.released_seq, status.acked_seq) == (first[-1].seq, first[-1].seq)
         assert status.backlog_frames == len(rest) and not forwarder.connected
         proxy.target = ("127.0.0.1", azurite.port)
-        status = _wait(forwarder, lambda s: s.acked_seq >= rest[-1].seq, "the forwarder to catch up")
+        # Written first, released from the spool after the state file: wait for both.
+        status = _wait(forwarder, lambda s: s.acked_seq >= rest[-1].seq and s.backlog_frames == 0,
+                       "the forwarder to catch up and release its spool")
     finally:
         forwarder.stop()
         proxy.close()

@@ -20,7 +20,6 @@ from pathlib import Path
 import pytest
 
 from siterecovery.common.pb import admin_pb2
-from siterecovery.controller.cli.client import Profile
 from tests.conftest import needs_tools
 
 from .conftest import wait_for
@@ -88,8 +87,7 @@ def _datastore(site: ReplicatingSite) -> Path:
 
 
 def _view(site: ReplicatingSite) -> admin_pb2.PairView:
-    stub = Profile.load(site.profile).admin()
-    (pair,) = stub.ListPairs(admin_pb2.ListPairsRequest(machine=site.machine), timeout=10).pairs
+    (pair,) = site.admin().ListPairs(admin_pb2.ListPairsRequest(machine=site.machine), timeout=10).pairs
     return pair
 
 

@@ -16,7 +16,6 @@ from pathlib import Path
 import pytest
 
 from siterecovery.common.pb import admin_pb2
-from siterecovery.controller.cli.client import Profile
 
 from .conftest import wait_for
 from .replication_site import MiB, ReplicatingSite, sha256
@@ -39,8 +38,7 @@ def rsite(tmp_path: Path):
 
 
 def _pairs(site: ReplicatingSite) -> admin_pb2.PairView:
-    stub = Profile.load(site.profile).admin()
-    (pair,) = stub.ListPairs(admin_pb2.ListPairsRequest(machine=site.machine), timeout=10).pairs
+    (pair,) = site.admin().ListPairs(admin_pb2.ListPairsRequest(machine=site.machine), timeout=10).pairs
     return pair
 
 

@@ -54,7 +54,14 @@ def test_scan_mode_replicates_writes_made_straight_to_the_disk_and_sends_only_ch
         target=str(rsite.disk),
     )
     expected[rsite.create_point()] = sha256(rsite.disk)
-    sent = int(rsite.pair()["source_bytes_sent"]) - before
+    # The pass runs when the point request reaches the source, and what it sent shows at the
+    # source's next heartbeat: wait until the bytes of the four blocks are reported (a pass
+    # that sends fewer times out, one that sends more fails the check below).
+    def reported() -> int:
+        sent = int(rsite.pair()["source_bytes_sent"]) - before
+        return sent if sent >= 4 * SCAN_BLOCK else 0
+
+    sent = wait_for(reported, what="the scan pass's bytes in the source's report")
     # Blocks 0 (the 100-byte write), 48 and 640-641: four 64 KiB blocks of data. The
     # rest of the zeroed first MiB travels as zero ranges, which carry no data.
     assert sent == 4 * SCAN_BLOCK, f"a pass over four changed blocks sent {sent} bytes"
