@@ -34,7 +34,6 @@ from siterecovery.controller.store.base import ProtectedItemRecord
 log = get_logger(__name__)
 
 
-
 class RecoverToCloud(ItemStep):
     """Materialise the chosen point of every forward pair as the cloud VM's own disk files."""
 
@@ -340,7 +339,7 @@ class RecoverOnprem(ItemStep):
                 if exc.code != "pair-not-paused":
                     raise
                 # The pause reaches the master target with its next heartbeat.
-                raise Waiting(f"waiting for the master target to pause {pair.disk_name}", delay=POLL) from exc
+                raise Waiting(f"waiting for the master target to pause {pair.disk_name}", delay=poll_delay(self.env)) from exc
             undone += reply.bytes_undone
             points.add(reply.tag_id or point)
         return {"point": ",".join(sorted(points)), "bytes_undone": undone}
