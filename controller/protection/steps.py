@@ -352,8 +352,9 @@ class FinalPoint(ItemStep):
     """Take one more crash-consistent point on a running source and wait for it at the target.
 
     Best effort, as an unplanned failover must be: when the source's agent is
-    silent, or the point does not arrive within the timeout, the workflow goes
-    on with what the target holds and says so.
+    silent (before the point is asked for, or it falls silent while the point
+    is awaited — the site going down), or the point does not arrive within the
+    timeout, the workflow goes on with what the target holds and says so.
     """
 
     action = "final point"
@@ -384,6 +385,10 @@ class FinalPoint(ItemStep):
         if all(any(p.tag_id == tag for p in replication.points(ctx.store, pair)) for pair in pairs):
             ctx.progress(1.0, f"final point {tag} is at the target")
             return {"point": tag}
+        if silent:  # it died after we asked (the site going down): the point will not come
+            ctx.progress(1.0, f"the source went silent before final point {tag} arrived; the target's latest "
+                              "data is used")
+            return {"point": ""}
         waited = (now - datetime.fromisoformat(asked["asked_at"])).total_seconds()
         if waited > self.env.final_point_timeout:
             ctx.progress(1.0, f"final point {tag} did not arrive in {waited:.0f} s; the target's latest data is used")

@@ -122,7 +122,7 @@ def _until_powered_on(site: FailbackSite, admin: Session, vm_id: str, job: str) 
 
 
 def _discover(site: FailbackSite) -> None:
-    job = site.srctl_json("vcenter", "discover", "vc01")["job"]
+    job = site.srctl_json("vcenter", "discover", "vc01", "--no-wait")["job"]
     site.wait_job(job)
 
 
