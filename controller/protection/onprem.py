@@ -36,11 +36,11 @@ from siterecovery.common import errors
 from siterecovery.common.pb import common_pb2
 from siterecovery.controller import replication
 from siterecovery.controller.protection import rules
-from siterecovery.controller.protection.vsphere_rules import check_vsphere_failback
+from siterecovery.controller.protection.vsphere_rules import check_vsphere_failback, find_vm
 from siterecovery.controller.providers.local.site import AgentLaunch, LocalSite
 from siterecovery.controller.providers.vsphere import operations
 from siterecovery.controller.providers.vsphere.discovery import discover
-from siterecovery.controller.providers.vsphere.model import Inventory, VirtualMachine
+from siterecovery.controller.providers.vsphere.model import Inventory
 from siterecovery.controller.providers.vsphere.session import Session
 from siterecovery.controller.store.base import ProtectedItemRecord, ServerRecord, Store, VcenterRecord
 
@@ -276,7 +276,7 @@ class VsphereOnprem(OnpremSite):
             return discover(session)
 
     def find(self, vm_uuid: str) -> Found | None:
-        vm = _by_uuid(self.stored(), vm_uuid)
+        vm = find_vm(self.stored(), vm_uuid)
         return Found(VSPHERE, vm.name, vm.bios_uuid, self.vcenter.id) if vm is not None else None
 
     # -- the rules ----------------------------------------------------------------------------
@@ -320,8 +320,7 @@ class VsphereOnprem(OnpremSite):
         with self.open_session(self.vcenter) as session:
             vm_id = self._require(session, vm)
             operations.power_on(session, vm_id)
-            facts = discover(session).vm(vm_id)
-        return Found(VSPHERE, vm, facts.bios_uuid if facts else "", self.vcenter.id)
+            return Found(VSPHERE, vm, operations.bios_uuid(session, vm_id), self.vcenter.id)
 
     def is_running(self, vm):
         with self.open_session(self.vcenter) as session:
@@ -340,7 +339,7 @@ class VsphereOnprem(OnpremSite):
 
     def original_targets(self, preflight, disks, master_target):
         inventory = self.stored()
-        vm = inventory.vm(preflight["vm_id"]) or _by_name(inventory, preflight["vm"])
+        vm = inventory.vm(preflight["vm_id"]) or inventory.vm(preflight["vm"])
         if vm is None:
             raise _original_missing(preflight["vm"])
         ordered = sorted(vm.disks, key=lambda d: (d.controller_key, d.unit_number))
@@ -422,17 +421,6 @@ def _machine_uuid(server: ServerRecord) -> str:
     return server.inventory.get("host", {}).get("machine_uuid", "")
 
 
-def _by_uuid(inventory: Inventory, vm_uuid: str) -> VirtualMachine | None:
-    wanted = vm_uuid.strip().lower()
-    if not wanted:
-        return None
-    return next((v for v in inventory.vms if wanted in (v.bios_uuid.lower(), v.instance_uuid.lower())), None)
-
-
-def _by_name(inventory: Inventory, name: str) -> VirtualMachine | None:
-    return next((v for v in inventory.vms if v.name == name), None)
-
-
 def _refuse_physical(item: ProtectedItemRecord, wanted: str) -> None:
     if item.details.get("kind") == "physical" and wanted == "original":
         raise errors.PreconditionFailed(
@@ -474,7 +462,7 @@ def identify(store: Store, local: LocalSite | None, vm_uuid: str) -> Found | Non
             inventory = Inventory.from_dict(store.get_vcenter_inventory(record.id).document)
         except errors.NotFound:
             continue
-        vm = _by_uuid(inventory, vm_uuid)
+        vm = find_vm(inventory, vm_uuid)
         if vm is not None:
             return Found(VSPHERE, vm.name, vm.bios_uuid, record.id)
     return None

@@ -127,7 +127,7 @@ def vsphere_failback_rules(
     verdicts.append(rules.check("physical servers fail back to a new VM", asked))
 
     # 2. What the inventory must hold.
-    mt = _find_vm(inv, master_target_vm_uuid)
+    mt = find_vm(inv, master_target_vm_uuid)
     mt_host = inv.host(mt.host) if mt is not None and mt.host else None
 
     def master_target_known() -> str:
@@ -149,7 +149,7 @@ def vsphere_failback_rules(
     if target != "original":
         verdicts += [rules.skipped(r, "not needed: failback to a new VM") for r in original_rules]
     else:
-        vm = _find_vm(inv, vm_uuid) if vm_uuid else None
+        vm = find_vm(inv, vm_uuid) if vm_uuid else None
 
         def exists() -> str:
             if vm is None:
@@ -298,7 +298,7 @@ def _ref(item: VirtualMachine | Host | Datastore) -> dict[str, str]:
     return {"id": item.id, "name": item.name}
 
 
-def _find_vm(inv: Inventory, key: str | None) -> VirtualMachine | None:
+def find_vm(inv: Inventory, key: str | None) -> VirtualMachine | None:
     """The VM whose moid, instance UUID or BIOS UUID is `key` (UUIDs compared case-insensitively)."""
     if not key:
         return None

@@ -198,3 +198,32 @@ def site(tmp_path: Path) -> Iterator[Site]:
         yield site
     finally:
         site.stop_all()
+
+
+# --- the sites most tests start (imported late: those modules import this one) ---------
+
+
+@pytest.fixture
+def rsite(tmp_path: Path) -> Iterator[Any]:
+    """A ReplicatingSite (replication_site.py), stopped when the test ends."""
+    from .replication_site import ReplicatingSite
+
+    site = ReplicatingSite(tmp_path)
+    try:
+        yield site
+    finally:
+        site.stop_all()
+
+
+@pytest.fixture
+def protected(tmp_path: Path) -> Iterator[Any]:
+    """A FailbackSite (failback_site.py) with app01 protected in PG1, stopped when the test ends."""
+    from .failback_site import FailbackSite
+
+    site = FailbackSite(tmp_path)
+    try:
+        site.start()
+        site.protect()
+        yield site
+    finally:
+        site.stop_all()

@@ -18,15 +18,6 @@ from .replication_site import MiB, ReplicatingSite, faketime_library, sha256
 pytestmark = pytest.mark.slow
 
 
-@pytest.fixture
-def rsite(tmp_path: Path):
-    site = ReplicatingSite(tmp_path)
-    try:
-        yield site
-    finally:
-        site.stop_all()
-
-
 def _heartbeat_after_now(rsite: ReplicatingSite, name: str) -> None:
     """Until `name` heartbeats after this moment (the master target prunes when it heartbeats)."""
     mt_id = rsite.agents[name].state["agent_id"]

@@ -34,15 +34,6 @@ DIGEST = 16
 SLACK = 1 * MiB
 
 
-@pytest.fixture
-def rsite(tmp_path: Path):
-    site = ReplicatingSite(tmp_path)
-    try:
-        yield site
-    finally:
-        site.stop_all()
-
-
 @dataclass
 class Difference:
     blocks: int = 0

@@ -17,10 +17,8 @@ import os
 import socket
 import subprocess
 import sys
-from collections.abc import Iterator
 from pathlib import Path
 
-import pytest
 import tomli_w
 from cryptography import x509
 from cryptography.hazmat.primitives import hashes, serialization
@@ -30,17 +28,6 @@ from siterecovery.controller import launcher
 
 from .conftest import Site
 from .failback_site import VM, FailbackSite
-
-
-@pytest.fixture
-def protected(tmp_path: Path) -> Iterator[FailbackSite]:
-    site = FailbackSite(tmp_path)
-    try:
-        site.start()
-        site.protect()
-        yield site
-    finally:
-        site.stop_all()
 
 
 def doctor(site: Site, *args: str, config: Path | None = None) -> tuple[int, dict]:

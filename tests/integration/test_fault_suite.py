@@ -88,15 +88,6 @@ class Writer(threading.Thread):
             return None
 
 
-@pytest.fixture
-def rsite(tmp_path: Path):
-    site = ReplicatingSite(tmp_path)
-    try:
-        yield site
-    finally:
-        site.stop_all()
-
-
 def test_kill9_of_every_daemon_again_and_again_loses_nothing(rsite: ReplicatingSite):
     rng = random.Random(f"{SEED}-suite")
     rsite.start(disk_size=DISK, data_bytes=4 * MiB, seed=rng.randrange(1 << 30),

@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import time
 import urllib.request
-from pathlib import Path
 
 import grpc
 import pytest
@@ -51,15 +50,6 @@ class Page:
 
     def labels(self, name: str) -> list[dict[str, str]]:
         return [lab for n, lab, _ in self.samples if n == name]
-
-
-@pytest.fixture
-def rsite(tmp_path: Path):
-    site = ReplicatingSite(tmp_path)
-    try:
-        yield site
-    finally:
-        site.stop_all()
 
 
 def scraper(rsite: ReplicatingSite):

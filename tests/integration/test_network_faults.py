@@ -26,15 +26,6 @@ RUN = 16 * MiB
 ACTIONS = 6
 
 
-@pytest.fixture
-def rsite(tmp_path: Path):
-    site = ReplicatingSite(tmp_path)
-    try:
-        yield site
-    finally:
-        site.stop_all()
-
-
 def test_cut_and_stalled_link_to_the_master_target_loses_nothing(rsite: ReplicatingSite):
     rng = random.Random(f"{SEED}-link")
     rsite.start(disk_size=128 * MiB, data_bytes=16 * MiB, seed=rng.randrange(1 << 30), mt_proxy=True,

@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import json
 import random
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -19,17 +18,6 @@ from .conftest import wait_for
 from .failback_site import VM, FailbackSite, MiB, sha256
 
 pytestmark = [pytest.mark.slow, needs_tools("qemu-io")]
-
-
-@pytest.fixture
-def protected(tmp_path: Path) -> Iterator[FailbackSite]:
-    site = FailbackSite(tmp_path)
-    try:
-        site.start()
-        site.protect()
-        yield site
-    finally:
-        site.stop_all()
 
 
 def test_a_protected_machine_its_twin_group_refusals_and_a_test_failover(protected: FailbackSite) -> None:

@@ -18,15 +18,6 @@ from .replication_site import MiB, ReplicatingSite, sha256
 pytestmark = pytest.mark.slow
 
 
-@pytest.fixture
-def rsite(tmp_path: Path):
-    site = ReplicatingSite(tmp_path)
-    try:
-        yield site
-    finally:
-        site.stop_all()
-
-
 def test_writes_through_nbd_reach_the_target_and_every_point_materialises_exactly(rsite: ReplicatingSite, tmp_path):
     rsite.start(disk_size=64 * MiB, data_bytes=8 * MiB)
     original = sha256(rsite.disk)

@@ -12,7 +12,6 @@ from __future__ import annotations
 import json
 import os
 import random
-from pathlib import Path
 
 import pytest
 from azure.storage.blob import ContainerClient
@@ -40,15 +39,6 @@ def azurite():
     skip_or_fail_without_azurite()
     with start_azurite() as server:
         yield server
-
-
-@pytest.fixture
-def rsite(tmp_path: Path):
-    site = ReplicatingSite(tmp_path)
-    try:
-        yield site
-    finally:
-        site.stop_all()
 
 
 def _start(rsite: ReplicatingSite, azurite, **kw) -> ContainerClient:

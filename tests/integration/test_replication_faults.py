@@ -28,15 +28,6 @@ CHUNK = 1 * MiB
 DAEMONS = ("process-server", "master-target", "source-agent")
 
 
-@pytest.fixture
-def rsite(tmp_path: Path):
-    site = ReplicatingSite(tmp_path)
-    try:
-        yield site
-    finally:
-        site.stop_all()
-
-
 def _pairs(site: ReplicatingSite) -> admin_pb2.PairView:
     (pair,) = site.admin().ListPairs(admin_pb2.ListPairsRequest(machine=site.machine), timeout=10).pairs
     return pair

@@ -23,15 +23,6 @@ KiB = 1024
 SCAN_BLOCK = 64 * KiB
 
 
-@pytest.fixture
-def rsite(tmp_path: Path):
-    site = ReplicatingSite(tmp_path)
-    try:
-        yield site
-    finally:
-        site.stop_all()
-
-
 def test_scan_mode_replicates_writes_made_straight_to_the_disk_and_sends_only_changed_blocks(rsite: ReplicatingSite):
     # The process server also encrypts its spool here: the data must come through intact.
     rsite.start(disk_size=64 * MiB, data_bytes=8 * MiB, ps_extra={"spool_encryption": True})

@@ -37,15 +37,6 @@ def small_disk(tmp_path: Path):
         subprocess.run(["umount", "-l", str(mount)], check=False)
 
 
-@pytest.fixture
-def rsite(tmp_path: Path):
-    site = ReplicatingSite(tmp_path)
-    try:
-        yield site
-    finally:
-        site.stop_all()
-
-
 def test_a_full_retention_disk_pauses_the_pair_until_space_returns(rsite: ReplicatingSite, small_disk: Path):
     rsite.start(
         disk_size=DISK_SIZE, data_bytes=4 * MiB,

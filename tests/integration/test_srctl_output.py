@@ -19,7 +19,7 @@ import os
 import socket
 import subprocess
 import sys
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
@@ -33,17 +33,6 @@ from tests.unit.test_srctl_commands import commands
 from .failback_site import VM, FailbackSite
 
 NOT_HERE = {"lab up": "test_lab.py", "drill": "test_lab.py (the drill tests)"}
-
-
-@pytest.fixture
-def protected(tmp_path: Path) -> Iterator[FailbackSite]:
-    site = FailbackSite(tmp_path)
-    try:
-        site.start()
-        site.protect()
-        yield site
-    finally:
-        site.stop_all()
 
 
 def _closed_port() -> int:

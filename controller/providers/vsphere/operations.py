@@ -302,6 +302,11 @@ def detach_disk(session: Session, vm_id: str, path: str) -> bool:
     return True
 
 
+def bios_uuid(session: Session, vm_id: str) -> str:
+    """The VM's BIOS UUID (`config.uuid`), what its guest reads as the SMBIOS UUID."""
+    return str(_vm_row(session, vm_id, ["config.uuid"]).get("config.uuid", ""))
+
+
 def power_state(session: Session, vm_id: str) -> str:
     return str(_vm_row(session, vm_id, ["runtime.powerState"]).get("runtime.powerState", ""))
 
