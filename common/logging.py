@@ -24,9 +24,28 @@ def mask_secrets(_logger: Any, _method: str, event: dict[str, Any]) -> dict[str,
     return event
 
 
+class _CurrentStderr:
+    """Whatever `sys.stderr` is at the moment of writing.
+
+    Loggers are cached on first use, so a stream captured at configure time
+    outlives any replacement of `sys.stderr` (a CLI test runner's capture, a
+    daemon re-pointing it). Looking it up per write keeps every cached logger
+    writing somewhere that is open.
+    """
+
+    def write(self, text: str) -> int:
+        return sys.stderr.write(text)
+
+    def flush(self) -> None:
+        sys.stderr.flush()
+
+    def isatty(self) -> bool:
+        return sys.stderr.isatty()
+
+
 def configure(*, level: str = "info", json: bool | None = None, stream: Any = None) -> None:
     """Configure structlog once per process, at the start of `run()`."""
-    stream = stream or sys.stderr
+    stream = stream or _CurrentStderr()
     if json is None:
         json = not stream.isatty()
     renderer: Any = (
