@@ -153,6 +153,23 @@ class AzureConnector:
         )
 
 
+@dataclass(frozen=True)
+class SiteClients:
+    """Clients for a stored site, its secret decrypted at each call (the protection workflows' way in)."""
+
+    box: SecretBox
+    connector: AzureConnector
+
+    def compute(self, record: AzureSiteRecord, *, subnet: str = "") -> AzureCompute:
+        site = site_of(record)
+        if subnet:
+            site = replace(site, subnet=subnet)
+        return self.connector.compute(site, secret_of(record, self.box))
+
+    def container(self, record: AzureSiteRecord) -> Any:
+        return self.connector.storage(site_of(record), secret_of(record, self.box))
+
+
 def _site_for(ctx: StepContext) -> AzureSiteRecord:
     site_id = ctx.params.get("site_id")
     if not site_id:

@@ -243,6 +243,7 @@ def _serve(
             log_level=cfg.log_level,
         ),
         vsphere_session=lambda record: Session(vcenters.endpoint_of(record, box)),
+        azure=azure_sites.SiteClients(box, azure or azure_sites.AzureConnector()),
     )
     ctx.protection_jobs = registry(workflows.kinds(ctx.protection))
     runner = JobRunner(

@@ -264,7 +264,7 @@ def enable(
             hint="leave out --master-target and --datastore with --azure-site",
             code="azure-target-conflict",
         )
-    site = _azure_site(store, request.azure_site) if azure else None
+    site = azure_site(store, request.azure_site) if azure else None
     process_server = resolve_server(store, request.process_server, pki.PROCESS_SERVER)
     master_target = process_server if azure else resolve_server(store, request.master_target, pki.MASTER_TARGET)
     for server in (process_server, master_target):
@@ -407,7 +407,7 @@ def enable(
     return [store.create_pair(p) for p in created]
 
 
-def _azure_site(store: Store, ref: str) -> AzureSiteRecord:
+def azure_site(store: Store, ref: str) -> AzureSiteRecord:
     _check_name(ref, "Azure site")  # before the store sees it: names and ids are safe names
     try:
         return store.get_azure_site(ref)

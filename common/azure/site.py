@@ -61,6 +61,8 @@ class AzureSite:
     vnet_resource_group: str = ""
     # Blob endpoint override (sovereign clouds, or the emulator in tests); empty = public cloud.
     blob_endpoint: str = ""
+    # An isolated subnet of `vnet` where test failovers put their VMs; empty: test failover refused.
+    test_subnet: str = ""
 
     def __post_init__(self) -> None:
         _guid("subscription id", self.subscription_id)
@@ -72,6 +74,14 @@ class AzureSite:
         _match("region", self.region, _REGION, "a region name such as westeurope (lower case, no spaces)")
         _match("virtual network", self.vnet, _NAME, "2-64 letters, digits, '-', '_' or '.'")
         _match("subnet", self.subnet, _NAME, "1-80 letters, digits, '-', '_' or '.'")
+        if self.test_subnet:
+            _match("test subnet", self.test_subnet, _NAME, "1-80 letters, digits, '-', '_' or '.'")
+            if self.test_subnet == self.subnet:
+                raise InvalidInput(
+                    f"the test subnet must not be the production subnet {self.subnet}",
+                    hint="name an isolated subnet of the same network (a test VM must not meet production)",
+                    code="azure-settings",
+                )
         _match("storage account", self.storage_account, _STORAGE_ACCOUNT, "3-24 lower-case letters and digits")
         _match("container", self.container, _CONTAINER, "3-63 lower-case letters, digits and single '-'")
 

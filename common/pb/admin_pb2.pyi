@@ -552,7 +552,7 @@ class VcenterInventory(_message.Message):
     def __init__(self, vcenter: _Optional[_Union[Vcenter, _Mapping]] = ..., discovered_at: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., document_json: _Optional[str] = ...) -> None: ...
 
 class AzureSiteSettings(_message.Message):
-    __slots__ = ("subscription_id", "tenant_id", "client_id", "resource_group", "region", "vnet", "subnet", "storage_account", "container", "vnet_resource_group", "blob_endpoint")
+    __slots__ = ("subscription_id", "tenant_id", "client_id", "resource_group", "region", "vnet", "subnet", "storage_account", "container", "vnet_resource_group", "blob_endpoint", "test_subnet")
     SUBSCRIPTION_ID_FIELD_NUMBER: _ClassVar[int]
     TENANT_ID_FIELD_NUMBER: _ClassVar[int]
     CLIENT_ID_FIELD_NUMBER: _ClassVar[int]
@@ -564,6 +564,7 @@ class AzureSiteSettings(_message.Message):
     CONTAINER_FIELD_NUMBER: _ClassVar[int]
     VNET_RESOURCE_GROUP_FIELD_NUMBER: _ClassVar[int]
     BLOB_ENDPOINT_FIELD_NUMBER: _ClassVar[int]
+    TEST_SUBNET_FIELD_NUMBER: _ClassVar[int]
     subscription_id: str
     tenant_id: str
     client_id: str
@@ -575,7 +576,8 @@ class AzureSiteSettings(_message.Message):
     container: str
     vnet_resource_group: str
     blob_endpoint: str
-    def __init__(self, subscription_id: _Optional[str] = ..., tenant_id: _Optional[str] = ..., client_id: _Optional[str] = ..., resource_group: _Optional[str] = ..., region: _Optional[str] = ..., vnet: _Optional[str] = ..., subnet: _Optional[str] = ..., storage_account: _Optional[str] = ..., container: _Optional[str] = ..., vnet_resource_group: _Optional[str] = ..., blob_endpoint: _Optional[str] = ...) -> None: ...
+    test_subnet: str
+    def __init__(self, subscription_id: _Optional[str] = ..., tenant_id: _Optional[str] = ..., client_id: _Optional[str] = ..., resource_group: _Optional[str] = ..., region: _Optional[str] = ..., vnet: _Optional[str] = ..., subnet: _Optional[str] = ..., storage_account: _Optional[str] = ..., container: _Optional[str] = ..., vnet_resource_group: _Optional[str] = ..., blob_endpoint: _Optional[str] = ..., test_subnet: _Optional[str] = ...) -> None: ...
 
 class AzureSite(_message.Message):
     __slots__ = ("id", "name", "settings", "created_at", "updated_at")

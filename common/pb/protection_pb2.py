@@ -28,7 +28,7 @@ from siterecovery.common.pb import admin_pb2 as siterecovery_dot_v1_dot_admin__p
 from siterecovery.common.pb import replication_pb2 as siterecovery_dot_v1_dot_replication__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n siterecovery/v1/protection.proto\x12\x0fsiterecovery.v1\x1a\x1fgoogle/protobuf/timestamp.proto\x1a\x1bsiterecovery/v1/admin.proto\x1a!siterecovery/v1/replication.proto\"\xb3\x01\n\x0fProtectionGroup\x12\n\n\x02id\x18\x01 \x01(\t\x12\x0c\n\x04name\x18\x02 \x01(\t\x12/\n\x06policy\x18\x03 \x01(\x0b\x32\x1f.siterecovery.v1.RecoveryPolicy\x12\x13\n\x0b\x66\x61ilback_of\x18\x04 \x01(\t\x12\x10\n\x08machines\x18\x05 \x01(\r\x12.\n\ncreated_at\x18\x06 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\"]\n\x1c\x43reateProtectionGroupRequest\x12\x0c\n\x04name\x18\x01 \x01(\t\x12/\n\x06policy\x18\x02 \x01(\x0b\x32\x1f.siterecovery.v1.RecoveryPolicy\"\x1d\n\x1bListProtectionGroupsRequest\"P\n\x1cListProtectionGroupsResponse\x12\x30\n\x06groups\x18\x01 \x03(\x0b\x32 .siterecovery.v1.ProtectionGroup\",\n\x1cRemoveProtectionGroupRequest\x12\x0c\n\x04name\x18\x01 \x01(\t\"\x1f\n\x1dRemoveProtectionGroupResponse\"y\n\x15ProtectMachineRequest\x12\x0f\n\x07machine\x18\x01 \x01(\t\x12\r\n\x05group\x18\x02 \x01(\t\x12\x16\n\x0eprocess_server\x18\x03 \x01(\t\x12\x15\n\rmaster_target\x18\x04 \x01(\t\x12\x11\n\tdatastore\x18\x05 \x01(\t\"\xcb\x01\n\x14StartWorkflowRequest\x12\x0f\n\x07machine\x18\x01 \x01(\t\x12\x10\n\x08workflow\x18\x02 \x01(\t\x12\x16\n\x0erecovery_point\x18\x03 \x01(\t\x12\x16\n\x0eprocess_server\x18\x04 \x01(\t\x12\x15\n\rmaster_target\x18\x05 \x01(\t\x12\x11\n\tdatastore\x18\x06 \x01(\t\x12\x0e\n\x06target\x18\x07 \x01(\t\x12\x15\n\rretention_dir\x18\x08 \x01(\t\x12\x0f\n\x07vcenter\x18\t \x01(\t\"\xf1\x01\n\x10ProtectedMachine\x12\n\n\x02id\x18\x01 \x01(\t\x12\x0c\n\x04name\x18\x02 \x01(\t\x12\x12\n\nmachine_id\x18\x03 \x01(\t\x12\r\n\x05group\x18\x04 \x01(\t\x12\r\n\x05state\x18\x05 \x01(\t\x12\x11\n\tdirection\x18\x06 \x01(\t\x12\x14\n\x0c\x64\x65tails_json\x18\x07 \x01(\t\x12\x0e\n\x06job_id\x18\x08 \x01(\t\x12(\n\x05pairs\x18\t \x03(\x0b\x32\x19.siterecovery.v1.PairView\x12.\n\nupdated_at\x18\n \x01(\x0b\x32\x1a.google.protobuf.Timestamp\"\x1e\n\x1cListProtectedMachinesRequest\"T\n\x1dListProtectedMachinesResponse\x12\x33\n\x08machines\x18\x01 \x03(\x0b\x32!.siterecovery.v1.ProtectedMachine\"-\n\x1aGetProtectedMachineRequest\x12\x0f\n\x07machine\x18\x01 \x01(\t\"Q\n\nPlanAction\x12\x0c\n\x04kind\x18\x01 \x01(\t\x12\x0e\n\x06script\x18\x02 \x01(\t\x12\x17\n\x0ftimeout_seconds\x18\x03 \x01(\r\x12\x0c\n\x04text\x18\x04 \x01(\t\"v\n\tPlanGroup\x12\x10\n\x08machines\x18\x01 \x03(\t\x12+\n\x06\x62\x65\x66ore\x18\x02 \x03(\x0b\x32\x1b.siterecovery.v1.PlanAction\x12*\n\x05\x61\x66ter\x18\x03 \x03(\x0b\x32\x1b.siterecovery.v1.PlanAction\"\xb0\x01\n\x0cRecoveryPlan\x12\n\n\x02id\x18\x01 \x01(\t\x12\x0c\n\x04name\x18\x02 \x01(\t\x12*\n\x06groups\x18\x03 \x03(\x0b\x32\x1a.siterecovery.v1.PlanGroup\x12\x19\n\x11protection_groups\x18\x04 \x03(\t\x12\x0f\n\x07version\x18\x05 \x01(\r\x12.\n\nupdated_at\x18\x06 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\"`\n\x17SaveRecoveryPlanRequest\x12+\n\x04plan\x18\x01 \x01(\x0b\x32\x1d.siterecovery.v1.RecoveryPlan\x12\x18\n\x10\x65xpected_version\x18\x02 \x01(\r\"\x1a\n\x18ListRecoveryPlansRequest\"I\n\x19ListRecoveryPlansResponse\x12,\n\x05plans\x18\x01 \x03(\x0b\x32\x1d.siterecovery.v1.RecoveryPlan\")\n\x19RemoveRecoveryPlanRequest\x12\x0c\n\x04name\x18\x01 \x01(\t\"\x1c\n\x1aRemoveRecoveryPlanResponse\"\xdf\x01\n\x18StartPlanWorkflowRequest\x12\x0c\n\x04plan\x18\x01 \x01(\t\x12\x10\n\x08workflow\x18\x02 \x01(\t\x12\x11\n\tdirection\x18\x03 \x01(\t\x12\x16\n\x0erecovery_point\x18\x04 \x01(\t\x12\x16\n\x0eprocess_server\x18\x05 \x01(\t\x12\x15\n\rmaster_target\x18\x06 \x01(\t\x12\x11\n\tdatastore\x18\x07 \x01(\t\x12\x0e\n\x06target\x18\x08 \x01(\t\x12\x15\n\rretention_dir\x18\t \x01(\t\x12\x0f\n\x07vcenter\x18\n \x01(\t2\xb1\t\n\nProtection\x12h\n\x15\x43reateProtectionGroup\x12-.siterecovery.v1.CreateProtectionGroupRequest\x1a .siterecovery.v1.ProtectionGroup\x12s\n\x14ListProtectionGroups\x12,.siterecovery.v1.ListProtectionGroupsRequest\x1a-.siterecovery.v1.ListProtectionGroupsResponse\x12v\n\x15RemoveProtectionGroup\x12-.siterecovery.v1.RemoveProtectionGroupRequest\x1a..siterecovery.v1.RemoveProtectionGroupResponse\x12N\n\x0eProtectMachine\x12&.siterecovery.v1.ProtectMachineRequest\x1a\x14.siterecovery.v1.Job\x12L\n\rStartWorkflow\x12%.siterecovery.v1.StartWorkflowRequest\x1a\x14.siterecovery.v1.Job\x12v\n\x15ListProtectedMachines\x12-.siterecovery.v1.ListProtectedMachinesRequest\x1a..siterecovery.v1.ListProtectedMachinesResponse\x12\x65\n\x13GetProtectedMachine\x12+.siterecovery.v1.GetProtectedMachineRequest\x1a!.siterecovery.v1.ProtectedMachine\x12[\n\x10SaveRecoveryPlan\x12(.siterecovery.v1.SaveRecoveryPlanRequest\x1a\x1d.siterecovery.v1.RecoveryPlan\x12j\n\x11ListRecoveryPlans\x12).siterecovery.v1.ListRecoveryPlansRequest\x1a*.siterecovery.v1.ListRecoveryPlansResponse\x12m\n\x12RemoveRecoveryPlan\x12*.siterecovery.v1.RemoveRecoveryPlanRequest\x1a+.siterecovery.v1.RemoveRecoveryPlanResponse\x12T\n\x11StartPlanWorkflow\x12).siterecovery.v1.StartPlanWorkflowRequest\x1a\x14.siterecovery.v1.Job\x12\x41\n\tResumeJob\x12\x1e.siterecovery.v1.GetJobRequest\x1a\x14.siterecovery.v1.Jobb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n siterecovery/v1/protection.proto\x12\x0fsiterecovery.v1\x1a\x1fgoogle/protobuf/timestamp.proto\x1a\x1bsiterecovery/v1/admin.proto\x1a!siterecovery/v1/replication.proto\"\xb3\x01\n\x0fProtectionGroup\x12\n\n\x02id\x18\x01 \x01(\t\x12\x0c\n\x04name\x18\x02 \x01(\t\x12/\n\x06policy\x18\x03 \x01(\x0b\x32\x1f.siterecovery.v1.RecoveryPolicy\x12\x13\n\x0b\x66\x61ilback_of\x18\x04 \x01(\t\x12\x10\n\x08machines\x18\x05 \x01(\r\x12.\n\ncreated_at\x18\x06 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\"]\n\x1c\x43reateProtectionGroupRequest\x12\x0c\n\x04name\x18\x01 \x01(\t\x12/\n\x06policy\x18\x02 \x01(\x0b\x32\x1f.siterecovery.v1.RecoveryPolicy\"\x1d\n\x1bListProtectionGroupsRequest\"P\n\x1cListProtectionGroupsResponse\x12\x30\n\x06groups\x18\x01 \x03(\x0b\x32 .siterecovery.v1.ProtectionGroup\",\n\x1cRemoveProtectionGroupRequest\x12\x0c\n\x04name\x18\x01 \x01(\t\"\x1f\n\x1dRemoveProtectionGroupResponse\"\xa4\x01\n\x15ProtectMachineRequest\x12\x0f\n\x07machine\x18\x01 \x01(\t\x12\r\n\x05group\x18\x02 \x01(\t\x12\x16\n\x0eprocess_server\x18\x03 \x01(\t\x12\x15\n\rmaster_target\x18\x04 \x01(\t\x12\x11\n\tdatastore\x18\x05 \x01(\t\x12\x12\n\nazure_site\x18\x06 \x01(\t\x12\x15\n\razure_vm_size\x18\x07 \x01(\t\"\xcb\x01\n\x14StartWorkflowRequest\x12\x0f\n\x07machine\x18\x01 \x01(\t\x12\x10\n\x08workflow\x18\x02 \x01(\t\x12\x16\n\x0erecovery_point\x18\x03 \x01(\t\x12\x16\n\x0eprocess_server\x18\x04 \x01(\t\x12\x15\n\rmaster_target\x18\x05 \x01(\t\x12\x11\n\tdatastore\x18\x06 \x01(\t\x12\x0e\n\x06target\x18\x07 \x01(\t\x12\x15\n\rretention_dir\x18\x08 \x01(\t\x12\x0f\n\x07vcenter\x18\t \x01(\t\"\xf1\x01\n\x10ProtectedMachine\x12\n\n\x02id\x18\x01 \x01(\t\x12\x0c\n\x04name\x18\x02 \x01(\t\x12\x12\n\nmachine_id\x18\x03 \x01(\t\x12\r\n\x05group\x18\x04 \x01(\t\x12\r\n\x05state\x18\x05 \x01(\t\x12\x11\n\tdirection\x18\x06 \x01(\t\x12\x14\n\x0c\x64\x65tails_json\x18\x07 \x01(\t\x12\x0e\n\x06job_id\x18\x08 \x01(\t\x12(\n\x05pairs\x18\t \x03(\x0b\x32\x19.siterecovery.v1.PairView\x12.\n\nupdated_at\x18\n \x01(\x0b\x32\x1a.google.protobuf.Timestamp\"\x1e\n\x1cListProtectedMachinesRequest\"T\n\x1dListProtectedMachinesResponse\x12\x33\n\x08machines\x18\x01 \x03(\x0b\x32!.siterecovery.v1.ProtectedMachine\"-\n\x1aGetProtectedMachineRequest\x12\x0f\n\x07machine\x18\x01 \x01(\t\"Q\n\nPlanAction\x12\x0c\n\x04kind\x18\x01 \x01(\t\x12\x0e\n\x06script\x18\x02 \x01(\t\x12\x17\n\x0ftimeout_seconds\x18\x03 \x01(\r\x12\x0c\n\x04text\x18\x04 \x01(\t\"v\n\tPlanGroup\x12\x10\n\x08machines\x18\x01 \x03(\t\x12+\n\x06\x62\x65\x66ore\x18\x02 \x03(\x0b\x32\x1b.siterecovery.v1.PlanAction\x12*\n\x05\x61\x66ter\x18\x03 \x03(\x0b\x32\x1b.siterecovery.v1.PlanAction\"\xb0\x01\n\x0cRecoveryPlan\x12\n\n\x02id\x18\x01 \x01(\t\x12\x0c\n\x04name\x18\x02 \x01(\t\x12*\n\x06groups\x18\x03 \x03(\x0b\x32\x1a.siterecovery.v1.PlanGroup\x12\x19\n\x11protection_groups\x18\x04 \x03(\t\x12\x0f\n\x07version\x18\x05 \x01(\r\x12.\n\nupdated_at\x18\x06 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\"`\n\x17SaveRecoveryPlanRequest\x12+\n\x04plan\x18\x01 \x01(\x0b\x32\x1d.siterecovery.v1.RecoveryPlan\x12\x18\n\x10\x65xpected_version\x18\x02 \x01(\r\"\x1a\n\x18ListRecoveryPlansRequest\"I\n\x19ListRecoveryPlansResponse\x12,\n\x05plans\x18\x01 \x03(\x0b\x32\x1d.siterecovery.v1.RecoveryPlan\")\n\x19RemoveRecoveryPlanRequest\x12\x0c\n\x04name\x18\x01 \x01(\t\"\x1c\n\x1aRemoveRecoveryPlanResponse\"\xdf\x01\n\x18StartPlanWorkflowRequest\x12\x0c\n\x04plan\x18\x01 \x01(\t\x12\x10\n\x08workflow\x18\x02 \x01(\t\x12\x11\n\tdirection\x18\x03 \x01(\t\x12\x16\n\x0erecovery_point\x18\x04 \x01(\t\x12\x16\n\x0eprocess_server\x18\x05 \x01(\t\x12\x15\n\rmaster_target\x18\x06 \x01(\t\x12\x11\n\tdatastore\x18\x07 \x01(\t\x12\x0e\n\x06target\x18\x08 \x01(\t\x12\x15\n\rretention_dir\x18\t \x01(\t\x12\x0f\n\x07vcenter\x18\n \x01(\t2\xb1\t\n\nProtection\x12h\n\x15\x43reateProtectionGroup\x12-.siterecovery.v1.CreateProtectionGroupRequest\x1a .siterecovery.v1.ProtectionGroup\x12s\n\x14ListProtectionGroups\x12,.siterecovery.v1.ListProtectionGroupsRequest\x1a-.siterecovery.v1.ListProtectionGroupsResponse\x12v\n\x15RemoveProtectionGroup\x12-.siterecovery.v1.RemoveProtectionGroupRequest\x1a..siterecovery.v1.RemoveProtectionGroupResponse\x12N\n\x0eProtectMachine\x12&.siterecovery.v1.ProtectMachineRequest\x1a\x14.siterecovery.v1.Job\x12L\n\rStartWorkflow\x12%.siterecovery.v1.StartWorkflowRequest\x1a\x14.siterecovery.v1.Job\x12v\n\x15ListProtectedMachines\x12-.siterecovery.v1.ListProtectedMachinesRequest\x1a..siterecovery.v1.ListProtectedMachinesResponse\x12\x65\n\x13GetProtectedMachine\x12+.siterecovery.v1.GetProtectedMachineRequest\x1a!.siterecovery.v1.ProtectedMachine\x12[\n\x10SaveRecoveryPlan\x12(.siterecovery.v1.SaveRecoveryPlanRequest\x1a\x1d.siterecovery.v1.RecoveryPlan\x12j\n\x11ListRecoveryPlans\x12).siterecovery.v1.ListRecoveryPlansRequest\x1a*.siterecovery.v1.ListRecoveryPlansResponse\x12m\n\x12RemoveRecoveryPlan\x12*.siterecovery.v1.RemoveRecoveryPlanRequest\x1a+.siterecovery.v1.RemoveRecoveryPlanResponse\x12T\n\x11StartPlanWorkflow\x12).siterecovery.v1.StartPlanWorkflowRequest\x1a\x14.siterecovery.v1.Job\x12\x41\n\tResumeJob\x12\x1e.siterecovery.v1.GetJobRequest\x1a\x14.siterecovery.v1.Jobb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -47,36 +47,36 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_REMOVEPROTECTIONGROUPREQUEST']._serialized_end=584
   _globals['_REMOVEPROTECTIONGROUPRESPONSE']._serialized_start=586
   _globals['_REMOVEPROTECTIONGROUPRESPONSE']._serialized_end=617
-  _globals['_PROTECTMACHINEREQUEST']._serialized_start=619
-  _globals['_PROTECTMACHINEREQUEST']._serialized_end=740
-  _globals['_STARTWORKFLOWREQUEST']._serialized_start=743
-  _globals['_STARTWORKFLOWREQUEST']._serialized_end=946
-  _globals['_PROTECTEDMACHINE']._serialized_start=949
-  _globals['_PROTECTEDMACHINE']._serialized_end=1190
-  _globals['_LISTPROTECTEDMACHINESREQUEST']._serialized_start=1192
-  _globals['_LISTPROTECTEDMACHINESREQUEST']._serialized_end=1222
-  _globals['_LISTPROTECTEDMACHINESRESPONSE']._serialized_start=1224
-  _globals['_LISTPROTECTEDMACHINESRESPONSE']._serialized_end=1308
-  _globals['_GETPROTECTEDMACHINEREQUEST']._serialized_start=1310
-  _globals['_GETPROTECTEDMACHINEREQUEST']._serialized_end=1355
-  _globals['_PLANACTION']._serialized_start=1357
-  _globals['_PLANACTION']._serialized_end=1438
-  _globals['_PLANGROUP']._serialized_start=1440
-  _globals['_PLANGROUP']._serialized_end=1558
-  _globals['_RECOVERYPLAN']._serialized_start=1561
-  _globals['_RECOVERYPLAN']._serialized_end=1737
-  _globals['_SAVERECOVERYPLANREQUEST']._serialized_start=1739
-  _globals['_SAVERECOVERYPLANREQUEST']._serialized_end=1835
-  _globals['_LISTRECOVERYPLANSREQUEST']._serialized_start=1837
-  _globals['_LISTRECOVERYPLANSREQUEST']._serialized_end=1863
-  _globals['_LISTRECOVERYPLANSRESPONSE']._serialized_start=1865
-  _globals['_LISTRECOVERYPLANSRESPONSE']._serialized_end=1938
-  _globals['_REMOVERECOVERYPLANREQUEST']._serialized_start=1940
-  _globals['_REMOVERECOVERYPLANREQUEST']._serialized_end=1981
-  _globals['_REMOVERECOVERYPLANRESPONSE']._serialized_start=1983
-  _globals['_REMOVERECOVERYPLANRESPONSE']._serialized_end=2011
-  _globals['_STARTPLANWORKFLOWREQUEST']._serialized_start=2014
-  _globals['_STARTPLANWORKFLOWREQUEST']._serialized_end=2237
-  _globals['_PROTECTION']._serialized_start=2240
-  _globals['_PROTECTION']._serialized_end=3441
+  _globals['_PROTECTMACHINEREQUEST']._serialized_start=620
+  _globals['_PROTECTMACHINEREQUEST']._serialized_end=784
+  _globals['_STARTWORKFLOWREQUEST']._serialized_start=787
+  _globals['_STARTWORKFLOWREQUEST']._serialized_end=990
+  _globals['_PROTECTEDMACHINE']._serialized_start=993
+  _globals['_PROTECTEDMACHINE']._serialized_end=1234
+  _globals['_LISTPROTECTEDMACHINESREQUEST']._serialized_start=1236
+  _globals['_LISTPROTECTEDMACHINESREQUEST']._serialized_end=1266
+  _globals['_LISTPROTECTEDMACHINESRESPONSE']._serialized_start=1268
+  _globals['_LISTPROTECTEDMACHINESRESPONSE']._serialized_end=1352
+  _globals['_GETPROTECTEDMACHINEREQUEST']._serialized_start=1354
+  _globals['_GETPROTECTEDMACHINEREQUEST']._serialized_end=1399
+  _globals['_PLANACTION']._serialized_start=1401
+  _globals['_PLANACTION']._serialized_end=1482
+  _globals['_PLANGROUP']._serialized_start=1484
+  _globals['_PLANGROUP']._serialized_end=1602
+  _globals['_RECOVERYPLAN']._serialized_start=1605
+  _globals['_RECOVERYPLAN']._serialized_end=1781
+  _globals['_SAVERECOVERYPLANREQUEST']._serialized_start=1783
+  _globals['_SAVERECOVERYPLANREQUEST']._serialized_end=1879
+  _globals['_LISTRECOVERYPLANSREQUEST']._serialized_start=1881
+  _globals['_LISTRECOVERYPLANSREQUEST']._serialized_end=1907
+  _globals['_LISTRECOVERYPLANSRESPONSE']._serialized_start=1909
+  _globals['_LISTRECOVERYPLANSRESPONSE']._serialized_end=1982
+  _globals['_REMOVERECOVERYPLANREQUEST']._serialized_start=1984
+  _globals['_REMOVERECOVERYPLANREQUEST']._serialized_end=2025
+  _globals['_REMOVERECOVERYPLANRESPONSE']._serialized_start=2027
+  _globals['_REMOVERECOVERYPLANRESPONSE']._serialized_end=2055
+  _globals['_STARTPLANWORKFLOWREQUEST']._serialized_start=2058
+  _globals['_STARTPLANWORKFLOWREQUEST']._serialized_end=2281
+  _globals['_PROTECTION']._serialized_start=2284
+  _globals['_PROTECTION']._serialized_end=3485
 # @@protoc_insertion_point(module_scope)

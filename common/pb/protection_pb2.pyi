@@ -57,18 +57,22 @@ class RemoveProtectionGroupResponse(_message.Message):
     def __init__(self) -> None: ...
 
 class ProtectMachineRequest(_message.Message):
-    __slots__ = ("machine", "group", "process_server", "master_target", "datastore")
+    __slots__ = ("machine", "group", "process_server", "master_target", "datastore", "azure_site", "azure_vm_size")
     MACHINE_FIELD_NUMBER: _ClassVar[int]
     GROUP_FIELD_NUMBER: _ClassVar[int]
     PROCESS_SERVER_FIELD_NUMBER: _ClassVar[int]
     MASTER_TARGET_FIELD_NUMBER: _ClassVar[int]
     DATASTORE_FIELD_NUMBER: _ClassVar[int]
+    AZURE_SITE_FIELD_NUMBER: _ClassVar[int]
+    AZURE_VM_SIZE_FIELD_NUMBER: _ClassVar[int]
     machine: str
     group: str
     process_server: str
     master_target: str
     datastore: str
-    def __init__(self, machine: _Optional[str] = ..., group: _Optional[str] = ..., process_server: _Optional[str] = ..., master_target: _Optional[str] = ..., datastore: _Optional[str] = ...) -> None: ...
+    azure_site: str
+    azure_vm_size: str
+    def __init__(self, machine: _Optional[str] = ..., group: _Optional[str] = ..., process_server: _Optional[str] = ..., master_target: _Optional[str] = ..., datastore: _Optional[str] = ..., azure_site: _Optional[str] = ..., azure_vm_size: _Optional[str] = ...) -> None: ...
 
 class StartWorkflowRequest(_message.Message):
     __slots__ = ("machine", "workflow", "recovery_point", "process_server", "master_target", "datastore", "target", "retention_dir", "vcenter")

@@ -80,6 +80,9 @@ def add(
     vnet_resource_group: Annotated[
         str, typer.Option(help="resource group of the network, when not the site's")
     ] = "",
+    test_subnet: Annotated[
+        str, typer.Option(help="an isolated subnet of that network for test failovers")
+    ] = "",
     output_format: OutputOption = Format.table,
 ) -> None:
     """Register an Azure site; the secret is stored encrypted and never shown again."""
@@ -96,6 +99,7 @@ def add(
             storage_account=storage_account,
             container=container,
             vnet_resource_group=vnet_resource_group,
+            test_subnet=test_subnet,
         ),
         client_secret=ClientSecret.from_file(secret_file).reveal(),
     )

@@ -109,12 +109,17 @@ def machine_protect(
     process_server: Annotated[str, typer.Option(help="id or host name; empty when there is one")] = "",
     master_target: Annotated[str, typer.Option(help="the cloud side's replica target")] = "",
     datastore: Annotated[str, typer.Option(help="a datastore of that master target")] = "",
+    azure_site: Annotated[str, typer.Option(
+        help="protect to Azure: the site whose storage account holds the replicas (no master target then)",
+        autocompletion=completion.azure_sites)] = "",
+    azure_vm_size: Annotated[str, typer.Option(help="size of the VM a failover to Azure creates")] = "",
     wait: WaitOption = True,
     output_format: OutputOption = Format.table,
 ) -> None:
     """Protect a machine to the cloud: create its pairs and wait for the initial sync."""
     job = protect_call("ProtectMachine", ppb.ProtectMachineRequest(
         machine=machine, group=group, process_server=process_server, master_target=master_target, datastore=datastore,
+        azure_site=azure_site, azure_vm_size=azure_vm_size,
     ))
     follow(job, wait, output_format)
 

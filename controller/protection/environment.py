@@ -10,6 +10,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
+from typing import Any
 
 import grpc
 
@@ -52,6 +53,8 @@ class Environment:
     final_point_timeout: float = 300.0
     # Opens a session to a stored vCenter / ESXi endpoint (vSphere provider); None: none here.
     vsphere_session: Callable[[VcenterRecord], Session] | None = None
+    # Clients for stored Azure sites (azure_sites.SiteClients); None: no Azure here.
+    azure: Any = None
 
     def local_sites(self) -> LocalSites:
         if self.local is None:

@@ -21,6 +21,7 @@ from siterecovery.controller import replication
 from siterecovery.controller.convert import timestamp
 from siterecovery.controller.jobs import states
 from siterecovery.controller.jobs.engine import JobKind, create_job
+from siterecovery.controller.protection import cloud as cloud_sites
 from siterecovery.controller.protection import lifecycle
 from siterecovery.controller.protection import onprem as onprem_sites
 from siterecovery.controller.protection.environment import Environment
@@ -145,7 +146,7 @@ def protect(
             hint="`srctl replication disable` them first", code="pair-exists",
         )
     ps = replication.resolve_server(store, request.process_server, pki.PROCESS_SERVER)
-    mt = replication.resolve_server(store, request.master_target, pki.MASTER_TARGET)
+    route, cloud = _forward_route(store, request, ps.id)
     source = store.get_server(machine.server_id)
     vm_uuid = source.inventory.get("host", {}).get("machine_uuid", "")
     found = onprem_sites.identify(store, env.local.onprem if env.local is not None else None, vm_uuid)
@@ -158,8 +159,8 @@ def protect(
             "vcenter": found.vcenter if found is not None else "",
             "machine_id": machine.id,
         },
-        "cloud": {"provider": "local", "vm": "", "vm_uuid": "", "machine_id": "", "replicas": {}},
-        FORWARD: {"process_server": ps.id, "master_target": mt.id, "datastore": request.datastore},
+        "cloud": {"vm": "", "vm_uuid": "", "machine_id": "", "replicas": {}, **cloud},
+        FORWARD: route,
         "network": source.inventory.get("network", {}),
         "pairs": {FORWARD: [], FAILBACK: []},
     }
@@ -173,6 +174,33 @@ def protect(
         )
     )
     return job
+
+
+_VM_SIZE = re.compile(r"^[A-Za-z][A-Za-z0-9_]{1,63}$")
+
+
+def _forward_route(store: Store, request: ppb.ProtectMachineRequest, process_server_id: str) -> tuple[dict, dict]:
+    """Where a machine replicates to (the process server and the master target, or the Azure
+    site whose page blobs hold the replicas) and what the cloud side records from the start."""
+    if not request.azure_site:
+        if request.azure_vm_size:
+            raise errors.InvalidInput("--azure-vm-size applies to protection to Azure",
+                                      hint="add --azure-site SITE, or leave the size out", code="azure-target-conflict")
+        mt = replication.resolve_server(store, request.master_target, pki.MASTER_TARGET)
+        return ({"process_server": process_server_id, "master_target": mt.id, "datastore": request.datastore},
+                {"provider": cloud_sites.LOCAL})
+    if request.master_target or request.datastore:
+        raise errors.InvalidInput(
+            "protection to Azure writes page blobs: it takes no master target or datastore",
+            hint="leave out --master-target and --datastore with --azure-site", code="azure-target-conflict",
+        )
+    size = request.azure_vm_size or cloud_sites.DEFAULT_VM_SIZE
+    if not _VM_SIZE.match(size):
+        raise errors.InvalidInput(f"{size!r} is not an Azure VM size", hint="e.g. Standard_D2s_v3",
+                                  code="azure-vm-size-invalid")
+    site = replication.azure_site(store, request.azure_site)
+    return ({"process_server": process_server_id, "azure_site": site.id},
+            {"provider": cloud_sites.AZURE, "site": site.name, "vm_size": size})
 
 
 def _params(

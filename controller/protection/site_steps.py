@@ -1,32 +1,28 @@
 """The steps that act on the sites' VMs: recover disks, create, power and delete VMs.
 
-They drive the `local` provider (controller/providers/local/); vSphere and
-Azure implement the same operations against their APIs. Disks are always
-recovered by the pair's master target (`Materialize`), so the undo journal is
-the one source of recovery points whatever the provider.
+The cloud side goes through cloud.py (`local` or Azure), the on-premises side
+through onprem.py (`local` or vSphere); these steps hold the order, the waiting
+and what the protected machine's document records.
 """
 
 from __future__ import annotations
 
-import shutil
 from datetime import datetime
-from pathlib import Path
 from typing import Any
 
 from siterecovery.common import errors, netidentity
 from siterecovery.common.logging import get_logger
 from siterecovery.controller import health, replication
 from siterecovery.controller.jobs.engine import StepContext, Waiting
+from siterecovery.controller.protection import cloud as cloud_sites
 from siterecovery.controller.protection import onprem as onprem_sites
 from siterecovery.controller.protection import rules
 from siterecovery.controller.protection.steps import (
     FAILBACK,
     FORWARD,
     ItemStep,
-    materialize,
     pairs_of,
     poll_delay,
-    remove_stale,
     resolve_point,
 )
 from siterecovery.controller.store.base import ProtectedItemRecord
@@ -34,8 +30,14 @@ from siterecovery.controller.store.base import ProtectedItemRecord
 log = get_logger(__name__)
 
 
+def _side(test: bool) -> str:
+    """Where a protected machine's document keeps its cloud VM: "test" for a test failover's."""
+    return "test" if test else "cloud"
+
+
 class RecoverToCloud(ItemStep):
-    """Materialise the chosen point of every forward pair as the cloud VM's own disk files."""
+    """Bring every forward pair's chosen point into disks of the cloud VM's own (cloud.py: a master
+    target's `Materialize` for the local provider, a copy of the blob snapshot on Azure)."""
 
     action = "recover disks"
 
@@ -47,46 +49,37 @@ class RecoverToCloud(ItemStep):
         return f"{item.name}-test" if self.test else item.name
 
     def run(self, ctx: StepContext, item: ProtectedItemRecord) -> dict:
-        cloud = self.env.local_sites().cloud
+        cloud = cloud_sites.cloud_for(self.env, ctx.store, item)
         name = self.vm_name(item)
-        if cloud.get_vm(name) is not None:
-            raise errors.Conflict(
-                f"the cloud already has a VM {name}",
-                hint="an earlier failover left it: `srctl machine delete-cloud-vm` (or remove it), then try again",
-                code="vm-exists",
-            )
+        cloud.check_name_free(name)
         pairs = pairs_of(ctx.store, item, FORWARD)
         if not pairs:
             raise errors.PreconditionFailed(f"{item.name} has no replicated disks", code="no-pairs")
         wanted = self.options.get("point", "latest")
-        disks, points = {}, set()
-        for index, pair in enumerate(pairs):
-            point = self._point(ctx, item, pair, wanted)
-            output = cloud.vm_dir(name) / f"{pair.disk_name}.img"
-            remove_stale(output)  # left by an earlier run of this step that did not finish
-            ctx.progress(index / len(pairs), f"recovering {pair.disk_name} at {point}")
-            recovered = materialize(self.env, ctx, pair, point, output)
-            disks[pair.disk_name] = recovered.path
-            points.add(recovered.point)
-        return {"disks": disks, "point": ",".join(sorted(points)) or wanted}
+        points = {pair.id: self._point(ctx, item, pair, wanted, cloud.provider) for pair in pairs}
+        side = _side(self.test)
+        disks = cloud.recover(ctx, name, pairs, points,
+                              lambda resources: self.update(ctx, **{side: {**resources, "vm": ""}}), test=self.test)
+        return {"disks": disks, "point": ",".join(sorted(set(points.values()))) or wanted}
 
-    def _point(self, ctx: StepContext, item: ProtectedItemRecord, pair, wanted: str) -> str:
+    def _point(self, ctx: StepContext, item: ProtectedItemRecord, pair, wanted: str, provider: str) -> str:
         if wanted in ("", "latest"):
             final = item.details.get("final_point", {})
             if final.get("job") == ctx.job.id and any(
                 p.tag_id == final.get("tag") for p in replication.points(ctx.store, pair)
             ):
-                return "latest"
+                # A master target's latest holds the final point and nothing after it (paused);
+                # on Azure "latest" is a snapshot, and the final point is the newest one.
+                return "latest" if provider == cloud_sites.LOCAL else final["tag"]
         return resolve_point(ctx, pair, wanted, self.options)
 
     def undo(self, ctx: StepContext, item: ProtectedItemRecord) -> None:
-        cloud = self.env.local_sites().cloud
-        if cloud.get_vm(self.vm_name(item)) is None:  # disks only: the VM was never defined
-            shutil.rmtree(cloud.vm_dir(self.vm_name(item)), ignore_errors=True)
+        cloud = cloud_sites.cloud_for(self.env, ctx.store, item)
+        cloud.discard_recovered(self.vm_name(item), item.details.get(_side(self.test), {}))
 
 
 class CreateCloudVm(ItemStep):
-    """Define the cloud VM over the recovered disks and power it on (its agent starts)."""
+    """Create the cloud VM on the recovered disks and start it (its agent starts with it)."""
 
     action = "create VM"
 
@@ -95,35 +88,44 @@ class CreateCloudVm(ItemStep):
         self.test = test
 
     def run(self, ctx: StepContext, item: ProtectedItemRecord) -> dict:
-        cloud = self.env.local_sites().cloud
+        cloud = cloud_sites.cloud_for(self.env, ctx.store, item)
         recovered = ctx.outputs.get(f"{self.label}: recover disks", {})
         name = f"{item.name}-test" if self.test else item.name
-        vm = cloud.define_vm(
-            name,
-            {disk: Path(path) for disk, path in recovered.get("disks", {}).items()},
-            network="isolated" if self.test else "production",
-        )
-        vm = cloud.power_on(name, self.env.launch())
+        side = _side(self.test)
+        vm = cloud.create_vm(ctx, item, name, dict(recovered.get("disks", {})),
+                             lambda resources: self.update(ctx, **{side: {**resources, "vm": name}}), test=self.test)
         if self.test:
-            self.update(ctx, test={"vm": vm.name, "vm_uuid": vm.uuid, "point": recovered.get("point", "")})
+            self.update(ctx, test={"vm": vm.name, "vm_uuid": vm.uuid, "point": recovered.get("point", ""),
+                                   **vm.resources})
         else:
-            self.update(ctx, cloud={"provider": "local", "vm": vm.name, "vm_uuid": vm.uuid, "machine_id": ""})
-        ctx.progress(1.0, f"VM {vm.name} is on in the {'isolated' if self.test else 'production'} network")
+            self.update(ctx, cloud={"provider": vm.provider, "vm": vm.name, "vm_uuid": vm.uuid, "machine_id": "",
+                                    **vm.resources})
+        network = "isolated" if self.test else "production"
+        ctx.progress(1.0, f"VM {vm.name} ({vm.provider}) is on in the {network} network")
         return {"vm": vm.name, "point": recovered.get("point", "")}
 
     def undo(self, ctx: StepContext, item: ProtectedItemRecord) -> None:
-        name = f"{item.name}-test" if self.test else item.name
-        self.env.local_sites().cloud.delete_vm(name)
+        side = _side(self.test)
+        recorded = dict(item.details.get(side, {}))
+        recorded.setdefault("vm", f"{item.name}-test" if self.test else item.name)
+        cloud_sites.cloud_for(self.env, ctx.store, item).delete_vm(ctx, recorded)
 
 
 def retire_agents(ctx: StepContext, vm_uuid: str, now) -> list[str]:
     """Revoke the agents of a VM that is gone: their certificates die with it (`srctl servers list --all`)."""
     retired = []
+    forms = cloud_sites.uuid_forms(vm_uuid)
     for server in ctx.store.list_servers(role="source"):
-        if vm_uuid and server.revoked_at is None and server.inventory.get("host", {}).get("machine_uuid") == vm_uuid:
+        if forms and server.revoked_at is None and \
+                server.inventory.get("host", {}).get("machine_uuid", "").lower() in forms:
             ctx.store.revoke_server(server.id, now=now)
             retired.append(server.id)
     return retired
+
+
+# What a deleted cloud VM leaves in the document: nothing of it (the replicas and the route stay).
+_VM_GONE = {"vm": "", "vm_uuid": "", "machine_id": "", "vm_id": "", "disk_ids": [], "nic_ids": [], "copies": [],
+            "private_ip": ""}
 
 
 class DeleteTestVm(ItemStep):
@@ -131,25 +133,27 @@ class DeleteTestVm(ItemStep):
 
     def run(self, ctx: StepContext, item: ProtectedItemRecord) -> dict:
         test = item.details.get("test", {})
-        if test.get("vm"):
-            self.env.local_sites().cloud.delete_vm(test["vm"])
+        deleted = []
+        if test.get("vm") or test.get("copies"):
+            deleted = cloud_sites.cloud_for(self.env, ctx.store, item).delete_vm(ctx, test)
         retired = retire_agents(ctx, test.get("vm_uuid", ""), self.env.clock())
-        self.update(ctx, test={"vm": "", "vm_uuid": "", "point": ""})
-        return {"deleted": test.get("vm", ""), "retired_agents": retired}
+        self.update(ctx, test={**_VM_GONE, "point": ""})
+        return {"deleted": deleted, "retired_agents": retired}
 
 
 class DeleteCloudVm(ItemStep):
-    """Delete the cloud VM left behind by a failback (its disks go with it; the replicas stay)."""
+    """Delete the cloud VM left behind by a failback, with what was made for it; the replicas stay."""
 
     action = "delete cloud VM"
 
     def run(self, ctx: StepContext, item: ProtectedItemRecord) -> dict:
         cloud = item.details.get("cloud", {})
+        deleted = []
         if cloud.get("vm"):
-            self.env.local_sites().cloud.delete_vm(cloud["vm"])
+            deleted = cloud_sites.cloud_for(self.env, ctx.store, item).delete_vm(ctx, cloud)
         retired = retire_agents(ctx, cloud.get("vm_uuid", ""), self.env.clock())
-        self.update(ctx, cloud={"vm": "", "vm_uuid": "", "machine_id": ""})
-        return {"deleted": cloud.get("vm", ""), "retired_agents": retired}
+        self.update(ctx, cloud=_VM_GONE)
+        return {"deleted": deleted, "retired_agents": retired}
 
 
 class ShutdownSource(ItemStep):
@@ -176,20 +180,19 @@ class ShutdownSource(ItemStep):
 
 
 class ShutdownCloudVm(ItemStep):
-    """Power off the cloud VM (Azure: power off, then deallocate)."""
+    """Power the cloud VM off (Azure: power off, then deallocate, so its compute is no longer billed)."""
 
     action = "shut down cloud VM"
 
     def run(self, ctx: StepContext, item: ProtectedItemRecord) -> dict:
-        name = item.details.get("cloud", {}).get("vm", "")
-        if name:
-            self.env.local_sites().cloud.power_off(name)
-        return {"shut_down": name}
+        vm = item.details.get("cloud", {})
+        if vm.get("vm"):
+            cloud_sites.cloud_for(self.env, ctx.store, item).power_off(vm)
+        return {"shut_down": vm.get("vm", "")}
 
     def undo(self, ctx: StepContext, item: ProtectedItemRecord) -> None:
-        name = ctx.output.get("shut_down", "")
-        if name:
-            self.env.local_sites().cloud.power_on(name, self.env.launch())
+        if ctx.output.get("shut_down", ""):
+            cloud_sites.cloud_for(self.env, ctx.store, item).power_on(item.details.get("cloud", {}))
 
 
 class FindAgent(ItemStep):
@@ -204,13 +207,14 @@ class FindAgent(ItemStep):
     def run(self, ctx: StepContext, item: ProtectedItemRecord) -> dict:
         vm_uuid = item.details.get(self.side, {}).get("vm_uuid", "")
         known = item.details.get(self.side, {}).get("machine_id", "")
+        forms = cloud_sites.uuid_forms(vm_uuid)
         now = self.env.clock()
         candidates = []
         for machine in ctx.store.list_machines():
             server = ctx.store.get_server(machine.server_id)
             if server.revoked_at is not None:
                 continue
-            uuid_matches = vm_uuid and server.inventory.get("host", {}).get("machine_uuid", "") == vm_uuid
+            uuid_matches = vm_uuid and server.inventory.get("host", {}).get("machine_uuid", "").lower() in forms
             if uuid_matches or (not vm_uuid and machine.id == known):
                 candidates.append((server.last_heartbeat_at or now.replace(year=1970), machine, server))
         fresh = [

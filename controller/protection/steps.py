@@ -258,6 +258,9 @@ class CreatePairs(ItemStep):
                 process_server=route.get("process_server", ""),
                 master_target=route.get("master_target", ""),
                 datastore=route.get("datastore", ""),
+                # Forward to Azure: page blobs of the site's storage account (the replica blob
+                # of each disk, named by the first protection, is `target_path` for a delta).
+                azure_site=route.get("azure_site", ""),
                 mode=rpb.REPLICATION_MODE_NBD,
                 group=group.name,
                 policy=rpb.RecoveryPolicy(**{k: v for k, v in group.policy.items() if k in replication.DEFAULT_POLICY}),

@@ -82,6 +82,7 @@ class VmInfo:
     data_disk_ids: tuple[str, ...]
     nic_ids: tuple[str, ...]
     tags: Mapping[str, str] = field(default_factory=dict)
+    vm_uuid: str = ""  # properties.vmId: the SMBIOS UUID the guest sees
 
 
 @dataclass(frozen=True)
@@ -205,6 +206,7 @@ def _vm(body: dict) -> VmInfo:
         data_disk_ids=tuple(d.get("managedDisk", {}).get("id", "") for d in storage.get("dataDisks", [])),
         nic_ids=tuple(n.get("id", "") for n in props.get("networkProfile", {}).get("networkInterfaces", [])),
         tags=dict(body.get("tags") or {}),
+        vm_uuid=props.get("vmId", ""),
     )
 
 
@@ -463,6 +465,14 @@ class AzureCompute:
                 self._rg, name, skip_shutdown=skip_shutdown
             ).result(),
         )
+        return self.get_vm(name, instance_view=True)
+
+    def start(self, name: str) -> VmInfo:
+        """Start a stopped or deallocated VM; no-op when it runs."""
+        vm = self.get_vm(name, instance_view=True)
+        if vm.power_state in ("running", "starting"):
+            return vm
+        self._call(f"start VM {name}", lambda: self.compute.virtual_machines.begin_start(self._rg, name).result())
         return self.get_vm(name, instance_view=True)
 
     def deallocate(self, name: str) -> VmInfo:
