@@ -162,8 +162,8 @@ class SiteClients:
 
     def compute(self, record: AzureSiteRecord, *, subnet: str = "") -> AzureCompute:
         site = site_of(record)
-        if subnet:
-            site = replace(site, subnet=subnet)
+        if subnet:  # (the test subnet, or another of the network: no second one to keep apart from it)
+            site = replace(site, subnet=subnet, test_subnet="")
         return self.connector.compute(site, secret_of(record, self.box))
 
     def container(self, record: AzureSiteRecord) -> Any:
@@ -198,7 +198,7 @@ def compute_factory(box: SecretBox, connector: AzureConnector) -> steps.ComputeF
         record = _site_for(ctx)
         site = site_of(record)
         if ctx.params.get("subnet"):
-            site = replace(site, subnet=ctx.params["subnet"])
+            site = replace(site, subnet=ctx.params["subnet"], test_subnet="")
         return connector.compute(site, secret_of(record, box))
 
     return compute_for

@@ -14,6 +14,7 @@ from __future__ import annotations
 import os
 import re
 import stat
+import urllib.parse
 import uuid
 from dataclasses import dataclass
 from pathlib import Path
@@ -74,6 +75,14 @@ class AzureSite:
         _match("region", self.region, _REGION, "a region name such as westeurope (lower case, no spaces)")
         _match("virtual network", self.vnet, _NAME, "2-64 letters, digits, '-', '_' or '.'")
         _match("subnet", self.subnet, _NAME, "1-80 letters, digits, '-', '_' or '.'")
+        if self.blob_endpoint:
+            endpoint = urllib.parse.urlsplit(self.blob_endpoint)
+            local = endpoint.scheme == "http" and endpoint.hostname in ("127.0.0.1", "localhost", "::1")
+            if not (endpoint.scheme == "https" or local) or not endpoint.hostname or endpoint.query:
+                raise InvalidInput(
+                    f"blob endpoint {self.blob_endpoint!r} is not valid: an https URL "
+                    "(plain http only for an emulator on this host)", code="azure-settings",
+                )
         if self.test_subnet:
             _match("test subnet", self.test_subnet, _NAME, "1-80 letters, digits, '-', '_' or '.'")
             if self.test_subnet == self.subnet:

@@ -83,6 +83,9 @@ def add(
     test_subnet: Annotated[
         str, typer.Option(help="an isolated subnet of that network for test failovers")
     ] = "",
+    blob_endpoint: Annotated[
+        str, typer.Option(help="the storage account's blob endpoint, when not the public cloud's (sovereign clouds)")
+    ] = "",
     output_format: OutputOption = Format.table,
 ) -> None:
     """Register an Azure site; the secret is stored encrypted and never shown again."""
@@ -100,6 +103,7 @@ def add(
             container=container,
             vnet_resource_group=vnet_resource_group,
             test_subnet=test_subnet,
+            blob_endpoint=blob_endpoint,
         ),
         client_secret=ClientSecret.from_file(secret_file).reveal(),
     )

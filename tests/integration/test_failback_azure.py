@@ -1,0 +1,269 @@
+"""The failback cycle with Azure as the cloud: real daemons, a real Azurite, recorded Azure Compute.
+
+On premises is the `local` provider (VM app01, its disk served over NBD by its
+agent, a master target on the site's directory). The cloud is an Azure site:
+the on-premises process server writes app01's disk into a page blob of
+Azurite; Azure Compute (disks, NICs, VMs) answers from recordings shaped like
+the public REST API examples, through the real SDK clients of the configuration
+server, which runs in this process for that reason (`daemon.run(azure=…)`).
+
+No VM boots from a recording, so the test plays Azure's part for the failed-over
+VM: it downloads the blob the failover imported and starts a source agent on it
+whose machine UUID is the recorded `vmId` in the byte order a guest may read it
+(SMBIOS, first three fields swapped). Every phase is checked by hashing the
+disks that must be equal, and every Azure request by method, path and body.
+"""
+
+from __future__ import annotations
+
+import threading
+import uuid
+from pathlib import Path
+
+import pytest
+from azure.storage.blob import ContainerClient
+
+from siterecovery.common import daemon as common_daemon
+from siterecovery.controller import azure_sites
+from siterecovery.controller import daemon as config_server
+from siterecovery.controller.settings import ConfigServerSettings
+from tests.azure_replay import ReplayTransport, load
+from tests.azurite import ACCOUNT, ACCOUNT_KEY, skip_or_fail_without_azurite, start_azurite
+from tests.conftest import needs_tools
+from tests.unit.azure.test_compute import SITE, VALUES, StaticToken
+
+from .blob_support import connection_string, write_credential
+from .conftest import HEARTBEAT, wait_for
+from .failback_site import VM, FailbackSite, MiB, sha256
+
+pytestmark = [pytest.mark.slow, needs_tools("qemu-io")]
+
+AZURE_SITE = "dr-azure"
+CONTAINER = "replicas"
+VM_ID = "0f47b100-583c-48e3-a4c0-aefc2c9bbcc1"  # properties.vmId in the recordings
+DISK_SIZE = 32 * MiB
+
+
+def names(vm: str) -> dict[str, str]:
+    """The recordings' placeholders for the resources a failover of `vm` creates."""
+    return {**VALUES, "vm": vm, "disk": f"{vm}-disk0", "nic": f"{vm}-nic0"}
+
+
+class AzureFailbackSite(FailbackSite):
+    """FailbackSite with the configuration server in this process and Azure as the cloud."""
+
+    def __init__(self, root: Path, azurite_port: int) -> None:
+        super().__init__(root)
+        self.azurite_port = azurite_port
+        self.transport = ReplayTransport()
+        self.connector = azure_sites.AzureConnector(
+            transport=self.transport, credential=lambda site, secret: StaticToken(), polling_interval=0,
+            sleep=self.transport.sleep,
+            storage_credential=lambda site, secret: {"account_name": ACCOUNT, "account_key": ACCOUNT_KEY},
+        )
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+
+    def start_config_server(self, *, port: int = 0, **extra) -> None:
+        self._close_admin()
+        cfg = ConfigServerSettings(state_dir=self.cs_dir, listen="127.0.0.1", port=port, heartbeat_interval=HEARTBEAT,
+                                   job_poll_interval=0.2, local_site_dir=self.sites.root, log_json=True)
+        self._thread = threading.Thread(target=config_server.run, args=(cfg, self._stop),
+                                        kwargs={"azure": self.connector}, daemon=True)
+        self._thread.start()
+        state = common_daemon.state_file_path(self.cs_dir, config_server.DAEMON)
+        wait_for(lambda: state.exists() or not self._thread.is_alive(), what="the configuration server")
+        assert self._thread.is_alive(), "the configuration server stopped while starting"
+        self.cs_port = common_daemon.read_state_file(self.cs_dir, config_server.DAEMON)["port"]
+
+    def srctl(self, *args: str, config: Path | None = None):
+        return super().srctl(*args, config=config or self.profile)
+
+    def start(self) -> None:  # type: ignore[override]
+        self.start_config_server()
+        self.sites.onprem.root.mkdir(parents=True, exist_ok=True)
+        credential = write_credential(self.root / "secrets" / "azure-storage.conn", self.azurite_port)
+        self.start_agent("process-server", "ps-onprem", hostname="ps-onprem",
+                         azure_storage_connection_string_file=str(credential))
+        self.start_agent("master-target", "mt-onprem", hostname="mt-onprem",
+                         datastore_dirs=[str(self.sites.onprem.root)])
+        self.start_agent("process-server", "ps-cloud", hostname="ps-cloud")
+        from siterecovery.controller.cli.lab import _static_network
+
+        from .replication_site import make_image
+
+        directory = self.sites.onprem.vm_dir(VM)
+        make_image(directory / "disk0.img", DISK_SIZE, data_bytes=8 * MiB, seed=3)
+        vm = self.sites.onprem.define_vm(VM, {"disk0": directory / "disk0.img"}, created_by="user")
+        _static_network(vm.guest_root)
+        self.sites.onprem.power_on(VM, self.launch())
+        wait_for(lambda: len([s for s in self.servers() if s["health"] == "healthy"]) == 4, timeout=60,
+                 what="three agents and the VM's agent healthy")
+        secret = self.root / "azure-sp-secret"
+        secret.write_text("recorded-responses-need-no-secret\n")
+        secret.chmod(0o600)
+        added = self.srctl(
+            "azure", "add", AZURE_SITE, "--subscription", SITE.subscription_id, "--tenant", SITE.tenant_id,
+            "--client-id", SITE.client_id, "--secret-file", str(secret), "--resource-group", SITE.resource_group,
+            "--region", SITE.region, "--vnet", SITE.vnet, "--subnet", SITE.subnet, "--test-subnet", "isolated",
+            "--storage-account", ACCOUNT, "--container", CONTAINER,
+            "--blob-endpoint", f"http://127.0.0.1:{self.azurite_port}/{ACCOUNT}",
+        )
+        assert added.returncode == 0, added.stderr
+
+    def stop_all(self) -> None:
+        super().stop_all()
+        self._stop.set()
+        if self._thread is not None:
+            self._thread.join(timeout=30)
+
+    # -- Azure -------------------------------------------------------------------------
+    def container(self) -> ContainerClient:
+        return ContainerClient.from_connection_string(connection_string(self.azurite_port), CONTAINER)
+
+    def blob(self, name: str, path: Path) -> Path:
+        data = self.container().get_blob_client(name).download_blob(offset=0, length=DISK_SIZE).readall()
+        path.write_bytes(data)
+        return path
+
+    def boot_azure_vm(self, copy_blob: str) -> Path:
+        """Play Azure booting the failed-over VM: its disk is the imported blob; its agent reads the vmId
+        byte-swapped from SMBIOS."""
+        disk = self.blob(copy_blob, self.root / "azure-app01-disk0.img")
+        swapped = str(uuid.UUID(bytes_le=uuid.UUID(VM_ID).bytes))
+        self.start_agent("source-agent", "azure-app01", hostname=VM, machine_uuid=swapped,
+                         disks=[{"path": str(disk), "name": "disk0"}])
+        return disk
+
+    def azure_nbd(self) -> str:
+        return common_daemon.read_state_file(self.root / "azure-app01", "source-agent")["nbd"]["disk0"]
+
+    def requests(self, since: int) -> list[tuple[str, str]]:
+        return [(r.method, r.path.rsplit("/", 1)[-1]) for r in self.transport.requests[since:]]
+
+
+@pytest.fixture(scope="module")
+def azurite():
+    skip_or_fail_without_azurite()
+    with start_azurite() as server:
+        yield server
+
+
+@pytest.fixture
+def azure_site(tmp_path: Path, azurite):
+    site = AzureFailbackSite(tmp_path, azurite.port)
+    try:
+        site.start()
+        yield site
+    finally:
+        site.stop_all()
+
+
+def _write(nbd: str, pattern: int, offset: int, length: int) -> None:
+    import subprocess
+
+    subprocess.run(["qemu-io", "-f", "raw", "-c", f"write -P {pattern} {offset} {length}", nbd],
+                   check=True, capture_output=True, timeout=60)
+
+
+def test_protect_to_azure_fail_over_fail_back_and_protect_again(azure_site: AzureFailbackSite) -> None:
+    site = azure_site
+    assert site.srctl("group", "create", "PG1").returncode == 0
+    # Refused before anything is stored: Azure takes no master target; an unknown site.
+    for bad in (("--master-target", "mt-onprem"), ("--azure-site", "nope")):
+        args = ("machine", "protect", VM, "--group", "PG1", "--process-server", "ps-onprem", "--no-wait")
+        result = site.srctl(*args, *(("--azure-site", AZURE_SITE) if "--azure-site" not in bad else ()), *bad)
+        assert result.returncode in (2, 3), result.stdout + result.stderr
+    assert site.srctl_json("machine", "list") == []
+
+    site.run_job("machine", "protect", VM, "--group", "PG1", "--process-server", "ps-onprem",
+                 "--azure-site", AZURE_SITE)
+    machine = site.machine()
+    (pair,) = machine["pairs"]
+    replica = machine["details"]["cloud"]["replicas"]["disk0"]
+    blob_name = replica.split(f"/{CONTAINER}/", 1)[1]
+    onprem_disk = site.disk("onprem")
+    assert sha256(site.blob(blob_name, site.root / "replica.img")) == sha256(onprem_disk)
+
+    # A test failover: its own copy, disk, NIC (in the test subnet) and VM; the cleanup removes them all.
+    site.write("onprem", 0x41, 0, MiB)
+    taken = site.srctl("recovery-points", "create", VM, "--output", "json")
+    assert taken.returncode == 0, taken.stderr
+    test = names(f"{VM}-test")
+    site.transport.queue(load("disk_create", test) + load("nic_create", test) + load("vm_create", test))
+    site.run_job("machine", "test-failover", VM)
+    nic_put = next(r for r in site.transport.requests if r.method == "PUT" and r.path.endswith(f"/{VM}-test-nic0"))
+    subnet = nic_put.body["properties"]["ipConfigurations"][0]["properties"]["subnet"]["id"]
+    assert subnet.endswith("/subnets/isolated"), subnet
+    test_copies = site.machine()["details"]["test"]["copies"]
+    assert test_copies and all("-test-" in c for c in test_copies)
+    seen = len(site.transport.requests)
+    site.transport.queue(load("vm_delete", test) + load("disk_delete", test) + load("nic_delete", test))
+    site.run_job("machine", "test-cleanup", VM)
+    assert site.requests(seen) == [("GET", f"{VM}-test"), ("DELETE", f"{VM}-test"), ("GET", "op-delete"),
+                                   ("GET", "op-delete"), ("DELETE", f"{VM}-test-disk0"), ("GET", "op-disk-delete"),
+                                   ("DELETE", f"{VM}-test-nic0")]
+    remaining = {b.name for b in site.container().list_blobs()}
+    assert remaining == {blob_name}, remaining
+    assert site.transport.done
+
+    # Failover (planned: the source answers, so its final point is the one recovered).
+    site.write("onprem", 0x42, 2 * MiB, MiB)
+    prod = names(VM)
+    site.transport.queue(load("disk_create", prod) + load("nic_create", prod) + load("vm_create", prod))
+    site.run_job("machine", "failover", VM)
+    assert site.transport.done
+    machine = site.machine()
+    cloud = machine["details"]["cloud"]
+    assert (machine["state"], cloud["provider"], cloud["vm"], cloud["vm_uuid"]) == (
+        "failed-over", "azure", VM, VM_ID)
+    assert [i.rsplit("/", 1)[-1] for i in cloud["disk_ids"] + cloud["nic_ids"]] == [f"{VM}-disk0", f"{VM}-nic0"]
+    disk_put = next(r for r in site.transport.requests if r.method == "PUT" and r.path.endswith(f"/{VM}-disk0"))
+    (copy_blob,) = cloud["copies"]
+    assert disk_put.body["properties"]["creationData"]["sourceUri"].endswith(f"/{CONTAINER}/{copy_blob}")
+    assert site.sites.onprem.get_vm(VM).power == "off", "failover shuts the source down"
+    azure_disk = site.boot_azure_vm(copy_blob)
+    failed_over = sha256(azure_disk)
+    assert failed_over == sha256(onprem_disk), "the failover's disk is the source at its final point"
+
+    # Work in Azure, then reprotect to the original on-premises VM: only differences travel.
+    for index in range(3):
+        _write(site.azure_nbd(), 0x50 + index, (5 + 7 * index) * MiB, 256 * 1024)
+    site.run_job("machine", "reprotect", VM, "--process-server", "ps-cloud", "--master-target", "mt-onprem")
+    machine = site.machine()
+    assert (machine["state"], machine["group"]) == ("failback-protected", "PG1_Failback")
+    assert machine["details"]["history"][-1]["bytes_moved"] <= 4 * MiB
+    site.caught_up()
+
+    # Failback: Azure powers the VM off and deallocates it; the on-premises VM comes back with the data.
+    seen = len(site.transport.requests)
+    site.transport.queue(load("vm_power_off", prod) + load("vm_deallocate", prod))
+    site.run_job("machine", "failback", VM)
+    assert site.transport.done
+    assert ("POST", "powerOff") in site.requests(seen) and ("POST", "deallocate") in site.requests(seen)
+    machine = site.machine()
+    assert machine["state"] == "failed-back"
+    assert sha256(onprem_disk) == sha256(azure_disk) != failed_over
+    assert site.sites.onprem.get_vm(VM).power == "on"
+    assert machine["details"]["network_order"]["status"] == "ok"
+
+    # Protect to Azure again, onto the replica blob the first protection left: a delta.
+    site.run_job("machine", "reprotect", VM)
+    machine = site.machine()
+    assert (machine["state"], machine["group"]) == ("protected", "PG1")
+    assert machine["details"]["history"][-1]["bytes_moved"] <= 4 * MiB
+    site.caught_up()
+    assert sha256(site.blob(blob_name, site.root / "replica-again.img")) == sha256(onprem_disk)
+
+    # Delete the Azure VM: VM, disk, NIC and the failover's copy go; the replica stays.
+    seen = len(site.transport.requests)
+    site.transport.queue(load("vm_delete", prod) + load("disk_delete", prod) + load("nic_delete", prod))
+    site.run_job("machine", "delete-cloud-vm", VM)
+    assert site.transport.done
+    assert ("DELETE", VM) in site.requests(seen) and ("DELETE", f"{VM}-disk0") in site.requests(seen)
+    assert {b.name for b in site.container().list_blobs()} == {blob_name}
+    retired = [s for s in site.srctl_json("servers", "list", "--all") if s["hostname"] == VM and s.get("revoked_at")]
+    assert retired, "the Azure VM's agent is retired with it"
+    assert [h["workflow"] for h in site.machine()["details"]["history"]] == [
+        "protect", "test-failover", "test-cleanup", "failover", "reprotect-to-onprem", "failback",
+        "reprotect-to-cloud", "delete-cloud-vm"]
