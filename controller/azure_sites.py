@@ -110,6 +110,15 @@ def update_credentials(
 
 def remove(store: Store, name: str) -> AzureSiteRecord:
     record = store.get_azure_site(name)
+    # A protected machine keeps naming its site after its pairs are gone (a failed-over VM,
+    # the replica blobs a reprotect writes again): removing the site would strand them.
+    using = [i.name for i in store.list_protected_items() if i.details.get("forward", {}).get("azure_site") == record.id]
+    if using:
+        raise errors.Conflict(
+            f"Azure site {record.name!r} is the cloud of protected machine(s) {', '.join(sorted(using)[:5])}",
+            hint="a site stays while it is the cloud of a protected machine (`srctl machine list` shows them)",
+            code="azure-site-in-use",
+        )
     store.remove_azure_site(record.id, unless_used_by_kinds=KINDS)
     log.info("azure site removed", azure_site=record.name)
     return record

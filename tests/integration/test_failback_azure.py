@@ -264,6 +264,8 @@ def test_protect_to_azure_fail_over_fail_back_and_protect_again(azure_site: Azur
     assert {b.name for b in site.container().list_blobs()} == {blob_name}
     retired = [s for s in site.srctl_json("servers", "list", "--all") if s["hostname"] == VM and s.get("revoked_at")]
     assert retired, "the Azure VM's agent is retired with it"
+    kept = site.srctl("azure", "remove", AZURE_SITE)
+    assert kept.returncode == 4 and "cloud of protected machine(s) app01" in kept.stderr, kept.stderr
     assert [h["workflow"] for h in site.machine()["details"]["history"]] == [
         "protect", "test-failover", "test-cleanup", "failover", "reprotect-to-onprem", "failback",
         "reprotect-to-cloud", "delete-cloud-vm"]

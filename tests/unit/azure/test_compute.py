@@ -113,6 +113,18 @@ def test_power_off_polls_the_async_operation_honouring_retry_after(azure, transp
     assert transport.sleeps == [3]
 
 
+def test_start_a_deallocated_vm_and_starting_a_running_one_is_a_no_op(azure, transport):
+    transport.queue(load("vm_start", VALUES))
+    vm = azure.start("web1")
+    assert vm.power_state == "running" and vm.vm_uuid == "0f47b100-583c-48e3-a4c0-aefc2c9bbcc1"
+    assert [m for m, _ in calls(transport)] == ["GET", "POST", "GET", "GET", "GET", "GET"]
+    assert transport.requests[1].path.endswith("/virtualMachines/web1/start")
+    assert transport.requests[1].api_version == VM_API
+    transport.queue(load("vm_get_instance_view", VALUES))
+    assert azure.start("web1").power_state == "running"
+    assert [m for m, _ in calls(transport)][6:] == ["GET"]
+
+
 def test_deallocate_then_again_is_a_no_op(azure, transport):
     transport.queue(load("vm_deallocate", VALUES))
     assert azure.deallocate("web1").power_state == "deallocated"
