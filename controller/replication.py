@@ -735,14 +735,18 @@ def pairs_of(store: Store, machine_ref: str, disk: str = "") -> list[PairRecord]
     return pairs
 
 
+def end_status(store: Store, pair: PairRecord) -> rpb.PairStatus | None:
+    """The last report of the pair's end: its master target, or the process server of an Azure pair."""
+    role = _end_role(pair)
+    return _status(next(
+        (r for r in store.pair_reports(pair.id) if r.role == role and r.server_id == pair.master_target_id), None
+    ))
+
+
 def points(store: Store, pair: PairRecord) -> list[rpb.RecoveryPoint]:
     """The pair's points as its end reports them: the master target, or the process
     server for an Azure pair (blob snapshots), oldest first."""
-    role = _end_role(pair)
-    target = next(
-        (r for r in store.pair_reports(pair.id) if r.role == role and r.server_id == pair.master_target_id), None
-    )
-    status = _status(target)
+    status = end_status(store, pair)
     return list(status.points) if status is not None else []
 
 

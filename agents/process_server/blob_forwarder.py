@@ -237,6 +237,8 @@ class BlobForwarder:
         self.bytes_written = 0
         self.error: errors.SiteRecoveryError | None = None
         self.connected = False
+        # Paused and idle: nothing is being written to the blob (a failover may copy it as it is).
+        self.holding = False
         # Sessions ended by an error (Azure unreachable, a refusal), since start.
         self.failures = 0
         self._thread = threading.Thread(target=self._run, name=f"blob-{self.pair_id}", daemon=True)
@@ -332,8 +334,10 @@ class BlobForwarder:
         log.info("writing page blob", pair=self.pair_id, blob=self.blob, from_seq=state.applied_seq + 1)
         while not self._stop.is_set():
             if self.assignment.desired_state == rpb.PAIR_DESIRED_STATE_PAUSED:
+                self.holding = True
                 self._stop.wait(_POLL)  # paused by an administrator: keep the frames spooled
                 continue
+            self.holding = False
             if not self._apply_available():
                 self._prune_if_due()
                 self._log.wait_for(self.state.applied_seq, timeout=_POLL)
@@ -582,6 +586,9 @@ class BlobForwarder:
         oldest = frame_log.oldest_pending_captured_at
         if oldest is not None:
             out.oldest_pending_captured_at.CopyFrom(oldest)
+        if self.holding:
+            out.state = rpb.PAIR_STATE_PAUSED
+            out.reason_code, out.reason = "paused", "paused: nothing is written to the blob until it resumes"
         error = self.error
         if error is not None:
             out.state = rpb.PAIR_STATE_ERROR

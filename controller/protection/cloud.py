@@ -20,10 +20,13 @@ machine's document, so nothing exists in Azure that the store does not name;
 deleting the VM deletes exactly what was recorded (VM, disks, NICs, copies),
 and a delete of something already gone is not an error.
 
-"latest" on Azure is the newest point the process server has written: the
-failover's final point when the source could still take one, else the newest
-snapshot (crash-consistent at worst). Writes the process server still held
-unapplied when the pairs were paused are not in it (ASR's "latest processed").
+"latest" on Azure is the failover's final point when the source could still
+take one. When it could not (the site is down), it is the replica blob itself,
+copied once the process server reports the paused pair idle (or is silent):
+everything the process server had applied, which the failover's final-point
+step let it drain from its spool first; a snapshot could be a crash-consistent
+interval older. A test failover leaves replication running, so its "latest"
+is the newest snapshot.
 
 The VM's UUID, by which its agent is recognised when it registers, is the
 Azure `vmId`; the SMBIOS UUID a guest reads may show the first three fields
@@ -44,7 +47,10 @@ from typing import Any, Protocol
 from siterecovery.common import errors
 from siterecovery.common.azure import points as blob_points
 from siterecovery.common.azure.site import AzureSite
+from siterecovery.common.pb import replication_pb2 as rpb
+from siterecovery.controller import health, replication
 from siterecovery.controller.jobs.engine import StepContext, Waiting
+from siterecovery.controller.protection.environment import utcnow
 from siterecovery.controller.providers.azure.compute import (
     AzureCompute,
     VmSpec,
@@ -185,6 +191,8 @@ class AzureCloud:
     # (site record) -> AzureCompute / the site's blob container; env.azure builds them.
     clients: Any
     vm_size: str = DEFAULT_VM_SIZE
+    heartbeat_interval: float = 10.0
+    clock: Callable[[], Any] = utcnow
 
     def _record(self):
         return self.store.get_azure_site(self.site_id)
@@ -214,10 +222,12 @@ class AzureCloud:
         chosen: list[tuple[PairRecord, blob_points.BlobPoint, str]] = []
         for pair in pairs:
             blob = pair.target_options["blob_name"]
-            available = blob_points.list_points(container, blob)
-            point = _blob_point(available, points[pair.id], pair)
+            if points[pair.id] in ("", "latest") and not test:
+                point = self._paused_blob(ctx, pair)
+            else:  # a test failover leaves replication running: its "latest" is the newest snapshot
+                point = _blob_point(blob_points.list_points(container, blob), points[pair.id], pair)
             chosen.append((pair, point, copy_name(blob, point.tag_id, test=test)))
-            points[pair.id] = point.tag_id
+            points[pair.id] = "latest" if not point.snapshot else point.tag_id
         record({"copies": [dest for _, _, dest in chosen]})
         disks, waiting = {}, []
         for index, (pair, point, dest) in enumerate(chosen):
@@ -238,6 +248,21 @@ class AzureCloud:
             raise Waiting(f"copying {len(waiting)} point(s) into blobs: {copied} of {total} bytes",
                           delay=2.0, progress=min(copied / max(total, 1), 0.99))
         return disks
+
+    def _paused_blob(self, ctx: StepContext, pair: PairRecord) -> blob_points.BlobPoint:
+        """The replica blob itself, as a point, once nothing writes to it: "latest" with everything the
+        process server applied (a snapshot may be minutes older). The pairs are paused by now; the
+        process server says so with its next heartbeat, or it is silent (then it writes nothing)."""
+        status = replication.end_status(self.store, pair)
+        server = self.store.get_server(pair.process_server_id)
+        silent = health.heartbeat_age(server.last_heartbeat_at, self.clock()) > 3 * self.heartbeat_interval
+        if not silent and (status is None or status.state != rpb.PAIR_STATE_PAUSED):
+            raise Waiting(f"waiting for the process server to stop writing the blob of {pair.disk_name}",
+                          delay=min(2.0, self.heartbeat_interval))
+        return blob_points.BlobPoint(
+            blob_name=pair.target_options["blob_name"], snapshot="", tag_id=f"latest-{ctx.job.id[:8]}", kind="",
+            captured_at=self.clock(), disk_size=pair.disk_size_bytes,
+        )
 
     def discard_recovered(self, name, resources):
         container = self.container()
@@ -345,6 +370,7 @@ def cloud_for(env: Any, store: Store, item: ProtectedItemRecord) -> CloudSite:
                 hint="it is built in; a server started by a test without it cannot run Azure workflows",
             )
         return AzureCloud(store, route["azure_site"], env.azure,
-                          vm_size=item.details.get("cloud", {}).get("vm_size") or DEFAULT_VM_SIZE)
+                          vm_size=item.details.get("cloud", {}).get("vm_size") or DEFAULT_VM_SIZE,
+                          heartbeat_interval=env.heartbeat_interval, clock=env.clock)
     return LocalCloud(env)
 

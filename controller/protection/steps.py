@@ -376,7 +376,8 @@ class FinalPoint(ItemStep):
         asked = item.details.get("final_point", {})
         if asked.get("job") != ctx.job.id:
             if silent:
-                ctx.progress(1.0, "the source is silent: no final point; the target's latest data is used")
+                held = self._drain(ctx, item, pairs, now)
+                ctx.progress(1.0, "the source is silent: no final point; the target's latest data is used" + held)
                 return {"point": ""}
             tag_id, _ = replication.request_point(
                 ctx.store, machine=pairs[0].machine_id, group="", kind=rpb.RECOVERY_POINT_KIND_CRASH_CONSISTENT,
@@ -389,14 +390,37 @@ class FinalPoint(ItemStep):
             ctx.progress(1.0, f"final point {tag} is at the target")
             return {"point": tag}
         if silent:  # it died after we asked (the site going down): the point will not come
+            held = self._drain(ctx, item, pairs, now)
             ctx.progress(1.0, f"the source went silent before final point {tag} arrived; the target's latest "
-                              "data is used")
+                              "data is used" + held)
             return {"point": ""}
         waited = (now - datetime.fromisoformat(asked["asked_at"])).total_seconds()
         if waited > self.env.final_point_timeout:
             ctx.progress(1.0, f"final point {tag} did not arrive in {waited:.0f} s; the target's latest data is used")
             return {"point": ""}
         raise Waiting(f"waiting for the final point {tag} to reach the target ({waited:.0f} s)", delay=poll_delay(self.env))
+
+    def _drain(self, ctx: StepContext, item: ProtectedItemRecord, pairs: list[PairRecord], now: datetime) -> str:
+        """With the source gone, let the process server pass on what its spool holds before the pairs
+        pause: those writes were acknowledged to the source, and "latest" must hold them. Returns ""
+        once nothing is held, or why something stays behind (the process server is silent too, or the
+        timeout passed); raises Waiting meanwhile."""
+        views = replication.views(ctx.store, pairs, heartbeat_interval=self.env.heartbeat_interval, now=now)
+        held = sum(v.spool_backlog_frames for v in views)
+        if not held:
+            return ""
+        server = ctx.store.get_server(pairs[0].process_server_id)
+        if health.heartbeat_age(server.last_heartbeat_at, now) > 3 * self.env.heartbeat_interval:
+            return f"; the process server is silent too, and {held} write(s) it held are not in it"
+        draining = item.details.get("draining", {})
+        if draining.get("job") != ctx.job.id:
+            draining = {"job": ctx.job.id, "since": now.isoformat()}
+            self.update(ctx, draining=draining)
+        waited = (now - datetime.fromisoformat(draining["since"])).total_seconds()
+        if waited > self.env.final_point_timeout:
+            return f"; {held} write(s) the process server still held after {waited:.0f} s are not in it"
+        raise Waiting(f"the source is silent; waiting for the process server to pass on the {held} write(s) "
+                      f"it holds ({waited:.0f} s)", delay=poll_delay(self.env))
 
 
 # --- helpers for recovering disks -----------------------------------------------------------

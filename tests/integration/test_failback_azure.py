@@ -80,14 +80,8 @@ class AzureFailbackSite(FailbackSite):
         return super().srctl(*args, config=config or self.profile)
 
     def start(self) -> None:  # type: ignore[override]
-        self.start_config_server()
-        self.sites.onprem.root.mkdir(parents=True, exist_ok=True)
-        credential = write_credential(self.root / "secrets" / "azure-storage.conn", self.azurite_port)
-        self.start_agent("process-server", "ps-onprem", hostname="ps-onprem",
-                         azure_storage_connection_string_file=str(credential))
-        self.start_agent("master-target", "mt-onprem", hostname="mt-onprem",
-                         datastore_dirs=[str(self.sites.onprem.root)])
-        self.start_agent("process-server", "ps-cloud", hostname="ps-cloud")
+        """The servers, and app01 as a VM of the local provider on premises."""
+        self.start_servers(self.sites.onprem.root)
         from siterecovery.controller.cli.lab import _static_network
 
         from .replication_site import make_image
@@ -99,6 +93,17 @@ class AzureFailbackSite(FailbackSite):
         self.sites.onprem.power_on(VM, self.launch())
         wait_for(lambda: len([s for s in self.servers() if s["health"] == "healthy"]) == 4, timeout=60,
                  what="three agents and the VM's agent healthy")
+
+    def start_servers(self, datastore: Path, *, mt_uuid: str = "") -> None:
+        """The configuration server, ps-onprem (writing blobs), mt-onprem on `datastore`, ps-cloud; the Azure site."""
+        self.start_config_server()
+        datastore.mkdir(parents=True, exist_ok=True)
+        credential = write_credential(self.root / "secrets" / "azure-storage.conn", self.azurite_port)
+        self.start_agent("process-server", "ps-onprem", hostname="ps-onprem",
+                         azure_storage_connection_string_file=str(credential))
+        self.start_agent("master-target", "mt-onprem", hostname="mt-onprem", datastore_dirs=[str(datastore)],
+                         **({"machine_uuid": mt_uuid} if mt_uuid else {}))
+        self.start_agent("process-server", "ps-cloud", hostname="ps-cloud")
         secret = self.root / "azure-sp-secret"
         secret.write_text("recorded-responses-need-no-secret\n")
         secret.chmod(0o600)
@@ -269,3 +274,107 @@ def test_protect_to_azure_fail_over_fail_back_and_protect_again(azure_site: Azur
     assert [h["workflow"] for h in site.machine()["details"]["history"]] == [
         "protect", "test-failover", "test-cleanup", "failover", "reprotect-to-onprem", "failback",
         "reprotect-to-cloud", "delete-cloud-vm"]
+
+
+@pytest.fixture
+def vpx(tmp_path_factory: pytest.TempPathFactory):
+    from .vcsim import running_vcsim
+
+    with running_vcsim("vpx", tmp_path_factory.mktemp("vpx")) as sim:
+        yield sim
+
+
+@pytest.mark.timeout(600)
+def test_a_vsphere_vm_fails_over_to_azure_and_back_with_fio_on_both_sides(tmp_path: Path, azurite, vpx) -> None:
+    """The real providers on both sides: vcsim on premises, Azurite and recorded compute in Azure.
+
+    The site dies after the last write reached the blob but before any snapshot
+    held it: "latest" must still hold it (the blob copied once the process server
+    stopped writing it), not the older snapshot.
+    """
+    from siterecovery.controller.providers.vsphere import operations
+    from siterecovery.controller.providers.vsphere.discovery import discover
+
+    from .replication_site import make_image
+    from .test_failback_vsphere import APP_HOST, Guest, _power, _until_powered_on, _vcenter_ready, fio_write
+
+    admin = vpx.session()
+    datastore, mt_uuid = _vcenter_ready(admin)
+    inv = discover(admin)
+    (datastore / VM).mkdir()
+    flat = datastore / VM / "disk0-flat.vmdk"
+    make_image(flat, DISK_SIZE, data_bytes=8 * MiB, seed=5)
+    (datastore / VM / "disk0.vmdk").write_text(
+        f'# Disk DescriptorFile\nversion=1\ncreateType="vmfs"\nRW {DISK_SIZE // 512} VMFS "disk0-flat.vmdk"\n'
+    )
+    app = operations.create_vm(admin, name=VM, host_id=inv.host(APP_HOST).id, datastore="LocalDS_0",
+                               disks=[f"[LocalDS_0] {VM}/disk0.vmdk"])
+    operations.power_on(admin, app.id)
+    site = AzureFailbackSite(tmp_path, azurite.port)
+    try:
+        site.start_servers(datastore, mt_uuid=mt_uuid)
+        password = site.root / "vc-password"
+        password.write_text("secret\n")
+        password.chmod(0o600)
+        added = site.srctl("vcenter", "add", "vc01", "--host", vpx.host, "--port", str(vpx.port), "--user", "admin",
+                           "--password-file", str(password), "--ca-file", vpx.cert_file)
+        assert added.returncode == 0, added.stderr
+        wait_for(lambda: site.srctl_json("vcenter", "list")[0]["discovery_status"] == "ok", timeout=60,
+                 what="the first discovery")
+        guest = Guest(site, admin, app.id, flat, app.bios_uuid)
+        guest.boot()
+        assert site.srctl("group", "create", "PG1").returncode == 0
+        site.run_job("machine", "protect", VM, "--group", "PG1", "--process-server", "ps-onprem",
+                     "--azure-site", AZURE_SITE)
+        machine = site.machine()
+        assert (machine["details"]["onprem"]["provider"], machine["details"]["cloud"]["provider"]) == (
+            "vsphere", "azure")
+
+        # The last writes reach the blob; then the site dies (the guest with kill -9).
+        guest.write(0x11, 4 * MiB, 2 * MiB)
+        site.caught_up()
+        guest.crash()
+        prod = names(VM)
+        site.transport.queue(load("disk_create", prod) + load("nic_create", prod) + load("vm_create", prod))
+        site.run_job("machine", "failover", VM, "--recovery-point", "latest")
+        assert site.transport.done
+        assert _power(admin, app.id) == "poweredOff"
+        machine = site.machine()
+        assert machine["details"]["history"][-1]["point"] == "latest"
+        (copy_blob,) = machine["details"]["cloud"]["copies"]
+        azure_disk = site.boot_azure_vm(copy_blob)
+        assert sha256(azure_disk) == sha256(flat), "the failover holds every write the blob had"
+
+        # Work in Azure (fio through the Azure VM's NBD export), reprotect into the original flat VMDK.
+        fio_write(site.azure_nbd(), 0x22, 10 * MiB, 3 * MiB)
+        site.run_job("machine", "reprotect", VM, "--process-server", "ps-cloud", "--master-target", "mt-onprem",
+                     "--vcenter", "vc01")
+        machine = site.machine()
+        assert machine["state"] == "failback-protected"
+        moved = machine["details"]["history"][-1]["bytes_moved"]
+        assert 0 < moved < DISK_SIZE // 2, f"{moved} bytes moved for a {DISK_SIZE}-byte disk: not a delta"
+        fio_write(site.azure_nbd(), 0x44, 20 * MiB, 1 * MiB)
+        site.caught_up()
+
+        # Failback: Azure powers off and deallocates; vCenter powers app01 on; its guest boots.
+        site.transport.queue(load("vm_power_off", prod) + load("vm_deallocate", prod))
+        failback = site.start_job("machine", "failback", VM)
+        _until_powered_on(site, admin, app.id, failback)
+        guest.boot()
+        site.wait_job(failback)
+        assert site.transport.done
+        assert site.machine()["state"] == "failed-back"
+        assert sha256(flat) == sha256(azure_disk)
+
+        # Back to Azure, onto the replica blob (a delta); fio writes on premises reach it.
+        site.run_job("machine", "reprotect", VM)
+        machine = site.machine()
+        assert machine["state"] == "protected"
+        assert machine["details"]["history"][-1]["bytes_moved"] < DISK_SIZE // 2
+        guest.write(0x33, 0, 1 * MiB)
+        site.caught_up()
+        blob_name = machine["details"]["cloud"]["replicas"]["disk0"].split(f"/{CONTAINER}/", 1)[1]
+        assert sha256(site.blob(blob_name, site.root / "replica.img")) == sha256(flat)
+    finally:
+        admin.close()
+        site.stop_all()
