@@ -207,3 +207,36 @@ def test_the_whole_cycle_moves_only_the_differences_back(protected: FailbackSite
     assert [h["workflow"] for h in protected.machine()["details"]["history"]] == [
         "protect", "failover", "reprotect-to-onprem", "failback", "reprotect-to-cloud", "delete-cloud-vm"
     ]
+
+
+def test_an_unplanned_failover_first_takes_what_the_process_server_still_holds(protected: FailbackSite) -> None:
+    """The site dies while its last writes wait in the process server's spool (the cloud's master
+    target is down): those writes were acknowledged, so the failover waits for them to reach the
+    target before it pauses the pairs, and the cloud VM's disk holds them."""
+    from siterecovery.controller import launcher
+
+    mt_cloud = next(d for d in protected.daemons if d.state_dir == protected.root / "mt-cloud")
+    assert launcher.stop(mt_cloud)
+    protected.daemons.remove(mt_cloud)
+    protected.write("onprem", 0x71, 3 * MiB, MiB)
+
+    def spooled() -> bool:
+        (view,) = protected.srctl_json("replication", "status")
+        seq = {k: int(view.get(k, 0)) for k in ("spooled_seq", "source_seq", "applied_seq", "spool_backlog_frames")}
+        return seq["spooled_seq"] == seq["source_seq"] > seq["applied_seq"] and seq["spool_backlog_frames"] > 0
+
+    wait_for(spooled, timeout=60, what="the write to wait in the spool")
+    expected = sha256(protected.disk("onprem"))
+    protected.sites.onprem.halt(VM)  # the site goes down; its process server lives on
+    job = protected.start_job("machine", "failover", VM)
+
+    def draining_or_done() -> bool:
+        shown = protected.srctl_json("jobs", "show", job)
+        return shown["status"] not in ("pending", "running") or any(
+            "pass on" in s["message"] for s in shown["steps"] if s["name"].endswith("final point"))
+
+    wait_for(draining_or_done, timeout=60, what="the failover to wait for the spool")
+    protected.start_agent("master-target", "mt-cloud", hostname="mt-cloud",
+                          datastore_dirs=[str(protected.sites.cloud.root)])
+    protected.wait_job(job)
+    assert sha256(protected.disk("cloud")) == expected
