@@ -113,3 +113,29 @@ def _from_verdict(verdict: rules.Verdict, subject: str) -> Check:
 
 def _failed(name: str, subject: str, exc: errors.SiteRecoveryError) -> Check:
     return Check(PREFIX + name, "failed", exc.message, hint=exc.hint, code=exc.code, subject=subject)
+
+
+# Where a protected machine runs, by state: the other side's VM is off, and its agent silent.
+_RUNS_IN_CLOUD = {lifecycle.FAILED_OVER, lifecycle.REPROTECTING_TO_ONPREM, lifecycle.FAILBACK_PROTECTED,
+                  lifecycle.FAILING_BACK}
+_CLOUD_VM_OFF = {lifecycle.FAILED_BACK, lifecycle.REPROTECTING_TO_CLOUD, lifecycle.PROTECTED,
+                 lifecycle.DELETING_CLOUD_VM}
+
+
+def expected_silent(store: Store) -> dict[str, str]:
+    """Server id → why that source agent is silent by design: the on-premises VM while its machine
+    runs in the cloud, the cloud VM after a failback shut it down."""
+    silent: dict[str, str] = {}
+    for item in store.list_protected_items():
+        if item.state in _RUNS_IN_CLOUD:
+            side, why = "onprem", f"{item.name} runs in the cloud ({item.state}); its on-premises VM is off"
+        elif item.state in _CLOUD_VM_OFF and item.details.get("cloud", {}).get("vm"):
+            side, why = "cloud", f"{item.name} failed back; its cloud VM is shut down"
+        else:
+            continue
+        machine_id = item.details.get(side, {}).get("machine_id", "")
+        try:
+            silent[store.get_machine(machine_id).server_id] = why
+        except errors.NotFound:
+            continue
+    return silent

@@ -261,12 +261,31 @@ def _options(store: Store, item: ProtectedItemRecord, workflow: str, request) ->
 
 
 def _pin_multi_vm_points(store: Store, items: list[ProtectedItemRecord], workflow: str, options: dict) -> None:
-    """For latest-multi-vm-consistent: one tag per group, common to all its machines, chosen now."""
+    """For latest-multi-vm-consistent: one tag per group, common to all its machines, chosen now.
+    For any other named point (a kind's latest, a tag id): every disk must hold one now, so a
+    job is not started only to fail at its recover step."""
+    if options.get("point", "latest") not in ("latest", MULTI_VM):
+        _check_points_held(store, items, workflow, options["point"])
     if options.get("point") != MULTI_VM:
         return
     direction = FAILBACK if workflow == "failback" else FORWARD
     pairs = [p for item in items for p in pairs_of(store, item, direction)]
     options["multi_vm_points"] = common_multi_vm_points([(p, replication.points(store, p)) for p in pairs])
+
+
+def _check_points_held(store: Store, items: list[ProtectedItemRecord], workflow: str, wanted: str) -> None:
+    direction = FAILBACK if workflow == "failback" else FORWARD
+    for item in items:
+        for pair in pairs_of(store, item, direction):
+            try:
+                replication.choose_point(replication.points(store, pair), wanted)
+            except errors.NotFound as exc:
+                raise errors.NotFound(
+                    f"{item.name}, disk {pair.disk_name}: {exc.message}",
+                    hint=f"`srctl recovery-points list {item.name}` shows its points; take one with `srctl "
+                    "recovery-points create` (--kind app-consistent for an app-consistent one), or choose "
+                    "another point", code=exc.code,
+                ) from None
 
 
 def _failback_route(store: Store, request) -> dict:

@@ -75,7 +75,11 @@ class RecoverToCloud(ItemStep):
 
     def undo(self, ctx: StepContext, item: ProtectedItemRecord) -> None:
         cloud = cloud_sites.cloud_for(self.env, ctx.store, item)
-        cloud.discard_recovered(self.vm_name(item), item.details.get(_side(self.test), {}))
+        recorded = {**item.details.get(_side(self.test), {}), "vm": self.vm_name(item)}
+        # No VM of that name existed when this step began: one there now is what a failed "create VM"
+        # left (a failed step is not compensated), and would refuse the next attempt as `vm-exists`.
+        cloud.delete_vm(ctx, recorded)
+        cloud.discard_recovered(self.vm_name(item), recorded)
 
 
 class CreateCloudVm(ItemStep):

@@ -33,6 +33,7 @@ class DiagnoseRpcs:
         checks = diagnostics.server_checks(
             self._ctx.store.list_servers(), interval=settings.heartbeat_interval, now=now, state_dir_facts=state,
             server_cert_expires=x509.load_pem_x509_certificate(self._ctx.server_cert_pem).not_valid_after_utc,
+            expected_silent=prerequisites.expected_silent(self._ctx.store),
         )
         if request.machine:
             checks += prerequisites.failback_checks(self._ctx.store, self._ctx.protection, request)

@@ -16,6 +16,7 @@ disks that must be equal, and every Azure request by method, path and body.
 
 from __future__ import annotations
 
+import json
 import threading
 import uuid
 from pathlib import Path
@@ -143,6 +144,9 @@ class AzureFailbackSite(FailbackSite):
     def azure_nbd(self) -> str:
         return common_daemon.read_state_file(self.root / "azure-app01", "source-agent")["nbd"]["disk0"]
 
+    def servers_health(self, server_id: str) -> str:
+        return next(s["health"] for s in self.servers() if s["id"] == server_id)
+
     def requests(self, since: int) -> list[tuple[str, str]]:
         return [(r.method, r.path.rsplit("/", 1)[-1]) for r in self.transport.requests[since:]]
 
@@ -212,6 +216,12 @@ def test_protect_to_azure_fail_over_fail_back_and_protect_again(azure_site: Azur
     assert remaining == {blob_name}, remaining
     assert site.transport.done
 
+    # A point no disk holds is refused when asked for, before any job exists.
+    jobs = len(site.srctl_json("jobs", "list"))
+    refused = site.srctl("machine", "failover", VM, "--recovery-point", "latest-app-consistent", "--no-wait")
+    assert refused.returncode == 3 and "no app-consistent recovery point" in refused.stderr, refused.stderr
+    assert len(site.srctl_json("jobs", "list")) == jobs and site.machine()["state"] == "protected"
+
     # Failover (planned: the source answers, so its final point is the one recovered).
     site.write("onprem", 0x42, 2 * MiB, MiB)
     prod = names(VM)
@@ -229,6 +239,14 @@ def test_protect_to_azure_fail_over_fail_back_and_protect_again(azure_site: Azur
     assert site.sites.onprem.get_vm(VM).power == "off", "failover shuts the source down"
     azure_disk = site.boot_azure_vm(copy_blob)
     failed_over = sha256(azure_disk)
+    # The on-premises VM is off by design now: `srctl doctor` says so rather than failing its heartbeat.
+    onprem_uuid = site.machine()["details"]["onprem"]["vm_uuid"]
+    (onprem_agent,) = [s for s in site.servers() if s["inventory"]["host"]["machine_uuid"] == onprem_uuid]
+    wait_for(lambda: site.servers_health(onprem_agent["id"]) == "critical", what="the on-premises agent to go silent")
+    doctor = json.loads(site.srctl("doctor", "--output", "json").stdout)
+    (beat,) = [c for c in doctor["checks"] if c["name"] == "heartbeat" and c["subject"] == f"source {VM}"
+               and "silent" in c["message"]]
+    assert beat["status"] == "ok" and "runs in the cloud" in beat["message"], beat
     assert failed_over == sha256(onprem_disk), "the failover's disk is the source at its final point"
 
     # Work in Azure, then reprotect to the original on-premises VM: only differences travel.

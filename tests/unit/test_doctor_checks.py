@@ -135,3 +135,13 @@ def test_errors_are_two_lines_with_a_default_hint(capsys) -> None:
     assert err == ["error: no job called x", "hint: " + " ".join(cli_main.DEFAULT_HINTS[errors.NotFound].split())]
     for cls in errors.CATEGORIES:
         assert cli_main.DEFAULT_HINTS[cls], f"{cls.__name__} has no default hint"
+
+
+def test_an_agent_silent_by_design_is_not_a_failure_and_others_still_are() -> None:
+    off = ServerRecord(**{**_server("app01", "source").__dict__, "last_heartbeat_at": NOW - timedelta(hours=2)})
+    lost = ServerRecord(**{**_server("db01", "source").__dict__, "last_heartbeat_at": NOW - timedelta(hours=2)})
+    checks = diagnostics.server_checks([off, lost], interval=10.0, now=NOW,
+                                       expected_silent={off.id: "app01 runs in the cloud (failed-over)"})
+    beats = {c.subject: c for c in checks if c.name == "heartbeat"}
+    assert beats["source app01"].status == "ok" and "runs in the cloud" in beats["source app01"].message
+    assert beats["source db01"].status == "failed" and beats["source db01"].code == "heartbeat-stale"
