@@ -28,7 +28,8 @@ readers and counted. Before a batch, the writer rolls to a new segment when the
 active one has reached `segment_bytes` (so a segment may pass it by one batch),
 or when every record in the active one has been released. Releasing persists
 the mark first and then deletes the segments whose records are all <= the mark
-(the active segment is deleted by the writer when it rolls, never under it).
+(the active segment is deleted by the writer when it rolls, never under it —
+before it writes the new one, so a full disk gets that space back).
 
 What a crash at any point leaves behind:
 
@@ -432,7 +433,14 @@ class FrameLog:
                 prev = frame.seq
             with self._lock:
                 active = self._segments[-1] if self._segments else None
-                roll = active is None or active.size >= self.segment_bytes or active.last_seq <= self._released
+                spent = active is not None and active.last_seq <= self._released
+                roll = active is None or active.size >= self.segment_bytes or spent
+            if spent:
+                # Every record in it is released (the mark, with last_seq, is on disk): delete it
+                # before the new one is written, not after — on a full disk its space is what
+                # the new batch needs, and a log that kept it would never take a frame again.
+                with self._appended:
+                    self._retire_active_locked()
             if roll:
                 active = _Segment(path=self.directory / _segment_name(seqs[0]), first_seq=seqs[0])
             assert active is not None
@@ -456,6 +464,13 @@ class FrameLog:
                 active.size = end
                 self._last_seq = seqs[-1]
                 self._appended.notify_all()
+
+    def _retire_active_locked(self) -> None:
+        segment = self._segments[-1]
+        if self._fd is not None:
+            os.close(self._fd)
+            self._fd = None
+        self._unlink(segment)
 
     def _check_writable(self) -> None:
         if self._closed:

@@ -279,6 +279,13 @@ class Receiver:
                     break
             try:
                 frame_log.append(batch)
+            except errors.SiteRecoveryError as exc:
+                if exc.code == "disk-full":
+                    self._spool.note_disk_full(exc.message)
+                raise
+            else:
+                if batch:
+                    self._spool.note_disk_full(None)
             finally:
                 with stream.drained:
                     stream.queued_bytes -= reserved

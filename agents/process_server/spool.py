@@ -72,6 +72,7 @@ class Spool:
         self._damaged: dict[str, errors.SiteRecoveryError] = {}
         self._reserved = 0
         self._waiting = 0
+        self._disk_full: str | None = None
         self._closed = False
         (self.directory / "pairs").mkdir(parents=True, exist_ok=True)
         for path in sorted((self.directory / "pairs").iterdir()):
@@ -166,11 +167,22 @@ class Spool:
         with self._space:
             self._space.notify_all()
 
+    def note_disk_full(self, message: str | None) -> None:
+        """An append ran out of disk space (`message`), or one went through again (None).
+
+        The bound is counted in bytes the spool holds, not in what the disk has left:
+        a disk smaller than `limit_bytes`, or shared with something else, fills first.
+        Nothing is lost either way (the append wrote nothing and the source keeps the
+        frames in its journal); this makes it a problem an administrator sees."""
+        with self._lock:
+            self._disk_full = message
+
     # -- health ------------------------------------------------------------------
     def problems(self) -> list[common_pb2.Problem]:
         """`spool-high` (warning) from 80 % full; `spool-full` (critical) when sources are held back."""
         with self._lock:
             used, waiting, damaged = self._used_locked(), self._waiting, dict(self._damaged)
+            disk_full = self._disk_full
         out = [
             common_pb2.Problem(
                 code="spool-damaged",
@@ -181,7 +193,17 @@ class Spool:
         ]
         fraction = used / self.limit_bytes
         where = f"spool {self.directory} holds {used} of {self.limit_bytes} bytes ({fraction:.0%})"
-        if waiting or fraction >= 1.0:
+        if disk_full is not None:
+            out.append(
+                common_pb2.Problem(
+                    code="spool-disk-full",
+                    severity=common_pb2.SEVERITY_CRITICAL,
+                    message=f"the disk of spool {self.directory} is full ({disk_full}): sources are held back "
+                    "(their journals keep the writes) until the master targets catch up; free space there, or "
+                    "set spool_limit_bytes below what the disk can hold",
+                )
+            )
+        elif waiting or fraction >= 1.0:
             out.append(
                 common_pb2.Problem(
                     code="spool-full",

@@ -14,6 +14,8 @@ from pathlib import Path
 
 import pytest
 
+from siterecovery.controller import launcher
+
 from .conftest import wait_for
 from .replication_site import MiB, ReplicatingSite, sha256
 
@@ -77,3 +79,52 @@ def test_a_full_retention_disk_pauses_the_pair_until_space_returns(rsite: Replic
         assert sha256(Path(result["path"])) == digest
         if result.get("copied"):
             Path(result["path"]).unlink()
+
+
+@pytest.fixture
+def small_spool_disk(tmp_path: Path):
+    mount = tmp_path / "spool-disk"
+    mount.mkdir()
+    result = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=12m", "tmpfs", str(mount)], capture_output=True, text=True)
+    if result.returncode != 0:
+        if os.environ.get("CI", "").lower() == "true":
+            pytest.fail(f"cannot mount a tmpfs for the spool disk: {result.stderr}")
+        pytest.skip(f"needs root to mount a tmpfs: {result.stderr.strip()}")
+    try:
+        yield mount
+    finally:
+        subprocess.run(["umount", "-l", str(mount)], check=False)
+
+
+@pytest.mark.parametrize("full", ["limit", "disk"])
+def test_a_full_spool_holds_the_source_back_and_loses_nothing(rsite: ReplicatingSite, small_spool_disk: Path,
+                                                             full: str):
+    """The master target is away and the process server's spool fills up — at its configured
+    limit, or because its disk is full first. The source keeps acknowledging writes (its journal
+    holds them) and the process server takes no more than it can keep; when the master target
+    returns, everything arrives, the target equals the source, and no full resync happened."""
+    limit = 6 * MiB if full == "limit" else 1024 * MiB  # "disk": the 12 MiB tmpfs runs out first
+    rsite.start(disk_size=DISK_SIZE, data_bytes=4 * MiB,
+                ps_extra={"spool_dir": str(small_spool_disk / "spool"), "spool_limit_bytes": limit})
+    rsite.enable()
+    pair = rsite.wait_replicating()
+    base_applied = int(pair["applied_bytes_total"])
+    launcher.stop(rsite.agents["master-target"])
+    # Twice what the spool's disk holds, of data that does not compress; the source acknowledges it all.
+    rsite.fio(size="24M", bs="1M", rw="write")
+    expected = sha256(rsite.disk)
+
+    def held_back():
+        problems = [p for s in rsite.servers() if s["role"] == "process-server" for p in s.get("problems", [])]
+        return [p for p in problems if p.get("code") in ("spool-full", "spool-disk-full")]
+
+    (problem,) = wait_for(held_back, timeout=60, what="the process server to report its full spool")
+    print(f"[space] spool {full}: {problem['code']}: {problem['message']}")
+    assert rsite.pair()["state"] != "error"
+
+    rsite.restart("master-target")
+    pair = rsite.wait_caught_up(timeout=180)
+    assert sha256(Path(pair["target_path"])) == expected
+    applied = int(pair["applied_bytes_total"]) - base_applied
+    assert applied <= 24 * MiB + 4 * MiB, f"{applied} bytes applied for 24 MiB written: a resync?"
+    assert not held_back(), "the spool problem clears once the master target drains it"
