@@ -1,11 +1,13 @@
 """The process server's part in replication pairs (the runtime's PairParticipant).
 
 It holds the controller's current assignments (the receiver checks streams
-against them, and BlockHashes requests: hashes.py), runs one forwarder per
+against them, and BlockHashes requests: hashes.py, or blob_hashes.py for an
+Azure pair), runs one forwarder per
 assigned pair - a `Forwarder` to the pair's master target, or, for a pair whose
 target kind is an Azure page blob, a `BlobForwarder` that writes the blob
-itself (blob_forwarder.py) - and reports each pair's spool and forwarding
-status with every heartbeat. A pair that leaves the
+itself (blob_forwarder.py; one writer per blob: a pair whose blob another
+pair's forwarder still writes waits for it to stop) - and reports each pair's
+spool and forwarding status with every heartbeat. A pair that leaves the
 assignments has its forwarder stopped and its open stream ended; its spooled
 frames stay on disk (the pair may come back; see the gaps in the report).
 """
