@@ -74,6 +74,8 @@ MODE_VALUES = {v: k for k, v in MODES.items()}
 SYNC_KINDS = {rpb.SYNC_KIND_FULL: "full", rpb.SYNC_KIND_DELTA: "delta"}
 SYNC_KIND_VALUES = {v: k for k, v in SYNC_KINDS.items()}
 MAX_PATH = 4096
+# Azure's limit on a blob name.
+MAX_BLOB_NAME = 1024
 DESIRED = {rpb.PAIR_DESIRED_STATE_REPLICATING: "replicating", rpb.PAIR_DESIRED_STATE_PAUSED: "paused"}
 DESIRED_VALUES = {v: k for k, v in DESIRED.items()}
 KINDS = {
@@ -251,7 +253,14 @@ def enable(
     (`target_kind` azure-page-blob): the process server writes each disk into
     a page blob of the site's storage account (`azure_target`), and is also the
     pair's `master_target_id` - it is the end of the data path and reports the
-    pair's applied seq and recovery points, as a master target would.
+    pair's applied seq and recovery points, as a master target would. Such a
+    pair may be a delta pair too (reprotect to the cloud onto the blob an
+    earlier protection left): its blob is `target_path` (one disk only; the
+    blob's URL as a pair of the site stored it, or a blob name inside the
+    site's container: `azure_blob_name`) or the default layout. A blob that
+    does not exist yet is created by the process server; one of another size
+    puts the pair in error there (`target-size-mismatch`). Full and delta
+    pairs store the same target options and URL.
     """
     machine = resolve_machine(store, request.machine)
     source = store.get_server(machine.server_id)
@@ -296,7 +305,7 @@ def enable(
 
     datastore: dict = {}
     retention: list[dict] = []
-    target_path = ""
+    target_path = named_blob = ""
     if not azure:
         datastores = directories(master_target, common_pb2.DIRECTORY_KIND_DATASTORE)
         retention = directories(master_target, common_pb2.DIRECTORY_KIND_RETENTION)
@@ -319,11 +328,8 @@ def enable(
         datastore = named or datastores[0]
         if request.target_path:
             target_path, datastore = _target_file(request.target_path, datastores, named)
-    elif request.target_path or sync_kind == "delta":
-        raise errors.InvalidInput(
-            "a pair to an Azure site takes no target path and no delta sync",
-            hint="leave out --target-path and --sync with --azure-site", code="azure-target-conflict",
-        )
+    elif request.target_path and site is not None:
+        named_blob = azure_blob_name(request.target_path, AzureSite(**site.settings))
 
     disks = {d.get("name") or d.get("identity"): d for d in machine.disks}
     names = list(request.disks) or sorted(disks)
@@ -336,9 +342,9 @@ def enable(
             hint="its disks: " + ", ".join(sorted(disks)),
             code="disk-not-found",
         )
-    if target_path and len(names) != 1:
+    if (target_path or named_blob) and len(names) != 1:
         raise errors.InvalidInput(
-            f"a target path names one disk file, but {len(names)} disks were chosen",
+            f"a target path names one disk {'blob' if named_blob else 'file'}, but {len(names)} disks were chosen",
             hint="choose the disk it belongs to with --disk", code="target-path-one-disk",
         )
     existing = {p.disk_identity for p in store.list_pairs(machine_id=machine.id)}
@@ -370,7 +376,7 @@ def enable(
         disk_file = _check_name(name, "disk name")
         pair_id = f"pair-{uuid.uuid4().hex[:16]}"
         if site is not None:
-            path, options = azure_target(store, site, host_dir, disk_file, size)
+            path, options = azure_target(store, site, named_blob or f"{host_dir}/{disk_file}.vhd", disk_file, size)
             journal_dir, target_kind = "", TARGET_AZURE
         else:
             path = target_path or str(PurePosixPath(datastore["path"]) / host_dir / f"{disk_file}.img")
@@ -419,12 +425,68 @@ def azure_site(store: Store, ref: str) -> AzureSiteRecord:
         ) from None
 
 
-def azure_target(store: Store, record: AzureSiteRecord, host_dir: str, disk: str, size: int) -> tuple[str, dict]:
+def azure_blob_name(value: str, site: AzureSite) -> str:
+    """The blob an Azure pair's `target_path` names, inside the site's container. Checks, stores nothing.
+
+    Two forms: the blob's URL exactly as a pair of the site stores it in its
+    `target_path` (`<account URL>/<container>/<blob name>`: the account and the
+    container must be the site's), or a blob name inside the site's container.
+    Either way the name passes the default layout's checks: path segments of
+    letters, digits, '.', '_' and '-' (not starting with '.' or '-'), no `..`,
+    no empty segment, ending in `.vhd`. A value with a query (`?`, perhaps a
+    SAS) is refused without quoting the query.
+    """
+    prefix = f"{site.account_url.rstrip('/')}/{site.container}/"
+    shown = value.split("?", 1)[0].split("#", 1)[0][:300]
+    if "?" in value or "#" in value:
+        raise errors.InvalidInput(
+            f"target path {shown}?… has a query or fragment; a blob is named without one",
+            hint=f"give the blob's URL without '?…' (never a SAS), or its name inside container {site.container}",
+            code="azure-blob-name-invalid",
+        )
+    if "://" in value:
+        if not value.startswith(prefix):
+            raise errors.InvalidInput(
+                f"target path {shown} is not a blob of Azure site storage account {site.storage_account}, "
+                f"container {site.container}",
+                hint=f"name a blob of the site: a URL starting with {prefix}, or a blob name inside the container "
+                "(a pair's blob stays in its site's container)",
+                code="azure-blob-outside",
+            )
+        name = value[len(prefix):]
+    else:
+        name = value
+    if "\0" in name or len(name) > MAX_BLOB_NAME:
+        raise errors.InvalidInput(
+            f"blob name {shown!r} is not a blob name",
+            hint=f"at most {MAX_BLOB_NAME} characters of letters, digits, '.', '_', '-' and '/'",
+            code="azure-blob-name-invalid",
+        )
+    parts = name.split("/")
+    if ".." in parts:
+        raise errors.InvalidInput(
+            f"blob name {shown} contains '..'",
+            hint=f"give a plain blob name inside container {site.container}, such as <host>-<id>/<disk>.vhd",
+            code="path-traversal",
+        )
+    if not all(_SAFE_NAME.match(part) for part in parts) or not name.endswith(".vhd"):
+        raise errors.InvalidInput(
+            f"blob name {shown!r} cannot name a disk's page blob",
+            hint="use '/'-separated parts of letters, digits, '.', '_' and '-' (at most 128 each, none empty, "
+            "not starting with '.' or '-'), ending in .vhd, as <host>-<id>/<disk>.vhd",
+            code="azure-blob-name-invalid",
+        )
+    return name
+
+
+def azure_target(store: Store, record: AzureSiteRecord, blob_name: str, disk: str, size: int) -> tuple[str, dict]:
     """The page blob of one disk: (its URL, the pair's target_options). Checks, stores nothing.
 
-    Blob name `<host>-<machine id[:8]>/<disk>.vhd` in the site's storage account
-    and container (both parts are safe file names already, so safe blob names
-    too). A blob another pair writes is refused.
+    `blob_name` is the default `<host>-<machine id[:8]>/<disk>.vhd` (both parts
+    are safe file names already, so safe blob names too) or the one a target
+    path named (`azure_blob_name`), in the site's storage account and
+    container. Full and delta pairs store the same shape. A blob another pair
+    writes is refused.
     """
     if size % PAGE:
         raise errors.PreconditionFailed(
@@ -433,7 +495,6 @@ def azure_target(store: Store, record: AzureSiteRecord, host_dir: str, disk: str
             code="azure-disk-size",
         )
     site = AzureSite(**record.settings)
-    blob_name = f"{host_dir}/{disk}.vhd"
     options = {
         "azure_site_id": record.id,
         "azure_site": record.name,
@@ -449,7 +510,8 @@ def azure_target(store: Store, record: AzureSiteRecord, host_dir: str, disk: str
         ) == where:
             raise errors.Conflict(
                 f"pair {pair.id} already writes blob {blob_name} in container {site.container}",
-                hint="`srctl replication status` shows it",
+                hint="`srctl replication status` shows it; disable that pair first "
+                "(`srctl replication disable`), or name another blob with --target-path",
                 code="pair-exists",
             )
     return f"{site.account_url.rstrip('/')}/{site.container}/{blob_name}", options

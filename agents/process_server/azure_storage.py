@@ -124,3 +124,28 @@ class StorageCredentialFile:
                 code="azure-storage-account-mismatch",
             )
         return client
+
+
+def with_storage_hint(exc: errors.SiteRecoveryError, storage: StorageCredentialFile) -> errors.SiteRecoveryError:
+    """A refused storage credential is the process server's own, not the site's service principal."""
+    if exc.code not in ("azure-unauthenticated", "azure-forbidden"):
+        return exc
+    out = type(exc)(
+        exc.message.replace("the service principal", "the process server's storage credential"),
+        hint=f"check the connection string in {storage.path} (the process server's {SETTING}): the account "
+        "key may have been rotated, or the SAS expired or lacks read, add, create, write, delete or list "
+        "permission on the container; the next attempt reads the file again",
+        code=exc.code,
+    )
+    out.__cause__ = exc.__cause__
+    return out
+
+
+def redacted(exc: errors.SiteRecoveryError) -> errors.SiteRecoveryError:
+    """`exc` with any SAS signature or account key in its message or hint replaced by ***, for a peer to see."""
+    message, hint = redact(exc.message), redact(exc.hint or "")
+    if message == exc.message and hint == (exc.hint or ""):
+        return exc
+    out = type(exc)(message, hint=hint, code=exc.code)
+    out.__cause__ = exc.__cause__
+    return out

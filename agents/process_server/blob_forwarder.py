@@ -12,8 +12,14 @@ What it does with each spooled frame, in seq order, one at a time:
 - check it end to end exactly as a master target does (`frames.validate`,
   `frames.payload`, `frames.verify`; a frame that fails is never written);
 - SYNC INITIAL_STARTED: create the blob when missing (zero-filled, sized to
-  the disk rounded up to 1 MiB, with its fixed-VHD footer; an existing blob of
-  the same size is reused, as a resync overwrites all of it);
+  the disk rounded up to 1 MiB, with its fixed-VHD footer). An existing blob
+  made for a disk of the same size is reused as it is - never zeroed, never
+  created again (`open_or_create` creates only when missing): a full sync
+  overwrites all of it, a delta sync (a pair enabled with `--sync delta` onto
+  the blob an earlier protection left, whatever pair wrote it before and with
+  no state file here yet) only the blocks that differ, whose digests this
+  process server read from the blob (blob_hashes.py). A blob of another size
+  is refused; for a delta pair as `target-size-mismatch`, with the fix;
 - write: Put Page (edges read-merged when unaligned, pieces of 4 MiB, pieces
   of zeros as Clear Pages); zero: Clear Pages;
 - tag: a snapshot with metadata, taken only after every frame before it has
@@ -94,7 +100,8 @@ from siterecovery.common.framelog import FrameLog
 from siterecovery.common.logging import get_logger
 from siterecovery.common.pb import replication_pb2 as rpb
 
-from .azure_storage import SETTING, StorageCredentialFile, redact
+from .azure_storage import SETTING, StorageCredentialFile, redact, with_storage_hint
+from .blob_hashes import size_mismatch
 from .spool import Spool
 
 log = get_logger(__name__)
@@ -274,7 +281,7 @@ class BlobForwarder:
                 if self._stop.is_set():
                     break
                 self.failures += 1
-                exc = _with_storage_hint(exc, self._storage)
+                exc = with_storage_hint(exc, self._storage)
                 if exc.code not in TRANSIENT_CODES:
                     self.error = exc
                 asked = retry_after(exc.__cause__) if exc.__cause__ is not None else None
@@ -381,10 +388,15 @@ class BlobForwarder:
         if self._disk is None:
             if not self.state.blob_created:
                 self._ensure_container()
-            self._disk = PageBlobDisk.open_or_create(
-                self._container, self.assignment.azure_blob.blob_name, self.assignment.disk_size_bytes,
-                metadata={META_PAIR: self.pair_id}, policy=self._policy.retry, sleep=self._sleep,
-            )
+            try:
+                self._disk = PageBlobDisk.open_or_create(
+                    self._container, self.assignment.azure_blob.blob_name, self.assignment.disk_size_bytes,
+                    metadata={META_PAIR: self.pair_id}, policy=self._policy.retry, sleep=self._sleep,
+                )
+            except errors.Conflict as exc:
+                if self.assignment.sync_kind == rpb.SYNC_KIND_DELTA:
+                    raise size_mismatch(exc, self.assignment) from exc
+                raise
             if not self.state.blob_created:
                 self.state.blob_created = True
                 self._save()  # before any frame depends on it
@@ -595,21 +607,6 @@ class BlobForwarder:
             out.reason = redact(f"page blob {self.blob}: {error.message}" + (f" ({error.hint})" if error.hint else ""))
             out.reason_code = error.code
         return out
-
-
-def _with_storage_hint(exc: errors.SiteRecoveryError, storage: StorageCredentialFile) -> errors.SiteRecoveryError:
-    """A refused storage credential is the process server's own, not the site's service principal."""
-    if exc.code not in ("azure-unauthenticated", "azure-forbidden"):
-        return exc
-    out = type(exc)(
-        exc.message.replace("the service principal", "the process server's storage credential"),
-        hint=f"check the connection string in {storage.path} (the process server's {SETTING}): the account "
-        "key may have been rotated, or the SAS expired or lacks read, add, create, write, delete or list "
-        "permission on the container; the next attempt reads the file again",
-        code=exc.code,
-    )
-    out.__cause__ = exc.__cause__
-    return out
 
 
 def _stamp(ns: int) -> Timestamp:

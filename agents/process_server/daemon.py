@@ -6,7 +6,8 @@ pair's frames durably (receiver.py, spool.py); one forwarder per assigned pair
 sends them on to the pair's master target (forwarder.py) or, for forward
 protection to Azure, writes them into the pair's page blob (blob_forwarder.py,
 with the credential of azure_storage.py); BlockHashes carries a delta sync's
-question for target block hashes to the master target (hashes.py); pairs.py
+question for target block hashes to the master target (hashes.py), or for an
+Azure pair answers it from the page blob (blob_hashes.py); pairs.py
 ties them to the controller's assignments and reports them with every heartbeat.
 """
 
@@ -36,7 +37,7 @@ log = logging.get_logger(__name__)
 
 class ProcessServerServicer(dataplane_pb2_grpc.ProcessServerServicer):
     """Thin: Probe answers from the runtime; Replicate is the receiver's (receiver.py);
-    BlockHashes is asked of the master target (hashes.py)."""
+    BlockHashes is asked of the master target, or read from an Azure pair's blob (hashes.py)."""
 
     def __init__(self, runtime: AgentRuntime, receiver: Receiver, pairs: ProcessServerPairs) -> None:
         self._runtime = runtime

@@ -1,8 +1,10 @@
 """ProcessServer.BlockHashes: a source agent asks for its pair's target block hashes; we ask the master target.
 
 A source agent talks only to its process server, so the process server carries
-a delta sync's questions to the master target that holds the target disk.
-Before anything is forwarded the request is checked as a Replicate stream is:
+a delta sync's questions to the master target that holds the target disk. For
+an Azure pair (target kind azure-page-blob) this process server is the target
+itself and answers from the page blob (blob_hashes.py). Before anything is
+forwarded or read the request is checked as a Replicate stream is:
 
 - the pair is assigned to this process server (else NOT_FOUND);
 - the caller's certificate names the pair's source machine (else PERMISSION_DENIED);
@@ -16,6 +18,8 @@ is UNAVAILABLE, which the source retries. The reply is checked for its shape
 """
 
 from __future__ import annotations
+
+from collections.abc import Callable
 
 import grpc
 
@@ -36,8 +40,12 @@ def block_hashes(
     assignment: rpb.PairAssignment | None,
     me: str,
     credentials: AgentCredentials | None,
+    read_blob: Callable[[rpb.PairAssignment, rpb.BlockHashesRequest], rpb.BlockHashesReply],
 ) -> rpb.BlockHashesReply:
-    """The master target's answer for `request`, once the caller and the range are checked."""
+    """The target's answer for `request`, once the caller and the range are checked.
+
+    The master target's, asked over mutual TLS; for an Azure pair this process
+    server ends, `read_blob`'s (blob_hashes.py)."""
     if assignment is None or not me or assignment.process_server_id != me:
         raise errors.NotFound(
             f"pair {request.pair_id!r} is not assigned to process server {me}",
@@ -51,6 +59,15 @@ def block_hashes(
             code="pair-not-yours",
         )
     blockhash.check_range(request.offset, request.block_count, assignment.disk_size_bytes)
+    if assignment.target_kind == rpb.TARGET_KIND_AZURE_PAGE_BLOB:
+        if assignment.master_target_id != me:
+            raise errors.NotFound(
+                f"pair {request.pair_id} is written into its page blob by {assignment.master_target_id}, "
+                f"not by process server {me}",
+                hint="the process server that ends an Azure pair answers for its blob; the source asks again",
+                code="pair-not-assigned",
+            )
+        return read_blob(assignment, request)
     if credentials is None or not assignment.master_target_endpoint:
         raise errors.Unavailable(
             f"pair {request.pair_id}: the master target {assignment.master_target_id} has no data endpoint yet",

@@ -1,11 +1,13 @@
 """The process server's part in replication pairs (the runtime's PairParticipant).
 
 It holds the controller's current assignments (the receiver checks streams
-against them, and BlockHashes requests: hashes.py), runs one forwarder per
+against them, and BlockHashes requests: hashes.py, or blob_hashes.py for an
+Azure pair), runs one forwarder per
 assigned pair - a `Forwarder` to the pair's master target, or, for a pair whose
 target kind is an Azure page blob, a `BlobForwarder` that writes the blob
-itself (blob_forwarder.py) - and reports each pair's spool and forwarding
-status with every heartbeat. A pair that leaves the
+itself (blob_forwarder.py; one writer per blob: a pair whose blob another
+pair's forwarder still writes waits for it to stop) - and reports each pair's
+spool and forwarding status with every heartbeat. A pair that leaves the
 assignments has its forwarder stopped and its open stream ended; its spooled
 frames stay on disk (the pair may come back; see the gaps in the report).
 """
@@ -80,6 +82,8 @@ class ProcessServerPairs:
         # writer at a time (read-modify-write of edge pages, snapshots, the state
         # file), so a pair's next blob forwarder starts only once this one is gone.
         self._draining: dict[str, BlobForwarder] = {}
+        # Pairs whose blob another pair's forwarder still writes: they start once it has stopped.
+        self._waiting: set[str] = set()
         self._failures: dict[str, errors.SiteRecoveryError] = {}
         self.receiver = Receiver(spool, lookup=self.assignment, me=self.me, stop=self._stop)
 
@@ -92,11 +96,43 @@ class ProcessServerPairs:
             return self._assignments.get(pair_id)
 
     def block_hashes(self, request: rpb.BlockHashesRequest, caller: pki.Identity) -> rpb.BlockHashesReply:
-        """BlockHashes for a source agent's delta sync, asked of the pair's master target (hashes.py)."""
+        """BlockHashes for a source agent's delta sync: asked of the pair's master target (hashes.py),
+        or read from the page blob of an Azure pair this process server ends (blob_hashes.py)."""
         return hashes.block_hashes(
             request, caller=caller, assignment=self.assignment(request.pair_id), me=self.me(),
-            credentials=self._credentials(),
+            credentials=self._credentials(), read_blob=self._blob_hashes,
         )
+
+    def _blob_hashes(self, assignment: rpb.PairAssignment, request: rpb.BlockHashesRequest) -> rpb.BlockHashesReply:
+        with self._lock:
+            writer = self._blob_writer(assignment)
+        if writer is not None:
+            # The blob's last writer (a disabled pair) may still apply frames: digests read now could
+            # be overwritten by frames that are not this pair's.
+            raise errors.Unavailable(
+                f"pair {assignment.pair_id}: page blob {assignment.azure_blob.blob_name} is still written by "
+                f"pair {writer}, which is stopping",
+                hint="the source asks again by itself; if it persists, disable the other pair",
+                code="azure-blob-busy",
+            )
+        from .blob_forwarder import DEFAULT_BLOB_POLICY  # imports the Azure SDK: only when an Azure pair asks
+        from .blob_hashes import blob_block_hashes
+
+        policy = self._blob_policy or DEFAULT_BLOB_POLICY
+        return blob_block_hashes(assignment, request, self._storage, policy=policy.retry)
+
+    def _blob_writer(self, assignment: rpb.PairAssignment) -> str | None:
+        """Another pair whose blob forwarder (running, or stopping) writes this pair's blob; the lock is held."""
+        if assignment.target_kind != rpb.TARGET_KIND_AZURE_PAGE_BLOB:
+            return None
+        target = assignment.azure_blob
+        blob = f"{target.storage_account}/{target.container}/{target.blob_name}"
+        for forwarder in [*self._forwarders.values(), *self._draining.values()]:
+            if forwarder.pair_id != assignment.pair_id and getattr(forwarder, "blob", None) == blob and (
+                forwarder.alive or forwarder.pair_id in self._forwarders
+            ):
+                return forwarder.pair_id
+        return None
 
     # -- PairParticipant -----------------------------------------------------------
     def apply_assignments(
@@ -121,12 +157,22 @@ class ProcessServerPairs:
             gone = [f.pair_id for f in stopping if f.pair_id not in mine]
             for pair_id in set(self._failures) - set(mine):
                 del self._failures[pair_id]
+            self._waiting &= set(mine)
             for pair_id, assignment in mine.items():
                 if pair_id in self._forwarders:
                     self._forwarders[pair_id].assignment = assignment
                     continue
                 if pair_id in self._draining:
                     continue  # its previous blob forwarder is still stopping: at a later heartbeat
+                writer = self._blob_writer(assignment)
+                if writer is not None:
+                    # Another pair's forwarder still writes this blob (say, a pair disabled just before
+                    # this one was enabled onto the same blob): one writer at a time, so wait for it.
+                    if pair_id not in self._waiting:
+                        log.info("waiting for the page blob's previous writer to stop", pair=pair_id, writer=writer)
+                    self._waiting.add(pair_id)
+                    continue
+                self._waiting.discard(pair_id)
                 try:
                     forwarder = self._forwarder(assignment, creds)
                 except errors.SiteRecoveryError as exc:
@@ -153,7 +199,7 @@ class ProcessServerPairs:
         """A blob forwarder stopped: its successor may start now rather than at the next heartbeat."""
         with self._lock:
             assignments = list(self._assignments.values())
-        if any(p.pair_id in self._draining for p in assignments):
+        if any(p.pair_id in self._draining or p.pair_id in self._waiting for p in assignments):
             self.apply_assignments(assignments, [])
 
     def _forwarder(self, assignment: rpb.PairAssignment, creds: AgentCredentials) -> Forwarder | BlobForwarder:

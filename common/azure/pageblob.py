@@ -40,6 +40,7 @@ import time
 import uuid
 from collections.abc import Callable
 from datetime import UTC, datetime
+from typing import Any
 
 from azure.core import MatchConditions
 from azure.core.exceptions import ResourceExistsError, ResourceNotFoundError
@@ -119,17 +120,46 @@ class PageBlobDisk:
 
         created = disk._call(f"create page blob {name}", create)
         if not created:
-            props = disk._call(f"read page blob {name}", blob.get_blob_properties)
-            recorded = (props.metadata or {}).get(META_SIZE)
-            if props.blob_type != "PageBlob" or props.size != size or recorded not in (None, str(disk_size)):
-                raise errors.Conflict(
-                    f"blob {name} already exists as a {props.blob_type} of {props.size} bytes "
-                    f"(disk size {recorded}); a disk of {disk_size} bytes needs a page blob of {size} bytes",
-                    hint="the blob belongs to another disk or an older protection: delete it or pick another name",
-                    code="azure-blob-mismatch",
-                )
+            disk._check_made_for(disk._call(f"read page blob {name}", blob.get_blob_properties))
         disk._write_footer(name)
         return disk
+
+    @classmethod
+    def open_sized(
+        cls,
+        container: ContainerClient,
+        name: str,
+        disk_size: int,
+        *,
+        policy: AzureRetryPolicy = DEFAULT_RETRY,
+        sleep: Callable[[float], None] = time.sleep,
+    ) -> PageBlobDisk | None:
+        """The existing disk blob `name`, made for a disk of `disk_size` bytes; None when there is none.
+
+        Only reads (no footer is written, nothing is created): for a reader
+        such as the process server's BlockHashes. A missing container counts
+        as a missing blob. A blob of another size or type is refused as by
+        `open_or_create` (Conflict, `azure-blob-mismatch`).
+        """
+        disk = cls(container, name, disk_size, policy=policy, sleep=sleep)
+        try:
+            props = disk._call(f"read page blob {name}", disk.blob.get_blob_properties)
+        except errors.NotFound:
+            return None
+        disk._check_made_for(props)
+        return disk
+
+    def _check_made_for(self, props: Any) -> None:
+        """Conflict unless the blob with properties `props` was made for a disk of this size."""
+        size = blob_size(self.disk_size)
+        recorded = (props.metadata or {}).get(META_SIZE)
+        if props.blob_type != "PageBlob" or props.size != size or recorded not in (None, str(self.disk_size)):
+            raise errors.Conflict(
+                f"blob {self.name} already exists as a {props.blob_type} of {props.size} bytes "
+                f"(disk size {recorded}); a disk of {self.disk_size} bytes needs a page blob of {size} bytes",
+                hint="the blob belongs to another disk or an older protection: delete it or pick another name",
+                code="azure-blob-mismatch",
+            )
 
     @classmethod
     def open(
@@ -179,6 +209,23 @@ class PageBlobDisk:
             f"read {length} bytes at {offset} of {self.name}",
             lambda: self.blob.download_blob(offset=offset, length=length).readall(),
         )
+
+    def valid_ranges(self, offset: int, length: int) -> list[tuple[int, int]]:
+        """The blob's valid (written, not cleared) page ranges that meet [offset, offset + length).
+
+        As (start, end) byte offsets, end exclusive, in order; a page outside
+        every range reads as zeros. `offset` and `length` are whole pages. One
+        Get Page Ranges listing (not a diff: Azurite has no page-range diffs).
+        """
+        self._check_range(offset, length)
+        if length == 0:
+            return []
+
+        def listing() -> list[tuple[int, int]]:
+            found = self.blob.list_page_ranges(offset=offset, length=length)
+            return [(r.start, r.end + 1) for r in found if not r.cleared]  # Azure's ends are inclusive
+
+        return self._call(f"list the page ranges of {length} bytes at {offset} of {self.name}", listing)  # type: ignore[return-value]
 
     def write(self, offset: int, data: bytes | bytearray | memoryview) -> None:
         """Write `data` at `offset`; any alignment, any length inside the disk."""

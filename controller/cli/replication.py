@@ -104,11 +104,13 @@ def enable(
     retention: Annotated[int, typer.Option(help="seconds of recovery points to keep")] = 0,
     scan_interval: Annotated[int, typer.Option(help="scan mode: seconds between hash passes (default 300)")] = 0,
     sync: Annotated[str, typer.Option(
-        help="full (copy every block) or delta (the target disk already holds an older copy: "
+        help="full (copy every block) or delta (the target disk or page blob already holds an older copy: "
         "only the 64 KiB blocks that differ travel; nbd mode)")] = "full",
     target_path: Annotated[str, typer.Option(
         help="the target disk file (one disk): absolute, or relative to the datastore; "
-        "default: <datastore>/<host>-<id>/<disk>.img")] = "",
+        "default: <datastore>/<host>-<id>/<disk>.img. With --azure-site: the page blob, as the URL an "
+        "earlier pair of the site showed (srctl replication status -o json) or a blob name in the site's "
+        "container; default: <host>-<id>/<disk>.vhd")] = "",
     wait: Annotated[bool, typer.Option("--wait/--no-wait", help="wait for the initial sync to finish")] = False,
     output_format: OutputOption = Format.table,
 ) -> None:

@@ -49,7 +49,8 @@ def write_credential(path: Path, port: int) -> Path:
 
 
 def assignment(pair_id: str, disk_size: int, container: str, blob: str, **extra: Any) -> rpb.PairAssignment:
-    return rpb.PairAssignment(
+    """An Azure pair ended by process server ps-1; `extra` adds or replaces fields."""
+    fields: dict[str, Any] = dict(
         pair_id=pair_id,
         machine_id="src-1",
         disk_name="disk0",
@@ -59,8 +60,9 @@ def assignment(pair_id: str, disk_size: int, container: str, blob: str, **extra:
         desired_state=rpb.PAIR_DESIRED_STATE_REPLICATING,
         target_kind=rpb.TARGET_KIND_AZURE_PAGE_BLOB,
         azure_blob=rpb.AzureBlobTarget(site="dr", storage_account=ACCOUNT, container=container, blob_name=blob),
-        **extra,
     )
+    fields.update(extra)
+    return rpb.PairAssignment(**fields)
 
 
 def spool_stream(spool_dir: Path, spec: dict) -> list[rpb.Frame]:

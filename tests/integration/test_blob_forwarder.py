@@ -293,3 +293,107 @@ def test_a_refused_key_is_an_error_naming_the_file_and_a_fixed_file_is_read_agai
         forwarder.stop()
         spool.close()
     _check_blob_and_points(container, spec, stream)
+
+
+# -- a delta pair onto the blob an earlier pair left (reprotect to the cloud) ----------------
+
+
+def _delta_stream(pair_id: str, base: bytes, rng: random.Random, blocks: int) -> tuple[list[rpb.Frame], bytes]:
+    """A delta sync's frames (INITIAL_STARTED, `blocks` differing 64 KiB blocks as writes and one
+    as a zero range, INITIAL_DONE, then a tag) and the disk they make of `base`."""
+    block = 64 * KiB
+    disk = bytearray(base)
+    size = len(base)
+    chosen = rng.sample(range(-(-size // block)), blocks + 1)
+    out = [frames.sync_frame(pair_id, 1, rpb.SYNC_PHASE_INITIAL_STARTED, size, captured_at=T0)]
+    for index in chosen[:-1]:
+        offset = index * block
+        data = rng.randbytes(min(block, size - offset))
+        disk[offset:offset + len(data)] = data
+        out.append(frames.write_frame(pair_id, len(out) + 1, offset, data, captured_at=T0))
+    offset = chosen[-1] * block
+    length = min(block, size - offset)
+    disk[offset:offset + length] = bytes(length)
+    out.append(frames.zero_frame(pair_id, len(out) + 1, offset, length, captured_at=T0))
+    out.append(frames.sync_frame(pair_id, len(out) + 1, rpb.SYNC_PHASE_INITIAL_DONE, size, captured_at=T0 + 1))
+    out.append(frames.tag_frame(pair_id, len(out) + 1, "after-delta", rpb.RECOVERY_POINT_KIND_CRASH_CONSISTENT,
+                                captured_at=T0 + 2))
+    return out, bytes(disk)
+
+
+def test_a_new_delta_pair_writes_only_its_blocks_into_the_blob_an_earlier_pair_left(tmp_path, container, azurite):
+    spec = _spec(tmp_path, container, azurite, SEED + 5)
+    stream = spool_stream(Path(spec["spool_dir"]), spec)
+    spool = Spool(Path(spec["spool_dir"]), limit_bytes=1 << 30)
+    storage = StorageCredentialFile(Path(spec["credential"]))
+    policy = BlobPolicy(batch_frames=5, retry=FAST_RETRY, prune_interval=1e9)
+    first = BlobForwarder(assignment(spec["pair_id"], DISK, spec["container"], spec["blob"]), spool, storage,
+                          Path(spec["state_dir"]), policy=policy)
+    try:
+        run_until_written(first, stream[-1].seq)
+    finally:
+        first.stop()
+    blob = container.get_blob_client(spec["blob"])
+    before = blob.get_blob_properties()
+    old_points = [p.snapshot for p in points.list_points(container, spec["blob"])]
+    base = _blob(container, spec["blob"], DISK)
+    assert old_points and any(base)
+
+    # A pair id this process server never saw (no state file), enabled with --sync delta.
+    pair_id = "pair-delta-new"
+    state_file = Path(spec["state_dir"]) / "azure-pairs" / f"{pair_id}.json"
+    assert not state_file.exists()
+    delta, expected = _delta_stream(pair_id, base, random.Random(SEED + 5), blocks=4)
+    spool.log(pair_id).append(delta)
+    second = BlobForwarder(
+        assignment(pair_id, DISK, spec["container"], spec["blob"], sync_kind=rpb.SYNC_KIND_DELTA),
+        spool, storage, Path(spec["state_dir"]), policy=policy,
+    )
+    try:
+        status = run_until_written(second, delta[-1].seq)
+    finally:
+        second.stop()
+        spool.close()
+    assert status.state == rpb.PAIR_STATE_REPLICATING
+    assert sha256(_blob(container, spec["blob"], DISK)) == sha256(expected) != sha256(base)
+    # Written in place: the same blob (never created again, never zeroed), the earlier pair's
+    # snapshots still there, and only the differing blocks written.
+    after = blob.get_blob_properties()
+    assert after.creation_time == before.creation_time and after.size == before.size
+    assert set(old_points) <= {p.snapshot for p in points.list_points(container, spec["blob"])}
+    assert status.applied_bytes_total == sum(f.write.length for f in delta if f.WhichOneof("body") == "write")
+    assert [p.tag_id for p in status.points] == ["after-delta"], "only this pair's points are its points"
+    saved = json.loads(state_file.read_text())
+    assert (saved["applied_seq"], saved["sync"], saved["blob_created"]) == (delta[-1].seq, "done", True)
+    footer = blob.download_blob(offset=vhd.virtual_size(DISK), length=512).readall()
+    assert vhd.parse(footer)["checksum_ok"]
+
+
+def test_a_delta_pair_onto_a_blob_of_another_size_is_an_error_and_leaves_the_blob(tmp_path, container, azurite):
+    from siterecovery.common.azure.pageblob import PageBlobDisk
+
+    other = DISK + 64 * KiB
+    PageBlobDisk.open_or_create(container, "web1-abcdef12/disk0.vhd", other).write(0, b"\x5a" * 4096)
+    blob = container.get_blob_client("web1-abcdef12/disk0.vhd")
+    before = blob.get_blob_properties()
+    content = _blob(container, "web1-abcdef12/disk0.vhd", other)
+    spool = Spool(tmp_path / "spool", limit_bytes=1 << 30)
+    delta, _ = _delta_stream("pair-wrong", bytes(DISK), random.Random(SEED + 6), blocks=2)
+    spool.log("pair-wrong").append(delta)
+    forwarder = BlobForwarder(
+        assignment("pair-wrong", DISK, container.container_name, "web1-abcdef12/disk0.vhd",
+                   sync_kind=rpb.SYNC_KIND_DELTA),
+        spool, StorageCredentialFile(write_credential(tmp_path / "azure.conn", azurite.port)), tmp_path / "state",
+        policy=BlobPolicy(retry=FAST_RETRY, initial_backoff=0.05, max_backoff=0.2, prune_interval=1e9),
+    )
+    try:
+        forwarder.start()
+        status = _wait(forwarder, lambda s: s.state == rpb.PAIR_STATE_ERROR, "the refusal")
+    finally:
+        forwarder.stop()
+        spool.close()
+    assert status.reason_code == "target-size-mismatch" and status.acked_seq == 0
+    assert "delta" in status.reason and "full sync onto a new blob" in status.reason and str(DISK) in status.reason
+    after = blob.get_blob_properties()
+    assert (after.size, after.creation_time) == (before.size, before.creation_time)
+    assert _blob(container, "web1-abcdef12/disk0.vhd", other) == content

@@ -142,6 +142,80 @@ def test_kill9_of_the_process_server_mid_sync_resumes_from_its_saved_seq(rsite, 
           f"resumed at seq {saved + 1}")
 
 
+BLOCK = 64 * 1024
+DIGEST = 16
+
+
+def _change_blocks(image, rng: random.Random, *, fraction: float, zeroed: int) -> tuple[int, int]:
+    """Overwrite a random `fraction` of the image's 64 KiB blocks with random data and zero
+    `zeroed` of its data blocks, in place (the source agent keeps its disk file); returns the
+    bytes of the blocks that now differ and hold data (they travel) and of those that differ and
+    read as zeros (zero ranges, no data)."""
+    blocks = image.stat().st_size // BLOCK
+    with open(image, "r+b") as f:
+        before = [f.read(BLOCK) for _ in range(blocks)]
+        overwrite = rng.sample(range(blocks), max(1, int(blocks * fraction)))
+        data_blocks = [b for b in range(blocks) if any(before[b]) and b not in overwrite]
+        for block in overwrite:
+            f.seek(block * BLOCK)
+            f.write(rng.randbytes(BLOCK))
+        for block in rng.sample(data_blocks, zeroed):
+            f.seek(block * BLOCK)
+            f.write(bytes(BLOCK))
+        f.flush()
+        os.fsync(f.fileno())
+        f.seek(0)
+        after = [f.read(BLOCK) for _ in range(blocks)]
+    differ = [b for b in range(blocks) if before[b] != after[b]]
+    data = sum(BLOCK for b in differ if any(after[b]))
+    return data, len(differ) * BLOCK - data
+
+
+@needs_tools("qemu-io")
+def test_reprotect_onto_the_blob_an_earlier_pair_left_moves_only_the_changed_blocks(rsite, azurite):
+    rng = random.Random(f"{SEED}-azure-delta")
+    size = 64 * MiB
+    container = _start(rsite, azurite, disk_size=size, data_bytes=48 * MiB, seed=rng.randrange(1 << 30))
+    first = rsite.enable("--azure-site", SITE)
+    rsite.wait_replicating()
+    rsite.wait_caught_up()
+    name = first["target_path"].split(f"/{CONTAINER}/", 1)[1]
+    assert sha256(_blob(container, name, size)) == file_sha256(rsite.disk)
+    disabled = rsite.srctl("replication", "disable", rsite.machine)
+    assert disabled.returncode == 0, disabled.stderr
+
+    # The machine ran elsewhere meanwhile (a failover and a failback): ~1 % of its blocks changed.
+    data, zeros = _change_blocks(rsite.disk, rng, fraction=0.01, zeroed=3)
+    assert data and zeros
+    pair = rsite.enable("--azure-site", SITE, "--sync", "delta", "--target-path", first["target_path"])
+    assert pair["pair_id"] != first["pair_id"] and pair["sync_kind"] == "delta"
+    assert pair["target_path"] == first["target_path"] and pair["master_target_id"] == pair["process_server_id"]
+    rsite.wait_replicating()
+    done = rsite.wait_caught_up()
+    assert sha256(_blob(container, name, size)) == file_sha256(rsite.disk)
+
+    # What travelled and what the process server wrote into the blob: the differing blocks
+    # (as for a master target: tests/integration/test_delta_resync.py), far below the disk.
+    bound = 1.05 * data + MiB
+    sent, applied, moved = (int(done[k]) for k in ("source_bytes_sent", "applied_bytes_total", "sync_sent_bytes"))
+    assert data <= moved <= bound and sent <= bound and applied <= bound, (sent, applied, moved, data)
+    assert applied < size // 10 and moved < size // 10
+    assert int(done["sync_differing_bytes"]) == data + zeros
+    assert int(done["sync_compared_bytes"]) == size
+    assert int(done["sync_hash_bytes"]) == size // BLOCK * DIGEST
+    print(f"[azure delta] {size // MiB} MiB disk, {(data + zeros) // BLOCK} blocks differ "
+          f"({data / MiB:.2f} MiB of data): source sent {sent / MiB:.2f} MiB, the process server wrote "
+          f"{applied / MiB:.2f} MiB into the blob, {int(done['sync_hash_bytes']) / 1024:.0f} KiB of digests")
+
+    # From here on an ordinary Azure pair: its points are snapshots of the same blob.
+    rsite.qemu_io("write -P 0x3c 2M 128k", "flush")
+    tag = rsite.create_point()
+    at_tag = file_sha256(rsite.disk)
+    rsite.wait_caught_up()
+    assert tag in [p["point"]["tag_id"] for p in rsite.points()]
+    assert sha256(_blob(container, name, size, _snapshots(container, name)[tag])) == at_tag
+
+
 def test_a_process_server_refuses_to_start_with_a_storage_credential_others_may_read(rsite, azurite):
     rsite.start_config_server()
     credential = write_credential(rsite.root / "azure.conn", azurite.port)

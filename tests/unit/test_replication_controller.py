@@ -399,6 +399,86 @@ def test_enable_to_azure_refuses_a_disk_a_page_blob_cannot_hold_and_a_blob_in_us
     assert caught.value.code == "pair-exists" and pair.id in caught.value.message
 
 
+URL = "https://srdrstore.blob.core.windows.net/replicas"
+
+
+def test_a_delta_pair_to_azure_goes_onto_the_blob_an_earlier_pair_left(azure_store):
+    (first,) = _enable(azure_store, machine="app01", azure_site="dr-west", disks=["disk1"])
+    azure_store.delete_pair(first.id)  # `srctl replication disable`: the blob stays
+    # The old pair's URL as it stored it: the same blob, and the same shape as a full pair's.
+    (again,) = _delta(azure_store, azure_site="dr-west", disks=["disk1"], target_path=first.target_path)
+    assert (again.sync_kind, again.target_kind, again.target_path) == ("delta", "azure-page-blob", first.target_path)
+    assert again.target_options == first.target_options and again.id != first.id
+    assert (again.master_target_id, again.journal_dir) == ("ps-1", "")
+    (a,) = [x for x in replication.assignments_for(azure_store, "ps-1") if x.pair_id == again.id]
+    assert a.sync_kind == rpb.SYNC_KIND_DELTA and a.target_kind == rpb.TARGET_KIND_AZURE_PAGE_BLOB
+    assert a.azure_blob.blob_name == "app01-src-1/disk1.vhd"
+    view = replication.view(again, [], hostname="app01", heartbeat_interval=10, now=T0)
+    assert (view.sync_kind, view.target_path) == (rpb.SYNC_KIND_DELTA, first.target_path)
+    azure_store.delete_pair(again.id)
+
+    # A blob name inside the site's container; without a target path, the default layout.
+    (named,) = _delta(azure_store, azure_site="dr-west", disks=["disk0"], target_path="older/app01-disk0.vhd")
+    assert named.target_path == f"{URL}/older/app01-disk0.vhd"
+    assert named.target_options["blob_name"] == "older/app01-disk0.vhd"
+    (default,) = _delta(azure_store, azure_site="dr-west", disks=["disk1"])
+    assert default.target_path == first.target_path and default.sync_kind == "delta"
+
+
+@pytest.mark.parametrize(
+    ("kw", "error", "code"),
+    [
+        # Another storage account, another container, another endpoint: not the site's blob.
+        ({"target_path": "https://otherstore.blob.core.windows.net/replicas/app01-src-1/disk1.vhd"},
+         errors.InvalidInput, "azure-blob-outside"),
+        ({"target_path": "https://srdrstore.blob.core.windows.net/other/app01-src-1/disk1.vhd"},
+         errors.InvalidInput, "azure-blob-outside"),
+        ({"target_path": "http://srdrstore.blob.core.windows.net/replicas/app01-src-1/disk1.vhd"},
+         errors.InvalidInput, "azure-blob-outside"),
+        ({"target_path": "https://srdrstore.blob.core.windows.net.evil.example/replicas/x.vhd"},
+         errors.InvalidInput, "azure-blob-outside"),
+        # Traversal, in a URL or a name.
+        ({"target_path": f"{URL}/../other/disk1.vhd"}, errors.InvalidInput, "path-traversal"),
+        ({"target_path": "app01/../../x.vhd"}, errors.InvalidInput, "path-traversal"),
+        ({"target_path": "../x.vhd"}, errors.InvalidInput, "path-traversal"),
+        # Names the default layout would not make.
+        ({"target_path": "/app01/disk1.vhd"}, errors.InvalidInput, "azure-blob-name-invalid"),
+        ({"target_path": "app01//disk1.vhd"}, errors.InvalidInput, "azure-blob-name-invalid"),
+        ({"target_path": "app01/disk1.img"}, errors.InvalidInput, "azure-blob-name-invalid"),
+        ({"target_path": "app01/.hidden.vhd"}, errors.InvalidInput, "azure-blob-name-invalid"),
+        ({"target_path": "app 01/disk1.vhd"}, errors.InvalidInput, "azure-blob-name-invalid"),
+        ({"target_path": "app01/disk\x00.vhd"}, errors.InvalidInput, "azure-blob-name-invalid"),
+        ({"target_path": "a/" * 600 + "d.vhd"}, errors.InvalidInput, "azure-blob-name-invalid"),
+        ({"target_path": f"{URL}/"}, errors.InvalidInput, "azure-blob-name-invalid"),
+        ({"target_path": f"{URL}/app01/disk1.vhd?sv=2024&sig=SECRET"}, errors.InvalidInput, "azure-blob-name-invalid"),
+        # One blob names one disk; a delta sync needs nbd mode; the site's rules still hold.
+        ({"target_path": "app01/disk1.vhd", "disks": []}, errors.InvalidInput, "target-path-one-disk"),
+        ({"mode": rpb.REPLICATION_MODE_SCAN}, errors.InvalidInput, "sync-kind-invalid"),
+        ({"target_path": "app01/disk1.vhd", "master_target": "mt-1"}, errors.InvalidInput, "azure-target-conflict"),
+    ],
+)
+def test_a_delta_pair_to_azure_is_checked_before_anything_is_stored(azure_store, kw, error, code):
+    request = {"azure_site": "dr-west", "disks": ["disk1"], "sync_kind": rpb.SYNC_KIND_DELTA, **kw}
+    if not request["disks"]:
+        del request["disks"]
+    with pytest.raises(error) as caught:
+        _enable(azure_store, machine="app01", **request)
+    assert caught.value.code == code, caught.value
+    assert caught.value.hint, caught.value
+    assert "SECRET" not in str(caught.value)
+    assert azure_store.list_pairs() == []
+
+
+def test_a_blob_another_live_pair_writes_is_refused_by_url_and_by_name(azure_store):
+    (live,) = _enable(azure_store, machine="app01", azure_site="dr-west", disks=["disk1"])
+    for path in (live.target_path, "app01-src-1/disk1.vhd"):
+        with pytest.raises(errors.Conflict) as caught:
+            _delta(azure_store, azure_site="dr-west", disks=["disk0"], target_path=path)
+        assert caught.value.code == "pair-exists" and live.id in caught.value.message
+        assert "disable" in caught.value.hint
+    assert [p.id for p in azure_store.list_pairs()] == [live.id]
+
+
 def test_the_process_server_ends_an_azure_pair_its_report_is_the_targets(azure_store):
     (pair,) = _enable(azure_store, machine="app01", disks=["disk1"], azure_site="dr-west")
     tag_id, _ = replication.request_point(azure_store, machine="app01", group="", kind=0, now=T0)
