@@ -31,7 +31,8 @@ from siterecovery.common.pb import admin_pb2, common_pb2
 from siterecovery.common.pb import protection_pb2 as ppb
 from siterecovery.controller import launcher
 from siterecovery.controller.cli import output
-from siterecovery.controller.cli.client import Profile, default_lab_dir, lab_profile
+from siterecovery.controller.cli.client import LAB_DIR_ENV, Profile, lab_profile
+from siterecovery.controller.cli.client import lab_dir as resolve_lab_dir
 from siterecovery.controller.protection.environment import LocalSites
 from siterecovery.controller.providers.local.site import AgentLaunch
 
@@ -52,12 +53,12 @@ LAB_GROUP = "PG1"
 
 DirOption = Annotated[
     Path | None,
-    typer.Option("--dir", help="where the lab lives (default ~/.local/state/siterecovery/lab)", envvar="SRCTL_LAB_DIR"),
+    typer.Option("--dir", help="where the lab lives (default ~/.local/state/siterecovery/lab)", envvar=LAB_DIR_ENV),
 ]
 
 
 def lab_dir_of(directory: Path | None) -> Path:
-    return (directory or default_lab_dir()).expanduser().resolve()
+    return resolve_lab_dir(directory)
 
 
 def running_daemons(lab_dir: Path) -> list[launcher.Launched]:
@@ -339,7 +340,7 @@ def _print_summary(
                      str(daemon.log_path)])
     output.print_table("Processes", ["COMPONENT", "PID", "ADDRESS", "METRICS", "LOG"], rows)
     output.console.print(f"srctl profile: {profile.path}")
-    if profile.path != lab_profile(default_lab_dir()):
+    if profile.path != lab_profile(resolve_lab_dir()):  # srctl would not find it by itself
         output.console.print(f"  use it with: export SRCTL_CONFIG={profile.path}")
     output.console.print(
         f"Next: `srctl drill`, `srctl machine failback-status {LAB_VM}`, `srctl replication status`, "
