@@ -1,12 +1,18 @@
-"""Where srctl looks for the lab."""
+"""Where srctl looks for the lab, and how `srctl lab status` tells whose health a row shows."""
 
 from __future__ import annotations
 
+import json
+import os
 from pathlib import Path
 
+import psutil
 import pytest
 from rich.console import Console
 
+from siterecovery.common.daemon import write_json_atomically
+from siterecovery.common.pb import common_pb2
+from siterecovery.controller import launcher
 from siterecovery.controller.cli import lab, output
 from siterecovery.controller.cli.client import Profile, candidate_profiles, lab_dir, lab_profile
 from siterecovery.controller.protection.environment import LocalSites
@@ -68,3 +74,58 @@ def test_lab_up_says_to_export_srctl_config_only_when_the_lookup_would_miss_the_
     printed = capsys.readouterr().out
     assert f"srctl profile: {profile.path}" in printed
     assert ("export SRCTL_CONFIG" in printed) is not in_env
+
+
+# -- lab status ------------------------------------------------------------------------------------------
+
+
+def _this_process(name: str, state_dir: Path, **state: object) -> launcher.Launched:
+    """A lab daemon that "runs": this test's own process stands in for it."""
+    me = psutil.Process(os.getpid())
+    return launcher.Launched(name, me.pid, me.create_time(), state_dir, state_dir / "log", dict(state))
+
+
+def _vm(site_dir: Path, name: str, agent_id: str, port: int) -> None:
+    """A running local VM as the local provider keeps it: vm.json, and its agent's state file."""
+    vm_dir = site_dir / "vms" / name
+    vm_dir.mkdir(parents=True)
+    (vm_dir / "vm.json").write_text(json.dumps({"name": name, "uuid": f"uuid-{agent_id}", "power": "on", "disks": []}))
+    write_json_atomically(vm_dir / "agent" / "source-agent.state.json",
+                          {"agent_id": agent_id, "nbd": {"disk0": f"nbd://127.0.0.1:{port}/disk0"}})
+
+
+def _server(server_id: str, hostname: str, health: int, role: int = common_pb2.ROLE_SOURCE) -> common_pb2.ServerInfo:
+    return common_pb2.ServerInfo(id=server_id, role=role, hostname=hostname, health=health)
+
+
+def test_lab_status_shows_each_row_the_health_of_its_own_server_not_of_its_host_name(tmp_path: Path) -> None:
+    ps_dir = tmp_path / "ps-onprem"
+    write_json_atomically(ps_dir / "process-server.state.json", {"agent_id": "ps-now", "port": 1})
+    daemons = [_this_process("config-server", tmp_path / "config-server", port=2),
+               _this_process("process-server", ps_dir, port=1, agent_id="ps-now")]
+    _vm(tmp_path / "sites" / "onprem", "app01", "src-onprem", 10809)
+    _vm(tmp_path / "sites" / "cloud", "app01", "src-cloud", 10810)
+    servers = [
+        _server("config-server", "labhost", common_pb2.HEALTH_HEALTHY, common_pb2.ROLE_CONFIG_SERVER),
+        _server("ps-now", "ps-onprem", common_pb2.HEALTH_HEALTHY, common_pb2.ROLE_PROCESS_SERVER),
+        _server("src-onprem", "app01", common_pb2.HEALTH_HEALTHY),
+        _server("src-cloud", "app01", common_pb2.HEALTH_WARNING),
+        # An agent that enrolled again under the same names leaves its old, silent row behind.
+        _server("ps-before", "ps-onprem", common_pb2.HEALTH_CRITICAL, common_pb2.ROLE_PROCESS_SERVER),
+        _server("src-before", "app01", common_pb2.HEALTH_CRITICAL),
+    ]
+
+    daemon_rows, vm_rows = lab.status_rows(tmp_path, daemons, ["config-server", "ps-onprem"], servers)
+
+    assert [(r["component"], r["running"], r["health"]) for r in daemon_rows] == [
+        ("config-server", "yes", "healthy"), ("ps-onprem", "yes", "healthy")]
+    assert [(r["component"], r["health"]) for r in vm_rows] == [
+        ("vm app01 (on-premises)", "healthy"), ("vm app01 (cloud)", "warning")]
+
+
+def test_lab_status_says_unknown_for_a_process_the_server_does_not_list(tmp_path: Path) -> None:
+    ps_dir = tmp_path / "ps-onprem"
+    write_json_atomically(ps_dir / "process-server.state.json", {"agent_id": "ps-now", "port": 1})
+    rows, _ = lab.status_rows(tmp_path, [_this_process("process-server", ps_dir, port=1)], ["ps-onprem"],
+                              [_server("ps-before", "ps-onprem", common_pb2.HEALTH_HEALTHY)])
+    assert rows[0]["health"] == "unknown"
