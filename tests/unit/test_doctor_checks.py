@@ -96,6 +96,9 @@ def test_server_checks_cover_every_agent_its_certificate_and_its_directories() -
             {"kind": "DIRECTORY_KIND_RETENTION", "path": "/ret", "free_bytes": str(10 * gib), "total_bytes": str(100 * gib)},
         ]),
         _server("old", "source"),
+        _server("app01", "source", directories=[  # journals live in a source agent's state directory
+            {"kind": "DIRECTORY_KIND_STATE", "path": "/var/lib/sr", "free_bytes": str(4 * gib), "total_bytes": str(100 * gib)},
+        ]),
     ]
     revoked = _server("gone", "source")
     revoked = ServerRecord(**{**revoked.__dict__, "revoked_at": NOW})
@@ -110,6 +113,9 @@ def test_server_checks_cover_every_agent_its_certificate_and_its_directories() -
     assert by[("master-target mt1", "datastore free space")] == "ok"
     assert by[("master-target mt1", "retention free space")] == "warning"  # 10 %
     assert by[("source old", "certificate")] == "skipped"  # registered before expiries were recorded
+    assert by[("source app01", "state free space")] == "failed"  # 4 %
+    (journals,) = [c for c in checks if c.subject == "source app01" and c.name == "state free space"]
+    assert "source agent's state directory" in journals.hint and journals.code == "disk-full"
     assert all(status == "ok" for (_, name), status in by.items() if name == "heartbeat")
     assert not any("gone" in subject for subject, _ in by), "a removed agent is not checked"
 
