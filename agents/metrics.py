@@ -49,6 +49,7 @@ DIRECTORY_KINDS = {
     common_pb2.DIRECTORY_KIND_SPOOL: "spool",
     common_pb2.DIRECTORY_KIND_DATASTORE: "datastore",
     common_pb2.DIRECTORY_KIND_RETENTION: "retention",
+    common_pb2.DIRECTORY_KIND_STATE: "state",
 }
 
 

@@ -53,7 +53,8 @@ _VM_SIZE = re.compile(r"[A-Za-z][A-Za-z0-9_]{2,63}")
 _ADMIN_USER = re.compile(r"[a-z_][a-z0-9_-]{0,31}")
 
 DEFAULT_PROCESS_SERVER_SIZE = "Standard_D4s_v3"
-DEFAULT_PROCESS_SERVER_IMAGE = ImageRef("Canonical", "0001-com-ubuntu-server-jammy", "22_04-lts-gen2")
+# Ubuntu 24.04 LTS (Gen2): its Python 3.12 meets requires-python (>= 3.11); 22.04's 3.10 did not.
+DEFAULT_PROCESS_SERVER_IMAGE = ImageRef("Canonical", "ubuntu-24_04-lts", "server")
 DEFAULT_INSTALL_COMMAND = "pip install siterecovery"
 
 

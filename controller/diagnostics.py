@@ -47,6 +47,11 @@ DIRECTORY_HINTS = {
     "datastore": "free space on the datastore or move target disks elsewhere: replication and failback write there",
     "state": "free space in the configuration server's state directory: its store and backups live there",
 }
+# A source agent's state directory holds its pairs' journals: the writes it could not send yet.
+SOURCE_STATE_HINT = (
+    "free space in the source agent's state directory or move it to a larger volume: its journals live there, "
+    "and when it is full the protected machine's writes fail"
+)
 
 
 @dataclass(frozen=True)
@@ -94,13 +99,13 @@ def clock_skew(skew_seconds: float, uncertainty_seconds: float, subject: str) ->
     return Check("clock skew", "ok", message, subject=subject)
 
 
-def disk_space(subject: str, kind: str, path: str, free: int, total: int) -> Check:
+def disk_space(subject: str, kind: str, path: str, free: int, total: int, *, hint: str = "") -> Check:
     name = f"{kind} free space"
     if total <= 0:
         return Check(name, "skipped", f"{path}: its size is not reported", subject=subject)
     fraction = free / total
     message = f"{path}: {fraction:.0%} free ({_gib(free)} of {_gib(total)})"
-    hint = DIRECTORY_HINTS.get(kind, "free space there")
+    hint = hint or DIRECTORY_HINTS.get(kind, "free space there")
     if fraction < DISK_FAIL_FRACTION:
         return Check(name, "failed", message, hint=hint, code="disk-full", subject=subject)
     if fraction < DISK_WARN_FRACTION:
@@ -177,7 +182,8 @@ def server_checks(
         checks.append(certificate("certificate", subject, expires, now, renew=AGENT_RENEW))
         for directory in server.inventory.get("directories", []):
             kind = str(directory.get("kind", "")).removeprefix("DIRECTORY_KIND_").lower()
-            if kind in ("spool", "retention", "datastore"):
+            if kind in ("spool", "retention", "datastore", "state"):
                 checks.append(disk_space(subject, kind, str(directory.get("path", "")),
-                                         int(directory.get("free_bytes", 0)), int(directory.get("total_bytes", 0))))
+                                         int(directory.get("free_bytes", 0)), int(directory.get("total_bytes", 0)),
+                                         hint=SOURCE_STATE_HINT if kind == "state" else ""))
     return checks

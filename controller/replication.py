@@ -97,14 +97,21 @@ _ROLE_PROTO = {pki.SOURCE: "source", pki.PROCESS_SERVER: "process-server", pki.M
 
 
 def resolve_machine(store: Store, ref: str) -> MachineRecord:
-    """A machine by id, else by host name (which must then be unambiguous)."""
+    """A machine by id, else by host name (which must then be unambiguous).
+
+    A machine whose source agent was removed (its certificate revoked) is no
+    machine of this site any more (`ListMachines` leaves it out): its name
+    does not count, so the same machine enrolled again (say, after a failback)
+    is found by its name alone. Its id still names it."""
     if not ref:
         raise errors.InvalidInput("no machine given", hint="name it by host name or id (`srctl machines list`)")
     try:
         return store.get_machine(ref)
     except errors.NotFound:
         pass
-    found = [m for m in store.list_machines() if m.hostname == ref]
+    named = [m for m in store.list_machines() if m.hostname == ref]
+    removed = set(store.revoked_server_ids()) if named else set()
+    found = [m for m in named if m.server_id not in removed]
     if len(found) == 1:
         return found[0]
     if found:
@@ -112,6 +119,12 @@ def resolve_machine(store: Store, ref: str) -> MachineRecord:
             f"{len(found)} machines are called {ref!r}",
             hint="name it by id: " + ", ".join(m.id for m in found),
             code="machine-ambiguous",
+        )
+    if named:
+        raise errors.NotFound(
+            f"the machine called {ref!r} was removed (its source agent's certificate is revoked)",
+            hint="enroll its source agent again (a new identity); `srctl servers list --all` shows removed servers",
+            code="machine-not-found",
         )
     raise errors.NotFound(
         f"no machine is called {ref!r}",

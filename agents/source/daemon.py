@@ -1,7 +1,8 @@
 """sr-source-agent: runs on a protected machine, serves its disks over NBD and replicates them.
 
 The agent enrolls, registers its machine and disks (each with a stable
-identity), and heartbeats. Every configured disk is served as an NBD export
+identity) and its state directory (where the journals live) with its free
+space, and heartbeats. Every configured disk is served as an NBD export
 named after the disk on `nbd_listen:nbd_port` (reported as `nbd` =
 {disk name: URI} in the state file and in the log); writes made through it are
 journaled and streamed to the process server while the disk's pair replicates
@@ -22,7 +23,7 @@ from siterecovery.agents.runtime import AgentRuntime
 from siterecovery.agents.settings import SourceSettings
 from siterecovery.common import blockhash, daemon, errors, logging, pki
 from siterecovery.common.channels import RPC_TIMEOUT, secure_channel
-from siterecovery.common.inventory import DiskIdentities, bios_uuid, disk_facts, host_facts
+from siterecovery.common.inventory import DiskIdentities, bios_uuid, directory_facts, disk_facts, host_facts
 from siterecovery.common.pb import agent_pb2, agent_pb2_grpc, common_pb2
 
 from . import generation
@@ -78,10 +79,16 @@ def run(cfg: SourceSettings, stop: threading.Event | None = None) -> int:
     identities = DiskIdentities(cfg.state_dir)
     disks = {d.name: DiskCapture(d.name, d.path) for d in cfg.disks}
 
+    def directories() -> list[common_pb2.DirectoryFacts]:
+        # The pairs' journals live here (writes acknowledged but not yet sent): a full
+        # file system stops replication, so its free space is reported like a spool's.
+        return [directory_facts(common_pb2.DIRECTORY_KIND_STATE, cfg.state_dir)]
+
     def inventory() -> common_pb2.Inventory:
         return common_pb2.Inventory(
             host=host_facts(hostname=cfg.hostname, machine_uuid=cfg.machine_uuid or bios_uuid()),
             disks=[disk_facts(identities, d.path, d.name) for d in cfg.disks],
+            directories=directories(),
             data_endpoint=runtime.data_endpoint(),
             network=network.identity(),
         )
@@ -132,8 +139,8 @@ def run(cfg: SourceSettings, stop: threading.Event | None = None) -> int:
     for name, uri in exports.items():
         log.info("serving disk over NBD", disk=name, uri=uri)
     runtime = AgentRuntime(
-        cfg, role=pki.SOURCE, daemon_name=DAEMON, stop=stop, inventory=inventory, pairs=replication,
-        network=network, ready_facts={"nbd": exports},
+        cfg, role=pki.SOURCE, daemon_name=DAEMON, stop=stop, inventory=inventory, directories=directories,
+        pairs=replication, network=network, ready_facts={"nbd": exports},
     )
     try:
         return runtime.run()

@@ -180,7 +180,7 @@ def deploy_azure(
         Path | None, typer.Option(help="OpenSSH public key for the admin user; default ~/.ssh/id_*.pub")
     ] = None,
     admin_user: Annotated[str, typer.Option(help="the VM's admin user")] = "sradmin",
-    image: Annotated[str, typer.Option(help="publisher:offer:sku[:version]; default Ubuntu 22.04 LTS")] = "",
+    image: Annotated[str, typer.Option(help="publisher:offer:sku[:version]; default Ubuntu 24.04 LTS")] = "",
     config_server: Annotated[
         str, typer.Option(help="host:port the VM enrolls with; default the server's advertised address")
     ] = "",

@@ -3,8 +3,9 @@
 A profile is a small TOML file the configuration server writes for its local
 administrator (`<state_dir>/admin/srctl.toml`): the address, and the CA,
 certificate and key to authenticate with, relative to the file. srctl looks
-for one in this order: --config, $SRCTL_CONFIG, the default lab's, the
-configuration server's default state directory.
+for one in this order: --config, $SRCTL_CONFIG, the lab's (in $SRCTL_LAB_DIR
+when set, as `srctl lab` itself resolves it: `lab_dir`), the configuration
+server's default state directory.
 """
 
 from __future__ import annotations
@@ -22,10 +23,21 @@ from siterecovery.common.pb import admin_pb2_grpc, protection_pb2_grpc
 from siterecovery.common.pki import CONFIG_SERVER_NAME
 from siterecovery.controller.settings import DEFAULT_STATE_DIR
 
+LAB_DIR_ENV = "SRCTL_LAB_DIR"
+
 
 def default_lab_dir() -> Path:
     base = os.environ.get("XDG_STATE_HOME") or Path.home() / ".local" / "state"
     return Path(base) / "siterecovery" / "lab"
+
+
+def lab_dir(directory: Path | None = None) -> Path:
+    """Where the lab lives: `directory` (`srctl lab --dir`), else $SRCTL_LAB_DIR, else the default.
+
+    The one resolution for `srctl lab`, `srctl drill` and the profile lookup, so
+    a lab started in $SRCTL_LAB_DIR is the one every other command talks to."""
+    chosen = directory or (Path(os.environ[LAB_DIR_ENV]) if os.environ.get(LAB_DIR_ENV) else default_lab_dir())
+    return chosen.expanduser().resolve()
 
 
 def lab_profile(lab_dir: Path) -> Path:
@@ -37,7 +49,7 @@ def candidate_profiles(explicit: Path | None) -> list[Path]:
         return [explicit]
     if os.environ.get("SRCTL_CONFIG"):
         return [Path(os.environ["SRCTL_CONFIG"])]
-    return [lab_profile(default_lab_dir()), DEFAULT_STATE_DIR / "admin" / "srctl.toml"]
+    return [lab_profile(lab_dir()), DEFAULT_STATE_DIR / "admin" / "srctl.toml"]
 
 
 @dataclass(frozen=True)

@@ -27,13 +27,16 @@ import typer
 
 from siterecovery.common import errors
 from siterecovery.common.channels import RPC_TIMEOUT
+from siterecovery.common.daemon import read_state_file
 from siterecovery.common.pb import admin_pb2, common_pb2
 from siterecovery.common.pb import protection_pb2 as ppb
 from siterecovery.controller import launcher
 from siterecovery.controller.cli import output
-from siterecovery.controller.cli.client import Profile, default_lab_dir, lab_profile
+from siterecovery.controller.cli.client import LAB_DIR_ENV, Profile, lab_profile
+from siterecovery.controller.cli.client import lab_dir as resolve_lab_dir
+from siterecovery.controller.inventory_view import CONFIG_SERVER_ID
 from siterecovery.controller.protection.environment import LocalSites
-from siterecovery.controller.providers.local.site import AgentLaunch
+from siterecovery.controller.providers.local.site import AGENT, AgentLaunch
 
 app = typer.Typer(help="A whole site on this host, for trying things out.", no_args_is_help=True)
 
@@ -52,12 +55,12 @@ LAB_GROUP = "PG1"
 
 DirOption = Annotated[
     Path | None,
-    typer.Option("--dir", help="where the lab lives (default ~/.local/state/siterecovery/lab)", envvar="SRCTL_LAB_DIR"),
+    typer.Option("--dir", help="where the lab lives (default ~/.local/state/siterecovery/lab)", envvar=LAB_DIR_ENV),
 ]
 
 
 def lab_dir_of(directory: Path | None) -> Path:
-    return (directory or default_lab_dir()).expanduser().resolve()
+    return resolve_lab_dir(directory)
 
 
 def running_daemons(lab_dir: Path) -> list[launcher.Launched]:
@@ -339,7 +342,7 @@ def _print_summary(
                      str(daemon.log_path)])
     output.print_table("Processes", ["COMPONENT", "PID", "ADDRESS", "METRICS", "LOG"], rows)
     output.console.print(f"srctl profile: {profile.path}")
-    if profile.path != lab_profile(default_lab_dir()):
+    if profile.path != lab_profile(resolve_lab_dir()):  # srctl would not find it by itself
         output.console.print(f"  use it with: export SRCTL_CONFIG={profile.path}")
     output.console.print(
         f"Next: `srctl drill`, `srctl machine failback-status {LAB_VM}`, `srctl replication status`, "
@@ -363,47 +366,69 @@ def status(directory: DirOption = None, output_format: output.OutputOption = out
         raise errors.NotFound(f"no lab in {lab_dir}", hint="start one with `srctl lab up`", code="lab-missing")
     daemons, extra = launcher.load(path)
     names = extra.get("names") or [d.name for d in daemons]
-    health: dict[str, str] = {}
+    servers: list[common_pb2.ServerInfo] = []
     try:
         profile = Profile.load(lab_profile(lab_dir))
-        for s in profile.admin().ListServers(admin_pb2.ListServersRequest(), timeout=RPC_TIMEOUT).servers:
-            name = "config-server" if s.role == common_pb2.ROLE_CONFIG_SERVER else s.hostname
-            health[name] = output.enum_label(common_pb2.Health.Name(s.health), "HEALTH_")
+        servers = list(profile.admin().ListServers(admin_pb2.ListServersRequest(), timeout=RPC_TIMEOUT).servers)
     except (errors.SiteRecoveryError, grpc.RpcError):
         pass
-    rows = []
+    daemon_rows, vm_rows = status_rows(lab_dir, daemons, names, servers)
+    if output_format is not output.Format.table:
+        output.emit(output_format, {"dir": str(lab_dir), "daemons": daemon_rows, "vms": vm_rows})
+    else:
+        output.print_table(f"Lab in {lab_dir}", ["COMPONENT", "PID", "RUNNING", "ADDRESS", "HEALTH", "METRICS", "LOG"],
+                           [list(r.values()) for r in daemon_rows + vm_rows])
+    if not all(r["running"] == "yes" for r in daemon_rows):
+        raise typer.Exit(errors.Unavailable.exit_code)
+
+
+def server_id_of(state_dir: Path, daemon: str, launched_state: dict | None = None) -> str:
+    """The server id a lab daemon or a VM's agent enrolled as: `agent_id` of the state file it writes when
+    ready (the configuration server's own row has a fixed id)."""
+    if daemon == "config-server":
+        return CONFIG_SERVER_ID
+    state = read_state_file(state_dir, daemon) or launched_state or {}
+    return str(state.get("agent_id", ""))
+
+
+def status_rows(
+    lab_dir: Path, daemons: list[launcher.Launched], names: list[str], servers: list[common_pb2.ServerInfo],
+) -> tuple[list[dict], list[dict]]:
+    """`lab status`'s rows (daemons, VMs), each with the health of its own server.
+
+    A row is matched to its server by id, from the state file its process wrote,
+    never by host name: every lab process runs on this one host, an on-premises
+    VM and its failed-over copy in the cloud carry the same name, and an agent
+    that enrolled again leaves its old row behind."""
+    health = {s.id: output.enum_label(common_pb2.Health.Name(s.health), "HEALTH_") for s in servers}
+    daemon_rows = []
     for name, d in zip(names, daemons, strict=False):
         alive = d.process() is not None
         port = d.state.get("port")
-        rows.append({
+        daemon_rows.append({
             "component": name,
             "pid": d.pid,
             "running": "yes" if alive else "no",
             "address": f"127.0.0.1:{port}" if port is not None else "",
-            "health": health.get(name, "unknown") if alive else "stopped",
+            "health": health.get(server_id_of(d.state_dir, d.name, d.state), "unknown") if alive else "stopped",
             "metrics": metrics_url(d.state),
             "log": str(d.log_path),
         })
+    vm_rows = []
     sites = LocalSites(lab_dir / "sites")
     for site in (sites.onprem, sites.cloud):
         for vm in site.list_vms():
             uris = vm.nbd_uris()
-            rows.append({
+            vm_rows.append({
                 "component": f"vm {vm.name} ({site.role})",
                 "pid": "",
                 "running": "yes" if uris else "no",
                 "address": ", ".join(uris.values()),
-                "health": health.get(vm.name, "unknown") if uris else vm.power,
+                "health": health.get(server_id_of(vm.agent_dir, AGENT), "unknown") if uris else vm.power,
                 "metrics": "",
                 "log": str(vm.directory / "agent.log"),
             })
-    if output_format is not output.Format.table:
-        output.emit(output_format, {"dir": str(lab_dir), "daemons": rows[: len(daemons)], "vms": rows[len(daemons):]})
-    else:
-        output.print_table(f"Lab in {lab_dir}", ["COMPONENT", "PID", "RUNNING", "ADDRESS", "HEALTH", "METRICS", "LOG"],
-                           [list(r.values()) for r in rows])
-    if not all(r["running"] == "yes" for r in rows[: len(daemons)]):
-        raise typer.Exit(errors.Unavailable.exit_code)
+    return daemon_rows, vm_rows
 
 
 @app.command("down")

@@ -8,6 +8,7 @@ from typing import Annotated
 
 import grpc
 import typer
+from rich.markup import escape
 
 from siterecovery.common import errors
 from siterecovery.common.pb import admin_pb2, common_pb2
@@ -76,6 +77,7 @@ ConfigOption = Annotated[
 @app.callback()
 def _main(config: ConfigOption = None) -> None:
     State.config = config
+    output.Requested.format = Format.table  # until the command's --output says otherwise
     # What srctl does itself (the lab starting VMs) is told in its own output;
     # library log lines would only clutter it. Warnings still show.
     from siterecovery.common import logging as sr_logging
@@ -285,19 +287,45 @@ DEFAULT_HINTS = {
     errors.Internal: "see the configuration server's log for the cause",
 }
 DEBUG_ENV = "SRCTL_DEBUG"
+INTERRUPTED = 130  # Ctrl-C, as shells report SIGINT
 
 
-def report(exc: errors.SiteRecoveryError) -> None:
-    """Two lines on stderr: what happened, and what to do (`hint:`)."""
-    message = " ".join(exc.message.split()) or exc.category
-    hint = " ".join((exc.hint or DEFAULT_HINTS.get(type(exc), "")).split())
-    output.err_console.print(f"[red]error:[/red] {message}", highlight=False, soft_wrap=True, markup=True)
-    if hint:
-        output.err_console.print(f"hint: {hint}", highlight=False, soft_wrap=True, markup=False)
+def error_document(exc: errors.SiteRecoveryError, *, exit_code: int | None = None) -> dict:
+    """What `--output json|yaml` prints for an error: its code and category, message, hint and exit code."""
+    return {
+        "error": {
+            "code": exc.code,
+            "category": exc.category,
+            "message": " ".join(exc.message.split()) or exc.category,
+            "hint": " ".join((exc.hint or DEFAULT_HINTS.get(type(exc), "")).split()),
+            "exit_code": exc.exit_code if exit_code is None else exit_code,
+            "retryable": exc.retryable,
+        }
+    }
+
+
+def report(exc: errors.SiteRecoveryError, output_format: Format | None = None, *, exit_code: int | None = None) -> None:
+    """Say on stderr what went wrong: for people, two lines (what happened, with the error's code in
+    brackets, then `hint:` what to do); with --output json or yaml, `error_document` as one line of
+    JSON or one YAML document, so a script reads the code as a field. stdout stays the command's."""
+    chosen = output_format or output.Requested.format
+    document = error_document(exc, exit_code=exit_code)
+    if chosen is Format.json:
+        sys.stderr.write(output.to_json(document, indent=None) + "\n")
+    elif chosen is Format.yaml:
+        sys.stderr.write(output.to_yaml(document))
+    else:
+        error = document["error"]
+        what = escape(f"{error['message']} [{error['code']}]")
+        output.err_console.print(f"[red]error:[/red] {what}", highlight=False, soft_wrap=True, markup=True)
+        if error["hint"]:
+            output.err_console.print(f"hint: {error['hint']}", highlight=False, soft_wrap=True, markup=False)
+    sys.stderr.flush()
 
 
 def main() -> None:
-    """Typer handles usage errors (exit 2) and --help; every other error is two lines and its exit code.
+    """Typer handles usage errors (exit 2) and --help; every other error is reported (`report`) and ends
+    srctl with its exit code.
 
     No traceback for what can be expected (an unreachable server, a refused
     certificate, a name that does not exist); for a bug, SRCTL_DEBUG=1 shows it."""
@@ -313,8 +341,9 @@ def main() -> None:
         report(error)
         sys.exit(error.exit_code)
     except KeyboardInterrupt:
-        report(errors.SiteRecoveryError("interrupted", hint="a job already started goes on: srctl jobs list"))
-        sys.exit(130)
+        report(errors.SiteRecoveryError("interrupted", hint="a job already started goes on: srctl jobs list"),
+               exit_code=INTERRUPTED)
+        sys.exit(INTERRUPTED)
     except Exception as exc:  # last resort: one line, not a traceback
         if os.environ.get(DEBUG_ENV):
             raise

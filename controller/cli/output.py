@@ -5,7 +5,8 @@ it: as JSON, as YAML (the same document: the data goes through JSON first, so
 both formats always say the same thing), or, for `--output table`, by calling
 the command's own function that draws tables for people. Streams (a job being
 followed) use `emit_item`: one JSON document per line, or YAML documents
-separated by `---`.
+separated by `---`. An error is not data: srctl's `main.report` prints it on
+stderr, in the form the command's --output asked for (`Requested`).
 """
 
 from __future__ import annotations
@@ -33,8 +34,21 @@ class Format(enum.StrEnum):
     yaml = "yaml"
 
 
+class Requested:
+    """The --output the running command was given, for the error srctl prints after the command ended."""
+
+    format: Format = Format.table
+
+
+def _remember(value: Format | None) -> Format | None:
+    if value is not None:
+        Requested.format = Format(value)
+    return value
+
+
 OutputOption = Annotated[
-    Format, typer.Option("--output", "-o", help="table for people; json or yaml for scripts")
+    Format,
+    typer.Option("--output", "-o", help="table for people; json or yaml for scripts", callback=_remember),
 ]
 
 

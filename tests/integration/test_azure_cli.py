@@ -177,6 +177,8 @@ def test_deploy_process_server_runs_the_job_with_the_vaults_passphrase(
     vm_put = [r for r in transport.requests if r.method == "PUT"][-1]
     cloud_init = base64.b64decode(vm_put.body["properties"]["osProfile"]["customData"]).decode()
     assert passphrase in cloud_init
+    # No --image: the server's default, Ubuntu 24.04 LTS (Python 3.12; requires-python is >= 3.11).
+    assert vm_put.body["properties"]["storageProfile"]["imageReference"] == {"publisher": "Canonical", "offer": "ubuntu-24_04-lts", "sku": "server", "version": "latest"}
     # The passphrase is in the VM's custom data only: not in the job, its steps or the store.
     shown = site.srctl("jobs", "show", final["id"], "--output", "json", config=profile).stdout
     assert passphrase not in shown and passphrase not in watched.stdout

@@ -37,6 +37,10 @@ def test_enroll_register_heartbeat_and_health_are_visible(site: Site):
     assert kinds == {"DIRECTORY_KIND_DATASTORE", "DIRECTORY_KIND_RETENTION"}
     assert all(int(d["free_bytes"]) > 0 for d in by_role["master-target"]["inventory"]["directories"])
     assert by_role["process-server"]["inventory"]["directories"][0]["kind"] == "DIRECTORY_KIND_SPOOL"
+    # The source agent's state directory, where its journals live, with its free space.
+    (state,) = by_role["source"]["inventory"]["directories"]
+    assert state["kind"] == "DIRECTORY_KIND_STATE" and state["path"] == str(agents["source-agent"].state_dir)
+    assert int(state["free_bytes"]) > 0 and int(state["total_bytes"]) >= int(state["free_bytes"])
 
     # Heartbeats keep arriving: the last one moves forward.
     first = parse_time(by_role["source"]["last_heartbeat_at"])
@@ -65,6 +69,7 @@ def test_enroll_register_heartbeat_and_health_are_visible(site: Site):
     # The table for people shows the same thing.
     table = site.srctl("servers", "list")
     assert table.returncode == 0 and "healthy" in table.stdout and "process-server" in table.stdout
+    assert "1 disk(s), state " in table.stdout  # the source agent's row
 
 
 def test_a_disk_keeps_its_identity_across_agent_restarts(site: Site):

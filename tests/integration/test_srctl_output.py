@@ -1,6 +1,7 @@
 """Every srctl command against a real site: with --output yaml it prints parseable YAML equal to the
-JSON of the same answer; where the site refuses it, the error is two lines (what, and `hint:`) with
-the exit code of its class, and no traceback.
+JSON of the same answer; where the site refuses it, the error is one YAML document on stderr
+carrying its code (`error.code`) and the exit code of its class, and no traceback. (The two lines
+people see without --output are checked in tests/unit/test_doctor_checks.py.)
 
 The command list is walked from the typer app: a command missing from `STEPS`
 fails the test. Commands that succeed run in this process (typer's runner),
@@ -120,7 +121,7 @@ def _command_of(args: list[str], names: set[str]) -> str:
 
 @pytest.mark.slow
 @pytest.mark.timeout(900)
-def test_every_command_prints_yaml_equal_to_its_json_or_a_two_line_error(protected: FailbackSite, monkeypatch):
+def test_every_command_prints_yaml_equal_to_its_json_or_an_error_document(protected: FailbackSite, monkeypatch):
     names = {name for name, _ in commands()}
     ctx: dict = {"job": protected.machine()["job"], "pair": protected.machine()["pairs"][0]["pair_id"]}
     emitted: list[str] = []
@@ -165,6 +166,6 @@ def _refused(site: FailbackSite, args: list[str], expected: int) -> None:
                             capture_output=True, text=True, timeout=120, env=env)
     where = f"srctl {' '.join(args)} -> {result.returncode}\n{result.stderr}"
     assert result.returncode == expected, where
-    lines = result.stderr.splitlines()
-    assert len(lines) == 2 and lines[0].startswith("error: ") and lines[1].startswith("hint: "), where
+    error = yaml.safe_load(result.stderr)["error"]
+    assert error["exit_code"] == expected and error["code"] and error["message"] and error["hint"], where
     assert result.stdout == "", where

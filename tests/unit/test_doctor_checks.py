@@ -1,17 +1,24 @@
 """The thresholds of `srctl doctor`'s checks, the server's checks of its agents, and how srctl words a
-failed connection (one line of what happened, one of what to do)."""
+failed connection (one line of what happened with its code, one of what to do; one document with
+--output json or yaml)."""
 
 from __future__ import annotations
 
+import json
+import os
+import subprocess
+import sys
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
 import pytest
+import yaml
 
 from siterecovery.common import errors
 from siterecovery.controller import diagnostics
 from siterecovery.controller.cli import main as cli_main
 from siterecovery.controller.cli.client import Profile
+from siterecovery.controller.cli.output import Format
 from siterecovery.controller.cli.session import connection_error
 from siterecovery.controller.store.base import ServerRecord
 
@@ -89,6 +96,9 @@ def test_server_checks_cover_every_agent_its_certificate_and_its_directories() -
             {"kind": "DIRECTORY_KIND_RETENTION", "path": "/ret", "free_bytes": str(10 * gib), "total_bytes": str(100 * gib)},
         ]),
         _server("old", "source"),
+        _server("app01", "source", directories=[  # journals live in a source agent's state directory
+            {"kind": "DIRECTORY_KIND_STATE", "path": "/var/lib/sr", "free_bytes": str(4 * gib), "total_bytes": str(100 * gib)},
+        ]),
     ]
     revoked = _server("gone", "source")
     revoked = ServerRecord(**{**revoked.__dict__, "revoked_at": NOW})
@@ -103,6 +113,9 @@ def test_server_checks_cover_every_agent_its_certificate_and_its_directories() -
     assert by[("master-target mt1", "datastore free space")] == "ok"
     assert by[("master-target mt1", "retention free space")] == "warning"  # 10 %
     assert by[("source old", "certificate")] == "skipped"  # registered before expiries were recorded
+    assert by[("source app01", "state free space")] == "failed"  # 4 %
+    (journals,) = [c for c in checks if c.subject == "source app01" and c.name == "state free space"]
+    assert "source agent's state directory" in journals.hint and journals.code == "disk-full"
     assert all(status == "ok" for (_, name), status in by.items() if name == "heartbeat")
     assert not any("gone" in subject for subject, _ in by), "a removed agent is not checked"
 
@@ -129,10 +142,11 @@ def test_a_failed_connection_says_why_and_what_to_do(profile, details, cls, code
     assert words in error.hint and "\n" not in error.message and "\n" not in error.hint
 
 
-def test_errors_are_two_lines_with_a_default_hint(capsys) -> None:
-    cli_main.report(errors.NotFound("no job\n  called x"))
+def test_errors_are_two_lines_with_their_code_and_a_default_hint(capsys) -> None:
+    cli_main.report(errors.NotFound("no job\n  called x"), Format.table)
     err = capsys.readouterr().err.splitlines()
-    assert err == ["error: no job called x", "hint: " + " ".join(cli_main.DEFAULT_HINTS[errors.NotFound].split())]
+    assert err == ["error: no job called x [not-found]",
+                   "hint: " + " ".join(cli_main.DEFAULT_HINTS[errors.NotFound].split())]
     for cls in errors.CATEGORIES:
         assert cli_main.DEFAULT_HINTS[cls], f"{cls.__name__} has no default hint"
 
@@ -145,3 +159,46 @@ def test_an_agent_silent_by_design_is_not_a_failure_and_others_still_are() -> No
     beats = {c.subject: c for c in checks if c.name == "heartbeat"}
     assert beats["source app01"].status == "ok" and "runs in the cloud" in beats["source app01"].message
     assert beats["source db01"].status == "failed" and beats["source db01"].code == "heartbeat-stale"
+
+
+def test_the_error_line_names_the_specific_code_and_prints_brackets_in_the_message_as_they_are(capsys) -> None:
+    cli_main.report(errors.PreconditionFailed("VM app01 has [2] snapshots", hint="delete them [all]",
+                                              code="vm-has-snapshots"), Format.table)
+    assert capsys.readouterr().err.splitlines() == [
+        "error: VM app01 has [2] snapshots [vm-has-snapshots]", "hint: delete them [all]"]
+
+
+@pytest.mark.parametrize("fmt", [Format.json, Format.yaml])
+def test_with_output_json_or_yaml_the_error_is_one_document_on_stderr(capsys, fmt: Format) -> None:
+    cli_main.report(errors.Unavailable("nothing\n answers", code="unreachable"), fmt)
+    captured = capsys.readouterr()
+    assert captured.out == ""
+    if fmt is Format.json:
+        assert len(captured.err.splitlines()) == 1
+    document = json.loads(captured.err) if fmt is Format.json else yaml.safe_load(captured.err)
+    assert document == {"error": {
+        "code": "unreachable", "category": "unavailable", "message": "nothing answers",
+        "hint": " ".join(cli_main.DEFAULT_HINTS[errors.Unavailable].split()), "exit_code": 6, "retryable": True,
+    }}
+
+
+@pytest.mark.parametrize(("args", "form"), [
+    (["servers", "list"], "lines"),
+    (["servers", "list", "--output", "json"], "json"),
+    (["servers", "list", "-o", "yaml"], "yaml"),
+])
+def test_the_console_script_reports_in_the_form_the_command_asked_for(tmp_path: Path, args: list[str], form: str):
+    """Through srctl's own error handling: no profile anywhere is `profile-missing` (exit 3)."""
+    env = {**os.environ, "HOME": str(tmp_path), "COLUMNS": "200"}
+    for name in ("SRCTL_CONFIG", "SRCTL_LAB_DIR", "XDG_STATE_HOME"):
+        env.pop(name, None)
+    result = subprocess.run([sys.executable, "-m", "siterecovery.controller.cli.main", *args],
+                            capture_output=True, text=True, env=env, cwd=tmp_path, timeout=60)
+    assert result.returncode == 3 and result.stdout == "", result.stderr
+    if form == "lines":
+        what, hint = result.stderr.splitlines()
+        assert what.startswith("error: no srctl profile found") and what.endswith(" [profile-missing]")
+        assert hint.startswith("hint: ")
+    else:
+        document = json.loads(result.stderr) if form == "json" else yaml.safe_load(result.stderr)
+        assert (document["error"]["code"], document["error"]["exit_code"]) == ("profile-missing", 3)

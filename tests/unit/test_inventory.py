@@ -24,6 +24,13 @@ def test_low_space_warns_then_goes_critical_and_says_what_to_do():
     assert critical.severity == common_pb2.SEVERITY_CRITICAL
 
 
+def test_a_low_state_directory_is_named_as_such():
+    state = common_pb2.DirectoryFacts(kind=common_pb2.DIRECTORY_KIND_STATE, path="/var/lib/sr", total_bytes=100,
+                                      free_bytes=5)
+    (warning,) = space_problems([state])
+    assert warning.code == "low-free-space" and "state directory /var/lib/sr has 5% free" in warning.message
+
+
 def test_image_file_identity_is_stable_and_per_file(tmp_path: Path):
     a, b = tmp_path / "a.img", tmp_path / "b.img"
     a.write_bytes(b"\0")

@@ -305,6 +305,10 @@ def test_agent_collector_heartbeat_and_directories():
     key = {"kind": "retention", "path": "/ret"}
     assert (value("siterecovery_directory_size_bytes", key), value("siterecovery_directory_free_bytes", key),
             value("siterecovery_directory_agent_used_bytes", key)) == (100, 40, 25)
+    # A source agent's state directory (its journals) is labelled as such.
+    state = [common_pb2.DirectoryFacts(kind=common_pb2.DIRECTORY_KIND_STATE, path="/var/lib/sr", total_bytes=9)]
+    assert registry_with(AgentCollector(lambda: (NOW, 0), lambda: state)).get_sample_value(
+        "siterecovery_directory_size_bytes", {"kind": "state", "path": "/var/lib/sr"}) == 9
     # Before the first heartbeat there is no timestamp to show.
     assert registry_with(AgentCollector(lambda: (None, 0), list)).get_sample_value(
         "siterecovery_heartbeat_last_success_timestamp_seconds") is None

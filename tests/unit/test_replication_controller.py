@@ -508,3 +508,32 @@ def test_a_spools_points_do_not_settle_a_master_target_pairs_tag_requests(store)
     replication.record_reports(store, pki.Identity(id="ps-1", role=pki.PROCESS_SERVER), [fake], now=T0)
     assert [r.tag_id for r in replication.tag_requests_for(store, "src-1", now=T0)] == [tag_id]
     assert replication.points(store, pair) == []
+
+
+def _reenrolled(store, machine_id: str, hostname: str = "app01") -> None:
+    """The same machine's source agent enrolled again: a new identity, a new machine row, the same name."""
+    store.add_server(_server(machine_id, "source"))
+    store.upsert_machine(MachineRecord(
+        id=machine_id, server_id=machine_id, hostname=hostname, os="Linux",
+        disks=[{"identity": f"wwn-{machine_id}", "path": "/d/0", "size_bytes": str(GiB), "name": "disk0"}],
+    ))
+
+
+def test_a_removed_agents_machine_does_not_make_its_name_ambiguous(store):
+    store.revoke_server("src-1", now=T0)  # `srctl servers remove` after a failback
+    _reenrolled(store, "src-2")
+    assert replication.resolve_machine(store, "app01").id == "src-2"
+    assert replication.resolve_machine(store, "src-1").id == "src-1"  # its id still names the old one
+    assert {p.machine_id for p in _enable(store, machine="app01")} == {"src-2"}
+
+
+def test_two_live_machines_of_one_name_are_ambiguous_and_a_removed_one_alone_is_not_found(store):
+    _reenrolled(store, "src-2")
+    with pytest.raises(errors.Conflict) as ambiguous:
+        replication.resolve_machine(store, "app01")
+    assert ambiguous.value.code == "machine-ambiguous" and "src-1" in ambiguous.value.hint
+    store.revoke_server("src-1", now=T0)
+    store.revoke_server("src-2", now=T0)
+    with pytest.raises(errors.NotFound) as gone:
+        replication.resolve_machine(store, "app01")
+    assert gone.value.code == "machine-not-found" and "removed" in gone.value.message

@@ -149,6 +149,8 @@ def test_deploy_process_server_reads_site_secret_and_passphrase_at_step_time(
     cloud_init = base64.b64decode(vm_put.body["properties"]["osProfile"]["customData"]).decode()
     assert passphrase in cloud_init and "--server cs.example:443" in cloud_init
     assert vm_put.body["tags"]["sr-role"] == "process-server"
+    # The default image: Ubuntu 24.04 LTS, whose Python meets requires-python.
+    assert vm_put.body["properties"]["storageProfile"]["imageReference"] == {"publisher": "Canonical", "offer": "ubuntu-24_04-lts", "sku": "server", "version": "latest"}
     stored = store.get_job(job.id)
     assert stored.params["site_id"] == store.get_azure_site("dr-west").id
     for text in (repr(stored.params), *(s.message + repr(s.output) for s in stored.steps)):
