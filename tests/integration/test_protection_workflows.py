@@ -139,7 +139,8 @@ def test_failover_the_failback_rules_and_a_failback_to_a_new_vm(protected: Failb
 def test_a_killed_configuration_server_resumes_its_jobs_and_a_physical_server_fails_back_to_a_vm_only(
     protected: FailbackSite,
 ) -> None:
-    """kill -9 at seeded random moments of a test failover, its cleanup and a failover; each finishes."""
+    """kill -9 at seeded random moments of a test failover, its cleanup, a failover and a protection; each
+    finishes (the whole-cycle test strikes the reprotects, the failback and the delete)."""
     rng = random.Random(11)
     for workflow in ("test-failover", "test-cleanup", "failover"):
         protected.strike(rng, "machine", workflow, VM)
@@ -155,8 +156,8 @@ def test_a_killed_configuration_server_resumes_its_jobs_and_a_physical_server_fa
                           network_root=str(protected.root / "phys01-root"))
     wait_for(lambda: any(m["hostname"] == "phys01" for m in protected.srctl_json("machines", "list")),
              what="phys01 to register")
-    protected.run_job("machine", "protect", "phys01", "--group", "PG1", "--process-server", "ps-onprem",
-                      "--master-target", "mt-cloud")
+    protected.strike(rng, "machine", "protect", "phys01", "--group", "PG1", "--process-server", "ps-onprem",
+                     "--master-target", "mt-cloud")
     physical = protected.srctl_json("machine", "failback-status", "phys01")
     assert physical["details"]["kind"] == "physical" and physical["state"] == "protected"
     protected.run_job("machine", "failover", "phys01")
@@ -195,14 +196,14 @@ def test_the_whole_cycle_moves_only_the_differences_back(protected: FailbackSite
     assert protected.sites.onprem.get_vm(VM).power == "on"
     order = machine["details"]["network_order"]
     assert order["status"] == "ok", order
-    protected.run_job("machine", "reprotect", VM)
+    protected.strike(rng, "machine", "reprotect", VM)
     machine = protected.machine()
     assert (machine["state"], machine["group"]) == ("protected", "PG1")
     protected.caught_up()
     (pair,) = machine["pairs"]
     assert sha256(Path(pair["target_path"])) == sha256(protected.disk("onprem"))
     assert machine["details"]["history"][-1]["bytes_moved"] <= 4 * MiB
-    protected.run_job("machine", "delete-cloud-vm", VM)
+    protected.strike(rng, "machine", "delete-cloud-vm", VM)
     assert protected.sites.cloud.get_vm(VM) is None
     assert [h["workflow"] for h in protected.machine()["details"]["history"]] == [
         "protect", "failover", "reprotect-to-onprem", "failback", "reprotect-to-cloud", "delete-cloud-vm"
