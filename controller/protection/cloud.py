@@ -190,6 +190,9 @@ class AzureCloud:
     site_id: str
     # (site record) -> AzureCompute / the site's blob container; env.azure builds them.
     clients: Any
+    # The protected machine: every resource made for it carries tag sr-machine=<id>, and only
+    # resources that do are adopted or deleted (a VM of the same name someone else made is not).
+    item_id: str = ""
     vm_size: str = DEFAULT_VM_SIZE
     heartbeat_interval: float = 10.0
     clock: Callable[[], Any] = utcnow
@@ -214,8 +217,8 @@ class AzureCloud:
         return self.clients.container(self._record())
 
     def check_name_free(self, name: str) -> None:
-        """Nothing to read here: creating adopts only what this workflow made (a disk imported from the
-        same copy, a VM on the NIC it created) and refuses anything else by name (`azure-*-mismatch`)."""
+        """Nothing to read here: creating adopts only resources tagged for this machine and refuses any
+        other of the same name (`azure-not-ours`) before it changes anything."""
 
     def recover(self, ctx, name, pairs, points, record, *, test):
         container = self.container()
@@ -279,18 +282,21 @@ class AzureCloud:
             "disk_ids": [f"{group_id}/providers/Microsoft.Compute/disks/{d}" for d in disk_names.values()],
             "nic_ids": [f"{group_id}/providers/Microsoft.Network/networkInterfaces/{nic}"],
         })
-        tags = {"sr-managed": "true", "sr-job": ctx.job.id, "sr-machine": item.id}
+        owner = self._owner()
+        tags = {"sr-managed": "true", "sr-job": ctx.job.id, **owner}
         os_type = _os_type(self.store, item)
         disk_ids = []
         for index, (disk, uri) in enumerate(disks.items()):
             ctx.progress(0.1 + 0.5 * index / len(disks), f"importing disk {disk_names[disk]} from {uri}")
-            info = azure.ensure_disk_from_blob(disk_names[disk], uri, os_type=os_type if index == 0 else "", tags=tags)
+            info = azure.ensure_disk_from_blob(disk_names[disk], uri, os_type=os_type if index == 0 else "",
+                                               tags=tags, owner=owner)
             disk_ids.append(info.id)
         ctx.progress(0.7, f"creating network interface {nic} in subnet {azure.site.subnet}")
-        nic_info = azure.ensure_nic(nic, tags=tags)
+        nic_info = azure.ensure_nic(nic, tags=tags, owner=owner)
         ctx.progress(0.8, f"creating VM {name} ({self.vm_size})")
         vm = azure.ensure_vm(VmSpec(name=name, size=self.vm_size, nic_id=nic_info.id, os_type=os_type,
-                                    os_disk_id=disk_ids[0], data_disk_ids=tuple(disk_ids[1:]), tags=tags))
+                                    os_disk_id=disk_ids[0], data_disk_ids=tuple(disk_ids[1:]), tags=tags),
+                             owner=owner)
         return CloudVm(vm.name, vm.vm_uuid, AZURE, {"vm_id": vm.id, "disk_ids": disk_ids, "nic_ids": [nic_info.id],
                                                      "private_ip": nic_info.private_ip})
 
@@ -302,21 +308,28 @@ class AzureCloud:
     def power_on(self, vm):
         self.compute().start(vm["vm"])
 
+    def _owner(self) -> dict[str, str]:
+        return {"sr-machine": self.item_id}
+
     def delete_vm(self, ctx, vm):
-        azure = self.compute()
-        deleted = []
+        """Delete what was recorded, each only if its tags say it was made for this machine (an id is
+        recorded before the resource is created, so a name someone else uses may be among them)."""
+        azure, owner = self.compute(), self._owner()
+        deleted, left = [], []
         if vm.get("vm"):
             ctx.progress(0.1, f"deleting VM {vm['vm']}")
-            if azure.delete_vm(vm["vm"]) is not None:
+            if azure.delete_vm(vm["vm"], owner=owner) is not None:
                 deleted.append(vm.get("vm_id") or vm["vm"])
         for disk_id in vm.get("disk_ids", []):
             ctx.progress(0.4, f"deleting disk {disk_id}")
-            azure.delete_disk(resource_name(disk_id), resource_group_of(disk_id))
-            deleted.append(disk_id)
+            ours = azure.delete_disk(resource_name(disk_id), resource_group_of(disk_id), owner=owner)
+            (deleted if ours else left).append(disk_id)
         for nic_id in vm.get("nic_ids", []):
             ctx.progress(0.7, f"deleting network interface {nic_id}")
-            azure.delete_nic(resource_name(nic_id), resource_group_of(nic_id))
-            deleted.append(nic_id)
+            ours = azure.delete_nic(resource_name(nic_id), resource_group_of(nic_id), owner=owner)
+            (deleted if ours else left).append(nic_id)
+        if left:
+            ctx.progress(0.8, "left alone, not made for this machine: " + ", ".join(left))
         if vm.get("copies"):
             container = self.container()
             for dest in vm["copies"]:
@@ -369,7 +382,7 @@ def cloud_for(env: Any, store: Store, item: ProtectedItemRecord) -> CloudSite:
                 "this configuration server has no Azure access", code="provider-missing",
                 hint="it is built in; a server started by a test without it cannot run Azure workflows",
             )
-        return AzureCloud(store, route["azure_site"], env.azure,
+        return AzureCloud(store, route["azure_site"], env.azure, item.id,
                           vm_size=item.details.get("cloud", {}).get("vm_size") or DEFAULT_VM_SIZE,
                           heartbeat_interval=env.heartbeat_interval, clock=env.clock)
     return LocalCloud(env)

@@ -45,9 +45,16 @@ VM_ID = "0f47b100-583c-48e3-a4c0-aefc2c9bbcc1"  # properties.vmId in the recordi
 DISK_SIZE = 32 * MiB
 
 
-def names(vm: str) -> dict[str, str]:
-    """The recordings' placeholders for the resources a failover of `vm` creates."""
-    return {**VALUES, "vm": vm, "disk": f"{vm}-disk0", "nic": f"{vm}-nic0"}
+def names(vm: str, item: str) -> dict[str, str]:
+    """The recordings' placeholders for the resources a failover of `vm` creates for protected machine `item`."""
+    return {**VALUES, "vm": vm, "disk": f"{vm}-disk0", "nic": f"{vm}-nic0", "item": item}
+
+
+def deletion(values: dict[str, str]) -> list[dict]:
+    """What deleting a failover's VM, disk and NIC asks of Azure: each is read first (only what was
+    made for the machine is deleted)."""
+    return (load("vm_delete", values) + load("disk_create", values)[3:] + load("disk_delete", values)
+            + load("nic_create", values)[3:] + load("nic_delete", values))
 
 
 class AzureFailbackSite(FailbackSite):
@@ -198,7 +205,7 @@ def test_protect_to_azure_fail_over_fail_back_and_protect_again(azure_site: Azur
     site.write("onprem", 0x41, 0, MiB)
     taken = site.srctl("recovery-points", "create", VM, "--output", "json")
     assert taken.returncode == 0, taken.stderr
-    test = names(f"{VM}-test")
+    test = names(f"{VM}-test", machine["id"])
     site.transport.queue(load("disk_create", test) + load("nic_create", test) + load("vm_create", test))
     site.run_job("machine", "test-failover", VM)
     nic_put = next(r for r in site.transport.requests if r.method == "PUT" and r.path.endswith(f"/{VM}-test-nic0"))
@@ -207,11 +214,11 @@ def test_protect_to_azure_fail_over_fail_back_and_protect_again(azure_site: Azur
     test_copies = site.machine()["details"]["test"]["copies"]
     assert test_copies and all("-test-" in c for c in test_copies)
     seen = len(site.transport.requests)
-    site.transport.queue(load("vm_delete", test) + load("disk_delete", test) + load("nic_delete", test))
+    site.transport.queue(deletion(test))
     site.run_job("machine", "test-cleanup", VM)
     assert site.requests(seen) == [("GET", f"{VM}-test"), ("DELETE", f"{VM}-test"), ("GET", "op-delete"),
-                                   ("GET", "op-delete"), ("DELETE", f"{VM}-test-disk0"), ("GET", "op-disk-delete"),
-                                   ("DELETE", f"{VM}-test-nic0")]
+                                   ("GET", "op-delete"), ("GET", f"{VM}-test-disk0"), ("DELETE", f"{VM}-test-disk0"),
+                                   ("GET", "op-disk-delete"), ("GET", f"{VM}-test-nic0"), ("DELETE", f"{VM}-test-nic0")]
     remaining = {b.name for b in site.container().list_blobs()}
     assert remaining == {blob_name}, remaining
     assert site.transport.done
@@ -224,7 +231,7 @@ def test_protect_to_azure_fail_over_fail_back_and_protect_again(azure_site: Azur
 
     # Failover (planned: the source answers, so its final point is the one recovered).
     site.write("onprem", 0x42, 2 * MiB, MiB)
-    prod = names(VM)
+    prod = names(VM, machine["id"])
     site.transport.queue(load("disk_create", prod) + load("nic_create", prod) + load("vm_create", prod))
     site.run_job("machine", "failover", VM)
     assert site.transport.done
@@ -280,7 +287,7 @@ def test_protect_to_azure_fail_over_fail_back_and_protect_again(azure_site: Azur
 
     # Delete the Azure VM: VM, disk, NIC and the failover's copy go; the replica stays.
     seen = len(site.transport.requests)
-    site.transport.queue(load("vm_delete", prod) + load("disk_delete", prod) + load("nic_delete", prod))
+    site.transport.queue(deletion(prod))
     site.run_job("machine", "delete-cloud-vm", VM)
     assert site.transport.done
     assert ("DELETE", VM) in site.requests(seen) and ("DELETE", f"{VM}-disk0") in site.requests(seen)
@@ -352,7 +359,7 @@ def test_a_vsphere_vm_fails_over_to_azure_and_back_with_fio_on_both_sides(tmp_pa
         guest.write(0x11, 4 * MiB, 2 * MiB)
         site.caught_up()
         guest.crash()
-        prod = names(VM)
+        prod = names(VM, machine["id"])
         site.transport.queue(load("disk_create", prod) + load("nic_create", prod) + load("vm_create", prod))
         site.run_job("machine", "failover", VM, "--recovery-point", "latest")
         assert site.transport.done

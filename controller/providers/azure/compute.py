@@ -276,6 +276,20 @@ class AzureCompute:
 
     # --- disks ---
 
+    def _require_owner(self, kind: str, name: str, tags: Mapping[str, str], owner: Mapping[str, str] | None) -> None:
+        """An existing resource is adopted only when its tags say it was made for the same owner."""
+        if owner and any(tags.get(key) != value for key, value in owner.items()):
+            raise errors.Conflict(
+                f"{kind} {name} already exists in resource group {self._rg}, and siterecovery did not create it "
+                "for this machine",
+                hint=f"rename or remove that {kind} (it is left alone), then run the workflow again",
+                code="azure-not-ours",
+            )
+
+    @staticmethod
+    def _owned(tags: Mapping[str, str], owner: Mapping[str, str] | None) -> bool:
+        return not owner or all(tags.get(key) == value for key, value in owner.items())
+
     def find_disk(self, name: str) -> DiskInfo | None:
         body = self._find(f"read disk {name}", lambda: self.compute.disks.get(self._rg, name))
         return _disk(body) if body is not None else None
@@ -289,10 +303,13 @@ class AzureCompute:
         sku: str = "StandardSSD_LRS",
         hyper_v_generation: str = "V1",
         tags: Mapping[str, str] | None = None,
+        owner: Mapping[str, str] | None = None,
     ) -> DiskInfo:
-        """A managed disk imported from the page blob (fixed VHD) at `source_uri`."""
+        """A managed disk imported from the page blob (fixed VHD) at `source_uri`.
+        With `owner`, an existing disk is taken only when it carries those tags."""
         existing = self.find_disk(name)
         if existing is not None:
+            self._require_owner("disk", name, existing.tags, owner)
             if existing.source_uri != source_uri:
                 raise errors.Conflict(
                     f"disk {name} already exists, imported from {existing.source_uri or 'something else'}, not {source_uri}",
@@ -317,10 +334,20 @@ class AzureCompute:
         )
         return _disk(_json(result))
 
-    def delete_disk(self, name: str, resource_group: str | None = None) -> None:
-        """Delete a managed disk; nothing to do when it is gone (Azure answers 204)."""
+    def delete_disk(self, name: str, resource_group: str | None = None, *,
+                    owner: Mapping[str, str] | None = None) -> bool:
+        """Delete a managed disk; nothing to do when it is gone (Azure answers 204). With `owner`, it
+        is read first and left alone (False) unless it carries those tags."""
         group = resource_group or self._rg
+        if owner:
+            found = self._find(f"read disk {name}", lambda: self.compute.disks.get(group, name))
+            if found is None:
+                return True
+            if not self._owned(dict(found.get("tags") or {}), owner):
+                log.warning("disk not deleted: not ours", disk=name)
+                return False
         self._call(f"delete disk {name}", lambda: self.compute.disks.begin_delete(group, name).result())
+        return True
 
     # --- network interfaces ---
 
@@ -331,12 +358,15 @@ class AzureCompute:
         return _nic(body) if body is not None else None
 
     def ensure_nic(
-        self, name: str, *, private_ip: str = "", tags: Mapping[str, str] | None = None
+        self, name: str, *, private_ip: str = "", tags: Mapping[str, str] | None = None,
+        owner: Mapping[str, str] | None = None,
     ) -> NicInfo:
-        """A NIC in the site's subnet: with `private_ip` static, otherwise dynamic."""
+        """A NIC in the site's subnet: with `private_ip` static, otherwise dynamic.
+        With `owner`, an existing NIC is taken only when it carries those tags."""
         subnet_id = self.site.subnet_id
         existing = self.find_nic(name)
         if existing is not None:
+            self._require_owner("network interface", name, existing.tags, owner)
             if existing.subnet_id.lower() != subnet_id.lower() or (private_ip and existing.private_ip != private_ip):
                 raise errors.Conflict(
                     f"network interface {name} already exists in {existing.subnet_id} with {existing.private_ip or 'no address'}",
@@ -361,12 +391,23 @@ class AzureCompute:
         )
         return _nic(_json(result))
 
-    def delete_nic(self, name: str, resource_group: str | None = None) -> None:
+    def delete_nic(self, name: str, resource_group: str | None = None, *,
+                   owner: Mapping[str, str] | None = None) -> bool:
+        """Delete a NIC; nothing to do when it is gone. With `owner`, as `delete_disk`."""
         group = resource_group or self._rg
+        if owner:
+            found = self._find(f"read network interface {name}",
+                               lambda: self.network.network_interfaces.get(group, name))
+            if found is None:
+                return True
+            if not self._owned(dict(found.get("tags") or {}), owner):
+                log.warning("network interface not deleted: not ours", nic=name)
+                return False
         self._call(
             f"delete network interface {name}",
             lambda: self.network.network_interfaces.begin_delete(group, name).result(),
         )
+        return True
 
     # --- virtual machines ---
 
@@ -385,10 +426,12 @@ class AzureCompute:
             )
         return vm
 
-    def ensure_vm(self, spec: VmSpec) -> VmInfo:
-        """The VM of `spec`; an existing VM of that name must have its size and NIC."""
+    def ensure_vm(self, spec: VmSpec, *, owner: Mapping[str, str] | None = None) -> VmInfo:
+        """The VM of `spec`; an existing VM of that name must have its size and NIC (and, with
+        `owner`, those tags)."""
         existing = self.find_vm(spec.name)
         if existing is not None:
+            self._require_owner("VM", spec.name, existing.tags, owner)
             if existing.size != spec.size or spec.nic_id.lower() not in {n.lower() for n in existing.nic_ids}:
                 raise errors.Conflict(
                     f"VM {spec.name} already exists with size {existing.size} and NICs {list(existing.nic_ids)}",
@@ -487,10 +530,14 @@ class AzureCompute:
         )
         return self.get_vm(name, instance_view=True)
 
-    def delete_vm(self, name: str) -> VmInfo | None:
-        """Delete the VM (not its disks or NICs); returns what it was, None when already gone."""
+    def delete_vm(self, name: str, *, owner: Mapping[str, str] | None = None) -> VmInfo | None:
+        """Delete the VM (not its disks or NICs); returns what it was, None when already gone (or,
+        with `owner`, when it does not carry those tags: then it is left alone)."""
         vm = self.find_vm(name)
         if vm is None:
+            return None
+        if not self._owned(vm.tags, owner):
+            log.warning("VM not deleted: not ours", vm=name)
             return None
         self._call(f"delete VM {name}", lambda: self.compute.virtual_machines.begin_delete(self._rg, name).result())
         return vm

@@ -323,3 +323,29 @@ def test_a_failed_long_running_operation_surfaces_its_error_code(azure, transpor
         azure.ensure_vm(spec)
     assert "AllocationFailed" in caught.value.message
     assert "another VM size or region" in caught.value.hint
+
+
+OWNER = {"sr-machine": "it-1"}
+
+
+def test_a_resource_someone_else_made_is_neither_adopted_nor_deleted(azure, transport):
+    # Recorded resources carry sr-machine={item}; here it is another machine's.
+    others = {**VALUES, "item": "it-other"}
+    transport.queue(load("nic_create", others)[3:])  # GET: the NIC exists
+    with pytest.raises(errors.Conflict) as raised:
+        azure.ensure_nic("web1-nic0", owner=OWNER)
+    assert raised.value.code == "azure-not-ours" and "did not create it" in raised.value.message
+    transport.queue(load("vm_delete", others)[:1])  # GET: the VM exists
+    assert azure.delete_vm("web1", owner=OWNER) is None
+    transport.queue(load("disk_create", others)[3:])  # GET: the disk exists
+    assert azure.delete_disk("web1-disk0", owner=OWNER) is False
+    assert [m for m, _ in calls(transport)] == ["GET", "GET", "GET"], "nothing but reads"
+
+
+def test_a_resource_made_for_this_machine_is_adopted_and_deleted(azure, transport):
+    ours = {**VALUES, "item": "it-1"}
+    transport.queue(load("nic_create", ours)[3:])
+    assert azure.ensure_nic("web1-nic0", owner=OWNER).name == "web1-nic0"
+    transport.queue(load("disk_create", ours)[3:] + load("disk_delete", ours))
+    assert azure.delete_disk("web1-disk0", owner=OWNER) is True
+    assert [m for m, _ in calls(transport)] == ["GET", "GET", "DELETE", "GET"]
