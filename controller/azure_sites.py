@@ -55,7 +55,10 @@ _ADMIN_USER = re.compile(r"[a-z_][a-z0-9_-]{0,31}")
 DEFAULT_PROCESS_SERVER_SIZE = "Standard_D4s_v3"
 # Ubuntu 24.04 LTS (Gen2): its Python 3.12 meets requires-python (>= 3.11); 22.04's 3.10 did not.
 DEFAULT_PROCESS_SERVER_IMAGE = ImageRef("Canonical", "ubuntu-24_04-lts", "server")
-DEFAULT_INSTALL_COMMAND = "pip install siterecovery"
+DEFAULT_INSTALL_COMMAND = (
+    f"apt-get update -q && apt-get install -y -q python3-venv && python3 -m venv {steps.INSTALL_DIR} "
+    f"&& {steps.INSTALL_DIR}/bin/pip install siterecovery"
+)
 
 
 # --- sites ------------------------------------------------------------------------------

@@ -504,6 +504,11 @@ def deploy_process_server_kind(compute_for: ComputeFactory, custom_data_for: Cus
     return JobKind(DEPLOY_PROCESS_SERVER, [CreateNic(compute_for), CreateVm(compute_for, custom_data_for)])
 
 
+# Where the default install command puts siterecovery on the VM (a venv: Ubuntu's own Python
+# refuses pip installs, PEP 668); cloud-init looks for sr-process-server there first.
+INSTALL_DIR = "/opt/siterecovery"
+
+
 def process_server_cloud_init(*, config_server: str, passphrase: str, install_command: str) -> bytes:
     """cloud-init user data that installs the process server and enrolls it.
 
@@ -527,7 +532,7 @@ def process_server_cloud_init(*, config_server: str, passphrase: str, install_co
         f"  - [sh, -c, {_yaml_quote(install_command)}]",
         "  - [sh, -c, "
         + _yaml_quote(
-            "sr-process-server --server "
+            f"PATH={INSTALL_DIR}/bin:$PATH sr-process-server --server "
             + config_server
             + " --passphrase-file /etc/siterecovery/passphrase --state-dir /var/lib/siterecovery/process-server"
             + " >/var/log/sr-process-server.log 2>&1 &"
