@@ -27,7 +27,8 @@ files itself: it only names them to the master target.
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
 from typing import Any
@@ -71,7 +72,15 @@ def inside(path: Path | PurePosixPath, roots: list[str]) -> bool:
 
 
 class OnpremSite(ABC):
+    """`with site:` around a step's calls lets a provider keep one connection for all of them."""
+
     provider: str
+
+    def __enter__(self) -> OnpremSite:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        return None
 
     @abstractmethod
     def preflight(
@@ -259,6 +268,28 @@ class VsphereOnprem(OnpremSite):
         self.store = store
         self.vcenter = vcenter
         self.open_session = open_session
+        self._held: ExitStack | None = None
+        self._held_session: Session | None = None
+
+    def __enter__(self) -> VsphereOnprem:
+        self._held = ExitStack()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        held, self._held, self._held_session = self._held, None, None
+        if held is not None:
+            held.close()
+
+    @contextmanager
+    def _session(self) -> Iterator[Session]:
+        """One login per `with site:` (opened at its first use), else one per call."""
+        if self._held is None:
+            with self.open_session(self.vcenter) as session:
+                yield session
+            return
+        if self._held_session is None:
+            self._held_session = self._held.enter_context(self.open_session(self.vcenter))
+        yield self._held_session
 
     # -- what is known ----------------------------------------------------------------------
 
@@ -272,7 +303,7 @@ class VsphereOnprem(OnpremSite):
             ) from None
 
     def live(self) -> Inventory:
-        with self.open_session(self.vcenter) as session:
+        with self._session() as session:
             return discover(session)
 
     def find(self, vm_uuid: str) -> Found | None:
@@ -312,18 +343,18 @@ class VsphereOnprem(OnpremSite):
         return operations.find_vm(session, vm)
 
     def power_off(self, vm):
-        with self.open_session(self.vcenter) as session:
+        with self._session() as session:
             vm_id = self._vm_id(session, vm)
             return vm_id is not None and operations.power_off(session, vm_id)
 
     def power_on(self, vm):
-        with self.open_session(self.vcenter) as session:
+        with self._session() as session:
             vm_id = self._require(session, vm)
             operations.power_on(session, vm_id)
             return Found(VSPHERE, vm, operations.bios_uuid(session, vm_id), self.vcenter.id)
 
     def is_running(self, vm):
-        with self.open_session(self.vcenter) as session:
+        with self._session() as session:
             vm_id = self._vm_id(session, vm)
             return vm_id is not None and operations.power_state(session, vm_id) == "poweredOn"
 
@@ -365,14 +396,14 @@ class VsphereOnprem(OnpremSite):
         return targets
 
     def before_overwrite(self, vm, generation):
-        with self.open_session(self.vcenter) as session:
+        with self._session() as session:
             operations.set_extra_config(session, self._require(session, vm), {GUESTINFO_GENERATION: generation})
 
     def new_vm_targets(self, name, preflight, disks, master_target):
         """Create the new VM now, powered off, with new thin disks; the master target writes their flat extents."""
         datastore = preflight["datastore"]
         files = [f"{name}/{d.get('name')}.vmdk" for d in disks]
-        with self.open_session(self.vcenter) as session:
+        with self._session() as session:
             if operations.find_vm(session, name) is None:
                 operations.create_vm(
                     session, name=name, host_id=preflight["host"], datastore=datastore,
@@ -383,7 +414,7 @@ class VsphereOnprem(OnpremSite):
         return {d.get("name", ""): str(directory / flat_extent(f)) for d, f in zip(disks, files, strict=True)}
 
     def vm_exists(self, name):
-        with self.open_session(self.vcenter) as session:
+        with self._session() as session:
             return self._vm_id(session, name) is not None
 
     def define_vm(self, name, preflight, targets):

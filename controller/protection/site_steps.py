@@ -291,19 +291,19 @@ class PrepareOnpremTarget(ItemStep):
 
     def run(self, ctx: StepContext, item: ProtectedItemRecord) -> dict:
         preflight = ctx.outputs.get(f"{self.label}: preflight", {})
-        site = onprem_site(self.env, ctx.store, item)
         master_target = ctx.store.get_server(item.details[FAILBACK]["master_target"])
         cloud_machine = ctx.store.get_machine(item.details["cloud"]["machine_id"])
-        if preflight.get("target") == "original":
-            vm_name = preflight["vm"]
-            paths = site.original_targets(preflight, list(cloud_machine.disks), master_target)
-            site.power_off(vm_name)
-            site.before_overwrite(vm_name, ctx.job.id)
-            targets = {disk: {"path": path, "delta": True} for disk, path in paths.items()}
-        else:
-            vm_name = self._new_name(site, item)
-            paths = site.new_vm_targets(vm_name, preflight, list(cloud_machine.disks), master_target)
-            targets = {disk: {"path": path, "delta": False} for disk, path in paths.items()}
+        with onprem_site(self.env, ctx.store, item) as site:
+            if preflight.get("target") == "original":
+                vm_name = preflight["vm"]
+                paths = site.original_targets(preflight, list(cloud_machine.disks), master_target)
+                site.power_off(vm_name)
+                site.before_overwrite(vm_name, ctx.job.id)
+                targets = {disk: {"path": path, "delta": True} for disk, path in paths.items()}
+            else:
+                vm_name = self._new_name(site, item)
+                paths = site.new_vm_targets(vm_name, preflight, list(cloud_machine.disks), master_target)
+                targets = {disk: {"path": path, "delta": False} for disk, path in paths.items()}
         self.update(ctx, failback={"targets": targets, "vm": vm_name, "target": preflight.get("target", "new"),
                                    "preflight": preflight})
         return {"vm": vm_name, "targets": targets}
@@ -359,15 +359,15 @@ class PowerOnOnprem(ItemStep):
     action = "power on"
 
     def run(self, ctx: StepContext, item: ProtectedItemRecord) -> dict:
-        site = onprem_site(self.env, ctx.store, item)
         route = item.details.get(FAILBACK, {})
         name = route.get("vm", "")
-        if not site.vm_exists(name):
-            site.define_vm(name, route.get("preflight", {}),
-                           {disk: t["path"] for disk, t in route.get("targets", {}).items()})
-        if not site.is_running(name):  # else an earlier run of this step started it already
-            site.before_overwrite(name, ctx.job.id)
-        vm = site.power_on(name)
+        with onprem_site(self.env, ctx.store, item) as site:  # one vCenter login for the four calls
+            if not site.vm_exists(name):
+                site.define_vm(name, route.get("preflight", {}),
+                               {disk: t["path"] for disk, t in route.get("targets", {}).items()})
+            if not site.is_running(name):  # else an earlier run of this step started it already
+                site.before_overwrite(name, ctx.job.id)
+            vm = site.power_on(name)
         self.update(ctx, onprem={"vm": vm.vm, "vm_uuid": vm.vm_uuid, "provider": vm.provider, "vcenter": vm.vcenter})
         ctx.progress(1.0, f"VM {vm.vm} is on")
         return {"vm": vm.vm}
