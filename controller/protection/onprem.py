@@ -26,6 +26,7 @@ files itself: it only names them to the master target.
 
 from __future__ import annotations
 
+import shutil
 from abc import ABC, abstractmethod
 from collections.abc import Callable, Iterator
 from contextlib import ExitStack, contextmanager
@@ -123,6 +124,10 @@ class OnpremSite(ABC):
         """Make room for a new VM `name` and return the master target's path of each disk (files may not exist)."""
 
     @abstractmethod
+    def discard_new_vm(self, name: str) -> None:
+        """Remove what `new_vm_targets` made for `name` (a reprotect that did not finish)."""
+
+    @abstractmethod
     def vm_exists(self, name: str) -> bool: ...
 
     @abstractmethod
@@ -191,6 +196,10 @@ class LocalOnprem(OnpremSite):
                 f.truncate(int(disk.get("size_bytes", 0)))
             targets[disk.get("name", "")] = str(path)
         return targets
+
+    def discard_new_vm(self, name):
+        if self.site.get_vm(name) is None:  # only disk files so far: the VM is defined at failback
+            shutil.rmtree(self.site.vm_dir(name), ignore_errors=True)
 
     def vm_exists(self, name):
         return self.site.get_vm(name) is not None
@@ -412,6 +421,12 @@ class VsphereOnprem(OnpremSite):
                 )
         directory = PurePosixPath(preflight["datastore_dir"])
         return {d.get("name", ""): str(directory / flat_extent(f)) for d, f in zip(disks, files, strict=True)}
+
+    def discard_new_vm(self, name):
+        with self._session() as session:
+            vm_id = self._vm_id(session, name)
+            if vm_id is not None:
+                operations.destroy_vm(session, vm_id)
 
     def vm_exists(self, name):
         with self._session() as session:

@@ -302,11 +302,22 @@ class PrepareOnpremTarget(ItemStep):
                 targets = {disk: {"path": path, "delta": True} for disk, path in paths.items()}
             else:
                 vm_name = self._new_name(site, item)
+                made = item.details.get(FAILBACK, {}).get("new_vm", {})
+                if made.get("name") != vm_name:  # recorded before it is made, so an undo finds it
+                    self.update(ctx, failback={"new_vm": {"name": vm_name, "job": ctx.job.id}})
                 paths = site.new_vm_targets(vm_name, preflight, list(cloud_machine.disks), master_target)
                 targets = {disk: {"path": path, "delta": False} for disk, path in paths.items()}
         self.update(ctx, failback={"targets": targets, "vm": vm_name, "target": preflight.get("target", "new"),
                                    "preflight": preflight})
         return {"vm": vm_name, "targets": targets}
+
+    def undo(self, ctx: StepContext, item: ProtectedItemRecord) -> None:
+        """A new VM this job made goes again (the reprotect did not finish; the next one makes its own)."""
+        made = item.details.get(FAILBACK, {}).get("new_vm", {})
+        if made.get("job") == ctx.job.id and made.get("name"):
+            with onprem_site(self.env, ctx.store, item) as site:
+                site.discard_new_vm(made["name"])
+            self.update(ctx, failback={"new_vm": {}})
 
     @staticmethod
     def _new_name(site: onprem_sites.OnpremSite, item: ProtectedItemRecord) -> str:

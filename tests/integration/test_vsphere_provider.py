@@ -401,3 +401,13 @@ def test_attach_and_detach_disks_on_the_master_target(admin: Session, inventory:
         operations.attach_disk(admin, mt, "[LocalDS_0] mt-pairs/missing.vmdk")
     with pytest.raises(NotFound):
         operations.attach_disk(admin, "vm-none", path)
+
+
+def test_a_vm_made_for_failback_can_be_removed_again(admin: Session, inventory: Inventory) -> None:
+    """What a reprotect's undo does with the new VM it made: powered off or on, it goes."""
+    host = _id(inventory, "host", "DC0_C0_H0")
+    made = operations.create_vm(admin, name="app01-failback", host_id=host, datastore="LocalDS_0",
+                                disks=["[LocalDS_0] app01-failback/disk0.vmdk"], new_disk_sizes=[8 * 1024 * 1024])
+    operations.power_on(admin, made.id)
+    operations.destroy_vm(admin, made.id)
+    assert operations.find_vm(admin, "app01-failback") is None

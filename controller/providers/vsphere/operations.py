@@ -333,6 +333,16 @@ def power_off(session: Session, vm_id: str) -> bool:
     return True
 
 
+def destroy_vm(session: Session, vm_id: str) -> None:
+    """Power the VM off and delete it with its disks (a VM siterecovery made and no longer needs)."""
+    power_off(session, vm_id)
+    task = session.call(
+        f"delete VM {vm_id}", lambda c: vim.VirtualMachine(vm_id, c.rootFolder._stub).Destroy_Task()
+    )
+    wait_for_task(session, task, what=f"delete VM {vm_id}")
+    log.info("vsphere.vm_destroyed", vm=vm_id)
+
+
 def extra_config(session: Session, vm_id: str) -> dict[str, str]:
     """The VM's advanced settings (`config.extraConfig`); a later duplicate key wins."""
     options = _vm_row(session, vm_id, ["config.extraConfig"]).get("config.extraConfig") or []
