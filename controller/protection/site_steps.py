@@ -35,6 +35,11 @@ def _side(test: bool) -> str:
     return "test" if test else "cloud"
 
 
+# What a deleted cloud VM leaves in the document: nothing of it (the replicas and the route stay).
+_VM_GONE = {"vm": "", "vm_uuid": "", "machine_id": "", "vm_id": "", "disk_ids": [], "nic_ids": [], "copies": [],
+            "private_ip": ""}
+
+
 class RecoverToCloud(ItemStep):
     """Bring every forward pair's chosen point into disks of the cloud VM's own (cloud.py: a master
     target's `Materialize` for the local provider, a copy of the blob snapshot on Azure)."""
@@ -80,6 +85,7 @@ class RecoverToCloud(ItemStep):
         # left (a failed step is not compensated), and would refuse the next attempt as `vm-exists`.
         cloud.delete_vm(ctx, recorded)
         cloud.discard_recovered(self.vm_name(item), recorded)
+        self.update(ctx, **{_side(self.test): _VM_GONE})
 
 
 class CreateCloudVm(ItemStep):
@@ -113,6 +119,7 @@ class CreateCloudVm(ItemStep):
         recorded = dict(item.details.get(side, {}))
         recorded.setdefault("vm", f"{item.name}-test" if self.test else item.name)
         cloud_sites.cloud_for(self.env, ctx.store, item).delete_vm(ctx, recorded)
+        self.update(ctx, **{side: _VM_GONE})
 
 
 def retire_agents(ctx: StepContext, vm_uuid: str, now) -> list[str]:
@@ -125,11 +132,6 @@ def retire_agents(ctx: StepContext, vm_uuid: str, now) -> list[str]:
             ctx.store.revoke_server(server.id, now=now)
             retired.append(server.id)
     return retired
-
-
-# What a deleted cloud VM leaves in the document: nothing of it (the replicas and the route stay).
-_VM_GONE = {"vm": "", "vm_uuid": "", "machine_id": "", "vm_id": "", "disk_ids": [], "nic_ids": [], "copies": [],
-            "private_ip": ""}
 
 
 class DeleteTestVm(ItemStep):

@@ -403,3 +403,29 @@ def test_a_vsphere_vm_fails_over_to_azure_and_back_with_fio_on_both_sides(tmp_pa
     finally:
         admin.close()
         site.stop_all()
+
+
+def test_a_failover_azure_refuses_leaves_nothing_behind(azure_site: AzureFailbackSite) -> None:
+    """The VM is refused (the subscription's core quota): the job fails with Azure's reason, and its
+    compensation deletes the disk and NIC it made and the blob copy; app01 runs on premises again."""
+    site = azure_site
+    assert site.srctl("group", "create", "PG1").returncode == 0
+    site.run_job("machine", "protect", VM, "--group", "PG1", "--process-server", "ps-onprem",
+                 "--azure-site", AZURE_SITE)
+    machine = site.machine()
+    blob_name = machine["details"]["cloud"]["replicas"]["disk0"].split(f"/{CONTAINER}/", 1)[1]
+    prod = names(VM, machine["id"])
+    # Create: disk, NIC, then the VM refused. Compensation: the VM is looked for (never made), the
+    # disk and the NIC are read (made for app01) and deleted.
+    site.transport.queue(load("disk_create", prod) + load("nic_create", prod) + load("vm_create_quota", prod)
+                         + load("vm_get_not_found", prod) + load("disk_create", prod)[3:] + load("disk_delete", prod)
+                         + load("nic_create", prod)[3:] + load("nic_delete", prod))
+    job = site.run_job("machine", "failover", VM, expect="compensated")
+    assert "quota" in job["error_message"].lower(), job["error_message"]
+    assert site.transport.done, [e["request"] for e in site.transport.exchanges]
+    deleted = [(r.method, r.path.rsplit("/", 1)[-1]) for r in site.transport.requests if r.method == "DELETE"]
+    assert deleted == [("DELETE", f"{VM}-disk0"), ("DELETE", f"{VM}-nic0")]
+    assert {b.name for b in site.container().list_blobs()} == {blob_name}, "the failover's blob copy is gone"
+    machine = site.machine()
+    assert machine["state"] == "protected" and machine["details"]["cloud"]["vm"] == ""
+    assert site.sites.onprem.get_vm(VM).power == "on", "the source runs again"
