@@ -204,8 +204,9 @@ def machine_failback_status(machine: ProtectedMachineArg, output_format: OutputO
     details = json.loads(m.details_json)
     onprem, cloud = details.get("onprem", {}), details.get("cloud", {})
     output.console.print(f"[bold]{m.name}[/bold]  {m.state}  direction {m.direction or '-'}  group {m.group}")
-    output.console.print(f"  on-premises VM: {onprem.get('vm') or '-'}   cloud VM: {cloud.get('vm') or '-'}"
-                         f"   test VM: {details.get('test', {}).get('vm') or '-'}", highlight=False)
+    output.console.print(f"  on-premises VM: {_where(onprem.get('vm'), onprem.get('provider'))}   "
+                         f"cloud VM: {_where(cloud.get('vm'), cloud.get('provider'), cloud.get('site'))}   "
+                         f"test VM: {details.get('test', {}).get('vm') or '-'}", highlight=False)
     output.console.print(f"  next: {_next_step(m.state)}", highlight=False)
     if m.pairs:
         output.print_table("Pairs", ["DISK", "STATE", "SYNC", "RPO", "TARGET"], [
@@ -228,6 +229,14 @@ NEXT = {
     "failback-protected": "srctl plan failover PLAN --direction to-onprem (or srctl machine failback)",
     "failed-back": "srctl machine reprotect (to the cloud again)",
 }
+
+
+def _where(vm: str | None, provider: str | None, site: str | None = None) -> str:
+    """`app01 (azure dr-west)`: the VM and where it lives, as far as it is known."""
+    if not vm:
+        return "-"
+    where = " ".join(part for part in (provider, site) if part)
+    return f"{vm} ({where})" if where else vm
 
 
 def _next_step(state: str) -> str:
