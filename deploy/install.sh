@@ -14,7 +14,8 @@ cd "$(dirname "$0")/.."
 #               the vSphere simulator (vcsim) the vSphere provider is tested against,
 #               built offline into .tools/ by deploy/build-vcsim.sh
 #   faketime    libfaketime: the fault tests step one daemon's wall clock
-APT_PACKAGES=(postgresql fio qemu-utils libnbd-bin golang-go golang-github-vmware-govmomi-dev faketime)
+#   rsync       the peer the replication benchmarks (bench/) are measured against
+APT_PACKAGES=(postgresql fio qemu-utils libnbd-bin golang-go golang-github-vmware-govmomi-dev faketime rsync)
 
 as_root() { if [ "$(id -u)" -eq 0 ]; then "$@"; else sudo "$@"; fi; }
 
