@@ -21,6 +21,9 @@ from siterecovery.common.daemon import fsync_dir
 FALLOC_FL_KEEP_SIZE = 0x01
 FALLOC_FL_PUNCH_HOLE = 0x02
 IO_CHUNK = 8 * 1024 * 1024
+# Linux caps one POSIX_FADV_WILLNEED at the device's readahead size (read_ahead_kb, 128 KiB by
+# default) and silently drops the rest: `read_ahead` asks in pieces no larger than that.
+READ_AHEAD_CHUNK = 128 * 1024
 _ZEROS = bytes(1024 * 1024)
 # fallocate cannot punch here: write zeros instead.
 _NO_PUNCH = {errno.EOPNOTSUPP, errno.ENOSYS, errno.ENODEV, errno.EINVAL, errno.ENOTTY}
@@ -66,6 +69,14 @@ def pwrite_all(fd: int, data: bytes | memoryview, offset: int) -> None:
         written = os.pwrite(fd, view, offset)
         view = view[written:]
         offset += written
+
+
+def read_ahead(fd: int, offset: int, length: int) -> None:
+    """Start reading [offset, offset+length) into the page cache, in large sequential I/O,
+    without waiting: later small or backward reads of it then find it there. A hint only."""
+    end = offset + length
+    for start in range(offset, end, READ_AHEAD_CHUNK):
+        os.posix_fadvise(fd, start, min(READ_AHEAD_CHUNK, end - start), os.POSIX_FADV_WILLNEED)
 
 
 def zero_range(fd: int, offset: int, length: int) -> None:

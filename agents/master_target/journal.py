@@ -501,6 +501,10 @@ class UndoJournal:
             fd = os.open(segment.path, os.O_RDONLY | os.O_CLOEXEC)
             try:
                 end = cut.offset if segment.number == cut.segment else os.fstat(fd).st_size
+                # Both passes below read in an order the kernel's readahead does not follow (a
+                # header per record forwards, then whole records backwards), so cold each read
+                # waited for the disk: asking for the segment up front makes them cache hits.
+                blockio.read_ahead(fd, 0, end)
                 refs = [r for r in self._refs(segment, fd, end) if r.seq > seq]
                 for ref in reversed(refs):
                     yield ref, self.read_undo(ref, fd)

@@ -10,6 +10,7 @@ import threading
 import time
 from pathlib import Path
 
+from siterecovery.agents.master_target import blockio
 from siterecovery.agents.master_target import materialize as materializing
 from siterecovery.agents.master_target.target import PairTarget, TargetOptions
 from siterecovery.common import frames
@@ -139,3 +140,30 @@ def test_latest_with_an_output_path_is_a_copy_of_the_target_as_it_is(tmp_path: P
     target.apply([(frames.write_frame("l", 4, 0, b"\x09" * BLOCK), b"\x09" * BLOCK)])
     assert sha256(out) != sha256(target.target_path)
     target.close()
+
+
+def test_read_ahead_asks_for_the_whole_range_in_pieces_the_kernel_does_not_cut(tmp_path: Path, monkeypatch):
+    # Linux drops whatever one WILLNEED asks for beyond the device's readahead size, so the
+    # hint must tile the range in pieces no larger than READ_AHEAD_CHUNK (the real call runs).
+    path = tmp_path / "segment"
+    data = random.Random(2).randbytes(5 * blockio.READ_AHEAD_CHUNK + 123)
+    path.write_bytes(data)
+    asked: list[tuple[int, int]] = []
+    real = os.posix_fadvise
+
+    def spy(fd: int, offset: int, length: int, advice: int) -> None:
+        asked.append((offset, length))
+        real(fd, offset, length, advice)
+
+    monkeypatch.setattr(blockio.os, "posix_fadvise", spy)
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        blockio.read_ahead(fd, 1000, len(data) - 1000)
+        blockio.read_ahead(fd, 0, 0)
+        assert blockio.pread_all(fd, len(data), 0) == data
+    finally:
+        os.close(fd)
+    assert all(0 < length <= blockio.READ_AHEAD_CHUNK for _, length in asked)
+    covered = [(offset, offset + length) for offset, length in asked]
+    assert covered[0][0] == 1000 and covered[-1][1] == len(data)
+    assert all(a[1] == b[0] for a, b in zip(covered, covered[1:], strict=False))
