@@ -27,7 +27,7 @@ from prometheus_client.registry import Collector
 
 from siterecovery.agents.metrics import AgentCollector, PairCollector
 from siterecovery.agents.settings import AgentSettings
-from siterecovery.common import daemon, errors, logging, metrics
+from siterecovery.common import daemon, errors, logging, memory, metrics
 from siterecovery.common.channels import RPC_TIMEOUT, secure_channel
 from siterecovery.common.enrollment import (
     AgentCredentials,
@@ -361,6 +361,7 @@ class AgentRuntime:
             **self.ready_facts,
         )
         daemon.start_watchdog(self.stop)
+        memory.start_trimming(self.stop)
         self.register()
         self.heartbeat_loop()
         daemon.report_stopping()
