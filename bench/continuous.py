@@ -32,11 +32,13 @@ from __future__ import annotations
 import argparse
 import datetime
 import sys
+import tempfile
 from pathlib import Path
 
+from bench.common import write_image
 from bench.rpo import fio, machine
 from bench.rpo.sampler import Sampler, Samples, cpu_seconds
-from bench.rpo.site import BenchSite, bench_site, fill_random
+from bench.rpo.site import BenchSite, bench_site
 from bench.rpo.stats import MiB, mean, parse_size, percentile, slope_per_minute
 from tests.integration.conftest import HEARTBEAT
 from tests.integration.replication_site import sha256
@@ -63,7 +65,8 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
 
 def main(argv: list[str]) -> int:
     args = parse_args(argv)
-    print(f"date {datetime.datetime.now().astimezone():%Y-%m-%d %H:%M %Z}; {machine.describe(args.workdir or Path('/tmp'))}; {machine.load()}")
+    print(f"date: {datetime.datetime.now(datetime.UTC):%Y-%m-%d %H:%M} UTC")
+    print("\n".join(machine.facts(args.workdir or Path(tempfile.gettempdir()))))
     with bench_site(args.workdir, "sr-bench-continuous-", keep=args.keep) as site:
         site.start_random(args.size, heartbeat=args.heartbeat)
         with Sampler(site.view, site.daemon_pids()) as sampler:
@@ -99,8 +102,7 @@ def main(argv: list[str]) -> int:
 def plain_file_runs(site: BenchSite, args: argparse.Namespace, rate: int) -> list[fio.FioResult]:
     """The same job at a plain file of random data, without and with fdatasync after each write."""
     plain = site.root / "plain.img"
-    plain.touch()
-    fill_random(plain, args.size, seed=99)
+    write_image(plain, args.size, seed=99)
     job = fio.job(size=args.size, seconds=args.file_seconds, rate=rate, iodepth=args.iodepth)
     return [
         fio.run("file", [*fio.at_file(plain), *job], timeout=args.file_seconds + 300),

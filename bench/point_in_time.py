@@ -37,6 +37,7 @@ import json
 import os
 import subprocess
 import sys
+import tempfile
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -108,7 +109,8 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
 
 def main(argv: list[str]) -> int:
     args = parse_args(argv)
-    print(f"date {datetime.datetime.now().astimezone():%Y-%m-%d %H:%M %Z}; {machine.describe(args.workdir or Path('/tmp'))}; {machine.load()}")
+    print(f"date: {datetime.datetime.now(datetime.UTC):%Y-%m-%d %H:%M} UTC")
+    print("\n".join(machine.facts(args.workdir or Path(tempfile.gettempdir()))))
     with bench_site(args.workdir, "sr-bench-pit-", keep=args.keep) as site:
         older, latest_main = older_point(site, args)
     latests = [latest_main]

@@ -14,6 +14,8 @@ import time
 from collections.abc import Iterable
 from pathlib import Path
 
+from bench.common import uncache
+
 READ_CHUNK = 4 * 1024 * 1024
 
 
@@ -28,20 +30,9 @@ def drop_caches() -> str:
         return f"drop_caches refused ({e.strerror}); per-file fadvise(DONTNEED) instead"
 
 
-def evict(paths: Iterable[Path]) -> None:
-    """Drop these files' pages from the page cache (written back first, so they are clean)."""
-    for path in paths:
-        fd = os.open(path, os.O_RDONLY)
-        try:
-            os.fsync(fd)
-            os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
-        finally:
-            os.close(fd)
-
-
 def make_cold(paths: list[Path]) -> str:
     how = drop_caches()
-    evict(paths)
+    uncache(*paths)
     return how
 
 

@@ -18,30 +18,13 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
-from cryptography.hazmat.primitives.ciphers import Cipher, algorithms, modes
-
+from bench.common import write_image
 from siterecovery.common.pb import admin_pb2
 from siterecovery.common.pb import replication_pb2 as rpb
 from tests.integration.conftest import HEARTBEAT, SRCTL_COLUMNS, srctl_server, wait_for
 from tests.integration.replication_site import ReplicatingSite
 
-_CHUNK = 4 * 1024 * 1024
 RPC_TIMEOUT = 10.0
-
-
-def fill_random(path: Path, size: int, seed: int) -> None:
-    """Write `size` bytes of seeded pseudo-random data (an AES-256-CTR keystream) and fsync."""
-    key = seed.to_bytes(32, "little")
-    encryptor = Cipher(algorithms.AES(key), modes.CTR(bytes(16))).encryptor()
-    zeros = bytes(_CHUNK)
-    with open(path, "r+b") as f:
-        done = 0
-        while done < size:
-            n = min(_CHUNK, size - done)
-            f.write(encryptor.update(zeros[:n]))
-            done += n
-        f.flush()
-        os.fsync(f.fileno())
 
 
 class BenchSite(ReplicatingSite):
@@ -52,7 +35,7 @@ class BenchSite(ReplicatingSite):
         self.start(disk_size=size, data_bytes=0, seed=seed, cs_extra=every, ps_extra=every, mt_extra=every,
                    source_extra=every)
         # Written before the pair exists, so nothing captures it: the full sync moves it.
-        fill_random(self.disk, size, seed)
+        write_image(self.disk, size, seed=seed)
 
     def view(self) -> admin_pb2.PairView:
         """The pair's status as `srctl replication status` shows it, over the one Admin channel."""
