@@ -155,7 +155,9 @@ class Site:
         for _ in range(2):
             # Exit 6 is "cannot reach the server": on a loaded 2-core CI machine a
             # handshake can miss its deadline once; a server that is down fails thrice.
-            if result.returncode != 6 or "cannot reach the server" not in result.stderr:
+            # (The message says "cannot reach the configuration server"; the text once matched here
+            # did not, so no call was ever retried: exit 6 alone is the test now.)
+            if result.returncode != 6:
                 break
             result = self.srctl(*args, "--output", "json")
         assert result.returncode == 0, result.stderr
