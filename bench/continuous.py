@@ -38,9 +38,8 @@ from pathlib import Path
 from bench.common import write_image
 from bench.rpo import fio, machine
 from bench.rpo.sampler import Sampler, Samples, cpu_seconds
-from bench.rpo.site import BenchSite, bench_site
+from bench.rpo.site import BenchSite, add_site_options, bench_site
 from bench.rpo.stats import MiB, mean, parse_size, percentile, slope_per_minute
-from tests.integration.conftest import HEARTBEAT
 from tests.integration.replication_site import sha256
 
 RPO_TARGET = 5.0
@@ -55,11 +54,7 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
                    help="fio write rate in bytes/s (e.g. 40M); default: half the measured full-sync throughput")
     p.add_argument("--file-seconds", type=float, default=60,
                    help="length of each plain-file fio run (default 60)")
-    p.add_argument("--iodepth", type=int, default=16, help="fio iodepth for the nbd engine (default 16)")
-    p.add_argument("--heartbeat", type=float, default=HEARTBEAT,
-                   help=f"every daemon's heartbeat interval in s (default {HEARTBEAT}, the test harness's)")
-    p.add_argument("--workdir", type=Path, default=None, help="directory on the file system to measure")
-    p.add_argument("--keep", action="store_true", help="keep the site's directory (logs, images)")
+    add_site_options(p)
     return p.parse_args(argv)
 
 

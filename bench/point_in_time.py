@@ -43,10 +43,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from bench.rpo import cache, fio, machine
-from bench.rpo.site import BenchSite, bench_site
+from bench.rpo.site import BenchSite, add_site_options, bench_site
 from bench.rpo.stats import MiB, parse_size, percentile
 from siterecovery.agents.master_target import blockio
-from tests.integration.conftest import HEARTBEAT
 from tests.integration.replication_site import sha256
 
 RATIO_TARGET = 1.5
@@ -99,11 +98,7 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
                    help="disk size of the second site, where only latest is timed (default 1G; 0: none)")
     p.add_argument("--latest-seconds", type=float, default=30,
                    help="write load on the second site while latest is timed (default 30)")
-    p.add_argument("--iodepth", type=int, default=16, help="fio iodepth for the nbd engine (default 16)")
-    p.add_argument("--heartbeat", type=float, default=HEARTBEAT,
-                   help=f"every daemon's heartbeat interval in s (default {HEARTBEAT}, the test harness's)")
-    p.add_argument("--workdir", type=Path, default=None, help="directory on the file system to measure")
-    p.add_argument("--keep", action="store_true", help="keep the sites' directories (logs, images)")
+    add_site_options(p)
     return p.parse_args(argv)
 
 

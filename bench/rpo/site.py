@@ -9,6 +9,7 @@ full sync.
 
 from __future__ import annotations
 
+import argparse
 import json
 import os
 import shutil
@@ -114,3 +115,12 @@ def bench_site(workdir: Path | None, prefix: str, *, keep: bool = False) -> Iter
             print(f"kept {root}")
         else:
             shutil.rmtree(root, ignore_errors=True)
+
+
+def add_site_options(p: argparse.ArgumentParser) -> None:
+    """The options every benchmark of this package takes for its site: fio depth, heartbeat, where, keep."""
+    p.add_argument("--iodepth", type=int, default=16, help="fio iodepth for the nbd engine (default 16)")
+    p.add_argument("--heartbeat", type=float, default=HEARTBEAT,
+                   help=f"every daemon's heartbeat interval in s (default {HEARTBEAT}, the test harness's)")
+    p.add_argument("--workdir", type=Path, default=None, help="directory on the file system to measure")
+    p.add_argument("--keep", action="store_true", help="keep the site's directories (logs, images)")

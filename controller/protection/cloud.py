@@ -46,9 +46,9 @@ from typing import Any, Protocol
 
 from siterecovery.common import errors
 from siterecovery.common.azure import points as blob_points
-from siterecovery.common.azure.site import AzureSite
 from siterecovery.common.pb import replication_pb2 as rpb
 from siterecovery.controller import health, replication
+from siterecovery.controller.azure_sites import site_of
 from siterecovery.controller.jobs.engine import StepContext, Waiting
 from siterecovery.controller.protection.environment import utcnow
 from siterecovery.controller.providers.azure.compute import (
@@ -57,6 +57,7 @@ from siterecovery.controller.providers.azure.compute import (
     resource_group_of,
     resource_name,
 )
+from siterecovery.controller.providers.azure.steps import delete_blob
 from siterecovery.controller.store.base import PairRecord, ProtectedItemRecord, Store
 
 LOCAL, AZURE = "local", "azure"
@@ -204,7 +205,7 @@ class AzureCloud:
         record = self._record()
         if not test:
             return self.clients.compute(record)
-        site = AzureSite(**record.settings)
+        site = site_of(record)
         if not site.test_subnet:
             raise errors.PreconditionFailed(
                 f"Azure site {record.name} has no test subnet: a test VM would share the production network",
@@ -240,7 +241,7 @@ class AzureCloud:
             if status == "pending":
                 waiting.append((dest, copied, total))
             elif status != "success":
-                _delete_blob(container, dest)
+                delete_blob(container, dest)
                 raise errors.Unavailable(
                     f"copying point {point.tag_id} into blob {dest} ended {status}: {reason or 'no reason given'}",
                     hint="the copy was deleted; run the workflow again", code="azure-copy-failed",
@@ -270,7 +271,7 @@ class AzureCloud:
     def discard_recovered(self, name, resources):
         container = self.container()
         for dest in resources.get("copies", []):
-            _delete_blob(container, dest)
+            delete_blob(container, dest)
 
     def create_vm(self, ctx, item, name, disks, record, *, test):
         azure = self.compute(test=test)
@@ -333,7 +334,7 @@ class AzureCloud:
         if vm.get("copies"):
             container = self.container()
             for dest in vm["copies"]:
-                _delete_blob(container, dest)
+                delete_blob(container, dest)
                 deleted.append(f"{container.container_name}/{dest}")
         return deleted
 
@@ -362,12 +363,6 @@ def _os_type(store: Store, item: ProtectedItemRecord) -> str:
     except errors.NotFound:
         return "Linux"
     return "Windows" if "windows" in str(server.inventory.get("host", {}).get("os", "")).lower() else "Linux"
-
-
-def _delete_blob(container: Any, name: str) -> None:
-    from siterecovery.controller.providers.azure.steps import _delete_blob as delete
-
-    delete(container, name)
 
 
 # --- which cloud --------------------------------------------------------------------------

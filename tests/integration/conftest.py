@@ -205,6 +205,16 @@ def site(tmp_path: Path) -> Iterator[Site]:
 # --- the sites most tests start (imported late: those modules import this one) ---------
 
 
+@pytest.fixture(scope="module")
+def azurite() -> Iterator[Any]:
+    """A real Azurite (blob service) for the tests of one module; skipped, or failed in CI, without it."""
+    from tests.azurite import skip_or_fail_without_azurite, start_azurite
+
+    skip_or_fail_without_azurite()
+    with start_azurite() as server:
+        yield server
+
+
 @pytest.fixture
 def rsite(tmp_path: Path) -> Iterator[Any]:
     """A ReplicatingSite (replication_site.py), stopped when the test ends."""

@@ -19,17 +19,10 @@ from siterecovery.common.azure import points, vhd
 from siterecovery.common.azure.clients import container_client
 from siterecovery.common.azure.pageblob import MAX_PUT, PAGE, PageBlobDisk, blob_size
 from siterecovery.common.azure.site import AzureSite
-from tests.azurite import Azurite, skip_or_fail_without_azurite, start_azurite
+from tests.azurite import Azurite
 
 MiB = 1024 * 1024
 NO_SLEEP: list[float] = []
-
-
-@pytest.fixture(scope="module")
-def azurite():
-    skip_or_fail_without_azurite()
-    with start_azurite() as server:
-        yield server
 
 
 def site_for(server: Azurite, container: str) -> AzureSite:

@@ -26,7 +26,6 @@ from siterecovery.agents.process_server.spool import Spool
 from siterecovery.common import frames
 from siterecovery.common.azure import points, vhd
 from siterecovery.common.pb import replication_pb2 as rpb
-from tests.azurite import skip_or_fail_without_azurite, start_azurite
 from tests.tcp_proxy import TcpProxy
 from tests.unit.mt_support import T0, KiB, reference_hash, tag_hashes
 
@@ -44,13 +43,6 @@ from .blob_support import (
 SEED = int(os.environ.get("SR_BLOB_CRASH_SEED", "20261129"))
 DISK = 2 * MiB + 3 * 512  # not a whole MiB: the blob pads it, the footer follows
 REPO = Path(__file__).resolve().parents[2]
-
-
-@pytest.fixture(scope="module")
-def azurite():
-    skip_or_fail_without_azurite()
-    with start_azurite() as server:
-        yield server
 
 
 @pytest.fixture

@@ -33,7 +33,6 @@ from siterecovery.common.enrollment import AgentCredentials
 from siterecovery.common.grpcserver import Service, start_server
 from siterecovery.common.pb import dataplane_pb2, dataplane_pb2_grpc
 from siterecovery.common.pb import replication_pb2 as rpb
-from tests.azurite import skip_or_fail_without_azurite, start_azurite
 from tests.tcp_proxy import TcpProxy
 
 from .blob_support import FAST_RETRY, MiB, assignment, connection_string, write_credential
@@ -44,13 +43,6 @@ DISK = 3 * MiB + 5 * 512
 BLOB = "web1-abcdef12/disk0.vhd"
 SOURCE_ID, PS_ID = "src-1", "ps-1"
 SEED = 20261129
-
-
-@pytest.fixture(scope="module")
-def azurite():
-    skip_or_fail_without_azurite()
-    with start_azurite() as server:
-        yield server
 
 
 @pytest.fixture

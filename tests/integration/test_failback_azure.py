@@ -29,7 +29,7 @@ from siterecovery.controller import azure_sites
 from siterecovery.controller import daemon as config_server
 from siterecovery.controller.settings import ConfigServerSettings
 from tests.azure_replay import ReplayTransport, load
-from tests.azurite import ACCOUNT, ACCOUNT_KEY, skip_or_fail_without_azurite, start_azurite
+from tests.azurite import ACCOUNT, ACCOUNT_KEY
 from tests.conftest import needs_tools
 from tests.unit.azure.test_compute import SITE, VALUES, StaticToken
 
@@ -161,13 +161,6 @@ class AzureFailbackSite(FailbackSite):
 
     def requests(self, since: int) -> list[tuple[str, str]]:
         return [(r.method, r.path.rsplit("/", 1)[-1]) for r in self.transport.requests[since:]]
-
-
-@pytest.fixture(scope="module")
-def azurite():
-    skip_or_fail_without_azurite()
-    with start_azurite() as server:
-        yield server
 
 
 @pytest.fixture
@@ -322,35 +315,23 @@ def test_a_vsphere_vm_fails_over_to_azure_and_back_with_fio_on_both_sides(tmp_pa
     held it: "latest" must still hold it (the blob copied once the process server
     stopped writing it), not the older snapshot.
     """
-    from siterecovery.controller.providers.vsphere import operations
-    from siterecovery.controller.providers.vsphere.discovery import discover
-
-    from .replication_site import make_image
-    from .test_failback_vsphere import APP_HOST, Guest, _power, _until_powered_on, _vcenter_ready, fio_write
+    from .test_failback_vsphere import (
+        Guest,
+        _power,
+        _until_powered_on,
+        _vcenter_ready,
+        add_vcenter,
+        app_vm,
+        fio_write,
+    )
 
     admin = vpx.session()
     datastore, mt_uuid = _vcenter_ready(admin)
-    inv = discover(admin)
-    (datastore / VM).mkdir()
-    flat = datastore / VM / "disk0-flat.vmdk"
-    make_image(flat, DISK_SIZE, data_bytes=8 * MiB, seed=5)
-    (datastore / VM / "disk0.vmdk").write_text(
-        f'# Disk DescriptorFile\nversion=1\ncreateType="vmfs"\nRW {DISK_SIZE // 512} VMFS "disk0-flat.vmdk"\n'
-    )
-    app = operations.create_vm(admin, name=VM, host_id=inv.host(APP_HOST).id, datastore="LocalDS_0",
-                               disks=[f"[LocalDS_0] {VM}/disk0.vmdk"])
-    operations.power_on(admin, app.id)
+    flat, app = app_vm(admin, datastore)
     site = AzureFailbackSite(tmp_path, azurite.port)
     try:
         site.start_servers(datastore, mt_uuid=mt_uuid)
-        password = site.root / "vc-password"
-        password.write_text("secret\n")
-        password.chmod(0o600)
-        added = site.srctl("vcenter", "add", "vc01", "--host", vpx.host, "--port", str(vpx.port), "--user", "admin",
-                           "--password-file", str(password), "--ca-file", vpx.cert_file)
-        assert added.returncode == 0, added.stderr
-        wait_for(lambda: site.srctl_json("vcenter", "list")[0]["discovery_status"] == "ok", timeout=60,
-                 what="the first discovery")
+        add_vcenter(site, vpx)
         guest = Guest(site, admin, app.id, flat, app.bios_uuid)
         guest.boot()
         assert site.srctl("group", "create", "PG1").returncode == 0

@@ -145,6 +145,11 @@ def _start(site: FailbackSite, vpx: Vcsim, datastore: Path, mt_uuid: str) -> Non
         if where.get("cloud"):
             extra["datastore_dirs"] = [str(site.sites.cloud.root)]
         site.start_agent(daemon, name, **extra)
+    add_vcenter(site, vpx)
+
+
+def add_vcenter(site: FailbackSite, vpx: Vcsim) -> None:
+    """The simulator as endpoint vc01, discovered once."""
     password = site.root / "vc-password"
     password.write_text("secret\n")
     password.chmod(0o600)
@@ -155,19 +160,25 @@ def _start(site: FailbackSite, vpx: Vcsim, datastore: Path, mt_uuid: str) -> Non
              what="the first discovery")
 
 
-def test_failback_to_the_original_vsphere_vm_moves_only_the_differences(tmp_path: Path, vpx: Vcsim) -> None:
-    admin = vpx.session()
-    datastore, mt_uuid = _vcenter_ready(admin)
-    inv = discover(admin)
+def app_vm(admin: Session, datastore: Path):
+    """VM app01 on host DC0_C0_H0, powered on, its disk a flat VMDK of random data on `datastore`
+    (LocalDS_0's directory); returns (the flat file, the VM)."""
     (datastore / VM).mkdir()
     flat = datastore / VM / "disk0-flat.vmdk"
     make_image(flat, DISK, data_bytes=8 * MiB, seed=5)
     (datastore / VM / "disk0.vmdk").write_text(
         f'# Disk DescriptorFile\nversion=1\ncreateType="vmfs"\nRW {DISK // 512} VMFS "disk0-flat.vmdk"\n'
     )
-    app = operations.create_vm(admin, name=VM, host_id=inv.host(APP_HOST).id, datastore="LocalDS_0",
+    app = operations.create_vm(admin, name=VM, host_id=discover(admin).host(APP_HOST).id, datastore="LocalDS_0",
                                disks=[f"[LocalDS_0] {VM}/disk0.vmdk"])
     operations.power_on(admin, app.id)
+    return flat, app
+
+
+def test_failback_to_the_original_vsphere_vm_moves_only_the_differences(tmp_path: Path, vpx: Vcsim) -> None:
+    admin = vpx.session()
+    datastore, mt_uuid = _vcenter_ready(admin)
+    flat, app = app_vm(admin, datastore)
 
     site = FailbackSite(tmp_path)
     try:

@@ -24,7 +24,6 @@ from siterecovery.controller.providers.azure import steps
 from siterecovery.controller.providers.azure.compute import AzureCompute
 from siterecovery.controller.store import open_store
 from tests.azure_replay import ReplayTransport, load
-from tests.azurite import skip_or_fail_without_azurite, start_azurite
 from tests.unit.azure.test_compute import SITE, VALUES, StaticToken
 
 from .blob_support import connection_string
@@ -32,13 +31,6 @@ from .blob_support import connection_string
 MiB = 1024 * 1024
 SIZE = 3 * MiB
 BLOB = "web1-abcdef12/disk0.vhd"
-
-
-@pytest.fixture(scope="module")
-def azurite():
-    skip_or_fail_without_azurite()
-    with start_azurite() as server:
-        yield server
 
 
 @pytest.fixture

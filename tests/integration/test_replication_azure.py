@@ -17,7 +17,6 @@ import pytest
 from azure.storage.blob import ContainerClient
 
 from siterecovery.common.azure import vhd
-from tests.azurite import skip_or_fail_without_azurite, start_azurite
 from tests.conftest import needs_tools
 
 from .blob_support import connection_string, sha256, write_credential
@@ -32,13 +31,6 @@ CONTAINER = "replicas"
 SEED = int(os.environ.get("SR_FAULT_SEED", "20261128"))
 WINDOW = 8 * MiB  # the source's in-flight window in these tests
 CHUNK = 1 * MiB
-
-
-@pytest.fixture(scope="module")
-def azurite():
-    skip_or_fail_without_azurite()
-    with start_azurite() as server:
-        yield server
 
 
 def _start(rsite: ReplicatingSite, azurite, **kw) -> ContainerClient:

@@ -10,6 +10,8 @@ from __future__ import annotations
 
 import os
 import subprocess
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import pytest
@@ -24,19 +26,26 @@ pytestmark = pytest.mark.slow
 DISK_SIZE = 32 * MiB
 
 
-@pytest.fixture
-def small_disk(tmp_path: Path):
-    mount = tmp_path / "retention-disk"
+@contextmanager
+def tmpfs(mount: Path, size: str, what: str) -> Iterator[Path]:
+    """A small tmpfs at `mount` for the test's lifetime: "full" is real, whatever this machine's disk holds."""
     mount.mkdir()
-    result = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=48m", "tmpfs", str(mount)], capture_output=True, text=True)
+    result = subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={size}", "tmpfs", str(mount)], capture_output=True,
+                            text=True)
     if result.returncode != 0:
         if os.environ.get("CI", "").lower() == "true":
-            pytest.fail(f"cannot mount a tmpfs for the retention disk: {result.stderr}")
+            pytest.fail(f"cannot mount a tmpfs for the {what}: {result.stderr}")
         pytest.skip(f"needs root to mount a tmpfs: {result.stderr.strip()}")
     try:
         yield mount
     finally:
         subprocess.run(["umount", "-l", str(mount)], check=False)
+
+
+@pytest.fixture
+def small_disk(tmp_path: Path):
+    with tmpfs(tmp_path / "retention-disk", "48m", "retention disk") as mount:
+        yield mount
 
 
 def test_a_full_retention_disk_pauses_the_pair_until_space_returns(rsite: ReplicatingSite, small_disk: Path):
@@ -83,17 +92,8 @@ def test_a_full_retention_disk_pauses_the_pair_until_space_returns(rsite: Replic
 
 @pytest.fixture
 def small_spool_disk(tmp_path: Path):
-    mount = tmp_path / "spool-disk"
-    mount.mkdir()
-    result = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=12m", "tmpfs", str(mount)], capture_output=True, text=True)
-    if result.returncode != 0:
-        if os.environ.get("CI", "").lower() == "true":
-            pytest.fail(f"cannot mount a tmpfs for the spool disk: {result.stderr}")
-        pytest.skip(f"needs root to mount a tmpfs: {result.stderr.strip()}")
-    try:
+    with tmpfs(tmp_path / "spool-disk", "12m", "spool disk") as mount:
         yield mount
-    finally:
-        subprocess.run(["umount", "-l", str(mount)], check=False)
 
 
 @pytest.mark.parametrize("full", ["limit", "disk"])

@@ -164,7 +164,7 @@ class CopyPoints(Step):
                 self._wait(ctx, container, dest, index, len(copies))
             except errors.SiteRecoveryError as exc:
                 created = [dest] if started_here else []
-                raise _clean_up_after_failure(exc, created, lambda name: _delete_blob(container, name)) from exc
+                raise _clean_up_after_failure(exc, created, lambda name: delete_blob(container, name)) from exc
         ctx.progress(1.0, f"{len(copies)} point(s) copied: {', '.join(dest for _, dest in copies)}")
         return {"source_uris": uris, "copies": [dest for _, dest in copies]}
 
@@ -209,7 +209,7 @@ class CopyPoints(Step):
         container = self.storage_for(ctx)
         for _disk, dest in copies:
             ctx.progress(0.0, f"deleting blob {container.container_name}/{dest}")
-            _delete_blob(container, dest)
+            delete_blob(container, dest)
 
 
 def _exists(container: Any, name: str) -> bool:
@@ -225,7 +225,7 @@ def _exists(container: Any, name: str) -> bool:
     return call(f"read blob {name}", probe)
 
 
-def _delete_blob(container: Any, name: str) -> None:
+def delete_blob(container: Any, name: str) -> None:
     """Delete a blob (an unfinished copy is aborted by the delete); nothing to do when it is gone."""
     from azure.core.exceptions import ResourceNotFoundError
 
