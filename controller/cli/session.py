@@ -5,12 +5,16 @@ from __future__ import annotations
 
 import re
 import socket
+import ssl
+import tempfile
 from pathlib import Path
 
 import grpc
 
 from siterecovery.common import errors
 from siterecovery.common.channels import RPC_TIMEOUT
+from siterecovery.common.pki import CONFIG_SERVER_NAME
+from siterecovery.common.settings import parse_endpoint
 from siterecovery.controller.cli.client import Profile
 
 
@@ -43,15 +47,36 @@ _ALERT = re.compile(r"((?:tlsv1|tlsv13|sslv3)[ _]alert[ _][a-z_ ]+)", re.I)
 _CLOSED = re.compile(r"socket closed|connection reset|end of tcp stream", re.I)
 
 
-def _tcp_open(server: str) -> bool:
-    from siterecovery.common.settings import parse_endpoint
+_H2_PREFACE = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n" + b"\x00\x00\x00\x04\x00\x00\x00\x00\x00"  # + empty SETTINGS
 
+
+def server_accepts_certificate(chosen: Profile, *, timeout: float = 3.0) -> bool | None:
+    """Whether the server keeps a TLS connection made with this profile's certificate: None if unknown.
+
+    A gRPC server that refuses a client certificate under TLS 1.3 closes the connection
+    after the handshake without an alert, so the client sees only "Socket closed" — the
+    same words as a server killed or restarting mid-call. One plain TLS connection tells
+    them apart: a server that accepts the certificate answers the HTTP/2 preface with its
+    SETTINGS; one that refuses it closes at once.
+    """
     try:
-        host, port = parse_endpoint(server, default_port=443)
-        with socket.create_connection((host, port), timeout=2.0):
-            return True
-    except (OSError, errors.SiteRecoveryError):
-        return False
+        host, port = parse_endpoint(chosen.server, default_port=443)
+        context = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
+        context.load_verify_locations(cadata=chosen.ca_pem.decode())
+        with tempfile.TemporaryDirectory() as private:  # ssl loads a key pair from files only (0700, removed)
+            cert, key = Path(private) / "client.crt", Path(private) / "client.key"
+            cert.write_bytes(chosen.cert_pem)
+            key.write_bytes(chosen.key_pem)
+            context.load_cert_chain(cert, key)
+        context.set_alpn_protocols(["h2"])
+        with socket.create_connection((host, port), timeout=timeout) as raw:
+            with context.wrap_socket(raw, server_hostname=CONFIG_SERVER_NAME) as tls:
+                tls.sendall(_H2_PREFACE)
+                return bool(tls.recv(9))
+    except ssl.SSLError as exc:
+        return False if "ALERT" in (exc.reason or "") else None
+    except (OSError, ValueError, errors.SiteRecoveryError):
+        return None
 
 
 def explain(exc: grpc.RpcError, chosen: Profile | None) -> errors.SiteRecoveryError:
@@ -91,13 +116,21 @@ def connection_error(details: str, chosen: Profile | None, *, deadline: bool = F
             "another server?); `srctl doctor` checks the profile",
             code="tls-handshake-failed",
         )
-    if alert or "handshake" in lowered or (_CLOSED.search(details) and chosen and _tcp_open(chosen.server)):
+    closed = "handshake" in lowered or _CLOSED.search(details)
+    if alert or (closed and chosen and server_accepts_certificate(chosen) is False):
         reason = f" ({alert.group(1).replace('_', ' ').lower()})" if alert else ""
         return errors.Unauthenticated(
             f"the configuration server at {server} refused this profile's certificate in the TLS handshake{reason}",
             hint=f"the certificate in the profile{where} is expired, revoked or from another CA: `srctl doctor` "
             "says which; an admin issues a new one with `srctl user add`",
             code="tls-handshake-failed",
+        )
+    if closed:
+        return errors.Unavailable(
+            f"the configuration server at {server} closed the connection: {' '.join(details.split())}",
+            hint="it was restarting or is overloaded (it accepts this profile's certificate); retry, and run "
+            "`srctl doctor` if it persists",
+            code="connection-lost",
         )
     if deadline:
         return errors.Unavailable(

@@ -25,6 +25,8 @@ from cryptography.hazmat.primitives import hashes, serialization
 
 from siterecovery.common import pki
 from siterecovery.controller import launcher
+from siterecovery.controller.cli.client import Profile
+from siterecovery.controller.cli.session import connection_error
 
 from .conftest import Site
 from .failback_site import VM, FailbackSite
@@ -176,7 +178,13 @@ def test_certificates_near_and_past_expiry_an_unreachable_server_and_a_foreign_c
     assert code == 0 and mine["status"] == "warning" and "expires in" in mine["message"], mine
     assert "srctl user add" in mine["hint"]
 
+    # A closed connection is a refusal only when the server refuses this certificate (it closes without
+    # an alert under TLS 1.3); otherwise it was restarting or overloaded: retryable (exit 6).
+    closed = "failed to connect to all addresses; last error: UNAVAILABLE: ipv4:127.0.0.1:1: Socket closed"
+    assert connection_error(closed, Profile.load(soon)).code == "connection-lost"
+
     expired = _profile_with(site, "expired", *_certificate(site, days=-1))
+    assert connection_error(closed, Profile.load(expired)).code == "tls-handshake-failed"
     code, report = doctor(site, config=expired)
     assert code == 5
     (mine,) = by_name(report, "client certificate")

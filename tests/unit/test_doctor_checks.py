@@ -135,6 +135,9 @@ def profile(tmp_path: Path) -> Profile:
      "unable to get local issuer certificate: OK", errors.Unauthenticated, "tls-handshake-failed", "ca.crt"),
     ("failed to connect: Handshake failed: tlsv1 alert unknown ca", errors.Unauthenticated, "tls-handshake-failed",
      "srctl user add"),
+    # Closed without an alert and nothing answers to tell a refusal from a restart: retryable, not a refusal.
+    ("failed to connect to all addresses; last error: UNAVAILABLE: ipv4:127.0.0.1:1: Socket closed",
+     errors.Unavailable, "connection-lost", "retry"),
 ])
 def test_a_failed_connection_says_why_and_what_to_do(profile, details, cls, code, words) -> None:
     error = connection_error(details, profile)
