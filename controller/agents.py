@@ -2,8 +2,9 @@
 
 An agent's server row is created at enrollment; `register` fills in what it
 reports about itself (and, for a source agent, the machine it protects), and
-`heartbeat` keeps it alive (controller/heartbeats.py writes heartbeats in groups). Both are idempotent: an agent repeats them freely
-after any restart of either side.
+`heartbeat` keeps it alive (controller/heartbeats.py writes heartbeats in
+groups). Both are idempotent: an agent repeats them freely after any restart
+of either side.
 """
 
 from __future__ import annotations
