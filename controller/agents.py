@@ -2,8 +2,9 @@
 
 An agent's server row is created at enrollment; `register` fills in what it
 reports about itself (and, for a source agent, the machine it protects), and
-`heartbeat` keeps it alive. Both are idempotent: an agent repeats them freely
-after any restart of either side.
+`heartbeat` keeps it alive (controller/heartbeats.py writes heartbeats in
+groups). Both are idempotent: an agent repeats them freely after any restart
+of either side.
 """
 
 from __future__ import annotations
@@ -14,8 +15,9 @@ from datetime import datetime
 from siterecovery.common import errors, netidentity, pki
 from siterecovery.common.settings import parse_endpoint
 from siterecovery.controller import registration
+from siterecovery.controller.heartbeats import HeartbeatWriter
 from siterecovery.controller.jobs.engine import JobKind, create_job
-from siterecovery.controller.store.base import MachineRecord, ServerRecord, Store
+from siterecovery.controller.store.base import Heartbeat, MachineRecord, ServerRecord, Store
 
 MAX_DISKS = 256
 MAX_DIRECTORIES = 64
@@ -131,11 +133,20 @@ def heartbeat(
     problems: list[dict],
     directories: list[dict] | None,
     now: datetime,
-) -> ServerRecord:
-    _known_server(store, identity)
+    writer: HeartbeatWriter | None = None,
+) -> None:
+    """Record the heartbeat (through `writer`, grouped with others, when given).
+
+    One guarded write and no read: the server row is updated only when it exists
+    with the caller's role; only when it is not is the row read, to say why.
+    """
     if len(problems) > MAX_PROBLEMS or (directories and len(directories) > MAX_DIRECTORIES):
         raise errors.InvalidInput("heartbeat carries too many entries", code="heartbeat-invalid")
     for problem in problems:
         _check_text("problem.code", problem.get("code", ""))
         _check_text("problem.message", problem.get("message", ""))
-    return store.record_heartbeat(identity.id, problems=problems, directories=directories, now=now)
+    beat = Heartbeat(server_id=identity.id, role=identity.role, problems=problems, directories=directories, now=now)
+    recorded = writer.record(beat) if writer is not None else store.record_heartbeats([beat])[0]
+    if not recorded:
+        _known_server(store, identity)  # NotFound or PermissionDenied, with the fix
+        raise errors.NotFound(f"agent {identity.id} was removed meanwhile", code="agent-unknown")

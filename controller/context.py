@@ -8,8 +8,9 @@ import grpc
 
 from siterecovery.common.pki import CertificateAuthority
 from siterecovery.controller.enrollment import FailureLimiter, NonceRegistry, PassphraseVault
+from siterecovery.controller.heartbeats import HeartbeatWriter
 from siterecovery.controller.jobs.engine import JobKind
-from siterecovery.controller.network_orders import NetworkOrderHooks
+from siterecovery.controller.network_orders import NetworkOrderHooks, cached_hooks
 from siterecovery.controller.protection.environment import Environment
 from siterecovery.controller.revocation import Revocations
 from siterecovery.controller.secrets import SecretBox
@@ -45,11 +46,15 @@ class ControllerContext:
     protection: Environment | None = None
     protection_jobs: dict[str, JobKind] = field(default_factory=dict)
     # Pending network orders per agent and where their results go (controller/network_orders.py).
-    network_orders: NetworkOrderHooks = field(default_factory=NetworkOrderHooks)
+    network_orders: NetworkOrderHooks = field(default_factory=cached_hooks)
+    # Writes agents' heartbeats to the store in groups (default: on `store`).
+    heartbeats: HeartbeatWriter | None = None
 
     def __post_init__(self) -> None:
         if self.nonces is None:
             self.nonces = NonceRegistry(self.store)
+        if self.heartbeats is None:
+            self.heartbeats = HeartbeatWriter(self.store)
 
     def revoked_ids(self) -> list[str]:
         return sorted(self.revocations.ids()) if self.revocations is not None else []

@@ -18,6 +18,8 @@ the DHCP configuration Azure gave it.
 from __future__ import annotations
 
 import re
+import threading
+import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from datetime import datetime
@@ -71,16 +73,64 @@ def check_results(results: Sequence[agent_pb2.NetworkOrderResult]) -> None:
 
 def network_order_for(store: Store, server_id: str, *, now: datetime) -> agent_pb2.NetworkOrder | None:
     """The network order pending for this agent, if a failback asked for one."""
+    return _first_order(pending_orders(store).get(server_id, []))
+
+
+def pending_orders(store: Store) -> dict[str, list[tuple[str, dict]]]:
+    """Every pending network order: agent's server id → [(machine name, order)]."""
+    pending: dict[str, list[tuple[str, dict]]] = {}
     for item in store.list_protected_items():
         order = item.details.get("network_order") or {}
-        if order.get("server_id") == server_id and order.get("status") == "pending":
-            try:
-                identity = netidentity.from_dict(order["identity"])
-                return make_order(order["order_id"], order["identity"], identity.system)
-            except (errors.SiteRecoveryError, KeyError, ValueError):
-                # Never fail the agent's heartbeat over it: the failback step times out and says so.
-                log.error("a pending network order cannot be sent", machine=item.name, exc_info=True)
+        if order.get("status") == "pending" and order.get("server_id"):
+            pending.setdefault(order["server_id"], []).append((item.name, order))
+    return pending
+
+
+def _first_order(orders: list[tuple[str, dict]]) -> agent_pb2.NetworkOrder | None:
+    for machine, order in orders:
+        try:
+            identity = netidentity.from_dict(order["identity"])
+            return make_order(order["order_id"], order["identity"], identity.system)
+        except (errors.SiteRecoveryError, KeyError, ValueError):
+            # Never fail the agent's heartbeat over it: the failback step times out and says so.
+            log.error("a pending network order cannot be sent", machine=machine, exc_info=True)
     return None
+
+
+class PendingOrders:
+    """The pending network orders, read from the store at most every `refresh_seconds`.
+
+    Every heartbeat asks for its agent's order, but orders are pending only
+    during a failback: reading every protected machine's row for each heartbeat
+    was one more query per heartbeat, and grew with the number of protected
+    machines. One read per interval now serves every heartbeat in it. A new
+    order reaches its agent at most `refresh_seconds` later (agents heartbeat
+    every 10 s anyway); a settled one may be sent once more within that time,
+    which the agent ignores (it keeps the results of the orders it carried out).
+    Two configuration servers on one store each keep their own, as with
+    revocations (revocation.py).
+    """
+
+    def __init__(self, *, refresh_seconds: float = 2.0, clock: Callable[[], float] = time.monotonic) -> None:
+        self._refresh = refresh_seconds
+        self._clock = clock
+        self._lock = threading.Lock()
+        self._orders: dict[str, list[tuple[str, dict]]] = {}
+        self._read_at: float | None = None
+        self._store: Store | None = None
+
+    def order_for(self, store: Store, server_id: str, *, now: datetime) -> agent_pb2.NetworkOrder | None:
+        with self._lock:
+            at = self._clock()
+            if self._store is not store or self._read_at is None or at - self._read_at >= self._refresh:
+                self._orders, self._read_at, self._store = pending_orders(store), at, store
+            orders = self._orders.get(server_id, [])
+        return _first_order(orders)
+
+    def forget(self) -> None:
+        """Read again at the next question (this server just changed an order)."""
+        with self._lock:
+            self._read_at = None
 
 
 def record_network_results(
@@ -111,3 +161,18 @@ class NetworkOrderHooks:
 
     order_for: Callable[..., agent_pb2.NetworkOrder | None] = network_order_for
     record_results: Callable[..., None] = record_network_results
+
+
+def cached_hooks() -> NetworkOrderHooks:
+    """The configuration server's hooks: orders read through a `PendingOrders`, which
+    forgets what it read whenever this server settles an order."""
+    pending = PendingOrders()
+
+    def record_results(store: Store, identity: pki.Identity, results: Sequence[agent_pb2.NetworkOrderResult], *,
+                       now: datetime) -> None:
+        try:
+            record_network_results(store, identity, results, now=now)
+        finally:
+            pending.forget()
+
+    return NetworkOrderHooks(order_for=pending.order_for, record_results=record_results)

@@ -16,6 +16,7 @@ unknown, because writes may be piling up where we cannot see them.
 
 from __future__ import annotations
 
+import contextlib
 import re
 import uuid
 from collections.abc import Sequence
@@ -578,8 +579,27 @@ def assignments_for(store: Store, server_id: str) -> list[rpb.PairAssignment]:
     pairs = store.list_pairs(server_id=server_id)
     if not pairs:
         return []
-    servers = {s.id: s for s in store.list_servers()}
+    # Only the servers these pairs name: reading every server's row here made each
+    # heartbeat of a replicating agent cost as much as the whole fleet.
+    named = {p.process_server_id for p in pairs} | {p.master_target_id for p in pairs}
+    servers = {}
+    for named_id in sorted(i for i in named if i):
+        with contextlib.suppress(errors.NotFound):
+            servers[named_id] = store.get_server(named_id)
     return [assignment(servers, p) for p in pairs]
+
+
+def orders_for(
+    store: Store, server_id: str, *, now: datetime
+) -> tuple[list[rpb.PairAssignment], list[rpb.TagRequest]]:
+    """What a heartbeat response tells an agent: its pairs, and the tags its sources are to insert.
+
+    An agent in no pair is the source of none, so has no tag requests: one query, not two.
+    """
+    assignments = assignments_for(store, server_id)
+    if not assignments:
+        return [], []
+    return assignments, tag_requests_for(store, server_id, now=now)
 
 
 def tag_requests_for(store: Store, server_id: str, *, now: datetime) -> list[rpb.TagRequest]:

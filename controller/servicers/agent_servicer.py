@@ -51,15 +51,17 @@ class AgentControlServicer(agent_pb2_grpc.AgentControlServicer):
             problems=[problem_to_dict(p) for p in request.problems],
             directories=[to_dict(d) for d in request.directories] or None,
             now=now,
+            writer=self._ctx.heartbeats,
         )
         replication.record_reports(self._ctx.store, identity, request.pairs, now=now)
         hooks = self._ctx.network_orders
         if request.network_results:
             hooks.record_results(self._ctx.store, identity, request.network_results, now=now)
+        pairs, tag_requests = replication.orders_for(self._ctx.store, identity.id, now=now)
         return agent_pb2.HeartbeatResponse(
             heartbeat_interval_seconds=self._ctx.settings.heartbeat_interval,
-            pairs=replication.assignments_for(self._ctx.store, identity.id),
-            tag_requests=replication.tag_requests_for(self._ctx.store, identity.id, now=now),
+            pairs=pairs,
+            tag_requests=tag_requests,
             revoked_ids=self._ctx.revoked_ids(),
             network_order=hooks.order_for(self._ctx.store, identity.id, now=now),
         )

@@ -6,6 +6,7 @@
 from siterecovery.controller.store.base import (
     ROLES,
     AzureSiteRecord,
+    Heartbeat,
     JobRecord,
     MachineRecord,
     OperatorRecord,
@@ -39,6 +40,7 @@ def __getattr__(name: str):
 __all__ = [
     "ROLES",
     "AzureSiteRecord",
+    "Heartbeat",
     "JobRecord",
     "MachineRecord",
     "OperatorRecord",

@@ -75,6 +75,18 @@ class ServerRecord:
     revoked_at: datetime | None = None
 
 
+@dataclass(frozen=True)
+class Heartbeat:
+    """One agent's heartbeat as `record_heartbeats` writes it: `directories`, when given,
+    replace inventory["directories"]."""
+
+    server_id: str
+    role: str
+    problems: list
+    directories: list | None
+    now: datetime
+
+
 OPERATOR_ROLES = ("admin", "reader")
 
 
@@ -321,6 +333,16 @@ class Store(ABC):
         """Set last_heartbeat_at and problems; replace inventory["directories"] when given.
 
         NotFound when there is no such server.
+        """
+
+    @abstractmethod
+    def record_heartbeats(self, beats: Sequence[Heartbeat]) -> list[bool]:
+        """Record many heartbeats in one transaction, so one commit for all of them.
+
+        Each does what `record_heartbeat` does, but only to a server with its id *and*
+        role, and nothing is read back: the result says, per heartbeat, whether such a
+        server was there and was updated. InvalidInput (nothing written) when any
+        heartbeat's problems or directories are not JSON lists.
         """
 
     @abstractmethod

@@ -44,7 +44,11 @@ Transaction boundaries: each public method is exactly one database transaction
 (`_write` or `_read` below). On SQLite every write transaction starts with
 `BEGIN IMMEDIATE`, so writers queue on the database lock (busy timeout 30 s)
 instead of failing half-way through a read-then-write; WAL lets readers go on
-meanwhile. On PostgreSQL writes run at READ COMMITTED and every change to a
+meanwhile. Threads of one process first take turns on an in-process lock, so
+they queue there (woken at once) rather than in SQLite's sleeping busy handler;
+other processes still meet the busy timeout. `record_heartbeats` writes many
+agents' heartbeats in one transaction (controller/heartbeats.py groups them),
+so 2,000 agents cost a few commits a second, not 200. On PostgreSQL writes run at READ COMMITTED and every change to a
 job or its steps first locks the job row (`SELECT ... FOR UPDATE`), so all
 writes to one job are serialised in one order (job row, then step rows) and
 cannot deadlock; reads run at REPEATABLE READ so a job and its steps come
@@ -61,9 +65,11 @@ upgrade leaves the previous schema and revision, and the next start retries.
 
 from __future__ import annotations
 
+import functools
+import threading
 import uuid
 from collections.abc import Collection, Iterator, Sequence
-from contextlib import contextmanager
+from contextlib import contextmanager, nullcontext
 from datetime import datetime, timedelta
 from pathlib import Path
 from typing import Any
@@ -74,6 +80,7 @@ from alembic.config import Config
 from alembic.runtime.migration import MigrationContext
 from alembic.script import ScriptDirectory
 from sqlalchemy import event
+from sqlalchemy.dialects.postgresql import JSONB
 from sqlalchemy.dialects.postgresql import insert as pg_insert
 from sqlalchemy.dialects.sqlite import insert as sqlite_insert
 from sqlalchemy.engine import Connection, Engine
@@ -92,6 +99,7 @@ from siterecovery.controller.store.base import (
     PAIR_SYNC_KINDS,
     PAIR_TARGET_KINDS,
     ROLES,
+    Heartbeat,
     JobRecord,
     MachineRecord,
     OperatorRecord,
@@ -120,6 +128,10 @@ from siterecovery.controller.store.schema import (
 from siterecovery.controller.store.vcenters_sql import VcenterSqlMixin
 
 SQLITE_BUSY_TIMEOUT_S = 30.0
+# Enough pooled connections for the RPC threads (common/grpcserver.py: 32) to keep
+# theirs: with SQLAlchemy's default of 5, the rest were opened and closed for every
+# transaction under load (a new PostgreSQL backend, or SQLite's PRAGMAs, each time).
+POOL = {"pool_size": 24, "max_overflow": 24}
 # Any constant: replicas starting together take turns migrating PostgreSQL.
 _MIGRATION_LOCK_KEY = 0x5352_0001
 
@@ -151,6 +163,12 @@ class SqlStore(VcenterSqlMixin, AzureSiteSqlMixin, ProtectionSqlMixin, Store):
         self._engine = _make_engine(url)
         self._pg = self._engine.dialect.name == "postgresql"
         self._insert = pg_insert if self._pg else sqlite_insert
+        # SQLite has one writer at a time. Threads of this process queue for it here, woken
+        # as soon as it is free, instead of in SQLite's busy handler, which sleeps and polls
+        # (up to 100 ms a turn) while holding a pooled connection: under load that starved
+        # writers for seconds (bench/control_plane.py). Only a queue, not a guarantee: other
+        # processes still meet BEGIN IMMEDIATE and the busy timeout, as before.
+        self._write_turn = nullcontext() if self._pg else threading.RLock()
 
     @property
     def engine(self) -> Engine:
@@ -220,7 +238,7 @@ class SqlStore(VcenterSqlMixin, AzureSiteSqlMixin, ProtectionSqlMixin, Store):
 
     @contextmanager
     def _write(self) -> Iterator[Connection]:
-        with _translate_db_errors(), self._engine.begin() as conn:
+        with self._write_turn, _translate_db_errors(), self._engine.begin() as conn:
             yield conn
 
     @contextmanager
@@ -307,6 +325,56 @@ class SqlStore(VcenterSqlMixin, AzureSiteSqlMixin, ProtectionSqlMixin, Store):
                 values["inventory"] = {**current.inventory, "directories": directories}
             conn.execute(sa.update(servers).where(servers.c.id == server_id).values(values))
             return self._server(conn, server_id)
+
+    def record_heartbeats(self, beats: Sequence[Heartbeat]) -> list[bool]:
+        # One statement for the whole group, executed for many rows at once, and no
+        # read: the directories are merged into the inventory by the database
+        # (json_patch on SQLite, jsonb || on PostgreSQL; an empty patch changes nothing).
+        rows = [
+            {
+                "b_id": beat.server_id,
+                "b_role": beat.role,
+                "b_at": utc(beat.now, "now"),
+                "b_problems": json_copy(beat.problems, "problems", list),
+                "b_patch": {} if beat.directories is None
+                else {"directories": json_copy(beat.directories, "directories", list)},
+            }
+            for beat in beats
+        ]
+        if not rows:
+            return []
+        update = self._heartbeat_update
+        with self._write() as conn:
+            if conn.execute(update, rows).rowcount == len(rows):
+                return [True] * len(rows)
+            # Some server is unknown (or of another role): find out which, one row at a
+            # time, in the same transaction (writing the same values again changes nothing).
+            return [conn.execute(update, row).rowcount == 1 for row in rows]
+
+    @functools.cached_property
+    def _heartbeat_update(self) -> sa.Update:
+        """The statement `record_heartbeats` runs (built once: building it cost more than running it)."""
+        patch = (
+            sa.bindparam("b_patch", type_=JSONB)
+            if self._pg
+            else sa.bindparam("b_patch", type_=sa.JSON)
+        )
+        inventory = (
+            servers.c.inventory.op("||")(patch)
+            if self._pg
+            # RFC 7396 merge patch: a top-level array replaces the old value whole (no
+            # null values at the top level here, which would delete keys).
+            else sa.func.json_patch(servers.c.inventory, patch)
+        )
+        return (
+            sa.update(servers)
+            .where(servers.c.id == sa.bindparam("b_id"), servers.c.role == sa.bindparam("b_role"))
+            .values(
+                last_heartbeat_at=sa.bindparam("b_at", type_=servers.c.last_heartbeat_at.type),
+                problems=sa.bindparam("b_problems", type_=servers.c.problems.type),
+                inventory=inventory,
+            )
+        )
 
     def revoke_server(self, server_id: str, *, now: datetime) -> ServerRecord:
         now = utc(now, "now")
@@ -982,6 +1050,7 @@ def _make_engine(url: str) -> Engine:
         engine = sa.create_engine(
             parsed,
             connect_args={"check_same_thread": False, "timeout": SQLITE_BUSY_TIMEOUT_S},
+            **POOL,
         )
         event.listen(engine, "connect", _sqlite_on_connect)
         event.listen(engine, "begin", _sqlite_on_begin)
@@ -989,7 +1058,7 @@ def _make_engine(url: str) -> Engine:
     if backend == "postgresql":
         if parsed.get_driver_name() != "psycopg":
             parsed = parsed.set(drivername="postgresql+psycopg")
-        return sa.create_engine(parsed, pool_pre_ping=True)
+        return sa.create_engine(parsed, pool_pre_ping=True, **POOL)
     raise InvalidInput(
         f"unsupported database {backend!r} in {parsed.render_as_string(hide_password=True)}",
         hint="use sqlite:///PATH/store.db or postgresql+psycopg://USER@HOST/DB",

@@ -14,6 +14,7 @@ from alembic.runtime.migration import MigrationContext
 from siterecovery.common.errors import Conflict, InvalidInput, NotFound
 from siterecovery.controller.jobs import states
 from siterecovery.controller.store import (
+    Heartbeat,
     MachineRecord,
     OperatorRecord,
     ServerRecord,
@@ -157,6 +158,44 @@ def test_heartbeat_updates_problems_and_optionally_directories(store: Store) -> 
     assert got.problems == []
     assert got.inventory == {**INVENTORY, "directories": dirs}
     assert store.get_server("srv-1") == got
+
+
+def test_heartbeats_in_one_transaction_update_only_servers_of_their_role(store: Store) -> None:
+    store.add_server(server())
+    store.register_server("srv-1", hostname="web-01", inventory=INVENTORY, now=T0)
+    store.add_server(server("ps-1", role="process-server", hostname="ps-01"))
+    problems = [{"code": "low-free-space", "severity": "SEVERITY_WARNING", "message": "9 % free"}]
+    dirs = [{"path": "/var/lib/sr", "free_bytes": 1, "total_bytes": 2, "note": None}]
+    t1 = T0 + timedelta(seconds=10)
+    beats = [
+        Heartbeat("srv-1", "source", problems=problems, directories=dirs, now=t1),
+        Heartbeat("ps-1", "source", problems=[], directories=None, now=t1),  # wrong role
+        Heartbeat("nope", "source", problems=[], directories=None, now=t1),  # unknown
+        Heartbeat("ps-1", "process-server", problems=[], directories=None, now=t1),
+    ]
+    assert store.record_heartbeats(beats) == [True, False, False, True]
+    got = store.get_server("srv-1")
+    assert got.last_heartbeat_at == t1 and got.problems == problems
+    assert got.inventory == {**INVENTORY, "directories": dirs}  # only the directories replaced
+    assert got.registered_at == T0
+    assert store.get_server("ps-1").last_heartbeat_at == t1
+    assert store.get_server("ps-1").inventory == {}
+
+    t2 = t1 + timedelta(seconds=10)
+    assert store.record_heartbeats([Heartbeat("srv-1", "source", problems=[], directories=None, now=t2)]) == [True]
+    got = store.get_server("srv-1")
+    assert got.last_heartbeat_at == t2 and got.problems == []
+    assert got.inventory == {**INVENTORY, "directories": dirs}  # untouched without directories
+    assert store.record_heartbeats([]) == []
+
+
+def test_a_bad_heartbeat_fails_its_group_and_writes_nothing(store: Store) -> None:
+    store.add_server(server())
+    good = Heartbeat("srv-1", "source", problems=[], directories=None, now=T0 + timedelta(seconds=10))
+    bad = Heartbeat("srv-1", "source", problems=[{"x": float("nan")}], directories=None, now=T0)
+    with pytest.raises(InvalidInput):
+        store.record_heartbeats([good, bad])
+    assert store.get_server("srv-1").last_heartbeat_at is None
 
 
 def test_revoke_server_keeps_the_first_revocation_time(store: Store) -> None:

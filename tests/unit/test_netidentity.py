@@ -555,17 +555,15 @@ def test_network_order_results_are_checked_before_a_heartbeat_is_written():
         network_orders.check_results([good] * 17)
 
 
-def test_a_pending_order_is_sent_to_its_agent_until_that_agent_settles_it(tmp_path):
-    from siterecovery.common import pki
+def _order_fixture(store) -> None:
+    """Two source agents; the machine of the first has a pending network order for it."""
     from siterecovery.controller.store import (
         MachineRecord,
         ProtectedItemRecord,
         ProtectionGroupRecord,
         ServerRecord,
-        open_store,
     )
 
-    store = open_store(f"sqlite:///{tmp_path}/store.db")
     for sid in ("src-1", "src-2"):
         store.add_server(ServerRecord(id=sid, role="source", hostname=sid, cert_serial="01",
                                       cert_fingerprint="sha256:00", enrolled_at=NOW))
@@ -581,6 +579,14 @@ def test_a_pending_order_is_sent_to_its_agent_until_that_agent_settles_it(tmp_pa
         details={"network_order": {"order_id": "net-1", "server_id": "src-1", "identity": recorded,
                                    "status": "pending"}},
     ))
+
+
+def test_a_pending_order_is_sent_to_its_agent_until_that_agent_settles_it(tmp_path):
+    from siterecovery.common import pki
+    from siterecovery.controller.store import open_store
+
+    store = open_store(f"sqlite:///{tmp_path}/store.db")
+    _order_fixture(store)
     assert network_orders.network_order_for(store, "src-2", now=NOW) is None
     order = network_orders.network_order_for(store, "src-1", now=NOW)
     assert order is not None and order.order_id == "net-1"
@@ -592,6 +598,43 @@ def test_a_pending_order_is_sent_to_its_agent_until_that_agent_settles_it(tmp_pa
     settled = store.get_protected_item("it").details["network_order"]
     assert (settled["status"], settled["files"]) == ("ok", ["etc/netplan/x.yaml"])
     assert network_orders.network_order_for(store, "src-1", now=NOW) is None
+    store.close()
+
+
+def test_the_server_reads_pending_orders_once_per_interval_and_again_after_settling_one(tmp_path):
+    from siterecovery.common import pki
+    from siterecovery.controller.store import SqlStore
+
+    class CountingStore(SqlStore):
+        reads = 0
+
+        def list_protected_items(self, **kw):
+            CountingStore.reads += 1
+            return super().list_protected_items(**kw)
+
+    store = CountingStore(f"sqlite:///{tmp_path}/store.db")
+    store.migrate()
+    _order_fixture(store)
+    clock = [100.0]
+    pending = network_orders.PendingOrders(refresh_seconds=2.0, clock=lambda: clock[0])
+    assert pending.order_for(store, "src-1", now=NOW).order_id == "net-1"
+    assert pending.order_for(store, "src-2", now=NOW) is None
+    assert CountingStore.reads == 1, "one read serves every agent within the interval"
+    item = store.get_protected_item("it")
+    store.update_protected_item("it", expected_version=item.version, now=NOW,
+                                details={**item.details, "network_order": {**item.details["network_order"],
+                                                                           "status": "ok"}})
+    assert pending.order_for(store, "src-1", now=NOW) is not None, "not re-read within the interval"
+    clock[0] += 2.0
+    assert pending.order_for(store, "src-1", now=NOW) is None
+    assert CountingStore.reads == 2
+
+    hooks = network_orders.cached_hooks()
+    store.update_protected_item("it", expected_version=item.version + 1, now=NOW, details=item.details)
+    assert hooks.order_for(store, "src-1", now=NOW).order_id == "net-1"
+    result = agent_pb2.NetworkOrderResult(order_id="net-1", ok=True, message="written")
+    hooks.record_results(store, pki.Identity(role="source", id="src-1"), [result], now=NOW)
+    assert hooks.order_for(store, "src-1", now=NOW) is None, "settling an order here forgets what was read"
     store.close()
 
 
