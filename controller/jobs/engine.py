@@ -438,6 +438,7 @@ class JobRunner:
             ran += 1
             if not self._run_step(job, planned[step.index], step, clock):
                 return ran  # lost the lease: the job is someone else's now
+        return ran  # stopping: the rest of the job waits for the next start
 
     def _settle(self, job: JobRecord, action: states.Action, clock: Clock) -> None:
         now = clock()

@@ -142,6 +142,21 @@ def test_a_job_runs_its_steps_in_order_and_succeeds(store: Store, site: Site) ->
     assert runner.run_once(now=T0) == 0
 
 
+def test_a_runner_stopped_mid_job_counts_the_step_it_ran_and_leaves_the_rest(store: Store, site: Site) -> None:
+    runner: JobRunner
+
+    def stop_runner(ctx: StepContext) -> None:
+        runner.stop()  # the configuration server shutting down while step "a" runs
+
+    kind = kind_of(site, "a", "b", a=MakeResource(site, "a", fail=stop_runner))
+    job = create_job(store, kind, "vm1", {"content": "x"}, now=T0)
+    runner = JobRunner(store, "r1", [kind], FAST, lease_seconds=LEASE)
+
+    assert runner.run_once(now=T0) == 1
+    assert statuses(store, job.id)[1] == ["succeeded", "pending"]
+    assert site.resources() == ["vm1-a"]
+
+
 def test_a_retryable_error_is_retried_then_the_step_succeeds(store: Store, site: Site) -> None:
     def flaky(ctx: StepContext) -> None:
         if site.tries["execute:b"] < 3:
