@@ -188,6 +188,14 @@ def test_unreadable_release_mark_is_refused(tmp_path: Path) -> None:
         FrameLog(tmp_path, fsync=False)
 
 
+def test_a_batch_of_more_records_than_one_writev_takes_is_written_whole_and_in_order(tmp_path: Path) -> None:
+    many = [frame(s, size=100) for s in range(1, 3001)]  # 6,000 buffers; IOV_MAX is 1,024 on Linux
+    with FrameLog(tmp_path, fsync=False) as log:
+        log.append(many)
+    with FrameLog(tmp_path, fsync=False) as again:
+        assert digest(again.read_from(0)) == digest(many)
+
+
 def _fail_writes(monkeypatch: pytest.MonkeyPatch, code: int, after_bytes: int = 0) -> None:
     real = os.write
     budget = [after_bytes]
@@ -199,7 +207,11 @@ def _fail_writes(monkeypatch: pytest.MonkeyPatch, code: int, after_bytes: int = 
         budget[0] -= n
         return n
 
+    def writev(fd, buffers):  # a short write, as a filling disk gives, then the error
+        return write(fd, b"".join(bytes(b) for b in buffers))
+
     monkeypatch.setattr(os, "write", write)
+    monkeypatch.setattr(os, "writev", writev)
 
 
 @pytest.mark.parametrize("new_segment", [False, True])
