@@ -45,7 +45,7 @@ from siterecovery.controller.store.base import AzureSiteRecord, JobRecord, Store
 log = get_logger(__name__)
 
 # Every job kind whose params name a site (`site_id`): a site they use is not removed.
-KINDS = frozenset({steps.FAILOVER, steps.SHUTDOWN, steps.DELETE, steps.DEPLOY_PROCESS_SERVER})
+KINDS = frozenset({steps.DEPLOY_PROCESS_SERVER})
 _NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,63}")
 # Azure VM names: 1-64 letters, digits, '-' (Linux VMs may use '.' and '_'; we keep it portable).
 _VM_NAME = re.compile(r"[A-Za-z0-9](?:[A-Za-z0-9-]{0,62}[A-Za-z0-9])?")
@@ -146,7 +146,7 @@ class AzureConnector:
     credential: Callable[[AzureSite, ClientSecret], Any] = make_credential
     polling_interval: float | None = None
     sleep: Callable[[float], None] | None = None
-    # The credential for the site's blob container (copy-points); None: `credential`
+    # The credential for the site's blob container (failover point copies); None: `credential`
     # (the service principal needs a data role on the account, e.g. Storage Blob
     # Data Contributor). Tests against Azurite pass its shared key.
     storage_credential: Callable[[AzureSite, ClientSecret], Any] | None = None
@@ -190,16 +190,6 @@ def _site_for(ctx: StepContext) -> AzureSiteRecord:
     return ctx.store.get_azure_site(site_id)
 
 
-def storage_factory(box: SecretBox, connector: AzureConnector) -> steps.StorageFactory:
-    """`storage_for(ctx)`: the blob container of the site of `params["site_id"]`, at step time."""
-
-    def storage_for(ctx: StepContext) -> Any:
-        record = _site_for(ctx)
-        return connector.storage(site_of(record), secret_of(record, box))
-
-    return storage_for
-
-
 def compute_factory(box: SecretBox, connector: AzureConnector) -> steps.ComputeFactory:
     """`compute_for(ctx)`: the site of `params["site_id"]`, read and decrypted at step time.
 
@@ -233,9 +223,7 @@ def custom_data_factory(vault: PassphraseVault) -> steps.CustomDataFactory:
 def kinds(box: SecretBox, vault: PassphraseVault, connector: AzureConnector | None = None) -> list[JobKind]:
     """The Azure job kinds, wired to the store's sites and the vault."""
     connector = connector or AzureConnector()
-    return steps.kinds(
-        compute_factory(box, connector), custom_data_factory(vault), storage_factory(box, connector)
-    )
+    return steps.kinds(compute_factory(box, connector), custom_data_factory(vault))
 
 
 # --- process server deployment ---------------------------------------------------------

@@ -233,3 +233,16 @@ def copy_progress(
         except ValueError:
             pass
     return status, copied, total, str(props.copy.status_description or "")
+
+
+def delete_blob(container: ContainerClient, name: str) -> None:
+    """Delete a blob and its snapshots (an unfinished copy is aborted by the delete); nothing to do when
+    it is gone."""
+
+    def delete() -> None:
+        try:
+            container.get_blob_client(name).delete_blob(delete_snapshots="include")
+        except ResourceNotFoundError:
+            pass
+
+    call(f"delete blob {name}", delete)

@@ -57,7 +57,6 @@ from siterecovery.controller.providers.azure.compute import (
     resource_group_of,
     resource_name,
 )
-from siterecovery.controller.providers.azure.steps import delete_blob
 from siterecovery.controller.store.base import PairRecord, ProtectedItemRecord, Store
 
 LOCAL, AZURE = "local", "azure"
@@ -241,7 +240,7 @@ class AzureCloud:
             if status == "pending":
                 waiting.append((dest, copied, total))
             elif status != "success":
-                delete_blob(container, dest)
+                blob_points.delete_blob(container, dest)
                 raise errors.Unavailable(
                     f"copying point {point.tag_id} into blob {dest} ended {status}: {reason or 'no reason given'}",
                     hint="the copy was deleted; run the workflow again", code="azure-copy-failed",
@@ -271,7 +270,7 @@ class AzureCloud:
     def discard_recovered(self, name, resources):
         container = self.container()
         for dest in resources.get("copies", []):
-            delete_blob(container, dest)
+            blob_points.delete_blob(container, dest)
 
     def create_vm(self, ctx, item, name, disks, record, *, test):
         azure = self.compute(test=test)
@@ -334,7 +333,7 @@ class AzureCloud:
         if vm.get("copies"):
             container = self.container()
             for dest in vm["copies"]:
-                delete_blob(container, dest)
+                blob_points.delete_blob(container, dest)
                 deleted.append(f"{container.container_name}/{dest}")
         return deleted
 

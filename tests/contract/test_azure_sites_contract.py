@@ -95,18 +95,18 @@ def test_a_site_an_active_job_uses_is_not_removed(store: Store) -> None:
     store.add_azure_site(azure_site())
     store.add_azure_site(azure_site("az-2", "other"))
     job = store.create_job(
-        kind="azure-failover", target="web1", step_names=["a"], params={"site_id": "az-1"}, now=T0
+        kind="azure-deploy-process-server", target="web1", step_names=["a"], params={"site_id": "az-1"}, now=T0
     )
     # Another kind, or a job of another site, does not count.
     store.create_job(kind="discover-vcenter", target="x", step_names=["a"], params={"site_id": "az-1"}, now=T0)
     with pytest.raises(Conflict) as caught:
-        store.remove_azure_site("dr-west", unless_used_by_kinds={"azure-failover", "azure-delete-vm"})
+        store.remove_azure_site("dr-west", unless_used_by_kinds={"azure-deploy-process-server"})
     assert caught.value.code == "azure-site-in-use" and job.id in caught.value.message
     assert [s.name for s in store.list_azure_sites()] == ["dr-west", "other"]
-    store.remove_azure_site("other", unless_used_by_kinds={"azure-failover"})
+    store.remove_azure_site("other", unless_used_by_kinds={"azure-deploy-process-server"})
     # Once the job has finished, the site can go.
     assert store.set_job_status(job.id, expected={states.PENDING}, new=states.CANCELLED, now=T0)
-    store.remove_azure_site("dr-west", unless_used_by_kinds={"azure-failover"})
+    store.remove_azure_site("dr-west", unless_used_by_kinds={"azure-deploy-process-server"})
     assert store.list_azure_sites() == []
 
 

@@ -214,7 +214,7 @@ def test_a_refused_credential_names_the_command_that_replaces_it():
     assert "srctl azure update-credentials" in error.hint
 
 
-def test_copy_points_gets_the_sites_container_with_its_secret_at_step_time(store, box):
+def test_the_workflows_get_the_sites_container_with_its_secret_at_each_call(store, box):
     record = azure_sites.add(store, box, "dr-west", replace(SITE, container="replicas"), ClientSecret(SECRET), now=NOW)
     seen: list[str] = []
 
@@ -222,15 +222,14 @@ def test_copy_points_gets_the_sites_container_with_its_secret_at_step_time(store
         seen.append(secret.reveal())
         return {"account_name": site.storage_account, "account_key": base64.b64encode(b"k" * 32).decode()}
 
-    connector = azure_sites.AzureConnector(storage_credential=storage_credential)
-    storage_for = azure_sites.storage_factory(box, connector)
-    ctx = type("Ctx", (), {"params": {"site_id": record.id}, "store": store, "job": None})()
-    container = storage_for(ctx)
+    clients = azure_sites.SiteClients(box, azure_sites.AzureConnector(storage_credential=storage_credential))
+    container = clients.container(record)
     assert (container.account_name, container.container_name) == (SITE.storage_account, "replicas")
     assert container.url == f"https://{SITE.storage_account}.blob.core.windows.net/replicas"
     assert seen == [SECRET]
 
 
-def test_the_failover_kind_copies_points_first(box, vault):
+def test_the_only_azure_job_kind_is_the_process_server_deployment(box, vault):
     kinds = registry(azure_sites.kinds(box, vault))
-    assert [s.name for s in kinds[steps.FAILOVER].steps][:2] == ["copy-points", "create-disks"]
+    assert list(kinds) == [steps.DEPLOY_PROCESS_SERVER]
+    assert [s.name for s in kinds[steps.DEPLOY_PROCESS_SERVER].steps] == ["create-nic", "create-vm"]
