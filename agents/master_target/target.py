@@ -108,7 +108,7 @@ class TargetOptions:
 
     # A batch (one group commit) holds at most this many frames / payload bytes.
     batch_frames: int = 64
-    batch_bytes: int = 16 * MiB
+    batch_bytes: int = 8 * MiB
     # Journal segments are rotated past this size; pruning deletes whole segments.
     segment_bytes: int = 64 * MiB
     # Undo is not appended when the retention directory would keep less free space than this.

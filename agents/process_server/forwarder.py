@@ -52,7 +52,7 @@ _POLL = 0.5
 class ForwardPolicy:
     """How a forwarder paces itself; the defaults suit production."""
 
-    window_bytes: int = 64 * 1024 * 1024
+    window_bytes: int = 32 * 1024 * 1024
     initial_backoff: float = 0.2
     max_backoff: float = 10.0
 

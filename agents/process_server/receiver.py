@@ -41,9 +41,9 @@ from .spool import Spool
 log = get_logger(__name__)
 
 # A batch (one append, one fsync, one Ack) stops growing at this size.
-MAX_BATCH_BYTES = 16 * 1024 * 1024
+MAX_BATCH_BYTES = 8 * 1024 * 1024
 # Bytes one stream may have read but not yet written.
-MAX_QUEUED_BYTES = 32 * 1024 * 1024
+MAX_QUEUED_BYTES = 16 * 1024 * 1024
 # How long a new stream waits for the previous one of its pair to end.
 TAKEOVER_TIMEOUT = 10.0
 
