@@ -7,11 +7,18 @@ of each pair with every heartbeat (`record_reports`); `view` combines the three
 reports into what `srctl replication status` shows: state, sync progress, RPO,
 backlog at the source and in the spool, throughput.
 
-RPO is the age of the oldest write not yet applied at the target: the oldest
-`oldest_pending_captured_at` the source and the process server report. With
-nothing pending anywhere it is zero, as long as both reported recently; when
-one of them is silent for more than `STALE_INTERVALS` heartbeats the RPO is
-unknown, because writes may be piling up where we cannot see them.
+RPO is the age of the oldest write not yet applied at the target, as of the
+reports: for the source and the process server, the time of its report less
+the `oldest_pending_captured_at` it reported; the larger of the two. Counting
+from the report, not from now, is what a heartbeat can know: from now, a
+steady write load read 0 to 10 s high by when in the 10 s heartbeat interval
+one looked (a sawtooth of the heartbeat, not of replication). A stalled
+pipeline still shows: each report's oldest pending write is older. A report
+older than `STALE_INTERVALS` heartbeats counts from now (its agent is silent;
+the write it named may still be pending, and the RPO grows by the second).
+With nothing pending anywhere it is zero, as long as both reported recently;
+when one of them is silent and reported nothing pending the RPO is unknown,
+because writes may be piling up where we cannot see them.
 """
 
 from __future__ import annotations
@@ -736,19 +743,20 @@ def view(
         out.sync_progress = 1.0
 
     stale = timedelta(seconds=STALE_INTERVALS * heartbeat_interval)
-    fresh = all(
-        by_role.get(role) is not None and now - by_role[role].reported_at <= stale
-        for role in ("source", "process-server")
-    )
-    pending = [
-        s.oldest_pending_captured_at.ToDatetime(tzinfo=now.tzinfo)
-        for s in (source, spool)
-        if s is not None and s.HasField("oldest_pending_captured_at")
+
+    def fresh(role: str) -> bool:
+        return by_role.get(role) is not None and now - by_role[role].reported_at <= stale
+
+    lags = [
+        ((by_role[role].reported_at if fresh(role) else now)
+         - status.oldest_pending_captured_at.ToDatetime(tzinfo=now.tzinfo)).total_seconds()
+        for role, status in (("source", source), ("process-server", spool))
+        if status is not None and status.HasField("oldest_pending_captured_at")
     ]
-    if pending:
+    if lags:
         out.rpo_known = True
-        out.rpo_seconds = max(0.0, (now - min(pending)).total_seconds())
-    elif fresh:
+        out.rpo_seconds = max(0.0, *lags)
+    elif fresh("source") and fresh("process-server"):
         out.rpo_known = True
         out.rpo_seconds = 0.0
     return out

@@ -134,7 +134,12 @@ def test_view_adds_up_sync_progress_rpo_and_backlogs(store):
     syncing = replication.view(pair, reports, hostname="app01", heartbeat_interval=10, now=now)
     assert syncing.state == rpb.PAIR_STATE_INITIAL_SYNC
     assert syncing.sync_progress == pytest.approx(0.25)
-    assert syncing.rpo_known and syncing.rpo_seconds == pytest.approx(12.0)
+    # As of the reports (made at T0, 5 s ago): the spool's oldest write was 7 s old then.
+    assert syncing.rpo_known and syncing.rpo_seconds == pytest.approx(7.0)
+    # A process server silent for longer than 3 heartbeats: its oldest write counts from now.
+    silent = [reports[0], _report(pair.id, "ps-1", "process-server", spool, at=T0 - timedelta(seconds=40))]
+    later = replication.view(pair, silent, hostname="app01", heartbeat_interval=10, now=now)
+    assert later.rpo_known and later.rpo_seconds == pytest.approx(12.0)
     assert (syncing.source_backlog_bytes, syncing.spool_backlog_frames, syncing.spooled_seq) == (4096, 2, 9)
 
     source.state = rpb.PAIR_STATE_REPLICATING
