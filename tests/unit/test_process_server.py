@@ -556,10 +556,11 @@ def test_disk_full_refuses_the_batch_as_unavailable_and_acknowledges_nothing_of_
     site.mt.set_hold(0)
     site.replicate(make_frames(1, 3))
 
-    def full(_fd: int, _data: bytes) -> int:
+    def full(_fd: int, _data) -> int:
         raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
 
     monkeypatch.setattr(os, "write", full)
+    monkeypatch.setattr(os, "writev", full)  # the frame log writes a batch with writev
     seen: list[rpb.ReplicationReply] = []
     err = rpc_error(lambda: site.replicate(make_frames(4, 3), on_reply=seen.append))
     monkeypatch.undo()
