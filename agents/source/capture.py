@@ -8,9 +8,10 @@ and goes:
 
 1. under the disk lock: queued, with its capture time (nothing else);
 2. the disk's one committer thread, when writes are queued and none is held,
-   takes every queued write under the disk lock and takes their seqs there
-   (consecutive, in queue order; a write longer than `FRAME_DATA_BYTES` gets
-   one per frame), then, with the lock released, builds their frames
+   takes every queued write under the disk lock and counts a commit in flight
+   (so `quiesced()`, inside which seqs are taken too, waits); then it takes
+   their seqs (consecutive, in queue order; a write longer than
+   `FRAME_DATA_BYTES` gets one per frame), builds their frames
    (`frames.write_frame`, `frames.zero_frame`), appends them to the journal
    with one fsync, pwrites (or zeroes) each on the disk file in seq order;
 3. the committer calls each write's `done` (the NBD connection notes the
@@ -448,14 +449,15 @@ class DiskCapture:
                 if self._closing:
                     break
                 journal = self._journal
-                first = journal.lease.take(sum(_frame_count(item) for item in batch)) if journal else 0
                 self._inflight += 1
             try:
+                # Outside the lock but in flight: quiesced() callers, the only other seq takers, wait.
+                first = journal.lease.take(sum(_frame_count(item) for item in batch)) if journal else 0
                 self._commit(journal, batch, first)
-            except BaseException as exc:  # a bug: fail these writes rather than hang their clients
-                log.exception("committing writes crashed", disk=self.name, error=str(exc))
+            except BaseException as exc:  # the seq lease not persisted, or a bug: fail these writes, go on
+                log.exception("committing writes failed", disk=self.name, error=str(exc))
                 for item in batch:
-                    item.error = OSError(errno.EIO, f"committing the write crashed: {exc}")
+                    item.error = OSError(errno.EIO, f"committing the write failed: {exc}")
             finally:
                 with self._lock:
                     self._inflight -= 1

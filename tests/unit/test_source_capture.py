@@ -3,6 +3,7 @@ a kill -9 at any moment loses no acknowledged write; seqs are never reused."""
 
 from __future__ import annotations
 
+import errno
 import hashlib
 import os
 import random
@@ -400,3 +401,23 @@ def test_a_write_queued_while_held_waits_for_release_and_gets_its_seq_after(capt
     assert [f.WhichOneof("body") for f in journaled] == ["tag", "write"]
     assert journaled[1].seq > tag_seq
 
+
+def test_a_commit_that_fails_fails_its_writes_and_the_committer_goes_on(captured, monkeypatch):
+    """The seq lease cannot be persisted (say the disk is full): those writes get an error,
+    nothing is journaled for them, and the next write works (the committer did not die)."""
+    _server, disk, journal, _image = captured
+    take = journal.lease.take
+    failures = iter([OSError(errno.ENOSPC, "no space left for seq.json")])
+
+    def take_or_fail(count=1):
+        failure = next(failures, None)
+        if failure is not None:
+            raise failure
+        return take(count)
+
+    monkeypatch.setattr(journal.lease, "take", take_or_fail)
+    with pytest.raises(OSError):
+        disk.write(0, b"lost" * 1024, fua=False)
+    assert journal_frames(journal) == [] and disk.read(0, 4) == bytes(4)
+    disk.write(0, b"kept" * 1024, fua=False)
+    assert [frames.payload(f)[:4] for f in journal_frames(journal)] == [b"kept"]
