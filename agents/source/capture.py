@@ -65,6 +65,12 @@ What a crash leaves behind, and how opening repairs it:
   torn tail is truncated when the FrameLog opens.
 - releasing: `release_through` fsyncs the disk file first and never releases a
   frame not yet written to it, so every released frame is durably on the disk.
+  Acknowledged frames are released at most once per `RELEASE_INTERVAL`
+  (`PairJournal.acknowledge`): a crash before that leaves acknowledged frames
+  unreleased, which is harmless (`attach` replays them, idempotently; the
+  process server ignores frames it already holds, and the shipper resumes after
+  its durable seq). The pair's reported backlog counts frames above the
+  acknowledged seq, not above the release mark.
 """
 
 from __future__ import annotations
@@ -93,6 +99,11 @@ JOURNAL_DIR = "journal"
 # The largest write payload one frame carries (a gRPC message is at most 8 MiB).
 FRAME_DATA_BYTES = 4 * 1024 * 1024
 _ZERO_CHUNK = 1024 * 1024
+# Releasing acknowledged frames (fsync of the disk file, of the release mark and of its directory)
+# is coalesced: at most once per RELEASE_INTERVAL seconds, or at once when the acknowledged but
+# unreleased frames take RELEASE_BYTES of journal.
+RELEASE_INTERVAL = 1.0
+RELEASE_BYTES = 64 * 1024 * 1024
 
 # -- zeroing ranges ------------------------------------------------------------------
 
@@ -221,6 +232,26 @@ class PairJournal:
         self.failed = ""
         # Called after every append (the shipper wakes up on it).
         self.on_append: Callable[[], None] = lambda: None
+        self._acknowledged = 0  # the highest seq the next hop acknowledged (not persisted)
+        self._released_at = float("-inf")  # time.monotonic() of the last release
+
+    def acknowledge(self, seq: int) -> None:
+        """The next hop holds every frame <= seq: release them, now or within RELEASE_INTERVAL."""
+        self._acknowledged = max(self._acknowledged, seq)
+        self.release_due()
+
+    def release_due(self, *, now: bool = False) -> None:
+        """Release what was acknowledged if the last release is RELEASE_INTERVAL old, or
+        RELEASE_BYTES of acknowledged frames wait, or `now` (the shipper also calls it when idle)."""
+        acknowledged = self._acknowledged
+        log_ = self.log
+        if acknowledged <= log_.released_seq:
+            return
+        if not now and time.monotonic() - self._released_at < RELEASE_INTERVAL:
+            if log_.pending_bytes - log_.pending_bytes_after(acknowledged) < RELEASE_BYTES:
+                return
+        self._released_at = time.monotonic()
+        self.release_through(acknowledged)
 
     def release_through(self, seq: int) -> None:
         """Acknowledged by the next hop: drop frames <= seq (never one not yet on the disk file)."""

@@ -18,7 +18,7 @@ from pathlib import Path
 
 import pytest
 
-from siterecovery.agents.source import nbd
+from siterecovery.agents.source import capture, nbd
 from siterecovery.agents.source.capture import (
     FRAME_DATA_BYTES,
     DiskCapture,
@@ -400,6 +400,24 @@ def test_a_write_queued_while_held_waits_for_release_and_gets_its_seq_after(capt
     journaled = journal_frames(journal)
     assert [f.WhichOneof("body") for f in journaled] == ["tag", "write"]
     assert journaled[1].seq > tag_seq
+
+
+def test_acknowledged_frames_are_released_in_batches_not_per_ack(captured, monkeypatch):
+    _server, disk, journal, _image = captured
+    for i in range(4):
+        disk.write(i * 4096, b"a" * 4096, fua=False)
+    first = journal.log.first_pending_seq
+    journal.acknowledge(first)  # the first release is at once
+    assert journal.log.released_seq == first
+    monkeypatch.setattr(capture, "RELEASE_INTERVAL", 3600.0)
+    journal.acknowledge(first + 1)
+    journal.release_due()
+    assert journal.log.released_seq == first, "released again within RELEASE_INTERVAL"
+    journal.release_due(now=True)
+    assert journal.log.released_seq == first + 1
+    monkeypatch.setattr(capture, "RELEASE_BYTES", 1)  # enough acknowledged bytes wait: release at once
+    journal.acknowledge(first + 3)
+    assert journal.log.released_seq == first + 3
 
 
 def test_a_commit_that_fails_fails_its_writes_and_the_committer_goes_on(captured, monkeypatch):
