@@ -319,10 +319,12 @@ class FrameLog:
         with self._lock:
             return self._released
 
-    def _first_pending_locked(self) -> tuple[_Segment, int] | None:
+    def _first_pending_locked(self, after: int | None = None) -> tuple[_Segment, int] | None:
+        """The first record above `after` (default: the release mark) and not released."""
+        above = self._released if after is None else max(after, self._released)
         for segment in self._segments:
-            if segment.last_seq > self._released:
-                return segment, bisect_right(segment.seqs, self._released)
+            if segment.last_seq > above:
+                return segment, bisect_right(segment.seqs, above)
         return None
 
     @property
@@ -334,8 +336,12 @@ class FrameLog:
 
     @property
     def pending_frames(self) -> int:
+        return self.pending_frames_after(None)
+
+    def pending_frames_after(self, seq: int | None) -> int:
+        """Unreleased frames above `seq` (None: all unreleased ones)."""
         with self._lock:
-            found = self._first_pending_locked()
+            found = self._first_pending_locked(seq)
             if found is None:
                 return 0
             start = self._segments.index(found[0])
@@ -344,8 +350,12 @@ class FrameLog:
     @property
     def pending_bytes(self) -> int:
         """Bytes on disk (headers included) of the unreleased records."""
+        return self.pending_bytes_after(None)
+
+    def pending_bytes_after(self, seq: int | None) -> int:
+        """Bytes on disk (headers included) of the unreleased records above `seq` (None: all)."""
         with self._lock:
-            found = self._first_pending_locked()
+            found = self._first_pending_locked(seq)
             if found is None:
                 return 0
             segment, index = found
@@ -362,8 +372,12 @@ class FrameLog:
     @property
     def oldest_pending_captured_at(self) -> Timestamp | None:
         """`captured_at` of the oldest unreleased frame (read from disk once, then cached)."""
+        return self.oldest_captured_at_after(None)
+
+    def oldest_captured_at_after(self, seq: int | None) -> Timestamp | None:
+        """`captured_at` of the oldest unreleased frame above `seq` (None: of all; cached by seq)."""
         with self._lock:
-            found = self._first_pending_locked()
+            found = self._first_pending_locked(seq)
             if found is None:
                 return None
             segment, index = found

@@ -1,29 +1,43 @@
 """Write capture: every write to a protected disk is journaled, in order, before it is acknowledged.
 
 A `DiskCapture` is the NBD backend (see nbd.py) of one configured disk. While
-the disk's pair replicates in nbd mode a `PairJournal` is attached to it, and a
-write (WRITE, WRITE_ZEROES, TRIM) goes:
+the disk's pair replicates in nbd mode a `PairJournal` is attached to it. A
+write (WRITE, WRITE_ZEROES, TRIM) is submitted without waiting
+(`submit_write`, `submit_zeroes`: the NBD connection's reader thread does it)
+and goes:
 
-1. under the disk lock: take the next seq(s), build the frame(s)
-   (`frames.write_frame`, `frames.zero_frame`; a write longer than
-   `FRAME_DATA_BYTES` becomes several consecutive frames), queue them;
-2. group commit: the first writer to find no commit running takes every frame
-   queued so far, appends them to the journal with one fsync, then pwrites (or
-   zeroes) each on the disk file in seq order, and wakes the writers it carried;
-3. the NBD reply goes out.
+1. under the disk lock: queued, with its capture time (nothing else);
+2. the disk's one committer thread, when writes are queued and none is held,
+   takes every queued write under the disk lock and counts a commit in flight
+   (so `quiesced()`, inside which seqs are taken too, waits); then it takes
+   their seqs (consecutive, in queue order; a write longer than
+   `FRAME_DATA_BYTES` gets one per frame), builds their frames
+   (`frames.write_frame`, `frames.zero_frame`), appends them to the journal
+   with one fsync, pwrites (or zeroes) each on the disk file in seq order;
+3. the committer calls each write's `done` (the NBD connection notes the
+   reply) and then each connection's `after` once (it sends the commit's
+   replies with one send).
 
-So the journal order is the seq order is the order the disk file saw, and a
-write the client saw acknowledged is in the journal on disk. FUA needs nothing
-more (the journal is durable); FLUSH also fdatasyncs the disk file. TRIM and
-WRITE_ZEROES both make the range read as zeros (a hole is punched unless the
-client set NO_HOLE), so source and target agree on what a trimmed range holds.
-While no pair is attached (a disk not replicated, or replicated in scan mode)
-writes go straight to the file: nothing is journaled.
+So a write costs one thread hand-off (reader to committer), and a commit
+carries every write that arrived while the one before it ran. The journal
+order is the seq order is the order the disk file saw, and a write the client
+saw acknowledged is in the journal on disk and on the disk file. FUA needs
+nothing more (the journal is durable); FLUSH also fdatasyncs the disk file.
+TRIM and WRITE_ZEROES both make the range read as zeros (a hole is punched
+unless the client set NO_HOLE), so source and target agree on what a trimmed
+range holds. While no pair is attached (a disk not replicated, or replicated in
+scan mode) the committer writes straight to the file (one fdatasync per commit
+when a write in it asked for FUA): nothing is journaled. `write`,
+`write_zeroes` and `trim` are the same, waiting for the outcome. Reads
+(`read`) are a pread on the caller's thread: a write is on the disk file before
+it is acknowledged, so a read sees every acknowledged write.
 
 `quiesced()` holds new writes back and waits until none is in flight: inside
-it every seq handed out so far is journaled and on the disk file. The
-replicator reads initial-sync chunks, hashes scan blocks and inserts tags there,
-so each is ordered exactly before or after every write.
+it every seq handed out so far is journaled and on the disk file, and writes
+submitted meanwhile wait in the queue without a seq (the committer takes
+nothing while a hold lasts). The replicator reads initial-sync chunks, hashes
+scan blocks and inserts tags there, so each is ordered exactly before or after
+every write; `hold()`/`release()` do the same for a multi-VM barrier.
 
 On-disk layout of a pair (the replicator owns `<state_dir>/pairs/<pair_id>/`)::
 
@@ -51,6 +65,12 @@ What a crash leaves behind, and how opening repairs it:
   torn tail is truncated when the FrameLog opens.
 - releasing: `release_through` fsyncs the disk file first and never releases a
   frame not yet written to it, so every released frame is durably on the disk.
+  Acknowledged frames are released at most once per `RELEASE_INTERVAL`
+  (`PairJournal.acknowledge`): a crash before that leaves acknowledged frames
+  unreleased, which is harmless (`attach` replays them, idempotently; the
+  process server ignores frames it already holds, and the shipper resumes after
+  its durable seq). The pair's reported backlog counts frames above the
+  acknowledged seq, not above the release mark.
 """
 
 from __future__ import annotations
@@ -79,6 +99,11 @@ JOURNAL_DIR = "journal"
 # The largest write payload one frame carries (a gRPC message is at most 8 MiB).
 FRAME_DATA_BYTES = 4 * 1024 * 1024
 _ZERO_CHUNK = 1024 * 1024
+# Releasing acknowledged frames (fsync of the disk file, of the release mark and of its directory)
+# is coalesced: at most once per RELEASE_INTERVAL seconds, or at once when the acknowledged but
+# unreleased frames take RELEASE_BYTES of journal.
+RELEASE_INTERVAL = 1.0
+RELEASE_BYTES = 64 * 1024 * 1024
 
 # -- zeroing ranges ------------------------------------------------------------------
 
@@ -207,6 +232,26 @@ class PairJournal:
         self.failed = ""
         # Called after every append (the shipper wakes up on it).
         self.on_append: Callable[[], None] = lambda: None
+        self._acknowledged = 0  # the highest seq the next hop acknowledged (not persisted)
+        self._released_at = float("-inf")  # time.monotonic() of the last release
+
+    def acknowledge(self, seq: int) -> None:
+        """The next hop holds every frame <= seq: release them, now or within RELEASE_INTERVAL."""
+        self._acknowledged = max(self._acknowledged, seq)
+        self.release_due()
+
+    def release_due(self, *, now: bool = False) -> None:
+        """Release what was acknowledged if the last release is RELEASE_INTERVAL old, or
+        RELEASE_BYTES of acknowledged frames wait, or `now` (the shipper also calls it when idle)."""
+        acknowledged = self._acknowledged
+        log_ = self.log
+        if acknowledged <= log_.released_seq:
+            return
+        if not now and time.monotonic() - self._released_at < RELEASE_INTERVAL:
+            if log_.pending_bytes - log_.pending_bytes_after(acknowledged) < RELEASE_BYTES:
+                return
+        self._released_at = time.monotonic()
+        self.release_through(acknowledged)
 
     def release_through(self, seq: int) -> None:
         """Acknowledged by the next hop: drop frames <= seq (never one not yet on the disk file)."""
@@ -234,32 +279,41 @@ class PairJournal:
 # -- the captured disk -------------------------------------------------------------------
 
 
+Done = Callable[[OSError | None], None]
+
+
 @dataclass
 class _Pending:
-    frames: list[rpb.Frame]
     offset: int
     length: int
     data: bytes | None  # None: zero the range
     punch: bool
-    done: bool = False
+    fua: bool
+    captured_at: float
+    done: Done
+    # Called once per commit for each distinct `after` among the commit's writes, after every `done`.
+    after: Callable[[], None] | None = None
     error: OSError | None = None
 
 
 class DiskCapture:
-    """One protected disk: the NBD backend, its lock, and (when attached) its pair's journal."""
+    """One protected disk: the NBD backend, its lock, its committer and (when attached) its pair's journal."""
 
     def __init__(self, name: str, path: Path) -> None:
         self.name = name
         self.path = Path(path)
         self._fd = os.open(self.path, os.O_RDWR | os.O_CLOEXEC)
         self._size = os.lseek(self._fd, 0, os.SEEK_END)
-        self._cond = threading.Condition()
+        self._lock = threading.Lock()
+        self._cond = threading.Condition(self._lock)  # holds and in-flight commits changed
+        self._work = threading.Condition(self._lock)  # the committer: writes queued, holds gone, closing
         self._holds = 0
-        self._inflight = 0
+        self._inflight = 0  # commits taken from the queue and not yet on the disk file
         self._journal: PairJournal | None = None
         self._queue: list[_Pending] = []
-        self._leader = False
-        self.commits = 0  # group commits done (for measurements)
+        self._committer: threading.Thread | None = None
+        self._closing = False
+        self.commits = 0  # group commits journaled (for measurements and the crash tests)
         self.committed_frames = 0
 
     @property
@@ -275,6 +329,13 @@ class DiskCapture:
         return self._journal
 
     def close(self) -> None:
+        """Stop the committer (writes still queued fail with ESHUTDOWN) and close the disk file."""
+        with self._lock:
+            self._closing = True
+            committer = self._committer
+            self._work.notify_all()
+        if committer is not None and committer is not threading.current_thread():
+            committer.join()
         os.close(self._fd)
 
     # -- attaching a pair ----------------------------------------------------------
@@ -312,7 +373,8 @@ class DiskCapture:
         """Hold new writes back and wait for those in flight; yields the attached journal.
 
         Inside, the disk file holds every write that has a seq, and no other
-        seq can be taken: read the disk, take a seq, journal a tag.
+        seq can be taken: read the disk, take a seq, journal a tag. Writes
+        submitted meanwhile wait in the queue, without a seq.
         """
         with self._cond:
             self._holds += 1
@@ -320,8 +382,7 @@ class DiskCapture:
                 self._cond.wait_for(lambda: self._inflight == 0)
                 yield self._journal
             finally:
-                self._holds -= 1
-                self._cond.notify_all()
+                self._unhold_locked()
 
     def hold(self) -> None:
         """Hold writes (until `release`) once those in flight are done: a multi-VM barrier."""
@@ -331,8 +392,12 @@ class DiskCapture:
 
     def release(self) -> None:
         with self._cond:
-            self._holds -= 1
-            self._cond.notify_all()
+            self._unhold_locked()
+
+    def _unhold_locked(self) -> None:
+        self._holds -= 1
+        if not self._holds:
+            self._work.notify()
 
     def read_locked(self, offset: int, length: int) -> bytes:
         """Read inside `quiesced()` (no lock taken here)."""
@@ -342,14 +407,28 @@ class DiskCapture:
     def read(self, offset: int, length: int) -> bytes:
         return os.pread(self._fd, length, offset)
 
+    def submit_write(
+        self, offset: int, data: bytes, *, fua: bool, done: Done, after: Callable[[], None] | None = None
+    ) -> None:
+        """Queue a write; the committer calls `done(None)` once it is journaled and on the disk file,
+        or `done(error)`. `data` must not change until then. Never blocks on the disk."""
+        self._submit(_Pending(offset, len(data), data, False, fua, 0.0, done, after))
+
+    def submit_zeroes(
+        self, offset: int, length: int, *, fua: bool, punch: bool, done: Done,
+        after: Callable[[], None] | None = None,
+    ) -> None:
+        """Queue making [offset, offset+length) read as zeros (WRITE_ZEROES, and TRIM with punch=True)."""
+        self._submit(_Pending(offset, length, None, punch, fua, 0.0, done, after))
+
     def write(self, offset: int, data: bytes, *, fua: bool) -> None:
-        self._mutate(offset, len(data), data, punch=False, fua=fua)
+        self._wait(lambda done: self.submit_write(offset, data, fua=fua, done=done), len(data))
 
     def write_zeroes(self, offset: int, length: int, *, fua: bool, punch: bool) -> None:
-        self._mutate(offset, length, None, punch=punch, fua=fua)
+        self._wait(lambda done: self.submit_zeroes(offset, length, fua=fua, punch=punch, done=done), length)
 
     def trim(self, offset: int, length: int, *, fua: bool) -> None:
-        self._mutate(offset, length, None, punch=True, fua=fua)
+        self.write_zeroes(offset, length, fua=fua, punch=True)
 
     def flush(self) -> None:
         os.fdatasync(self._fd)
@@ -357,69 +436,98 @@ class DiskCapture:
     def sync(self) -> None:
         os.fsync(self._fd)
 
-    def _mutate(self, offset: int, length: int, data: bytes | None, *, punch: bool, fua: bool) -> None:
-        with self._cond:
-            while self._holds:
-                self._cond.wait()
-            self._inflight += 1
-            journal = self._journal
-            try:
-                if journal is not None:
-                    self._capture(journal, _Pending([], offset, length, data, punch))
-            except BaseException:
-                self._done_locked()
-                raise
-        try:
-            if journal is None:
-                self._apply(offset, length, data, punch)
-                if fua:
-                    os.fdatasync(self._fd)
-        finally:
-            with self._cond:
-                self._done_locked()
+    @staticmethod
+    def _wait(submit: Callable[[Done], None], length: int) -> None:
+        """Submit and wait for the outcome (the synchronous backend calls)."""
+        if not length:
+            return
+        finished = threading.Event()
+        outcome: list[OSError | None] = []
 
-    def _done_locked(self) -> None:
-        self._inflight -= 1
-        if self._inflight == 0:
-            self._cond.notify_all()
+        def done(error: OSError | None) -> None:
+            outcome.append(error)
+            finished.set()
 
-    def _capture(self, journal: PairJournal, item: _Pending) -> None:
-        """With the lock held: seq, frame, group commit. Returns once journaled and applied."""
-        now = time.time()
-        pair = journal.pair_id
-        if item.data is None:
-            item.frames = [frames.zero_frame(pair, journal.lease.take(), item.offset, item.length, captured_at=now)]
-        else:
-            pieces = range(0, item.length, FRAME_DATA_BYTES)
-            seq = journal.lease.take(len(pieces))
-            view = memoryview(item.data)
-            item.frames = [
-                frames.write_frame(
-                    pair, seq + i, item.offset + start, bytes(view[start:start + FRAME_DATA_BYTES]), captured_at=now
-                )
-                for i, start in enumerate(pieces)
-            ]
-        self._queue.append(item)
-        while not item.done:
-            if self._leader:
-                self._cond.wait()
-                continue
-            self._leader = True
-            batch, self._queue = self._queue, []
-            self._cond.release()
+        submit(done)
+        finished.wait()
+        if outcome[0] is not None:
+            raise outcome[0]
+
+    def _submit(self, item: _Pending) -> None:
+        if not item.length:
+            item.done(None)
+            if item.after is not None:
+                item.after()
+            return
+        with self._lock:
+            if self._closing:
+                raise OSError(errno.ESHUTDOWN, f"disk {self.name} is closed")
+            item.captured_at = time.time()
+            self._queue.append(item)
+            if self._committer is None:
+                self._committer = threading.Thread(target=self._commit_loop, name=f"commit-{self.name}", daemon=True)
+                self._committer.start()
+            elif len(self._queue) == 1 and not self._holds:
+                self._work.notify()
+
+    # -- the committer ----------------------------------------------------------------
+    def _commit_loop(self) -> None:
+        while True:
+            with self._lock:
+                while not self._closing and (not self._queue or self._holds):
+                    self._work.wait()
+                batch, self._queue = self._queue, []
+                if self._closing:
+                    break
+                journal = self._journal
+                self._inflight += 1
             try:
-                self._commit(journal, batch)
+                # Outside the lock but in flight: quiesced() callers, the only other seq takers, wait.
+                first = journal.lease.take(sum(_frame_count(item) for item in batch)) if journal else 0
+                self._commit(journal, batch, first)
+            except BaseException as exc:  # the seq lease not persisted, or a bug: fail these writes, go on
+                log.exception("committing writes failed", disk=self.name, error=str(exc))
+                for item in batch:
+                    item.error = OSError(errno.EIO, f"committing the write failed: {exc}")
             finally:
-                self._cond.acquire()
-                self._leader = False
-                for pending in batch:
-                    pending.done = True
-                self._cond.notify_all()
-        if item.error is not None:
-            raise item.error
+                with self._lock:
+                    self._inflight -= 1
+                    if not self._inflight:
+                        self._cond.notify_all()
+            self._finish(batch)
+        for item in batch:
+            item.error = OSError(errno.ESHUTDOWN, f"disk {self.name} was closed before the write")
+        self._finish(batch)
 
-    def _commit(self, journal: PairJournal, batch: list[_Pending]) -> None:
-        batch_frames = [f for item in batch for f in item.frames]
+    @staticmethod
+    def _finish(batch: list[_Pending]) -> None:
+        afters: dict[Callable[[], None], None] = {}  # bound methods of one object compare equal
+        for item in batch:
+            try:
+                item.done(item.error)
+            except Exception as exc:
+                log.exception("completing a write failed", error=str(exc))
+            if item.after is not None:
+                afters[item.after] = None
+        for after in afters:
+            try:
+                after()
+            except Exception as exc:
+                log.exception("completing a write failed", error=str(exc))
+
+    def _commit(self, journal: PairJournal | None, batch: list[_Pending], first: int) -> None:
+        """Journal `batch` (one append, one fsync), then apply it to the disk file in seq order."""
+        if journal is None:
+            self._apply_all(batch, None)
+            if any(item.fua for item in batch):
+                try:
+                    os.fdatasync(self._fd)
+                except OSError as exc:
+                    for item in batch:
+                        if item.fua:
+                            item.error = exc
+            return
+        batch_frames = _make_frames(journal.pair_id, batch, first)
         try:
             journal.log.append(batch_frames)
         except errors.SiteRecoveryError as exc:
@@ -434,20 +542,50 @@ class DiskCapture:
             return
         self.commits += 1
         self.committed_frames += len(batch_frames)
+        self._apply_all(batch, journal)
+        if not journal.failed:
+            journal.applied_seq = batch_frames[-1].seq
+        journal.on_append()
+
+    def _apply_all(self, batch: list[_Pending], journal: PairJournal | None) -> None:
         for item in batch:
             try:
                 self._apply(item.offset, item.length, item.data, item.punch)
             except OSError as exc:
-                # Journaled but not on the disk file: the next start replays it. Release nothing more.
-                journal.failed = f"writing the disk file failed: {exc.strerror or exc}"
+                if journal is not None:
+                    # Journaled but not on the disk file: the next start replays it. Release nothing more.
+                    journal.failed = f"writing the disk file failed: {exc.strerror or exc}"
                 log.error("writing the disk file failed", disk=self.name, error=str(exc))
                 item.error = exc
-        if not journal.failed:
-            journal.applied_seq = batch_frames[-1].seq
-        journal.on_append()
 
     def _apply(self, offset: int, length: int, data: bytes | None, punch: bool) -> None:
         if data is None:
             zero_range(self._fd, offset, length, punch=punch)
         else:
             _pwrite_all(self._fd, data, offset)
+
+
+def _frame_count(item: _Pending) -> int:
+    return 1 if item.data is None else -(-item.length // FRAME_DATA_BYTES)
+
+
+def _make_frames(pair: str, batch: list[_Pending], seq: int) -> list[rpb.Frame]:
+    """The frames of `batch`, seqs from `seq` on, in order (a write longer than FRAME_DATA_BYTES is several)."""
+    out = []
+    for item in batch:
+        if item.data is None:
+            out.append(frames.zero_frame(pair, seq, item.offset, item.length, captured_at=item.captured_at))
+            seq += 1
+            continue
+        if item.length <= FRAME_DATA_BYTES:
+            out.append(frames.write_frame(pair, seq, item.offset, item.data, captured_at=item.captured_at))
+            seq += 1
+            continue
+        view = memoryview(item.data)
+        for start in range(0, item.length, FRAME_DATA_BYTES):
+            out.append(frames.write_frame(
+                pair, seq, item.offset + start, bytes(view[start:start + FRAME_DATA_BYTES]),
+                captured_at=item.captured_at,
+            ))
+            seq += 1
+    return out

@@ -18,11 +18,20 @@ because every connection to an export goes to the same backend object (one
 file descriptor, one page cache), so a FLUSH or FUA on one connection covers
 what every connection had completed.
 
-A connection reads requests on its own thread and runs them on a few worker
-threads (`workers_per_connection`), so a client with a queue depth above one
-(fio's iodepth) has several writes in the backend at once and the capture layer
-can commit them together. Replies may therefore leave out of order, which the
-protocol allows (the handle pairs a reply with its request).
+A connection reads requests on its own thread and runs READ and FLUSH there
+itself (a pread, an fdatasync: no hand-off). A backend that can queue writes
+(`QueuedBackend`: the source agent's capture layer) gets WRITE, TRIM and
+WRITE_ZEROES handed over without waiting: its committer thread journals and
+applies them and answers, sending the replies of one commit with one send
+(under the connection's send lock, which the reader's own replies share). So a
+client with a queue depth above one (fio's iodepth) has several writes in one
+group commit, and a write costs one hand-off (reader to committer), not three.
+Replies may therefore leave out of order, which the protocol allows (the handle
+pairs a reply with its request). A connection holds at most
+`MAX_QUEUED_REQUESTS` / `MAX_QUEUED_BYTES` of unanswered writes: beyond that the
+reader waits, and so the client. A connection that ends (DISC or otherwise)
+first waits for its queued writes to be answered. Any other backend runs every
+request on the reader's thread, one at a time.
 
 A request the server refuses gets an error reply and leaves the connection
 usable: past the end of the export → EINVAL (ENOSPC for writes, as the
@@ -38,8 +47,8 @@ import errno
 import socket
 import struct
 import threading
-from concurrent.futures import ThreadPoolExecutor
-from typing import Protocol
+from collections.abc import Callable
+from typing import Protocol, runtime_checkable
 
 from siterecovery.common.logging import get_logger
 
@@ -115,6 +124,12 @@ MAX_BLOCK = 32 * 1024 * 1024
 # Option data longer than this is dropped and refused (an export name is at most 4 KiB).
 MAX_OPTION_DATA = 64 * 1024
 _REQUEST = struct.Struct(">IHHQQI")
+_SIMPLE_REPLY = struct.Struct(">IIQ")
+# Errors passed to the client as they are; any other is EIO.
+_PASSED_ERRNOS = (errno.ENOSPC, errno.EIO, errno.EPERM, errno.ENOMEM)
+# Bounds on the writes one connection has queued at its backend (their payloads are held until done).
+MAX_QUEUED_REQUESTS = 256
+MAX_QUEUED_BYTES = 64 * 1024 * 1024
 _DRAIN_CHUNK = 1024 * 1024
 
 
@@ -133,6 +148,26 @@ class Backend(Protocol):
     def trim(self, offset: int, length: int, *, fua: bool) -> None: ...
 
     def flush(self) -> None: ...
+
+
+@runtime_checkable
+class QueuedBackend(Backend, Protocol):
+    """A backend that takes writes without blocking and completes them on its own thread.
+
+    `done(None)` (or `done(error)`) is called once the write is durable as the
+    backend promises and visible to reads; `after()` is then called once for the
+    writes it completed together (the connection sends their replies at once).
+    """
+
+    def submit_write(
+        self, offset: int, data: bytes, *, fua: bool, done: Callable[[OSError | None], None],
+        after: Callable[[], None] | None = None,
+    ) -> None: ...
+
+    def submit_zeroes(
+        self, offset: int, length: int, *, fua: bool, punch: bool, done: Callable[[OSError | None], None],
+        after: Callable[[], None] | None = None,
+    ) -> None: ...
 
 
 class _Closed(Exception):
@@ -165,13 +200,10 @@ class NbdServer:
     `stop()` closes the listener and every connection and waits for them.
     """
 
-    def __init__(
-        self, host: str = "127.0.0.1", port: int = DEFAULT_PORT, *, workers_per_connection: int = 8
-    ) -> None:
+    def __init__(self, host: str = "127.0.0.1", port: int = DEFAULT_PORT) -> None:
         self.host = host
         self.requested_port = port
         self.port = 0
-        self.workers_per_connection = max(1, workers_per_connection)
         self._exports: dict[str, Backend] = {}
         self._lock = threading.Lock()
         self._listener: socket.socket | None = None
@@ -266,6 +298,14 @@ class _Connection:
         self.peer = peer
         self.export_name: str | None = None
         self._send_lock = threading.Lock()
+        # Writes queued at the backend and not yet answered (the reader waits on it when too many).
+        self._budget = threading.Condition()
+        self._queued_requests = 0
+        self._queued_bytes = 0
+        # Replies of a commit, collected on the committer's thread and sent at once.
+        self._replies: list[bytes] = []
+        self._completed_requests = 0
+        self._completed_bytes = 0
         self._thread = threading.Thread(target=self._run, name=f"nbd-{peer}", daemon=True)
         self._closed = False
 
@@ -382,10 +422,8 @@ class _Connection:
 
     # -- transmission -------------------------------------------------------------
     def _transmit(self, backend: Backend) -> None:
-        workers = self.server.workers_per_connection
-        # Bounds the requests (and write payloads) held in memory for this connection.
-        slots = threading.BoundedSemaphore(workers * 2)
-        with ThreadPoolExecutor(max_workers=workers, thread_name_prefix=f"nbd-io-{self.peer}") as pool:
+        queued = backend if isinstance(backend, QueuedBackend) else None
+        try:
             while True:
                 magic, flags, command, handle, offset, length = _REQUEST.unpack(
                     _recv_exact(self.sock, _REQUEST.size)
@@ -393,7 +431,7 @@ class _Connection:
                 if magic != REQUEST_MAGIC:
                     raise _Closed(f"bad request magic {magic:#x}")
                 if command == CMD_DISC:
-                    return  # leaving the with-block waits for the requests in flight
+                    return  # the finally clause waits for the requests in flight
                 payload: bytes | None = None
                 if command == CMD_WRITE:
                     if length > MAX_BLOCK:
@@ -401,21 +439,73 @@ class _Connection:
                         self._simple_reply(handle, errno.EOVERFLOW)
                         continue
                     payload = bytes(_recv_exact(self.sock, length))
-                slots.acquire()
-
-                def run(flags=flags, command=command, handle=handle, offset=offset, length=length, payload=payload):
-                    try:
-                        self._execute(backend, flags, command, handle, offset, length, payload)
-                    finally:
-                        slots.release()
-
-                if workers == 1:
-                    run()
+                if queued is not None and command in (CMD_WRITE, CMD_TRIM, CMD_WRITE_ZEROES) and length:
+                    self._submit(queued, flags, command, handle, offset, length, payload)
                 else:
-                    pool.submit(run)
+                    self._execute(backend, flags, command, handle, offset, length, payload)
+        finally:
+            with self._budget:
+                self._budget.wait_for(lambda: not self._queued_requests)
+
+    def _submit(
+        self, backend: QueuedBackend, flags: int, command: int, handle: int, offset: int, length: int,
+        payload: bytes | None,
+    ) -> None:
+        """Hand a write to the backend's committer, which sends the reply (see `_completed`)."""
+        if offset + length > backend.size:
+            return self._simple_reply(handle, errno.EINVAL if command == CMD_TRIM else errno.ENOSPC)
+        cost = length if payload is not None else 4096
+        with self._budget:
+            while self._queued_requests and (
+                self._queued_requests >= MAX_QUEUED_REQUESTS or self._queued_bytes + cost > MAX_QUEUED_BYTES
+            ):
+                self._budget.wait()
+            self._queued_requests += 1
+            self._queued_bytes += cost
+
+        def done(error: OSError | None) -> None:
+            self._completed(handle, error, cost, command, offset, length)
+
+        fua = bool(flags & CMD_FLAG_FUA)
+        try:
+            if payload is not None:
+                backend.submit_write(offset, payload, fua=fua, done=done, after=self._send_completed)
+            else:
+                punch = command == CMD_TRIM or not flags & CMD_FLAG_NO_HOLE
+                backend.submit_zeroes(offset, length, fua=fua, punch=punch, done=done, after=self._send_completed)
+        except OSError as exc:  # the backend is closing: answer here (the committer may be finishing)
+            with self._budget:
+                self._queued_requests -= 1
+                self._queued_bytes -= cost
+                self._budget.notify()
+            self._simple_reply(handle, exc.errno if exc.errno in _PASSED_ERRNOS else errno.EIO)
+
+    def _completed(self, handle: int, error: OSError | None, cost: int, command: int, offset: int, length: int) -> None:
+        """On the committer's thread: note the reply; `_send_completed` sends the commit's replies at once."""
+        code = 0
+        if error is not None:
+            code = error.errno if error.errno in _PASSED_ERRNOS else errno.EIO
+            log.warning("nbd request failed", peer=self.peer, command=command, offset=offset, length=length,
+                        error=str(error))
+        self._replies.append(_SIMPLE_REPLY.pack(SIMPLE_REPLY_MAGIC, code, handle))
+        self._completed_requests += 1
+        self._completed_bytes += cost
+
+    def _send_completed(self) -> None:
+        replies, self._replies = self._replies, []
+        requests, self._completed_requests = self._completed_requests, 0
+        cost, self._completed_bytes = self._completed_bytes, 0
+        try:
+            self._send(b"".join(replies))
+        except OSError:
+            self.close()  # the reader notices and ends the connection
+        with self._budget:
+            self._queued_requests -= requests
+            self._queued_bytes -= cost
+            self._budget.notify()
 
     def _simple_reply(self, handle: int, error: int, data: bytes = b"") -> None:
-        header = struct.pack(">IIQ", SIMPLE_REPLY_MAGIC, error, handle)
+        header = _SIMPLE_REPLY.pack(SIMPLE_REPLY_MAGIC, error, handle)
         try:
             if data:
                 self._send(header, data)
@@ -461,7 +551,7 @@ class _Connection:
                 return self._simple_reply(handle, 0)
             return self._simple_reply(handle, errno.EINVAL)
         except OSError as exc:
-            code = exc.errno if exc.errno in (errno.ENOSPC, errno.EIO, errno.EPERM, errno.ENOMEM) else errno.EIO
+            code = exc.errno if exc.errno in _PASSED_ERRNOS else errno.EIO
             log.warning("nbd request failed", peer=self.peer, command=command, offset=offset, length=length,
                         error=str(exc))
             return self._simple_reply(handle, code)

@@ -284,6 +284,10 @@ class PairReplicator:
         if isinstance(self.sync, DeltaSync):
             self.sync.close()
         if self.disk.journal is self.journal:
+            try:  # while the disk is attached: releasing fsyncs it first
+                self.journal.release_due(now=True)
+            except OSError as exc:  # the frames stay journaled; the next start replays them
+                log.warning("releasing acknowledged frames failed", pair=self.pair_id, error=str(exc))
             self.disk.detach()
         if self.scan is not None:
             self.scan.close()
@@ -488,9 +492,12 @@ class PairReplicator:
         log_ = self.journal.log
         status.last_seq = max(log_.last_seq, self.shipper.last_sent, self.shipper.acked_seq)
         status.acked_seq = self.shipper.acked_seq
-        status.backlog_frames = log_.pending_frames
-        status.backlog_bytes = log_.pending_bytes
-        oldest = log_.oldest_pending_captured_at
+        # Pending is what the process server has not acknowledged: the journal releases
+        # acknowledged frames only about once a second (PairJournal.acknowledge).
+        acked = max(self.shipper.acked_seq, log_.released_seq)
+        status.backlog_frames = log_.pending_frames_after(acked)
+        status.backlog_bytes = log_.pending_bytes_after(acked)
+        oldest = log_.oldest_captured_at_after(acked)
         if oldest is not None:
             status.oldest_pending_captured_at.CopyFrom(oldest)
         status.bytes_sent = self.shipper.bytes_sent

@@ -16,8 +16,10 @@ it as an acknowledgement, then send frames in strictly increasing seq order
 (journal frames and volatile frames merged by seq: a volatile frame is made
 inside `DiskCapture.quiesced()`, so every journaled frame with a lower seq is
 already in the journal when it exists) while at most `window_bytes` are
-unacknowledged. Each `Ack(seq)` releases the journal through seq and runs the
-volatile frames' callbacks. Any error ends the stream: log it, back off
+unacknowledged. Each `Ack(seq)` runs the volatile frames' callbacks and
+acknowledges seq to the journal, which releases through it at most once a
+second (`PairJournal.acknowledge`: a release costs three fsyncs; releasing
+later is always safe, the process server drops frames it already holds). Any error ends the stream: log it, back off
 (capped exponential, sleeping on the stop event), reconnect, and resume after
 the new durable_seq.
 
@@ -290,6 +292,7 @@ class Shipper:
                 self._send(requests, item)
                 sent = True
             if not sent:
+                self.journal.release_due()  # an acknowledgement whose release was put off
                 self._wake.wait(1.0)
 
     def _send(self, requests: queue.SimpleQueue, item: Produced) -> None:
@@ -358,7 +361,7 @@ class Shipper:
         for callback in callbacks:
             callback()
         self.on_acked()
-        self.journal.release_through(seq)
+        self.journal.acknowledge(seq)
 
 
 def _describe(exc: BaseException) -> str:

@@ -3,11 +3,13 @@ a kill -9 at any moment loses no acknowledged write; seqs are never reused."""
 
 from __future__ import annotations
 
+import errno
 import hashlib
 import os
 import random
 import re
 import signal
+import struct
 import subprocess
 import sys
 import threading
@@ -16,6 +18,7 @@ from pathlib import Path
 
 import pytest
 
+from siterecovery.agents.source import capture, nbd
 from siterecovery.agents.source.capture import (
     FRAME_DATA_BYTES,
     DiskCapture,
@@ -27,6 +30,7 @@ from siterecovery.agents.source.nbd import NbdServer
 from siterecovery.common import frames
 from siterecovery.common.pb import replication_pb2 as rpb
 from tests.conftest import needs_tools
+from tests.nbd_raw import Raw
 
 MiB = 1024 * 1024
 SIZE = 32 * MiB
@@ -300,3 +304,138 @@ def test_kill9_while_fio_writes_leaves_journal_and_disk_agreeing(tmp_path):
         disk.detach()
         journal.close()
         disk.close()
+
+
+def _pipelined_writer(port: int, writes: list[tuple[int, bytes]], depth: int) -> None:
+    """One NBD connection keeping `depth` writes in flight until all are acknowledged."""
+    client = Raw(port)
+    client.go()
+    try:
+        sent = answered = 0
+        while answered < len(writes):
+            while sent < len(writes) and sent - answered < depth:
+                offset, data = writes[sent]
+                client.request(nbd.CMD_WRITE, offset, len(data), data, handle=sent)
+                sent += 1
+            magic, error, _handle = struct.unpack(">IIQ", client.recv(16))
+            assert (magic, error) == (nbd.SIMPLE_REPLY_MAGIC, 0)
+            answered += 1
+    finally:
+        client.close()
+
+
+def test_concurrent_pipelined_writers_on_several_connections_journal_in_the_order_the_disk_saw(captured, tmp_path):
+    """Several connections, each with 16 writes in flight, all over the same 256 KiB: the journal
+    is in seq order and replaying it onto zeros gives the disk file byte for byte (so the disk file
+    saw the overlapping writes in seq order), and every write was journaled exactly once."""
+    server, disk, journal, image = captured
+    rng = random.Random(f"{SEED}-pipelined")
+    per_connection = [
+        [(rng.randrange(0, 256 * 1024, 512), rng.randbytes(rng.choice((512, 4096, 16384)))) for _ in range(300)]
+        for _ in range(4)
+    ]
+    failures: list[BaseException] = []
+
+    def run(writes):
+        try:
+            _pipelined_writer(server.port, writes, depth=16)
+        except BaseException as exc:  # reported below
+            failures.append(exc)
+
+    threads = [threading.Thread(target=run, args=(writes,)) for writes in per_connection]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(120)
+    assert not failures, failures
+    journaled = journal_frames(journal)
+    seqs = [f.seq for f in journaled]
+    assert seqs == sorted(set(seqs))
+    assert len(journaled) == sum(len(w) for w in per_connection)
+    assert sorted((f.write.offset, frames.payload(f)) for f in journaled) == sorted(
+        w for writes in per_connection for w in writes
+    )
+    assert replay_onto_zero_image(tmp_path, journaled) == sha(image)
+    assert disk.commits < len(journaled), "no two writes shared a group commit"
+
+
+@needs_clients
+def test_fio_with_several_jobs_and_queue_depth_journals_in_the_order_the_disk_saw(captured, tmp_path):
+    """fio's nbd engine, four jobs (a connection each) with iodepth 16 over the same 1 MiB."""
+    server, _disk, journal, image = captured
+    result = subprocess.run(
+        ["fio", "--name=w", "--ioengine=nbd", f"--uri={server.uri('disk0')}", "--rw=randwrite",
+         "--bsrange=4k-64k", "--size=1M", "--io_size=8M", "--iodepth=16", "--numjobs=4", "--randseed=11",
+         "--refill_buffers", "--group_reporting"],
+        capture_output=True, text=True, timeout=120,
+    )
+    assert result.returncode == 0, result.stdout + result.stderr
+    journaled = journal_frames(journal)
+    seqs = [f.seq for f in journaled]
+    assert seqs == sorted(set(seqs))
+    assert sum(f.write.length for f in journaled) == 4 * 8 * MiB
+    assert replay_onto_zero_image(tmp_path, journaled) == sha(image)
+
+
+def test_a_write_queued_while_held_waits_for_release_and_gets_its_seq_after(captured):
+    """hold() (a multi-VM barrier): a pipelined NBD write is not journaled until release()."""
+    server, disk, journal, _image = captured
+    client = Raw(server.port)
+    client.go()
+    try:
+        disk.hold()
+        try:
+            client.request(nbd.CMD_WRITE, 0, 4096, b"h" * 4096, handle=1)
+            client.request(nbd.CMD_READ, 0, 4096, handle=2)  # reads are not held
+            magic, error, handle = struct.unpack(">IIQ", client.recv(16))
+            assert (magic, error, handle) == (nbd.SIMPLE_REPLY_MAGIC, 0, 2)
+            assert client.recv(4096) == bytes(4096)
+            tag_seq = journal.lease.take()
+            journal.append([frames.tag_frame(PAIR, tag_seq, "t1", rpb.RECOVERY_POINT_KIND_CRASH_CONSISTENT)])
+        finally:
+            disk.release()
+        assert client.simple_reply() == (0, b"")
+    finally:
+        client.close()
+    journaled = journal_frames(journal)
+    assert [f.WhichOneof("body") for f in journaled] == ["tag", "write"]
+    assert journaled[1].seq > tag_seq
+
+
+def test_acknowledged_frames_are_released_in_batches_not_per_ack(captured, monkeypatch):
+    _server, disk, journal, _image = captured
+    for i in range(4):
+        disk.write(i * 4096, b"a" * 4096, fua=False)
+    first = journal.log.first_pending_seq
+    journal.acknowledge(first)  # the first release is at once
+    assert journal.log.released_seq == first
+    monkeypatch.setattr(capture, "RELEASE_INTERVAL", 3600.0)
+    journal.acknowledge(first + 1)
+    journal.release_due()
+    assert journal.log.released_seq == first, "released again within RELEASE_INTERVAL"
+    journal.release_due(now=True)
+    assert journal.log.released_seq == first + 1
+    monkeypatch.setattr(capture, "RELEASE_BYTES", 1)  # enough acknowledged bytes wait: release at once
+    journal.acknowledge(first + 3)
+    assert journal.log.released_seq == first + 3
+
+
+def test_a_commit_that_fails_fails_its_writes_and_the_committer_goes_on(captured, monkeypatch):
+    """The seq lease cannot be persisted (say the disk is full): those writes get an error,
+    nothing is journaled for them, and the next write works (the committer did not die)."""
+    _server, disk, journal, _image = captured
+    take = journal.lease.take
+    failures = iter([OSError(errno.ENOSPC, "no space left for seq.json")])
+
+    def take_or_fail(count=1):
+        failure = next(failures, None)
+        if failure is not None:
+            raise failure
+        return take(count)
+
+    monkeypatch.setattr(journal.lease, "take", take_or_fail)
+    with pytest.raises(OSError):
+        disk.write(0, b"lost" * 1024, fua=False)
+    assert journal_frames(journal) == [] and disk.read(0, 4) == bytes(4)
+    disk.write(0, b"kept" * 1024, fua=False)
+    assert [frames.payload(f)[:4] for f in journal_frames(journal)] == [b"kept"]

@@ -13,6 +13,7 @@ from pathlib import Path
 
 import pytest
 
+from siterecovery.agents.source import capture
 from siterecovery.agents.source.capture import DiskCapture
 from siterecovery.agents.source.nbd import NbdServer
 from siterecovery.agents.source.replicator import ReplicationOptions, SourceReplication
@@ -290,3 +291,25 @@ def test_scan_mode_sends_what_changed_between_passes(site, tmp_path):
         assert site.ps.record(PAIR).data_bytes == 4 * MiB + 3 * 65536
     finally:
         source.close()
+
+
+def test_backlog_and_rpo_come_from_the_acknowledged_seq_while_releasing_waits(site, tmp_path, monkeypatch):
+    """The journal releases acknowledged frames about once a second; the status must not count
+    acknowledged frames as pending meanwhile (the RPO and backlog the controller shows)."""
+    monkeypatch.setattr(capture, "RELEASE_INTERVAL", 3600.0)  # after the first release, none
+    image = make_image(tmp_path / "disk0.img", 8 * MiB, data_bytes=2 * MiB, seed=5)
+    source = Source(site, tmp_path / "source", image)
+    try:
+        source.replication.apply_assignments([site.assignment(PAIR, "disk0", 8 * MiB)], [])
+        wait_for(lambda: caught_up(site, source), what="the initial sync")
+        for i in range(8):
+            source.disk.write(i * 4096, os.urandom(4096), fua=False)
+        wait_for(lambda: caught_up(site, source), what="the process server to hold the writes")
+        status = source.status()
+        journal = source.replication._pairs[PAIR].journal
+        assert journal.log.pending_frames >= 8, "acknowledged writes were released at once"
+        assert (status.backlog_frames, status.backlog_bytes) == (0, 0)
+        assert not status.HasField("oldest_pending_captured_at")
+    finally:
+        source.close()
+    assert sha(image) == sha(site.ps.record(PAIR).target)
