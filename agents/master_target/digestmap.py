@@ -1,0 +1,383 @@
+"""The digest map of a target disk: what the master target knows of each 64 KiB block it wrote.
+
+`MasterTarget.BlockHashes` (hashes.py) must give the digest (common/blockhash.py:
+xxh3-128 of each 64 KiB block) of every block of a pair's target disk. Reading
+and hashing the whole disk for that is what bound the delta resync (bench/
+RESULTS.md). The master target is the only writer of its target files while a
+pair replicates, so it can remember the digest of every block it writes, and
+keep that across the pair being disabled and a new pair (new id, same target
+path: a reprotect, a second failback) being enabled onto the file. Then
+BlockHashes reads and hashes only the blocks the map cannot vouch for.
+
+On-disk layout: one file per target path, `<retention_dir>/.digest-maps/
+<xxh3-128 of the resolved target path, hex>.map` (pairs.py), 16 bytes per block::
+
+    bytes 0..4095     header (HEADER below), then zeros; its last 8 bytes are the
+                      xxh3-64 of bytes 0..4087
+                      magic "SRDM" | version u32 | state u32 (1 clean, 2 dirty) |
+                      block bytes u32 | disk size u64 | stamp of the target file:
+                      st_dev, st_ino, st_size u64, st_mtime_ns, st_ctime_ns i64 |
+                      xxh3-64 of the digest area | length of the target path u32 |
+                      the target path (UTF-8)
+    4096 + 16 * i     the digest of block i; 16 zero bytes (`ABSENT`) = unknown
+
+The map is used through an mmap (a 2 TiB disk's map is 512 MiB: page cache, not
+the heap). A block is *unknown* when its entry is all zeros; a real digest that
+happens to be zero only costs a read, never a wrong answer.
+
+**The rule that makes it safe: a known entry is always the digest of the block's
+current contents.** It holds while the map is live because every write of the
+master target to the target file goes through `writing()`: the written blocks
+are marked unknown *before* the file changes (`forget`), and get their new
+digest only after the write (`learn`: hashed from the frame's data for whole
+blocks, read back from the page cache and hashed for a partly written block).
+A write that fails half-way leaves its blocks unknown. Digests that BlockHashes
+computed by reading unknown blocks are stored (`remember`) only when no write
+began or was under way between the read and the store (`epoch` moves at both
+ends of every write; `writers` counts the writes under way).
+
+Across processes it holds because the map is **trusted at open only when the
+master target can prove nobody changed the file since it last wrote it**:
+
+- every change of the map file happens only after its header says *dirty* durably
+  (`_make_dirty`: header written, fsync), so a map left by a crash (kill -9, power
+  loss) in the middle of anything says dirty;
+- `close` (pair closed: unassigned, daemon stopping) fsyncs the target, takes its
+  identity (device, inode, size, mtime_ns, ctime_ns) with fstat, fsyncs the
+  digests, and only then writes the header *clean* with that stamp and a checksum
+  of the digest area, and fsyncs it;
+- `open` trusts the map only when the header's checksum, version, disk size,
+  block size and target path are right, the file has the right length, it says
+  clean, its stamp equals the target file's identity now and the digest area's
+  checksum matches. Any write by anyone else after our stamp changes the file's
+  mtime and ctime (and a `touch` back to an old mtime still changes ctime, which
+  cannot be set); a replaced or recreated file has another inode or ctime.
+  Otherwise the map is *discarded*: replaced (new file, rename) by one whose
+  blocks are all unknown, so BlockHashes reads the disk as before this map
+  existed. The undo journal could prove some entries of a dirty map right again;
+  that is not done: after a crash the next delta sync reads the disk once.
+
+What a crash at each point leaves (the next `open` decides):
+
+- before the first write after open: the header is as it was (clean, with the
+  stamp of a file nobody has changed since: trusted and right);
+- while the header is being made dirty: torn (checksum) or old-clean; the target
+  is not written before the fsync of the dirty header returns, so an old-clean
+  header still matches the untouched file;
+- any time while dirty (applying, learning, remembering): dirty, discarded;
+- in `close`, before the clean header's fsync returns: dirty or torn, discarded;
+- after it: clean, stamp of the file as we left it, trusted when still equal;
+- while a discarded map is replaced: the old file or the new all-unknown one
+  (whose header says dirty), both handled above; a `.tmp` leftover is ignored
+  and overwritten next time.
+
+A stamp compares equal after someone else wrote the file only if the file system
+did not move mtime/ctime: on Linux ≥ 6.13 (multigrain timestamps on ext4, xfs,
+btrfs, tmpfs) a change after a stat always gets a newer timestamp; on older
+kernels a foreign write within the same clock tick (a few ms) after our close
+would go unseen. A foreign writer starts only after the pair is gone (a VM booted
+after failover), far later than that.
+"""
+
+from __future__ import annotations
+
+import mmap
+import os
+import struct
+import threading
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+
+import xxhash
+
+from siterecovery.agents.master_target import blockio
+from siterecovery.common import blockhash
+from siterecovery.common.daemon import fsync_dir
+from siterecovery.common.logging import get_logger
+
+log = get_logger(__name__)
+
+B = blockhash.BLOCK_BYTES
+D = blockhash.DIGEST_BYTES
+ABSENT = blockhash.ABSENT
+MAGIC = b"SRDM"
+VERSION = 1
+CLEAN, DIRTY = 1, 2
+HEADER_BYTES = 4096
+HEADER = struct.Struct("<4sIII Q QQQqq Q I")
+_SUM_AT = HEADER_BYTES - 8
+MAX_PATH_BYTES = _SUM_AT - HEADER.size
+SUFFIX = ".map"
+DIR_NAME = ".digest-maps"
+# How the blocks that a frame covers only in part get their digest: "read" (read back
+# from the page cache after the write and hash) or "forget" (left unknown: hashed by
+# the next BlockHashes that asks). See bench/RESULTS.md for the measurement.
+PARTIAL_BLOCKS = "read"
+
+Stamp = tuple[int, int, int, int, int]
+
+
+def map_path(directory: Path, target_path: Path) -> Path:
+    """Where the map of the (resolved) target file `target_path` lives."""
+    return directory / (xxhash.xxh3_128_hexdigest(os.fsencode(str(target_path))) + SUFFIX)
+
+
+def stamp_of(st: os.stat_result) -> Stamp:
+    return (st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns, st.st_ctime_ns)
+
+
+def _header(state: int, disk_size: int, stamp: Stamp, area_sum: int, target: bytes) -> bytes:
+    head = HEADER.pack(MAGIC, VERSION, state, B, disk_size, *stamp, area_sum, len(target)) + target
+    head = head.ljust(_SUM_AT, b"\0")
+    return head + struct.pack("<Q", xxhash.xxh3_64_intdigest(head))
+
+
+class _Discard(Exception):
+    """Why a map on disk is not trusted."""
+
+
+class DigestMap:
+    """The live digest map of one target file. Thread-safe; see the module docstring."""
+
+    def __init__(self, path: Path, target_path: Path, disk_size: int, fd: int, mm: mmap.mmap, *,
+                 clean_on_disk: bool, trusted: str) -> None:
+        self.path = path
+        self.target_path = target_path
+        self.disk_size = disk_size
+        self.blocks = blockhash.blocks_of(disk_size)
+        # "trusted", or why the map found at open was discarded (for logs and tests).
+        self.opened_as = trusted
+        self._target = os.fsencode(str(target_path))
+        self._fd = fd
+        self._mm: mmap.mmap | None = mm
+        self._clean_on_disk = clean_on_disk
+        self._lock = threading.Lock()
+        # A seqlock of sorts: `_epoch` moves at both ends of every write, `_writers` counts those under way.
+        self._epoch = 0
+        self._writers = 0
+        # The target file this map describes (device, inode): BlockHashes uses the map only
+        # for a descriptor of the same file.
+        self.identity: tuple[int, int] | None = None
+
+    # -- opening -------------------------------------------------------------------
+    @classmethod
+    def open(cls, path: Path, *, target_path: Path, target_fd: int, disk_size: int) -> DigestMap:
+        """The map of the open target file `target_fd`: trusted when provably current, else all unknown."""
+        blocks = blockhash.blocks_of(disk_size)
+        length = HEADER_BYTES + blocks * D
+        target = os.fsencode(str(target_path))
+        if len(target) > MAX_PATH_BYTES:
+            raise ValueError(f"target path {target_path} is too long for a digest map")
+        target_stat = os.fstat(target_fd)
+        fd = -1
+        trusted = "trusted"
+        try:
+            fd = os.open(path, os.O_RDWR | os.O_CLOEXEC)
+            mm = cls._check(fd, length, disk_size, target, stamp_of(target_stat))
+        except (FileNotFoundError, _Discard, OSError, ValueError) as exc:
+            if fd >= 0:
+                os.close(fd)
+            trusted = "missing" if isinstance(exc, FileNotFoundError) else str(exc) or type(exc).__name__
+            if not isinstance(exc, FileNotFoundError):
+                log.info("digest map not trusted; the target's blocks are read when asked for",
+                         map=str(path), target=str(target_path), reason=trusted)
+            fd, mm = cls._create(path, length, disk_size, target)
+            out = cls(path, target_path, disk_size, fd, mm, clean_on_disk=False, trusted=trusted)
+        else:
+            out = cls(path, target_path, disk_size, fd, mm, clean_on_disk=True, trusted=trusted)
+        out.identity = (target_stat.st_dev, target_stat.st_ino)
+        return out
+
+    @staticmethod
+    def _check(fd: int, length: int, disk_size: int, target: bytes, stamp: Stamp) -> mmap.mmap:
+        if os.fstat(fd).st_size != length:
+            raise _Discard("wrong length")
+        raw = os.pread(fd, HEADER_BYTES, 0)
+        if len(raw) != HEADER_BYTES or struct.unpack_from("<Q", raw, _SUM_AT)[0] != xxhash.xxh3_64_intdigest(
+            raw[:_SUM_AT]
+        ):
+            raise _Discard("header checksum")
+        magic, version, state, block_bytes, size, *rest = HEADER.unpack_from(raw)
+        their_stamp, area_sum, path_len = tuple(rest[:5]), rest[5], rest[6]
+        if magic != MAGIC or version != VERSION or block_bytes != B or size != disk_size:
+            raise _Discard("format or disk size")
+        if raw[HEADER.size:HEADER.size + path_len] != target or path_len > MAX_PATH_BYTES:
+            raise _Discard("another target path")
+        if state != CLEAN:
+            raise _Discard("dirty: the master target stopped without closing it")
+        if their_stamp != stamp:
+            raise _Discard("the target file changed since the master target last wrote it")
+        mm = mmap.mmap(fd, length)
+        if xxhash.xxh3_64_intdigest(memoryview(mm)[HEADER_BYTES:]) != area_sum:
+            mm.close()
+            raise _Discard("digest checksum")
+        return mm
+
+    @staticmethod
+    def _create(path: Path, length: int, disk_size: int, target: bytes) -> tuple[int, mmap.mmap]:
+        """A new all-unknown map (dirty) replacing whatever is at `path`; (fd, mmap)."""
+        blockio.make_dirs(path.parent)
+        tmp = path.with_name(f".{path.name}.tmp")
+        fd = os.open(tmp, os.O_RDWR | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o600)
+        try:
+            os.ftruncate(fd, length)  # sparse: every entry reads as zeros, unknown
+            blockio.pwrite_all(fd, _header(DIRTY, disk_size, (0, 0, 0, 0, 0), 0, target), 0)
+            os.fsync(fd)
+            os.replace(tmp, path)  # a map still open elsewhere keeps its own (old) file
+            fsync_dir(path.parent)
+            return fd, mmap.mmap(fd, length)
+        except BaseException:
+            os.close(fd)
+            raise
+
+    # -- reading -------------------------------------------------------------------
+    @property
+    def epoch(self) -> int:
+        with self._lock:
+            return self._epoch
+
+    def lookup(self, first: int, count: int) -> tuple[bytes, int]:
+        """(packed entries of blocks first..first+count-1, epoch); all unknown once closed."""
+        with self._lock:
+            if self._mm is None:
+                return ABSENT * count, -1
+            at = HEADER_BYTES + first * D
+            return self._mm[at:at + count * D], self._epoch
+
+    def remember(self, epoch: int, first: int, digests: bytes) -> bool:
+        """Store digests read from the file (first block `first`) when no write began since `epoch`."""
+        with self._lock:
+            if self._mm is None or epoch != self._epoch or self._writers:
+                return False
+            self._make_dirty()
+            at = HEADER_BYTES + first * D
+            self._mm[at:at + len(digests)] = digests
+            return True
+
+    # -- writing ---------------------------------------------------------------------
+    @contextmanager
+    def writing(self) -> Iterator[DigestMap]:
+        """Bracket every write to the target: `forget` before writing a range, `learn` after."""
+        with self._lock:
+            if self._mm is not None:
+                self._make_dirty()
+            self._epoch += 1
+            self._writers += 1
+        try:
+            yield self
+        finally:
+            with self._lock:
+                self._writers -= 1
+                self._epoch += 1
+
+    def forget(self, offset: int, length: int) -> None:
+        """Mark the blocks that [offset, offset+length) touches unknown (before writing them)."""
+        if length <= 0:
+            return
+        first, end = offset // B, blockhash.blocks_of(offset + length)
+        with self._lock:
+            if self._mm is not None:
+                self._mm[HEADER_BYTES + first * D:HEADER_BYTES + end * D] = bytes((end - first) * D)
+
+    def learn(self, fd: int, written: list[tuple[int, int, bytes | memoryview | None]]) -> None:
+        """After the writes `written` ((offset, length, data or None for zeros), in order) reached `fd`:
+        store the new digests of the blocks they cover."""
+        size = self.disk_size
+        updates: list[tuple[int, bytes]] = []
+        partial: set[int] = set()
+        for offset, length, data in written:
+            end = offset + length
+            first_full = blockhash.blocks_of(offset)
+            end_full = blockhash.blocks_of(end) if end >= size else end // B
+            if offset % B:
+                partial.add(offset // B)
+            if end % B and end < size:
+                partial.add(end // B)
+            if first_full >= end_full:
+                continue
+            lo, hi = first_full * B, min(end_full * B, size)
+            if data is None:
+                digests = blockhash.zero_digests(lo, hi)
+            else:
+                digests = blockhash.block_digests(memoryview(data)[lo - offset:hi - offset])
+            updates.append((first_full, digests))
+        reads: list[tuple[int, bytes]] = []
+        if PARTIAL_BLOCKS == "read":  # after every write of the batch: the block's final contents
+            for block in sorted(partial):
+                at = block * B
+                reads.append((block, blockhash.block_digest(blockio.pread_all(fd, min(B, size - at), at))))
+        with self._lock:
+            if self._mm is None:
+                return
+            mm = self._mm
+            for first, digests in updates:
+                mm[HEADER_BYTES + first * D:HEADER_BYTES + first * D + len(digests)] = digests
+            for block, digest in reads:
+                mm[HEADER_BYTES + block * D:HEADER_BYTES + (block + 1) * D] = digest
+            for block in partial if PARTIAL_BLOCKS != "read" else ():
+                mm[HEADER_BYTES + block * D:HEADER_BYTES + (block + 1) * D] = ABSENT
+
+    def _make_dirty(self) -> None:
+        """Before the first change after a clean header: say dirty, durably (call with `_lock`)."""
+        if self._clean_on_disk:
+            blockio.pwrite_all(self._fd, _header(DIRTY, self.disk_size, (0, 0, 0, 0, 0), 0, self._target), 0)
+            os.fsync(self._fd)
+            self._clean_on_disk = False
+
+    # -- closing ---------------------------------------------------------------------
+    def close(self, target_fd: int) -> None:
+        """Stamp the map clean for the target file as it is now (call after the last write), and close.
+
+        `target_fd` < 0: close without stamping (the map stays dirty on disk when it was)."""
+        with self._lock:
+            mm, self._mm = self._mm, None
+            if mm is None:
+                return
+            try:
+                if target_fd >= 0 and not self._clean_on_disk:
+                    os.fsync(target_fd)
+                    stamp = stamp_of(os.fstat(target_fd))
+                    if (stamp[0], stamp[1]) == self.identity:
+                        area_sum = xxhash.xxh3_64_intdigest(memoryview(mm)[HEADER_BYTES:])
+                        mm.flush()
+                        os.fsync(self._fd)
+                        blockio.pwrite_all(self._fd, _header(CLEAN, self.disk_size, stamp, area_sum, self._target), 0)
+                        os.fsync(self._fd)
+                        self._clean_on_disk = True
+            except OSError as exc:  # left dirty: discarded at the next open, which is safe
+                log.warning("digest map not saved", map=str(self.path), error=str(exc))
+            finally:
+                mm.close()
+                os.close(self._fd)
+                self._fd = -1
+
+    @staticmethod
+    def remove(path: Path) -> None:
+        path.unlink(missing_ok=True)
+
+
+class NoMap:
+    """Stands in for a DigestMap where none is kept: every block unknown."""
+
+    identity = None
+    opened_as = "none"
+
+    def lookup(self, first: int, count: int) -> tuple[bytes, int]:
+        return ABSENT * count, -1
+
+    def remember(self, epoch: int, first: int, digests: bytes) -> bool:
+        return False
+
+    @contextmanager
+    def writing(self) -> Iterator[NoMap]:
+        yield self
+
+    def forget(self, offset: int, length: int) -> None:
+        pass
+
+    def learn(self, fd: int, written: list[tuple[int, int, bytes | memoryview | None]]) -> None:
+        pass
+
+    def close(self, target_fd: int) -> None:
+        pass
