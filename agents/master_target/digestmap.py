@@ -30,7 +30,8 @@ current contents.** It holds while the map is live because every write of the
 master target to the target file goes through `writing()`: the written blocks
 are marked unknown *before* the file changes (`forget`), and get their new
 digest only after the write (`learn`: hashed from the frame's data for whole
-blocks, read back from the page cache and hashed for a partly written block).
+blocks; a block written in part stays unknown until BlockHashes reads it, or is
+read back from the page cache and hashed when `PARTIAL_BLOCKS` says "read").
 A write that fails half-way leaves its blocks unknown. Digests that BlockHashes
 computed by reading unknown blocks are stored (`remember`) only when no write
 began or was under way between the read and the store (`epoch` moves at both
@@ -111,9 +112,12 @@ MAX_PATH_BYTES = _SUM_AT - HEADER.size
 SUFFIX = ".map"
 DIR_NAME = ".digest-maps"
 # How the blocks that a frame covers only in part get their digest: "read" (read back
-# from the page cache after the write and hash) or "forget" (left unknown: hashed by
-# the next BlockHashes that asks). See bench/RESULTS.md for the measurement.
-PARTIAL_BLOCKS = "read"
+# from the page cache after the write and hash) or "forget" (left unknown: read, hashed
+# and remembered by the next BlockHashes that asks for them). Measured with
+# bench/digest_apply_cost.py (bench/RESULTS.md): "read" added 25-38 % of CPU per 16 KiB
+# continuous write, "forget" 1-3 %; a full sync (whole blocks) is hashed from the frames
+# either way.
+PARTIAL_BLOCKS = "forget"
 
 Stamp = tuple[int, int, int, int, int]
 

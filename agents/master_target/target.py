@@ -249,6 +249,8 @@ class PairTarget:
         try:
             self.digests = DigestMap.open(self.digest_map_path, target_path=self.target_path, target_fd=self._fd,
                                           disk_size=self.disk_size)
+            log.info("digest map opened", pair=self.pair_id, map=str(self.digest_map_path),
+                     trusted=self.digests.opened_as == "trusted", reason=self.digests.opened_as)
         except (OSError, ValueError) as exc:
             # Without a map BlockHashes reads the disk; a map left on disk no longer matches
             # the file once we write it (its stamp), so it is never trusted later.
