@@ -21,8 +21,10 @@ On-disk layout: one file per target path, `<retention_dir>/.digest-maps/
                       the target path (UTF-8)
     4096 + 16 * i     the digest of block i; 16 zero bytes (`ABSENT`) = unknown
 
-The map is used through an mmap (a 2 TiB disk's map is 512 MiB: page cache, not
-the heap). A block is *unknown* when its entry is all zeros; a real digest that
+The map is read and written with pread/pwrite (a 2 TiB disk's map is 512 MiB:
+page cache, not the heap; no mmap, so a full disk is an error, not a SIGBUS),
+and allocated whole when created. Any error of the map file makes the live map
+give up (every block unknown, never stamped clean): replication goes on. A block is *unknown* when its entry is all zeros; a real digest that
 happens to be zero only costs a read, never a wrong answer.
 
 **The rule that makes it safe: a known entry is always the digest of the block's
@@ -82,7 +84,7 @@ after failover), far later than that.
 
 from __future__ import annotations
 
-import mmap
+import errno
 import os
 import struct
 import threading
@@ -144,8 +146,8 @@ class _Discard(Exception):
 class DigestMap:
     """The live digest map of one target file. Thread-safe; see the module docstring."""
 
-    def __init__(self, path: Path, target_path: Path, disk_size: int, fd: int, mm: mmap.mmap, *,
-                 clean_on_disk: bool, trusted: str) -> None:
+    def __init__(self, path: Path, target_path: Path, disk_size: int, fd: int, *, clean_on_disk: bool,
+                 trusted: str) -> None:
         self.path = path
         self.target_path = target_path
         self.disk_size = disk_size
@@ -153,11 +155,10 @@ class DigestMap:
         # "trusted", or why the map found at open was discarded (for logs and tests).
         self.opened_as = trusted
         self._target = os.fsencode(str(target_path))
-        self._fd = fd
-        self._mm: mmap.mmap | None = mm
+        self._fd = fd  # -1 once closed or given up: every block unknown from then on
         self._clean_on_disk = clean_on_disk
         self._lock = threading.Lock()
-        # A seqlock of sorts: `_epoch` moves at both ends of every write, `_writers` counts those under way.
+        # `_epoch` moves at both ends of every write, `_writers` counts those under way.
         self._epoch = 0
         self._writers = 0
         # The target file this map describes (device, inode): BlockHashes uses the map only
@@ -168,8 +169,7 @@ class DigestMap:
     @classmethod
     def open(cls, path: Path, *, target_path: Path, target_fd: int, disk_size: int) -> DigestMap:
         """The map of the open target file `target_fd`: trusted when provably current, else all unknown."""
-        blocks = blockhash.blocks_of(disk_size)
-        length = HEADER_BYTES + blocks * D
+        length = HEADER_BYTES + blockhash.blocks_of(disk_size) * D
         target = os.fsencode(str(target_path))
         if len(target) > MAX_PATH_BYTES:
             raise ValueError(f"target path {target_path} is too long for a digest map")
@@ -178,23 +178,23 @@ class DigestMap:
         trusted = "trusted"
         try:
             fd = os.open(path, os.O_RDWR | os.O_CLOEXEC)
-            mm = cls._check(fd, length, disk_size, target, stamp_of(target_stat))
-        except (FileNotFoundError, _Discard, OSError, ValueError) as exc:
+            cls._check(fd, length, disk_size, target, stamp_of(target_stat))
+        except (_Discard, OSError, ValueError) as exc:
             if fd >= 0:
                 os.close(fd)
             trusted = "missing" if isinstance(exc, FileNotFoundError) else str(exc) or type(exc).__name__
             if not isinstance(exc, FileNotFoundError):
                 log.info("digest map not trusted; the target's blocks are read when asked for",
                          map=str(path), target=str(target_path), reason=trusted)
-            fd, mm = cls._create(path, length, disk_size, target)
-            out = cls(path, target_path, disk_size, fd, mm, clean_on_disk=False, trusted=trusted)
+            fd = cls._create(path, length, disk_size, target)
+            out = cls(path, target_path, disk_size, fd, clean_on_disk=False, trusted=trusted)
         else:
-            out = cls(path, target_path, disk_size, fd, mm, clean_on_disk=True, trusted=trusted)
+            out = cls(path, target_path, disk_size, fd, clean_on_disk=True, trusted=trusted)
         out.identity = (target_stat.st_dev, target_stat.st_ino)
         return out
 
     @staticmethod
-    def _check(fd: int, length: int, disk_size: int, target: bytes, stamp: Stamp) -> mmap.mmap:
+    def _check(fd: int, length: int, disk_size: int, target: bytes, stamp: Stamp) -> None:
         if os.fstat(fd).st_size != length:
             raise _Discard("wrong length")
         raw = os.pread(fd, HEADER_BYTES, 0)
@@ -206,57 +206,60 @@ class DigestMap:
         their_stamp, area_sum, path_len = tuple(rest[:5]), rest[5], rest[6]
         if magic != MAGIC or version != VERSION or block_bytes != B or size != disk_size:
             raise _Discard("format or disk size")
-        if raw[HEADER.size:HEADER.size + path_len] != target or path_len > MAX_PATH_BYTES:
+        if path_len > MAX_PATH_BYTES or raw[HEADER.size:HEADER.size + path_len] != target:
             raise _Discard("another target path")
         if state != CLEAN:
             raise _Discard("dirty: the master target stopped without closing it")
         if their_stamp != stamp:
             raise _Discard("the target file changed since the master target last wrote it")
-        mm = mmap.mmap(fd, length)
-        if xxhash.xxh3_64_intdigest(memoryview(mm)[HEADER_BYTES:]) != area_sum:
-            mm.close()
+        if _area_sum(fd, length) != area_sum:
             raise _Discard("digest checksum")
-        return mm
 
     @staticmethod
-    def _create(path: Path, length: int, disk_size: int, target: bytes) -> tuple[int, mmap.mmap]:
-        """A new all-unknown map (dirty) replacing whatever is at `path`; (fd, mmap)."""
+    def _create(path: Path, length: int, disk_size: int, target: bytes) -> int:
+        """A new all-unknown map (dirty) replacing whatever is at `path`; its descriptor."""
         blockio.make_dirs(path.parent)
         tmp = path.with_name(f".{path.name}.tmp")
         fd = os.open(tmp, os.O_RDWR | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o600)
         try:
-            os.ftruncate(fd, length)  # sparse: every entry reads as zeros, unknown
+            os.ftruncate(fd, length)  # every entry reads as zeros: unknown
+            try:  # room for every entry now: a full retention disk then fails the open, not a write
+                os.posix_fallocate(fd, 0, length)
+            except OSError as exc:
+                if exc.errno not in (errno.EOPNOTSUPP, errno.EINVAL):
+                    raise
             blockio.pwrite_all(fd, _header(DIRTY, disk_size, (0, 0, 0, 0, 0), 0, target), 0)
             os.fsync(fd)
             os.replace(tmp, path)  # a map still open elsewhere keeps its own (old) file
             fsync_dir(path.parent)
-            return fd, mmap.mmap(fd, length)
+            return fd
         except BaseException:
             os.close(fd)
+            tmp.unlink(missing_ok=True)
             raise
 
     # -- reading -------------------------------------------------------------------
-    @property
-    def epoch(self) -> int:
-        with self._lock:
-            return self._epoch
-
     def lookup(self, first: int, count: int) -> tuple[bytes, int]:
-        """(packed entries of blocks first..first+count-1, epoch); all unknown once closed."""
+        """(packed entries of blocks first..first+count-1, epoch); all unknown once closed or given up."""
         with self._lock:
-            if self._mm is None:
-                return ABSENT * count, -1
-            at = HEADER_BYTES + first * D
-            return self._mm[at:at + count * D], self._epoch
+            if self._fd >= 0:
+                try:
+                    return blockio.pread_all(self._fd, count * D, HEADER_BYTES + first * D), self._epoch
+                except OSError as exc:
+                    self._give_up(exc)
+            return ABSENT * count, -1
 
     def remember(self, epoch: int, first: int, digests: bytes) -> bool:
         """Store digests read from the file (first block `first`) when no write began since `epoch`."""
         with self._lock:
-            if self._mm is None or epoch != self._epoch or self._writers:
+            if self._fd < 0 or epoch != self._epoch or self._writers:
                 return False
-            self._make_dirty()
-            at = HEADER_BYTES + first * D
-            self._mm[at:at + len(digests)] = digests
+            try:
+                self._make_dirty()
+                blockio.pwrite_all(self._fd, digests, HEADER_BYTES + first * D)
+            except OSError as exc:
+                self._give_up(exc)
+                return False
             return True
 
     # -- writing ---------------------------------------------------------------------
@@ -264,8 +267,11 @@ class DigestMap:
     def writing(self) -> Iterator[DigestMap]:
         """Bracket every write to the target: `forget` before writing a range, `learn` after."""
         with self._lock:
-            if self._mm is not None:
-                self._make_dirty()
+            if self._fd >= 0:
+                try:
+                    self._make_dirty()
+                except OSError as exc:
+                    self._give_up(exc)
             self._epoch += 1
             self._writers += 1
         try:
@@ -280,9 +286,7 @@ class DigestMap:
         if length <= 0:
             return
         first, end = offset // B, blockhash.blocks_of(offset + length)
-        with self._lock:
-            if self._mm is not None:
-                self._mm[HEADER_BYTES + first * D:HEADER_BYTES + end * D] = bytes((end - first) * D)
+        self._store([(first, bytes((end - first) * D))])
 
     def learn(self, fd: int, written: list[tuple[int, int, bytes | memoryview | None]]) -> None:
         """After the writes `written` ((offset, length, data or None for zeros), in order) reached `fd`:
@@ -306,21 +310,24 @@ class DigestMap:
             else:
                 digests = blockhash.block_digests(memoryview(data)[lo - offset:hi - offset])
             updates.append((first_full, digests))
-        reads: list[tuple[int, bytes]] = []
         if PARTIAL_BLOCKS == "read":  # after every write of the batch: the block's final contents
             for block in sorted(partial):
                 at = block * B
-                reads.append((block, blockhash.block_digest(blockio.pread_all(fd, min(B, size - at), at))))
+                updates.append((block, blockhash.block_digest(blockio.pread_all(fd, min(B, size - at), at))))
+        else:
+            updates.extend((block, ABSENT) for block in sorted(partial))
+        self._store(updates)
+
+    def _store(self, updates: list[tuple[int, bytes]]) -> None:
+        """Write entries (first block, packed entries), in order, into a live map (inside `writing`)."""
         with self._lock:
-            if self._mm is None:
+            if self._fd < 0:
                 return
-            mm = self._mm
-            for first, digests in updates:
-                mm[HEADER_BYTES + first * D:HEADER_BYTES + first * D + len(digests)] = digests
-            for block, digest in reads:
-                mm[HEADER_BYTES + block * D:HEADER_BYTES + (block + 1) * D] = digest
-            for block in partial if PARTIAL_BLOCKS != "read" else ():
-                mm[HEADER_BYTES + block * D:HEADER_BYTES + (block + 1) * D] = ABSENT
+            try:
+                for first, entries in updates:
+                    blockio.pwrite_all(self._fd, entries, HEADER_BYTES + first * D)
+            except OSError as exc:
+                self._give_up(exc)
 
     def _make_dirty(self) -> None:
         """Before the first change after a clean header: say dirty, durably (call with `_lock`)."""
@@ -329,36 +336,46 @@ class DigestMap:
             os.fsync(self._fd)
             self._clean_on_disk = False
 
+    def _give_up(self, exc: OSError) -> None:
+        """The map file failed us (call with `_lock`): know nothing from now on, never stamp it clean.
+
+        Its header said dirty before any change, or nothing was changed and the target's
+        next write breaks its stamp: either way it is not trusted at the next open."""
+        log.warning("digest map failed; block hashes are read from the disk", map=str(self.path), error=str(exc))
+        os.close(self._fd)
+        self._fd = -1
+
     # -- closing ---------------------------------------------------------------------
     def close(self, target_fd: int) -> None:
         """Stamp the map clean for the target file as it is now (call after the last write), and close.
 
         `target_fd` < 0: close without stamping (the map stays dirty on disk when it was)."""
         with self._lock:
-            mm, self._mm = self._mm, None
-            if mm is None:
+            fd, self._fd = self._fd, -1
+            if fd < 0:
                 return
             try:
-                if target_fd >= 0 and not self._clean_on_disk:
+                if target_fd >= 0 and not self._clean_on_disk and not self._writers:
                     os.fsync(target_fd)
                     stamp = stamp_of(os.fstat(target_fd))
-                    if (stamp[0], stamp[1]) == self.identity:
-                        area_sum = xxhash.xxh3_64_intdigest(memoryview(mm)[HEADER_BYTES:])
-                        mm.flush()
-                        os.fsync(self._fd)
-                        blockio.pwrite_all(self._fd, _header(CLEAN, self.disk_size, stamp, area_sum, self._target), 0)
-                        os.fsync(self._fd)
-                        self._clean_on_disk = True
+                    length = HEADER_BYTES + self.blocks * D
+                    area_sum = _area_sum(fd, length)
+                    os.fsync(fd)
+                    blockio.pwrite_all(fd, _header(CLEAN, self.disk_size, stamp, area_sum, self._target), 0)
+                    os.fsync(fd)
+                    self._clean_on_disk = True
             except OSError as exc:  # left dirty: discarded at the next open, which is safe
                 log.warning("digest map not saved", map=str(self.path), error=str(exc))
             finally:
-                mm.close()
-                os.close(self._fd)
-                self._fd = -1
+                os.close(fd)
 
-    @staticmethod
-    def remove(path: Path) -> None:
-        path.unlink(missing_ok=True)
+
+def _area_sum(fd: int, length: int) -> int:
+    """The xxh3-64 of a map file's digest area."""
+    h = xxhash.xxh3_64()
+    for at in range(HEADER_BYTES, length, blockhash.READ_BYTES):
+        h.update(blockio.pread_all(fd, min(blockhash.READ_BYTES, length - at), at))
+    return h.intdigest()
 
 
 class NoMap:
