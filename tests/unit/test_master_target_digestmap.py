@@ -286,3 +286,19 @@ def test_block_hashes_answer_from_the_map_without_reading_known_blocks(tmp_path:
     assert _reply(t) == blockhash.block_digests(data)
     assert read == [], "what was read once is remembered"
     t.close()
+
+
+def test_a_map_file_that_fails_makes_the_map_give_up_not_the_writes(tmp_path: Path, target, monkeypatch):
+    path, fd = target
+    m = _open(tmp_path, fd, path)
+    _write(m, fd, 0, random.randbytes(2 * B))
+    assert set(_known(m)) == {0, 1}
+
+    def full(*_args):
+        raise OSError(28, "No space left on device")
+    monkeypatch.setattr(digestmap.blockio, "pwrite_all", full)
+    _write(m, fd, 0, random.randbytes(B))  # the target write goes on; the map cannot follow it
+    monkeypatch.undo()
+    assert _known(m) == {}, "a map that could not forget block 0 knows nothing any more"
+    m.close(fd)
+    assert _open(tmp_path, fd, path).opened_as.startswith("dirty")
