@@ -24,8 +24,9 @@ On-disk layout: one file per target path, `<retention_dir>/.digest-maps/
 The map is read and written with pread/pwrite (a 2 TiB disk's map is 512 MiB:
 page cache, not the heap; no mmap, so a full disk is an error, not a SIGBUS),
 and allocated whole when created. Any error of the map file makes the live map
-give up (every block unknown, never stamped clean): replication goes on. A block is *unknown* when its entry is all zeros; a real digest that
-happens to be zero only costs a read, never a wrong answer.
+give up (every block unknown, never stamped clean): replication goes on. A block
+is *unknown* when its entry is all zeros; a real digest that happens to be zero
+only costs a read, never a wrong answer.
 
 **The rule that makes it safe: a known entry is always the digest of the block's
 current contents.** It holds while the map is live because every write of the
@@ -72,7 +73,13 @@ What a crash at each point leaves (the next `open` decides):
 - after it: clean, stamp of the file as we left it, trusted when still equal;
 - while a discarded map is replaced: the old file or the new all-unknown one
   (whose header says dirty), both handled above; a `.tmp` leftover is ignored
-  and overwritten next time.
+  and overwritten next time;
+- a map that gave up (its file failed) before it could say dirty is clean on
+  disk with the stamp of the file before our next write, which that write breaks.
+
+What the argument assumes, as delta.py does: while a pair is open, the master
+target is the only writer of its target file (a foreign write then would make
+the replica wrong with or without this map).
 
 A stamp compares equal after someone else wrote the file only if the file system
 did not move mtime/ctime: on Linux ≥ 6.13 (multigrain timestamps on ext4, xfs,
