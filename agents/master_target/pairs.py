@@ -123,9 +123,9 @@ class MasterTargetPairs:
             if entry.target is not None:
                 closing = threading.Thread(target=self._close_gone, args=(entry.target,), name="pair-close",
                                            daemon=True)
-                with self._lock:
+                with self._lock:  # registered and started at once: a waiter never joins an unstarted thread
                     self._closing[str(entry.target.target_path)] = closing
-                closing.start()
+                    closing.start()
         for entry in current:
             if entry.target is not None:
                 entry.target.retention_window = _window(entry.assignment)

@@ -302,3 +302,37 @@ def test_a_map_file_that_fails_makes_the_map_give_up_not_the_writes(tmp_path: Pa
     assert _known(m) == {}, "a map that could not forget block 0 knows nothing any more"
     m.close(fd)
     assert _open(tmp_path, fd, path).opened_as.startswith("dirty")
+
+
+# -- through MasterTargetPairs: the map outlives a pair, and goes with its deleted target ---------
+
+
+def test_a_map_is_kept_for_the_next_pair_onto_the_file_and_removed_with_the_file(tmp_path: Path):
+    from .mt_support import Harness, send
+
+    mt = Harness(tmp_path, options=TargetOptions(reserve_bytes=0))
+    try:
+        path = mt.datastore / "host" / "disk.img"
+        mt.assign("p1", DISK, target_path=str(path))
+        data = random.randbytes(DISK)
+        stream = [frames.sync_frame("p1", 1, rpb.SYNC_PHASE_INITIAL_STARTED, DISK),
+                  frames.write_frame("p1", 2, 0, data[:1024 * 1024]),
+                  frames.write_frame("p1", 3, 1024 * 1024, data[1024 * 1024:]),
+                  frames.sync_frame("p1", 4, rpb.SYNC_PHASE_INITIAL_DONE, DISK)]
+        assert send(mt.stub(), "p1", DISK, stream).last_ack == 4
+        map_file = digestmap.map_path(mt.retention / digestmap.DIR_NAME, path.resolve())
+        del mt.assignments["p1"]
+        mt.pairs.apply_assignments([], [])
+        # The next pair (new id, same file) waits for the old one's close and trusts what it saved.
+        mt.assign("p2", DISK, target_path=str(path), sync_kind=rpb.SYNC_KIND_DELTA)
+        second = mt.pairs.target("p2")
+        assert second.digests.opened_as == "trusted"
+        assert len(_check_map(second)) == blockhash.blocks_of(DISK)
+        del mt.assignments["p2"]
+        path.unlink()  # the pair's target is deleted with it
+        mt.pairs.apply_assignments([], [])
+        for thread in list(mt.pairs._closing.values()):
+            thread.join(30)
+        assert not map_file.exists()
+    finally:
+        mt.close()
