@@ -262,6 +262,24 @@ def cpu_seconds(pids: dict[str, int]) -> dict[str, float]:
     return {name: t.user + t.system for name, t in times.items()}
 
 
+def read_bytes(pids: dict[str, int]) -> dict[str, tuple[int, int]]:
+    """Bytes each daemon has read so far: (through read calls, from storage) (/proc/PID/io)."""
+    out = {}
+    for name, pid in pids.items():
+        io = psutil.Process(pid).io_counters()
+        out[name] = (io.read_chars, io.read_bytes)
+    return out
+
+
+def read_line(before: dict[str, tuple[int, int]], after: dict[str, tuple[int, int]]) -> str:
+    """What each daemon read during a timed run: read calls / storage, in MiB."""
+    parts = ", ".join(
+        f"{name} {(after[name][0] - before[name][0]) / MiB:.1f} / {(after[name][1] - before[name][1]) / MiB:.1f}"
+        for name in sorted(after)
+    )
+    return f"daemon reads MiB (read calls / from storage): {parts}"
+
+
 def cpu_line(before: dict[str, float], after: dict[str, float], seconds: float) -> str:
     """Where the CPU went during a timed run: each daemon's CPU seconds (and share of one core)."""
     used = {name: after[name] - before[name] for name in after}

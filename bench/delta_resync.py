@@ -22,10 +22,13 @@ POSIX_FADV_DONTNEED on those files only). Bytes reported by the pair (the new
 pair's counters count only its delta sync): what the source sent (write
 payload: the wire's data), what the master target applied, and the digests
 fetched from the target (the hash exchange; requests are a few bytes each).
+Also printed per run: each daemon's CPU seconds and the bytes it read (read
+calls / from storage, /proc/PID/io) from the enable to replicating.
 """
 
 from __future__ import annotations
 
+import os
 import random
 import re
 import shutil
@@ -69,6 +72,7 @@ def resync(root: Path, args, *, zeros: bool, rss: common.RssSampler) -> dict:
             shutil.copyfile(target, old)
         common.uncache(s.disk, target)
         cpu = common.cpu_seconds(common.daemons(s))
+        reads = common.read_bytes(common.daemons(s))
         started = time.monotonic()
         (pair,) = s.srctl_json("replication", "enable", s.machine, "--disk", "disk0", "--sync", "delta")
         if pair["target_path"] != str(target):
@@ -76,6 +80,7 @@ def resync(root: Path, args, *, zeros: bool, rss: common.RssSampler) -> dict:
         done = common.wait_synced(s, timeout=timeout)
         ours = time.monotonic() - started
         cpu_used = common.cpu_line(cpu, common.cpu_seconds(common.daemons(s)), ours)
+        read_used = common.read_line(reads, common.read_bytes(common.daemons(s)))
     image = s.disk
     if common.digest(target) != common.digest(image):
         raise SystemExit(f"after the delta sync the target {target} differs from the image {image}")
@@ -90,6 +95,7 @@ def resync(root: Path, args, *, zeros: bool, rss: common.RssSampler) -> dict:
           f"differing; source sent {run['sent'] / MiB:.2f} MiB, master target applied {run['applied'] / MiB:.2f} "
           f"MiB, digests fetched {run['hashes'] / MiB:.2f} MiB")
     print(f"{kind}: {cpu_used}")
+    print(f"{kind}: {read_used}")
     if not zeros:
         common.uncache(image, old)
         seconds, stats = common.timed(
@@ -137,7 +143,8 @@ def main() -> None:
           f"ours/rsync {r['ours'] / r['rsync']:.2f} (target <= 0.50); wire/changed {r['sent'] / r['changed']:.3f} "
           f"(target <= 1.05) + hash exchange {r['hashes'] / MiB:.2f} MiB, (wire+hash)/changed "
           f"{(r['sent'] + r['hashes']) / r['changed']:.3f}; mostly-zero {z['ours']:.2f} s, "
-          f"zero/random {z['ours'] / r['ours']:.2f} (target <= 1.20)")
+          f"zero/random {z['ours'] / r['ours']:.2f} (target <= 1.20); load average at the end "
+          f"{' '.join(f'{x:.2f}' for x in os.getloadavg())}")
 
 
 if __name__ == "__main__":

@@ -117,23 +117,31 @@ def file_digests(fd: int, offset: int, block_count: int, disk_size: int) -> tupl
     too (their digests are `ABSENT`, meaningless zeros).
     """
     file_size = os.lseek(fd, 0, os.SEEK_END)
-    end = min(offset + block_count * BLOCK_BYTES, disk_size)
+    present_at = present_end(file_size, offset, min(offset + block_count * BLOCK_BYTES, disk_size))
+    present = blocks_of(present_at - offset)
+    return range_digests(fd, offset, present_at) + ABSENT * (block_count - present), present, file_size
+
+
+def present_end(file_size: int, offset: int, end: int) -> int:
+    """The end of the blocks of [offset, end) that a file of `file_size` bytes holds entirely."""
     if file_size >= end:
-        present_end = end
-    else:  # only whole blocks can be present: a short block is the disk's last, and lies past file_size
-        present_end = offset + max(0, file_size - offset) // BLOCK_BYTES * BLOCK_BYTES
-    present = blocks_of(present_end - offset)
+        return end
+    # only whole blocks can be present: a short block is the disk's last, and lies past file_size
+    return offset + max(0, file_size - offset) // BLOCK_BYTES * BLOCK_BYTES
+
+
+def range_digests(fd: int, start: int, end: int) -> bytes:
+    """The packed digests of the blocks of [start, end) of `fd` (`start` block-aligned; holes are not read)."""
     out: list[bytes] = []
-    at = offset
-    while at < present_end:
-        chunk_end = min(at + READ_BYTES, present_end)
+    at = start
+    while at < end:
+        chunk_end = min(at + READ_BYTES, end)
         if next_data(fd, at, chunk_end) >= chunk_end:
             out.append(zero_digests(at, chunk_end))
         else:
             out.append(block_digests(_pread_all(fd, chunk_end - at, at)))
         at = chunk_end
-    out.append(ABSENT * (block_count - present))
-    return b"".join(out), present, file_size
+    return b"".join(out)
 
 
 def _pread_all(fd: int, length: int, offset: int) -> bytes:

@@ -158,14 +158,15 @@ def revert(target: PairTarget, point: str) -> rpb.MaterializeReply:
         journal = target.journal
         cut = journal.cut()
         undone = 0
-        with journal.reading():
+        with journal.reading(), target.digests.writing() as digests:
             for ref, data in journal.undo_after(wanted["seq"], cut):
+                digests.forget(ref.target_offset, ref.length)  # before the block changes (digestmap.py)
                 if data is None:
                     blockio.zero_range(target.fd, ref.target_offset, ref.length)
                 else:
                     blockio.pwrite_all(target.fd, data, ref.target_offset)
                 undone += ref.length
-        os.fsync(target.fd)
+            os.fsync(target.fd)
         target.mark_reverted(wanted, undone)
     log.info("target put back to a point in place", pair=target.pair_id, tag=point, seq=wanted["seq"],
              bytes_undone=undone)

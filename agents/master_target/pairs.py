@@ -7,7 +7,11 @@ and journal (target.py; recovery runs there), and closes pairs that are no
 longer assigned (their files stay). It answers for the Apply stream
 (`open_stream`: which pair, from whom), for Materialize and for BlockHashes
 (hashes.py: the digests of a range of a pair's target disk, asked for by the
-pair's process server only, for a delta sync).
+pair's process server only, for a delta sync, answered from the target file's
+digest map where it knows them: digestmap.py; the maps live in
+`<retention_dir>/.digest-maps/`, one per target path, kept when a pair is closed
+so that the next pair onto the same file finds it, removed with a pair whose
+target file is gone).
 
 An apply stream is accepted only when
 - the pair is currently assigned to this master target (else NOT_FOUND),
@@ -27,7 +31,7 @@ import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
-from siterecovery.agents.master_target import hashes, paths
+from siterecovery.agents.master_target import digestmap, hashes, paths
 from siterecovery.agents.master_target import materialize as materializing
 from siterecovery.agents.master_target.target import DEFAULT_OPTIONS, PairTarget, TargetOptions
 from siterecovery.common import blockhash, errors, pki
@@ -35,6 +39,9 @@ from siterecovery.common.logging import get_logger
 from siterecovery.common.pb import replication_pb2 as rpb
 
 log = get_logger(__name__)
+
+# How long a new pair waits for an older pair's close of the same target file.
+CLOSE_WAIT_SECONDS = 30.0
 
 
 class _Owner:
@@ -84,6 +91,11 @@ class MasterTargetPairs:
         self.on_change = on_change
         self._entries: dict[str, _Entry] = {}
         self._lock = threading.Lock()
+        # Digest maps of the target files, by resolved target path (digestmap.py).
+        self.digest_dir = self.retention_dir / digestmap.DIR_NAME
+        # Targets being closed, by resolved path: a new pair onto the same file waits for the
+        # close, which saves the file's digest map for it.
+        self._closing: dict[str, threading.Thread] = {}
 
     # -- PairParticipant -----------------------------------------------------------
     def apply_assignments(
@@ -109,7 +121,11 @@ class MasterTargetPairs:
             log.info("pair no longer assigned here; closing it", pair=entry.assignment.pair_id)
             self._stop_stream(entry)
             if entry.target is not None:
-                threading.Thread(target=entry.target.close, name="pair-close", daemon=True).start()
+                closing = threading.Thread(target=self._close_gone, args=(entry.target,), name="pair-close",
+                                           daemon=True)
+                with self._lock:  # registered and started at once: a waiter never joins an unstarted thread
+                    self._closing[str(entry.target.target_path)] = closing
+                    closing.start()
         for entry in current:
             if entry.target is not None:
                 entry.target.retention_window = _window(entry.assignment)
@@ -158,6 +174,25 @@ class MasterTargetPairs:
             )
         return entry
 
+    def _close_gone(self, target: PairTarget) -> None:
+        """Close a pair no longer assigned; a target file that is gone takes its digest map along."""
+        try:
+            target.close()
+            if not target.target_path.exists() and target.digest_map_path is not None:
+                target.digest_map_path.unlink(missing_ok=True)
+        finally:
+            with self._lock:
+                key = str(target.target_path)
+                if self._closing.get(key) is threading.current_thread():
+                    del self._closing[key]
+
+    def _wait_closed(self, target_path: Path) -> None:
+        """Wait (a while) for an older pair's close of the same file: it saves the digest map."""
+        with self._lock:
+            closing = self._closing.get(str(target_path))
+        if closing is not None and closing is not threading.current_thread():
+            closing.join(CLOSE_WAIT_SECONDS)
+
     def _target(self, entry: _Entry) -> PairTarget:
         """The entry's open PairTarget, created (paths checked, recovery run) on first use."""
         with entry.lock:
@@ -167,10 +202,12 @@ class MasterTargetPairs:
             try:
                 target_path = paths.inside(a.target_path, self.datastore_dirs, what="target_path")
                 journal_dir = paths.inside(a.journal_dir, (self.retention_dir,), what="journal_dir")
+                self._wait_closed(target_path)
                 target = PairTarget(
                     pair_id=a.pair_id, target_path=target_path, journal_dir=journal_dir,
                     disk_size=a.disk_size_bytes, options=self.options, clock=self.clock,
                     delta=a.sync_kind == rpb.SYNC_KIND_DELTA,
+                    digest_map=digestmap.map_path(self.digest_dir, target_path),
                 )
                 target.retention_window = _window(a)
                 target.on_change = self.on_change
@@ -245,7 +282,8 @@ class MasterTargetPairs:
         # Opened (and, when missing, created sparse) as for a stream; a pair that cannot be
         # opened (say, a target of the wrong size) answers with that error.
         target = self._target(entry)
-        return hashes.target_hashes(target.target_path, request.offset, request.block_count, a.disk_size_bytes)
+        return hashes.target_hashes(target.target_path, request.offset, request.block_count, a.disk_size_bytes,
+                                    target.digests)
 
     # -- Materialize -----------------------------------------------------------------
     def materialize(self, request: rpb.MaterializeRequest) -> rpb.MaterializeReply:

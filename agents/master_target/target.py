@@ -83,6 +83,7 @@ from typing import Any
 from google.protobuf.timestamp_pb2 import Timestamp
 
 from siterecovery.agents.master_target import blockio, journal
+from siterecovery.agents.master_target.digestmap import DigestMap, NoMap
 from siterecovery.agents.master_target.journal import RetentionFull, UndoJournal, UndoRef
 from siterecovery.common import errors
 from siterecovery.common.daemon import fsync_dir, write_json_atomically
@@ -131,12 +132,16 @@ class PairTarget:
         options: TargetOptions | None = None,
         clock: Callable[[], float] = time.time,
         delta: bool = False,
+        digest_map: Path | None = None,
     ) -> None:
         self.pair_id = pair_id
         # The pair's first sync is a delta sync onto a disk that existed before it.
         self.delta = delta
         self.target_path = target_path
         self.journal_dir = journal_dir
+        # Where the target file's digest map lives (digestmap.py); None keeps none.
+        self.digest_map_path = digest_map
+        self.digests: DigestMap | NoMap = NoMap()
         self.disk_size = disk_size
         self.options = options = options or DEFAULT_OPTIONS
         self.clock = clock
@@ -191,6 +196,7 @@ class PairTarget:
         self._close_locked()
         created = self._open_target()
         try:
+            self._open_digests(created)
             state, uncommitted = self._journal.open(self._initial_state())
             if state.get("pair_id") != self.pair_id:
                 raise errors.Conflict(
@@ -233,6 +239,24 @@ class PairTarget:
         self._publish()
         log.info("pair opened", pair=self.pair_id, applied_seq=state["applied_seq"], sync=state["sync"],
                  points=len(state["points"]), journal_bytes=self._journal.size_bytes)
+
+    def _open_digests(self, created: bool) -> None:
+        """Open the target's digest map (before anything else writes the target: recovery does)."""
+        if self.digest_map_path is None:
+            return
+        if created:  # a new file: whatever map is there describes another one
+            self.digest_map_path.unlink(missing_ok=True)
+        try:
+            self.digests = DigestMap.open(self.digest_map_path, target_path=self.target_path, target_fd=self._fd,
+                                          disk_size=self.disk_size)
+            log.info("digest map opened", pair=self.pair_id, map=str(self.digest_map_path),
+                     trusted=self.digests.opened_as == "trusted", reason=self.digests.opened_as)
+        except (OSError, ValueError) as exc:
+            # Without a map BlockHashes reads the disk; a map left on disk no longer matches
+            # the file once we write it (its stamp), so it is never trusted later.
+            log.warning("no digest map for this target; block hashes are read from the disk",
+                        pair=self.pair_id, map=str(self.digest_map_path), error=str(exc))
+            self.digests = NoMap()
 
     def _initial_state(self) -> dict[str, Any]:
         return {
@@ -299,6 +323,8 @@ class PairTarget:
     def _close_locked(self) -> None:
         self.opened = False
         self._journal.close()
+        digests, self.digests = self.digests, NoMap()
+        digests.close(self._fd)  # stamped with the file as we leave it
         if self._fd >= 0:
             os.close(self._fd)
             self._fd = -1
@@ -439,17 +465,24 @@ class PairTarget:
             self._fail("journal-io", f"writing the undo journal in {self.journal_dir} failed: {exc}",
                        "check the retention directory's disk; the pair resumes at the next stream")
         try:
-            for frame, data in group:
-                body = frame.WhichOneof("body")
-                if body == "write":
-                    blockio.pwrite_all(self._fd, data, frame.write.offset)
-                elif body == "zero":
-                    blockio.zero_range(self._fd, frame.zero.offset, frame.zero.length)
-                else:
-                    continue
-                self._hook("target-frame")
-            os.fsync(self._fd)
-            self._hook("target-synced")
+            with self.digests.writing() as digests:
+                written: list[tuple[int, int, bytes | None]] = []
+                for frame, data in group:
+                    body = frame.WhichOneof("body")
+                    if body == "write":
+                        digests.forget(frame.write.offset, frame.write.length)
+                        blockio.pwrite_all(self._fd, data, frame.write.offset)
+                        written.append((frame.write.offset, frame.write.length, data))
+                    elif body == "zero":
+                        digests.forget(frame.zero.offset, frame.zero.length)
+                        blockio.zero_range(self._fd, frame.zero.offset, frame.zero.length)
+                        written.append((frame.zero.offset, frame.zero.length, None))
+                    else:
+                        continue
+                    self._hook("target-frame")
+                os.fsync(self._fd)
+                self._hook("target-synced")
+                digests.learn(self._fd, written)
         except OSError as exc:
             self._undo_failed_batch()
             if exc.errno in (errno.ENOSPC, errno.EDQUOT):
@@ -568,14 +601,16 @@ class PairTarget:
 
     def _put_back(self, refs: Sequence[UndoRef]) -> None:
         """Restore the old contents of undo records onto the target, newest first; flush."""
-        for ref in reversed(refs):
-            data = self._journal.read_undo(ref)
-            if data is None:
-                blockio.zero_range(self._fd, ref.target_offset, ref.length)
-            else:
-                blockio.pwrite_all(self._fd, data, ref.target_offset)
-            self._hook("rollback-record")
-        os.fsync(self._fd)
+        with self.digests.writing() as digests:
+            for ref in reversed(refs):
+                data = self._journal.read_undo(ref)
+                digests.forget(ref.target_offset, ref.length)
+                if data is None:
+                    blockio.zero_range(self._fd, ref.target_offset, ref.length)
+                else:
+                    blockio.pwrite_all(self._fd, data, ref.target_offset)
+                self._hook("rollback-record")
+            os.fsync(self._fd)
 
     def _undo_failed_batch(self) -> None:
         """After a failure between the undo flush and the commit: put the target back."""

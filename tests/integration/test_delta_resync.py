@@ -19,6 +19,7 @@ from pathlib import Path
 
 import pytest
 
+from siterecovery.agents.master_target import digestmap
 from siterecovery.common.pb import admin_pb2
 from tests.conftest import needs_tools
 
@@ -188,3 +189,118 @@ def test_kill9_of_the_source_during_a_delta_sync_resumes_from_its_cursor(rsite: 
           f"{cursor // MiB} MiB, seed {SEED}): {finished['fetches']} digest calls after the restart for the "
           f"{(size - cursor) // MiB} MiB left; {diff.data_bytes / MiB:.1f} MiB differing, "
           f"{applied / MiB:.1f} MiB applied")
+
+
+# -- the master target's digest map (agents/master_target/digestmap.py) -----------------------------
+
+
+def _digest_map(site: ReplicatingSite) -> Path | None:
+    found = list((site.root / "master-target").rglob(".digest-maps/*.map"))
+    assert len(found) <= 1, found
+    return found[0] if found else None
+
+
+def _map_state(site: ReplicatingSite) -> int | None:
+    """The state in the digest map's header (digestmap.CLEAN or DIRTY), None when there is no map."""
+    path = _digest_map(site)
+    if path is None:
+        return None
+    with open(path, "rb") as f:
+        return digestmap.HEADER.unpack_from(f.read(digestmap.HEADER.size))[2]
+
+
+def _disable_and_wait_saved(site: ReplicatingSite) -> None:
+    """Disable the pair; wait until the master target closed it and saved its target's digest map."""
+    site.srctl_json("replication", "disable", site.machine)
+    wait_for(lambda: not site.srctl_json("replication", "status", site.machine), what="the pair to be gone")
+    wait_for(lambda: _map_state(site) == digestmap.CLEAN, what="the digest map to be saved clean")
+
+
+def _overwrite(path: Path, blocks: list[int], rng: random.Random) -> None:
+    with open(path, "r+b") as f:
+        for block in blocks:
+            f.seek(block * BLOCK)
+            f.write(rng.randbytes(BLOCK))
+
+
+def _map_opened(site: ReplicatingSite) -> list[dict]:
+    return _log_events(site, "master-target", "digest map opened")
+
+
+def test_a_digest_map_is_not_trusted_once_the_target_changed_behind_the_master_target(rsite: ReplicatingSite):
+    """A VM ran on the replica after failover: its writes must travel back although the master target's
+    digest map (saved when the old pair closed) still describes the disk as the master target left it."""
+    rng = random.Random(f"{SEED}-digest-stale")
+    size = 64 * MiB
+    rsite.start(disk_size=size, data_bytes=48 * MiB, seed=rng.randrange(1 << 30))
+    (pair,) = rsite.srctl_json("replication", "enable", rsite.machine, "--disk", "disk0")
+    target = Path(pair["target_path"])
+    rsite.wait_replicating()
+    rsite.wait_caught_up()
+    assert sha256(target) == sha256(rsite.disk)
+    _disable_and_wait_saved(rsite)
+
+    # First, unchanged: the next pair onto the file trusts the map (and reads no block of it).
+    blocks = rng.sample(range(size // BLOCK), 40)
+    _overwrite(rsite.disk, blocks[:20], rng)  # the source changes while the pair is off
+    (pair,) = rsite.srctl_json("replication", "enable", rsite.machine, "--disk", "disk0", "--sync", "delta")
+    assert pair["target_path"] == str(target)
+    rsite.wait_replicating()
+    done = rsite.wait_caught_up()
+    assert sha256(target) == sha256(rsite.disk)
+    assert _map_opened(rsite)[-1]["trusted"], _map_opened(rsite)
+    assert int(done["sync_differing_bytes"]) == 20 * BLOCK
+    _disable_and_wait_saved(rsite)
+
+    # Then the replica is written behind the master target's back (as a VM booted on it would)
+    # in blocks the source leaves alone, and the source changes elsewhere: both must travel.
+    _overwrite(target, blocks[20:30], rng)
+    _overwrite(rsite.disk, blocks[30:], rng)
+    rsite.srctl_json("replication", "enable", rsite.machine, "--disk", "disk0", "--sync", "delta")
+    rsite.wait_replicating()
+    done = rsite.wait_caught_up()
+    assert sha256(target) == sha256(rsite.disk), "a stale digest map was trusted"
+    last = _map_opened(rsite)[-1]
+    assert not last["trusted"] and last["reason"].startswith("the target file changed"), last
+    assert int(done["sync_differing_bytes"]) == 20 * BLOCK
+
+
+@needs_tools("qemu-io")
+def test_kill9_of_the_master_target_during_a_delta_sync_discards_its_digest_map(rsite: ReplicatingSite):
+    rng = random.Random(f"{SEED}-digest-kill")
+    size, window = 256 * MiB, 8 * MiB
+    rsite.start(disk_size=size, data_bytes=192 * MiB, seed=rng.randrange(1 << 30),
+                source_extra={"send_window_bytes": window, "delta_hash_blocks": 256})
+    (pair,) = rsite.srctl_json("replication", "enable", rsite.machine, "--disk", "disk0")
+    target = Path(pair["target_path"])
+    rsite.wait_replicating()
+    rsite.wait_caught_up()
+    _disable_and_wait_saved(rsite)
+
+    # Half of the source's blocks change; the master target dies while it applies them.
+    _overwrite(rsite.disk, rng.sample(range(size // BLOCK), size // BLOCK // 2), rng)
+    rsite.enable("--sync", "delta")
+    threshold = rng.uniform(0.1, 0.5)
+    wait_for(lambda: _view(rsite).sync_progress >= threshold, timeout=120, what=f"delta sync past {threshold:.0%}")
+    rsite.kill9("master-target")
+    assert _map_state(rsite) == digestmap.DIRTY, "the map said clean while the master target wrote the target"
+    rsite.restart("master-target")
+    rsite.wait_replicating()
+    rsite.wait_caught_up()
+    assert sha256(target) == sha256(rsite.disk)
+    reopened = _map_opened(rsite)[-1]
+    assert not reopened["trusted"] and reopened["reason"].startswith("dirty"), reopened
+
+    # Writes while replicating (16 KiB, in part of their blocks), then the map the master target
+    # rebuilt since the crash carries the next delta resync.
+    rsite.qemu_io("write -P 0x33 100k 16k", "write -P 0x44 5M 64k", "write -z 9M 8k")
+    rsite.wait_caught_up()
+    _disable_and_wait_saved(rsite)
+    _overwrite(rsite.disk, rng.sample(range(size // BLOCK), size // BLOCK // 100), rng)
+    rsite.enable("--sync", "delta")
+    rsite.wait_replicating()
+    rsite.wait_caught_up()
+    assert sha256(target) == sha256(rsite.disk)
+    assert _map_opened(rsite)[-1]["trusted"], _map_opened(rsite)[-1]
+    print(f"[digest map] kill -9 master-target at {threshold:.0%} of a delta sync (seed {SEED}): map dirty, "
+          "discarded at the restart; target equal to the source after it and after one more delta resync")
