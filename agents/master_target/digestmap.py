@@ -82,11 +82,13 @@ target is the only writer of its target file (a foreign write then would make
 the replica wrong with or without this map).
 
 A stamp compares equal after someone else wrote the file only if the file system
-did not move mtime/ctime: on Linux ≥ 6.13 (multigrain timestamps on ext4, xfs,
-btrfs, tmpfs) a change after a stat always gets a newer timestamp; on older
-kernels a foreign write within the same clock tick (a few ms) after our close
-would go unseen. A foreign writer starts only after the pair is gone (a VM booted
-after failover), far later than that.
+did not move mtime/ctime. File timestamps come from a coarse clock (one tick,
+up to 10 ms): a foreign write in the same tick as our last one could leave them
+as they were (Linux ≥ 6.13 gives a change after a stat a newer timestamp, older
+kernels do not). So `close` stamps only once the wall clock is `TICK_NS` past the
+file's timestamps, waiting for the rest when it is not: any later write then
+gets a later tick. (A foreign writer starts only after the pair is gone, a VM
+booted after failover, far later anyway.)
 """
 
 from __future__ import annotations
@@ -95,6 +97,7 @@ import errno
 import os
 import struct
 import threading
+import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -364,7 +367,9 @@ class DigestMap:
             try:
                 if target_fd >= 0 and not self._clean_on_disk and not self._writers:
                     os.fsync(target_fd)
-                    stamp = stamp_of(os.fstat(target_fd))
+                    st = os.fstat(target_fd)
+                    _past_the_tick_of(max(st.st_mtime_ns, st.st_ctime_ns))
+                    stamp = stamp_of(st)
                     length = HEADER_BYTES + self.blocks * D
                     area_sum = _area_sum(fd, length)
                     os.fsync(fd)
@@ -375,6 +380,18 @@ class DigestMap:
                 log.warning("digest map not saved", map=str(self.path), error=str(exc))
             finally:
                 os.close(fd)
+
+
+# Longer than one tick of the kernel's coarse clock, which file timestamps use (HZ >= 100).
+TICK_NS = 20_000_000
+
+
+def _past_the_tick_of(timestamp_ns: int) -> None:
+    """Return once the wall clock is TICK_NS past `timestamp_ns` (at most TICK_NS of waiting):
+    a write after that cannot get the same timestamp."""
+    wait = timestamp_ns + TICK_NS - time.time_ns()
+    if 0 < wait <= TICK_NS:
+        time.sleep(wait / 1e9)
 
 
 def _area_sum(fd: int, length: int) -> int:

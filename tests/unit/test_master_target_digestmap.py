@@ -123,6 +123,19 @@ def test_a_map_whose_stamp_does_not_match_the_file_is_not_trusted(tmp_path: Path
     again.close(fd)
 
 
+def test_the_clean_stamp_is_taken_a_clock_tick_after_the_last_write(tmp_path: Path, target):
+    # File timestamps come from a coarse clock: a write in the same tick as our last one could
+    # leave them unchanged (kernels before 6.13), so close waits until that tick is over.
+    import time
+
+    path, fd = target
+    m = _open(tmp_path, fd, path)
+    _write(m, fd, 0, random.randbytes(2 * B))
+    m.close(fd)
+    st = os.stat(path)
+    assert time.time_ns() >= max(st.st_mtime_ns, st.st_ctime_ns) + digestmap.TICK_NS
+
+
 def test_a_file_touched_back_to_its_old_mtime_is_still_caught(tmp_path: Path, target):
     path, fd = target
     m = _open(tmp_path, fd, path)
