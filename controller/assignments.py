@@ -58,9 +58,9 @@ class _Copy(Generic[T]):
         self._max_age = max_age
         self._clock = clock
         self._lock = threading.Lock()
-        self._counter = -1
-        self._read_at = float("-inf")
-        self._entries: Mapping[str, tuple[T, ...]] = {}
+        # (counter, read at, entries), replaced whole: a reader without the lock never sees
+        # one read's counter with another's entries.
+        self._state: tuple[int, float, Mapping[str, tuple[T, ...]]] = (-1, float("-inf"), {})
 
     def entries(self, counter: int) -> Mapping[str, tuple[T, ...]]:
         """Every server's entries, read again first unless the copy counts at least `counter`."""
@@ -72,11 +72,11 @@ class _Copy(Generic[T]):
             if entries is None:
                 read_at = self._clock()
                 counted, entries = self._read()
-                self._counter, self._read_at, self._entries = counted, read_at, entries
+                self._state = (counted, read_at, entries)
             return entries
 
     def _fresh(self, counter: int) -> Mapping[str, tuple[T, ...]] | None:
-        entries, counted, read_at = self._entries, self._counter, self._read_at
+        counted, read_at, entries = self._state
         if counted >= counter and self._clock() - read_at < self._max_age:
             return entries
         return None
