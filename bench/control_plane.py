@@ -238,15 +238,19 @@ def report(outcome: Outcome, args: argparse.Namespace) -> None:
           f"p99 {outcome.p99:.1f}  p99.9 {measure.percentile(lat, 0.999):.1f}  max {max(lat, default=float('nan')):.1f}")
     print(f"  generator start lag ms: p99 {measure.percentile(outcome.lags_ms, 0.99):.1f}  "
           f"max {max(outcome.lags_ms, default=float('nan')):.1f}")
-    print(f"  configuration server: cpu {outcome.server.cpu_percent:.1f} % of one core, "
+    per_beat = 1000 * outcome.server.cpu_seconds / outcome.sent if outcome.sent else float("nan")
+    print(f"  configuration server: cpu {outcome.server.cpu_percent:.1f} % of one core "
+          f"({per_beat:.2f} ms a heartbeat; target <= {CPU_TARGET_PERCENT * args.interval / args.agents * 10:.2f}), "
           f"rss peak {outcome.server.rss_peak / MIB:.0f} MiB")
     if outcome.database is not None:
         print(f"  postgresql (all its processes): cpu {outcome.database.cpu_percent:.1f} % of one core, "
               f"rss peak {outcome.database.rss_peak / MIB:.0f} MiB")
     print(f"  load generator ({args.workers} processes): cpu {outcome.generator.cpu_percent:.1f} % of one core, "
           f"rss peak {outcome.generator.rss_peak / MIB:.0f} MiB")
+    load1, load5, _ = psutil.getloadavg()
     print(f"  setup: enroll {outcome.setup['enroll']:.1f} s, register {outcome.setup['register']:.1f} s, "
-          f"register-server jobs {outcome.setup['jobs']:.1f} s", flush=True)
+          f"register-server jobs {outcome.setup['jobs']:.1f} s; load average {load1:.2f} / {load5:.2f} at the end",
+          flush=True)
 
 
 def summary(outcomes: list[Outcome], agents: int) -> str:

@@ -17,7 +17,7 @@ from siterecovery.common.settings import parse_endpoint
 from siterecovery.controller import registration
 from siterecovery.controller.heartbeats import HeartbeatWriter
 from siterecovery.controller.jobs.engine import JobKind, create_job
-from siterecovery.controller.store.base import Heartbeat, MachineRecord, ServerRecord, Store
+from siterecovery.controller.store.base import ChangeCounters, Heartbeat, MachineRecord, ServerRecord, Store
 
 MAX_DISKS = 256
 MAX_DIRECTORIES = 64
@@ -134,8 +134,9 @@ def heartbeat(
     directories: list[dict] | None,
     now: datetime,
     writer: HeartbeatWriter | None = None,
-) -> None:
-    """Record the heartbeat (through `writer`, grouped with others, when given).
+) -> ChangeCounters:
+    """Record the heartbeat (through `writer`, grouped with others, when given); return the
+    store's change counters as read in the transaction that committed it.
 
     One guarded write and no read: the server row is updated only when it exists
     with the caller's role; only when it is not is the row read, to say why.
@@ -146,7 +147,12 @@ def heartbeat(
         _check_text("problem.code", problem.get("code", ""))
         _check_text("problem.message", problem.get("message", ""))
     beat = Heartbeat(server_id=identity.id, role=identity.role, problems=problems, directories=directories, now=now)
-    recorded = writer.record(beat) if writer is not None else store.record_heartbeats([beat])[0]
+    if writer is not None:
+        recorded, counters = writer.record(beat)
+    else:
+        alone = store.record_heartbeat_group([beat])
+        recorded, counters = alone.recorded[0], alone.counters
     if not recorded:
         _known_server(store, identity)  # NotFound or PermissionDenied, with the fix
         raise errors.NotFound(f"agent {identity.id} was removed meanwhile", code="agent-unknown")
+    return counters

@@ -7,6 +7,7 @@ from dataclasses import dataclass, field
 import grpc
 
 from siterecovery.common.pki import CertificateAuthority
+from siterecovery.controller.assignments import Assignments
 from siterecovery.controller.enrollment import FailureLimiter, NonceRegistry, PassphraseVault
 from siterecovery.controller.heartbeats import HeartbeatWriter
 from siterecovery.controller.jobs.engine import JobKind
@@ -49,12 +50,16 @@ class ControllerContext:
     network_orders: NetworkOrderHooks = field(default_factory=cached_hooks)
     # Writes agents' heartbeats to the store in groups (default: on `store`).
     heartbeats: HeartbeatWriter | None = None
+    # The pairs and tag requests heartbeat answers carry, read when they change (default: on `store`).
+    assignments: Assignments | None = None
 
     def __post_init__(self) -> None:
         if self.nonces is None:
             self.nonces = NonceRegistry(self.store)
         if self.heartbeats is None:
             self.heartbeats = HeartbeatWriter(self.store)
+        if self.assignments is None:
+            self.assignments = Assignments(self.store)
 
     def revoked_ids(self) -> list[str]:
         return sorted(self.revocations.ids()) if self.revocations is not None else []

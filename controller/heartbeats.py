@@ -14,7 +14,9 @@ next group. No thread of its own, no timer: a lone heartbeat is written at once,
 and under load a group is whatever arrived during the previous commit.
 
 Nothing about what a heartbeat means changes: `record` returns only after the
-heartbeat is committed. A group that fails as a whole (a bad heartbeat, the
+heartbeat is committed. It also returns the store's change counters as the
+group's transaction read them after its writes: the answer to the heartbeat is
+then at least as new as that commit (controller/assignments.py). A group that fails as a whole (a bad heartbeat, the
 store unavailable) is written again one heartbeat per transaction, each by its
 own thread, so one agent's bad heartbeat never fails another's and each caller
 gets its own error.
@@ -25,7 +27,7 @@ from __future__ import annotations
 import threading
 from dataclasses import dataclass
 
-from siterecovery.controller.store.base import Heartbeat, Store
+from siterecovery.controller.store.base import ChangeCounters, Heartbeat, Store
 
 MAX_GROUP = 256
 
@@ -36,6 +38,7 @@ class _Slot:
     done: bool = False
     recorded: bool = False
     failed: bool = False
+    counters: ChangeCounters = ChangeCounters()
 
 
 class HeartbeatWriter:
@@ -46,8 +49,9 @@ class HeartbeatWriter:
         self._queue: list[_Slot] = []
         self._writing = False
 
-    def record(self, beat: Heartbeat) -> bool:
-        """Commit `beat` (with whatever else is waiting); True when its server was there to update."""
+    def record(self, beat: Heartbeat) -> tuple[bool, ChangeCounters]:
+        """Commit `beat` (with whatever else is waiting): whether its server was there to update,
+        and the change counters read in the committing transaction."""
         slot = _Slot(beat)
         with self._turn:
             self._queue.append(slot)
@@ -65,18 +69,19 @@ class HeartbeatWriter:
                     self._writing = False
                     self._turn.notify_all()
         if slot.failed:
-            return self._store.record_heartbeats([beat])[0]  # alone: raises its own error
-        return slot.recorded
+            alone = self._store.record_heartbeat_group([beat])  # raises its own error
+            return alone.recorded[0], alone.counters
+        return slot.recorded, slot.counters
 
     def _write(self, group: list[_Slot]) -> None:
         try:
-            results = self._store.record_heartbeats([slot.beat for slot in group])
+            results = self._store.record_heartbeat_group([slot.beat for slot in group])
         except Exception:
             for slot in group:
                 slot.failed = True
         else:
-            for slot, recorded in zip(group, results, strict=True):
-                slot.recorded = recorded
+            for slot, recorded in zip(group, results.recorded, strict=True):
+                slot.recorded, slot.counters = recorded, results.counters
         finally:
             for slot in group:
                 slot.done = True

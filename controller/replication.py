@@ -26,7 +26,7 @@ from __future__ import annotations
 import contextlib
 import re
 import uuid
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from datetime import datetime, timedelta
 from pathlib import PurePosixPath
 
@@ -541,9 +541,8 @@ def azure_target(store: Store, record: AzureSiteRecord, blob_name: str, disk: st
 # -- telling agents -----------------------------------------------------------------
 
 
-def assignment(store_servers: dict[str, ServerRecord], pair: PairRecord) -> rpb.PairAssignment:
-    ps = store_servers.get(pair.process_server_id)
-    mt = store_servers.get(pair.master_target_id)
+def assignment(endpoints: Mapping[str, str], pair: PairRecord) -> rpb.PairAssignment:
+    """The pair as its agents are told it; `endpoints` maps server ids to their data endpoints."""
     out = rpb.PairAssignment(
         pair_id=pair.id,
         machine_id=pair.source_server_id,
@@ -552,9 +551,9 @@ def assignment(store_servers: dict[str, ServerRecord], pair: PairRecord) -> rpb.
         disk_size_bytes=pair.disk_size_bytes,
         mode=MODE_VALUES[pair.mode],
         process_server_id=pair.process_server_id,
-        process_server_endpoint=ps.inventory.get("data_endpoint", "") if ps else "",
+        process_server_endpoint=endpoints.get(pair.process_server_id, ""),
         master_target_id=pair.master_target_id,
-        master_target_endpoint=mt.inventory.get("data_endpoint", "") if mt else "",
+        master_target_endpoint=endpoints.get(pair.master_target_id, ""),
         target_path=pair.target_path,
         journal_dir=pair.journal_dir,
         policy=recovery_policy(pair),
@@ -589,11 +588,16 @@ def assignments_for(store: Store, server_id: str) -> list[rpb.PairAssignment]:
     # Only the servers these pairs name: reading every server's row here made each
     # heartbeat of a replicating agent cost as much as the whole fleet.
     named = {p.process_server_id for p in pairs} | {p.master_target_id for p in pairs}
-    servers = {}
+    endpoints = {}
     for named_id in sorted(i for i in named if i):
         with contextlib.suppress(errors.NotFound):
-            servers[named_id] = store.get_server(named_id)
-    return [assignment(servers, p) for p in pairs]
+            endpoints[named_id] = data_endpoint(store.get_server(named_id))
+    return [assignment(endpoints, p) for p in pairs]
+
+
+def data_endpoint(server: ServerRecord) -> str:
+    endpoint = server.inventory.get("data_endpoint", "")
+    return endpoint if isinstance(endpoint, str) else ""
 
 
 def orders_for(
@@ -610,17 +614,17 @@ def orders_for(
 
 
 def tag_requests_for(store: Store, server_id: str, *, now: datetime) -> list[rpb.TagRequest]:
-    return [
-        rpb.TagRequest(
-            pair_id=r.pair_id,
-            tag_id=r.tag_id,
-            kind=KIND_VALUES[r.kind],
-            group_id=r.group_id,
-            cut_at=timestamp(r.cut_at),
-        )
-        for r in store.tag_requests(source_server_id=server_id, now=now)
-        if r.outcome != BARRIER_ABORTED
-    ]
+    return [tag_request(r) for r in store.tag_requests(source_server_id=server_id, now=now) if r.outcome != BARRIER_ABORTED]
+
+
+def tag_request(record: TagRequestRecord) -> rpb.TagRequest:
+    return rpb.TagRequest(
+        pair_id=record.pair_id,
+        tag_id=record.tag_id,
+        kind=KIND_VALUES[record.kind],
+        group_id=record.group_id,
+        cut_at=timestamp(record.cut_at),
+    )
 
 
 BARRIER_OUTCOMES = {

@@ -34,10 +34,11 @@ def rss_bytes(processes: Sequence[psutil.Process]) -> int:
 
 @dataclass
 class Usage:
-    """CPU as % of one core over the window, and the largest RSS seen in it."""
+    """CPU as % of one core over the window (and in seconds), and the largest RSS seen in it."""
 
     cpu_percent: float
     rss_peak: int
+    cpu_seconds: float = 0.0
 
 
 class Window:
@@ -66,7 +67,7 @@ class Window:
         now = cpu_seconds(self._group())
         wall = time.monotonic() - self._began
         used = sum(seconds - self._start.get(pid, 0.0) for pid, seconds in now.items())
-        return Usage(cpu_percent=100.0 * used / wall, rss_peak=self._rss_peak)
+        return Usage(cpu_percent=100.0 * used / wall, rss_peak=self._rss_peak, cpu_seconds=used)
 
 
 def percentile(values: Sequence[float], fraction: float) -> float:

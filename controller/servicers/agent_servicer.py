@@ -45,7 +45,7 @@ class AgentControlServicer(agent_pb2_grpc.AgentControlServicer):
     def Heartbeat(self, request: agent_pb2.HeartbeatRequest, context: grpc.ServicerContext):
         identity, now = caller(), datetime.now(UTC)
         network_orders.check_results(request.network_results)  # before anything is written
-        agents.heartbeat(
+        counters = agents.heartbeat(
             self._ctx.store,
             identity,
             problems=[problem_to_dict(p) for p in request.problems],
@@ -57,7 +57,7 @@ class AgentControlServicer(agent_pb2_grpc.AgentControlServicer):
         hooks = self._ctx.network_orders
         if request.network_results:
             hooks.record_results(self._ctx.store, identity, request.network_results, now=now)
-        pairs, tag_requests = replication.orders_for(self._ctx.store, identity.id, now=now)
+        pairs, tag_requests = self._ctx.assignments.orders_for(identity.id, counters, now=now)
         return agent_pb2.HeartbeatResponse(
             heartbeat_interval_seconds=self._ctx.settings.heartbeat_interval,
             pairs=pairs,

@@ -6,6 +6,7 @@
 from siterecovery.controller.store.base import (
     ROLES,
     AzureSiteRecord,
+    ChangeCounters,
     Heartbeat,
     JobRecord,
     MachineRecord,
@@ -40,6 +41,7 @@ def __getattr__(name: str):
 __all__ = [
     "ROLES",
     "AzureSiteRecord",
+    "ChangeCounters",
     "Heartbeat",
     "JobRecord",
     "MachineRecord",

@@ -20,6 +20,9 @@ What is stored (the SQL schema is spelled out in `sql.py`):
   per pair and agent), as JSON; recovery points come from the master target's.
 - tag_requests - recovery points asked for (on demand, multi-VM) and not yet
   seen at the master target; delivered to the source agent until then.
+- change_counters - how often pairs and tag requests changed (`ChangeCounters`),
+  counted in the transaction of each change: a heartbeat learns whether its
+  answer changed without reading the pairs.
 - vcenters - one row per vCenter or standalone ESXi endpoint: address, user,
   the password encrypted by the controller (opaque here), how its certificate
   is trusted, and how its last discovery went.
@@ -215,6 +218,47 @@ class TagRequestRecord:
 
 BARRIER_WAIT, BARRIER_COMMITTED, BARRIER_ABORTED = "", "committed", "aborted"
 
+
+@dataclass(frozen=True, order=True)
+class ChangeCounters:
+    """How often what heartbeat answers hold has changed; each only ever grows.
+
+    `pairs` counts changes to pairs (created, changed, deleted) and to the data
+    endpoint of a server some pair names; `tag_requests` counts tag requests
+    added, removed or decided. A change and its count commit together.
+    """
+
+    pairs: int = 0
+    tag_requests: int = 0
+
+
+@dataclass(frozen=True)
+class RecordedHeartbeats:
+    """What `record_heartbeat_group` did: per heartbeat, whether its server was there and
+    was updated; and the change counters as that transaction read them after its writes."""
+
+    recorded: list[bool]
+    counters: ChangeCounters
+
+
+@dataclass(frozen=True)
+class PairsSnapshot:
+    """Every pair and the data endpoint of every server a pair names, read with the
+    counters in one snapshot (so `counters.pairs` says exactly which pairs these are)."""
+
+    counters: ChangeCounters
+    pairs: tuple[PairRecord, ...]
+    endpoints: dict[str, str]
+
+
+@dataclass(frozen=True)
+class TagRequestsSnapshot:
+    """Every tag request (expired ones until they are removed), with its pair's source
+    server id, read with the counters in one snapshot."""
+
+    counters: ChangeCounters
+    requests: tuple[tuple[str, TagRequestRecord], ...]
+
 DISCOVERY_STATUSES = ("", "ok", "failed")  # "" = never discovered
 
 
@@ -335,14 +379,20 @@ class Store(ABC):
         NotFound when there is no such server.
         """
 
-    @abstractmethod
     def record_heartbeats(self, beats: Sequence[Heartbeat]) -> list[bool]:
+        """`record_heartbeat_group(beats).recorded`."""
+        return self.record_heartbeat_group(beats).recorded
+
+    @abstractmethod
+    def record_heartbeat_group(self, beats: Sequence[Heartbeat]) -> RecordedHeartbeats:
         """Record many heartbeats in one transaction, so one commit for all of them.
 
         Each does what `record_heartbeat` does, but only to a server with its id *and*
-        role, and nothing is read back: the result says, per heartbeat, whether such a
-        server was there and was updated. InvalidInput (nothing written) when any
-        heartbeat's problems or directories are not JSON lists.
+        role, and no server row is read back: the result says, per heartbeat, whether
+        such a server was there and was updated. The same transaction then reads the
+        change counters, so every change committed before this group shows in them.
+        InvalidInput (nothing written) when any heartbeat's problems or directories
+        are not JSON lists.
         """
 
     @abstractmethod
@@ -445,6 +495,21 @@ class Store(ABC):
     @abstractmethod
     def remove_tag_requests(self, pair_id: str, tag_ids: Collection[str], *, now: datetime) -> None:
         """Drop these requests (the tags arrived) and every expired request."""
+
+    @abstractmethod
+    def change_counters(self) -> ChangeCounters:
+        """The change counters now (see `ChangeCounters`; one small read)."""
+
+    @abstractmethod
+    def pairs_snapshot(self) -> PairsSnapshot:
+        """Every pair (ordered as `list_pairs`) and the data endpoint ("" when none) of every
+        server a pair names as process server or master target, with the counters, in one
+        read transaction."""
+
+    @abstractmethod
+    def tag_requests_snapshot(self) -> TagRequestsSnapshot:
+        """Every tag request, expired or not (ordered as `tag_requests`), with its pair's
+        source server id, and the counters, in one read transaction."""
 
     @abstractmethod
     def hold_barrier(self, tag_id: str, source_server_id: str, *, now: datetime) -> str:

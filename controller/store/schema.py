@@ -290,3 +290,13 @@ enrollment_nonces = sa.Table(
     sa.Column("seen_at", UtcDateTime(), nullable=False),
     sa.Index(None, "seen_at"),
 )
+
+# How often what a heartbeat answer holds has changed: one row per counter ("pairs",
+# "tag_requests"), bumped in the transaction of every such change (sql.py `_bump`).
+# Derived state, so not part of a backup (sql.py `DERIVED_TABLES`).
+change_counters = sa.Table(
+    "change_counters",
+    metadata,
+    sa.Column("name", sa.String(32), primary_key=True),
+    sa.Column("value", sa.BigInteger(), nullable=False),
+)

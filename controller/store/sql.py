@@ -27,6 +27,7 @@ Schema (tables in `schema.py`, created by `migrations/versions/0001_initial.py`)
               server_id), role, status JSON, reported_at)
     tag_requests (pair_id FK pairs.id ON DELETE CASCADE, tag_id, PK (pair_id,
               tag_id), kind, group_id, created_at, expires_at)
+    change_counters (name PK, value)                  - "pairs", "tag_requests"
     alembic_version (version_num)                     - the schema revision
 
 (0002_replication.py adds pairs, pair_reports and tag_requests; 0003_vcenters.py
@@ -35,7 +36,18 @@ adds vcenters and vcenter_inventories, whose methods live in vcenters_sql.py;
 created_at, updated_at), whose methods live in azure_sites_sql.py; 0006_pair_kinds.py
 adds the pairs' sync_kind, target_kind and target_options; 0007_protection.py adds
 protection_groups, recovery_plans, protected_items and job_signals, whose methods
-live in protection_sql.py.)
+live in protection_sql.py; 0009_change_counters.py adds change_counters.)
+
+Change counters: every method that changes what a heartbeat answer holds (a
+pair created, changed or deleted; the data endpoint of a server a pair names;
+a tag request added, removed or decided) adds one to its counter as the last
+statement of its transaction, and only when it changed something;
+`record_heartbeat_group` reads them in its own transaction after its writes,
+so the configuration server re-reads pairs only when they moved
+(controller/assignments.py). A counter's row stays locked on PostgreSQL until
+its transaction commits, which is why it is bumped last and "pairs" before
+"tag_requests" (no lock is waited for while holding a later one). They are
+derived state: backups leave them out, and a restore counts its own rows.
 
 Times are stored in UTC (`timestamptz` on PostgreSQL, fixed-format text on
 SQLite); JSON is JSONB on PostgreSQL and text on SQLite.
@@ -99,22 +111,27 @@ from siterecovery.controller.store.base import (
     PAIR_SYNC_KINDS,
     PAIR_TARGET_KINDS,
     ROLES,
+    ChangeCounters,
     Heartbeat,
     JobRecord,
     MachineRecord,
     OperatorRecord,
     PairRecord,
     PairReport,
+    PairsSnapshot,
+    RecordedHeartbeats,
     ServerRecord,
     StepRecord,
     Store,
     TagRequestRecord,
+    TagRequestsSnapshot,
     json_copy,
     utc,
     utc_or_none,
 )
 from siterecovery.controller.store.protection_sql import ProtectionSqlMixin
 from siterecovery.controller.store.schema import (
+    change_counters,
     jobs,
     machines,
     metadata,
@@ -134,6 +151,9 @@ SQLITE_BUSY_TIMEOUT_S = 30.0
 POOL = {"pool_size": 24, "max_overflow": 24}
 # Any constant: replicas starting together take turns migrating PostgreSQL.
 _MIGRATION_LOCK_KEY = 0x5352_0001
+# Kept up by the store itself, not data: left out of backups (a restore counts its own changes).
+DERIVED_TABLES = frozenset({change_counters.name})
+PAIRS_COUNTER, TAG_REQUESTS_COUNTER = "pairs", "tag_requests"
 
 
 def open_store(url: str) -> Store:
@@ -200,6 +220,8 @@ class SqlStore(VcenterSqlMixin, AzureSiteSqlMixin, ProtectionSqlMixin, Store):
             revision = MigrationContext.configure(conn).get_current_revision()
             tables = {}
             for table in metadata.sorted_tables:
+                if table.name in DERIVED_TABLES:
+                    continue
                 rows = conn.execute(sa.select(table).order_by(*table.primary_key.columns)).mappings()
                 tables[table.name] = [dict(row) for row in rows]
             return revision, tables
@@ -210,7 +232,7 @@ class SqlStore(VcenterSqlMixin, AzureSiteSqlMixin, ProtectionSqlMixin, Store):
         One write transaction, parents before children; the schema must be at the
         revision the rows were exported at (the caller migrates around this).
         """
-        unknown = set(tables) - {t.name for t in metadata.sorted_tables}
+        unknown = set(tables) - {t.name for t in metadata.sorted_tables if t.name not in DERIVED_TABLES}
         if unknown:
             raise InvalidInput(f"the backup holds unknown tables: {', '.join(sorted(unknown))}", code="backup-tables")
         with self._write() as conn:
@@ -221,7 +243,7 @@ class SqlStore(VcenterSqlMixin, AzureSiteSqlMixin, ProtectionSqlMixin, Store):
                     f"the store has no table {', '.join(sorted(missing))} at this schema revision",
                     code="backup-tables",
                 )
-            ordered = [t for t in metadata.sorted_tables if t.name in present]
+            ordered = [t for t in metadata.sorted_tables if t.name in present and t.name not in DERIVED_TABLES]
             for table in ordered:
                 if conn.execute(sa.select(sa.func.count()).select_from(table)).scalar():
                     raise Conflict(
@@ -233,6 +255,9 @@ class SqlStore(VcenterSqlMixin, AzureSiteSqlMixin, ProtectionSqlMixin, Store):
                 rows = _parents_first(table, tables.get(table.name, []))
                 if rows:
                     conn.execute(sa.insert(table), rows)
+            if change_counters.name in present:  # a server already on this store reads the pairs again
+                self._bump(conn, PAIRS_COUNTER)
+                self._bump(conn, TAG_REQUESTS_COUNTER)
 
     # --- transactions ------------------------------------------------------------
 
@@ -305,9 +330,14 @@ class SqlStore(VcenterSqlMixin, AzureSiteSqlMixin, ProtectionSqlMixin, Store):
             "last_heartbeat_at": now,
         }
         with self._write() as conn:
-            result = conn.execute(sa.update(servers).where(servers.c.id == server_id).values(values))
-            if result.rowcount != 1:
-                raise _server_not_found(server_id)
+            before = self._server(conn, server_id, lock=True)  # NotFound
+            conn.execute(sa.update(servers).where(servers.c.id == server_id).values(values))
+            if before.inventory.get("data_endpoint") != values["inventory"].get("data_endpoint") and conn.execute(
+                sa.select(pairs.c.id)
+                .where(sa.or_(pairs.c.process_server_id == server_id, pairs.c.master_target_id == server_id))
+                .limit(1)
+            ).first():
+                self._bump(conn, PAIRS_COUNTER)  # the pairs' assignments name this endpoint
             return self._server(conn, server_id)
 
     def record_heartbeat(
@@ -326,7 +356,7 @@ class SqlStore(VcenterSqlMixin, AzureSiteSqlMixin, ProtectionSqlMixin, Store):
             conn.execute(sa.update(servers).where(servers.c.id == server_id).values(values))
             return self._server(conn, server_id)
 
-    def record_heartbeats(self, beats: Sequence[Heartbeat]) -> list[bool]:
+    def record_heartbeat_group(self, beats: Sequence[Heartbeat]) -> RecordedHeartbeats:
         # One statement for the whole group, executed for many rows at once, and no
         # read: the directories are merged into the inventory by the database
         # (json_patch on SQLite, jsonb || on PostgreSQL; an empty patch changes nothing).
@@ -341,15 +371,17 @@ class SqlStore(VcenterSqlMixin, AzureSiteSqlMixin, ProtectionSqlMixin, Store):
             }
             for beat in beats
         ]
-        if not rows:
-            return []
         update = self._heartbeat_update
         with self._write() as conn:
-            if conn.execute(update, rows).rowcount == len(rows):
-                return [True] * len(rows)
-            # Some server is unknown (or of another role): find out which, one row at a
-            # time, in the same transaction (writing the same values again changes nothing).
-            return [conn.execute(update, row).rowcount == 1 for row in rows]
+            if not rows:
+                recorded = []
+            elif conn.execute(update, rows).rowcount == len(rows):
+                recorded = [True] * len(rows)
+            else:
+                # Some server is unknown (or of another role): find out which, one row at a
+                # time, in the same transaction (writing the same values again changes nothing).
+                recorded = [conn.execute(update, row).rowcount == 1 for row in rows]
+            return RecordedHeartbeats(recorded, self._counters(conn))
 
     @functools.cached_property
     def _heartbeat_update(self) -> sa.Update:
@@ -543,7 +575,9 @@ class SqlStore(VcenterSqlMixin, AzureSiteSqlMixin, ProtectionSqlMixin, Store):
                 if existing is not None:
                     raise _pair_exists(pair, existing.id)
                 conn.execute(sa.insert(pairs).values(values))
-                return self._pair(conn, pair.id)
+                created = self._pair(conn, pair.id)
+                self._bump(conn, PAIRS_COUNTER)
+                return created
         except sa.exc.IntegrityError as exc:  # lost a race with another insert
             raise _pair_exists(pair, pair.id) from exc
 
@@ -575,14 +609,19 @@ class SqlStore(VcenterSqlMixin, AzureSiteSqlMixin, ProtectionSqlMixin, Store):
             )
             if result.rowcount != 1:
                 raise _pair_not_found(pair_id)
-            return self._pair(conn, pair_id)
+            changed = self._pair(conn, pair_id)
+            self._bump(conn, PAIRS_COUNTER)
+            return changed
 
     def delete_pair(self, pair_id: str) -> None:
         with self._write() as conn:
-            conn.execute(sa.delete(tag_requests).where(tag_requests.c.pair_id == pair_id))
+            dropped = conn.execute(sa.delete(tag_requests).where(tag_requests.c.pair_id == pair_id)).rowcount
             conn.execute(sa.delete(pair_reports).where(pair_reports.c.pair_id == pair_id))
             if conn.execute(sa.delete(pairs).where(pairs.c.id == pair_id)).rowcount != 1:
                 raise _pair_not_found(pair_id)
+            self._bump(conn, PAIRS_COUNTER)
+            if dropped:
+                self._bump(conn, TAG_REQUESTS_COUNTER)
 
     def record_pair_reports(self, server_id: str, role: str, statuses: dict[str, dict], *, now: datetime) -> None:
         _check_role(role)
@@ -658,6 +697,7 @@ class SqlStore(VcenterSqlMixin, AzureSiteSqlMixin, ProtectionSqlMixin, Store):
                 for row in rows:
                     self._pair(conn, row["pair_id"])
                 conn.execute(sa.insert(tag_requests), rows)
+                self._bump(conn, TAG_REQUESTS_COUNTER)
         except sa.exc.IntegrityError as exc:
             raise Conflict("that recovery point was asked for already", code="tag-request-exists") from exc
 
@@ -675,13 +715,16 @@ class SqlStore(VcenterSqlMixin, AzureSiteSqlMixin, ProtectionSqlMixin, Store):
     def remove_tag_requests(self, pair_id: str, tag_ids: Collection[str], *, now: datetime) -> None:
         now = utc(now, "now")
         with self._write() as conn:
+            removed = 0
             if tag_ids:
-                conn.execute(
+                removed += conn.execute(
                     sa.delete(tag_requests).where(
                         tag_requests.c.pair_id == pair_id, tag_requests.c.tag_id.in_(list(tag_ids))
                     )
-                )
-            conn.execute(sa.delete(tag_requests).where(tag_requests.c.expires_at <= now))
+                ).rowcount
+            removed += conn.execute(sa.delete(tag_requests).where(tag_requests.c.expires_at <= now)).rowcount
+            if removed:  # most calls (a master target's every heartbeat) remove nothing
+                self._bump(conn, TAG_REQUESTS_COUNTER)
 
     def hold_barrier(self, tag_id: str, source_server_id: str, *, now: datetime) -> str:
         now = utc(now, "now")
@@ -718,7 +761,56 @@ class SqlStore(VcenterSqlMixin, AzureSiteSqlMixin, ProtectionSqlMixin, Store):
             else:
                 return BARRIER_WAIT
             conn.execute(sa.update(tag_requests).where(tag_requests.c.tag_id == tag_id).values(outcome=outcome))
+            self._bump(conn, TAG_REQUESTS_COUNTER)  # an aborted barrier is no longer sent
             return outcome
+
+    # --- change counters ----------------------------------------------------------------
+
+    def change_counters(self) -> ChangeCounters:
+        with self._read() as conn:
+            return self._counters(conn)
+
+    def pairs_snapshot(self) -> PairsSnapshot:
+        with self._read() as conn:
+            counters = self._counters(conn)
+            query = sa.select(pairs).order_by(pairs.c.machine_id, pairs.c.disk_name, pairs.c.id)
+            records = tuple(_pair_record(row) for row in conn.execute(query).mappings())
+            named = sorted({i for p in records for i in (p.process_server_id, p.master_target_id) if i})
+            endpoints = dict.fromkeys(named, "")
+            if named:
+                query = sa.select(servers.c.id, servers.c.inventory).where(servers.c.id.in_(named))
+                for row in conn.execute(query):
+                    endpoint = (row.inventory or {}).get("data_endpoint", "")
+                    endpoints[row.id] = endpoint if isinstance(endpoint, str) else ""
+            return PairsSnapshot(counters, records, endpoints)
+
+    def tag_requests_snapshot(self) -> TagRequestsSnapshot:
+        query = (
+            sa.select(tag_requests, pairs.c.source_server_id)
+            .join(pairs, pairs.c.id == tag_requests.c.pair_id)
+            .order_by(tag_requests.c.created_at, tag_requests.c.tag_id)
+        )
+        with self._read() as conn:
+            counters = self._counters(conn)
+            found = tuple((row["source_server_id"], _tag_request_record(row)) for row in conn.execute(query).mappings())
+            return TagRequestsSnapshot(counters, found)
+
+    def _counters(self, conn: Connection) -> ChangeCounters:
+        values = {name: value for name, value in conn.execute(self._counters_query)}
+        return ChangeCounters(pairs=values.get(PAIRS_COUNTER, 0), tag_requests=values.get(TAG_REQUESTS_COUNTER, 0))
+
+    @functools.cached_property
+    def _counters_query(self) -> sa.Select:
+        return sa.select(change_counters.c.name, change_counters.c.value)
+
+    def _bump(self, conn: Connection, name: str) -> None:
+        """Count a change in this transaction. Call it last, and "pairs" before "tag_requests": on
+        PostgreSQL it locks the counter's row until the commit, so a transaction that holds one may
+        wait only for a counter that comes later, whose holder waits for nothing (no deadlock)."""
+        statement = self._insert(change_counters).values(name=name, value=1)
+        conn.execute(statement.on_conflict_do_update(
+            index_elements=[change_counters.c.name], set_={"value": change_counters.c.value + 1}
+        ))
 
     def get_machine_in(self, conn: Connection, machine_id: str) -> MachineRecord:
         row = conn.execute(sa.select(machines).where(machines.c.id == machine_id)).mappings().first()

@@ -9,6 +9,8 @@ import pytest
 
 from siterecovery.common.errors import Conflict, InvalidInput, NotFound
 from siterecovery.controller.store import (
+    ChangeCounters,
+    Heartbeat,
     MachineRecord,
     PairRecord,
     ServerRecord,
@@ -16,6 +18,12 @@ from siterecovery.controller.store import (
     Store,
     TagRequestRecord,
     open_store,
+)
+from siterecovery.controller.store.base import (
+    BARRIER_COMMITTED,
+    BARRIER_WAIT,
+    PairsSnapshot,
+    RecordedHeartbeats,
 )
 
 T0 = datetime(2026, 3, 1, 12, 0, tzinfo=UTC)
@@ -213,3 +221,109 @@ def test_a_barrier_that_expires_before_everyone_holds_aborts_for_good(site: Stor
     assert site.hold_barrier("mv2", "src-1", now=cut) == ""
     assert site.hold_barrier("mv2", "src-2", now=expires) == "aborted"
     assert site.hold_barrier("mv2", "src-1", now=cut) == "aborted"
+
+
+# --- change counters and snapshots (what heartbeat answers are built from) ------------------
+
+
+def _counted(store: Store) -> tuple[int, int]:
+    counters = store.change_counters()
+    return counters.pairs, counters.tag_requests
+
+
+def test_every_change_to_pairs_is_counted_with_it(site: Store) -> None:
+    assert _counted(site) == (0, 0)
+    site.create_pair(pair())
+    assert _counted(site) == (1, 0)
+    site.set_pair_desired_state("pair-1", "paused", now=T0)
+    assert _counted(site) == (2, 0)
+    with pytest.raises(NotFound):
+        site.set_pair_desired_state("nope", "paused", now=T0)
+    with pytest.raises(Conflict):
+        site.create_pair(pair("pair-9"))
+    assert _counted(site) == (2, 0), "a refused change counts nothing"
+    site.add_tag_requests([TagRequestRecord("pair-1", "t1", "crash-consistent", T0, T0 + timedelta(minutes=10))])
+    assert _counted(site) == (2, 1)
+    site.delete_pair("pair-1")
+    assert _counted(site) == (3, 2), "its tag requests went with it"
+
+
+def test_a_data_endpoint_change_counts_only_for_a_server_a_pair_names(site: Store) -> None:
+    site.register_server("ps-1", hostname="ps-1", inventory={"data_endpoint": "ps:1"}, now=T0)
+    assert _counted(site) == (0, 0), "no pair names it yet"
+    site.create_pair(pair())
+    site.register_server("ps-1", hostname="ps-1", inventory={"data_endpoint": "ps:1", "disks": []}, now=T0)
+    site.register_server("src-1", hostname="src-1", inventory={"data_endpoint": "src:1"}, now=T0)
+    assert _counted(site) == (1, 0), "same endpoint, or a source's (assignments do not carry it)"
+    site.register_server("ps-1", hostname="ps-1", inventory={"data_endpoint": "ps:2"}, now=T0)
+    site.register_server("mt-1", hostname="mt-1", inventory={"data_endpoint": "mt:1"}, now=T0)
+    assert _counted(site) == (3, 0)
+
+
+def test_tag_request_removals_and_decisions_count_only_when_something_changed(site: Store) -> None:
+    site.create_pair(pair())
+    site.create_pair(pair("pair-2", machine="src-2"))
+    later = T0 + timedelta(seconds=30)
+    site.add_tag_requests([
+        TagRequestRecord("pair-1", "b1", "multi-vm-consistent", T0, later, group_id="g", cut_at=T0),
+        TagRequestRecord("pair-2", "b1", "multi-vm-consistent", T0, later, group_id="g", cut_at=T0),
+    ])
+    assert _counted(site) == (2, 1)
+    site.remove_tag_requests("pair-1", ["unknown"], now=T0)
+    assert _counted(site) == (2, 1), "nothing removed"
+    assert site.hold_barrier("b1", "src-1", now=T0) == BARRIER_WAIT
+    assert _counted(site) == (2, 1), "held, not decided: the answers do not change"
+    assert site.hold_barrier("b1", "src-2", now=T0) == BARRIER_COMMITTED
+    assert _counted(site) == (2, 2)
+    site.remove_tag_requests("pair-1", ["b1"], now=T0)
+    assert _counted(site) == (2, 3)
+    site.remove_tag_requests("pair-2", [], now=later)  # expired
+    assert _counted(site) == (2, 4)
+
+
+def test_a_heartbeat_group_reads_the_counters_after_its_writes(site: Store) -> None:
+    beat = Heartbeat("src-1", "source", problems=[], directories=None, now=T0)
+    assert site.record_heartbeat_group([beat]) == RecordedHeartbeats([True], ChangeCounters(0, 0))
+    site.create_pair(pair())
+    site.add_tag_requests([TagRequestRecord("pair-1", "t1", "crash-consistent", T0, T0 + timedelta(minutes=10))])
+    ghost = Heartbeat("ghost", "source", problems=[], directories=None, now=T0)
+    assert site.record_heartbeat_group([beat, ghost]) == RecordedHeartbeats([True, False], ChangeCounters(1, 1))
+    assert site.record_heartbeat_group([]) == RecordedHeartbeats([], ChangeCounters(1, 1))
+
+
+def test_snapshots_hold_every_pair_endpoint_and_tag_request_with_their_counters(site: Store) -> None:
+    empty = site.pairs_snapshot()
+    assert empty == PairsSnapshot(ChangeCounters(0, 0), (), {})
+    site.register_server("ps-1", hostname="ps-1", inventory={"data_endpoint": "ps:1"}, now=T0)
+    site.create_pair(pair("pair-2", machine="src-2"))
+    site.create_pair(pair())
+    snapshot = site.pairs_snapshot()
+    assert snapshot.counters == ChangeCounters(2, 0)
+    assert list(snapshot.pairs) == site.list_pairs()
+    assert snapshot.endpoints == {"ps-1": "ps:1", "mt-1": ""}
+
+    expired = TagRequestRecord("pair-1", "old", "crash-consistent", T0 - timedelta(hours=1), T0 - timedelta(minutes=1))
+    fresh = [
+        TagRequestRecord("pair-2", "t2", "crash-consistent", T0 + timedelta(seconds=1), T0 + timedelta(minutes=10)),
+        TagRequestRecord("pair-1", "t1", "crash-consistent", T0, T0 + timedelta(minutes=10)),
+    ]
+    site.add_tag_requests([expired, *fresh])
+    tags = site.tag_requests_snapshot()
+    assert tags.counters == ChangeCounters(2, 1)
+    assert [(source, r.tag_id) for source, r in tags.requests] == [("src-1", "old"), ("src-1", "t1"), ("src-2", "t2")]
+    assert [r for _, r in tags.requests if r.pair_id == "pair-1" and r.tag_id == "t1"] == site.tag_requests(
+        source_server_id="src-1", now=T0
+    )
+
+
+def test_backups_leave_the_counters_out_and_a_restore_counts_itself(site: Store, tmp_path) -> None:
+    site.create_pair(pair())
+    revision, tables = site.export_tables()
+    assert "change_counters" not in tables
+    restored = open_store(f"sqlite:///{tmp_path}/restored.db")
+    try:
+        restored.import_tables(tables)
+        assert _counted(restored) == (1, 1)
+        assert restored.list_pairs() == site.list_pairs()
+    finally:
+        restored.close()

@@ -546,14 +546,14 @@ def test_fresh_database_is_at_head_and_migrating_again_is_a_no_op(store_url: str
     first = open_store(store_url)
     try:
         assert isinstance(first, SqlStore)
-        assert first.schema_revision() == head_revision() == "0008"
+        assert first.schema_revision() == head_revision() == "0009"
         first.add_server(server())
         first.migrate()
     finally:
         first.close()
     second = open_store(store_url)
     try:
-        assert second.schema_revision() == "0008"
+        assert second.schema_revision() == "0009"
         assert second.get_server("srv-1") == server()
     finally:
         second.close()

@@ -12,7 +12,7 @@ import pytest
 from siterecovery.common import errors, pki
 from siterecovery.controller import agents
 from siterecovery.controller.heartbeats import HeartbeatWriter
-from siterecovery.controller.store import Heartbeat, ServerRecord, open_store
+from siterecovery.controller.store import ChangeCounters, Heartbeat, ServerRecord, open_store
 from siterecovery.controller.store.sql import SqlStore
 
 T0 = datetime(2026, 3, 1, 12, 0, tzinfo=UTC)
@@ -27,13 +27,13 @@ class GroupedStore(SqlStore):
         self.entered = threading.Event()
         self.release = threading.Event()
 
-    def record_heartbeats(self, beats):
+    def record_heartbeat_group(self, beats):
         first = not self.groups
         self.groups.append([b.server_id for b in beats])
         if first:
             self.entered.set()
             assert self.release.wait(10)
-        return super().record_heartbeats(beats)
+        return super().record_heartbeat_group(beats)
 
 
 @pytest.fixture
@@ -64,7 +64,7 @@ def in_threads(writer: HeartbeatWriter, beats: list[Heartbeat]) -> tuple[dict, l
 
     def run(b: Heartbeat) -> None:
         try:
-            outcome[b.server_id] = writer.record(b)
+            outcome[b.server_id] = writer.record(b)[0]
         except errors.SiteRecoveryError as exc:
             outcome[b.server_id] = exc
 
@@ -77,8 +77,8 @@ def in_threads(writer: HeartbeatWriter, beats: list[Heartbeat]) -> tuple[dict, l
 def test_a_lone_heartbeat_is_written_at_once(store: GroupedStore) -> None:
     store.release.set()
     writer = HeartbeatWriter(store)
-    assert writer.record(beat("a")) is True
-    assert writer.record(beat("nope")) is False
+    assert writer.record(beat("a")) == (True, ChangeCounters())
+    assert writer.record(beat("nope")) == (False, ChangeCounters())
     assert store.groups == [["a"], ["nope"]]
     assert store.get_server("a").last_heartbeat_at == T0 + timedelta(seconds=10)
 
