@@ -8,7 +8,7 @@ adds up to more than a second per second (bench/control_plane.py measured
 heartbeats timing out at 500 agents).
 
 So heartbeats are group-committed: the first thread to arrive writes every
-heartbeat queued so far in one transaction (`Store.record_heartbeats`) while
+heartbeat queued so far in one transaction (`Store.record_heartbeat_group`) while
 the threads that arrive meanwhile wait; when it is done, one of them writes the
 next group. No thread of its own, no timer: a lone heartbeat is written at once,
 and under load a group is whatever arrived during the previous commit.

@@ -58,7 +58,7 @@ Transaction boundaries: each public method is exactly one database transaction
 instead of failing half-way through a read-then-write; WAL lets readers go on
 meanwhile. Threads of one process first take turns on an in-process lock, so
 they queue there (woken at once) rather than in SQLite's sleeping busy handler;
-other processes still meet the busy timeout. `record_heartbeats` writes many
+other processes still meet the busy timeout. `record_heartbeat_group` writes many
 agents' heartbeats in one transaction (controller/heartbeats.py groups them),
 so 2,000 agents cost a few commits a second, not 200. On PostgreSQL writes run at READ COMMITTED and every change to a
 job or its steps first locks the job row (`SELECT ... FOR UPDATE`), so all
@@ -385,7 +385,7 @@ class SqlStore(VcenterSqlMixin, AzureSiteSqlMixin, ProtectionSqlMixin, Store):
 
     @functools.cached_property
     def _heartbeat_update(self) -> sa.Update:
-        """The statement `record_heartbeats` runs (built once: building it cost more than running it)."""
+        """The statement `record_heartbeat_group` runs (built once: building it cost more than running it)."""
         patch = (
             sa.bindparam("b_patch", type_=JSONB)
             if self._pg
