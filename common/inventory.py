@@ -142,8 +142,10 @@ def disk_facts(identities: DiskIdentities, path: Path, name: str = "") -> common
 
 
 # Free space below these fractions of a directory's file system is a problem.
-SPACE_WARNING_FRACTION = 0.10
-SPACE_CRITICAL_FRACTION = 0.03
+# `srctl doctor` (controller/diagnostics.py) uses the same two numbers, so a
+# directory its check calls low is one the server's health calls low too.
+SPACE_WARNING_FRACTION = 0.15
+SPACE_CRITICAL_FRACTION = 0.05
 _KIND_WORDS = {
     common_pb2.DIRECTORY_KIND_DATASTORE: "datastore",
     common_pb2.DIRECTORY_KIND_RETENTION: "retention directory",
@@ -153,7 +155,7 @@ _KIND_WORDS = {
 
 
 def space_problems(directories: Sequence[common_pb2.DirectoryFacts]) -> list[common_pb2.Problem]:
-    """A warning below 10 % free, critical below 3 %, naming the directory and what to do."""
+    """A warning below 15 % free, critical below 5 %, naming the directory and what to do."""
     problems = []
     for directory in directories:
         if not directory.total_bytes:

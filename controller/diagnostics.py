@@ -24,6 +24,7 @@ from dataclasses import asdict, dataclass
 from datetime import datetime, timedelta
 from typing import Literal
 
+from siterecovery.common import inventory
 from siterecovery.controller import health
 from siterecovery.controller.store.base import ServerRecord
 
@@ -32,8 +33,8 @@ Status = Literal["ok", "warning", "failed", "skipped"]
 CERT_WARN = timedelta(days=30)
 SKEW_WARN_SECONDS = 5.0
 SKEW_FAIL_SECONDS = 60.0
-DISK_WARN_FRACTION = 0.15
-DISK_FAIL_FRACTION = 0.05
+DISK_WARN_FRACTION = inventory.SPACE_WARNING_FRACTION
+DISK_FAIL_FRACTION = inventory.SPACE_CRITICAL_FRACTION
 
 WHY_SKEW = (
     "certificates are checked against each clock (one ahead sees them not yet valid, or expired early), and "

@@ -17,18 +17,19 @@ def test_enough_space_is_no_problem():
 
 
 def test_low_space_warns_then_goes_critical_and_says_what_to_do():
-    (warning,) = space_problems([facts(8 * GIB)])
+    assert space_problems([facts(15 * GIB)]) == []
+    (warning,) = space_problems([facts(14 * GIB)])
     assert warning.severity == common_pb2.SEVERITY_WARNING
-    assert "retention directory /r has 8% free" in warning.message
-    (critical,) = space_problems([facts(2 * GIB)])
+    assert "retention directory /r has 14% free" in warning.message
+    (critical,) = space_problems([facts(4 * GIB)])
     assert critical.severity == common_pb2.SEVERITY_CRITICAL
 
 
 def test_a_low_state_directory_is_named_as_such():
     state = common_pb2.DirectoryFacts(kind=common_pb2.DIRECTORY_KIND_STATE, path="/var/lib/sr", total_bytes=100,
-                                      free_bytes=5)
+                                      free_bytes=7)
     (warning,) = space_problems([state])
-    assert warning.code == "low-free-space" and "state directory /var/lib/sr has 5% free" in warning.message
+    assert warning.code == "low-free-space" and "state directory /var/lib/sr has 7% free" in warning.message
 
 
 def test_image_file_identity_is_stable_and_per_file(tmp_path: Path):
