@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import enum
 import json
+import os
 import sys
 from collections.abc import Callable, Iterable, Sequence
 from datetime import UTC, datetime
@@ -24,8 +25,21 @@ from google.protobuf.message import Message
 from rich.console import Console
 from rich.table import Table
 
-console = Console()
-err_console = Console(stderr=True)
+# Rich draws for 80 columns when it writes to a pipe or a file and COLUMNS is
+# not set, squeezing a wide table (`srctl replication status`) into "MAC…"
+# cells. A pipe gets whole rows instead: grep, less -S and log files want
+# lines, not a guess at a terminal. A terminal keeps its own width.
+PIPE_WIDTH = 250
+
+
+def _width(stream) -> int | None:
+    if os.environ.get("COLUMNS") or stream.isatty():
+        return None
+    return PIPE_WIDTH
+
+
+console = Console(width=_width(sys.stdout))
+err_console = Console(stderr=True, width=_width(sys.stderr))
 
 
 class Format(enum.StrEnum):
