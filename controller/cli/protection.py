@@ -156,7 +156,9 @@ def machine_reprotect(
     master_target: Annotated[str, typer.Option(help="to on-premises: the on-premises master target")] = "",
     datastore: Annotated[str, typer.Option(help="a datastore of that master target")] = "",
     target: Annotated[str, typer.Option(help="original (the VM it came from), alternate or new")] = "original",
-    retention_dir: Annotated[str, typer.Option(help="the master target's retention directory")] = "",
+    retention_dir: Annotated[str, typer.Option(
+        help="to on-premises: refuse unless the master target keeps its journals here (each master target has "
+        "one retention directory, its retention_dir setting; the ASR-style option only checks it)")] = "",
     vcenter: Annotated[str, typer.Option(help="the vCenter / ESXi endpoint (vSphere provider)")] = "",
     wait: WaitOption = True,
     output_format: OutputOption = Format.table,
