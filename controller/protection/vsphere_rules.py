@@ -21,8 +21,9 @@ others depend on:
 5. where the disks are written: the datastore mounted on the master target's
    host;
 6. whether the account may do it: the failback privileges
-   (`privileges.FAILBACK_*`) on those datastores and hosts, as discovery
-   computed them for the endpoint's account.
+   (`privileges.FAILBACK_*`) on those datastores and hosts, and for a new
+   VM `VirtualMachine.Inventory.Create` on its datacenter's VM folder (where
+   vSphere checks it), as discovery computed them for the endpoint's account.
 
 Error codes shared with the local provider's `site_steps.onprem_preflight`
 (`physical-failback`, `original-vm-missing`, `vm-has-snapshots`,
@@ -44,6 +45,7 @@ from siterecovery.controller.providers.vsphere.facts import is_free_edition
 from siterecovery.controller.providers.vsphere.model import Datastore, Host, Inventory, VirtualMachine
 from siterecovery.controller.providers.vsphere.privileges import (
     FAILBACK_DATASTORE_PRIVILEGES,
+    FAILBACK_FOLDER_PRIVILEGES,
     FAILBACK_HOST_PRIVILEGES,
     missing,
 )
@@ -268,6 +270,18 @@ def vsphere_failback_rules(
         hosts = [mt_host] + ([vm_host] if vm_host is not None and vm_host.id != mt_host.id else [])
         gaps = [(f"datastore {d.name}", missing(d.privileges, FAILBACK_DATASTORE_PRIVILEGES)) for d in stores]
         gaps += [(f"host {h.name}", missing(h.privileges, FAILBACK_HOST_PRIVILEGES)) for h in hosts]
+        folders = []
+        if vm is None:  # a new VM is created in its datacenter's VM folder
+            dc = inv.datacenter(mt_host.datacenter)
+            if dc is None or not dc.vm_folder:
+                raise errors.PreconditionFailed(
+                    f"the VM folder of host {mt_host.name}'s datacenter is not in the inventory of {where}",
+                    hint=f"run `srctl vcenter discover {name}` (inventories discovered by older versions lack it), "
+                    "then retry",
+                    code="vsphere-inventory-stale",
+                )
+            folders.append(f"the VM folder of datacenter {dc.name}")
+            gaps.append((folders[-1], missing(dc.vm_folder_privileges, FAILBACK_FOLDER_PRIVILEGES)))
         gaps = [(entity, lacking) for entity, lacking in gaps if lacking]
         account = inv.user or "the account"
         if gaps:
@@ -279,7 +293,7 @@ def vsphere_failback_rules(
                 code="vsphere-missing-privileges",
             )
         return f"account {account} has the failback privileges on " + ", ".join(
-            [f"datastore {d.name}" for d in stores] + [f"host {h.name}" for h in hosts])
+            [f"datastore {d.name}" for d in stores] + [f"host {h.name}" for h in hosts] + folders)
 
     verdicts.append(rules.check("account privileges", privileges))
     if any(v.status == "failed" for v in verdicts):

@@ -11,7 +11,7 @@ not matter.
 from __future__ import annotations
 
 import copy
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -25,6 +25,7 @@ from siterecovery.controller.providers.vsphere.discovery import discover
 from siterecovery.controller.providers.vsphere.model import Inventory
 from siterecovery.controller.providers.vsphere.privileges import (
     FAILBACK_DATASTORE_PRIVILEGES,
+    FAILBACK_FOLDER_PRIVILEGES,
     FAILBACK_HOST_PRIVILEGES,
 )
 from siterecovery.controller.providers.vsphere.session import Session
@@ -88,6 +89,12 @@ def _refused(doc: dict[str, Any], **kwargs: Any) -> PreconditionFailed:
         check_vsphere_failback(doc, **kwargs)
     assert doc == before
     return err.value
+
+
+def _add_role(am: Any, name: str, privileges: Sequence[str]) -> int:
+    """A new role's id, read back from roleList: vcsim's AddAuthorizationRole answers 0 for every role."""
+    am.AddAuthorizationRole(name=name, privIds=list(privileges))
+    return next(r.roleId for r in am.roleList if r.name == name)
 
 
 def _original(vm_uuid: str | None, mt_uuid: str) -> dict[str, Any]:
@@ -217,6 +224,40 @@ def test_rule_read_only_account_cannot_fail_back(vpx: Vcsim, admin: Session, mt_
     # A new VM needs them too, on the master target's host and datastore.
     err = _refused(doc, vm_uuid=None, kind="vm", target="new", master_target_vm_uuid=mt_uuid, datastore=None)
     assert err.code == "vsphere-missing-privileges" and "DC0_C0_H0" not in err.message
+    assert "VirtualMachine.Inventory.Create on the VM folder of datacenter DC0" in err.message
+    # Failing back into the original VM creates none: the folder is not asked for.
+    assert "VM folder" not in _refused(doc, **_original(inv.vm("ro01").bios_uuid, mt_uuid)).message
+
+
+def test_rule_a_new_vm_needs_inventory_create_on_the_folder_not_the_host(
+    vpx: Vcsim, admin: Session, mt_uuid: str
+) -> None:
+    """vSphere checks VirtualMachine.Inventory.Create on the folder the VM goes into."""
+    am = admin.content.authorizationManager
+    on_host = _add_role(am, "failback-host-only", [*FAILBACK_HOST_PRIVILEGES, *FAILBACK_FOLDER_PRIVILEGES])
+    storage = _add_role(am, "failback-storage-only", FAILBACK_DATASTORE_PRIVILEGES)
+    create = _add_role(am, "failback-create-only", FAILBACK_FOLDER_PRIVILEGES)
+    inv = discover(admin)
+    dc = operations.ref(admin, vim.Datacenter, inv.datacenters[0].id)
+    folder = properties.read_one(admin, dc, ["vmFolder"])["vmFolder"]
+    host = operations.ref(admin, vim.HostSystem, inv.host(MT_HOST).id)
+    ds = operations.ref(admin, vim.Datastore, inv.datastore("LocalDS_0").id)
+    Perm = vim.AuthorizationManager.Permission
+    user = "host-user"
+    for entity, role in ((dc, -2), (host, on_host), (ds, storage)):
+        am.SetEntityPermissions(entity=entity, permission=[
+            Perm(entity=entity, principal=user, group=False, roleId=role, propagate=True)])
+    new_vm = {"vm_uuid": None, "kind": "vm", "target": "new", "master_target_vm_uuid": mt_uuid, "datastore": None}
+    with Session(vpx.endpoint(user)) as session:
+        doc = _doc(session)
+    err = _refused(doc, **new_vm)
+    assert err.code == "vsphere-missing-privileges"
+    assert err.message.endswith("lacks VirtualMachine.Inventory.Create on the VM folder of datacenter DC0")
+    am.SetEntityPermissions(entity=folder, permission=[
+        Perm(entity=folder, principal=user, group=False, roleId=create, propagate=True)])
+    with Session(vpx.endpoint(user)) as session:
+        decision = check_vsphere_failback(_doc(session), **new_vm)
+    assert decision["host"]["name"] == MT_HOST and decision["vm"] is None
 
 
 def test_rule_free_esxi_cannot_be_a_failback_target(tmp_path: Path) -> None:

@@ -220,9 +220,16 @@ def discover(session: Session) -> Inventory:
     def granted(entity: str) -> tuple[str, ...]:
         return tuple(sorted(model.effective(entity, session.user, groups)))
 
+    folders = {row["_id"]: row["vmFolder"]._moId for row in properties.collect(session, vim.Datacenter, ["vmFolder"])
+               if row.get("vmFolder") is not None}
     datacenters = tuple(
         sorted(
-            (Datacenter(id=i, name=names[i]) for i, k in kinds.items() if k == "Datacenter"),
+            (
+                Datacenter(id=i, name=names[i], vm_folder=folders.get(i, ""),
+                           vm_folder_privileges=granted(folders[i]) if i in folders else ())
+                for i, k in kinds.items()
+                if k == "Datacenter"
+            ),
             key=lambda d: d.name,
         )
     )

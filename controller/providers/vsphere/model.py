@@ -16,6 +16,8 @@ from typing import Any
 class Datacenter:
     id: str
     name: str
+    vm_folder: str = ""  # the folder new VMs go into
+    vm_folder_privileges: tuple[str, ...] = ()  # the account's effective privileges there
 
 
 @dataclass(frozen=True)
@@ -121,6 +123,9 @@ class Inventory:
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> Inventory:
         return _build(cls, data)
+
+    def datacenter(self, key: str) -> Datacenter | None:
+        return next((d for d in self.datacenters if key in (d.id, d.name)), None)
 
     def host(self, key: str) -> Host | None:
         return next((h for h in self.hosts if key in (h.id, h.name)), None)

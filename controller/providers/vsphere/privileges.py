@@ -41,8 +41,11 @@ FAILBACK_DATASTORE_PRIVILEGES: tuple[str, ...] = (
     "Datastore.Browse",
     "Datastore.FileManagement",
 )
+# Creating a VM (failback to a new VM) is checked by vSphere on the folder
+# the VM goes into (the datacenter's VM folder, where operations.create_vm
+# puts it), not on the host: a role granted on the host alone does not allow it.
+FAILBACK_FOLDER_PRIVILEGES: tuple[str, ...] = ("VirtualMachine.Inventory.Create",)
 FAILBACK_HOST_PRIVILEGES: tuple[str, ...] = (
-    "VirtualMachine.Inventory.Create",
     "VirtualMachine.Config.AddExistingDisk",
     "VirtualMachine.Config.RemoveDisk",
     "VirtualMachine.Interact.PowerOn",
