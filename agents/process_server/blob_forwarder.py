@@ -71,7 +71,9 @@ with Azure's reason until a session goes well again.
 (URL-quoted). The forwarder lists the blob's snapshots once per session and
 keeps this pair's in memory for `status` (heartbeats never call Azure).
 Retention: every `prune_interval` seconds, snapshots captured before the
-pair's retention window are deleted, except the newest point. The window ends
+pair's retention window are deleted, except the newest point; so are the
+points an earlier pair of the same blob left (a reprotect to Azure after a
+failback writes the blob the first protection wrote, as a new pair). The window ends
 at the older of this clock and the newest capture time in the stream, as on a
 master target.
 """
@@ -237,6 +239,9 @@ class BlobForwarder:
             )
         self.state = saved or BlobPairState(pair_id=self.pair_id, blob=self.blob)
         self._points: list[blob_points.BlobPoint] = []
+        # Points an earlier pair left on this blob (a protection cycle before a
+        # failover and failback): no pair offers them; pruned by age like ours.
+        self._earlier: list[blob_points.BlobPoint] = []
         self._disk: PageBlobDisk | None = None
         self._container: Any = None
         self._last_prune = float("-inf")
@@ -408,8 +413,10 @@ class BlobForwarder:
             self._container, self.assignment.azure_blob.blob_name, policy=self._policy.retry, sleep=self._sleep
         )
         mine = [p for p in found if p.extra.get(META_PAIR) == self.pair_id]
+        earlier = [p for p in found if p.extra.get(META_PAIR) not in ("", None, self.pair_id)]
         with self._lock:
             self._points = mine
+            self._earlier = earlier
         self._changed()
 
     def _apply_available(self) -> bool:
@@ -536,17 +543,25 @@ class BlobForwarder:
         self.prune(self._wall())
 
     def prune(self, now: float) -> int:
-        """Delete this pair's snapshots older than its retention window, never the newest; how many."""
+        """Delete snapshots older than the pair's retention window, never its newest point; how many.
+
+        Besides this pair's points, the ones an earlier pair of the same blob
+        left (one pair writes a blob at a time: the cycle before a failover,
+        failback and reprotect to Azure) go by the same window; none of them
+        is the newest point of this pair, so all of them may go.
+        """
         window = self.assignment.policy.retention_window_seconds or 86400
         newest_ns = self.state.newest_captured_at_ns
         reference = min(now, newest_ns / 1e9) if newest_ns else now
         cutoff = datetime.fromtimestamp(reference - window, UTC)
         with self._lock:
             expired = [p for p in self._points[:-1] if p.captured_at < cutoff]
+            expired += [p for p in self._earlier if p.captured_at < cutoff]
         for point in expired:
             blob_points.delete_point(self._container, point, policy=self._policy.retry, sleep=self._sleep)
             with self._lock:
                 self._points = [p for p in self._points if p.snapshot != point.snapshot]
+                self._earlier = [p for p in self._earlier if p.snapshot != point.snapshot]
         if expired:
             log.info("recovery points expired", pair=self.pair_id, points=len(expired))
             self._changed()

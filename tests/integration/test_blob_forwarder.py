@@ -257,6 +257,54 @@ def test_expired_points_are_deleted_but_never_the_newest(tmp_path, container, az
         spool.close()
 
 
+def test_points_an_earlier_pair_left_on_the_blob_expire_with_the_window(tmp_path, container, azurite):
+    """A reprotect to Azure after a failback writes the first protection's blob again, as a new pair."""
+    first = _spec(tmp_path / "first", container, azurite, SEED + 7, count=60)
+    stream = spool_stream(Path(first["spool_dir"]), first)
+    spool = Spool(Path(first["spool_dir"]), limit_bytes=1 << 30)
+    forwarder = BlobForwarder(
+        assignment(first["pair_id"], DISK, first["container"], first["blob"]),
+        spool, StorageCredentialFile(Path(first["credential"])), Path(first["state_dir"]),
+        policy=BlobPolicy(retry=FAST_RETRY, prune_interval=1e9),
+    )
+    try:
+        run_until_written(forwarder, stream[-1].seq)
+        earlier = len(forwarder.points())
+    finally:
+        forwarder.stop()
+        spool.close()
+    assert earlier >= 2
+    window = 30
+
+    def on_blob() -> list[tuple[str, str]]:
+        return [(p.extra.get("sr_pair_id", ""), p.tag_id) for p in points.list_points(container, first["blob"])]
+
+    # The next cycle's pair: an hour later, onto the same blob (a delta sync).
+    second = _spec(tmp_path / "second", container, azurite, SEED + 8, count=60, t0=T0 + 3600)
+    stream = spool_stream(Path(second["spool_dir"]), second)
+    spool = Spool(Path(second["spool_dir"]), limit_bytes=1 << 30)
+    forwarder = BlobForwarder(
+        assignment(second["pair_id"], DISK, second["container"], second["blob"], sync_kind=rpb.SYNC_KIND_DELTA),
+        spool, StorageCredentialFile(Path(second["credential"])), Path(second["state_dir"]),
+        policy=BlobPolicy(retry=FAST_RETRY, prune_interval=1e9),
+    )
+    try:
+        run_until_written(forwarder, stream[-1].seq)
+        mine = len(forwarder.points())
+        assert sorted({pair for pair, _ in on_blob()}) == sorted([first["pair_id"], second["pair_id"]])
+        assert len(on_blob()) == earlier + mine
+        newest = stream[-1].captured_at.ToNanoseconds() / 1e9
+        kept = [p.tag_id for p in forwarder.points() if p.captured_at.ToNanoseconds() / 1e9 >= newest - window]
+        forwarder.assignment = assignment(second["pair_id"], DISK, second["container"], second["blob"],
+                                          sync_kind=rpb.SYNC_KIND_DELTA,
+                                          policy=rpb.RecoveryPolicy(retention_window_seconds=window))
+        assert forwarder.prune(time.time() + 10**6) == earlier + mine - len(kept)
+        assert on_blob() == [(second["pair_id"], tag) for tag in kept]
+    finally:
+        forwarder.stop()
+        spool.close()
+
+
 def test_a_refused_key_is_an_error_naming_the_file_and_a_fixed_file_is_read_again(tmp_path, container, azurite):
     spec = _spec(tmp_path, container, azurite, SEED + 4, count=30)
     stream = spool_stream(Path(spec["spool_dir"]), spec)
