@@ -181,6 +181,12 @@ def machine_delete_cloud_vm(machine: ProtectedMachineArg, wait: WaitOption = Tru
     _workflow(machine, "delete-cloud-vm", wait, output_format)
 
 
+@machine_app.command("unprotect")
+def machine_unprotect(machine: ProtectedMachineArg, wait: WaitOption = True, output_format: OutputOption = Format.table) -> None:
+    """Stop protecting a machine: its pairs end and it leaves its group; replicas, journals and any cloud VM stay."""
+    _workflow(machine, "unprotect", wait, output_format)
+
+
 @machine_app.command("list")
 def machine_list(output_format: OutputOption = Format.table) -> None:
     """List protected machines: state, direction, group."""

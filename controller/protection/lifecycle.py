@@ -10,6 +10,9 @@ The failback cycle of DESIGN §1, as states of a protected machine:
                                                         │
     protected ◄── reprotecting-to-cloud ◄── failed-back ◄── failing-back ◄── failback-protected
 
+    unprotect: from any state at rest (protected, failed-over, failback-protected,
+    failed-back) through unprotecting to no protected machine at all.
+
 Each workflow job moves a machine from one of its `start` states into its
 `busy` state with a compare-and-set on the machine's version (so two jobs, or
 two configuration servers, cannot both start on one machine), and its last
@@ -37,6 +40,8 @@ FAILING_BACK = "failing-back"
 FAILED_BACK = "failed-back"
 REPROTECTING_TO_CLOUD = "reprotecting-to-cloud"
 DELETING_CLOUD_VM = "deleting-cloud-vm"
+UNPROTECTING = "unprotecting"
+UNPROTECTED = "unprotected"  # the done state of `unprotect`: the record is gone when it is reached
 
 STATES = (
     PROTECTING,
@@ -52,6 +57,7 @@ STATES = (
     FAILED_BACK,
     REPROTECTING_TO_CLOUD,
     DELETING_CLOUD_VM,
+    UNPROTECTING,
 )
 
 TO_CLOUD = "to-cloud"
@@ -87,6 +93,8 @@ MOVES: dict[str, Move] = {
         Move("delete-cloud-vm", frozenset({PROTECTED}), DELETING_CLOUD_VM, PROTECTED,
              "the cloud VM is deleted once the machine is protected to the cloud again"),
         Move("protect", frozenset({PROTECTING}), PROTECTING, PROTECTED, "the machine is protected already"),
+        Move("unprotect", frozenset({PROTECTED, FAILED_OVER, FAILBACK_PROTECTED, FAILED_BACK}), UNPROTECTING,
+             UNPROTECTED, "wait for the machine's job to end (`srctl jobs list`), clean up a test failover first"),
     )
 }
 

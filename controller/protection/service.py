@@ -236,7 +236,7 @@ def workflow_for(item: ProtectedItemRecord, asked: str) -> str:
     if asked not in lifecycle.MOVES or asked in ("protect", "reprotect-to-onprem", "reprotect-to-cloud"):
         raise errors.InvalidInput(
             f"{asked!r} is not a workflow",
-            hint="use test-failover, test-cleanup, failover, reprotect, failback or delete-cloud-vm",
+            hint="use test-failover, test-cleanup, failover, reprotect, failback, delete-cloud-vm or unprotect",
             code="workflow-unknown",
         )
     return asked
@@ -313,6 +313,12 @@ def start_workflow(
     lifecycle.check_can_start(workflow, item.name, item.state)
     _check_not_busy(store, item)
     _check_cloud_free(item, workflow)
+    if workflow == "unprotect" and item.state == lifecycle.PROTECTED and item.details.get("cloud", {}).get("vm"):
+        raise errors.PreconditionFailed(
+            f"{item.name} still has the cloud VM {item.details['cloud']['vm']} a failback left behind",
+            hint=f"delete it first (`srctl machine delete-cloud-vm {item.name}`), then unprotect",
+            code="cloud-vm-left",
+        )
     if workflow == "delete-cloud-vm" and not item.details.get("cloud", {}).get("vm"):
         raise errors.PreconditionFailed(
             f"{item.name} has no cloud VM to delete",

@@ -35,6 +35,7 @@ log = get_logger(__name__)
 
 FORWARD = "forward"
 FAILBACK = "failback"
+BOTH = "both"  # RemovePairs: the pairs of either direction
 POLL = 2.0
 
 
@@ -193,6 +194,37 @@ class Finish(ItemStep):
         return {"state": self.move.done}
 
 
+class Forget(ItemStep):
+    """The last step of `unprotect`: the machine is no protected machine any more.
+
+    Its pairs are gone already (RemovePairs); the replicas, journals and any
+    cloud VM stay where they are, and the step's output names them. Running it
+    again after a crash finds the record gone and is done.
+    """
+
+    action = "forget"
+
+    def execute(self, ctx: StepContext) -> dict | None:
+        try:
+            return super().execute(ctx)
+        except errors.NotFound:  # removed by this step before a restart
+            ctx.progress(1.0, f"{self.label} is no longer protected")
+            return {"removed": True}
+
+    def run(self, ctx: StepContext, item: ProtectedItemRecord) -> dict:
+        cloud = item.details.get("cloud", {})
+        kept = {
+            "replicas": dict(cloud.get("replicas", {})),
+            "cloud_vm": cloud.get("vm", ""),
+        }
+        ctx.store.remove_protected_item(item.id)
+        stays = [f"replica of {disk}: {path}" for disk, path in sorted(kept["replicas"].items())]
+        if kept["cloud_vm"]:
+            stays.append(f"cloud VM {kept['cloud_vm']}")
+        ctx.progress(1.0, f"{item.name} is no longer protected" + ("; kept " + "; ".join(stays) if stays else ""))
+        return {"removed": True, **kept}
+
+
 def _group_for(store: Store, item: ProtectedItemRecord, *, to_twin: bool) -> str:
     current = store.get_protection_group(item.group_id)
     if to_twin:
@@ -314,20 +346,21 @@ class Sync(ItemStep):
 
 
 class RemovePairs(ItemStep):
-    """Delete the machine's pairs of one direction: the agents forget them; target files stay."""
+    """Delete the machine's pairs of one direction (BOTH: either): the agents forget them; target files stay."""
 
     action = "remove pairs"
 
     def __init__(self, *args: Any, direction: str, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
-        self.direction = direction
+        self.directions = (FORWARD, FAILBACK) if direction == BOTH else (direction,)
 
     def run(self, ctx: StepContext, item: ProtectedItemRecord) -> dict:
         removed = []
-        for pair in pairs_of(ctx.store, item, self.direction):
-            ctx.store.delete_pair(pair.id)
-            removed.append(pair.id)
-        self.update(ctx, pairs={self.direction: []})
+        for direction in self.directions:
+            for pair in pairs_of(ctx.store, item, direction):
+                ctx.store.delete_pair(pair.id)
+                removed.append(pair.id)
+        self.update(ctx, pairs={direction: [] for direction in self.directions})
         return {"removed": removed}
 
 

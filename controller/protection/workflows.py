@@ -42,12 +42,14 @@ from siterecovery.controller.protection.site_steps import (
     ShutdownSource,
 )
 from siterecovery.controller.protection.steps import (
+    BOTH,
     FAILBACK,
     FORWARD,
     Claim,
     CreatePairs,
     FinalPoint,
     Finish,
+    Forget,
     PausePairs,
     RemovePairs,
     Sync,
@@ -97,6 +99,11 @@ RECIPES: dict[str, list[tuple[type, dict]]] = {
         (Finish, {}),
     ],
     "delete-cloud-vm": [(Claim, {}), (DeleteCloudVm, {}), (Finish, {})],
+    "unprotect": [
+        (Claim, {}),
+        (RemovePairs, {"direction": BOTH}),
+        (Forget, {}),
+    ],
 }
 WORKFLOWS = tuple(RECIPES)
 

@@ -203,11 +203,29 @@ def test_the_whole_cycle_moves_only_the_differences_back(protected: FailbackSite
     (pair,) = machine["pairs"]
     assert sha256(Path(pair["target_path"])) == sha256(protected.disk("onprem"))
     assert machine["details"]["history"][-1]["bytes_moved"] <= 4 * MiB
+    left_behind = protected.refused("machine", "unprotect", VM)
+    assert "[cloud-vm-left]" in left_behind.stderr and f"srctl machine delete-cloud-vm {VM}" in left_behind.stderr
     protected.strike(rng, "machine", "delete-cloud-vm", VM)
     assert protected.sites.cloud.get_vm(VM) is None
     assert [h["workflow"] for h in protected.machine()["details"]["history"]] == [
         "protect", "failover", "reprotect-to-onprem", "failback", "reprotect-to-cloud", "delete-cloud-vm"
     ]
+
+    # Unprotect (the configuration server killed in the middle): the pairs end, the machine leaves
+    # its group, the replica stays as it was; protecting it again starts over.
+    replica = Path(pair["target_path"])
+    replica_hash = sha256(replica)
+    job = protected.strike(rng, "machine", "unprotect", VM)
+    assert job["steps"][-1]["name"] == f"{VM}: forget" and "is no longer protected" in job["steps"][-1]["message"]
+    assert protected.srctl("machine", "failback-status", VM).returncode == 3
+    assert protected.srctl_json("replication", "status") == []
+    assert {g["name"]: g["machines"] for g in protected.srctl_json("group", "list")}["PG1"] == 0
+    assert sha256(replica) == replica_hash
+    protected.run_job("machine", "protect", VM, "--group", "PG1", "--process-server", "ps-onprem",
+                      "--master-target", "mt-cloud")
+    protected.caught_up()
+    (pair,) = protected.machine()["pairs"]
+    assert sha256(Path(pair["target_path"])) == sha256(protected.disk("onprem"))
 
 
 def test_an_unplanned_failover_first_takes_what_the_process_server_still_holds(protected: FailbackSite) -> None:
