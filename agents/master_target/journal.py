@@ -48,6 +48,14 @@ What a crash at any point leaves behind:
   segment still ends with the last commit.
 - while pruning: some of the oldest segments are gone, the rest is intact.
 
+Point views (pitview.py) read the journal while it grows. A view *pins* the
+seq of its point (`pin`): pruning then keeps every segment that holds records
+newer than that seq. It also *watches* the journal (`watch`): it is told of
+every undo record as it is appended - before the target changes - and of every
+commit and discard, so it can keep the pre-images of blocks the apply path
+overwrites after the view was opened. Pins and watchers live in memory only:
+after a restart there are no views.
+
 A damaged record in the middle of the newest segment cannot be told from a torn
 tail: everything from it on is treated as uncommitted. Damage in an older
 segment is found (checksum) when a point is materialised through it.
@@ -64,7 +72,7 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
 import xxhash
 
@@ -117,6 +125,11 @@ class UndoRef:
     @property
     def end(self) -> int:
         return self.offset + _HEAD.size + self.body_length
+
+    @property
+    def data_offset(self) -> int:
+        """Where the old contents start within the segment (meaningless when `zeros`)."""
+        return self.offset + _HEAD.size + _UNDO.size
 
     @property
     def stored_bytes(self) -> int:
@@ -200,6 +213,63 @@ def _undo_ref(segment: int, offset: int, body: bytes | memoryview) -> UndoRef:
     return UndoRef(segment, offset, len(body), seq, target_offset, length, zeros)
 
 
+class UndoWatcher(Protocol):
+    """Told of the journal's changes, on the apply path (under the pair's lock); must be quick."""
+
+    def undo_appended(self, ref: UndoRef) -> None: ...
+
+    def committed(self) -> None: ...
+
+    def discarded(self) -> None: ...
+
+
+def _pruned(seq: int) -> errors.NotFound:
+    return errors.NotFound(
+        f"the undo journal no longer reaches back to seq {seq}",
+        hint="the point fell out of the retention window; choose a newer point",
+        code="point-pruned",
+    )
+
+
+_SCAN_CHUNK = 8 * 1024 * 1024
+
+
+def _scan_records(segment: Segment, fd: int, end: int) -> Iterator[UndoRef]:
+    """The undo records of a segment before `end`, oldest first, read in large sequential
+    pieces and checked (checksum) on the way."""
+    buf = b""
+    base = 0  # where buf starts in the segment
+    pos = _first_record_end(fd)
+    while pos < end:
+        if pos + _HEAD.size > base + len(buf):
+            base, buf = pos, blockio.pread_all(fd, min(_SCAN_CHUNK, end - pos), pos)
+        at = pos - base
+        magic, kind, length, checksum = _HEAD.unpack_from(buf, at)
+        record_end = pos + _HEAD.size + length
+        if magic != MAGIC or record_end > end or length > _MAX_BODY:
+            raise _damaged(segment, pos)
+        if record_end > base + len(buf):
+            base, buf = pos, blockio.pread_all(fd, max(min(_SCAN_CHUNK, end - pos), _HEAD.size + length), pos)
+            at = 0
+        body = memoryview(buf)[at + _HEAD.size : at + _HEAD.size + length]
+        if _checksum(kind, length, body) != checksum:
+            raise _damaged(segment, pos)
+        if kind == KIND_UNDO:
+            try:
+                yield _undo_ref(segment.number, pos, body)
+            except _Torn as exc:
+                raise _damaged(segment, pos) from exc
+        pos = record_end
+
+
+def _damaged(segment: Segment, offset: int) -> errors.Integrity:
+    return errors.Integrity(
+        f"undo journal segment {segment.path} is damaged at offset {offset}",
+        hint="points older than this offset cannot be opened or materialised; newer points are unaffected",
+        code="journal-corrupt",
+    )
+
+
 class UndoJournal:
     """One pair's journal directory. Not thread-safe: the caller holds the pair's lock,
     except for `undo_after`/`read_undo` inside `reading()`, which may run alongside appends."""
@@ -216,6 +286,10 @@ class UndoJournal:
         self.pending_bytes = 0
         self._readers = 0
         self._readers_lock = threading.Lock()
+        # Seqs whose newer undo records pruning keeps (views), by holder.
+        self._pins: dict[object, int] = {}
+        # Told of undo appends, commits and discards (views; see the module docstring).
+        self._watchers: list[UndoWatcher] = []
 
     # -- opening and recovery ------------------------------------------------
     def open(self, initial_state: dict[str, Any]) -> tuple[dict[str, Any], list[UndoRef]]:
@@ -338,6 +412,8 @@ class UndoJournal:
         ref = UndoRef(self.segments[-1].number, at, len(fixed) + len(data), seq, offset, length, old is None)
         self._pending.append(ref)
         self.pending_bytes += ref.stored_bytes
+        for watcher in self._watchers:
+            watcher.undo_appended(ref)
         return ref
 
     def sync(self) -> None:
@@ -351,6 +427,8 @@ class UndoJournal:
         self.segments[-1].size = self._end
         self._pending = []
         self.pending_bytes = 0
+        for watcher in self._watchers:
+            watcher.committed()
 
     def uncommitted(self) -> list[UndoRef]:
         return list(self._pending)
@@ -361,6 +439,8 @@ class UndoJournal:
 
     def discard_uncommitted(self) -> None:
         """Drop everything after the last commit (after the caller put it back on the target)."""
+        for watcher in self._watchers:  # first: they stop pointing at what is cut off next
+            watcher.discarded()
         if os.fstat(self._fd).st_size != self._commit_end:
             os.ftruncate(self._fd, self._commit_end)
             os.fsync(self._fd)
@@ -389,13 +469,17 @@ class UndoJournal:
     def prune(self, cutoff_ns: int, state: dict[str, Any]) -> int:
         """Delete the oldest segments whose every frame was captured before `cutoff_ns`.
 
-        Returns how many were deleted (0 while a point is being materialised).
+        Returns how many were deleted (0 while a point is being materialised). Segments
+        a pinned seq needs (`pin`) are kept, and so are all after them.
         """
         with self._readers_lock:
             if self._readers:
                 return 0
+            keep_from = len(self.segments)
+            if self._pins:
+                keep_from = self._first_needed(min(self._pins.values()))
             expired = 0
-            for index in range(len(self.segments)):
+            for index in range(min(keep_from, len(self.segments))):
                 later = self.segments[index + 1] if index + 1 < len(self.segments) else None
                 newest = later.newest_captured_at_ns if later else int(state.get("newest_captured_at_ns", 0))
                 if newest >= cutoff_ns:
@@ -414,6 +498,41 @@ class UndoJournal:
                 log.info("journal pruned", directory=str(self.directory), segments=len(doomed),
                          floor_seq=self.floor_seq)
             return len(doomed)
+
+    def _first_needed(self, seq: int) -> int:
+        """The index of the first segment holding undo records newer than `seq`."""
+        older = [i for i, s in enumerate(self.segments) if s.applied_seq <= seq]
+        return older[-1] if older else 0
+
+    # -- pins and watchers (views) ------------------------------------------------
+    def pin(self, holder: object, seq: int) -> None:
+        """Keep every segment with undo records newer than `seq` until `unpin(holder)`.
+
+        NotFound (`point-pruned`) when they are gone already."""
+        with self._readers_lock:
+            if not self.segments or self.segments[0].applied_seq > seq:
+                raise _pruned(seq)
+            self._pins[holder] = seq
+
+    def unpin(self, holder: object) -> None:
+        with self._readers_lock:
+            self._pins.pop(holder, None)
+
+    @property
+    def pinned_seqs(self) -> list[int]:
+        with self._readers_lock:
+            return sorted(self._pins.values())
+
+    def watch(self, watcher: UndoWatcher) -> None:
+        """Tell `watcher` of every later undo append, commit and discard (call under the pair's lock)."""
+        self._watchers.append(watcher)
+
+    def unwatch(self, watcher: UndoWatcher) -> None:
+        if watcher in self._watchers:
+            self._watchers.remove(watcher)
+
+    def segment_path(self, number: int) -> Path:
+        return self.directory / _segment_name(number)
 
     @property
     def floor_seq(self) -> int:
@@ -491,11 +610,7 @@ class UndoJournal:
         first, with its old contents. Call inside `reading()`."""
         segments = [s for s in self.segments if s.number <= cut.segment]
         if not segments or segments[0].applied_seq > seq:
-            raise errors.NotFound(
-                f"the undo journal no longer reaches back to seq {seq}",
-                hint="the point fell out of the retention window; choose a newer point",
-                code="point-pruned",
-            )
+            raise _pruned(seq)
         start = max(i for i, s in enumerate(segments) if s.applied_seq <= seq)
         for segment in reversed(segments[start:]):
             fd = os.open(segment.path, os.O_RDONLY | os.O_CLOEXEC)
@@ -508,6 +623,26 @@ class UndoJournal:
                 refs = [r for r in self._refs(segment, fd, end) if r.seq > seq]
                 for ref in reversed(refs):
                     yield ref, self.read_undo(ref, fd)
+            finally:
+                os.close(fd)
+
+    def undo_refs_after(self, seq: int, cut: Cut, segments: list[Segment]) -> Iterator[UndoRef]:
+        """Every committed undo record with a seq greater than `seq` up to `cut`, oldest first,
+        each checked against its checksum; `segments` is the journal's list as it was at the cut.
+
+        One sequential pass in large reads (what reading the journal costs, and no more):
+        the caller gets where each record's old contents lie, not the contents. The
+        segments must be kept from pruning meanwhile (`pin`)."""
+        segments = [s for s in segments if s.number <= cut.segment]
+        if not segments or segments[0].applied_seq > seq:
+            raise _pruned(seq)
+        start = max(i for i, s in enumerate(segments) if s.applied_seq <= seq)
+        for segment in segments[start:]:
+            fd = os.open(segment.path, os.O_RDONLY | os.O_CLOEXEC)
+            try:
+                end = cut.offset if segment.number == cut.segment else os.fstat(fd).st_size
+                os.posix_fadvise(fd, 0, end, os.POSIX_FADV_SEQUENTIAL)
+                yield from (r for r in _scan_records(segment, fd, end) if r.seq > seq)
             finally:
                 os.close(fd)
 
