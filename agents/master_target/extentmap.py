@@ -35,6 +35,12 @@ class ExtentMap:
     def add_uncovered(self, start: int, end: int, segment: int, offset: int) -> list[tuple[int, int]]:
         """Give the not yet covered parts of [start, end) the source (segment, offset of
         `start`, or ZEROS); returns the pieces added (for `remove`)."""
+        chunk = start >> CHUNK_SHIFT
+        if (end - 1) >> CHUNK_SHIFT == chunk and chunk not in self._chunks:  # the common first touch
+            self._chunks[chunk] = ([start], [(start, end, segment, offset)])
+            self.extents += 1
+            self.covered_bytes += end - start
+            return [(start, end)]
         added: list[tuple[int, int]] = []
         for chunk in range(start >> CHUNK_SHIFT, ((end - 1) >> CHUNK_SHIFT) + 1):
             lo = max(start, chunk << CHUNK_SHIFT)

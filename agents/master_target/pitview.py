@@ -15,8 +15,8 @@ Opening a view (`open_view`):
    until the view is closed), the view starts watching the journal
    (journal.watch) and the journal's end is noted (a cut);
 2. without the lock: every undo record newer than the point up to the cut is
-   read once, sequentially, in journal order (journal.undo_refs_after: headers
-   and checksums, the data stays where it is) and indexed. So opening costs
+   read once, sequentially, in journal order (journal.undo_extents_after:
+   headers and checksums, the data stays where it is) and indexed. So opening costs
    about one read of the journal written since the point, whatever the disk
    size. Replication goes on meanwhile.
 
@@ -55,11 +55,11 @@ import os
 import threading
 import time
 from collections import deque
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from typing import TYPE_CHECKING
 
 from siterecovery.agents.master_target.extentmap import ZEROS, ExtentMap
-from siterecovery.agents.master_target.journal import UndoRef
+from siterecovery.agents.master_target.journal import UndoExtent, UndoRef
 from siterecovery.common import errors
 from siterecovery.common.logging import get_logger
 
@@ -149,16 +149,18 @@ class PointView:
         return self._map.add_uncovered(ref.target_offset, ref.target_offset + ref.length, ref.segment, offset)
 
     # -- building -------------------------------------------------------------------------
-    def build(self, refs) -> None:
+    def build(self, pieces: Iterable[tuple[int, int, list[UndoExtent]]]) -> None:
         """Index the records before the cut (oldest first), then those appended meanwhile."""
-        for ref in refs:
+        add = self._map.add_uncovered
+        for segment, read, extents in pieces:
             if self.closed:
                 raise errors.Unavailable(f"view {self.view_id} was closed while it was opened",
                                          hint="the pair was closed or reopened; open the view again",
                                          code="view-closed")
-            self._index(ref)
-            self.indexed_records += 1
-            self.indexed_bytes += ref.end - ref.offset
+            for target_offset, length, source in extents:
+                add(target_offset, target_offset + length, segment, source)
+            self.indexed_records += len(extents)
+            self.indexed_bytes += read
         with self._lock:
             for ref in self._late[: self._late_committed]:
                 self._index(ref)
@@ -301,7 +303,7 @@ def open_view(target: PairTarget, point: str, view_id: str) -> PointView:
         segments = list(journal.segments)
         target.views[view_id] = view
     try:
-        view.build(journal.undo_refs_after(seq, cut, segments))
+        view.build(journal.undo_extents_after(seq, cut, segments))
     except BaseException:
         close_view(target, view)
         raise

@@ -8,6 +8,7 @@ of contents is a SHA-256 against an in-memory reference disk (mt_support).
 from __future__ import annotations
 
 import json
+import os
 import random
 import signal
 import subprocess
@@ -19,7 +20,7 @@ from pathlib import Path
 import grpc
 import pytest
 
-from siterecovery.agents.master_target import pitview
+from siterecovery.agents.master_target import journal, pitview
 from siterecovery.agents.master_target.extentmap import ZEROS, ExtentMap
 from siterecovery.agents.master_target.target import PairTarget, TargetOptions
 from siterecovery.common import errors, frames
@@ -102,7 +103,9 @@ def _read_all(view: pitview.PointView, piece: int = 300 * KiB + 17) -> str:
     return digest(buf)
 
 
-def test_every_point_reads_back_as_the_disk_at_it(tmp_path: Path):
+@pytest.mark.parametrize("scan_chunk", [8 * MiB, 4099], ids=["default", "records-larger-than-a-read"])
+def test_every_point_reads_back_as_the_disk_at_it(tmp_path: Path, monkeypatch, scan_chunk: int):
+    monkeypatch.setattr(journal, "_SCAN_CHUNK", scan_chunk)
     stream = make_stream("p1", seed=11, disk_size=DISK, count=400)
     target = _target(tmp_path)
     _apply(target, stream)
@@ -200,6 +203,26 @@ def test_pruning_keeps_what_a_view_needs_and_closing_releases_it(tmp_path: Path)
     with pytest.raises(errors.NotFound) as raised:
         pitview.open_view(target, tag, "v2")
     assert raised.value.code == "point-not-found"
+    target.close()
+
+
+def test_a_damaged_record_is_found_when_the_view_is_opened_and_nothing_stays_pinned(tmp_path: Path):
+    stream = make_stream("p1", seed=81, disk_size=DISK, count=200)
+    target = _target(tmp_path)
+    _apply(target, stream)
+    tag = next(iter(tag_hashes(stream, DISK)))
+    segment = max(target.journal_dir.glob("*.seg"), key=lambda p: p.stat().st_size)
+    if segment == target.journal.segment_path(target.journal.segments[-1].number):
+        pytest.skip("the biggest segment is the active one")
+    with open(segment, "r+b") as f:  # a byte in the middle of some record's data
+        f.seek(segment.stat().st_size // 2)
+        old = f.read(1)
+        f.seek(-1, os.SEEK_CUR)
+        f.write(bytes([old[0] ^ 0xFF]))
+    with pytest.raises(errors.Integrity) as raised:
+        pitview.open_view(target, tag, "v1")
+    assert raised.value.code == "journal-corrupt"
+    assert target.views == {} and target.journal.pinned_seqs == [] and target.journal._watchers == []
     target.close()
 
 
