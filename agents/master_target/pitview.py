@@ -301,9 +301,10 @@ def open_view(target: PairTarget, point: str, view_id: str) -> PointView:
         journal.watch(view)
         cut = journal.cut()
         segments = list(journal.segments)
+        current = seq == target.applied_seq  # nothing newer to index (say, "latest")
         target.views[view_id] = view
     try:
-        view.build(journal.undo_extents_after(seq, cut, segments))
+        view.build([] if current else journal.undo_extents_after(seq, cut, segments))
     except BaseException:
         close_view(target, view)
         raise
