@@ -102,6 +102,9 @@ class MasterTargetSettings(AgentSettings):
             raise InvalidInput(
                 f"retention_reserve_bytes {self.retention_reserve_bytes} is negative", code="config-range"
             )
+        if not 0 <= self.view_nbd_port <= 65535:
+            raise InvalidInput(f"view_nbd_port {self.view_nbd_port} is not a port number (0-65535)",
+                               code="config-range")
 
     @property
     def resolved_datastore_dirs(self) -> tuple[Path, ...]:

@@ -58,7 +58,8 @@ after a restart there are no views.
 
 A damaged record in the middle of the newest segment cannot be told from a torn
 tail: everything from it on is treated as uncommitted. Damage in an older
-segment is found (checksum) when a point is materialised through it.
+segment is found (checksum) when a point is materialised or opened as a view
+through it.
 """
 
 from __future__ import annotations
@@ -296,7 +297,8 @@ def _damaged(segment: Segment, offset: int) -> errors.Integrity:
 
 class UndoJournal:
     """One pair's journal directory. Not thread-safe: the caller holds the pair's lock,
-    except for `undo_after`/`read_undo` inside `reading()`, which may run alongside appends."""
+    except for `undo_after`/`read_undo` inside `reading()` and `undo_extents_after` of a
+    pinned seq, which may run alongside appends, and `pin`/`unpin`, which lock for themselves."""
 
     def __init__(self, directory: Path, *, segment_bytes: int, reserve_bytes: int) -> None:
         self.directory = directory
@@ -683,10 +685,9 @@ class UndoJournal:
             fd = os.open(segment.path, os.O_RDONLY | os.O_CLOEXEC)
             try:
                 end = ends[segment.number]
-                read = _first_record_end(fd)
                 for found in _scan_undo(segment, fd, end, seq):
                     yield segment.number, 0, found
-                yield segment.number, end - read, []
+                yield segment.number, end - _first_record_end(fd), []  # the records' bytes read
             finally:
                 os.close(fd)
 
