@@ -36,11 +36,21 @@ class ExtentMap:
         """Give the not yet covered parts of [start, end) the source (segment, offset of
         `start`, or ZEROS); returns the pieces added (for `remove`)."""
         chunk = start >> CHUNK_SHIFT
-        if (end - 1) >> CHUNK_SHIFT == chunk and chunk not in self._chunks:  # the common first touch
-            self._chunks[chunk] = ([start], [(start, end, segment, offset)])
-            self.extents += 1
-            self.covered_bytes += end - start
-            return [(start, end)]
+        if (end - 1) >> CHUNK_SHIFT == chunk:  # the common cases first: within one chunk, no overlap
+            found = self._chunks.get(chunk)
+            if found is None:
+                self._chunks[chunk] = ([start], [(start, end, segment, offset)])
+                self.extents += 1
+                self.covered_bytes += end - start
+                return [(start, end)]
+            starts, extents = found
+            i = bisect_right(starts, start)
+            if (i == 0 or extents[i - 1][1] <= start) and (i == len(starts) or starts[i] >= end):
+                starts.insert(i, start)
+                extents.insert(i, (start, end, segment, offset))
+                self.extents += 1
+                self.covered_bytes += end - start
+                return [(start, end)]
         added: list[tuple[int, int]] = []
         for chunk in range(start >> CHUNK_SHIFT, ((end - 1) >> CHUNK_SHIFT) + 1):
             lo = max(start, chunk << CHUNK_SHIFT)
