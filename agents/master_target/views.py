@@ -32,7 +32,14 @@ class ViewExports:
         with self._lock:
             if self._server is None:
                 server = NbdServer(self.host, self.port, read_only=True, listable=False)
-                server.start()
+                try:
+                    server.start()
+                except OSError as exc:
+                    raise errors.Unavailable(
+                        f"the NBD server for point views cannot listen on {self.host}:{self.port}: {exc}",
+                        hint="check view_nbd_host and view_nbd_port in the master target's configuration",
+                        code="view-listen-failed",
+                    ) from exc
                 self._server = server
             return self._server
 

@@ -21,6 +21,7 @@ import grpc
 import pytest
 
 from siterecovery.agents.master_target import journal, pitview
+from siterecovery.agents.master_target import materialize as materializing
 from siterecovery.agents.master_target.extentmap import ZEROS, ExtentMap
 from siterecovery.agents.master_target.target import PairTarget, TargetOptions
 from siterecovery.common import errors, frames
@@ -223,6 +224,22 @@ def test_a_damaged_record_is_found_when_the_view_is_opened_and_nothing_stays_pin
         pitview.open_view(target, tag, "v1")
     assert raised.value.code == "journal-corrupt"
     assert target.views == {} and target.journal.pinned_seqs == [] and target.journal._watchers == []
+    target.close()
+
+
+def test_the_disk_is_not_put_back_in_place_while_a_view_reads_it(tmp_path: Path):
+    stream = make_stream("p1", seed=91, disk_size=DISK, count=120)
+    target = _target(tmp_path)
+    _apply(target, stream)
+    tag, (_seq, wanted) = next(iter(tag_hashes(stream, DISK).items()))
+    before = sha256(target.target_path)
+    view = pitview.open_view(target, tag, "v1")
+    with pytest.raises(errors.Conflict) as raised:
+        materializing.revert(target, tag)
+    assert raised.value.code == "views-open" and sha256(target.target_path) == before
+    pitview.close_view(target, view)
+    materializing.revert(target, tag)
+    assert sha256(target.target_path) == wanted
     target.close()
 
 
