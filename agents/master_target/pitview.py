@@ -83,7 +83,6 @@ class PointView:
         self.pair_id = target.pair_id
         self.tag_id = tag_id
         self.seq = seq
-        self._target = target
         self._journal = target.journal
         self._size = target.disk_size
         self._map = ExtentMap()
