@@ -180,6 +180,48 @@ def test_a_view_keeps_its_point_while_replication_goes_on(tmp_path: Path):
     target.close()
 
 
+def test_records_appended_while_the_index_is_built_count_after_it(tmp_path: Path, monkeypatch):
+    """Batches applied (one committed, one rolled back half-written) between two pieces of
+    the index build: they wait in the view's late list, and the view is still the point."""
+    first = make_stream("p1", seed=101, disk_size=DISK, count=250)
+    target = _target(tmp_path)
+    _apply(target, first)
+    tag, (_seq, wanted) = next(iter(tag_hashes(first, DISK).items()))
+    more = make_stream("p1", seed=102, disk_size=DISK, count=60, sync=False, start_seq=first[-1].seq + 1,
+                       t0=T0 + 1000)
+    real = journal.UndoJournal.undo_extents_after
+    meddled = []
+
+    def meddling(self, *args):
+        for n, piece in enumerate(real(self, *args)):
+            yield piece
+            if n == 0:
+                _apply(target, more[:30])
+                target.crash_hook = _fail_at_third_frame()
+                with pytest.raises(errors.Unavailable):
+                    target.apply([(f, frames.payload(f)) for f in more[30:40]])
+                target.crash_hook = None
+                meddled.append(True)
+
+    monkeypatch.setattr(journal.UndoJournal, "undo_extents_after", meddling)
+    view = pitview.open_view(target, tag, "v1")
+    assert meddled and _read_all(view) == wanted
+    pitview.close_view(target, view)
+    target.close()
+
+
+def _fail_at_third_frame():
+    written = [0]
+
+    def hook(step: str) -> None:
+        if step == "target-frame":
+            written[0] += 1
+            if written[0] == 3:
+                raise RuntimeError("the datastore went away")
+
+    return hook
+
+
 def test_pruning_keeps_what_a_view_needs_and_closing_releases_it(tmp_path: Path):
     stream = make_stream("p1", seed=31, disk_size=DISK, count=500)
     target = _target(tmp_path)
