@@ -91,6 +91,10 @@ class MasterTargetSettings(AgentSettings):
     # The master target VM's BIOS UUID, by which failback finds it in vCenter's
     # inventory (its host, its datastores). Empty: read it (root on Linux).
     machine_uuid: str = ""
+    # Where the read-only NBD exports of point views listen (OpenView; port 0: any free
+    # port). NBD has no authentication: keep it on loopback or a trusted network.
+    view_nbd_host: str = "127.0.0.1"
+    view_nbd_port: int = 0
 
     def __post_init__(self) -> None:
         super().__post_init__()
@@ -98,6 +102,9 @@ class MasterTargetSettings(AgentSettings):
             raise InvalidInput(
                 f"retention_reserve_bytes {self.retention_reserve_bytes} is negative", code="config-range"
             )
+        if not 0 <= self.view_nbd_port <= 65535:
+            raise InvalidInput(f"view_nbd_port {self.view_nbd_port} is not a port number (0-65535)",
+                               code="config-range")
 
     @property
     def resolved_datastore_dirs(self) -> tuple[Path, ...]:

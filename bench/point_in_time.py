@@ -19,6 +19,11 @@ meanwhile "latest" is materialised every few seconds. Once the target caught up:
   than the point, since the first sync journals nothing), cold as well;
 - for where the time goes: the target copied alone, the way materialising
   starts (copy_file_range over its data extents), cold.
+- the same point opened as a view (`srctl recovery-points open-view MACHINE
+  --point TAG`: the target plus an index of the undo journal newer than the
+  point, served read-only over NBD; no copy), target and journal cold; then,
+  for information, the view read whole through nbdcopy and compared by SHA-256
+  with the source at the point, and closed (`close-view`).
 
 "Cold" is `echo 3 > /proc/sys/vm/drop_caches` where allowed, and in any case
 each file's pages dropped with fsync + posix_fadvise(DONTNEED); the report says
@@ -26,13 +31,15 @@ which worked and how much stayed cached. Then "latest" (the target itself, no
 copy) is timed on an idle pair, and the same on a second site of `--latest-size`
 (sync, a short write load with latest timed under it, then idle), so the last
 line shows it for two disk sizes. Targets: older point <= 1.5x the journal read;
-latest <= 2 s whatever the disk size.
+latest <= 2 s whatever the disk size. The older point is met by the view: the
+last line printed is the ratio view open / journal read.
 """
 
 from __future__ import annotations
 
 import argparse
 import datetime
+import hashlib
 import json
 import os
 import subprocess
@@ -82,10 +89,18 @@ class Older:
     journal_seconds: float = 0.0
     copy_seconds: float = 0.0
     verified: bool = False
+    view_open_seconds: float = 0.0  # through srctl
+    view_open_master_target: float = 0.0  # the master target's own
+    view_read_seconds: float = 0.0
+    view_verified: bool = False
 
     @property
     def ratio(self) -> float:
         return self.materialize_seconds / self.journal_seconds
+
+    @property
+    def view_ratio(self) -> float:
+        return self.view_open_seconds / self.journal_seconds
 
 
 def parse_args(argv: list[str]) -> argparse.Namespace:
@@ -114,7 +129,7 @@ def main(argv: list[str]) -> int:
             latests.insert(0, latest_only(site, args, older.rate))
     for latest in latests:
         print(latest.line())
-    ok = older.verified and all(latest.verified for latest in latests)
+    ok = older.verified and older.view_verified and all(latest.verified for latest in latests)
     print(f"at the end: {machine.load()}")
     ratio = older.ratio
     print(
@@ -127,6 +142,15 @@ def main(argv: list[str]) -> int:
         + f" (worst of idle and under load, target <= {LATEST_TARGET:.0f} s"
         + ("" if all(lt.worst <= LATEST_TARGET for lt in latests) else ", MISSED")
         + f"); SHA-256 {'verified' if ok else 'MISMATCH'}"
+    )
+    view_ratio = older.view_ratio
+    print(
+        f"view open / journal read: {view_ratio:.2f}x (target <= {RATIO_TARGET}x"
+        f"{'' if view_ratio <= RATIO_TARGET else ', MISSED'}): point from {args.minutes:g} min ago opened as a view "
+        f"in {older.view_open_seconds:.2f} s through srctl ({older.view_open_master_target:.2f} s in the master "
+        f"target) vs journal read {older.journal_seconds:.2f} s for {older.journal_bytes / MiB:.0f} MiB; "
+        f"read whole through nbdcopy {older.view_read_seconds:.1f} s; SHA-256 "
+        f"{'verified' if older.view_verified else 'MISMATCH'}"
     )
     return 0 if ok else 1
 
@@ -192,6 +216,7 @@ def measure_older(site: BenchSite, older: Older, tag: str, at_point: str) -> Old
           f"{int(result.get('bytes_undone', 0)) / MiB:.0f} MiB rolled back; equals the source at the point "
           f"(SHA-256): {'yes' if older.verified else 'NO'}")
     out.unlink()
+    measure_view(site, older, tag, at_point, [target, *journal])
 
     cache.make_cold(journal)
     older.journal_bytes, older.journal_seconds = cache.timed_read(journal)
@@ -201,6 +226,38 @@ def measure_older(site: BenchSite, older: Older, tag: str, at_point: str) -> Old
     print(f"for where the time goes: the target ({copied / MiB:.0f} MiB of data) copied alone as materialising "
           f"starts (copy_file_range over its extents, fsync), cold: {older.copy_seconds:.1f} s")
     return older
+
+
+def measure_view(site: BenchSite, older: Older, tag: str, at_point: str, cold: list[Path]) -> None:
+    """Open `tag` as a view, cold (timed); read it whole through nbdcopy (timed, checked); close it."""
+    cache.make_cold(cold)
+    answer, older.view_open_seconds = site.srctl_timed("recovery-points", "open-view", site.machine, "--point", tag)
+    view = answer["view"]
+    older.view_open_master_target = float(view.get("open_seconds", 0.0))
+    print(f"opened point {tag} as a view: {older.view_open_seconds:.2f} s through srctl, "
+          f"{older.view_open_master_target:.2f} s in the master target; "
+          f"{int(view.get('journal_bytes_read', 0)) / MiB:.0f} MiB of journal indexed into "
+          f"{int(view.get('extents', 0))} extents ({int(view.get('bytes_from_journal', 0)) / MiB:.0f} MiB of the "
+          f"disk read from the journal)")
+    digest, older.view_read_seconds = nbd_digest(view["nbd_uri"])
+    older.view_verified = digest == at_point
+    print(f"the view read whole through nbdcopy: {older.view_read_seconds:.1f} s; equals the source at the point "
+          f"(SHA-256): {'yes' if older.view_verified else 'NO'}")
+    site.srctl_timed("recovery-points", "close-view", site.machine, "--view", view["view_id"])
+
+
+def nbd_digest(uri: str) -> tuple[str, float]:
+    """SHA-256 of an NBD export read start to end by nbdcopy (to a pipe); (hex digest, seconds)."""
+    digest = hashlib.sha256()
+    started = time.monotonic()
+    with subprocess.Popen(["nbdcopy", uri, "-"], stdout=subprocess.PIPE, stderr=subprocess.PIPE) as proc:
+        assert proc.stdout is not None
+        while block := proc.stdout.read(4 * MiB):
+            digest.update(block)
+        err = proc.stderr.read() if proc.stderr else b""
+    if proc.returncode != 0:
+        raise RuntimeError(f"nbdcopy {uri} failed ({proc.returncode}): {err.decode(errors='replace').strip()}")
+    return digest.hexdigest(), time.monotonic() - started
 
 
 def copy_alone(target: Path, out: Path) -> tuple[int, float]:

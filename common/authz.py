@@ -38,6 +38,8 @@ RPC_ROLES: dict[str, frozenset[str]] = {
     "/siterecovery.v1.Admin/ListRecoveryPoints": OPERATORS,
     "/siterecovery.v1.Admin/CreateRecoveryPoint": frozenset({pki.ADMIN}),
     "/siterecovery.v1.Admin/MaterializePoint": frozenset({pki.ADMIN}),
+    "/siterecovery.v1.Admin/OpenPointView": frozenset({pki.ADMIN}),
+    "/siterecovery.v1.Admin/ClosePointView": frozenset({pki.ADMIN}),
     "/siterecovery.v1.Admin/AddVcenter": frozenset({pki.ADMIN}),
     "/siterecovery.v1.Admin/ListVcenters": OPERATORS,
     "/siterecovery.v1.Admin/UpdateVcenterCredentials": frozenset({pki.ADMIN}),
@@ -74,6 +76,8 @@ RPC_ROLES: dict[str, frozenset[str]] = {
     # The configuration server calls it (with its admin client certificate) for
     # failover and `srctl recovery-points materialize`.
     "/siterecovery.v1.MasterTarget/Materialize": frozenset({pki.ADMIN}),
+    "/siterecovery.v1.MasterTarget/OpenView": frozenset({pki.ADMIN}),
+    "/siterecovery.v1.MasterTarget/CloseView": frozenset({pki.ADMIN}),
     # Asked by the pair's process server for its source (the master target checks it).
     "/siterecovery.v1.MasterTarget/BlockHashes": frozenset({pki.PROCESS_SERVER}),
     # Every port

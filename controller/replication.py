@@ -955,3 +955,39 @@ def materialize_on_target(
             )
         except grpc.RpcError as exc:
             raise errors.from_rpc_error(exc, target=endpoint) from exc
+
+
+def _master_target_call(
+    store: Store, credentials: grpc.ChannelCredentials, pair: PairRecord, method: str, request, timeout: float
+):
+    """Call `method` of the pair's master target (Azure pairs have none: point-in-azure)."""
+    if is_azure(pair):
+        raise errors.PreconditionFailed(
+            f"disk {pair.disk_name} replicates to Azure page blob {pair.target_path}; its recovery points are "
+            "snapshots of that blob, not views served by a master target",
+            hint="`srctl recovery-points list` shows them; a failover to Azure copies the chosen snapshot",
+            code="point-in-azure",
+        )
+    master_target = store.get_server(pair.master_target_id)
+    endpoint = master_target.inventory.get("data_endpoint", "")
+    with secure_channel(endpoint, credentials, target_name=pki.agent_dns_name(master_target.id)) as channel:
+        try:
+            return getattr(dataplane_pb2_grpc.MasterTargetStub(channel), method)(request, timeout=timeout)
+        except grpc.RpcError as exc:
+            raise errors.from_rpc_error(exc, target=endpoint) from exc
+
+
+def open_view_on_target(
+    store: Store, credentials: grpc.ChannelCredentials, pair: PairRecord, *, point: str, timeout: float = 600
+) -> rpb.ViewReply:
+    """Ask the pair's master target for a read-only NBD view of the disk at `point` (a tag id or "latest")."""
+    return _master_target_call(store, credentials, pair, "OpenView",
+                               rpb.OpenViewRequest(pair_id=pair.id, point=point), timeout)
+
+
+def close_view_on_target(
+    store: Store, credentials: grpc.ChannelCredentials, pair: PairRecord, *, view_id: str, timeout: float = 60
+) -> rpb.CloseViewReply:
+    """Close a view of the pair's disk (every one when `view_id` is empty)."""
+    return _master_target_call(store, credentials, pair, "CloseView",
+                               rpb.CloseViewRequest(pair_id=pair.id, view_id=view_id), timeout)

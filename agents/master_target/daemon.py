@@ -4,7 +4,8 @@ The daemon enrolls, registers its datastore and retention directories with
 their free space, heartbeats (with every pair's status and recovery points) and
 serves its data port: health, reflection, Probe, Apply (process servers stream
 frames in; apply.py, target.py, journal.py), Materialize (a disk as it was
-at a recovery point; materialize.py) and BlockHashes (digests of a target disk's
+at a recovery point; materialize.py), OpenView/CloseView (a read-only NBD view
+of a disk at a recovery point, no copy; pitview.py, views.py) and BlockHashes (digests of a target disk's
 blocks for a delta sync; hashes.py). The pairs it serves arrive with the
 heartbeat (pairs.py).
 """
@@ -17,6 +18,7 @@ from siterecovery.agents import entry
 from siterecovery.agents.master_target.apply import serve_apply
 from siterecovery.agents.master_target.pairs import MasterTargetPairs
 from siterecovery.agents.master_target.target import TargetOptions
+from siterecovery.agents.master_target.views import ViewExports
 from siterecovery.agents.metrics import PairCollector
 from siterecovery.agents.probe import probe_response
 from siterecovery.agents.runtime import AgentRuntime
@@ -43,6 +45,12 @@ class MasterTargetServicer(dataplane_pb2_grpc.MasterTargetServicer):
     def Materialize(self, request, context):
         return self._pairs.materialize(request)
 
+    def OpenView(self, request, context):
+        return self._pairs.open_view(request)
+
+    def CloseView(self, request, context):
+        return self._pairs.close_view(request)
+
     def BlockHashes(self, request, context):
         return self._pairs.block_hashes(request, grpcserver.caller())
 
@@ -67,6 +75,7 @@ def run(cfg: MasterTargetSettings, stop: threading.Event | None = None) -> int:
         agent_id=agent_id,
         on_change=lambda: runtime.heartbeat_now.set(),
         options=TargetOptions(reserve_bytes=cfg.retention_reserve_bytes),
+        views=ViewExports(cfg.view_nbd_host, cfg.view_nbd_port),
     )
     runtime = AgentRuntime(
         cfg,

@@ -48,9 +48,18 @@ What a crash at any point leaves behind:
   segment still ends with the last commit.
 - while pruning: some of the oldest segments are gone, the rest is intact.
 
+Point views (pitview.py) read the journal while it grows. A view *pins* the
+seq of its point (`pin`): pruning then keeps every segment that holds records
+newer than that seq. It also *watches* the journal (`watch`): it is told of
+every undo record as it is appended - before the target changes - and of every
+commit and discard, so it can keep the pre-images of blocks the apply path
+overwrites after the view was opened. Pins and watchers live in memory only:
+after a restart there are no views.
+
 A damaged record in the middle of the newest segment cannot be told from a torn
 tail: everything from it on is treated as uncommitted. Damage in an older
-segment is found (checksum) when a point is materialised through it.
+segment is found (checksum) when a point is materialised or opened as a view
+through it.
 """
 
 from __future__ import annotations
@@ -64,7 +73,7 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
 import xxhash
 
@@ -117,6 +126,11 @@ class UndoRef:
     @property
     def end(self) -> int:
         return self.offset + _HEAD.size + self.body_length
+
+    @property
+    def data_offset(self) -> int:
+        """Where the old contents start within the segment (meaningless when `zeros`)."""
+        return self.offset + _HEAD.size + _UNDO.size
 
     @property
     def stored_bytes(self) -> int:
@@ -200,9 +214,91 @@ def _undo_ref(segment: int, offset: int, body: bytes | memoryview) -> UndoRef:
     return UndoRef(segment, offset, len(body), seq, target_offset, length, zeros)
 
 
+class UndoWatcher(Protocol):
+    """Told of the journal's changes, on the apply path (under the pair's lock); must be quick."""
+
+    def undo_appended(self, ref: UndoRef) -> None: ...
+
+    def committed(self) -> None: ...
+
+    def discarded(self) -> None: ...
+
+
+def _pruned(seq: int) -> errors.NotFound:
+    return errors.NotFound(
+        f"the undo journal no longer reaches back to seq {seq}",
+        hint="the point fell out of the retention window; choose a newer point",
+        code="point-pruned",
+    )
+
+
+_SCAN_CHUNK = 8 * 1024 * 1024
+_KIND_LENGTH = struct.Struct("<BI")
+_UNDO_FIELDS = struct.Struct("<QQQB")
+
+# (target offset, length, where its old data starts in the segment or UNDO_ZEROS)
+UndoExtent = tuple[int, int, int]
+UNDO_ZEROS = -1
+
+
+def _scan_undo(segment: Segment, fd: int, end: int, after_seq: int) -> Iterator[list[UndoExtent]]:
+    """The undo records of a segment before `end` with a seq above `after_seq`, oldest first,
+    read in large sequential pieces and checked (checksum) on the way; a list per piece read.
+
+    Written for speed (opening a point view costs this loop per record): one buffer per
+    piece, the header fields unpacked in place, one hasher reused."""
+    hasher = xxhash.xxh3_64()
+    head, undo, kind_length = _HEAD.unpack_from, _UNDO_FIELDS.unpack_from, _KIND_LENGTH.pack
+    head_size, undo_size = _HEAD.size, _UNDO.size
+    pos = _first_record_end(fd)
+    while pos < end:
+        if end - pos < head_size:
+            raise _damaged(segment, pos)
+        base = pos
+        buf = blockio.pread_all(fd, min(_SCAN_CHUNK, end - pos), pos)
+        view = memoryview(buf)
+        limit = base + len(buf)
+        found: list[UndoExtent] = []
+        while pos + head_size <= limit:
+            at = pos - base
+            magic, kind, length, checksum = head(buf, at)
+            record_end = pos + head_size + length
+            if magic != MAGIC or record_end > end or length > _MAX_BODY:
+                raise _damaged(segment, pos)
+            if record_end > limit:
+                if at == 0:  # a record larger than a piece: read it whole
+                    buf = blockio.pread_all(fd, head_size + length, pos)
+                    view, limit = memoryview(buf), pos + len(buf)
+                    continue
+                break
+            hasher.reset()
+            hasher.update(kind_length(kind, length))
+            hasher.update(view[at + head_size : at + head_size + length])
+            if hasher.intdigest() != checksum:
+                raise _damaged(segment, pos)
+            if kind == KIND_UNDO:
+                seq, target_offset, undo_length, flags = undo(buf, at + head_size)
+                zeros = flags & FLAG_ZEROS
+                if not zeros and length - undo_size != undo_length:
+                    raise _damaged(segment, pos)
+                if seq > after_seq:
+                    found.append((target_offset, undo_length, UNDO_ZEROS if zeros else pos + head_size + undo_size))
+            pos = record_end
+        yield found
+
+
+def _damaged(segment: Segment, offset: int) -> errors.Integrity:
+    return errors.Integrity(
+        f"undo journal segment {segment.path} is damaged at offset {offset}",
+        hint="points older than this offset cannot be opened or materialised; newer points are unaffected",
+        code="journal-corrupt",
+    )
+
+
 class UndoJournal:
     """One pair's journal directory. Not thread-safe: the caller holds the pair's lock,
-    except for `undo_after`/`read_undo` inside `reading()`, which may run alongside appends."""
+    except for `undo_after`/`read_undo` inside `reading()` and `undo_extents_after` of a
+    pinned seq, which may run alongside appends, and `pin`/`unpin`, which lock for themselves."""
 
     def __init__(self, directory: Path, *, segment_bytes: int, reserve_bytes: int) -> None:
         self.directory = directory
@@ -216,6 +312,10 @@ class UndoJournal:
         self.pending_bytes = 0
         self._readers = 0
         self._readers_lock = threading.Lock()
+        # Seqs whose newer undo records pruning keeps (views), by holder.
+        self._pins: dict[object, int] = {}
+        # Told of undo appends, commits and discards (views; see the module docstring).
+        self._watchers: list[UndoWatcher] = []
 
     # -- opening and recovery ------------------------------------------------
     def open(self, initial_state: dict[str, Any]) -> tuple[dict[str, Any], list[UndoRef]]:
@@ -338,6 +438,8 @@ class UndoJournal:
         ref = UndoRef(self.segments[-1].number, at, len(fixed) + len(data), seq, offset, length, old is None)
         self._pending.append(ref)
         self.pending_bytes += ref.stored_bytes
+        for watcher in self._watchers:
+            watcher.undo_appended(ref)
         return ref
 
     def sync(self) -> None:
@@ -351,6 +453,8 @@ class UndoJournal:
         self.segments[-1].size = self._end
         self._pending = []
         self.pending_bytes = 0
+        for watcher in self._watchers:
+            watcher.committed()
 
     def uncommitted(self) -> list[UndoRef]:
         return list(self._pending)
@@ -361,6 +465,8 @@ class UndoJournal:
 
     def discard_uncommitted(self) -> None:
         """Drop everything after the last commit (after the caller put it back on the target)."""
+        for watcher in self._watchers:  # first: they stop pointing at what is cut off next
+            watcher.discarded()
         if os.fstat(self._fd).st_size != self._commit_end:
             os.ftruncate(self._fd, self._commit_end)
             os.fsync(self._fd)
@@ -389,13 +495,17 @@ class UndoJournal:
     def prune(self, cutoff_ns: int, state: dict[str, Any]) -> int:
         """Delete the oldest segments whose every frame was captured before `cutoff_ns`.
 
-        Returns how many were deleted (0 while a point is being materialised).
+        Returns how many were deleted (0 while a point is being materialised). Segments
+        a pinned seq needs (`pin`) are kept, and so are all after them.
         """
         with self._readers_lock:
             if self._readers:
                 return 0
+            keep_from = len(self.segments)
+            if self._pins:
+                keep_from = self._first_needed(min(self._pins.values()))
             expired = 0
-            for index in range(len(self.segments)):
+            for index in range(min(keep_from, len(self.segments))):
                 later = self.segments[index + 1] if index + 1 < len(self.segments) else None
                 newest = later.newest_captured_at_ns if later else int(state.get("newest_captured_at_ns", 0))
                 if newest >= cutoff_ns:
@@ -414,6 +524,41 @@ class UndoJournal:
                 log.info("journal pruned", directory=str(self.directory), segments=len(doomed),
                          floor_seq=self.floor_seq)
             return len(doomed)
+
+    def _first_needed(self, seq: int) -> int:
+        """The index of the first segment holding undo records newer than `seq`."""
+        older = [i for i, s in enumerate(self.segments) if s.applied_seq <= seq]
+        return older[-1] if older else 0
+
+    # -- pins and watchers (views) ------------------------------------------------
+    def pin(self, holder: object, seq: int) -> None:
+        """Keep every segment with undo records newer than `seq` until `unpin(holder)`.
+
+        NotFound (`point-pruned`) when they are gone already."""
+        with self._readers_lock:
+            if not self.segments or self.segments[0].applied_seq > seq:
+                raise _pruned(seq)
+            self._pins[holder] = seq
+
+    def unpin(self, holder: object) -> None:
+        with self._readers_lock:
+            self._pins.pop(holder, None)
+
+    @property
+    def pinned_seqs(self) -> list[int]:
+        with self._readers_lock:
+            return sorted(self._pins.values())
+
+    def watch(self, watcher: UndoWatcher) -> None:
+        """Tell `watcher` of every later undo append, commit and discard (call under the pair's lock)."""
+        self._watchers.append(watcher)
+
+    def unwatch(self, watcher: UndoWatcher) -> None:
+        if watcher in self._watchers:
+            self._watchers.remove(watcher)
+
+    def segment_path(self, number: int) -> Path:
+        return self.directory / _segment_name(number)
 
     @property
     def floor_seq(self) -> int:
@@ -491,11 +636,7 @@ class UndoJournal:
         first, with its old contents. Call inside `reading()`."""
         segments = [s for s in self.segments if s.number <= cut.segment]
         if not segments or segments[0].applied_seq > seq:
-            raise errors.NotFound(
-                f"the undo journal no longer reaches back to seq {seq}",
-                hint="the point fell out of the retention window; choose a newer point",
-                code="point-pruned",
-            )
+            raise _pruned(seq)
         start = max(i for i, s in enumerate(segments) if s.applied_seq <= seq)
         for segment in reversed(segments[start:]):
             fd = os.open(segment.path, os.O_RDONLY | os.O_CLOEXEC)
@@ -508,6 +649,45 @@ class UndoJournal:
                 refs = [r for r in self._refs(segment, fd, end) if r.seq > seq]
                 for ref in reversed(refs):
                     yield ref, self.read_undo(ref, fd)
+            finally:
+                os.close(fd)
+
+    def undo_extents_after(
+        self, seq: int, cut: Cut, segments: list[Segment]
+    ) -> Iterator[tuple[int, int, list[UndoExtent]]]:
+        """Every committed undo record with a seq greater than `seq` up to `cut`, oldest first,
+        each checked against its checksum, as (segment number, bytes read, extents) pieces;
+        `segments` is the journal's list as it was at the cut.
+
+        One sequential pass in large reads, the next segment read ahead while one is
+        parsed (what reading the journal costs, and little more): the caller learns where
+        each record's old contents lie, not the contents. The segments must be kept from
+        pruning meanwhile (`pin`)."""
+        segments = [s for s in segments if s.number <= cut.segment]
+        if not segments or segments[0].applied_seq > seq:
+            raise _pruned(seq)
+        start = max(i for i, s in enumerate(segments) if s.applied_seq <= seq)
+        wanted = segments[start:]
+        ends: dict[int, int] = {}
+
+        def ahead(segment: Segment) -> None:
+            fd = os.open(segment.path, os.O_RDONLY | os.O_CLOEXEC)
+            try:
+                ends[segment.number] = end = cut.offset if segment.number == cut.segment else os.fstat(fd).st_size
+                blockio.read_ahead(fd, 0, end)
+            finally:
+                os.close(fd)
+
+        ahead(wanted[0])
+        for index, segment in enumerate(wanted):
+            if index + 1 < len(wanted):
+                ahead(wanted[index + 1])
+            fd = os.open(segment.path, os.O_RDONLY | os.O_CLOEXEC)
+            try:
+                end = ends[segment.number]
+                for found in _scan_undo(segment, fd, end, seq):
+                    yield segment.number, 0, found
+                yield segment.number, end - _first_record_end(fd), []  # the records' bytes read
             finally:
                 os.close(fd)
 

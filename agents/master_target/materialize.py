@@ -57,7 +57,7 @@ def materialize(
         return _latest(target)
     wanted = None if latest else target.find_point(point)
     if not latest and wanted is None:
-        raise _unknown(target, point)
+        raise unknown_point(target, point)
     out = paths.inside(output_path, datastore_dirs, what="output_path")
     if out == target.target_path.resolve():
         raise errors.InvalidInput(
@@ -126,7 +126,7 @@ def _copy_and_undo(target: PairTarget, point: dict, fd: int) -> int:
     with contextlib.ExitStack() as stack:
         with target.lock:
             if target.find_point(point["tag_id"]) is None:  # pruned while we waited
-                raise _unknown(target, point["tag_id"])
+                raise unknown_point(target, point["tag_id"])
             cut = journal.cut()
             blockio.copy_sparse(target.fd, fd, target.disk_size)
             stack.enter_context(journal.reading())
@@ -154,7 +154,15 @@ def revert(target: PairTarget, point: str) -> rpb.MaterializeReply:
                                         bytes_undone=done["bytes_undone"], copied=False)
         wanted = target.find_point(point)
         if wanted is None:
-            raise _unknown(target, point)
+            raise unknown_point(target, point)
+        if target.views:
+            # A view reads unchanged blocks from the target: writing it without journaling
+            # would change what the view shows.
+            raise errors.Conflict(
+                f"pair {target.pair_id} has {len(target.views)} point view(s) open; its disk cannot be put back "
+                "in place meanwhile",
+                hint="close them first (`srctl recovery-points close-view`)", code="views-open",
+            )
         journal = target.journal
         cut = journal.cut()
         undone = 0
@@ -174,10 +182,5 @@ def revert(target: PairTarget, point: str) -> rpb.MaterializeReply:
                                 bytes_undone=undone, copied=False)
 
 
-def _unknown(target: PairTarget, point: str) -> errors.NotFound:
-    names = [p["tag_id"] for p in target.state.get("points", [])]
-    listed = ", ".join(names[-20:]) + (f" (and {len(names) - 20} older)" if len(names) > 20 else "")
-    return errors.NotFound(
-        f"pair {target.pair_id} has no recovery point {point!r}; it has: {listed or 'none'}",
-        hint="use \"latest\" or one of the listed tag ids", code="point-not-found",
-    )
+def unknown_point(target: PairTarget, point: str) -> errors.NotFound:
+    return target.unknown_point(point)

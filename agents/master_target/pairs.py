@@ -5,7 +5,8 @@ Every heartbeat hands it the controller's complete list of assignments; it
 keeps those whose master target is this agent, opens each pair's target disk
 and journal (target.py; recovery runs there), and closes pairs that are no
 longer assigned (their files stay). It answers for the Apply stream
-(`open_stream`: which pair, from whom), for Materialize and for BlockHashes
+(`open_stream`: which pair, from whom), for Materialize, for OpenView and
+CloseView (read-only NBD views of a disk at a point: pitview.py, views.py) and for BlockHashes
 (hashes.py: the digests of a range of a pair's target disk, asked for by the
 pair's process server only, for a delta sync, answered from the target file's
 digest map where it knows them: digestmap.py; the maps live in
@@ -34,6 +35,7 @@ from pathlib import Path
 from siterecovery.agents.master_target import digestmap, hashes, paths
 from siterecovery.agents.master_target import materialize as materializing
 from siterecovery.agents.master_target.target import DEFAULT_OPTIONS, PairTarget, TargetOptions
+from siterecovery.agents.master_target.views import ViewExports
 from siterecovery.common import blockhash, errors, pki
 from siterecovery.common.logging import get_logger
 from siterecovery.common.pb import replication_pb2 as rpb
@@ -82,7 +84,9 @@ class MasterTargetPairs:
         options: TargetOptions = DEFAULT_OPTIONS,
         clock: Callable[[], float] = time.time,
         on_change: Callable[[], None] | None = None,
+        views: ViewExports | None = None,
     ) -> None:
+        self.views = views or ViewExports()
         self.datastore_dirs = tuple(Path(d) for d in datastore_dirs)
         self.retention_dir = Path(retention_dir)
         self._agent_id = agent_id
@@ -303,6 +307,14 @@ class MasterTargetPairs:
         target = self.target(request.pair_id)
         return materializing.materialize(target, request.point, request.output_path, self.datastore_dirs)
 
+    # -- point views -------------------------------------------------------------------
+    def open_view(self, request: rpb.OpenViewRequest) -> rpb.ViewReply:
+        return self.views.open(self.target(request.pair_id), request.point)
+
+    def close_view(self, request: rpb.CloseViewRequest) -> rpb.CloseViewReply:
+        closed = self.views.close(self.target(request.pair_id), request.view_id)
+        return rpb.CloseViewReply(closed_view_ids=closed)
+
     def end_streams(self) -> None:
         with self._lock:
             entries = list(self._entries.values())
@@ -317,6 +329,7 @@ class MasterTargetPairs:
             self._stop_stream(entry)
             if entry.target is not None:
                 entry.target.close()
+        self.views.stop()
 
 
 def _window(assignment: rpb.PairAssignment) -> int:

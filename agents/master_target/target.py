@@ -63,8 +63,9 @@ them (the disk as it was before a failback) copies or snapshots the file before
 enabling the pair. Journaling them would keep only the overwritten blocks, yet
 no point could name them, since a tag during a sync is not a point.
 
-Locking: `lock` is the pair's apply lock; `apply`, recovery, pruning and the
-copy phase of a materialisation hold it. `status` reads a snapshot published
+Locking: `lock` is the pair's apply lock; `apply`, recovery, pruning, the
+copy phase of a materialisation and opening or closing a point view
+(pitview.py) hold it. `status` reads a snapshot published
 after every change and never waits for it.
 """
 
@@ -168,6 +169,8 @@ class PairTarget:
         self.opened = False
         # Undo records of an unfinished batch put back by the last open (crash recovery).
         self.rolled_back_at_open = 0
+        # Open point views (pitview.py), by view id; closed with the pair.
+        self.views: dict[str, Any] = {}
 
     # -- opening -----------------------------------------------------------------
     def open(self) -> None:
@@ -322,6 +325,9 @@ class PairTarget:
 
     def _close_locked(self) -> None:
         self.opened = False
+        views, self.views = list(self.views.values()), {}
+        for view in views:  # they read the files and watch the journal closed here
+            view.close()
         self._journal.close()
         digests, self.digests = self.digests, NoMap()
         digests.close(self._fd)  # stamped with the file as we leave it
@@ -677,6 +683,14 @@ class PairTarget:
     # -- reading ------------------------------------------------------------------------
     def find_point(self, tag_id: str) -> dict[str, Any] | None:
         return next((p for p in self.state.get("points", []) if p["tag_id"] == tag_id), None)
+
+    def unknown_point(self, point: str) -> errors.NotFound:
+        names = [p["tag_id"] for p in self.state.get("points", [])]
+        listed = ", ".join(names[-20:]) + (f" (and {len(names) - 20} older)" if len(names) > 20 else "")
+        return errors.NotFound(
+            f"pair {self.pair_id} has no recovery point {point!r}; it has: {listed or 'none'}",
+            hint="use \"latest\" or one of the listed tag ids", code="point-not-found",
+        )
 
     def _publish(self) -> None:
         state = dict(self.state)

@@ -33,6 +33,13 @@ reader waits, and so the client. A connection that ends (DISC or otherwise)
 first waits for its queued writes to be answered. Any other backend runs every
 request on the reader's thread, one at a time.
 
+A server made `read_only` (the master target's point views) adds
+NBD_FLAG_READ_ONLY to the transmission flags, offers neither FUA, TRIM nor
+WRITE_ZEROES, and answers every write with EPERM. One that is not `listable`
+answers NBD_OPT_LIST with NBD_REP_ERR_POLICY and gives no default export for
+the empty name: its export names are not to be guessed (they are the only
+thing standing between a client and the data).
+
 A request the server refuses gets an error reply and leaves the connection
 usable: past the end of the export → EINVAL (ENOSPC for writes, as the
 protocol asks); longer than the maximum block size → EOVERFLOW (a write's
@@ -117,6 +124,7 @@ TRANSMISSION_FLAGS = (
     | TFLAG_SEND_WRITE_ZEROES
     | TFLAG_CAN_MULTI_CONN
 )
+READ_ONLY_FLAGS = TFLAG_HAS_FLAGS | TFLAG_READ_ONLY | TFLAG_SEND_FLUSH | TFLAG_CAN_MULTI_CONN
 
 MIN_BLOCK = 1
 PREFERRED_BLOCK = 4096
@@ -200,9 +208,14 @@ class NbdServer:
     `stop()` closes the listener and every connection and waits for them.
     """
 
-    def __init__(self, host: str = "127.0.0.1", port: int = DEFAULT_PORT) -> None:
+    def __init__(
+        self, host: str = "127.0.0.1", port: int = DEFAULT_PORT, *, read_only: bool = False, listable: bool = True
+    ) -> None:
         self.host = host
         self.requested_port = port
+        self.read_only = read_only
+        self.listable = listable
+        self.transmission_flags = READ_ONLY_FLAGS if read_only else TRANSMISSION_FLAGS
         self.port = 0
         self._exports: dict[str, Backend] = {}
         self._lock = threading.Lock()
@@ -230,7 +243,7 @@ class NbdServer:
 
     def lookup(self, name: str) -> Backend | None:
         with self._lock:
-            if name == "" and len(self._exports) == 1:
+            if name == "" and len(self._exports) == 1 and self.listable:
                 return next(iter(self._exports.values()))
             return self._exports.get(name)
 
@@ -373,7 +386,8 @@ class _Connection:
                 backend = self.server.lookup(name)
                 if backend is None:
                     raise _Closed(f"no export {name!r}")  # the protocol gives no way to say so
-                self._send(struct.pack(">QH", backend.size, TRANSMISSION_FLAGS) + (b"" if no_zeroes else bytes(124)))
+                flags = self.server.transmission_flags
+                self._send(struct.pack(">QH", backend.size, flags) + (b"" if no_zeroes else bytes(124)))
                 return name, backend
             if option == OPT_ABORT:
                 self._reply(option, REP_ACK)
@@ -381,6 +395,9 @@ class _Connection:
             if option == OPT_LIST:
                 if data:
                     self._reply(option, REP_ERR_INVALID, b"NBD_OPT_LIST takes no data")
+                    continue
+                if not self.server.listable:
+                    self._reply(option, REP_ERR_POLICY, b"this server does not list its exports")
                     continue
                 for name in self.server.export_names():
                     raw = name.encode()
@@ -413,7 +430,7 @@ class _Connection:
         if backend is None:
             self._reply(option, REP_ERR_UNKNOWN, f"no export named {name!r}".encode())
             return None
-        self._reply(option, REP_INFO, struct.pack(">HQH", INFO_EXPORT, backend.size, TRANSMISSION_FLAGS))
+        self._reply(option, REP_INFO, struct.pack(">HQH", INFO_EXPORT, backend.size, self.server.transmission_flags))
         self._reply(option, REP_INFO, struct.pack(">HIII", INFO_BLOCK_SIZE, MIN_BLOCK, PREFERRED_BLOCK, MAX_BLOCK))
         if INFO_NAME in wanted:
             self._reply(option, REP_INFO, struct.pack(">H", INFO_NAME) + name.encode())
@@ -439,6 +456,9 @@ class _Connection:
                         self._simple_reply(handle, errno.EOVERFLOW)
                         continue
                     payload = bytes(_recv_exact(self.sock, length))
+                if self.server.read_only and command in (CMD_WRITE, CMD_TRIM, CMD_WRITE_ZEROES):
+                    self._simple_reply(handle, errno.EPERM)
+                    continue
                 if queued is not None and command in (CMD_WRITE, CMD_TRIM, CMD_WRITE_ZEROES) and length:
                     self._submit(queued, flags, command, handle, offset, length, payload)
                 else:

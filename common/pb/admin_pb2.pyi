@@ -441,6 +441,44 @@ class MaterializePointResponse(_message.Message):
     result: _replication_pb2.MaterializeReply
     def __init__(self, pair_id: _Optional[str] = ..., master_target_id: _Optional[str] = ..., result: _Optional[_Union[_replication_pb2.MaterializeReply, _Mapping]] = ...) -> None: ...
 
+class OpenPointViewRequest(_message.Message):
+    __slots__ = ("machine", "disk", "point")
+    MACHINE_FIELD_NUMBER: _ClassVar[int]
+    DISK_FIELD_NUMBER: _ClassVar[int]
+    POINT_FIELD_NUMBER: _ClassVar[int]
+    machine: str
+    disk: str
+    point: str
+    def __init__(self, machine: _Optional[str] = ..., disk: _Optional[str] = ..., point: _Optional[str] = ...) -> None: ...
+
+class OpenPointViewResponse(_message.Message):
+    __slots__ = ("pair_id", "master_target_id", "view")
+    PAIR_ID_FIELD_NUMBER: _ClassVar[int]
+    MASTER_TARGET_ID_FIELD_NUMBER: _ClassVar[int]
+    VIEW_FIELD_NUMBER: _ClassVar[int]
+    pair_id: str
+    master_target_id: str
+    view: _replication_pb2.ViewReply
+    def __init__(self, pair_id: _Optional[str] = ..., master_target_id: _Optional[str] = ..., view: _Optional[_Union[_replication_pb2.ViewReply, _Mapping]] = ...) -> None: ...
+
+class ClosePointViewRequest(_message.Message):
+    __slots__ = ("machine", "disk", "view_id")
+    MACHINE_FIELD_NUMBER: _ClassVar[int]
+    DISK_FIELD_NUMBER: _ClassVar[int]
+    VIEW_ID_FIELD_NUMBER: _ClassVar[int]
+    machine: str
+    disk: str
+    view_id: str
+    def __init__(self, machine: _Optional[str] = ..., disk: _Optional[str] = ..., view_id: _Optional[str] = ...) -> None: ...
+
+class ClosePointViewResponse(_message.Message):
+    __slots__ = ("pair_id", "closed_view_ids")
+    PAIR_ID_FIELD_NUMBER: _ClassVar[int]
+    CLOSED_VIEW_IDS_FIELD_NUMBER: _ClassVar[int]
+    pair_id: str
+    closed_view_ids: _containers.RepeatedScalarFieldContainer[str]
+    def __init__(self, pair_id: _Optional[str] = ..., closed_view_ids: _Optional[_Iterable[str]] = ...) -> None: ...
+
 class VcenterTrust(_message.Message):
     __slots__ = ("ca_pem", "thumbprint", "insecure")
     CA_PEM_FIELD_NUMBER: _ClassVar[int]

@@ -131,6 +131,16 @@ class AdminStub:
                 request_serializer=siterecovery_dot_v1_dot_admin__pb2.MaterializePointRequest.SerializeToString,
                 response_deserializer=siterecovery_dot_v1_dot_admin__pb2.MaterializePointResponse.FromString,
                 _registered_method=True)
+        self.OpenPointView = channel.unary_unary(
+                '/siterecovery.v1.Admin/OpenPointView',
+                request_serializer=siterecovery_dot_v1_dot_admin__pb2.OpenPointViewRequest.SerializeToString,
+                response_deserializer=siterecovery_dot_v1_dot_admin__pb2.OpenPointViewResponse.FromString,
+                _registered_method=True)
+        self.ClosePointView = channel.unary_unary(
+                '/siterecovery.v1.Admin/ClosePointView',
+                request_serializer=siterecovery_dot_v1_dot_admin__pb2.ClosePointViewRequest.SerializeToString,
+                response_deserializer=siterecovery_dot_v1_dot_admin__pb2.ClosePointViewResponse.FromString,
+                _registered_method=True)
         self.AddVcenter = channel.unary_unary(
                 '/siterecovery.v1.Admin/AddVcenter',
                 request_serializer=siterecovery_dot_v1_dot_admin__pb2.AddVcenterRequest.SerializeToString,
@@ -316,6 +326,19 @@ class AdminServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def OpenPointView(self, request, context):
+        """A read-only NBD view of a disk at a recovery point, served by its master target.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def ClosePointView(self, request, context):
+        """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
     def AddVcenter(self, request, context):
         """vCenter and standalone ESXi endpoints (the vSphere provider). Passwords go
         in, never out.
@@ -494,6 +517,16 @@ def add_AdminServicer_to_server(servicer, server):
                     servicer.MaterializePoint,
                     request_deserializer=siterecovery_dot_v1_dot_admin__pb2.MaterializePointRequest.FromString,
                     response_serializer=siterecovery_dot_v1_dot_admin__pb2.MaterializePointResponse.SerializeToString,
+            ),
+            'OpenPointView': grpc.unary_unary_rpc_method_handler(
+                    servicer.OpenPointView,
+                    request_deserializer=siterecovery_dot_v1_dot_admin__pb2.OpenPointViewRequest.FromString,
+                    response_serializer=siterecovery_dot_v1_dot_admin__pb2.OpenPointViewResponse.SerializeToString,
+            ),
+            'ClosePointView': grpc.unary_unary_rpc_method_handler(
+                    servicer.ClosePointView,
+                    request_deserializer=siterecovery_dot_v1_dot_admin__pb2.ClosePointViewRequest.FromString,
+                    response_serializer=siterecovery_dot_v1_dot_admin__pb2.ClosePointViewResponse.SerializeToString,
             ),
             'AddVcenter': grpc.unary_unary_rpc_method_handler(
                     servicer.AddVcenter,
@@ -1069,6 +1102,60 @@ class Admin:
             '/siterecovery.v1.Admin/MaterializePoint',
             siterecovery_dot_v1_dot_admin__pb2.MaterializePointRequest.SerializeToString,
             siterecovery_dot_v1_dot_admin__pb2.MaterializePointResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def OpenPointView(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/siterecovery.v1.Admin/OpenPointView',
+            siterecovery_dot_v1_dot_admin__pb2.OpenPointViewRequest.SerializeToString,
+            siterecovery_dot_v1_dot_admin__pb2.OpenPointViewResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ClosePointView(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/siterecovery.v1.Admin/ClosePointView',
+            siterecovery_dot_v1_dot_admin__pb2.ClosePointViewRequest.SerializeToString,
+            siterecovery_dot_v1_dot_admin__pb2.ClosePointViewResponse.FromString,
             options,
             channel_credentials,
             insecure,

@@ -216,6 +216,16 @@ class MasterTargetStub:
                 request_serializer=siterecovery_dot_v1_dot_replication__pb2.MaterializeRequest.SerializeToString,
                 response_deserializer=siterecovery_dot_v1_dot_replication__pb2.MaterializeReply.FromString,
                 _registered_method=True)
+        self.OpenView = channel.unary_unary(
+                '/siterecovery.v1.MasterTarget/OpenView',
+                request_serializer=siterecovery_dot_v1_dot_replication__pb2.OpenViewRequest.SerializeToString,
+                response_deserializer=siterecovery_dot_v1_dot_replication__pb2.ViewReply.FromString,
+                _registered_method=True)
+        self.CloseView = channel.unary_unary(
+                '/siterecovery.v1.MasterTarget/CloseView',
+                request_serializer=siterecovery_dot_v1_dot_replication__pb2.CloseViewRequest.SerializeToString,
+                response_deserializer=siterecovery_dot_v1_dot_replication__pb2.CloseViewReply.FromString,
+                _registered_method=True)
         self.BlockHashes = channel.unary_unary(
                 '/siterecovery.v1.MasterTarget/BlockHashes',
                 request_serializer=siterecovery_dot_v1_dot_replication__pb2.BlockHashesRequest.SerializeToString,
@@ -247,6 +257,19 @@ class MasterTargetServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def OpenView(self, request, context):
+        """The configuration server opens and closes read-only views of a disk at a recovery point.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def CloseView(self, request, context):
+        """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
     def BlockHashes(self, request, context):
         """The pair's process server asks for the block hashes of a pair's target disk.
         """
@@ -271,6 +294,16 @@ def add_MasterTargetServicer_to_server(servicer, server):
                     servicer.Materialize,
                     request_deserializer=siterecovery_dot_v1_dot_replication__pb2.MaterializeRequest.FromString,
                     response_serializer=siterecovery_dot_v1_dot_replication__pb2.MaterializeReply.SerializeToString,
+            ),
+            'OpenView': grpc.unary_unary_rpc_method_handler(
+                    servicer.OpenView,
+                    request_deserializer=siterecovery_dot_v1_dot_replication__pb2.OpenViewRequest.FromString,
+                    response_serializer=siterecovery_dot_v1_dot_replication__pb2.ViewReply.SerializeToString,
+            ),
+            'CloseView': grpc.unary_unary_rpc_method_handler(
+                    servicer.CloseView,
+                    request_deserializer=siterecovery_dot_v1_dot_replication__pb2.CloseViewRequest.FromString,
+                    response_serializer=siterecovery_dot_v1_dot_replication__pb2.CloseViewReply.SerializeToString,
             ),
             'BlockHashes': grpc.unary_unary_rpc_method_handler(
                     servicer.BlockHashes,
@@ -360,6 +393,60 @@ class MasterTarget:
             '/siterecovery.v1.MasterTarget/Materialize',
             siterecovery_dot_v1_dot_replication__pb2.MaterializeRequest.SerializeToString,
             siterecovery_dot_v1_dot_replication__pb2.MaterializeReply.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def OpenView(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/siterecovery.v1.MasterTarget/OpenView',
+            siterecovery_dot_v1_dot_replication__pb2.OpenViewRequest.SerializeToString,
+            siterecovery_dot_v1_dot_replication__pb2.ViewReply.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def CloseView(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/siterecovery.v1.MasterTarget/CloseView',
+            siterecovery_dot_v1_dot_replication__pb2.CloseViewRequest.SerializeToString,
+            siterecovery_dot_v1_dot_replication__pb2.CloseViewReply.FromString,
             options,
             channel_credentials,
             insecure,

@@ -220,6 +220,50 @@ class MaterializeReply(_message.Message):
     copied: bool
     def __init__(self, path: _Optional[str] = ..., tag_id: _Optional[str] = ..., seq: _Optional[int] = ..., bytes_undone: _Optional[int] = ..., copied: _Optional[bool] = ...) -> None: ...
 
+class OpenViewRequest(_message.Message):
+    __slots__ = ("pair_id", "point")
+    PAIR_ID_FIELD_NUMBER: _ClassVar[int]
+    POINT_FIELD_NUMBER: _ClassVar[int]
+    pair_id: str
+    point: str
+    def __init__(self, pair_id: _Optional[str] = ..., point: _Optional[str] = ...) -> None: ...
+
+class ViewReply(_message.Message):
+    __slots__ = ("view_id", "nbd_uri", "tag_id", "seq", "size_bytes", "journal_bytes_read", "extents", "bytes_from_journal", "open_seconds")
+    VIEW_ID_FIELD_NUMBER: _ClassVar[int]
+    NBD_URI_FIELD_NUMBER: _ClassVar[int]
+    TAG_ID_FIELD_NUMBER: _ClassVar[int]
+    SEQ_FIELD_NUMBER: _ClassVar[int]
+    SIZE_BYTES_FIELD_NUMBER: _ClassVar[int]
+    JOURNAL_BYTES_READ_FIELD_NUMBER: _ClassVar[int]
+    EXTENTS_FIELD_NUMBER: _ClassVar[int]
+    BYTES_FROM_JOURNAL_FIELD_NUMBER: _ClassVar[int]
+    OPEN_SECONDS_FIELD_NUMBER: _ClassVar[int]
+    view_id: str
+    nbd_uri: str
+    tag_id: str
+    seq: int
+    size_bytes: int
+    journal_bytes_read: int
+    extents: int
+    bytes_from_journal: int
+    open_seconds: float
+    def __init__(self, view_id: _Optional[str] = ..., nbd_uri: _Optional[str] = ..., tag_id: _Optional[str] = ..., seq: _Optional[int] = ..., size_bytes: _Optional[int] = ..., journal_bytes_read: _Optional[int] = ..., extents: _Optional[int] = ..., bytes_from_journal: _Optional[int] = ..., open_seconds: _Optional[float] = ...) -> None: ...
+
+class CloseViewRequest(_message.Message):
+    __slots__ = ("pair_id", "view_id")
+    PAIR_ID_FIELD_NUMBER: _ClassVar[int]
+    VIEW_ID_FIELD_NUMBER: _ClassVar[int]
+    pair_id: str
+    view_id: str
+    def __init__(self, pair_id: _Optional[str] = ..., view_id: _Optional[str] = ...) -> None: ...
+
+class CloseViewReply(_message.Message):
+    __slots__ = ("closed_view_ids",)
+    CLOSED_VIEW_IDS_FIELD_NUMBER: _ClassVar[int]
+    closed_view_ids: _containers.RepeatedScalarFieldContainer[str]
+    def __init__(self, closed_view_ids: _Optional[_Iterable[str]] = ...) -> None: ...
+
 class RecoveryPolicy(_message.Message):
     __slots__ = ("crash_consistent_interval_seconds", "app_consistent_interval_seconds", "retention_window_seconds", "rpo_threshold_seconds")
     CRASH_CONSISTENT_INTERVAL_SECONDS_FIELD_NUMBER: _ClassVar[int]

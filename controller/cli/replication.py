@@ -17,7 +17,7 @@ from siterecovery.controller.cli.session import call
 replication_app = typer.Typer(
     help="Replicate machines' disks to a master target or to Azure page blobs, and watch it.", no_args_is_help=True
 )
-points_app = typer.Typer(help="Recovery points: list, take on demand, materialise.", no_args_is_help=True)
+points_app = typer.Typer(help="Recovery points: list, take on demand, materialise, view.", no_args_is_help=True)
 
 MODES = {"nbd": rpb.REPLICATION_MODE_NBD, "scan": rpb.REPLICATION_MODE_SCAN}
 SYNC_KINDS = {"full": rpb.SYNC_KIND_FULL, "delta": rpb.SYNC_KIND_DELTA}
@@ -323,3 +323,51 @@ def points_materialize(
         return
     how = f"copied, {output.human_bytes(r.bytes_undone)} rolled back" if r.copied else "the target disk as it is, no copy"
     output.console.print(f"{r.path}  (point {r.tag_id or 'latest'}, seq {r.seq}; {how}) on master target {response.master_target_id}")
+
+
+@points_app.command("open-view")
+def points_open_view(
+    machine: str,
+    point: Annotated[str, typer.Option(help="a tag, latest, latest-crash-consistent, latest-app-consistent or latest-multi-vm-consistent")] = "latest",
+    disk: Annotated[str, typer.Option(help="the disk, when the machine has several")] = "",
+    output_format: OutputOption = Format.table,
+) -> None:
+    """Serve a disk as it was at a recovery point as a read-only NBD export on its master target (no copy).
+
+    Replication goes on meanwhile; the view keeps showing the point until `close-view`
+    (or a restart of the master target)."""
+    response = call(
+        "OpenPointView",
+        admin_pb2.OpenPointViewRequest(machine=machine, disk=disk, point=point),
+        timeout=600,
+    )
+    v = response.view
+    if output_format is not Format.table:
+        output.emit(output_format, output.message_dict(response))
+        return
+    output.console.print(
+        f"{v.nbd_uri}  (point {v.tag_id or 'latest'}, seq {v.seq}, {output.human_bytes(v.size_bytes)}; "
+        f"{output.human_bytes(v.bytes_from_journal)} read from the undo journal; opened in {v.open_seconds:.2f} s) "
+        f"on master target {response.master_target_id}; close it with "
+        f"`srctl recovery-points close-view {machine} --view {v.view_id}`"
+    )
+
+
+@points_app.command("close-view")
+def points_close_view(
+    machine: str,
+    view: Annotated[str, typer.Option(help="the view id open-view printed; empty: every view of the disk")] = "",
+    disk: Annotated[str, typer.Option(help="the disk, when the machine has several")] = "",
+    output_format: OutputOption = Format.table,
+) -> None:
+    """Close a point view (its NBD export goes away; the journal it kept may be pruned again)."""
+    response = call(
+        "ClosePointView",
+        admin_pb2.ClosePointViewRequest(machine=machine, disk=disk, view_id=view),
+        timeout=120,
+    )
+    if output_format is not Format.table:
+        output.emit(output_format, output.message_dict(response))
+        return
+    closed = list(response.closed_view_ids)
+    output.console.print(f"closed {len(closed)} view(s) of pair {response.pair_id}" + (": " + ", ".join(closed) if closed else ""))

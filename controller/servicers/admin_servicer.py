@@ -211,6 +211,36 @@ class AdminServicer(VcenterRpcs, AzureRpcs, DiagnoseRpcs, admin_pb2_grpc.AdminSe
         log.info("point materialised", pair=pair.id, tag=result.tag_id, path=result.path, copied=result.copied)
         return admin_pb2.MaterializePointResponse(pair_id=pair.id, master_target_id=pair.master_target_id, result=result)
 
+    def OpenPointView(self, request, context):
+        pair = self._one_pair(request.machine, request.disk)
+        chosen = replication.choose_point(replication.points(self._ctx.store, pair), request.point)
+        assert self._ctx.agent_client_credentials is not None
+        view = replication.open_view_on_target(
+            self._ctx.store, self._ctx.agent_client_credentials, pair,
+            point=chosen.tag_id if chosen is not None else "latest",
+        )
+        log.info("point view opened", pair=pair.id, tag=view.tag_id, view=view.view_id, uri=view.nbd_uri)
+        return admin_pb2.OpenPointViewResponse(pair_id=pair.id, master_target_id=pair.master_target_id, view=view)
+
+    def ClosePointView(self, request, context):
+        pair = self._one_pair(request.machine, request.disk)
+        assert self._ctx.agent_client_credentials is not None
+        reply = replication.close_view_on_target(
+            self._ctx.store, self._ctx.agent_client_credentials, pair, view_id=request.view_id
+        )
+        log.info("point views closed", pair=pair.id, views=list(reply.closed_view_ids))
+        return admin_pb2.ClosePointViewResponse(pair_id=pair.id, closed_view_ids=reply.closed_view_ids)
+
+    def _one_pair(self, machine: str, disk: str):
+        pairs = replication.pairs_of(self._ctx.store, machine, disk)
+        if len(pairs) > 1:
+            raise errors.InvalidInput(
+                "the machine has several replicated disks; say which one with --disk",
+                hint="disks: " + ", ".join(p.disk_name for p in pairs),
+                code="disk-ambiguous",
+            )
+        return pairs[0]
+
     def _passphrase(self) -> admin_pb2.Passphrase:
         return admin_pb2.Passphrase(
             passphrase=self._ctx.vault.current(), created_at=timestamp(self._ctx.vault.created_at)

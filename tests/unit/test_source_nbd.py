@@ -225,3 +225,32 @@ def test_pipelined_requests_each_get_their_own_reply(served):
     for handle, data in blocks.items():
         client.request(nbd.CMD_READ, handle * 4096, 4096, handle=handle)
         assert client.simple_reply(4096) == (0, data)
+
+
+def test_a_read_only_unlisted_server_refuses_writes_lists_nothing_and_has_no_default(tmp_path):
+    """The master target's point views use a server made read_only and not listable."""
+    image = tmp_path / "disk0.img"
+    image.write_bytes(b"\x5a" * (1 * MiB))
+    disk = DiskCapture("disk0", image)
+    server = nbd.NbdServer("127.0.0.1", 0, read_only=True, listable=False)
+    server.add_export("view-secret", disk)
+    server.start()
+    try:
+        client = Raw(server.port)
+        client.option(nbd.OPT_LIST)
+        assert client.reply(nbd.OPT_LIST)[0] == nbd.REP_ERR_POLICY
+        client.option(nbd.OPT_INFO, struct.pack(">I", 0) + struct.pack(">H", 0))
+        assert client.reply(nbd.OPT_INFO)[0] == nbd.REP_ERR_UNKNOWN  # the empty name is no default
+        infos = client.go("view-secret")
+        size, flags = struct.unpack(">QH", infos[nbd.INFO_EXPORT])
+        assert size == 1 * MiB and flags == nbd.READ_ONLY_FLAGS and flags & nbd.TFLAG_READ_ONLY
+        for command, payload in ((nbd.CMD_WRITE, b"hello"), (nbd.CMD_WRITE_ZEROES, b""), (nbd.CMD_TRIM, b"")):
+            client.request(command, 0, 5, payload)
+            assert client.simple_reply()[0] == errno.EPERM
+        client.request(nbd.CMD_READ, 0, 5)
+        assert client.simple_reply(5) == (0, b"\x5a" * 5)
+        client.request(nbd.CMD_DISC, 0, 0)
+    finally:
+        server.stop()
+        disk.close()
+    assert image.read_bytes() == b"\x5a" * (1 * MiB)
