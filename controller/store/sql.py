@@ -129,6 +129,7 @@ from siterecovery.controller.store.base import (
     utc,
     utc_or_none,
 )
+from siterecovery.controller.store.heartbeat_sql import HeartbeatSql
 from siterecovery.controller.store.protection_sql import ProtectionSqlMixin
 from siterecovery.controller.store.schema import (
     change_counters,
@@ -360,32 +361,40 @@ class SqlStore(VcenterSqlMixin, AzureSiteSqlMixin, ProtectionSqlMixin, Store):
         # One statement for the whole group, executed for many rows at once, and no
         # read: the directories are merged into the inventory by the database
         # (json_patch on SQLite, jsonb || on PostgreSQL; an empty patch changes nothing).
+        # It runs on the driver's cursor (heartbeat_sql.py): the transaction, the pool and
+        # SQLite's write turn are still SQLAlchemy's and _write's.
+        sql = self._heartbeat_sql
         rows = [
-            {
-                "b_id": beat.server_id,
-                "b_role": beat.role,
-                "b_at": utc(beat.now, "now"),
-                "b_problems": json_copy(beat.problems, "problems", list),
-                "b_patch": {} if beat.directories is None
+            sql.row(
+                b_id=beat.server_id,
+                b_role=beat.role,
+                b_at=utc(beat.now, "now"),
+                b_problems=json_copy(beat.problems, "problems", list),
+                b_patch={} if beat.directories is None
                 else {"directories": json_copy(beat.directories, "directories", list)},
-            }
+            )
             for beat in beats
         ]
-        update = self._heartbeat_update
         with self._write() as conn:
-            if not rows:
-                recorded = []
-            elif conn.execute(update, rows).rowcount == len(rows):
-                recorded = [True] * len(rows)
-            else:
-                # Some server is unknown (or of another role): find out which, one row at a
-                # time, in the same transaction (writing the same values again changes nothing).
-                recorded = [conn.execute(update, row).rowcount == 1 for row in rows]
-            return RecordedHeartbeats(recorded, self._counters(conn))
+            cursor = conn.connection.cursor()
+            try:
+                if not rows:
+                    recorded = []
+                elif sql.update(cursor, rows) == len(rows):
+                    recorded = [True] * len(rows)
+                else:
+                    # Some server is unknown (or of another role): find out which, one row at a
+                    # time, in the same transaction (writing the same values again changes nothing).
+                    recorded = [sql.update(cursor, [row]) == 1 for row in rows]
+                counted = sql.counters(cursor)
+            finally:
+                cursor.close()
+            return RecordedHeartbeats(recorded, ChangeCounters(
+                pairs=counted.get(PAIRS_COUNTER, 0), tag_requests=counted.get(TAG_REQUESTS_COUNTER, 0)))
 
     @functools.cached_property
-    def _heartbeat_update(self) -> sa.Update:
-        """The statement `record_heartbeat_group` runs (built once: building it cost more than running it)."""
+    def _heartbeat_sql(self) -> HeartbeatSql:
+        """The statements `record_heartbeat_group` runs, compiled once for this database."""
         patch = (
             sa.bindparam("b_patch", type_=JSONB)
             if self._pg
@@ -398,7 +407,7 @@ class SqlStore(VcenterSqlMixin, AzureSiteSqlMixin, ProtectionSqlMixin, Store):
             # null values at the top level here, which would delete keys).
             else sa.func.json_patch(servers.c.inventory, patch)
         )
-        return (
+        update = (
             sa.update(servers)
             .where(servers.c.id == sa.bindparam("b_id"), servers.c.role == sa.bindparam("b_role"))
             .values(
@@ -407,6 +416,7 @@ class SqlStore(VcenterSqlMixin, AzureSiteSqlMixin, ProtectionSqlMixin, Store):
                 inventory=inventory,
             )
         )
+        return HeartbeatSql(self._engine.dialect, update, self._counters_query)
 
     def revoke_server(self, server_id: str, *, now: datetime) -> ServerRecord:
         now = utc(now, "now")
