@@ -78,6 +78,7 @@ upgrade leaves the previous schema and revision, and the next start retries.
 from __future__ import annotations
 
 import functools
+import sqlite3
 import threading
 import uuid
 from collections.abc import Collection, Iterator, Sequence
@@ -361,8 +362,7 @@ class SqlStore(VcenterSqlMixin, AzureSiteSqlMixin, ProtectionSqlMixin, Store):
         # One statement for the whole group, executed for many rows at once, and no
         # read: the directories are merged into the inventory by the database
         # (json_patch on SQLite, jsonb || on PostgreSQL; an empty patch changes nothing).
-        # It runs on the driver's cursor (heartbeat_sql.py): the transaction, the pool and
-        # SQLite's write turn are still SQLAlchemy's and _write's.
+        # It runs on a pooled connection's driver cursor, in SQLite's write turn (heartbeat_sql.py).
         sql = self._heartbeat_sql
         rows = [
             sql.row(
@@ -375,20 +375,16 @@ class SqlStore(VcenterSqlMixin, AzureSiteSqlMixin, ProtectionSqlMixin, Store):
             )
             for beat in beats
         ]
-        with self._write() as conn:
-            cursor = conn.connection.cursor()
-            try:
-                if not rows:
-                    recorded = []
-                elif sql.update(cursor, rows) == len(rows):
-                    recorded = [True] * len(rows)
-                else:
-                    # Some server is unknown (or of another role): find out which, one row at a
-                    # time, in the same transaction (writing the same values again changes nothing).
-                    recorded = [sql.update(cursor, [row]) == 1 for row in rows]
-                counted = sql.counters(cursor)
-            finally:
-                cursor.close()
+        with self._write_turn, _translate_db_errors(), sql.transaction(self._engine) as cursor:
+            if not rows:
+                recorded = []
+            elif sql.update(cursor, rows) == len(rows):
+                recorded = [True] * len(rows)
+            else:
+                # Some server is unknown (or of another role): find out which, one row at a
+                # time, in the same transaction (writing the same values again changes nothing).
+                recorded = [sql.update(cursor, [row]) == 1 for row in rows]
+            counted = sql.counters(cursor)
             return RecordedHeartbeats(recorded, ChangeCounters(
                 pairs=counted.get(PAIRS_COUNTER, 0), tag_requests=counted.get(TAG_REQUESTS_COUNTER, 0)))
 
@@ -1184,8 +1180,14 @@ def _sqlite_on_connect(dbapi_connection: Any, _record: Any) -> None:
 def _sqlite_on_begin(conn: Connection) -> None:
     # IMMEDIATE takes the write lock up front: a read-then-write transaction
     # then waits its turn (busy timeout) instead of failing at the write.
-    read_only = conn.get_execution_options().get("sr_read_only", False)
-    conn.exec_driver_sql("BEGIN" if read_only else "BEGIN IMMEDIATE")
+    statement = "BEGIN" if conn.get_execution_options().get("sr_read_only", False) else "BEGIN IMMEDIATE"
+    # On the driver's connection: SQLAlchemy's statement path cost more than the BEGIN
+    # itself, once per transaction (heartbeat_sql.py). Its errors are wrapped as SQLAlchemy
+    # would have wrapped them ("database is locked" after the busy timeout: OperationalError).
+    try:
+        conn.connection.dbapi_connection.execute(statement)
+    except sqlite3.Error as exc:
+        raise sa.exc.DBAPIError.instance(statement, None, exc, sqlite3.Error) from exc
 
 
 @contextmanager
