@@ -89,7 +89,10 @@ class HeartbeatSql:
     def update(self, cursor: Any, rows: Sequence[tuple | dict[str, Any]]) -> int:
         """Execute the update for every row; how many rows of the table it changed."""
         with self._driver_errors(self._update_sql):
-            cursor.executemany(self._update_sql, rows)
+            if len(rows) == 1:  # psycopg's executemany sets up a pipeline: 0.05-0.08 ms more for one row
+                cursor.execute(self._update_sql, rows[0])
+            else:
+                cursor.executemany(self._update_sql, rows)
         return cursor.rowcount
 
     def counters(self, cursor: Any) -> dict[str, int]:
