@@ -75,13 +75,15 @@ def start_server(
     is_revoked: Callable[[pki.Identity, bytes], bool] | None = None,
     max_workers: int = 32,
     observers: Sequence[grpc.ServerInterceptor] = (),
+    options: Sequence[tuple[str, Any]] = (),
 ) -> RunningServer:
     """`observers` run around the authorisation guard (common/metrics.py times RPCs so,
-    refused ones included); they see every call and must not change its outcome."""
+    refused ones included); they see every call and must not change its outcome.
+    `options` are added to (and override) SERVER_OPTIONS."""
     server = grpc.server(
         futures.ThreadPoolExecutor(max_workers=max_workers, thread_name_prefix="rpc"),
         interceptors=[*observers, _AuthInterceptor(is_revoked)],
-        options=SERVER_OPTIONS,
+        options=list({**dict(SERVER_OPTIONS), **dict(options)}.items()),
     )
     health_servicer = health.HealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
@@ -109,30 +111,42 @@ def _bracket(host: str) -> str:
 
 
 def identify(context: grpc.ServicerContext) -> pki.Identity:
-    auth = context.auth_context()
-    pems = auth.get("x509_pem_cert")
+    return _identify(context)[0]
+
+
+def _identify(context: grpc.ServicerContext) -> tuple[pki.Identity, bytes]:
+    """The caller and its certificate (PEM), from one `auth_context()`: gRPC builds that
+    dictionary anew at every call."""
+    pems = context.auth_context().get("x509_pem_cert")
     if not pems:
         raise errors.Unauthenticated("no client certificate", code="no-certificate")
-    return pki.identity_from_cert_pem(pems[0])
+    return pki.identity_from_cert_pem(pems[0]), pems[0]
 
 
 class _AuthInterceptor(grpc.ServerInterceptor):
     def __init__(self, is_revoked: Callable[[pki.Identity, bytes], bool] | None) -> None:
         self._is_revoked = is_revoked
+        # method -> (the registered handler, its guarded copy): built once per method, not per call.
+        self._guarded: dict[str, tuple[grpc.RpcMethodHandler, grpc.RpcMethodHandler]] = {}
 
     def intercept_service(self, continuation, handler_call_details):  # type: ignore[no-untyped-def]
         handler = continuation(handler_call_details)
         if handler is None:
             return None
         method = handler_call_details.method
-        return _wrap(handler, lambda behaviour: _guard(method, behaviour, self._is_revoked))
+        known = self._guarded.get(method)
+        if known is not None and known[0] is handler:
+            return known[1]
+        guarded = _wrap(handler, lambda behaviour: _guard(method, behaviour, self._is_revoked))
+        self._guarded[method] = (handler, guarded)
+        return guarded
 
 
 def _authorize(method: str, context: grpc.ServicerContext, is_revoked: Callable | None) -> pki.Identity:
     structlog.contextvars.clear_contextvars()
     try:
-        who = identify(context)
-        if is_revoked is not None and is_revoked(who, context.auth_context()["x509_pem_cert"][0]):
+        who, pem = _identify(context)
+        if is_revoked is not None and is_revoked(who, pem):
             raise errors.Unauthenticated(
                 "this certificate has been revoked",
                 hint="enroll the agent again with the connection passphrase",

@@ -62,4 +62,4 @@ class ControllerContext:
             self.assignments = Assignments(self.store)
 
     def revoked_ids(self) -> list[str]:
-        return sorted(self.revocations.ids()) if self.revocations is not None else []
+        return self.revocations.sorted_ids() if self.revocations is not None else []

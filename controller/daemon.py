@@ -56,6 +56,13 @@ from siterecovery.controller.settings import ConfigServerSettings
 from siterecovery.controller.store.sql import open_store
 
 DAEMON = "config-server"
+# The control plane's gRPC options, on top of common/grpcserver.py's. No BDP probing (the
+# HTTP/2 transport's PINGs to size its receive window from what it receives): every agent's
+# connection carries a small request every heartbeat interval, and probing on thousands of
+# them cost about a tenth of the server's CPU at 200 heartbeats a second (bench/RESULTS.md,
+# Control plane). The largest request here is a Register's inventory, which the default
+# window carries; agents' data ports, which receive bulk data, keep probing.
+SERVER_OPTIONS = (("grpc.http2.bdp_probe", 0),)
 ADMIN_ID = "local-admin"
 log = logging.get_logger(__name__)
 
@@ -267,6 +274,7 @@ def _serve(
         credentials=credentials,
         is_revoked=ctx.revocations.is_revoked,
         observers=[served.rpc_interceptor()] if served is not None else (),
+        options=SERVER_OPTIONS,
         services=[
             Service(
                 enrollment_pb2.DESCRIPTOR.services_by_name["Enrollment"].full_name,

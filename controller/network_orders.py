@@ -115,22 +115,31 @@ class PendingOrders:
         self._refresh = refresh_seconds
         self._clock = clock
         self._lock = threading.Lock()
-        self._orders: dict[str, list[tuple[str, dict]]] = {}
-        self._read_at: float | None = None
-        self._store: Store | None = None
+        # (store, read at, orders), replaced whole: a fresh copy is used without the lock,
+        # which every heartbeat would otherwise take (only a read takes it).
+        self._state: tuple[Store | None, float | None, dict[str, list[tuple[str, dict]]]] = (None, None, {})
 
     def order_for(self, store: Store, server_id: str, *, now: datetime) -> agent_pb2.NetworkOrder | None:
-        with self._lock:
-            at = self._clock()
-            if self._store is not store or self._read_at is None or at - self._read_at >= self._refresh:
-                self._orders, self._read_at, self._store = pending_orders(store), at, store
-            orders = self._orders.get(server_id, [])
-        return _first_order(orders)
+        orders = self._fresh(store)
+        if orders is None:
+            with self._lock:
+                orders = self._fresh(store)
+                if orders is None:
+                    at = self._clock()
+                    orders = pending_orders(store)
+                    self._state = (store, at, orders)
+        return _first_order(orders.get(server_id, []))
+
+    def _fresh(self, store: Store) -> dict[str, list[tuple[str, dict]]] | None:
+        read_from, read_at, orders = self._state
+        if read_from is not store or read_at is None or self._clock() - read_at >= self._refresh:
+            return None
+        return orders
 
     def forget(self) -> None:
         """Read again at the next question (this server just changed an order)."""
         with self._lock:
-            self._read_at = None
+            self._state = (None, None, {})
 
 
 def record_network_results(

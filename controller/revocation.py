@@ -42,16 +42,27 @@ class Revocations:
         self._refresh = refresh_seconds
         self._clock = clock
         self._lock = threading.Lock()
-        self._ids: frozenset[str] = frozenset()
-        self._read_at: float | None = None
+        # (read at, ids, the same sorted), replaced whole: every RPC asks, and a fresh copy is
+        # used without the lock, which only a read (or `add`) takes.
+        self._state: tuple[float | None, frozenset[str], list[str]] = (None, frozenset(), [])
 
     def ids(self) -> frozenset[str]:
+        return self._current()[1]
+
+    def sorted_ids(self) -> list[str]:
+        """The same ids, sorted (as heartbeat responses list them); do not change the list."""
+        return self._current()[2]
+
+    def _current(self) -> tuple[float | None, frozenset[str], list[str]]:
+        state = self._state
+        if state[0] is not None and self._clock() - state[0] < self._refresh:
+            return state
         with self._lock:
             now = self._clock()
-            if self._read_at is None or now - self._read_at >= self._refresh:
-                self._ids = frozenset(self._store.revoked_server_ids()) | frozenset(self._store.revoked_operator_ids())
-                self._read_at = now
-            return self._ids
+            if self._state[0] is None or now - self._state[0] >= self._refresh:
+                ids = frozenset(self._store.revoked_server_ids()) | frozenset(self._store.revoked_operator_ids())
+                self._state = (now, ids, sorted(ids))
+            return self._state
 
     def is_revoked(self, identity: pki.Identity, _cert_pem: bytes) -> bool:
         return identity.id in self.ids()
@@ -59,7 +70,9 @@ class Revocations:
     def add(self, identity_id: str) -> None:
         """Refuse `identity_id` at once here (the store already says so)."""
         with self._lock:
-            self._ids = self._ids | {identity_id}
+            read_at, ids, _ = self._state
+            ids = ids | {identity_id}
+            self._state = (read_at, ids, sorted(ids))
 
 
 def resolve_any_server(store: Store, ref: str) -> ServerRecord:

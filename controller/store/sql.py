@@ -78,6 +78,7 @@ upgrade leaves the previous schema and revision, and the next start retries.
 from __future__ import annotations
 
 import functools
+import sqlite3
 import threading
 import uuid
 from collections.abc import Collection, Iterator, Sequence
@@ -129,6 +130,7 @@ from siterecovery.controller.store.base import (
     utc,
     utc_or_none,
 )
+from siterecovery.controller.store.heartbeat_sql import HeartbeatSql
 from siterecovery.controller.store.protection_sql import ProtectionSqlMixin
 from siterecovery.controller.store.schema import (
     change_counters,
@@ -360,32 +362,35 @@ class SqlStore(VcenterSqlMixin, AzureSiteSqlMixin, ProtectionSqlMixin, Store):
         # One statement for the whole group, executed for many rows at once, and no
         # read: the directories are merged into the inventory by the database
         # (json_patch on SQLite, jsonb || on PostgreSQL; an empty patch changes nothing).
+        # It runs on a pooled connection's driver cursor, in SQLite's write turn (heartbeat_sql.py).
+        sql = self._heartbeat_sql
         rows = [
-            {
-                "b_id": beat.server_id,
-                "b_role": beat.role,
-                "b_at": utc(beat.now, "now"),
-                "b_problems": json_copy(beat.problems, "problems", list),
-                "b_patch": {} if beat.directories is None
+            sql.row(
+                b_id=beat.server_id,
+                b_role=beat.role,
+                b_at=utc(beat.now, "now"),
+                b_problems=json_copy(beat.problems, "problems", list),
+                b_patch={} if beat.directories is None
                 else {"directories": json_copy(beat.directories, "directories", list)},
-            }
+            )
             for beat in beats
         ]
-        update = self._heartbeat_update
-        with self._write() as conn:
+        with self._write_turn, _translate_db_errors(), sql.transaction(self._engine) as cursor:
             if not rows:
                 recorded = []
-            elif conn.execute(update, rows).rowcount == len(rows):
+            elif sql.update(cursor, rows) == len(rows):
                 recorded = [True] * len(rows)
             else:
                 # Some server is unknown (or of another role): find out which, one row at a
                 # time, in the same transaction (writing the same values again changes nothing).
-                recorded = [conn.execute(update, row).rowcount == 1 for row in rows]
-            return RecordedHeartbeats(recorded, self._counters(conn))
+                recorded = [sql.update(cursor, [row]) == 1 for row in rows]
+            counted = sql.counters(cursor)
+            return RecordedHeartbeats(recorded, ChangeCounters(
+                pairs=counted.get(PAIRS_COUNTER, 0), tag_requests=counted.get(TAG_REQUESTS_COUNTER, 0)))
 
     @functools.cached_property
-    def _heartbeat_update(self) -> sa.Update:
-        """The statement `record_heartbeat_group` runs (built once: building it cost more than running it)."""
+    def _heartbeat_sql(self) -> HeartbeatSql:
+        """The statements `record_heartbeat_group` runs, compiled once for this database."""
         patch = (
             sa.bindparam("b_patch", type_=JSONB)
             if self._pg
@@ -398,7 +403,7 @@ class SqlStore(VcenterSqlMixin, AzureSiteSqlMixin, ProtectionSqlMixin, Store):
             # null values at the top level here, which would delete keys).
             else sa.func.json_patch(servers.c.inventory, patch)
         )
-        return (
+        update = (
             sa.update(servers)
             .where(servers.c.id == sa.bindparam("b_id"), servers.c.role == sa.bindparam("b_role"))
             .values(
@@ -407,6 +412,7 @@ class SqlStore(VcenterSqlMixin, AzureSiteSqlMixin, ProtectionSqlMixin, Store):
                 inventory=inventory,
             )
         )
+        return HeartbeatSql(self._engine.dialect, update, self._counters_query)
 
     def revoke_server(self, server_id: str, *, now: datetime) -> ServerRecord:
         now = utc(now, "now")
@@ -1174,8 +1180,14 @@ def _sqlite_on_connect(dbapi_connection: Any, _record: Any) -> None:
 def _sqlite_on_begin(conn: Connection) -> None:
     # IMMEDIATE takes the write lock up front: a read-then-write transaction
     # then waits its turn (busy timeout) instead of failing at the write.
-    read_only = conn.get_execution_options().get("sr_read_only", False)
-    conn.exec_driver_sql("BEGIN" if read_only else "BEGIN IMMEDIATE")
+    statement = "BEGIN" if conn.get_execution_options().get("sr_read_only", False) else "BEGIN IMMEDIATE"
+    # On the driver's connection: SQLAlchemy's statement path cost more than the BEGIN
+    # itself, once per transaction (heartbeat_sql.py). Its errors are wrapped as SQLAlchemy
+    # would have wrapped them ("database is locked" after the busy timeout: OperationalError).
+    try:
+        conn.connection.dbapi_connection.execute(statement)
+    except sqlite3.Error as exc:
+        raise sa.exc.DBAPIError.instance(statement, None, exc, sqlite3.Error) from exc
 
 
 @contextmanager

@@ -11,7 +11,7 @@ import sqlalchemy as sa
 from alembic.autogenerate import compare_metadata
 from alembic.runtime.migration import MigrationContext
 
-from siterecovery.common.errors import Conflict, InvalidInput, NotFound
+from siterecovery.common.errors import Conflict, InvalidInput, NotFound, Unavailable
 from siterecovery.controller.jobs import states
 from siterecovery.controller.store import (
     Heartbeat,
@@ -196,6 +196,31 @@ def test_a_bad_heartbeat_fails_its_group_and_writes_nothing(store: Store) -> Non
     with pytest.raises(InvalidInput):
         store.record_heartbeats([good, bad])
     assert store.get_server("srv-1").last_heartbeat_at is None
+
+
+def test_a_heartbeat_group_the_database_fails_is_rolled_back_and_unavailable(
+    store: Store, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # The group runs on the driver's cursor (store/heartbeat_sql.py): a driver error after the
+    # UPDATE must still roll the transaction back and reach the caller as Unavailable, and the
+    # store must go on. The counters' read is made to fail in the database itself: on SQLite
+    # a missing table; on PostgreSQL the connection is cut, so it cannot even roll back.
+    assert isinstance(store, SqlStore)
+    store.add_server(server())
+    failing = (
+        "SELECT pg_terminate_backend(pg_backend_pid())"
+        if store.engine.dialect.name == "postgresql"
+        else "SELECT name, value FROM no_such_table"
+    )
+    with monkeypatch.context() as patched:
+        patched.setattr(store._heartbeat_sql, "_counters_sql", failing)
+        with pytest.raises(Unavailable):
+            store.record_heartbeats([Heartbeat("srv-1", "source", problems=[], directories=None, now=T0)])
+    assert store.get_server("srv-1").last_heartbeat_at is None
+    later = T0 + timedelta(seconds=10)
+    for _ in range(3):  # every pooled connection the failure touched works again
+        assert store.record_heartbeats([Heartbeat("srv-1", "source", problems=[], directories=None, now=later)])
+    assert store.get_server("srv-1").last_heartbeat_at == later
 
 
 def test_revoke_server_keeps_the_first_revocation_time(store: Store) -> None:

@@ -132,7 +132,9 @@ def test_agents_reconnect_after_a_config_server_restart_without_enrolling_again(
 
     def all_heartbeat_again():
         servers = site.servers()
-        return servers if all(parse_time(s["last_heartbeat_at"]) > restarted_at for s in servers) else None
+        # A server that had not heartbeated before the restart has no last_heartbeat_at yet.
+        heard = all(s.get("last_heartbeat_at") and parse_time(s["last_heartbeat_at"]) > restarted_at for s in servers)
+        return servers if heard else None
 
     servers = wait_for(all_heartbeat_again, timeout=30, what="heartbeats after the restart")
     assert {s["id"] for s in servers} == before

@@ -130,3 +130,19 @@ def test_an_unknown_or_miscast_agent_is_told_why(tmp_path: Path) -> None:
                      directories=[{"kind": "DIRECTORY_KIND_SPOOL", "path": "/spool"}], now=T0, writer=writer)
     assert store.get_server("ps-1").inventory == {"directories": [{"kind": "DIRECTORY_KIND_SPOOL", "path": "/spool"}]}
     store.close()
+
+
+def test_a_queue_longer_than_a_group_is_written_in_turns_and_every_caller_answered(store: GroupedStore) -> None:
+    writer = HeartbeatWriter(store, max_group=2)
+    first, first_threads = in_threads(writer, [beat("a")])
+    assert store.entered.wait(10)
+    rest, threads = in_threads(writer, [beat("b"), beat("c"), beat("d")])
+    queued(writer, 3)
+    store.release.set()
+    for thread in first_threads + threads:
+        thread.join(10)
+        assert not thread.is_alive()
+    assert first == {"a": True} and rest == {"b": True, "c": True, "d": True}
+    assert [len(group) for group in store.groups] == [1, 2, 1]
+    assert sorted(sum(store.groups, [])) == ["a", "b", "c", "d"]
+    assert writer.record(beat("a", seconds=20)) == (True, ChangeCounters())  # the turn was given back
