@@ -158,15 +158,43 @@ def sync_frame(
 # -- compression -------------------------------------------------------------
 
 
-def compress(frame: rpb.Frame) -> rpb.Frame:
+# Compressibility probe: SAMPLES slices of SAMPLE_BYTES spread over a block
+# are compressed first; when they do not shrink below PROBE_RATIO, the block is
+# not compressed at all. Random (or encrypted, or already compressed) disk data
+# so costs ~15 us per 1 MiB block instead of ~0.35 ms for a full zstd attempt
+# that saves nothing. A block that compresses only outside the samples is sent
+# uncompressed: compression saves bytes on the wire and in the spool, it is
+# never needed for correctness.
+PROBE_MIN_BYTES = 256 * 1024
+PROBE_SAMPLES = 4
+PROBE_SAMPLE_BYTES = 8 * 1024
+PROBE_RATIO = 0.97
+
+
+def _worth_compressing(data: bytes) -> bool:
+    if len(data) < PROBE_MIN_BYTES:
+        return True
+    view = memoryview(data)
+    step = len(data) // PROBE_SAMPLES
+    sample = b"".join(view[i * step : i * step + PROBE_SAMPLE_BYTES] for i in range(PROBE_SAMPLES))
+    return len(_compressor().compress(sample)) < PROBE_RATIO * len(sample)
+
+
+def compress(frame: rpb.Frame, data: bytes | None = None) -> rpb.Frame:
     """A copy of `frame` whose write data is zstd-compressed, when that saves bytes.
 
-    The checksum is untouched: it covers the uncompressed data.
+    `data` is the frame's write data when the caller has it already (every
+    access to a bytes field of a upb message copies it). The checksum is
+    untouched: it covers the uncompressed data.
     """
     if frame.WhichOneof("body") != "write" or frame.compression != rpb.COMPRESSION_NONE:
         return frame
-    packed = _compressor().compress(frame.write.data)
-    if len(packed) >= len(frame.write.data):
+    if data is None:
+        data = frame.write.data
+    if not _worth_compressing(data):
+        return frame
+    packed = _compressor().compress(data)
+    if len(packed) >= len(data):
         return frame
     out = rpb.Frame()
     out.CopyFrom(frame)
@@ -175,22 +203,35 @@ def compress(frame: rpb.Frame) -> rpb.Frame:
     return out
 
 
-def payload(frame: rpb.Frame) -> bytes:
+def raw_data(frame: rpb.Frame) -> bytes:
+    """The write data of `frame` as it travels (compressed or not; b"" for other bodies).
+
+    Each access to a bytes field of a upb message copies it: a caller that needs the
+    data more than once takes it once here and hands it to `validate`, `payload`,
+    `compress`.
+    """
+    return frame.write.data if frame.WhichOneof("body") == "write" else b""
+
+
+def payload(frame: rpb.Frame, raw: bytes | None = None) -> bytes:
     """The uncompressed write data of `frame` (b"" for other bodies).
 
-    Refuses data that does not decompress to exactly `write.length` bytes, so a
-    hostile frame cannot make a receiver allocate more than the length it states.
+    `raw` is `raw_data(frame)` when the caller has it already. Refuses data
+    that does not decompress to exactly `write.length` bytes, so a hostile
+    frame cannot make a receiver allocate more than the length it states.
     """
     if frame.WhichOneof("body") != "write":
         return b""
     block = frame.write
+    if raw is None:
+        raw = block.data
     if frame.compression == rpb.COMPRESSION_NONE:
-        data = block.data
+        data = raw
     elif frame.compression == rpb.COMPRESSION_ZSTD:
         if block.length > MAX_BLOCK_BYTES:
             raise _bad(frame, f"states {block.length} bytes, more than the {MAX_BLOCK_BYTES} allowed")
         try:
-            data = zstandard.ZstdDecompressor().decompress(block.data, max_output_size=block.length)
+            data = zstandard.ZstdDecompressor().decompress(raw, max_output_size=block.length)
         except zstandard.ZstdError as exc:
             raise errors.Integrity(
                 f"frame {frame.seq}: compressed data is damaged ({exc})",
@@ -230,8 +271,10 @@ def _bad(frame: rpb.Frame, what: str) -> errors.InvalidInput:
     )
 
 
-def validate(frame: rpb.Frame, disk_size_bytes: int) -> None:
-    """Refuse a frame that is malformed or reaches past the end of the disk."""
+def validate(frame: rpb.Frame, disk_size_bytes: int, raw: bytes | None = None) -> None:
+    """Refuse a frame that is malformed or reaches past the end of the disk.
+
+    `raw` is `raw_data(frame)` when the caller has it already."""
     if frame.seq <= 0:
         raise _bad(frame, "has no sequence number")
     if len(frame.checksum) != CHECKSUM_SIZE:
@@ -245,8 +288,9 @@ def validate(frame: rpb.Frame, disk_size_bytes: int) -> None:
         offset, length = frame.write.offset, frame.write.length
         if length == 0 or length > MAX_BLOCK_BYTES:
             raise _bad(frame, f"writes {length} bytes; allowed is 1 to {MAX_BLOCK_BYTES}")
-        if frame.compression == rpb.COMPRESSION_NONE and len(frame.write.data) != length:
-            raise _bad(frame, f"states {length} bytes but carries {len(frame.write.data)}")
+        carried = len(frame.write.data if raw is None else raw)
+        if frame.compression == rpb.COMPRESSION_NONE and carried != length:
+            raise _bad(frame, f"states {length} bytes but carries {carried}")
         _check_range(frame, offset, length, disk_size_bytes)
     elif body == "zero":
         if frame.zero.length == 0:

@@ -152,10 +152,11 @@ def serve_apply(
             refused: errors.SiteRecoveryError | None = None
             for frame in batch:
                 try:
-                    frames.validate(frame, target.disk_size)
+                    raw = frames.raw_data(frame)  # taken once: each access copies the data
+                    frames.validate(frame, target.disk_size, raw)
                     if frame.seq <= last:
                         continue  # already applied: acknowledged again, not written again
-                    data = frames.payload(frame)
+                    data = frames.payload(frame, raw)
                     frames.verify(pair_id, frame, data)
                 except errors.SiteRecoveryError as exc:
                     refused = exc
