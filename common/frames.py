@@ -155,6 +155,37 @@ def sync_frame(
     return frame
 
 
+# -- sending serialized frames ------------------------------------------------
+
+# `ReplicationMessage.frame` is field 2, length-delimited: its key byte.
+_FRAME_KEY = bytes([2 << 3 | 2])
+
+
+def _varint(value: int) -> bytes:
+    out = bytearray()
+    while value > 0x7F:
+        out.append(value & 0x7F | 0x80)
+        value >>= 7
+    out.append(value)
+    return bytes(out)
+
+
+def frame_message(body: bytes | memoryview) -> bytes:
+    """The serialized `ReplicationMessage(frame=...)` whose frame serializes as `body`.
+
+    The source agent and the process server send frames they hold serialized
+    this way, through `pass_through` as the gRPC request serializer: building a
+    `ReplicationMessage` around a 1 MiB frame and serializing it copies the data
+    several times over (bench/RESULTS.md, full_sync).
+    """
+    return b"".join((_FRAME_KEY, _varint(len(body)), body))
+
+
+def pass_through(message: bytes) -> bytes:
+    """A gRPC request serializer for messages serialized already."""
+    return message
+
+
 # -- compression -------------------------------------------------------------
 
 

@@ -95,6 +95,20 @@ class Inbox:
             return out
 
 
+# What a frame without write data counts for in the inbox.
+_SMALL_FRAME = 256
+
+
+def _inbox_size(frame: rpb.Frame) -> int:
+    """What `frame` counts for in the inbox: its uncompressed write length.
+
+    Not ByteSize(): with protobuf's upb backend that encodes the message, a
+    copy of the 1 MiB payload per frame. The write length is at least the data
+    carried (compressed data is smaller), so the inbox holds no more than before.
+    """
+    return frame.write.length if frame.WhichOneof("body") == "write" else _SMALL_FRAME
+
+
 def _read(requests: Iterable[rpb.ReplicationMessage], inbox: Inbox) -> None:
     try:
         for message in requests:
@@ -104,7 +118,7 @@ def _read(requests: Iterable[rpb.ReplicationMessage], inbox: Inbox) -> None:
                     hint="this is a process server bug", code="stream-protocol",
                 ))
                 return
-            if not inbox.put(message.frame, message.ByteSize()):
+            if not inbox.put(message.frame, _inbox_size(message.frame)):
                 return
         inbox.close()
     except grpc.RpcError as exc:  # the peer went away or the stream was cancelled
