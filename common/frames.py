@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import struct
 import threading
+from collections.abc import Iterator
 
 import xxhash
 import zstandard
@@ -184,6 +185,51 @@ def frame_message(body: bytes | memoryview) -> bytes:
 def pass_through(message: bytes) -> bytes:
     """A gRPC request serializer for messages serialized already."""
     return message
+
+
+def _read_varint(buf: bytes | memoryview, at: int) -> tuple[int, int]:
+    value = shift = 0
+    while True:
+        byte = buf[at]
+        at += 1
+        value |= (byte & 0x7F) << shift
+        if byte < 0x80:
+            return value, at
+        shift += 7
+
+
+def _fields(buf: bytes | memoryview, start: int, end: int) -> Iterator[tuple[int, int, int, int]]:
+    """(field number, wire type, value or length, where a length-delimited value starts)."""
+    at = start
+    while at < end:
+        key, at = _read_varint(buf, at)
+        number, wire = key >> 3, key & 7
+        if wire == 0:
+            value, at = _read_varint(buf, at)
+            yield number, wire, value, at
+        elif wire == 2:
+            length, at = _read_varint(buf, at)
+            yield number, wire, length, at
+            at += length
+        elif wire in (1, 5):
+            at += 8 if wire == 1 else 4
+        else:
+            raise ValueError(f"wire type {wire}")
+
+
+def serialized_data_length(body: bytes | memoryview) -> int:
+    """Bytes of write data (as carried: compressed or not) in a serialized `Frame`; 0 for
+    other bodies. Reads the field headers only (the forwarder does not parse frames)."""
+    try:
+        for number, wire, length, at in _fields(body, 0, len(body)):
+            if number == 2 and wire == 2:  # Frame.write: a DataBlock
+                for inner, inner_wire, inner_length, _ in _fields(body, at, at + length):
+                    if inner == 3 and inner_wire == 2:  # DataBlock.data
+                        return inner_length
+                return 0
+    except (IndexError, ValueError):
+        pass
+    return 0
 
 
 # -- compression -------------------------------------------------------------

@@ -263,7 +263,7 @@ class Forwarder:
                     session.inflight.append((seq, size))
                     session.inflight_bytes += size
                 nxt = seq + 1
-                self._count_sent(size)
+                self._count_sent(frames.serialized_data_length(body))
                 yield frames.frame_message(body)
             self._log.wait_for(nxt - 1, timeout=_POLL)
 
@@ -289,9 +289,8 @@ class Forwarder:
 
         last_seq: highest seq spooled; acked_seq: highest the master target
         acknowledged; backlog: frames and bytes (on disk, compressed) waiting in
-        the spool; bytes_sent: frame bytes sent to the master target as they went
-        on the wire (compressed data and some 50 bytes of fields per frame; a frame
-        sent again after a reconnect counts again).
+        the spool; bytes_sent: write data sent to the master target as it went
+        on the wire (compressed; a frame sent again after a reconnect counts again).
         """
         frame_log = self._log
         out = rpb.PairStatus(

@@ -152,3 +152,24 @@ def test_frame_message_is_the_serialized_replication_message(size):
     assert frames.frame_message(body) == expected
     assert frames.frame_message(memoryview(b"xx" + body)[2:]) == expected
     assert rpb.ReplicationMessage.FromString(frames.frame_message(body)).frame == frame
+
+
+@pytest.mark.parametrize("size", [1, 127, 128, 16_384, 1024 * 1024 + 5])
+def test_the_data_length_of_a_serialized_frame_is_read_from_its_fields(size):
+    plain = frames.write_frame("p", 9, 1 << 40, os.urandom(size), captured_at=1_700_000_000.5)
+    packed = frames.compress(frames.write_frame("p", 10, 0, bytes(size)))
+    for frame in (plain, packed):
+        body = frame.SerializeToString()
+        assert frames.serialized_data_length(body) == len(frame.write.data)
+        assert frames.serialized_data_length(memoryview(b"x" + body)[1:]) == len(frame.write.data)
+
+
+def test_frames_without_data_and_garbage_have_no_data_length():
+    for frame in (
+        frames.zero_frame("p", 1, 0, 4096),
+        frames.tag_frame("p", 2, "t1", rpb.RECOVERY_POINT_KIND_CRASH_CONSISTENT),
+        frames.sync_frame("p", 3, rpb.SYNC_PHASE_INITIAL_DONE, 1 << 30),
+    ):
+        assert frames.serialized_data_length(frame.SerializeToString()) == 0
+    assert frames.serialized_data_length(b"\x12\xff\xff\xff") == 0
+    assert frames.serialized_data_length(b"\x0f") == 0
