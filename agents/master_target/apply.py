@@ -103,8 +103,8 @@ def _inbox_size(frame: rpb.Frame) -> int:
     """What `frame` counts for in the inbox: its uncompressed write length.
 
     Not ByteSize(): with protobuf's upb backend that encodes the message, a
-    copy of the 1 MiB payload per frame. The write length is at least the data
-    carried (compressed data is smaller), so the inbox holds no more than before.
+    copy of the 1 MiB payload per frame. The write length is the data carried,
+    or more when it is compressed: the inbox holds about as much as before, or less.
     """
     return frame.write.length if frame.WhichOneof("body") == "write" else _SMALL_FRAME
 
