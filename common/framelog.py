@@ -46,7 +46,8 @@ What a crash at any point leaves behind:
 
 Opening verifies every record's hash in the last segment (where torn writes
 are) and walks only the record headers of earlier ones, so opening a full spool
-does not read all of it; `read_from` verifies each record's hash as it reads it.
+does not read all of it; `read_from` verifies each record's hash as it reads it
+(and so does `read_serialized_from`, which hands the frame's bytes over unparsed).
 
 Memory: 16 bytes of index per unreleased record (its seq and offset), never
 frame data; a reader keeps a read-ahead window of about 1 MiB.
@@ -133,7 +134,8 @@ class _Window:
         end = offset + length
         if self._start <= offset and end <= self._start + len(self._data):
             return self._data[offset - self._start : end - self._start]
-        want = min(max(length, _READ_WINDOW), limit - offset)
+        # A read larger than the window is read exactly (and returned without a copy).
+        want = max(length, min(_READ_WINDOW, limit - offset))
         self._data = os.pread(self.fd, want, offset) if want > 0 else b""
         self._start = offset
         return self._data[:length]
@@ -396,6 +398,17 @@ class FrameLog:
         return self._parse(segment.path, offset, data)
 
     def _parse(self, path: Path, offset: int, record: bytes) -> rpb.Frame:
+        seq, body = self._open_record(path, offset, record)
+        try:
+            frame = rpb.Frame.FromString(body)
+        except DecodeError as exc:
+            raise self._damage(path, f"the record at offset {offset} is not a frame") from exc
+        if frame.seq != seq:
+            raise self._damage(path, f"the record at offset {offset} holds frame {frame.seq}, not {seq}")
+        return frame
+
+    def _open_record(self, path: Path, offset: int, record: bytes) -> tuple[int, bytes | memoryview]:
+        """(seq, the serialized frame) of a whole record: its hash checked, opened when sealed."""
         length, seq, digest = _HEADER.unpack_from(record)
         body = memoryview(record)[HEADER_SIZE : HEADER_SIZE + length]
         if len(body) != length or _record_hash(length, seq, body) != digest:
@@ -407,14 +420,8 @@ class FrameLog:
                     hint="configure the key this log was written with (spool_encryption and its key file)",
                     code="record-sealed-no-key",
                 )
-            body = memoryview(self._cipher.open(self.directory.name, seq, bytes(body)))
-        try:
-            frame = rpb.Frame.FromString(bytes(body))
-        except DecodeError as exc:
-            raise self._damage(path, f"the record at offset {offset} is not a frame") from exc
-        if frame.seq != seq:
-            raise self._damage(path, f"the record at offset {offset} holds frame {frame.seq}, not {seq}")
-        return frame
+            return seq, self._cipher.open(self.directory.name, seq, bytes(body))
+        return seq, body
 
     # -- appending ---------------------------------------------------------
     def append(self, frames: Sequence[rpb.Frame]) -> None:
@@ -424,6 +431,15 @@ class FrameLog:
         otherwise: a caller's bug). On a full disk raises Unavailable
         (`disk-full`) and leaves the log as it was.
         """
+        self.append_serialized([(frame.seq, frame.SerializeToString()) for frame in frames])
+
+    def append_serialized(self, frames: Sequence[tuple[int, bytes]]) -> None:
+        """`append` for frames the caller has serialized already: (seq, `Frame` bytes) each.
+
+        The bytes must be the serialization of a frame with that seq (a reader
+        checks it); the process server serializes each frame once, when it
+        receives it, to know its size for the spool's bound.
+        """
         if not frames:
             return
         with self._append_lock:
@@ -431,20 +447,19 @@ class FrameLog:
             prev = self.last_seq
             records: list[bytes] = []
             seqs: list[int] = []
-            for frame in frames:
-                if frame.seq <= prev:
+            for seq, body in frames:
+                if seq <= prev:
                     raise errors.InvalidInput(
-                        f"frame log {self.directory}: frame {frame.seq} does not follow {prev}",
+                        f"frame log {self.directory}: frame {seq} does not follow {prev}",
                         hint="frames must be appended with strictly increasing seq (a bug in the caller)",
                         code="seq-order",
                     )
-                body = frame.SerializeToString()
                 if self._seal:
-                    body = self._cipher.seal(self.directory.name, frame.seq, body)
-                records.append(_HEADER.pack(len(body), frame.seq, _record_hash(len(body), frame.seq, body)))
+                    body = self._cipher.seal(self.directory.name, seq, body)
+                records.append(_HEADER.pack(len(body), seq, _record_hash(len(body), seq, body)))
                 records.append(body)
-                seqs.append(frame.seq)
-                prev = frame.seq
+                seqs.append(seq)
+                prev = seq
             with self._lock:
                 active = self._segments[-1] if self._segments else None
                 spent = active is not None and active.last_seq <= self._released
@@ -557,6 +572,25 @@ class FrameLog:
         The iterator also yields frames appended while it runs and ends when it
         has caught up with the log; frames released meanwhile may be skipped.
         """
+        for path, offset, record in self._records_from(seq):
+            yield self._parse(path, offset, record)
+
+    def read_serialized_from(self, seq: int) -> Iterator[tuple[int, bytes | memoryview]]:
+        """`read_from` without parsing: (seq, the serialized `Frame`) of each record.
+
+        The record's hash is checked (and a sealed one opened) as in `read_from`;
+        what the bytes hold is not: the process server forwards them as they are,
+        and the master target parses and checks each frame's checksum.
+        """
+        for path, offset, record in self._records_from(seq):
+            yield self._open_record(path, offset, record)
+
+    def _records_from(self, seq: int) -> Iterator[tuple[Path, int, bytes]]:
+        """(segment path, offset, the whole record) of each unreleased record with seq >= `seq`.
+
+        A record is read by its extent in the index, header and body in one read
+        (records smaller than the read-ahead window share one).
+        """
         want = max(seq, 1)
         while True:
             with self._lock:
@@ -573,17 +607,14 @@ class FrameLog:
                 window = _Window(fd)
                 while True:
                     with self._lock:
-                        count, limit = len(segment.seqs), segment.size
-                    if index >= count:
-                        break
-                    offset = segment.offsets[index]
-                    length = _HEADER.unpack(window.read(offset, HEADER_SIZE, limit))[0]
-                    frame = self._parse(
-                        segment.path, offset, window.read(offset, HEADER_SIZE + length, limit)
-                    )
+                        if index >= len(segment.seqs):
+                            break
+                        offset, end, limit = segment.offsets[index], segment.end_of(index), segment.size
+                        record_seq = segment.seqs[index]
+                    record = window.read(offset, end - offset, limit)
                     index += 1
-                    want = frame.seq + 1
-                    yield frame
+                    want = record_seq + 1
+                    yield segment.path, offset, record
             finally:
                 os.close(fd)
 

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import struct
 import threading
+from collections.abc import Iterator
 
 import xxhash
 import zstandard
@@ -155,18 +156,122 @@ def sync_frame(
     return frame
 
 
+# -- sending serialized frames ------------------------------------------------
+
+# `ReplicationMessage.frame` is field 2, length-delimited: its key byte.
+_FRAME_KEY = bytes([2 << 3 | 2])
+
+
+def _varint(value: int) -> bytes:
+    out = bytearray()
+    while value > 0x7F:
+        out.append(value & 0x7F | 0x80)
+        value >>= 7
+    out.append(value)
+    return bytes(out)
+
+
+def frame_message(body: bytes | memoryview) -> bytes:
+    """The serialized `ReplicationMessage(frame=...)` whose frame serializes as `body`.
+
+    The source agent and the process server send frames they hold serialized
+    this way, through `pass_through` as the gRPC request serializer: building a
+    `ReplicationMessage` around a 1 MiB frame and serializing it copies the data
+    several times over (bench/RESULTS.md, full_sync).
+    """
+    return b"".join((_FRAME_KEY, _varint(len(body)), body))
+
+
+def pass_through(message: bytes) -> bytes:
+    """A gRPC request serializer for messages serialized already."""
+    return message
+
+
+def _read_varint(buf: bytes | memoryview, at: int) -> tuple[int, int]:
+    value = shift = 0
+    while True:
+        byte = buf[at]
+        at += 1
+        value |= (byte & 0x7F) << shift
+        if byte < 0x80:
+            return value, at
+        shift += 7
+
+
+def _fields(buf: bytes | memoryview, start: int, end: int) -> Iterator[tuple[int, int, int, int]]:
+    """(field number, wire type, value or length, where a length-delimited value starts)."""
+    at = start
+    while at < end:
+        key, at = _read_varint(buf, at)
+        number, wire = key >> 3, key & 7
+        if wire == 0:
+            value, at = _read_varint(buf, at)
+            yield number, wire, value, at
+        elif wire == 2:
+            length, at = _read_varint(buf, at)
+            yield number, wire, length, at
+            at += length
+        elif wire in (1, 5):
+            at += 8 if wire == 1 else 4
+        else:
+            raise ValueError(f"wire type {wire}")
+
+
+def serialized_data_length(body: bytes | memoryview) -> int:
+    """Bytes of write data (as carried: compressed or not) in a serialized `Frame`; 0 for
+    other bodies. Reads the field headers only (the forwarder does not parse frames)."""
+    try:
+        for number, wire, length, at in _fields(body, 0, len(body)):
+            if number == 2 and wire == 2:  # Frame.write: a DataBlock
+                for inner, inner_wire, inner_length, _ in _fields(body, at, at + length):
+                    if inner == 3 and inner_wire == 2:  # DataBlock.data
+                        return inner_length
+                return 0
+    except (IndexError, ValueError):
+        pass
+    return 0
+
+
 # -- compression -------------------------------------------------------------
 
 
-def compress(frame: rpb.Frame) -> rpb.Frame:
+# Compressibility probe: SAMPLES slices of SAMPLE_BYTES spread over a block
+# are compressed first; when they do not shrink below PROBE_RATIO, the block is
+# not compressed at all. Random (or encrypted, or already compressed) disk data
+# so costs ~15 us per 1 MiB block instead of ~0.35 ms for a full zstd attempt
+# that saves nothing. A block that compresses only outside the samples is sent
+# uncompressed: compression saves bytes on the wire and in the spool, it is
+# never needed for correctness.
+PROBE_MIN_BYTES = 256 * 1024
+PROBE_SAMPLES = 4
+PROBE_SAMPLE_BYTES = 8 * 1024
+PROBE_RATIO = 0.97
+
+
+def _worth_compressing(data: bytes) -> bool:
+    if len(data) < PROBE_MIN_BYTES:
+        return True
+    view = memoryview(data)
+    step = len(data) // PROBE_SAMPLES
+    sample = b"".join(view[i * step : i * step + PROBE_SAMPLE_BYTES] for i in range(PROBE_SAMPLES))
+    return len(_compressor().compress(sample)) < PROBE_RATIO * len(sample)
+
+
+def compress(frame: rpb.Frame, data: bytes | None = None) -> rpb.Frame:
     """A copy of `frame` whose write data is zstd-compressed, when that saves bytes.
 
-    The checksum is untouched: it covers the uncompressed data.
+    `data` is the frame's write data when the caller has it already (every
+    access to a bytes field of a upb message copies it). The checksum is
+    untouched: it covers the uncompressed data.
     """
     if frame.WhichOneof("body") != "write" or frame.compression != rpb.COMPRESSION_NONE:
         return frame
-    packed = _compressor().compress(frame.write.data)
-    if len(packed) >= len(frame.write.data):
+    if data is None:
+        data = frame.write.data
+    if not _worth_compressing(data):
+        return frame
+    packed = _compressor().compress(data)
+    if len(packed) >= len(data):
         return frame
     out = rpb.Frame()
     out.CopyFrom(frame)
@@ -175,22 +280,35 @@ def compress(frame: rpb.Frame) -> rpb.Frame:
     return out
 
 
-def payload(frame: rpb.Frame) -> bytes:
+def raw_data(frame: rpb.Frame) -> bytes:
+    """The write data of `frame` as it travels (compressed or not; b"" for other bodies).
+
+    Each access to a bytes field of a upb message copies it: a caller that needs the
+    data more than once takes it once here and hands it to `validate`, `payload`,
+    `compress`.
+    """
+    return frame.write.data if frame.WhichOneof("body") == "write" else b""
+
+
+def payload(frame: rpb.Frame, raw: bytes | None = None) -> bytes:
     """The uncompressed write data of `frame` (b"" for other bodies).
 
-    Refuses data that does not decompress to exactly `write.length` bytes, so a
-    hostile frame cannot make a receiver allocate more than the length it states.
+    `raw` is `raw_data(frame)` when the caller has it already. Refuses data
+    that does not decompress to exactly `write.length` bytes, so a hostile
+    frame cannot make a receiver allocate more than the length it states.
     """
     if frame.WhichOneof("body") != "write":
         return b""
     block = frame.write
+    if raw is None:
+        raw = block.data
     if frame.compression == rpb.COMPRESSION_NONE:
-        data = block.data
+        data = raw
     elif frame.compression == rpb.COMPRESSION_ZSTD:
         if block.length > MAX_BLOCK_BYTES:
             raise _bad(frame, f"states {block.length} bytes, more than the {MAX_BLOCK_BYTES} allowed")
         try:
-            data = zstandard.ZstdDecompressor().decompress(block.data, max_output_size=block.length)
+            data = zstandard.ZstdDecompressor().decompress(raw, max_output_size=block.length)
         except zstandard.ZstdError as exc:
             raise errors.Integrity(
                 f"frame {frame.seq}: compressed data is damaged ({exc})",
@@ -230,8 +348,10 @@ def _bad(frame: rpb.Frame, what: str) -> errors.InvalidInput:
     )
 
 
-def validate(frame: rpb.Frame, disk_size_bytes: int) -> None:
-    """Refuse a frame that is malformed or reaches past the end of the disk."""
+def validate(frame: rpb.Frame, disk_size_bytes: int, raw: bytes | None = None) -> None:
+    """Refuse a frame that is malformed or reaches past the end of the disk.
+
+    `raw` is `raw_data(frame)` when the caller has it already."""
     if frame.seq <= 0:
         raise _bad(frame, "has no sequence number")
     if len(frame.checksum) != CHECKSUM_SIZE:
@@ -245,8 +365,9 @@ def validate(frame: rpb.Frame, disk_size_bytes: int) -> None:
         offset, length = frame.write.offset, frame.write.length
         if length == 0 or length > MAX_BLOCK_BYTES:
             raise _bad(frame, f"writes {length} bytes; allowed is 1 to {MAX_BLOCK_BYTES}")
-        if frame.compression == rpb.COMPRESSION_NONE and len(frame.write.data) != length:
-            raise _bad(frame, f"states {length} bytes but carries {len(frame.write.data)}")
+        carried = len(frame.write.data if raw is None else raw)
+        if frame.compression == rpb.COMPRESSION_NONE and carried != length:
+            raise _bad(frame, f"states {length} bytes but carries {carried}")
         _check_range(frame, offset, length, disk_size_bytes)
     elif body == "zero":
         if frame.zero.length == 0:

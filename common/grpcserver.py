@@ -32,12 +32,23 @@ log = get_logger(__name__)
 _caller: contextvars.ContextVar[pki.Identity] = contextvars.ContextVar("caller")
 
 MAX_MESSAGE_BYTES = 8 * 1024 * 1024
+# HTTP/2 flow control of what a server receives: a fixed window per stream
+# instead of gRPC's BDP probing. With probing the window may grow far beyond
+# that (most likely while the receiver is short of CPU), and gRPC buffers up to
+# a window of a stream the application has not read yet: the process server
+# peaked at 180-235 MiB during 1 GiB full syncs, 135-155 MiB with this
+# (bench/RESULTS.md, full_sync). 8 MiB still keeps a 1 Gbit/s
+# link full up to ~60 ms of round trip; a replication stream's receiver reads
+# ahead 16 MiB of its own anyway.
+STREAM_WINDOW_BYTES = 8 * 1024 * 1024
 SERVER_OPTIONS = (
     ("grpc.max_receive_message_length", MAX_MESSAGE_BYTES),
     ("grpc.max_send_message_length", MAX_MESSAGE_BYTES),
     ("grpc.so_reuseport", 0),
     ("grpc.keepalive_permit_without_calls", 1),
     ("grpc.http2.min_ping_interval_without_data_ms", 10_000),
+    ("grpc.http2.bdp_probe", 0),
+    ("grpc.http2.lookahead_bytes", STREAM_WINDOW_BYTES),
 )
 
 

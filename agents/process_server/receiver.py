@@ -9,7 +9,8 @@ Two threads per stream:
 
 - the *receiving* thread reads messages, checks each frame (`frames.validate`,
   then `frames.verify`), drops one it already holds (seq <= durable; it is
-  acknowledged again), compresses it, reserves its size in the spool (waiting,
+  acknowledged again), compresses it (when a sample of it compresses:
+  `frames.compress`), serializes it, reserves its size in the spool (waiting,
   and so not reading the stream, while the spool is full) and queues it;
 - the *writing* thread (the RPC's own) takes everything queued, appends it to
   the pair's log with one fsync (group commit) and only then sends one Ack with
@@ -207,14 +208,18 @@ class Receiver:
                 if message.WhichOneof("kind") != "frame":
                     raise errors.InvalidInput("`open` may come only once, first", code="stream-open-twice")
                 frame = message.frame
-                frames.validate(frame, disk_size)
+                raw = frames.raw_data(frame)  # taken once: each access copies the data
+                frames.validate(frame, disk_size, raw)
                 if frame.seq <= highest:
                     stream.queue.put(None)  # held already: acknowledge again, write nothing
                     continue
-                frames.verify(stream.pair_id, frame)
-                packed = frames.compress(frame)
-                size = packed.ByteSize() + HEADER_SIZE
-                if not self._reserve(stream, (packed, size)):
+                frames.verify(stream.pair_id, frame, frames.payload(frame, raw))
+                # Serialized here, once: its length is what the spool reserves, and the
+                # log writes these bytes as they are.
+                body = frames.compress(frame, raw).SerializeToString()
+                del raw
+                size = len(body) + HEADER_SIZE
+                if not self._reserve(stream, ((frame.seq, body), size)):
                     break
                 highest = frame.seq
         except errors.SiteRecoveryError as exc:
@@ -227,7 +232,7 @@ class Receiver:
         finally:
             stream.queue.put(_END)
 
-    def _reserve(self, stream: _Stream, item: tuple[rpb.Frame, int]) -> bool:
+    def _reserve(self, stream: _Stream, item: tuple[tuple[int, bytes], int]) -> bool:
         """Wait until this stream's read-ahead and then the spool have room; queue `item`.
 
         False (nothing queued) when the stream ended meanwhile.
@@ -257,7 +262,7 @@ class Receiver:
         finished = False
         while not finished:
             item = stream.queue.get()
-            batch: list[rpb.Frame] = []
+            batch: list[tuple[int, bytes]] = []  # (seq, serialized frame)
             reserved = 0
             ack = False
             failure: errors.SiteRecoveryError | None = None
@@ -278,7 +283,7 @@ class Receiver:
                 except queue.Empty:
                     break
             try:
-                frame_log.append(batch)
+                frame_log.append_serialized(batch)
             except errors.SiteRecoveryError as exc:
                 if exc.code == "disk-full":
                     self._spool.note_disk_full(exc.message)

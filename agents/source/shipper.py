@@ -40,9 +40,8 @@ from typing import Protocol
 
 import grpc
 
-from siterecovery.common import errors
+from siterecovery.common import errors, frames
 from siterecovery.common.logging import get_logger
-from siterecovery.common.pb import dataplane_pb2_grpc
 from siterecovery.common.pb import replication_pb2 as rpb
 
 from .capture import PairJournal
@@ -55,6 +54,7 @@ THROUGHPUT_WINDOW = 10.0
 # How long the first reply (accepted) may take.
 ACCEPT_TIMEOUT = 30.0
 _END = object()
+REPLICATE_METHOD = "/siterecovery.v1.ProcessServer/Replicate"
 
 
 @dataclass
@@ -169,7 +169,7 @@ class Shipper:
         channel = self.connect()
         requests: queue.SimpleQueue = queue.SimpleQueue()
 
-        def outgoing() -> Iterator[rpb.ReplicationMessage]:
+        def outgoing() -> Iterator[bytes]:
             while True:
                 item = requests.get()
                 if item is _END:
@@ -177,9 +177,18 @@ class Shipper:
                 yield item
 
         try:
-            stub = dataplane_pb2_grpc.ProcessServerStub(channel)
-            requests.put(rpb.ReplicationMessage(open=rpb.StreamOpen(pair_id=self.pair_id, disk_size_bytes=self.disk_size)))
-            call = stub.Replicate(outgoing())
+            # Requests go serialized (frames.frame_message): each frame is serialized once.
+            replicate = channel.stream_stream(
+                REPLICATE_METHOD,
+                request_serializer=frames.pass_through,
+                response_deserializer=rpb.ReplicationReply.FromString,
+            )
+            requests.put(
+                rpb.ReplicationMessage(
+                    open=rpb.StreamOpen(pair_id=self.pair_id, disk_size_bytes=self.disk_size)
+                ).SerializeToString()
+            )
+            call = replicate(outgoing())
             with self._lock:
                 self._call = call
                 self._broken = None
@@ -302,7 +311,8 @@ class Shipper:
                 f"pair {self.pair_id}: frame {frame.seq} would follow {self.last_sent}; refusing to send out of order",
                 code="seq-order",
             )
-        size = frame.ByteSize()
+        body = frame.SerializeToString()  # once: ByteSize() and a ReplicationMessage would encode it again
+        size = len(body)
         data_bytes = frame.write.length if frame.WhichOneof("body") == "write" else 0
         with self._lock:
             self._inflight.append((frame.seq, size, item.on_ack))
@@ -312,7 +322,7 @@ class Shipper:
             self.frames_sent += 1
             if data_bytes:
                 self._samples.append((time.monotonic(), data_bytes))
-        requests.put(rpb.ReplicationMessage(frame=frame))
+        requests.put(frames.frame_message(body))
 
     # -- choosing the next frame ------------------------------------------------------------
     def _peek_journal(self) -> rpb.Frame | None:

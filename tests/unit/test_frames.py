@@ -125,3 +125,51 @@ def test_validation_refuses_malformed_and_out_of_range_frames(frame, code):
     with pytest.raises(errors.InvalidInput) as caught:
         frames.validate(frame, DISK)
     assert caught.value.code == code
+
+
+def test_a_large_block_compresses_only_when_its_samples_do():
+    compressible = (b"siterecovery " * 90_000)[: 1024 * 1024]
+    packed = frames.compress(frames.write_frame("p", 1, 0, compressible))
+    assert packed.compression == rpb.COMPRESSION_ZSTD and len(packed.write.data) < len(compressible) // 10
+    assert frames.payload(packed) == compressible
+
+    random_block = frames.write_frame("p", 2, 0, os.urandom(1024 * 1024))
+    assert frames.compress(random_block) is random_block
+    # Compressible only outside the samples: sent as it is (compression is never needed).
+    mixed = bytearray(os.urandom(1024 * 1024))
+    for i in range(frames.PROBE_SAMPLES):
+        at = i * len(mixed) // frames.PROBE_SAMPLES + frames.PROBE_SAMPLE_BYTES
+        mixed[at : at + 200_000] = bytes(200_000)
+    mixed_frame = frames.write_frame("p", 3, 0, bytes(mixed))
+    assert frames.compress(mixed_frame) is mixed_frame
+
+
+@pytest.mark.parametrize("size", [0, 100, 127, 128, 16_383, 16_384, 1024 * 1024, 1024 * 1024 + 77])
+def test_frame_message_is_the_serialized_replication_message(size):
+    frame = frames.write_frame("p", 7, 4096, os.urandom(size)) if size else frames.zero_frame("p", 7, 0, 4096)
+    body = frame.SerializeToString()
+    expected = rpb.ReplicationMessage(frame=frame).SerializeToString()
+    assert frames.frame_message(body) == expected
+    assert frames.frame_message(memoryview(b"xx" + body)[2:]) == expected
+    assert rpb.ReplicationMessage.FromString(frames.frame_message(body)).frame == frame
+
+
+@pytest.mark.parametrize("size", [1, 127, 128, 16_384, 1024 * 1024 + 5])
+def test_the_data_length_of_a_serialized_frame_is_read_from_its_fields(size):
+    plain = frames.write_frame("p", 9, 1 << 40, os.urandom(size), captured_at=1_700_000_000.5)
+    packed = frames.compress(frames.write_frame("p", 10, 0, bytes(size)))
+    for frame in (plain, packed):
+        body = frame.SerializeToString()
+        assert frames.serialized_data_length(body) == len(frame.write.data)
+        assert frames.serialized_data_length(memoryview(b"x" + body)[1:]) == len(frame.write.data)
+
+
+def test_frames_without_data_and_garbage_have_no_data_length():
+    for frame in (
+        frames.zero_frame("p", 1, 0, 4096),
+        frames.tag_frame("p", 2, "t1", rpb.RECOVERY_POINT_KIND_CRASH_CONSISTENT),
+        frames.sync_frame("p", 3, rpb.SYNC_PHASE_INITIAL_DONE, 1 << 30),
+    ):
+        assert frames.serialized_data_length(frame.SerializeToString()) == 0
+    assert frames.serialized_data_length(b"\x12\xff\xff\xff") == 0
+    assert frames.serialized_data_length(b"\x0f") == 0
