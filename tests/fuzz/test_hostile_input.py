@@ -175,6 +175,27 @@ CONTROL_PLANE = [
             "point": hostile.mixed("latest", "", f.tag_id),
             "output_path": hostile.mixed(f"{f.datastore}/../escape.img", f"{f.datastore}", "/etc/cron.d/x", ""),
         }),
+    # A view is opened (or closed) in the master target's memory: nothing is written.
+    Rpc("/siterecovery.v1.Admin/OpenPointView", admin_pb2.OpenPointViewRequest, "config-server", pki.ADMIN,
+        frozenset({C.INVALID_ARGUMENT, C.NOT_FOUND, C.FAILED_PRECONDITION, C.ABORTED}), "read",
+        overrides=lambda f: {
+            "machine": hostile.mixed(f.site.machine), "disk": hostile.mixed("disk0", ""),
+            "point": hostile.mixed("latest", "", f.tag_id),
+        }),
+    Rpc("/siterecovery.v1.Admin/ClosePointView", admin_pb2.ClosePointViewRequest, "config-server", pki.ADMIN,
+        frozenset({C.INVALID_ARGUMENT, C.NOT_FOUND, C.FAILED_PRECONDITION}), "read",
+        overrides=lambda f: {
+            "machine": hostile.mixed(f.site.machine), "disk": hostile.mixed("disk0", ""),
+            "view_id": hostile.mixed("", "view-0123456789abcdef01234567"),
+        }),
+    # The master target's own view RPCs (admin only), asked directly.
+    Rpc("/siterecovery.v1.MasterTarget/OpenView", rpb.OpenViewRequest, "master-target", pki.ADMIN,
+        frozenset({C.INVALID_ARGUMENT, C.NOT_FOUND, C.FAILED_PRECONDITION, C.ABORTED}), "read",
+        overrides=lambda f: {"pair_id": hostile.mixed(f.pair["pair_id"]), "point": hostile.mixed("latest", "", f.tag_id)}),
+    Rpc("/siterecovery.v1.MasterTarget/CloseView", rpb.CloseViewRequest, "master-target", pki.ADMIN,
+        LOOKUP, "read",
+        overrides=lambda f: {"pair_id": hostile.mixed(f.pair["pair_id"]),
+                             "view_id": hostile.mixed("", "view-0123456789abcdef01234567")}),
     # UNAVAILABLE / UNAUTHENTICATED / PERMISSION_DENIED: a well-formed endpoint was tried and
     # did not answer, or refused the login; that is what the caller must be told.
     Rpc("/siterecovery.v1.Admin/AddVcenter", admin_pb2.AddVcenterRequest, "config-server", pki.ADMIN,
