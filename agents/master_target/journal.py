@@ -70,6 +70,7 @@ import os
 import struct
 import threading
 from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -233,6 +234,8 @@ def _pruned(seq: int) -> errors.NotFound:
 
 
 _SCAN_CHUNK = 8 * 1024 * 1024
+# How far the scan's read-ahead thread runs ahead of the parsing (undo_extents_after).
+READ_AHEAD_SEGMENTS = 2
 _KIND_LENGTH = struct.Struct("<BI")
 _UNDO_FIELDS = struct.Struct("<QQQB")
 
@@ -659,37 +662,49 @@ class UndoJournal:
         each checked against its checksum, as (segment number, bytes read, extents) pieces;
         `segments` is the journal's list as it was at the cut.
 
-        One sequential pass in large reads, the next segment read ahead while one is
+        One sequential pass in large reads, the next segments read ahead while one is
         parsed (what reading the journal costs, and little more): the caller learns where
         each record's old contents lie, not the contents. The segments must be kept from
-        pruning meanwhile (`pin`)."""
+        pruning meanwhile (`pin`).
+
+        The read-ahead runs on a thread of its own, at most READ_AHEAD_SEGMENTS
+        segments ahead of the parsing: asking the kernel for tens of MiB blocks the
+        asker while the device queue is full, and on the parsing thread that wait
+        was added to the parsing instead of overlapping it."""
         segments = [s for s in segments if s.number <= cut.segment]
         if not segments or segments[0].applied_seq > seq:
             raise _pruned(seq)
         start = max(i for i, s in enumerate(segments) if s.applied_seq <= seq)
         wanted = segments[start:]
-        ends: dict[int, int] = {}
+        ends = {s.number: cut.offset if s.number == cut.segment else s.path.stat().st_size for s in wanted}
 
         def ahead(segment: Segment) -> None:
-            fd = os.open(segment.path, os.O_RDONLY | os.O_CLOEXEC)
             try:
-                ends[segment.number] = end = cut.offset if segment.number == cut.segment else os.fstat(fd).st_size
-                blockio.read_ahead(fd, 0, end)
+                fd = os.open(segment.path, os.O_RDONLY | os.O_CLOEXEC)
+            except OSError:
+                return  # a hint only: the parsing reads it (and reports what is wrong)
+            try:
+                blockio.read_ahead(fd, 0, ends[segment.number])
             finally:
                 os.close(fd)
 
-        ahead(wanted[0])
-        for index, segment in enumerate(wanted):
-            if index + 1 < len(wanted):
-                ahead(wanted[index + 1])
-            fd = os.open(segment.path, os.O_RDONLY | os.O_CLOEXEC)
+        with ThreadPoolExecutor(1, thread_name_prefix="journal-read-ahead") as reader:
+            for segment in wanted[:READ_AHEAD_SEGMENTS]:
+                reader.submit(ahead, segment)
             try:
-                end = ends[segment.number]
-                for found in _scan_undo(segment, fd, end, seq):
-                    yield segment.number, 0, found
-                yield segment.number, end - _first_record_end(fd), []  # the records' bytes read
+                for index, segment in enumerate(wanted):
+                    if index + READ_AHEAD_SEGMENTS < len(wanted):
+                        reader.submit(ahead, wanted[index + READ_AHEAD_SEGMENTS])
+                    fd = os.open(segment.path, os.O_RDONLY | os.O_CLOEXEC)
+                    try:
+                        end = ends[segment.number]
+                        for found in _scan_undo(segment, fd, end, seq):
+                            yield segment.number, 0, found
+                        yield segment.number, end - _first_record_end(fd), []  # the records' bytes read
+                    finally:
+                        os.close(fd)
             finally:
-                os.close(fd)
+                reader.shutdown(cancel_futures=True)
 
     def close(self) -> None:
         if self._fd >= 0:
