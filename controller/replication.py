@@ -938,23 +938,8 @@ def materialize_on_target(
 ) -> rpb.MaterializeReply:
     """Ask the pair's master target to materialise `point` (a tag id or "latest") at `output_path`
     (or, `in_place`, to put the paused pair's disk itself back to it)."""
-    if is_azure(pair):
-        raise errors.PreconditionFailed(
-            f"disk {pair.disk_name} replicates to Azure page blob {pair.target_path}; its recovery points are "
-            "snapshots of that blob, not files on a master target",
-            hint="`srctl recovery-points list` shows them; a failover to Azure copies the chosen snapshot",
-            code="point-in-azure",
-        )
-    master_target = store.get_server(pair.master_target_id)
-    endpoint = master_target.inventory.get("data_endpoint", "")
-    with secure_channel(endpoint, credentials, target_name=pki.agent_dns_name(master_target.id)) as channel:
-        try:
-            return dataplane_pb2_grpc.MasterTargetStub(channel).Materialize(
-                rpb.MaterializeRequest(pair_id=pair.id, point=point, output_path=output_path, in_place=in_place),
-                timeout=timeout,
-            )
-        except grpc.RpcError as exc:
-            raise errors.from_rpc_error(exc, target=endpoint) from exc
+    request = rpb.MaterializeRequest(pair_id=pair.id, point=point, output_path=output_path, in_place=in_place)
+    return _master_target_call(store, credentials, pair, "Materialize", request, timeout)
 
 
 def _master_target_call(
@@ -964,7 +949,7 @@ def _master_target_call(
     if is_azure(pair):
         raise errors.PreconditionFailed(
             f"disk {pair.disk_name} replicates to Azure page blob {pair.target_path}; its recovery points are "
-            "snapshots of that blob, not views served by a master target",
+            "snapshots of that blob, not files on a master target",
             hint="`srctl recovery-points list` shows them; a failover to Azure copies the chosen snapshot",
             code="point-in-azure",
         )
