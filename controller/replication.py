@@ -796,9 +796,17 @@ def _state(
                 return status.state, f"{role}: {status.reason}", status.reason_code
     if source is None:
         return rpb.PAIR_STATE_INITIAL_SYNC, "waiting for the source agent to report", "waiting-for-source"
-    if source.state == rpb.PAIR_STATE_INITIAL_SYNC or (
-        target is not None and target.state == rpb.PAIR_STATE_INITIAL_SYNC
-    ):
+    if source.state == rpb.PAIR_STATE_INITIAL_SYNC:
+        return rpb.PAIR_STATE_INITIAL_SYNC, "", ""
+    # The source's "done" says what it sent, not what the target holds: a pair is in sync only
+    # once the end that writes the target disk says so (a master target that has not heard of
+    # the pair yet, say because it has not reached the configuration server since the pair
+    # was created, holds nothing a failover could recover).
+    end = target if not is_azure(pair) else spool
+    if end is None:
+        role = "process server" if is_azure(pair) else "master target"
+        return rpb.PAIR_STATE_INITIAL_SYNC, f"waiting for the {role} to report", "waiting-for-target"
+    if end.state == rpb.PAIR_STATE_INITIAL_SYNC:
         return rpb.PAIR_STATE_INITIAL_SYNC, "", ""
     return rpb.PAIR_STATE_REPLICATING, "", ""
 

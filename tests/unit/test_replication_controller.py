@@ -145,6 +145,15 @@ def test_view_adds_up_sync_progress_rpo_and_backlogs(store):
     source.state = rpb.PAIR_STATE_REPLICATING
     source.ClearField("oldest_pending_captured_at")
     spool.ClearField("oldest_pending_captured_at")
+    # The source is done, but the master target has not reported the pair: nothing to fail over to yet.
+    sent = [_report(pair.id, "src-1", "source", source), _report(pair.id, "ps-1", "process-server", spool)]
+    unheard = replication.view(pair, sent, hostname="app01", heartbeat_interval=10, now=now)
+    assert (unheard.state, unheard.reason_code) == (rpb.PAIR_STATE_INITIAL_SYNC, "waiting-for-target")
+    assert unheard.reason == "waiting for the master target to report"
+    still_applying = rpb.PairStatus(pair_id=pair.id, state=rpb.PAIR_STATE_INITIAL_SYNC, last_seq=4)
+    applying = replication.view(pair, [*sent, _report(pair.id, "mt-1", "master-target", still_applying)],
+                                hostname="app01", heartbeat_interval=10, now=now)
+    assert (applying.state, applying.reason_code) == (rpb.PAIR_STATE_INITIAL_SYNC, "")
     target = rpb.PairStatus(pair_id=pair.id, state=rpb.PAIR_STATE_REPLICATING, last_seq=10,
                             points=[rpb.RecoveryPoint(tag_id="t1", seq=10)])
     reports = [
