@@ -223,5 +223,7 @@ def drill(
         for p in phases:
             if p.detail:
                 output.console.print(f"  {p.name}: {p.detail}", highlight=False)
+        output.console.print(f"The lab in {lab_dir} keeps running: `srctl drill` runs the cycle again, "
+                             "`srctl lab down` stops it.", highlight=False)
     if failed:
         raise typer.Exit(errors.Integrity.exit_code)
