@@ -88,6 +88,8 @@ def open_index(directory: Path) -> tuple[float, int, int]:
 def main(argv: list[str]) -> int:
     p = argparse.ArgumentParser(prog="python -m bench.view_scan", description=__doc__.split("\n")[0])
     p.add_argument("--journal", type=Path, default=None, help="index a copy of this journal instead")
+    p.add_argument("--in-place", action="store_true",
+                   help="with --journal: index it where it is, no copy (it must be a closed, committed journal)")
     p.add_argument("--records", type=int, default=84_000, help="undo records to write (default 84000)")
     p.add_argument("--record-size", type=parse_size, default=parse_size("16K"), help="old data per record")
     p.add_argument("--batch", type=int, default=8, help="undo records per commit (default 8)")
@@ -96,9 +98,11 @@ def main(argv: list[str]) -> int:
     p.add_argument("--keep", action="store_true", help="keep the work directory")
     args = p.parse_args(argv)
     work = Path(tempfile.mkdtemp(prefix="sr-bench-view-scan-", dir=args.workdir))
-    directory = work / "journal"
+    directory = args.journal if args.journal and args.in_place else work / "journal"
     try:
-        if args.journal:
+        if args.journal and args.in_place:
+            pass
+        elif args.journal:
             shutil.copytree(args.journal, directory)
         else:
             write_journal(directory, args.records, args.record_size, args.batch, seed=1)
