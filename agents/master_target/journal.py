@@ -253,9 +253,9 @@ class _ReadAhead:
 
     The hints go in the largest pieces the kernel takes in one (blockio.read_ahead_chunk:
     8 MiB on this machine, not 128 KiB): between two of them the thread must take the
-    GIL again, which the parsing thread holds most of the time, so with 512 small hints
-    a segment the read-ahead fell behind and the disk idled. A hint only: a segment
-    that cannot be opened here is read (and its problem reported) by the parsing."""
+    GIL again, which the parsing thread holds most of the time (512 hints a segment at
+    128 KiB; 8 at 8 MiB). A hint only: a segment that cannot be opened here is read (and
+    its problem reported) by the parsing."""
 
     def __init__(self, wanted: list[tuple[Segment, int]], depth: int) -> None:
         self._wanted = wanted
