@@ -71,12 +71,29 @@ def pwrite_all(fd: int, data: bytes | memoryview, offset: int) -> None:
         offset += written
 
 
-def read_ahead(fd: int, offset: int, length: int) -> None:
+def read_ahead(fd: int, offset: int, length: int, chunk: int = READ_AHEAD_CHUNK) -> None:
     """Start reading [offset, offset+length) into the page cache, in large sequential I/O,
-    without waiting: later small or backward reads of it then find it there. A hint only."""
+    without waiting: later small or backward reads of it then find it there. A hint only.
+    `chunk`: the most one hint asks for (see `read_ahead_chunk`)."""
     end = offset + length
-    for start in range(offset, end, READ_AHEAD_CHUNK):
-        os.posix_fadvise(fd, start, min(READ_AHEAD_CHUNK, end - start), os.POSIX_FADV_WILLNEED)
+    for start in range(offset, end, chunk):
+        os.posix_fadvise(fd, start, min(chunk, end - start), os.POSIX_FADV_WILLNEED)
+
+
+def read_ahead_chunk(fd: int) -> int:
+    """The most one POSIX_FADV_WILLNEED reads on the device holding `fd`'s file: Linux caps
+    it at the larger of the device's read-ahead and its largest request (read_ahead_kb,
+    max_sectors_kb in sysfs), READ_AHEAD_CHUNK when those cannot be read. Fewer, larger
+    hints matter on a thread that takes the GIL again between two of them."""
+    dev = os.fstat(fd).st_dev
+    base = Path(f"/sys/dev/block/{os.major(dev)}:{os.minor(dev)}")
+    for queue in (base / "queue", base / ".." / "queue"):  # a disk, or a partition of one
+        try:
+            kib = max(int((queue / name).read_text()) for name in ("read_ahead_kb", "max_sectors_kb"))
+        except (OSError, ValueError):
+            continue
+        return max(READ_AHEAD_CHUNK, kib * 1024)
+    return READ_AHEAD_CHUNK
 
 
 def zero_range(fd: int, offset: int, length: int) -> None:
@@ -103,6 +120,16 @@ def pread_all(fd: int, length: int, offset: int) -> bytes:
         parts.append(more)
         got += len(more)
     return b"".join(parts)
+
+
+def pread_into(fd: int, buf: memoryview, offset: int) -> None:
+    """Fill `buf` from `offset` (no allocation: for reads into a reused buffer)."""
+    while buf:
+        n = os.preadv(fd, [buf], offset)
+        if n == 0:
+            raise OSError(errno.EIO, f"short read at {offset}: the file ends early")
+        buf = buf[n:]
+        offset += n
 
 
 def is_zero(data: bytes) -> bool:

@@ -16,6 +16,7 @@ on every insert.
 from __future__ import annotations
 
 from bisect import bisect_right
+from collections.abc import Iterable
 
 CHUNK_SHIFT = 20
 CHUNK = 1 << CHUNK_SHIFT
@@ -65,6 +66,32 @@ class ExtentMap:
                 self.covered_bytes += b - a
             added.extend(gaps)
         return added
+
+    def add_many(self, extents: Iterable[Extent]) -> None:
+        """`add_uncovered` of each extent in order, when the pieces added are not needed:
+        the common case (within one chunk, no overlap) inline, for a view's first index."""
+        chunks, add = self._chunks, self.add_uncovered
+        count = covered = 0
+        for start, end, segment, offset in extents:
+            chunk = start >> CHUNK_SHIFT
+            if (end - 1) >> CHUNK_SHIFT == chunk:
+                found = chunks.get(chunk)
+                if found is None:
+                    chunks[chunk] = ([start], [(start, end, segment, offset)])
+                    count += 1
+                    covered += end - start
+                    continue
+                starts, extents_ = found
+                i = bisect_right(starts, start)
+                if (i == 0 or extents_[i - 1][1] <= start) and (i == len(starts) or starts[i] >= end):
+                    starts.insert(i, start)
+                    extents_.insert(i, (start, end, segment, offset))
+                    count += 1
+                    covered += end - start
+                    continue
+            add(start, end, segment, offset)
+        self.extents += count
+        self.covered_bytes += covered
 
     def remove(self, pieces: list[tuple[int, int]]) -> None:
         """Forget extents `add_uncovered` returned (whole pieces only)."""

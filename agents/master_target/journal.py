@@ -70,7 +70,6 @@ import os
 import struct
 import threading
 from collections.abc import Iterator
-from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -233,61 +232,165 @@ def _pruned(seq: int) -> errors.NotFound:
     )
 
 
-_SCAN_CHUNK = 8 * 1024 * 1024
-# How far the scan's read-ahead thread runs ahead of the parsing (undo_extents_after).
+# The scan of undo_extents_after reads segments in pieces of this size, into one reused buffer.
+_SCAN_CHUNK = 4 * 1024 * 1024
+# How many segments the scan's read-ahead thread may run ahead of the one being parsed.
 READ_AHEAD_SEGMENTS = 2
 _KIND_LENGTH = struct.Struct("<BI")
-_UNDO_FIELDS = struct.Struct("<QQQB")
+# A record's header and, when it is an undo record, its fixed fields: unpacked in one call.
+_HEAD_UNDO = struct.Struct("<4sBxxxIQQQQB")  # _HEAD, then _UNDO without its padding
 
-# (target offset, length, where its old data starts in the segment or UNDO_ZEROS)
-UndoExtent = tuple[int, int, int]
+# (start, end) on the target disk, the journal segment, where the old data of `start` lies in
+# that segment or UNDO_ZEROS: the shape extentmap.Extent takes.
+UndoExtent = tuple[int, int, int, int]
 UNDO_ZEROS = -1
 
 
-def _scan_undo(segment: Segment, fd: int, end: int, after_seq: int) -> Iterator[list[UndoExtent]]:
-    """The undo records of a segment before `end` with a seq above `after_seq`, oldest first,
-    read in large sequential pieces and checked (checksum) on the way; a list per piece read.
+class _ReadAhead:
+    """Asks the kernel to read segments into the page cache (POSIX_FADV_WILLNEED, which
+    returns at once unless the device's queue is full), on a thread of its own, at most
+    `depth` segments ahead of the one being parsed (`reached`).
 
-    Written for speed (opening a point view costs this loop per record): one buffer per
-    piece, the header fields unpacked in place, one hasher reused."""
-    hasher = xxhash.xxh3_64()
-    head, undo, kind_length = _HEAD.unpack_from, _UNDO_FIELDS.unpack_from, _KIND_LENGTH.pack
-    head_size, undo_size = _HEAD.size, _UNDO.size
-    pos = _first_record_end(fd)
-    while pos < end:
-        if end - pos < head_size:
-            raise _damaged(segment, pos)
-        base = pos
-        buf = blockio.pread_all(fd, min(_SCAN_CHUNK, end - pos), pos)
+    The hints go in the largest pieces the kernel takes in one (blockio.read_ahead_chunk:
+    8 MiB on this machine, not 128 KiB): between two of them the thread must take the
+    GIL again, which the parsing thread holds most of the time (512 hints a segment at
+    128 KiB; 8 at 8 MiB). A hint only: a segment that cannot be opened here is read (and
+    its problem reported) by the parsing."""
+
+    def __init__(self, wanted: list[tuple[Segment, int]], depth: int) -> None:
+        self._wanted = wanted
+        self._allowed = threading.Semaphore(depth + 1)
+        self._stopped = False
+        self._started = False
+        self._thread = threading.Thread(target=self._run, name="journal-read-ahead", daemon=True)
+        if depth > 0:
+            self._thread.start()
+
+    def _run(self) -> None:
+        for segment, end in self._wanted:
+            self._allowed.acquire()
+            if self._stopped:
+                return
+            try:
+                fd = os.open(segment.path, os.O_RDONLY | os.O_CLOEXEC)
+            except OSError:
+                continue
+            try:
+                blockio.read_ahead(fd, 0, end, blockio.read_ahead_chunk(fd))
+            except OSError:
+                pass
+            finally:
+                os.close(fd)
+
+    def reached(self, segment: Segment) -> None:
+        """The parsing starts `segment`: one more may be read ahead (the first is counted in)."""
+        if self._started:
+            self._allowed.release()
+        self._started = True
+
+    def close(self) -> None:
+        self._stopped = True
+        self._allowed.release()
+        if self._thread.is_alive():
+            self._thread.join()
+
+
+class _RecordScanner:
+    """The undo records of one segment with a seq above `after_seq`, from pieces of it read in
+    order (`feed`), each record checked against its checksum; a record cut by the end of a
+    piece is completed from the next one. Written for speed: opening a point view costs
+    this loop per record (one unpack of the header and the undo fields, one hasher reused,
+    the data hashed where it lies)."""
+
+    def __init__(self, segment: Segment, end: int, after_seq: int) -> None:
+        self.segment = segment
+        self.end = end
+        self.after_seq = after_seq
+        self._hasher = xxhash.xxh3_64()
+        self._prefixes: dict[int, bytes] = {}
+        self._carry = bytearray()  # the start of a record the last piece cut
+        self._carry_at = 0  # its offset in the segment
+
+    def feed(self, buf: bytes | bytearray, base: int, n: int, found: list[UndoExtent]) -> None:
+        """Parse buf[:n], the segment's bytes from offset `base`; append to `found`."""
+        at = 0
+        if self._carry:
+            at = self._complete(buf, n, found)
+        stop = self._parse(buf, at, n, base, found)
+        if stop < n:
+            self._carry[:] = memoryview(buf)[stop:n]
+            self._carry_at = base + stop
+
+    def finish(self) -> None:
+        """At the segment's end: a record left incomplete is damage."""
+        if self._carry:
+            raise _damaged(self.segment, self._carry_at)
+
+    def _complete(self, buf: bytes | bytearray, n: int, found: list[UndoExtent]) -> int:
+        """Complete the carried record from buf[:n]; how much of buf it took."""
+        carry = self._carry
+        head_size = _HEAD.size
+        taken = 0
+        if len(carry) < head_size:
+            taken = min(head_size - len(carry), n)
+            carry += memoryview(buf)[:taken]
+            if len(carry) < head_size:
+                return taken
+        magic, _kind, length, _sum = _HEAD.unpack_from(carry)
+        if magic != MAGIC or length > _MAX_BODY or self._carry_at + head_size + length > self.end:
+            raise _damaged(self.segment, self._carry_at)
+        more = min(head_size + length - len(carry), n - taken)
+        carry += memoryview(buf)[taken : taken + more]
+        taken += more
+        if len(carry) == head_size + length:
+            if self._parse(carry, 0, len(carry), self._carry_at, found) != len(carry):
+                raise _damaged(self.segment, self._carry_at)
+            carry.clear()
+        return taken
+
+    def _parse(self, buf: bytes | bytearray, at: int, limit: int, base: int, found: list[UndoExtent]) -> int:
+        """Parse the whole records of buf[at:limit] (segment offset of buf[0]: `base`); returns
+        where the first record not wholly inside starts."""
+        head_undo, head, kind_length = _HEAD_UNDO.unpack_from, _HEAD.unpack_from, _KIND_LENGTH.pack
+        head_size, undo_size, both_size = _HEAD.size, _UNDO.size, _HEAD_UNDO.size
+        hasher, prefixes = self._hasher, self._prefixes
+        reset, update, digest = hasher.reset, hasher.update, hasher.intdigest
+        append, segment, after_seq = found.append, self.segment.number, self.after_seq
+        stop = self.end - base  # the segment's end, in buf's terms
         view = memoryview(buf)
-        limit = base + len(buf)
-        found: list[UndoExtent] = []
-        while pos + head_size <= limit:
-            at = pos - base
-            magic, kind, length, checksum = head(buf, at)
-            record_end = pos + head_size + length
-            if magic != MAGIC or record_end > end or length > _MAX_BODY:
-                raise _damaged(segment, pos)
+        while True:
+            if at + both_size <= limit:
+                magic, kind, length, checksum, seq, target_offset, undo_length, flags = head_undo(buf, at)
+            elif at + head_size <= limit:
+                # an undo record ending inside buf has its fields here: this one is not one
+                magic, kind, length, checksum = head(buf, at)
+                seq = target_offset = undo_length = flags = 0
+            else:
+                return at
+            record_end = at + head_size + length
+            if magic != MAGIC or length > _MAX_BODY or record_end > stop:
+                raise _damaged(self.segment, base + at)
             if record_end > limit:
-                if at == 0:  # a record larger than a piece: read it whole
-                    buf = blockio.pread_all(fd, head_size + length, pos)
-                    view, limit = memoryview(buf), pos + len(buf)
-                    continue
-                break
-            hasher.reset()
-            hasher.update(kind_length(kind, length))
-            hasher.update(view[at + head_size : at + head_size + length])
-            if hasher.intdigest() != checksum:
-                raise _damaged(segment, pos)
+                return at
+            prefix = prefixes.get(length << 8 | kind)
+            if prefix is None:
+                prefix = prefixes[length << 8 | kind] = kind_length(kind, length)
+            reset()
+            update(prefix)
+            update(view[at + head_size : record_end])
+            if digest() != checksum:
+                raise _damaged(self.segment, base + at)
             if kind == KIND_UNDO:
-                seq, target_offset, undo_length, flags = undo(buf, at + head_size)
-                zeros = flags & FLAG_ZEROS
-                if not zeros and length - undo_size != undo_length:
-                    raise _damaged(segment, pos)
-                if seq > after_seq:
-                    found.append((target_offset, undo_length, UNDO_ZEROS if zeros else pos + head_size + undo_size))
-            pos = record_end
-        yield found
+                if flags & FLAG_ZEROS:
+                    if length < undo_size:
+                        raise _damaged(self.segment, base + at)
+                    if seq > after_seq:
+                        append((target_offset, target_offset + undo_length, segment, UNDO_ZEROS))
+                elif length - undo_size != undo_length or length < undo_size:
+                    raise _damaged(self.segment, base + at)
+                elif seq > after_seq:
+                    append((target_offset, target_offset + undo_length, segment, base + at + head_size + undo_size))
+            at = record_end
 
 
 def _damaged(segment: Segment, offset: int) -> errors.Integrity:
@@ -662,49 +765,39 @@ class UndoJournal:
         each checked against its checksum, as (segment number, bytes read, extents) pieces;
         `segments` is the journal's list as it was at the cut.
 
-        One sequential pass in large reads, the next segments read ahead while one is
-        parsed (what reading the journal costs, and little more): the caller learns where
-        each record's old contents lie, not the contents. The segments must be kept from
-        pruning meanwhile (`pin`).
+        One sequential pass in large reads into one reused buffer (what reading the
+        journal costs, and little more): the caller learns where each record's old
+        contents lie, not the contents. The segments must be kept from pruning meanwhile
+        (`pin`).
 
-        The read-ahead runs on a thread of its own, at most READ_AHEAD_SEGMENTS
-        segments ahead of the parsing: asking the kernel for tens of MiB blocks the
-        asker while the device queue is full, and on the parsing thread that wait
-        was added to the parsing instead of overlapping it."""
+        The parsing reads on the calling thread; a thread of its own asks the kernel to
+        read the segments ahead (`_ReadAhead`), so the parsing mostly finds them in the
+        page cache while the disk goes on reading."""
         segments = [s for s in segments if s.number <= cut.segment]
         if not segments or segments[0].applied_seq > seq:
             raise _pruned(seq)
         start = max(i for i, s in enumerate(segments) if s.applied_seq <= seq)
-        wanted = segments[start:]
-        ends = {s.number: cut.offset if s.number == cut.segment else s.path.stat().st_size for s in wanted}
-
-        def ahead(segment: Segment) -> None:
-            try:
+        wanted = [(s, cut.offset if s.number == cut.segment else s.path.stat().st_size) for s in segments[start:]]
+        buf = bytearray(_SCAN_CHUNK)
+        view = memoryview(buf)
+        ahead = _ReadAhead(wanted, READ_AHEAD_SEGMENTS)
+        try:
+            for segment, end in wanted:
+                ahead.reached(segment)
+                scanner = _RecordScanner(segment, end, seq)
                 fd = os.open(segment.path, os.O_RDONLY | os.O_CLOEXEC)
-            except OSError:
-                return  # a hint only: the parsing reads it (and reports what is wrong)
-            try:
-                blockio.read_ahead(fd, 0, ends[segment.number])
-            finally:
-                os.close(fd)
-
-        with ThreadPoolExecutor(1, thread_name_prefix="journal-read-ahead") as reader:
-            for segment in wanted[:READ_AHEAD_SEGMENTS]:
-                reader.submit(ahead, segment)
-            try:
-                for index, segment in enumerate(wanted):
-                    if index + READ_AHEAD_SEGMENTS < len(wanted):
-                        reader.submit(ahead, wanted[index + READ_AHEAD_SEGMENTS])
-                    fd = os.open(segment.path, os.O_RDONLY | os.O_CLOEXEC)
-                    try:
-                        end = ends[segment.number]
-                        for found in _scan_undo(segment, fd, end, seq):
-                            yield segment.number, 0, found
-                        yield segment.number, end - _first_record_end(fd), []  # the records' bytes read
-                    finally:
-                        os.close(fd)
-            finally:
-                reader.shutdown(cancel_futures=True)
+                try:
+                    for base in range(0, end, len(buf)):
+                        n = min(len(buf), end - base)
+                        blockio.pread_into(fd, view[:n], base)
+                        found: list[UndoExtent] = []
+                        scanner.feed(buf, base, n, found)
+                        yield segment.number, n, found
+                    scanner.finish()
+                finally:
+                    os.close(fd)
+        finally:
+            ahead.close()
 
     def close(self) -> None:
         if self._fd >= 0:

@@ -150,14 +150,13 @@ class PointView:
     # -- building -------------------------------------------------------------------------
     def build(self, pieces: Iterable[tuple[int, int, list[UndoExtent]]]) -> None:
         """Index the records before the cut (oldest first), then those appended meanwhile."""
-        add = self._map.add_uncovered
-        for segment, read, extents in pieces:
+        add = self._map.add_many  # without the lock: nothing else touches the map while building
+        for _segment, read, extents in pieces:
             if self.closed:
                 raise errors.Unavailable(f"view {self.view_id} was closed while it was opened",
                                          hint="the pair was closed or reopened; open the view again",
                                          code="view-closed")
-            for target_offset, length, source in extents:
-                add(target_offset, target_offset + length, segment, source)
+            add(extents)
             self.indexed_records += len(extents)
             self.indexed_bytes += read
         with self._lock:

@@ -10,14 +10,16 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import grpc
 
 from siterecovery.common import errors
 from siterecovery.controller.providers.local.site import AgentLaunch, LocalSite
-from siterecovery.controller.providers.vsphere.session import Session
 from siterecovery.controller.store.base import VcenterRecord
+
+if TYPE_CHECKING:  # pyVmomi takes ~0.3 s to import; srctl imports this module for every command
+    from siterecovery.controller.providers.vsphere.session import Session
 
 
 def utcnow() -> datetime:
