@@ -31,10 +31,9 @@ method, status code.
 
 from __future__ import annotations
 
-import asyncio
 import threading
 import time
-from collections.abc import AsyncIterator, Callable, Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from typing import Any
 
 import grpc
@@ -107,9 +106,8 @@ class DaemonMetrics:
         self.registry.register(_Guarded(name, collector, self))
 
     # -- gRPC ------------------------------------------------------------------------
-    def rpc_interceptor(self, *, aio: bool = False) -> grpc.ServerInterceptor | grpc.aio.ServerInterceptor:
-        """For `grpcserver.start_server`'s `observers` (with `aio` for its asyncio server)."""
-        return _AioRpcMetricsInterceptor(self) if aio else _RpcMetricsInterceptor(self)
+    def rpc_interceptor(self) -> grpc.ServerInterceptor:
+        return _RpcMetricsInterceptor(self)
 
     # -- the HTTP listener -------------------------------------------------------------
     def serve(self, listen: str) -> int:
@@ -259,79 +257,6 @@ class _RpcMetricsInterceptor(grpc.ServerInterceptor):
             return timed
 
         return _rewrap(handler, unary_response, stream_response)
-
-
-class _AioRpcMetricsInterceptor(grpc.aio.ServerInterceptor):
-    """The same on the asyncio server, where every guarded handler is a coroutine or an
-    async generator (common/grpcserver.py)."""
-
-    def __init__(self, metrics: DaemonMetrics) -> None:
-        self._metrics = metrics
-
-    async def intercept_service(self, continuation, handler_call_details):  # type: ignore[no-untyped-def]
-        handler = await continuation(handler_call_details)
-        if handler is None:
-            return None
-        service, method = _split(handler_call_details.method)
-        rpc_type = _rpc_type(handler)
-        histogram = self._metrics.rpc_seconds
-        in_flight = self._metrics.rpc_in_flight.labels(service, method)
-
-        def observe(started: float, code: str) -> None:
-            in_flight.dec()
-            histogram.labels(service, method, rpc_type, code).observe(time.perf_counter() - started)
-
-        def unary_response(behaviour: Callable) -> Callable:
-            async def timed(request: Any, context: grpc.aio.ServicerContext) -> Any:
-                started = time.perf_counter()
-                in_flight.inc()
-                code = None
-                try:
-                    return await behaviour(request, context)
-                except asyncio.CancelledError:
-                    code = _gone(context)
-                    raise
-                except BaseException:
-                    code = _aio_code(context, failed=True)
-                    raise
-                finally:
-                    observe(started, code or _aio_code(context, failed=False))
-
-            return timed
-
-        def stream_response(behaviour: Callable) -> Callable:
-            async def timed(request: Any, context: grpc.aio.ServicerContext) -> AsyncIterator[Any]:
-                started = time.perf_counter()
-                in_flight.inc()
-                code = None
-                try:
-                    async for item in behaviour(request, context):
-                        yield item
-                except (asyncio.CancelledError, GeneratorExit):  # the client went away mid-stream
-                    code = _gone(context)
-                    raise
-                except BaseException:
-                    code = _aio_code(context, failed=True)
-                    raise
-                finally:
-                    observe(started, code or _aio_code(context, failed=False))
-
-            return timed
-
-        return _rewrap(handler, unary_response, stream_response)
-
-
-def _aio_code(context: grpc.aio.ServicerContext, *, failed: bool) -> str:
-    code = context.code()
-    if isinstance(code, grpc.StatusCode):
-        return code.name
-    return "UNKNOWN" if failed else "OK"
-
-
-def _gone(context: grpc.aio.ServicerContext) -> str:
-    """The code of an RPC cancelled before its end: its deadline passed, or its client left."""
-    remaining = context.time_remaining()
-    return "DEADLINE_EXCEEDED" if remaining is not None and remaining <= 0 else "CANCELLED"
 
 
 def _rewrap(handler: grpc.RpcMethodHandler, unary: Callable, stream: Callable) -> grpc.RpcMethodHandler:

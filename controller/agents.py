@@ -9,7 +9,6 @@ of either side.
 
 from __future__ import annotations
 
-import asyncio
 import ipaddress
 from datetime import datetime
 
@@ -142,46 +141,18 @@ def heartbeat(
     One guarded write and no read: the server row is updated only when it exists
     with the caller's role; only when it is not is the row read, to say why.
     """
-    beat = _heartbeat(identity, problems=problems, directories=directories, now=now)
+    if len(problems) > MAX_PROBLEMS or (directories and len(directories) > MAX_DIRECTORIES):
+        raise errors.InvalidInput("heartbeat carries too many entries", code="heartbeat-invalid")
+    for problem in problems:
+        _check_text("problem.code", problem.get("code", ""))
+        _check_text("problem.message", problem.get("message", ""))
+    beat = Heartbeat(server_id=identity.id, role=identity.role, problems=problems, directories=directories, now=now)
     if writer is not None:
         recorded, counters = writer.record(beat)
     else:
         alone = store.record_heartbeat_group([beat])
         recorded, counters = alone.recorded[0], alone.counters
     if not recorded:
-        _not_recorded(store, identity)
+        _known_server(store, identity)  # NotFound or PermissionDenied, with the fix
+        raise errors.NotFound(f"agent {identity.id} was removed meanwhile", code="agent-unknown")
     return counters
-
-
-async def heartbeat_async(
-    store: Store,
-    identity: pki.Identity,
-    *,
-    problems: list[dict],
-    directories: list[dict] | None,
-    now: datetime,
-    writer: HeartbeatWriter,
-) -> ChangeCounters:
-    """`heartbeat`, for a coroutine on the asyncio server: the write waits without a thread
-    (`HeartbeatWriter.submit`); the rare refusal's read runs on one."""
-    beat = _heartbeat(identity, problems=problems, directories=directories, now=now)
-    recorded, counters = await writer.submit(beat)
-    if not recorded:
-        await asyncio.get_running_loop().run_in_executor(None, _not_recorded, store, identity)
-    return counters
-
-
-def _heartbeat(identity: pki.Identity, *, problems: list[dict], directories: list[dict] | None,
-               now: datetime) -> Heartbeat:
-    if len(problems) > MAX_PROBLEMS or (directories and len(directories) > MAX_DIRECTORIES):
-        raise errors.InvalidInput("heartbeat carries too many entries", code="heartbeat-invalid")
-    for problem in problems:
-        _check_text("problem.code", problem.get("code", ""))
-        _check_text("problem.message", problem.get("message", ""))
-    return Heartbeat(server_id=identity.id, role=identity.role, problems=problems, directories=directories, now=now)
-
-
-def _not_recorded(store: Store, identity: pki.Identity) -> None:
-    """Raise why a heartbeat's guarded write updated no row."""
-    _known_server(store, identity)  # NotFound or PermissionDenied, with the fix
-    raise errors.NotFound(f"agent {identity.id} was removed meanwhile", code="agent-unknown")

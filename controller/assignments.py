@@ -64,20 +64,18 @@ class _Copy(Generic[T]):
 
     def entries(self, counter: int) -> Mapping[str, tuple[T, ...]]:
         """Every server's entries, read again first unless the copy counts at least `counter`."""
-        entries = self.fresh(counter)
+        entries = self._fresh(counter)
         if entries is not None:
             return entries
         with self._lock:  # one read; the heartbeats that need it too wait for it
-            entries = self.fresh(counter)
+            entries = self._fresh(counter)
             if entries is None:
                 read_at = self._clock()
                 counted, entries = self._read()
                 self._state = (counted, read_at, entries)
             return entries
 
-    def fresh(self, counter: int) -> Mapping[str, tuple[T, ...]] | None:
-        """Every server's entries when the copy counts at least `counter` (and is not too old),
-        else None."""
+    def _fresh(self, counter: int) -> Mapping[str, tuple[T, ...]] | None:
         counted, read_at, entries = self._state
         if counted >= counter and self._clock() - read_at < self._max_age:
             return entries
@@ -106,14 +104,6 @@ class Assignments:
             return [], []  # an agent in no pair is the source of none: no tag requests
         requests = self._tags.entries(counters.tag_requests).get(server_id, ())
         return assignments, [request for expires_at, request in requests if expires_at > now]
-
-    def answers_now(self, server_id: str, counters: ChangeCounters) -> bool:
-        """Whether `orders_for(server_id, counters, ...)` would answer from the copy, without
-        reading the store now."""
-        pairs = self._pairs.fresh(counters.pairs)
-        if pairs is None:
-            return False
-        return not pairs.get(server_id) or self._tags.fresh(counters.tag_requests) is not None
 
     def _read_pairs(self) -> tuple[int, dict[str, tuple[rpb.PairAssignment, ...]]]:
         snapshot = self._store.pairs_snapshot()

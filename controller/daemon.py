@@ -273,9 +273,8 @@ def _serve(
         port=cfg.port,
         credentials=credentials,
         is_revoked=ctx.revocations.is_revoked,
-        observers=[served.rpc_interceptor(aio=True)] if served is not None else (),
+        observers=[served.rpc_interceptor()] if served is not None else (),
         options=SERVER_OPTIONS,
-        aio=True,
         services=[
             Service(
                 enrollment_pb2.DESCRIPTOR.services_by_name["Enrollment"].full_name,
@@ -314,7 +313,6 @@ def _serve(
     stop.wait()
     daemon.report_stopping()
     running.stop(grace=5.0)
-    ctx.heartbeats.close()
     runner.stop()
     scheduler.join(timeout=5.0)
     if backups is not None:

@@ -20,22 +20,11 @@ then at least as new as that commit (controller/assignments.py). A group that fa
 store unavailable) is written again one heartbeat per transaction, each by its
 own thread, so one agent's bad heartbeat never fails another's and each caller
 gets its own error.
-
-On the asyncio server (common/grpcserver.py) a heartbeat is a coroutine and
-has no thread to write with or to wait on: `submit` queues it and returns a
-future. When no group is being written, a thread of the writer's own (one,
-kept for the next time) writes groups until the queue is empty; each written
-group's futures are resolved on their event loop in one call. Coroutines and
-threads may share one writer: a thread that finishes a group hands the turn
-to the oldest waiting thread's heartbeat, or writes on when it is a
-coroutine's.
 """
 
 from __future__ import annotations
 
-import asyncio
 import threading
-from concurrent import futures
 from dataclasses import dataclass, field
 
 from siterecovery.controller.store.base import ChangeCounters, Heartbeat, Store
@@ -53,8 +42,6 @@ class _Slot:
     # Held while the slot's thread waits; released to wake exactly that thread, either
     # because its heartbeat is written or because it is to write the next group.
     wake: threading.Lock = field(default_factory=threading.Lock)
-    # A coroutine's heartbeat (`submit`): resolved on its loop instead of waking a thread.
-    future: asyncio.Future | None = None
 
 
 class HeartbeatWriter:
@@ -70,7 +57,6 @@ class HeartbeatWriter:
         self._mutex = threading.Lock()  # guards _queue and _writing
         self._queue: list[_Slot] = []
         self._writing = False
-        self._pool: futures.ThreadPoolExecutor | None = None  # writes coroutines' groups (`submit`)
 
     def record(self, beat: Heartbeat) -> tuple[bool, ChangeCounters]:
         """Commit `beat` (with whatever else is waiting): whether its server was there to update,
@@ -90,54 +76,21 @@ class HeartbeatWriter:
             return alone.recorded[0], alone.counters
         return slot.recorded, slot.counters
 
-    async def submit(self, beat: Heartbeat) -> tuple[bool, ChangeCounters]:
-        """`record`, for a coroutine: the same answer, without a thread waiting for it."""
-        loop = asyncio.get_running_loop()
-        slot = _Slot(beat, future=loop.create_future())
-        with self._mutex:
-            self._queue.append(slot)
-            writer = not self._writing
-            self._writing = True
-        if writer:
-            self._thread().submit(self._write_groups)
-        await slot.future
-        if slot.failed:
-            alone = await loop.run_in_executor(None, self._store.record_heartbeat_group, [beat])
-            return alone.recorded[0], alone.counters
-        return slot.recorded, slot.counters
-
-    def _thread(self) -> futures.ThreadPoolExecutor:
-        with self._mutex:
-            if self._pool is None:
-                self._pool = futures.ThreadPoolExecutor(max_workers=1, thread_name_prefix="heartbeats")
-            return self._pool
-
-    def close(self) -> None:
-        """Let the writer's thread end (after what it is writing); `submit` starts another."""
-        with self._mutex:
-            pool, self._pool = self._pool, None
-        if pool is not None:
-            pool.shutdown(wait=False)
-
     def _write_groups(self) -> None:
-        """Write the oldest group (this thread's heartbeat, if it has one, is its first) and
-        answer its heartbeats; then hand the turn to the oldest heartbeat still waiting if a
-        thread waits for it, or write its group too if a coroutine does."""
-        while True:
+        """Write the oldest group (this thread's heartbeat is its first), wake its threads and
+        hand the turn to the oldest heartbeat still waiting, if any."""
+        with self._mutex:
+            group, self._queue = self._queue[: self._max_group], self._queue[self._max_group :]
+        try:
+            self._write(group)
+        finally:
             with self._mutex:
-                group, self._queue = self._queue[: self._max_group], self._queue[self._max_group :]
-            try:
-                self._write(group)
-            finally:
-                with self._mutex:
-                    following = self._queue[0] if self._queue else None
-                    self._writing = following is not None
-                _answer(group)
-            if following is None:
-                return
-            if following.future is None:
+                following = self._queue[0] if self._queue else None
+                self._writing = following is not None
+            for slot in group[1:]:
+                slot.wake.release()
+            if following is not None:
                 following.wake.release()
-                return
 
     def _write(self, group: list[_Slot]) -> None:
         try:
@@ -151,25 +104,3 @@ class HeartbeatWriter:
         finally:
             for slot in group:
                 slot.done = True
-
-
-def _answer(group: list[_Slot]) -> None:
-    """Wake the group's waiting threads (not the writer's own: the first slot, when it is a
-    thread's) and resolve its coroutines' futures, with one call into each of their loops."""
-    by_loop: dict[asyncio.AbstractEventLoop, list[asyncio.Future]] = {}
-    for index, slot in enumerate(group):
-        if slot.future is not None:
-            by_loop.setdefault(slot.future.get_loop(), []).append(slot.future)
-        elif index > 0:
-            slot.wake.release()
-    for loop, waiting in by_loop.items():
-        try:
-            loop.call_soon_threadsafe(_resolve, waiting)
-        except RuntimeError:  # the loop is closed: the server stopped, nobody waits any more
-            pass
-
-
-def _resolve(waiting: list[asyncio.Future]) -> None:
-    for future in waiting:
-        if not future.done():  # a cancelled RPC's
-            future.set_result(None)

@@ -130,10 +130,6 @@ class PendingOrders:
                     self._state = (store, at, orders)
         return _first_order(orders.get(server_id, []))
 
-    def answers_now(self, store: Store) -> bool:
-        """Whether `order_for` would answer from what it read, without reading again."""
-        return self._fresh(store) is not None
-
     def _fresh(self, store: Store) -> dict[str, list[tuple[str, dict]]] | None:
         read_from, read_at, orders = self._state
         if read_from is not store or read_at is None or self._clock() - read_at >= self._refresh:
@@ -174,9 +170,6 @@ class NetworkOrderHooks:
 
     order_for: Callable[..., agent_pb2.NetworkOrder | None] = network_order_for
     record_results: Callable[..., None] = record_network_results
-    # Whether `order_for(store, ...)` answers without reading the store now (so a coroutine
-    # may call it on the event loop); when not, the servicer calls it on a thread.
-    answers_now: Callable[[Store], bool] = lambda store: False
 
 
 def cached_hooks() -> NetworkOrderHooks:
@@ -191,5 +184,4 @@ def cached_hooks() -> NetworkOrderHooks:
         finally:
             pending.forget()
 
-    return NetworkOrderHooks(order_for=pending.order_for, record_results=record_results,
-                             answers_now=pending.answers_now)
+    return NetworkOrderHooks(order_for=pending.order_for, record_results=record_results)

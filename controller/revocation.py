@@ -53,11 +53,6 @@ class Revocations:
         """The same ids, sorted (as heartbeat responses list them); do not change the list."""
         return self._current()[2]
 
-    def answers_now(self) -> bool:
-        """Whether `ids`, `sorted_ids` and `is_revoked` answer without reading the store now."""
-        read_at = self._state[0]
-        return read_at is not None and self._clock() - read_at < self._refresh
-
     def _current(self) -> tuple[float | None, frozenset[str], list[str]]:
         state = self._state
         if state[0] is not None and self._clock() - state[0] < self._refresh:

@@ -2,20 +2,16 @@
 
 from __future__ import annotations
 
-import asyncio
-import contextvars
 from datetime import UTC, datetime
 
 import grpc
 import structlog
 
-from siterecovery.common import pki
 from siterecovery.common.grpcserver import caller
 from siterecovery.common.pb import agent_pb2, agent_pb2_grpc
 from siterecovery.controller import agents, network_orders, replication
 from siterecovery.controller.context import ControllerContext
 from siterecovery.controller.convert import problem_to_dict, to_dict
-from siterecovery.controller.store.base import ChangeCounters
 
 log = structlog.get_logger(__name__)
 
@@ -46,14 +42,10 @@ class AgentControlServicer(agent_pb2_grpc.AgentControlServicer):
             revoked_ids=self._ctx.revoked_ids(),
         )
 
-    async def Heartbeat(self, request: agent_pb2.HeartbeatRequest, context: grpc.aio.ServicerContext):
-        """A coroutine on the configuration server's event loop (common/grpcserver.py): the
-        write waits in a group without a thread; the answer is built on the loop when it
-        comes from what is in memory, else on a thread (a pair report or order result to
-        write, or a copy to read again)."""
+    def Heartbeat(self, request: agent_pb2.HeartbeatRequest, context: grpc.ServicerContext):
         identity, now = caller(), datetime.now(UTC)
         network_orders.check_results(request.network_results)  # before anything is written
-        counters = await agents.heartbeat_async(
+        counters = agents.heartbeat(
             self._ctx.store,
             identity,
             problems=[problem_to_dict(p) for p in request.problems],
@@ -61,22 +53,6 @@ class AgentControlServicer(agent_pb2_grpc.AgentControlServicer):
             now=now,
             writer=self._ctx.heartbeats,
         )
-        if request.pairs or request.network_results or not self._answers_now(identity.id, counters):
-            return await asyncio.get_running_loop().run_in_executor(
-                None, contextvars.copy_context().run, self._answer, request, identity, counters, now
-            )
-        return self._answer(request, identity, counters, now)
-
-    def _answers_now(self, server_id: str, counters: ChangeCounters) -> bool:
-        revocations = self._ctx.revocations
-        return (
-            self._ctx.assignments.answers_now(server_id, counters)
-            and self._ctx.network_orders.answers_now(self._ctx.store)
-            and (revocations is None or revocations.answers_now())
-        )
-
-    def _answer(self, request: agent_pb2.HeartbeatRequest, identity: pki.Identity, counters: ChangeCounters,
-                now: datetime) -> agent_pb2.HeartbeatResponse:
         replication.record_reports(self._ctx.store, identity, request.pairs, now=now)
         hooks = self._ctx.network_orders
         if request.network_results:
