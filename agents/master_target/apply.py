@@ -24,7 +24,7 @@ from __future__ import annotations
 
 import threading
 from collections import deque
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterable, Iterator, Sequence
 from typing import TYPE_CHECKING
 
 import grpc
@@ -44,23 +44,24 @@ POLL_SECONDS = 1.0
 
 
 class Inbox:
-    """Frames read off the wire, bounded by their wire size."""
+    """Messages read off the wire (each a list of frames: one, or a batch), bounded by size."""
 
     def __init__(self, max_bytes: int) -> None:
         self._max_bytes = max_bytes
         self._cond = threading.Condition()
-        self._items: deque[tuple[rpb.Frame, int]] = deque()
+        self._items: deque[tuple[Sequence[rpb.Frame], int, int]] = deque()  # (frames, size, payload)
         self._bytes = 0
         self._closed = False
         self.error: BaseException | None = None
 
-    def put(self, frame: rpb.Frame, size: int) -> bool:
+    def put(self, carried: Sequence[rpb.Frame], size: int) -> bool:
+        payload = sum(frames.payload_length(frame) for frame in carried)
         with self._cond:
             while self._bytes >= self._max_bytes and not self._closed:
                 self._cond.wait()
             if self._closed:
                 return False
-            self._items.append((frame, size))
+            self._items.append((carried, size, payload))
             self._bytes += size
             self._cond.notify_all()
             return True
@@ -72,25 +73,26 @@ class Inbox:
             self._closed = True
             self._cond.notify_all()
 
-    def take(self, max_frames: int, max_payload: int, timeout: float) -> list[rpb.Frame] | None:
-        """Up to `max_frames` frames / `max_payload` payload bytes (at least one frame);
-        [] when none came within `timeout`; None once closed and drained."""
+    def take(self, max_frames: int, max_payload: int, timeout: float) -> list[Sequence[rpb.Frame]] | None:
+        """Whole messages, up to `max_frames` frames / `max_payload` payload bytes (at least
+        one message, however large); [] when none came within `timeout`; None once closed
+        and drained. A batch is never split: it is checked, and refused, as a whole."""
         with self._cond:
             if not self._items and not self._closed:
                 self._cond.wait(timeout)
             if not self._items:
                 return None if self._closed else []
-            out: list[rpb.Frame] = []
-            payload = 0
-            while self._items and len(out) < max_frames:
-                frame, size = self._items[0]
-                length = frames.payload_length(frame)
-                if out and payload + length > max_payload:
+            out: list[Sequence[rpb.Frame]] = []
+            count = payload = 0
+            while self._items:
+                carried, size, length = self._items[0]
+                if out and (count + len(carried) > max_frames or payload + length > max_payload):
                     break
                 self._items.popleft()
                 self._bytes -= size
+                count += len(carried)
                 payload += length
-                out.append(frame)
+                out.append(carried)
             self._cond.notify_all()
             return out
 
@@ -112,19 +114,39 @@ def _inbox_size(frame: rpb.Frame) -> int:
 def _read(requests: Iterable[rpb.ReplicationMessage], inbox: Inbox) -> None:
     try:
         for message in requests:
-            if message.WhichOneof("kind") != "frame":
+            carried = frames.message_frames(message)
+            if carried is None:
                 inbox.close(errors.InvalidInput(
                     "only frames may follow the open message of an apply stream",
                     hint="this is a process server bug", code="stream-protocol",
                 ))
                 return
-            if not inbox.put(message.frame, _inbox_size(message.frame)):
+            if not inbox.put(carried, sum(_inbox_size(frame) for frame in carried)):
                 return
         inbox.close()
     except grpc.RpcError as exc:  # the peer went away or the stream was cancelled
         inbox.close(exc)
     except Exception as exc:  # whatever ends the reader ends the stream
         inbox.close(exc)
+
+
+def _check(
+    pair_id: str, carried: Sequence[rpb.Frame], disk_size: int, last: int
+) -> list[tuple[rpb.Frame, bytes]]:
+    """(frame, uncompressed payload) of each frame of one message above `last`, all checked.
+
+    Raises the first frame's error: a batch is applied whole or not at all."""
+    ready: list[tuple[rpb.Frame, bytes]] = []
+    for frame in carried:
+        raw = frames.raw_data(frame)  # taken once: each access copies the data
+        frames.validate(frame, disk_size, raw)
+        if frame.seq <= last:
+            continue  # already applied: acknowledged again, not written again
+        data = frames.payload(frame, raw)
+        frames.verify(pair_id, frame, data)
+        ready.append((frame, data))
+        last = frame.seq
+    return ready
 
 
 def serve_apply(
@@ -146,7 +168,7 @@ def serve_apply(
     try:
         last = target.applied_seq
         log.info("apply stream open", durable_seq=last)
-        yield rpb.ReplicationReply(accepted=rpb.StreamAccepted(durable_seq=last))
+        yield rpb.ReplicationReply(accepted=rpb.StreamAccepted(durable_seq=last, accepts_batches=True))
         threading.Thread(target=_read, args=(requests, inbox), name=f"apply-read-{pair_id}", daemon=True).start()
         while True:
             batch = inbox.take(options.batch_frames, options.batch_bytes, POLL_SECONDS)
@@ -164,24 +186,20 @@ def serve_apply(
                 continue
             ready: list[tuple[rpb.Frame, bytes]] = []
             refused: errors.SiteRecoveryError | None = None
-            for frame in batch:
+            for carried in batch:
                 try:
-                    raw = frames.raw_data(frame)  # taken once: each access copies the data
-                    frames.validate(frame, target.disk_size, raw)
-                    if frame.seq <= last:
-                        continue  # already applied: acknowledged again, not written again
-                    data = frames.payload(frame, raw)
-                    frames.verify(pair_id, frame, data)
+                    checked = _check(pair_id, carried, target.disk_size, last)
                 except errors.SiteRecoveryError as exc:
                     refused = exc
                     break
-                ready.append((frame, data))
-                last = frame.seq
+                if checked:
+                    ready.extend(checked)
+                    last = checked[-1][0].seq
             if ready:
                 target.apply(ready, owner)
             yield rpb.ReplicationReply(ack=rpb.Ack(seq=target.applied_seq))
             if refused is not None:
-                log.warning("frame refused; nothing of it was written", seq=frame.seq, code=refused.code,
+                log.warning("frames refused; nothing of their message was written", code=refused.code,
                             error=refused.message)
                 raise refused
     finally:

@@ -82,6 +82,8 @@ class _Session:
         self.cond = threading.Condition()
         self.inflight: deque[tuple[int, int]] = deque()  # (seq, bytes)
         self.inflight_bytes = 0
+        # The master target said `accepts_batches`: several frames per message.
+        self.batches = False
 
     def end(self) -> None:
         self.ended.set()
@@ -217,6 +219,7 @@ class Forwarder:
             )
         self._acknowledged(session, durable)
         session.start_seq = durable + 1
+        session.batches = first.accepted.accepts_batches
         session.accepted.set()
         self.connected = True
         self.error = None
@@ -248,15 +251,15 @@ class Forwarder:
             if session.ended.is_set():
                 return
         nxt = session.start_seq
+        batch = frames.BatchBuilder(session.batches)
         while not session.ended.is_set():
             for seq, body in self._log.read_serialized_from(nxt):
                 size = len(body)
+                if batch and (not batch.fits(size) or self._window_full(session, size)):
+                    # Sent before waiting: the frames of a batch count in the window already.
+                    yield batch.take()
                 with session.cond:
-                    while (
-                        session.inflight
-                        and session.inflight_bytes + size > self._policy.window_bytes
-                        and not session.ended.is_set()
-                    ):
+                    while self._window_full(session, size) and not session.ended.is_set():
                         session.cond.wait(_POLL)
                     if session.ended.is_set():
                         return
@@ -264,8 +267,15 @@ class Forwarder:
                     session.inflight_bytes += size
                 nxt = seq + 1
                 self._count_sent(frames.serialized_data_length(body))
-                yield frames.frame_message(body)
+                batch.add(body)
+                if not session.batches:
+                    yield batch.take()
+            if batch:  # caught up with the spool: send what there is, never wait to fill a batch
+                yield batch.take()
             self._log.wait_for(nxt - 1, timeout=_POLL)
+
+    def _window_full(self, session: _Session, size: int) -> bool:
+        return bool(session.inflight) and session.inflight_bytes + size > self._policy.window_bytes
 
     # -- status ------------------------------------------------------------------
     def _count_sent(self, nbytes: int) -> None:

@@ -27,7 +27,7 @@ from __future__ import annotations
 
 import queue
 import threading
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 
 import grpc
@@ -174,7 +174,7 @@ class Receiver:
             frame_log = self._spool.log(pair_id)
             durable = frame_log.last_seq
             log.info("replication stream open", pair=pair_id, durable_seq=durable)
-            yield rpb.ReplicationReply(accepted=rpb.StreamAccepted(durable_seq=durable))
+            yield rpb.ReplicationReply(accepted=rpb.StreamAccepted(durable_seq=durable, accepts_batches=True))
             threading.Thread(
                 target=self._receive,
                 args=(stream, requests, disk_size, durable),
@@ -205,23 +205,19 @@ class Receiver:
             for message in requests:
                 if stream.cancelled() or self._stop.is_set():
                     break
-                if message.WhichOneof("kind") != "frame":
+                carried = frames.message_frames(message)
+                if carried is None:
                     raise errors.InvalidInput("`open` may come only once, first", code="stream-open-twice")
-                frame = message.frame
-                raw = frames.raw_data(frame)  # taken once: each access copies the data
-                frames.validate(frame, disk_size, raw)
-                if frame.seq <= highest:
+                # Every frame of a message is checked before any of it is queued: a batch
+                # with one bad frame is refused whole (the source resends from its last Ack).
+                records = self._check(stream.pair_id, carried, disk_size, highest)
+                if not records:
                     stream.queue.put(None)  # held already: acknowledge again, write nothing
                     continue
-                frames.verify(stream.pair_id, frame, frames.payload(frame, raw))
-                # Serialized here, once: its length is what the spool reserves, and the
-                # log writes these bytes as they are.
-                body = frames.compress(frame, raw).SerializeToString()
-                del raw
-                size = len(body) + HEADER_SIZE
-                if not self._reserve(stream, ((frame.seq, body), size)):
+                size = sum(len(body) for _seq, body in records) + HEADER_SIZE * len(records)
+                if not self._reserve(stream, (records, size)):
                     break
-                highest = frame.seq
+                highest = records[-1][0]
         except errors.SiteRecoveryError as exc:
             stream.queue.put(exc)
         except grpc.RpcError:
@@ -232,7 +228,28 @@ class Receiver:
         finally:
             stream.queue.put(_END)
 
-    def _reserve(self, stream: _Stream, item: tuple[tuple[int, bytes], int]) -> bool:
+    @staticmethod
+    def _check(
+        pair_id: str, carried: Sequence[rpb.Frame], disk_size: int, highest: int
+    ) -> list[tuple[int, bytes]]:
+        """(seq, serialized spooled frame) of each frame above `highest`, all checked and compressed.
+
+        Raises the first frame's error (range, then checksum) and returns nothing
+        then: a batch is kept whole or not at all."""
+        records: list[tuple[int, bytes]] = []
+        for frame in carried:
+            raw = frames.raw_data(frame)  # taken once: each access copies the data
+            frames.validate(frame, disk_size, raw)
+            if frame.seq <= highest:
+                continue  # held already (sent again after a reconnect)
+            frames.verify(pair_id, frame, frames.payload(frame, raw))
+            # Serialized here, once: its length is what the spool reserves, and the
+            # log writes these bytes as they are.
+            records.append((frame.seq, frames.compress(frame, raw).SerializeToString()))
+            highest = frame.seq
+        return records
+
+    def _reserve(self, stream: _Stream, item: tuple[list[tuple[int, bytes]], int]) -> bool:
         """Wait until this stream's read-ahead and then the spool have room; queue `item`.
 
         False (nothing queued) when the stream ended meanwhile.
@@ -274,7 +291,7 @@ class Receiver:
                 elif item is None:
                     ack = True  # a frame held already came again
                 else:
-                    batch.append(item[0])
+                    batch.extend(item[0])
                     reserved += item[1]
                 if finished or failure is not None or reserved >= MAX_BATCH_BYTES:
                     break

@@ -113,6 +113,8 @@ class Shipper:
         self._jiter: Iterator[rpb.Frame] | None = None
         self._jpeek: rpb.Frame | None = None
         self._jnext = 1
+        # The process server of the current stream takes batches (StreamAccepted).
+        self._batches = False
         self.last_sent = 0
         self.acked_seq = 0
         self.bytes_sent = 0
@@ -199,6 +201,7 @@ class Shipper:
                 raise StreamBroken("the process server did not answer the stream's open with accepted")
             self.connected = True
             self.last_error = ""
+            self._batches = first.accepted.accepts_batches
             self._resume(first.accepted.durable_seq)
             log.info("replication stream open", pair=self.pair_id, durable_seq=first.accepted.durable_seq)
             reader = threading.Thread(target=self._read_acks, args=(call,), name=f"acks-{self.pair_id}", daemon=True)
@@ -293,18 +296,27 @@ class Shipper:
                 if self._broken is not None:
                     return
             self._process_acks()
+            # Everything ready now goes, in batches when the process server takes them;
+            # a batch is never held back to fill up (the RPO counts every moment here).
+            batch = frames.BatchBuilder(self._batches)
             sent = False
             while self._inflight_bytes < self.window_bytes and not self.stop.is_set():
                 item = self._next_frame()
                 if item is None:
                     break
-                self._send(requests, item)
+                body = self._account(item)
+                if batch and not batch.fits(len(body)):
+                    requests.put(batch.take())
+                batch.add(body)
                 sent = True
+            if batch:
+                requests.put(batch.take())
             if not sent:
                 self.journal.release_due()  # an acknowledgement whose release was put off
                 self._wake.wait(1.0)
 
-    def _send(self, requests: queue.SimpleQueue, item: Produced) -> None:
+    def _account(self, item: Produced) -> bytes:
+        """Count `item` as sent and unacknowledged; its serialized frame."""
         frame = item.frame
         if frame.seq <= self.last_sent:
             raise errors.Internal(
@@ -322,7 +334,7 @@ class Shipper:
             self.frames_sent += 1
             if data_bytes:
                 self._samples.append((time.monotonic(), data_bytes))
-        requests.put(frames.frame_message(body))
+        return body
 
     # -- choosing the next frame ------------------------------------------------------------
     def _peek_journal(self) -> rpb.Frame | None:
