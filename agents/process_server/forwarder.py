@@ -39,6 +39,7 @@ from siterecovery.common.enrollment import AgentCredentials
 from siterecovery.common.framelog import FrameLog
 from siterecovery.common.logging import get_logger
 from siterecovery.common.pb import replication_pb2 as rpb
+from siterecovery.common.rates import RateWindow
 
 from .spool import Spool
 
@@ -115,7 +116,7 @@ class Forwarder:
         self._call: grpc.Future | None = None
         self._session: _Session | None = None
         self._thread = threading.Thread(target=self._run, name=f"forward-{self.pair_id}", daemon=True)
-        self._sent: deque[tuple[float, int]] = deque()
+        self._rate = RateWindow(RATE_WINDOW, clock)
         self.bytes_sent = 0
         self.acked_seq = self._log.released_seq
         self.error: errors.SiteRecoveryError | None = None
@@ -279,20 +280,14 @@ class Forwarder:
 
     # -- status ------------------------------------------------------------------
     def _count_sent(self, nbytes: int) -> None:
-        now = self._clock()
         with self._lock:
             self.bytes_sent += nbytes
-            self._sent.append((now, nbytes))
-            while self._sent and self._sent[0][0] < now - RATE_WINDOW:
-                self._sent.popleft()
+        self._rate.add(nbytes)
 
     @property
     def throughput(self) -> float:
         """Bytes per second sent over the last RATE_WINDOW seconds."""
-        now = self._clock()
-        with self._lock:
-            recent = sum(n for t, n in self._sent if t >= now - RATE_WINDOW)
-        return recent / RATE_WINDOW
+        return self._rate.rate()
 
     def status(self) -> rpb.PairStatus:
         """The pair as this process server sees it.

@@ -43,6 +43,7 @@ import grpc
 from siterecovery.common import errors, frames
 from siterecovery.common.logging import get_logger
 from siterecovery.common.pb import replication_pb2 as rpb
+from siterecovery.common.rates import RateWindow
 
 from .capture import PairJournal
 
@@ -121,7 +122,7 @@ class Shipper:
         self.frames_sent = 0
         self.connected = False
         self.last_error = ""
-        self._samples: deque[tuple[float, int]] = deque()
+        self._rate = RateWindow(THROUGHPUT_WINDOW)
         journal.on_append = self._wake.set
 
     # -- control ---------------------------------------------------------------------
@@ -137,14 +138,7 @@ class Shipper:
         self._wake.set()
 
     def throughput(self) -> float:
-        now = time.monotonic()
-        with self._lock:
-            while self._samples and self._samples[0][0] < now - THROUGHPUT_WINDOW:
-                self._samples.popleft()
-            if not self._samples:
-                return 0.0
-            total = sum(n for _t, n in self._samples)
-        return total / THROUGHPUT_WINDOW
+        return self._rate.rate()
 
     def run(self) -> None:
         delay = INITIAL_BACKOFF
@@ -332,8 +326,8 @@ class Shipper:
             self.last_sent = frame.seq
             self.bytes_sent += data_bytes
             self.frames_sent += 1
-            if data_bytes:
-                self._samples.append((time.monotonic(), data_bytes))
+        if data_bytes:
+            self._rate.add(data_bytes)
         return body
 
     # -- choosing the next frame ------------------------------------------------------------
