@@ -64,6 +64,14 @@ class Produced:
     on_ack: Callable[[], None] | None = None
 
 
+@dataclass
+class _Stored:
+    """A journaled frame as the journal holds it: its seq and its serialized `Frame`."""
+
+    seq: int
+    body: bytes | memoryview
+
+
 class VolatileSource(Protocol):
     def produce(self) -> Produced | None:
         """The next volatile frame (its seq taken inside `quiesced()`), or None for now."""
@@ -111,8 +119,8 @@ class Shipper:
         self._ack_pending = 0
         self._broken: BaseException | None = None
         self._pending_volatile: Produced | None = None
-        self._jiter: Iterator[rpb.Frame] | None = None
-        self._jpeek: rpb.Frame | None = None
+        self._jiter: Iterator[tuple[int, bytes | memoryview]] | None = None
+        self._jpeek: _Stored | None = None
         self._jnext = 1
         # The process server of the current stream takes batches (StreamAccepted).
         self._batches = False
@@ -309,21 +317,25 @@ class Shipper:
                 self.journal.release_due()  # an acknowledgement whose release was put off
                 self._wake.wait(1.0)
 
-    def _account(self, item: Produced) -> bytes:
+    def _account(self, item: Produced | _Stored) -> bytes | memoryview:
         """Count `item` as sent and unacknowledged; its serialized frame."""
-        frame = item.frame
-        if frame.seq <= self.last_sent:
+        if isinstance(item, _Stored):
+            seq, body, on_ack = item.seq, item.body, None
+            data_bytes = frames.serialized_data_length(body)
+        else:
+            frame, on_ack = item.frame, item.on_ack
+            seq = frame.seq
+            body = frame.SerializeToString()  # once: ByteSize() and a ReplicationMessage would encode it again
+            data_bytes = frame.write.length if frame.WhichOneof("body") == "write" else 0
+        if seq <= self.last_sent:
             raise errors.Internal(
-                f"pair {self.pair_id}: frame {frame.seq} would follow {self.last_sent}; refusing to send out of order",
+                f"pair {self.pair_id}: frame {seq} would follow {self.last_sent}; refusing to send out of order",
                 code="seq-order",
             )
-        body = frame.SerializeToString()  # once: ByteSize() and a ReplicationMessage would encode it again
-        size = len(body)
-        data_bytes = frame.write.length if frame.WhichOneof("body") == "write" else 0
         with self._lock:
-            self._inflight.append((frame.seq, size, item.on_ack))
-            self._inflight_bytes += size
-            self.last_sent = frame.seq
+            self._inflight.append((seq, len(body), on_ack))
+            self._inflight_bytes += len(body)
+            self.last_sent = seq
             self.bytes_sent += data_bytes
             self.frames_sent += 1
         if data_bytes:
@@ -331,21 +343,22 @@ class Shipper:
         return body
 
     # -- choosing the next frame ------------------------------------------------------------
-    def _peek_journal(self) -> rpb.Frame | None:
+    def _peek_journal(self) -> _Stored | None:
         if self._jpeek is not None:
             return self._jpeek
         if self._jiter is None:
             if self.journal.log.last_seq < self._jnext:
                 return None
-            self._jiter = self.journal.log.read_from(self._jnext)
-        frame = next(self._jiter, None)
-        if frame is None:
+            # Serialized, as the journal holds them: sent without a parse and a serialization.
+            self._jiter = self.journal.log.read_serialized_from(self._jnext)
+        record = next(self._jiter, None)
+        if record is None:
             self._jiter = None
             return None
-        self._jpeek = frame
-        return frame
+        self._jpeek = _Stored(*record)
+        return self._jpeek
 
-    def _next_frame(self) -> Produced | None:
+    def _next_frame(self) -> Produced | _Stored | None:
         journaled = self._peek_journal()
         volatile = self._pending_volatile
         if volatile is None and self.source is not None:
@@ -358,7 +371,7 @@ class Shipper:
         if journaled is not None:
             self._jpeek = None
             self._jnext = journaled.seq + 1
-            return Produced(journaled)
+            return journaled
         return None
 
     # -- acknowledgements ------------------------------------------------------------------
