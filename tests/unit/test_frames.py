@@ -173,3 +173,44 @@ def test_frames_without_data_and_garbage_have_no_data_length():
         assert frames.serialized_data_length(frame.SerializeToString()) == 0
     assert frames.serialized_data_length(b"\x12\xff\xff\xff") == 0
     assert frames.serialized_data_length(b"\x0f") == 0
+
+
+def _serialized(count: int, size: int) -> list[bytes]:
+    return [frames.write_frame("p", seq, 0, os.urandom(size)).SerializeToString() for seq in range(1, count + 1)]
+
+
+def test_a_batch_message_is_the_serialized_frame_batch_and_a_lone_frame_a_frame_message():
+    bodies = _serialized(5, 3000)
+    message = rpb.ReplicationMessage.FromString(frames.batch_message(bodies))
+    assert message.WhichOneof("kind") == "batch"
+    assert [f.SerializeToString() for f in frames.message_frames(message)] == bodies
+    assert frames.batch_message(bodies[:1]) == frames.frame_message(bodies[0])
+    lone = rpb.ReplicationMessage.FromString(frames.batch_message(bodies[:1]))
+    assert [f.SerializeToString() for f in frames.message_frames(lone)] == bodies[:1]
+
+
+def test_an_empty_batch_is_refused_and_other_kinds_carry_no_frames():
+    with pytest.raises(errors.InvalidInput) as caught:
+        frames.message_frames(rpb.ReplicationMessage(batch=rpb.FrameBatch()))
+    assert caught.value.code == "frame-invalid"
+    assert frames.message_frames(rpb.ReplicationMessage(open=rpb.StreamOpen(pair_id="p"))) is None
+    assert frames.message_frames(rpb.ReplicationMessage()) is None
+
+
+def test_a_batch_builder_cuts_by_bytes_and_frames_and_sends_singles_without_batches():
+    big = frames.BatchBuilder(True)
+    for body in _serialized(3, 400 * 1024):
+        if big and not big.fits(len(body)):
+            break
+        big.add(body)
+    assert len(frames.message_frames(rpb.ReplicationMessage.FromString(big.take()))) == 2  # 1 MiB at most
+    small = frames.BatchBuilder(True)
+    for body in _serialized(frames.MAX_BATCH_FRAMES, 16):
+        assert small.fits(len(body))
+        small.add(body)
+    assert not small.fits(16)
+    assert len(frames.message_frames(rpb.ReplicationMessage.FromString(small.take()))) == frames.MAX_BATCH_FRAMES
+    assert not small and small.fits(10**9)  # empty: anything fits, even one frame alone past the limits
+    single = frames.BatchBuilder(False)
+    single.add(b"x")
+    assert not single.fits(1)
