@@ -62,6 +62,9 @@ REPLICATE_METHOD = "/siterecovery.v1.ProcessServer/Replicate"
 class Produced:
     frame: rpb.Frame
     on_ack: Callable[[], None] | None = None
+    # The frame serialized already (frames.serialized_write_frame); `frame` then
+    # describes it without its data.
+    body: bytes | None = None
 
 
 @dataclass
@@ -325,7 +328,8 @@ class Shipper:
         else:
             frame, on_ack = item.frame, item.on_ack
             seq = frame.seq
-            body = frame.SerializeToString()  # once: ByteSize() and a ReplicationMessage would encode it again
+            # Once: ByteSize() and a ReplicationMessage would encode it again.
+            body = item.body if item.body is not None else frame.SerializeToString()
             data_bytes = frame.write.length if frame.WhichOneof("body") == "write" else 0
         if seq <= self.last_sent:
             raise errors.Internal(

@@ -130,14 +130,15 @@ class InitialSync:
                 end = min(pos + self.chunk, size)
                 data = self.disk.read_locked(pos, end - pos)
                 seq = self.journal.lease.take()
+                body = None
                 if data == _ZEROS[: len(data)]:
                     frame = frames.zero_frame(pair, seq, pos, end - pos)
                 else:
-                    frame = frames.write_frame(pair, seq, pos, data)
+                    frame, body = frames.serialized_write_frame(pair, seq, pos, data)
         with self._lock:
             self._pos = end
         sent = frame.write.length if frame.WhichOneof("body") == "write" else 0
-        return Produced(frame, lambda: self._acked_to(end, sent))
+        return Produced(frame, lambda: self._acked_to(end, sent), body)
 
     def _acked_to(self, end: int, sent: int) -> None:
         with self._lock:

@@ -214,3 +214,17 @@ def test_a_batch_builder_cuts_by_bytes_and_frames_and_sends_singles_without_batc
     single = frames.BatchBuilder(False)
     single.add(b"x")
     assert not single.fits(1)
+
+
+@pytest.mark.parametrize("size", [1, 4096, 64 * 1024 + 3, 1024 * 1024])
+@pytest.mark.parametrize("captured_at", [None, 1764400000.123456789, 0.0])
+def test_a_write_frame_serialized_by_hand_is_the_frame_protobuf_serializes(size, captured_at):
+    data = os.urandom(size)
+    meta, body = frames.serialized_write_frame("pair-x", 4711, 7 * 4096, memoryview(data), captured_at=captured_at)
+    frame = rpb.Frame.FromString(body)
+    assert frame.write.data == data and meta.checksum == frame.checksum and not meta.write.data
+    frames.verify("pair-x", frame)
+    again = frames.write_frame("pair-x", 4711, 7 * 4096, data, captured_at=frame.captured_at.ToNanoseconds() / 1e9)
+    again.captured_at.CopyFrom(frame.captured_at)  # the float's rounding aside
+    again.checksum = frames.compute_checksum("pair-x", again, data)
+    assert again.SerializeToString() == body
