@@ -121,6 +121,7 @@ class InitialSync:
             with self._lock:
                 self._done_sent = True
             return Produced(frame, self._acked_done)
+        body = None  # a write chunk's frame comes serialized already
         with self.disk.quiesced():
             data_at = next_data(self.disk.fd, pos, size)
             if data_at - pos >= self.chunk:
@@ -130,7 +131,6 @@ class InitialSync:
                 end = min(pos + self.chunk, size)
                 data = self.disk.read_locked(pos, end - pos)
                 seq = self.journal.lease.take()
-                body = None
                 if data == _ZEROS[: len(data)]:
                     frame = frames.zero_frame(pair, seq, pos, end - pos)
                 else:
