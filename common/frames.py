@@ -21,9 +21,11 @@ import struct
 import threading
 import time
 from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
 
 import xxhash
 import zstandard
+from google.protobuf.message import DecodeError
 from google.protobuf.timestamp_pb2 import Timestamp
 
 from siterecovery.common import errors
@@ -300,6 +302,135 @@ def message_frames(message: rpb.ReplicationMessage) -> Sequence[rpb.Frame] | Non
             code="frame-invalid",
         )
     return list(carried)
+
+
+# -- receiving serialized frames ------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Received:
+    """A frame as it came off the wire.
+
+    `frame` holds the frame's fields, its write data maybe left out: `data` is
+    the write data as carried (for a large frame a view into the received
+    message: no copy), b"" for other bodies;
+    `body`, when known, is the serialized frame as received (a view), which the
+    process server spools as it is unless it compresses the data.
+    """
+
+    frame: rpb.Frame
+    data: bytes | memoryview
+    body: memoryview | None = None
+
+
+def received_frames(raw: bytes) -> list[Received] | None:
+    """The frames of a serialized `frame` or `batch` ReplicationMessage, in order; None
+    for another kind (`open`). For the receivers' pass-through request deserializer.
+
+    Parsing a message with a 1 MiB frame and then taking `frame.write.data` copied
+    the payload twice, and the process server serialized the frame once more to
+    spool it: 3.6-6.6 ms per 1 MiB frame in process against 0.1-0.2 ms when the
+    data is located by its field headers and only the rest of the frame is parsed
+    by protobuf (and the received bytes spooled as they are). That is done for a
+    lone frame from SPLIT_MIN_BYTES on; below it, and for batches, protobuf's own
+    parse of the whole message costs less Python (a batch of 60 frames of 16 KiB:
+    1.0 ms against 2.8 ms). A frame whose fields are not laid out plainly (a field
+    repeated, which protobuf would merge) is parsed whole, so the meaning is
+    always protobuf's. Raises InvalidInput for bytes that do not decode and for
+    an empty batch.
+    """
+    view = memoryview(raw)
+    if len(view) >= SPLIT_MIN_BYTES:
+        try:
+            fields = list(_field_spans(view, 0, len(view)))
+            if len(fields) == 1 and fields[0][:2] == (2, 2):
+                _n, _w, _key, at, end = fields[0]
+                body = view[at:end]
+                split = _split_data(body)
+                if split is not None:
+                    return [Received(rpb.Frame.FromString(split[0]), split[1], body)]
+        except (IndexError, ValueError, DecodeError):
+            pass  # not plain: protobuf decides below
+    try:
+        message = rpb.ReplicationMessage.FromString(raw)
+    except DecodeError as exc:
+        raise _undecodable(exc) from exc
+    carried = message_frames(message)
+    if carried is None:
+        return None
+    return [Received(frame, raw_data(frame)) for frame in carried]
+
+
+def incoming(message: bytes | rpb.ReplicationMessage) -> list[Received] | None:
+    """`received_frames` of a request as a servicer gets it: bytes through the pass-through
+    deserializer (grpcserver.raw_requests), or a message parsed already (other callers)."""
+    if isinstance(message, bytes | memoryview):
+        return received_frames(bytes(message) if isinstance(message, memoryview) else message)
+    carried = message_frames(message)
+    return None if carried is None else [Received(frame, raw_data(frame)) for frame in carried]
+
+
+def parse_open(message: bytes | rpb.ReplicationMessage | None) -> rpb.ReplicationMessage | None:
+    """The first request of a stream as a message (None stays None); InvalidInput when it does not decode."""
+    if message is None or isinstance(message, rpb.ReplicationMessage):
+        return message
+    try:
+        return rpb.ReplicationMessage.FromString(message)
+    except DecodeError as exc:
+        raise _undecodable(exc) from exc
+
+
+# From this size on a lone frame's data is located by its field headers (see received_frames).
+SPLIT_MIN_BYTES = 64 * 1024
+
+
+def _split_data(body: memoryview) -> tuple[bytes, memoryview] | None:
+    """(the frame's bytes without its write data, the data) when the frame has exactly one
+    `write` field holding exactly one `data` field; None otherwise."""
+    writes = [f for f in _field_spans(body, 0, len(body)) if f[0] == 2]
+    if len(writes) != 1 or writes[0][1] != 2:
+        return None
+    _n, _w, key, at, end = writes[0]
+    datas = [f for f in _field_spans(body, at, end) if f[0] == 3]
+    if len(datas) != 1 or datas[0][1] != 2:
+        return None
+    _n, _w, data_key, data_at, data_end = datas[0]
+    inner = b"".join((body[at:data_key], body[data_end:end]))
+    rest = b"".join((body[:key], _FRAME_WRITE_KEY, _varint(len(inner)), inner, body[end:]))
+    return rest, body[data_at:data_end]
+
+
+def _field_spans(buf: memoryview, start: int, end: int) -> Iterator[tuple[int, int, int, int, int]]:
+    """(field number, wire type, where its key starts, where its value starts, where it ends)."""
+    at = start
+    while at < end:
+        key_at = at
+        key, at = _read_varint(buf, at)
+        number, wire = key >> 3, key & 7
+        if wire == 0:
+            _value, value_end = _read_varint(buf, at)
+        elif wire == 2:
+            length, at = _read_varint(buf, at)
+            value_end = at + length
+        elif wire in (1, 5):
+            value_end = at + (8 if wire == 1 else 4)
+        else:
+            raise ValueError(f"wire type {wire}")
+        if value_end > end:
+            raise ValueError("a field runs past its message")
+        yield number, wire, key_at, at, value_end
+        at = value_end
+
+
+_FRAME_WRITE_KEY = bytes([2 << 3 | 2])
+
+
+def _undecodable(exc: Exception) -> errors.InvalidInput:
+    return errors.InvalidInput(
+        f"a replication message does not decode ({exc})",
+        hint="this is a sender bug or a hostile peer; it was refused and nothing of it was written",
+        code="frame-invalid",
+    )
 
 
 def pass_through(message: bytes) -> bytes:

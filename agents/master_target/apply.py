@@ -49,13 +49,13 @@ class Inbox:
     def __init__(self, max_bytes: int) -> None:
         self._max_bytes = max_bytes
         self._cond = threading.Condition()
-        self._items: deque[tuple[Sequence[rpb.Frame], int, int]] = deque()  # (frames, size, payload)
+        self._items: deque[tuple[Sequence[frames.Received], int, int]] = deque()  # (frames, size, payload)
         self._bytes = 0
         self._closed = False
         self.error: BaseException | None = None
 
-    def put(self, carried: Sequence[rpb.Frame], size: int) -> bool:
-        payload = sum(frames.payload_length(frame) for frame in carried)
+    def put(self, carried: Sequence[frames.Received], size: int) -> bool:
+        payload = sum(frames.payload_length(received.frame) for received in carried)
         with self._cond:
             while self._bytes >= self._max_bytes and not self._closed:
                 self._cond.wait()
@@ -73,7 +73,7 @@ class Inbox:
             self._closed = True
             self._cond.notify_all()
 
-    def take(self, max_frames: int, max_payload: int, timeout: float) -> list[Sequence[rpb.Frame]] | None:
+    def take(self, max_frames: int, max_payload: int, timeout: float) -> list[Sequence[frames.Received]] | None:
         """Whole messages, up to `max_frames` frames / `max_payload` payload bytes (at least
         one message, however large); [] when none came within `timeout`; None once closed
         and drained. A batch is never split: it is checked, and refused, as a whole."""
@@ -82,7 +82,7 @@ class Inbox:
                 self._cond.wait(timeout)
             if not self._items:
                 return None if self._closed else []
-            out: list[Sequence[rpb.Frame]] = []
+            out: list[Sequence[frames.Received]] = []
             count = payload = 0
             while self._items:
                 carried, size, length = self._items[0]
@@ -114,14 +114,14 @@ def _inbox_size(frame: rpb.Frame) -> int:
 def _read(requests: Iterable[rpb.ReplicationMessage], inbox: Inbox) -> None:
     try:
         for message in requests:
-            carried = frames.message_frames(message)
+            carried = frames.incoming(message)
             if carried is None:
                 inbox.close(errors.InvalidInput(
                     "only frames may follow the open message of an apply stream",
                     hint="this is a process server bug", code="stream-protocol",
                 ))
                 return
-            if not inbox.put(carried, sum(_inbox_size(frame) for frame in carried)):
+            if not inbox.put(carried, sum(_inbox_size(received.frame) for received in carried)):
                 return
         inbox.close()
     except grpc.RpcError as exc:  # the peer went away or the stream was cancelled
@@ -131,14 +131,14 @@ def _read(requests: Iterable[rpb.ReplicationMessage], inbox: Inbox) -> None:
 
 
 def _check(
-    pair_id: str, carried: Sequence[rpb.Frame], disk_size: int, last: int
-) -> list[tuple[rpb.Frame, bytes]]:
+    pair_id: str, carried: Sequence[frames.Received], disk_size: int, last: int
+) -> list[tuple[rpb.Frame, bytes | memoryview]]:
     """(frame, uncompressed payload) of each frame of one message above `last`, all checked.
 
     Raises the first frame's error: a batch is applied whole or not at all."""
-    ready: list[tuple[rpb.Frame, bytes]] = []
-    for frame in carried:
-        raw = frames.raw_data(frame)  # taken once: each access copies the data
+    ready: list[tuple[rpb.Frame, bytes | memoryview]] = []
+    for received in carried:
+        frame, raw = received.frame, received.data
         frames.validate(frame, disk_size, raw)
         if frame.seq <= last:
             continue  # already applied: acknowledged again, not written again
@@ -154,7 +154,7 @@ def serve_apply(
 ) -> Iterator[rpb.ReplicationReply]:
     """The body of MasterTarget.Apply (a generator of replies)."""
     who = grpcserver.caller()
-    first = next(requests, None)
+    first = frames.parse_open(next(requests, None))
     if first is None or first.WhichOneof("kind") != "open":
         raise errors.InvalidInput(
             "an apply stream must start with an open message", hint="this is a process server bug",
@@ -184,7 +184,7 @@ def serve_apply(
                 return
             if not batch:
                 continue
-            ready: list[tuple[rpb.Frame, bytes]] = []
+            ready: list[tuple[rpb.Frame, bytes | memoryview]] = []
             refused: errors.SiteRecoveryError | None = None
             for carried in batch:
                 try:

@@ -166,7 +166,7 @@ class Receiver:
     def replicate(
         self, requests: Iterator[rpb.ReplicationMessage], context: grpc.ServicerContext
     ) -> Iterator[rpb.ReplicationReply]:
-        pair_id, disk_size = self._check_open(next(requests, None))
+        pair_id, disk_size = self._check_open(frames.parse_open(next(requests, None)))
         stream = _Stream(pair_id, context)
         context.add_callback(lambda: (stream.close(), self._spool.wake()))
         try:
@@ -205,7 +205,7 @@ class Receiver:
             for message in requests:
                 if stream.cancelled() or self._stop.is_set():
                     break
-                carried = frames.message_frames(message)
+                carried = frames.incoming(message)
                 if carried is None:
                     raise errors.InvalidInput("`open` may come only once, first", code="stream-open-twice")
                 # Every frame of a message is checked before any of it is queued: a batch
@@ -230,26 +230,31 @@ class Receiver:
 
     @staticmethod
     def _check(
-        pair_id: str, carried: Sequence[rpb.Frame], disk_size: int, highest: int
-    ) -> list[tuple[int, bytes]]:
+        pair_id: str, carried: Sequence[frames.Received], disk_size: int, highest: int
+    ) -> list[tuple[int, bytes | memoryview]]:
         """(seq, serialized spooled frame) of each frame above `highest`, all checked and compressed.
 
         Raises the first frame's error (range, then checksum) and returns nothing
         then: a batch is kept whole or not at all."""
-        records: list[tuple[int, bytes]] = []
-        for frame in carried:
-            raw = frames.raw_data(frame)  # taken once: each access copies the data
+        records: list[tuple[int, bytes | memoryview]] = []
+        for received in carried:
+            frame, raw = received.frame, received.data
             frames.validate(frame, disk_size, raw)
             if frame.seq <= highest:
                 continue  # held already (sent again after a reconnect)
             frames.verify(pair_id, frame, frames.payload(frame, raw))
-            # Serialized here, once: its length is what the spool reserves, and the
-            # log writes these bytes as they are.
-            records.append((frame.seq, frames.compress(frame, raw).SerializeToString()))
+            spooled = frames.compress(frame, raw)
+            if spooled is frame and received.body is not None:
+                body: bytes | memoryview = received.body  # as it came: no copy
+            else:
+                # Serialized here, once: its length is what the spool reserves, and the
+                # log writes these bytes as they are.
+                body = spooled.SerializeToString()
+            records.append((frame.seq, body))
             highest = frame.seq
         return records
 
-    def _reserve(self, stream: _Stream, item: tuple[list[tuple[int, bytes]], int]) -> bool:
+    def _reserve(self, stream: _Stream, item: tuple[list[tuple[int, bytes | memoryview]], int]) -> bool:
         """Wait until this stream's read-ahead and then the spool have room; queue `item`.
 
         False (nothing queued) when the stream ended meanwhile.
@@ -279,7 +284,7 @@ class Receiver:
         finished = False
         while not finished:
             item = stream.queue.get()
-            batch: list[tuple[int, bytes]] = []  # (seq, serialized frame)
+            batch: list[tuple[int, bytes | memoryview]] = []  # (seq, serialized frame)
             reserved = 0
             ack = False
             failure: errors.SiteRecoveryError | None = None

@@ -20,7 +20,7 @@ from types import SimpleNamespace
 
 import grpc
 
-from siterecovery.agents.master_target.daemon import MasterTargetServicer
+from siterecovery.agents.master_target.daemon import MasterTargetServicer, add_servicer
 from siterecovery.agents.master_target.pairs import MasterTargetPairs
 from siterecovery.agents.master_target.target import PairTarget, TargetOptions
 from siterecovery.common import errors, frames, pki
@@ -180,7 +180,7 @@ class Harness:
                 Service(
                     dataplane_pb2.DESCRIPTOR.services_by_name["MasterTarget"].full_name,
                     servicer,
-                    dataplane_pb2_grpc.add_MasterTargetServicer_to_server,
+                    add_servicer,
                 )
             ],
         )

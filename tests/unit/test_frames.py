@@ -228,3 +228,53 @@ def test_a_write_frame_serialized_by_hand_is_the_frame_protobuf_serializes(size,
     again.captured_at.CopyFrom(frame.captured_at)  # the float's rounding aside
     again.checksum = frames.compute_checksum("pair-x", again, data)
     assert again.SerializeToString() == body
+
+
+def _parsed(raw: bytes) -> list[tuple[rpb.Frame, bytes]]:
+    """What protobuf makes of a message: (the frame without its data, the data) per frame."""
+    out = []
+    for frame in frames.message_frames(rpb.ReplicationMessage.FromString(raw)):
+        data = frames.raw_data(frame)
+        if frame.HasField("write"):
+            frame.write.data = b""
+        out.append((frame, data))
+    return out
+
+
+def _received(raw: bytes) -> list[tuple[rpb.Frame, bytes]]:
+    out = []
+    for received in frames.received_frames(raw):
+        frame = rpb.Frame()
+        frame.CopyFrom(received.frame)  # may hold the data too (then it is the same)
+        if frame.HasField("write"):
+            frame.write.data = b""
+        out.append((frame, bytes(received.data)))
+    return out
+
+
+@pytest.mark.parametrize("size", [16 * 1024, 64 * 1024, 1024 * 1024])
+def test_received_frames_are_what_protobuf_parses_and_large_data_is_not_copied(size):
+    frame = frames.write_frame("p", 9, 4096, os.urandom(size))
+    raw = frames.frame_message(frame.SerializeToString())
+    assert _received(raw) == _parsed(raw)
+    got = frames.received_frames(raw)[0]
+    frames.verify("p", got.frame, got.data)
+    if size >= frames.SPLIT_MIN_BYTES:
+        assert isinstance(got.data, memoryview) and got.data.obj is raw
+        assert bytes(got.body) == frame.SerializeToString()
+    batch = frames.batch_message([frame.SerializeToString(), frames.tag_frame("p", 10, "t", 1).SerializeToString()])
+    assert _received(batch) == _parsed(batch)
+
+
+def test_received_frames_that_are_not_laid_out_plainly_mean_what_protobuf_says():
+    first = frames.write_frame("p", 9, 4096, os.urandom(128 * 1024)).SerializeToString()
+    second = frames.write_frame("p", 9, 8192, os.urandom(64 * 1024)).SerializeToString()
+    merged = frames.frame_message(first + second)  # two write fields: protobuf merges them
+    assert _received(merged) == _parsed(merged)
+    with pytest.raises(errors.InvalidInput) as caught:
+        frames.received_frames(b"\x12\xff\xff\x03" + b"\x07" * 70000)  # a frame field running past the end
+    assert caught.value.code == "frame-invalid"
+    with pytest.raises(errors.InvalidInput):
+        frames.received_frames(b"\x1a\x00")  # an empty batch
+    opening = rpb.ReplicationMessage(open=rpb.StreamOpen(pair_id="p")).SerializeToString()
+    assert frames.received_frames(opening) is None

@@ -22,7 +22,7 @@ from types import SimpleNamespace
 import grpc
 import pytest
 
-from siterecovery.agents.process_server.daemon import ProcessServerServicer
+from siterecovery.agents.process_server.daemon import ProcessServerServicer, add_servicer
 from siterecovery.agents.process_server.forwarder import ForwardPolicy
 from siterecovery.agents.process_server.pairs import ProcessServerPairs
 from siterecovery.agents.process_server.spool import Spool
@@ -175,7 +175,7 @@ class ProcessServer:
             creds,
             ProcessServerServicer(runtime, self.pairs.receiver, self.pairs),  # type: ignore[arg-type]
             "ProcessServer",
-            dataplane_pb2_grpc.add_ProcessServerServicer_to_server,
+            add_servicer,
         )
 
     def close(self) -> None:
