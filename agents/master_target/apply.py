@@ -3,20 +3,24 @@
 A process server opens the stream with `open` (pair id, disk size); the master
 target checks it (pairs.py: assigned here, called by the pair's process server,
 paths inside our directories, disk size) and answers `accepted` with the seq
-it holds durably. Then frames flow in and acks flow back:
+it holds durably and `accepts_batches`. Then frames flow in (one per `frame`
+message, several per `batch`) and acks flow back:
 
-- a reader thread takes messages off the wire into a bounded inbox, so the
-  apply loop can take whatever queued up as one batch (group commit: up to
-  `batch_frames` frames / `batch_bytes` payload bytes);
-- each frame is validated (frames.validate), skipped when already applied
-  (seq <= the last applied: idempotent, still acknowledged), decompressed and
-  verified end to end (frames.verify);
+- a reader thread takes messages off the wire (as bytes, read by
+  `frames.received_frames`: a large frame's data is not copied) into a bounded
+  inbox, so the apply loop can take whatever queued up as one group commit (up
+  to `batch_frames` frames / `batch_bytes` payload bytes, whole messages: a
+  batch is never split);
+- every frame of a message is validated (frames.validate), skipped when
+  already applied (seq <= the last applied: idempotent, still acknowledged),
+  decompressed and verified end to end (frames.verify) before any of the
+  message is applied;
 - the batch is applied (target.py, write-ahead undo) and acknowledged with the
   highest applied seq.
 
 A frame that fails its checks ends the stream with its error (DATA_LOSS for a
-checksum, INVALID_ARGUMENT for a frame out of range) after the frames before it
-were applied and acknowledged; nothing of the bad frame is written. The
+checksum, INVALID_ARGUMENT for a frame out of range) after the messages before
+its own were applied and acknowledged; nothing of its message is written. The
 process server reconnects and resends from `durable_seq + 1`.
 """
 

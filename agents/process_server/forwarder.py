@@ -16,9 +16,11 @@ puts the pair in ERROR with the master target's reason and code (say
 
 Frames travel as the spool holds them: each record's bytes (a serialized
 `Frame`, its record hash checked by the log) are framed as a
-`ReplicationMessage.frame` field by hand (`frames.frame_message`) and handed
-to gRPC through a pass-through serializer, never parsed and serialized again
-here. A 1 MiB frame so costs one read and one join on this hop instead of half
+`ReplicationMessage.frame` field by hand (`frames.frame_message`), or with the
+records read along with it as one `batch` (`frames.BatchBuilder`: what the
+spool holds right then, up to 1 MiB / 256 frames, never waited for) when the
+master target's StreamAccepted said `accepts_batches`, and handed to gRPC
+through a pass-through serializer, never parsed and serialized again here. A 1 MiB frame so costs one read and one join on this hop instead of half
 a dozen copies through protobuf (bench/RESULTS.md, full_sync). The master target parses every
 frame and checks its end-to-end checksum, as before.
 """

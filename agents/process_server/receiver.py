@@ -2,23 +2,31 @@
 
 The stream: the source sends `open` (pair id and disk size); the process
 server checks that the pair is assigned to it and that the caller is the pair's
-source machine, then answers `accepted(durable_seq)` with the highest seq it
-holds. Then frames; the process server answers with cumulative `Ack`s.
+source machine, then answers `accepted(durable_seq, accepts_batches)` with the
+highest seq it holds. Then frames, one per `frame` message or several per
+`batch` message; the process server answers with cumulative `Ack`s.
+
+Messages arrive as bytes (daemon.py registers Replicate with no request
+deserializer) and `frames.received_frames` reads them: a large lone frame's
+data stays a view of the received bytes, which are spooled as they came unless
+the data compresses (bench/RESULTS.md).
 
 Two threads per stream:
 
-- the *receiving* thread reads messages, checks each frame (`frames.validate`,
-  then `frames.verify`), drops one it already holds (seq <= durable; it is
-  acknowledged again), compresses it (when a sample of it compresses:
-  `frames.compress`), serializes it, reserves its size in the spool (waiting,
-  and so not reading the stream, while the spool is full) and queues it;
+- the *receiving* thread reads messages, checks every frame of one
+  (`frames.validate`, then `frames.verify`) before it keeps any of them, drops
+  those it already holds (seq <= durable; acknowledged again), compresses each
+  (when a sample of it compresses: `frames.compress`), reserves the message's
+  size in the spool (waiting, and so not reading the stream, while the spool
+  is full) and queues its frames;
 - the *writing* thread (the RPC's own) takes everything queued, appends it to
   the pair's log with one fsync (group commit) and only then sends one Ack with
   the log's `last_seq`. An Ack is never sent for a frame not yet fsynced.
 
 A frame that fails its checksum ends the stream with DATA_LOSS (one that is
-malformed or out of range with INVALID_ARGUMENT) after the frames queued before
-it are written and acknowledged; it is not written. The source resends from its
+malformed or out of range with INVALID_ARGUMENT) after the messages queued
+before its own are written and acknowledged; nothing of its message (the whole
+batch) is written. The source resends from its
 last Ack. A new stream for a pair ends the one still open for it, so one writer
 at a time appends to a log.
 """

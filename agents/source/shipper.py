@@ -16,7 +16,10 @@ it as an acknowledgement, then send frames in strictly increasing seq order
 (journal frames and volatile frames merged by seq: a volatile frame is made
 inside `DiskCapture.quiesced()`, so every journaled frame with a lower seq is
 already in the journal when it exists) while at most `window_bytes` are
-unacknowledged. Each `Ack(seq)` runs the volatile frames' callbacks and
+unacknowledged. Journaled frames go as the journal holds them (serialized);
+several frames share a `batch` message when the process server said
+`accepts_batches` (whatever is ready at that moment, up to 1 MiB / 256 frames,
+never waited for). Each `Ack(seq)` runs the volatile frames' callbacks and
 acknowledges seq to the journal, which releases through it at most once a
 second (`PairJournal.acknowledge`: a release costs three fsyncs; releasing
 later is always safe, the process server drops frames it already holds). Any error ends the stream: log it, back off
