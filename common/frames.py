@@ -311,7 +311,7 @@ def message_frames(message: rpb.ReplicationMessage) -> Sequence[rpb.Frame] | Non
 class Received:
     """A frame as it came off the wire.
 
-    `frame` holds the frame's fields, its write data maybe left out: `data` is
+    `frame` holds the frame's fields, its write data maybe left out: `raw()` is
     the write data as carried (for a large frame a view into the received
     message: no copy), b"" for other bodies;
     `body`, when known, is the serialized frame as received (a view), which the
@@ -319,8 +319,14 @@ class Received:
     """
 
     frame: rpb.Frame
-    data: bytes | memoryview
+    # None: the data is in `frame` (taken by `raw()` only when needed: taking it copies it,
+    # and a queue of received frames would hold every payload twice).
+    data: bytes | memoryview | None = None
     body: memoryview | None = None
+
+    def raw(self) -> bytes | memoryview:
+        """The write data as carried (compressed or not); b"" for other bodies."""
+        return raw_data(self.frame) if self.data is None else self.data
 
 
 def received_frames(raw: bytes) -> list[Received] | None:
@@ -358,7 +364,7 @@ def received_frames(raw: bytes) -> list[Received] | None:
     carried = message_frames(message)
     if carried is None:
         return None
-    return [Received(frame, raw_data(frame)) for frame in carried]
+    return [Received(frame) for frame in carried]
 
 
 def incoming(message: bytes | rpb.ReplicationMessage) -> list[Received] | None:
@@ -367,7 +373,7 @@ def incoming(message: bytes | rpb.ReplicationMessage) -> list[Received] | None:
     if isinstance(message, bytes | memoryview):
         return received_frames(bytes(message) if isinstance(message, memoryview) else message)
     carried = message_frames(message)
-    return None if carried is None else [Received(frame, raw_data(frame)) for frame in carried]
+    return None if carried is None else [Received(frame) for frame in carried]
 
 
 def parse_open(message: bytes | rpb.ReplicationMessage | None) -> rpb.ReplicationMessage | None:

@@ -142,7 +142,7 @@ def _check(
     Raises the first frame's error: a batch is applied whole or not at all."""
     ready: list[tuple[rpb.Frame, bytes | memoryview]] = []
     for received in carried:
-        frame, raw = received.frame, received.data
+        frame, raw = received.frame, received.raw()
         frames.validate(frame, disk_size, raw)
         if frame.seq <= last:
             continue  # already applied: acknowledged again, not written again

@@ -246,7 +246,7 @@ class Receiver:
         then: a batch is kept whole or not at all."""
         records: list[tuple[int, bytes | memoryview]] = []
         for received in carried:
-            frame, raw = received.frame, received.data
+            frame, raw = received.frame, received.raw()
             frames.validate(frame, disk_size, raw)
             if frame.seq <= highest:
                 continue  # held already (sent again after a reconnect)
