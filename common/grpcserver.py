@@ -14,7 +14,7 @@ RPC timer) and returns the bound port. Every RPC runs inside
 from __future__ import annotations
 
 import contextvars
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Collection, Iterable, Sequence
 from concurrent import futures
 from dataclasses import dataclass
 from typing import Any
@@ -50,6 +50,40 @@ SERVER_OPTIONS = (
     ("grpc.http2.bdp_probe", 0),
     ("grpc.http2.lookahead_bytes", STREAM_WINDOW_BYTES),
 )
+
+
+def raw_requests(add_to_server: Callable[[Any, Any], None], methods: Collection[str]) -> Callable[[Any, Any], None]:
+    """A generated `add_*Servicer_to_server` whose `methods` get their requests as bytes.
+
+    The replication streams parse their messages themselves (frames.received_frames):
+    protobuf's parse of a 1 MiB frame copies its data, and taking the data copies it
+    again. The generated function is run against a recorder and its handlers are
+    registered with no request deserializer for `methods` (gRPC then hands the bytes over).
+    """
+
+    def add(servicer: Any, server: Any) -> None:
+        recorded: list[tuple[str, dict[str, grpc.RpcMethodHandler]]] = []
+
+        class _Recorder:
+            def add_generic_rpc_handlers(self, _handlers: object) -> None:
+                pass
+
+            def add_registered_method_handlers(self, service: str, handlers: dict) -> None:
+                recorded.append((service, handlers))
+
+        add_to_server(servicer, _Recorder())
+        for service, handlers in recorded:
+            unknown = set(methods) - set(handlers)
+            if unknown:
+                raise ValueError(f"{service} has no methods {sorted(unknown)}")
+            handlers = {
+                name: handler._replace(request_deserializer=None) if name in methods else handler
+                for name, handler in handlers.items()
+            }
+            server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler(service, handlers),))
+            server.add_registered_method_handlers(service, handlers)
+
+    return add
 
 
 def caller() -> pki.Identity:

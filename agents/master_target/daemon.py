@@ -55,6 +55,10 @@ class MasterTargetServicer(dataplane_pb2_grpc.MasterTargetServicer):
         return self._pairs.block_hashes(request, grpcserver.caller())
 
 
+# Apply parses its stream's messages itself (frames.received_frames): no copy of the data.
+add_servicer = grpcserver.raw_requests(dataplane_pb2_grpc.add_MasterTargetServicer_to_server, ["Apply"])
+
+
 def run(cfg: MasterTargetSettings, stop: threading.Event | None = None) -> int:
     logging.configure(level=cfg.log_level, json=cfg.log_json)
     stop = stop or daemon.install_stop_handlers()
@@ -96,7 +100,7 @@ def run(cfg: MasterTargetSettings, stop: threading.Event | None = None) -> int:
                 Service(
                     dataplane_pb2.DESCRIPTOR.services_by_name["MasterTarget"].full_name,
                     MasterTargetServicer(runtime, pairs),
-                    dataplane_pb2_grpc.add_MasterTargetServicer_to_server,
+                    add_servicer,
                 )
             ]
         )

@@ -512,7 +512,8 @@ class PairTarget:
     def _journal_undo(self, group: list[tuple[rpb.Frame, bytes]]) -> dict[int, tuple[int, int]]:
         """Append the undo records of a group; returns each tag's (undo bytes, records) mark."""
         marks: dict[int, tuple[int, int]] = {}
-        for index, (frame, _data) in enumerate(group):
+        earlier = _EarlierRanges()
+        for frame, data in group:
             body = frame.WhichOneof("body")
             if body == "tag":
                 marks[frame.seq] = (
@@ -529,34 +530,25 @@ class PairTarget:
             end = offset + length
             for at in range(offset, end, journal.MAX_UNDO_CHUNK):
                 n = min(journal.MAX_UNDO_CHUNK, end - at)
-                self._journal.append_undo(frame.seq, at, n, self._old_contents(at, n, group[:index]))
+                self._journal.append_undo(frame.seq, at, n, self._old_contents(at, n, earlier.overlapping(at, n)))
                 self._hook("undo-record")
+            earlier.add(offset, length, data if body == "write" else None)
         return marks
 
-    def _old_contents(self, offset: int, length: int, earlier: list[tuple[rpb.Frame, bytes]]) -> bytes | None:
-        """The range as it is just before the next frame: the target overlaid with earlier frames."""
+    def _old_contents(self, offset: int, length: int, earlier: list[_Range]) -> bytes | None:
+        """The range as it is just before the next frame: the target overlaid with the
+        earlier frames of the batch that overlap it (`earlier`, in seq order)."""
         old = blockio.read_range(self._fd, offset, length)
-        buf: bytearray | None = None
+        if not earlier:
+            return old
+        buf = bytearray(length) if old is None else bytearray(old)
         end = offset + length
-        for frame, data in earlier:
-            body = frame.WhichOneof("body")
-            if body == "write":
-                f_off, f_len = frame.write.offset, frame.write.length
-            elif body == "zero":
-                f_off, f_len = frame.zero.offset, frame.zero.length
-            else:
-                continue
+        for f_off, f_len, data in earlier:
             lo, hi = max(offset, f_off), min(end, f_off + f_len)
-            if lo >= hi:
-                continue
-            if buf is None:
-                buf = bytearray(length) if old is None else bytearray(old)
-            if body == "write":
+            if data is not None:
                 buf[lo - offset : hi - offset] = data[lo - f_off : hi - f_off]
             else:
                 buf[lo - offset : hi - offset] = bytes(hi - lo)
-        if buf is None:
-            return old
         return None if blockio.is_zero(buf) else bytes(buf)
 
     def _delta(self, group: list[tuple[rpb.Frame, bytes]], marks: dict[int, tuple[int, int]]) -> dict[str, Any]:
@@ -743,3 +735,42 @@ def point_proto(point: dict[str, Any], undo_bytes_now: int) -> rpb.RecoveryPoint
         note=point["note"],
         on_demand=point["on_demand"],
     )
+
+
+# (offset, length, data: None for a zeroed range) of a frame applied earlier in the batch.
+_Range = tuple[int, int, "bytes | None"]
+
+
+class _EarlierRanges:
+    """The ranges a batch has written so far, found by the 1 MiB chunks they touch.
+
+    An undo record must hold the range as the batch's earlier frames left it;
+    looking at every earlier frame for every record made a batch quadratic in its
+    frames (a third of the master target's Python time with 64 small writes per
+    batch), while this looks only at those sharing a chunk.
+    """
+
+    CHUNK = MiB
+
+    def __init__(self) -> None:
+        self._ranges: list[_Range] = []
+        self._by_chunk: dict[int, list[int]] = {}
+
+    def add(self, offset: int, length: int, data: bytes | None) -> None:
+        index = len(self._ranges)
+        self._ranges.append((offset, length, data))
+        for chunk in range(offset // self.CHUNK, (offset + length - 1) // self.CHUNK + 1):
+            self._by_chunk.setdefault(chunk, []).append(index)
+
+    def overlapping(self, offset: int, length: int) -> list[_Range]:
+        """The earlier ranges that overlap [offset, offset + length), oldest first."""
+        found: set[int] = set()
+        for chunk in range(offset // self.CHUNK, (offset + length - 1) // self.CHUNK + 1):
+            found.update(self._by_chunk.get(chunk, ()))
+        end = offset + length
+        out = []
+        for index in sorted(found):
+            f_off, f_len, data = self._ranges[index]
+            if f_off < end and offset < f_off + f_len:
+                out.append((f_off, f_len, data))
+        return out

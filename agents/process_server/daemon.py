@@ -54,6 +54,10 @@ class ProcessServerServicer(dataplane_pb2_grpc.ProcessServerServicer):
         return self._pairs.block_hashes(request, grpcserver.caller())
 
 
+# Replicate parses its stream's messages itself (frames.received_frames): no copy of the data.
+add_servicer = grpcserver.raw_requests(dataplane_pb2_grpc.add_ProcessServerServicer_to_server, ["Replicate"])
+
+
 def run(cfg: ProcessServerSettings, stop: threading.Event | None = None) -> int:
     logging.configure(level=cfg.log_level, json=cfg.log_json)
     stop = stop or daemon.install_stop_handlers()
@@ -104,7 +108,7 @@ def run(cfg: ProcessServerSettings, stop: threading.Event | None = None) -> int:
                 Service(
                     dataplane_pb2.DESCRIPTOR.services_by_name["ProcessServer"].full_name,
                     ProcessServerServicer(runtime, pairs.receiver, pairs),
-                    dataplane_pb2_grpc.add_ProcessServerServicer_to_server,
+                    add_servicer,
                 )
             ]
         )

@@ -2,23 +2,31 @@
 
 The stream: the source sends `open` (pair id and disk size); the process
 server checks that the pair is assigned to it and that the caller is the pair's
-source machine, then answers `accepted(durable_seq)` with the highest seq it
-holds. Then frames; the process server answers with cumulative `Ack`s.
+source machine, then answers `accepted(durable_seq, accepts_batches)` with the
+highest seq it holds. Then frames, one per `frame` message or several per
+`batch` message; the process server answers with cumulative `Ack`s.
+
+Messages arrive as bytes (daemon.py registers Replicate with no request
+deserializer) and `frames.received_frames` reads them: a large lone frame's
+data stays a view of the received bytes, which are spooled as they came unless
+the data compresses (bench/RESULTS.md).
 
 Two threads per stream:
 
-- the *receiving* thread reads messages, checks each frame (`frames.validate`,
-  then `frames.verify`), drops one it already holds (seq <= durable; it is
-  acknowledged again), compresses it (when a sample of it compresses:
-  `frames.compress`), serializes it, reserves its size in the spool (waiting,
-  and so not reading the stream, while the spool is full) and queues it;
+- the *receiving* thread reads messages, checks every frame of one
+  (`frames.validate`, then `frames.verify`) before it keeps any of them, drops
+  those it already holds (seq <= durable; acknowledged again), compresses each
+  (when a sample of it compresses: `frames.compress`), reserves the message's
+  size in the spool (waiting, and so not reading the stream, while the spool
+  is full) and queues its frames;
 - the *writing* thread (the RPC's own) takes everything queued, appends it to
   the pair's log with one fsync (group commit) and only then sends one Ack with
   the log's `last_seq`. An Ack is never sent for a frame not yet fsynced.
 
 A frame that fails its checksum ends the stream with DATA_LOSS (one that is
-malformed or out of range with INVALID_ARGUMENT) after the frames queued before
-it are written and acknowledged; it is not written. The source resends from its
+malformed or out of range with INVALID_ARGUMENT) after the messages queued
+before its own are written and acknowledged; nothing of its message (the whole
+batch) is written. The source resends from its
 last Ack. A new stream for a pair ends the one still open for it, so one writer
 at a time appends to a log.
 """
@@ -27,7 +35,7 @@ from __future__ import annotations
 
 import queue
 import threading
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 
 import grpc
@@ -166,7 +174,7 @@ class Receiver:
     def replicate(
         self, requests: Iterator[rpb.ReplicationMessage], context: grpc.ServicerContext
     ) -> Iterator[rpb.ReplicationReply]:
-        pair_id, disk_size = self._check_open(next(requests, None))
+        pair_id, disk_size = self._check_open(frames.parse_open(next(requests, None)))
         stream = _Stream(pair_id, context)
         context.add_callback(lambda: (stream.close(), self._spool.wake()))
         try:
@@ -174,7 +182,7 @@ class Receiver:
             frame_log = self._spool.log(pair_id)
             durable = frame_log.last_seq
             log.info("replication stream open", pair=pair_id, durable_seq=durable)
-            yield rpb.ReplicationReply(accepted=rpb.StreamAccepted(durable_seq=durable))
+            yield rpb.ReplicationReply(accepted=rpb.StreamAccepted(durable_seq=durable, accepts_batches=True))
             threading.Thread(
                 target=self._receive,
                 args=(stream, requests, disk_size, durable),
@@ -205,23 +213,19 @@ class Receiver:
             for message in requests:
                 if stream.cancelled() or self._stop.is_set():
                     break
-                if message.WhichOneof("kind") != "frame":
+                carried = frames.incoming(message)
+                if carried is None:
                     raise errors.InvalidInput("`open` may come only once, first", code="stream-open-twice")
-                frame = message.frame
-                raw = frames.raw_data(frame)  # taken once: each access copies the data
-                frames.validate(frame, disk_size, raw)
-                if frame.seq <= highest:
+                # Every frame of a message is checked before any of it is queued: a batch
+                # with one bad frame is refused whole (the source resends from its last Ack).
+                records = self._check(stream.pair_id, carried, disk_size, highest)
+                if not records:
                     stream.queue.put(None)  # held already: acknowledge again, write nothing
                     continue
-                frames.verify(stream.pair_id, frame, frames.payload(frame, raw))
-                # Serialized here, once: its length is what the spool reserves, and the
-                # log writes these bytes as they are.
-                body = frames.compress(frame, raw).SerializeToString()
-                del raw
-                size = len(body) + HEADER_SIZE
-                if not self._reserve(stream, ((frame.seq, body), size)):
+                size = sum(len(body) for _seq, body in records) + HEADER_SIZE * len(records)
+                if not self._reserve(stream, (records, size)):
                     break
-                highest = frame.seq
+                highest = records[-1][0]
         except errors.SiteRecoveryError as exc:
             stream.queue.put(exc)
         except grpc.RpcError:
@@ -232,7 +236,33 @@ class Receiver:
         finally:
             stream.queue.put(_END)
 
-    def _reserve(self, stream: _Stream, item: tuple[tuple[int, bytes], int]) -> bool:
+    @staticmethod
+    def _check(
+        pair_id: str, carried: Sequence[frames.Received], disk_size: int, highest: int
+    ) -> list[tuple[int, bytes | memoryview]]:
+        """(seq, serialized spooled frame) of each frame above `highest`, all checked and compressed.
+
+        Raises the first frame's error (range, then checksum) and returns nothing
+        then: a batch is kept whole or not at all."""
+        records: list[tuple[int, bytes | memoryview]] = []
+        for received in carried:
+            frame, raw = received.frame, received.raw()
+            frames.validate(frame, disk_size, raw)
+            if frame.seq <= highest:
+                continue  # held already (sent again after a reconnect)
+            frames.verify(pair_id, frame, frames.payload(frame, raw))
+            spooled = frames.compress(frame, raw)
+            if spooled is frame and received.body is not None:
+                body: bytes | memoryview = received.body  # as it came: no copy
+            else:
+                # Serialized here, once: its length is what the spool reserves, and the
+                # log writes these bytes as they are.
+                body = spooled.SerializeToString()
+            records.append((frame.seq, body))
+            highest = frame.seq
+        return records
+
+    def _reserve(self, stream: _Stream, item: tuple[list[tuple[int, bytes | memoryview]], int]) -> bool:
         """Wait until this stream's read-ahead and then the spool have room; queue `item`.
 
         False (nothing queued) when the stream ended meanwhile.
@@ -262,7 +292,7 @@ class Receiver:
         finished = False
         while not finished:
             item = stream.queue.get()
-            batch: list[tuple[int, bytes]] = []  # (seq, serialized frame)
+            batch: list[tuple[int, bytes | memoryview]] = []  # (seq, serialized frame)
             reserved = 0
             ack = False
             failure: errors.SiteRecoveryError | None = None
@@ -274,7 +304,7 @@ class Receiver:
                 elif item is None:
                     ack = True  # a frame held already came again
                 else:
-                    batch.append(item[0])
+                    batch.extend(item[0])
                     reserved += item[1]
                 if finished or failure is not None or reserved >= MAX_BATCH_BYTES:
                     break

@@ -16,7 +16,10 @@ it as an acknowledgement, then send frames in strictly increasing seq order
 (journal frames and volatile frames merged by seq: a volatile frame is made
 inside `DiskCapture.quiesced()`, so every journaled frame with a lower seq is
 already in the journal when it exists) while at most `window_bytes` are
-unacknowledged. Each `Ack(seq)` runs the volatile frames' callbacks and
+unacknowledged. Journaled frames go as the journal holds them (serialized);
+several frames share a `batch` message when the process server said
+`accepts_batches` (whatever is ready at that moment, up to 1 MiB / 256 frames,
+never waited for). Each `Ack(seq)` runs the volatile frames' callbacks and
 acknowledges seq to the journal, which releases through it at most once a
 second (`PairJournal.acknowledge`: a release costs three fsyncs; releasing
 later is always safe, the process server drops frames it already holds). Any error ends the stream: log it, back off
@@ -43,6 +46,7 @@ import grpc
 from siterecovery.common import errors, frames
 from siterecovery.common.logging import get_logger
 from siterecovery.common.pb import replication_pb2 as rpb
+from siterecovery.common.rates import RateWindow
 
 from .capture import PairJournal
 
@@ -61,6 +65,17 @@ REPLICATE_METHOD = "/siterecovery.v1.ProcessServer/Replicate"
 class Produced:
     frame: rpb.Frame
     on_ack: Callable[[], None] | None = None
+    # The frame serialized already (frames.serialized_write_frame); `frame` then
+    # describes it without its data.
+    body: bytes | None = None
+
+
+@dataclass
+class _Stored:
+    """A journaled frame as the journal holds it: its seq and its serialized `Frame`."""
+
+    seq: int
+    body: bytes | memoryview
 
 
 class VolatileSource(Protocol):
@@ -110,16 +125,18 @@ class Shipper:
         self._ack_pending = 0
         self._broken: BaseException | None = None
         self._pending_volatile: Produced | None = None
-        self._jiter: Iterator[rpb.Frame] | None = None
-        self._jpeek: rpb.Frame | None = None
+        self._jiter: Iterator[tuple[int, bytes | memoryview]] | None = None
+        self._jpeek: _Stored | None = None
         self._jnext = 1
+        # The process server of the current stream takes batches (StreamAccepted).
+        self._batches = False
         self.last_sent = 0
         self.acked_seq = 0
         self.bytes_sent = 0
         self.frames_sent = 0
         self.connected = False
         self.last_error = ""
-        self._samples: deque[tuple[float, int]] = deque()
+        self._rate = RateWindow(THROUGHPUT_WINDOW)
         journal.on_append = self._wake.set
 
     # -- control ---------------------------------------------------------------------
@@ -135,14 +152,7 @@ class Shipper:
         self._wake.set()
 
     def throughput(self) -> float:
-        now = time.monotonic()
-        with self._lock:
-            while self._samples and self._samples[0][0] < now - THROUGHPUT_WINDOW:
-                self._samples.popleft()
-            if not self._samples:
-                return 0.0
-            total = sum(n for _t, n in self._samples)
-        return total / THROUGHPUT_WINDOW
+        return self._rate.rate()
 
     def run(self) -> None:
         delay = INITIAL_BACKOFF
@@ -199,6 +209,7 @@ class Shipper:
                 raise StreamBroken("the process server did not answer the stream's open with accepted")
             self.connected = True
             self.last_error = ""
+            self._batches = first.accepted.accepts_batches
             self._resume(first.accepted.durable_seq)
             log.info("replication stream open", pair=self.pair_id, durable_seq=first.accepted.durable_seq)
             reader = threading.Thread(target=self._read_acks, args=(call,), name=f"acks-{self.pair_id}", daemon=True)
@@ -293,53 +304,68 @@ class Shipper:
                 if self._broken is not None:
                     return
             self._process_acks()
+            # Everything ready now goes, in batches when the process server takes them;
+            # a batch is never held back to fill up (the RPO counts every moment here).
+            batch = frames.BatchBuilder(self._batches)
             sent = False
             while self._inflight_bytes < self.window_bytes and not self.stop.is_set():
                 item = self._next_frame()
                 if item is None:
                     break
-                self._send(requests, item)
+                body = self._account(item)
+                if batch and not batch.fits(len(body)):
+                    requests.put(batch.take())
+                batch.add(body)
                 sent = True
+            if batch:
+                requests.put(batch.take())
             if not sent:
                 self.journal.release_due()  # an acknowledgement whose release was put off
                 self._wake.wait(1.0)
 
-    def _send(self, requests: queue.SimpleQueue, item: Produced) -> None:
-        frame = item.frame
-        if frame.seq <= self.last_sent:
+    def _account(self, item: Produced | _Stored) -> bytes | memoryview:
+        """Count `item` as sent and unacknowledged; its serialized frame."""
+        if isinstance(item, _Stored):
+            seq, body, on_ack = item.seq, item.body, None
+            data_bytes = frames.serialized_data_length(body)
+        else:
+            frame, on_ack = item.frame, item.on_ack
+            seq = frame.seq
+            # Once: ByteSize() and a ReplicationMessage would encode it again.
+            body = item.body if item.body is not None else frame.SerializeToString()
+            data_bytes = frame.write.length if frame.WhichOneof("body") == "write" else 0
+        if seq <= self.last_sent:
             raise errors.Internal(
-                f"pair {self.pair_id}: frame {frame.seq} would follow {self.last_sent}; refusing to send out of order",
+                f"pair {self.pair_id}: frame {seq} would follow {self.last_sent}; refusing to send out of order",
                 code="seq-order",
             )
-        body = frame.SerializeToString()  # once: ByteSize() and a ReplicationMessage would encode it again
-        size = len(body)
-        data_bytes = frame.write.length if frame.WhichOneof("body") == "write" else 0
         with self._lock:
-            self._inflight.append((frame.seq, size, item.on_ack))
-            self._inflight_bytes += size
-            self.last_sent = frame.seq
+            self._inflight.append((seq, len(body), on_ack))
+            self._inflight_bytes += len(body)
+            self.last_sent = seq
             self.bytes_sent += data_bytes
             self.frames_sent += 1
-            if data_bytes:
-                self._samples.append((time.monotonic(), data_bytes))
-        requests.put(frames.frame_message(body))
+        if data_bytes:
+            self._rate.add(data_bytes)
+        return body
 
     # -- choosing the next frame ------------------------------------------------------------
-    def _peek_journal(self) -> rpb.Frame | None:
+    def _peek_journal(self) -> _Stored | None:
         if self._jpeek is not None:
             return self._jpeek
         if self._jiter is None:
             if self.journal.log.last_seq < self._jnext:
                 return None
-            self._jiter = self.journal.log.read_from(self._jnext)
-        frame = next(self._jiter, None)
-        if frame is None:
+            # Serialized, as the journal holds them: sent without a parse and a serialization.
+            self._jiter = self.journal.log.read_serialized_from(self._jnext)
+        record = next(self._jiter, None)
+        if record is None:
             self._jiter = None
             return None
-        self._jpeek = frame
-        return frame
+        self._jpeek = _Stored(*record)
+        return self._jpeek
 
-    def _next_frame(self) -> Produced | None:
+    def _next_frame(self) -> Produced | _Stored | None:
         journaled = self._peek_journal()
         volatile = self._pending_volatile
         if volatile is None and self.source is not None:
@@ -352,7 +378,7 @@ class Shipper:
         if journaled is not None:
             self._jpeek = None
             self._jnext = journaled.seq + 1
-            return Produced(journaled)
+            return journaled
         return None
 
     # -- acknowledgements ------------------------------------------------------------------

@@ -121,6 +121,7 @@ class InitialSync:
             with self._lock:
                 self._done_sent = True
             return Produced(frame, self._acked_done)
+        body = None  # a write chunk's frame comes serialized already
         with self.disk.quiesced():
             data_at = next_data(self.disk.fd, pos, size)
             if data_at - pos >= self.chunk:
@@ -133,11 +134,11 @@ class InitialSync:
                 if data == _ZEROS[: len(data)]:
                     frame = frames.zero_frame(pair, seq, pos, end - pos)
                 else:
-                    frame = frames.write_frame(pair, seq, pos, data)
+                    frame, body = frames.serialized_write_frame(pair, seq, pos, data)
         with self._lock:
             self._pos = end
         sent = frame.write.length if frame.WhichOneof("body") == "write" else 0
-        return Produced(frame, lambda: self._acked_to(end, sent))
+        return Produced(frame, lambda: self._acked_to(end, sent), body)
 
     def _acked_to(self, end: int, sent: int) -> None:
         with self._lock:

@@ -166,19 +166,29 @@ class StreamOpen(_message.Message):
     disk_size_bytes: int
     def __init__(self, pair_id: _Optional[str] = ..., disk_size_bytes: _Optional[int] = ...) -> None: ...
 
+class FrameBatch(_message.Message):
+    __slots__ = ("frames",)
+    FRAMES_FIELD_NUMBER: _ClassVar[int]
+    frames: _containers.RepeatedCompositeFieldContainer[Frame]
+    def __init__(self, frames: _Optional[_Iterable[_Union[Frame, _Mapping]]] = ...) -> None: ...
+
 class ReplicationMessage(_message.Message):
-    __slots__ = ("open", "frame")
+    __slots__ = ("open", "frame", "batch")
     OPEN_FIELD_NUMBER: _ClassVar[int]
     FRAME_FIELD_NUMBER: _ClassVar[int]
+    BATCH_FIELD_NUMBER: _ClassVar[int]
     open: StreamOpen
     frame: Frame
-    def __init__(self, open: _Optional[_Union[StreamOpen, _Mapping]] = ..., frame: _Optional[_Union[Frame, _Mapping]] = ...) -> None: ...
+    batch: FrameBatch
+    def __init__(self, open: _Optional[_Union[StreamOpen, _Mapping]] = ..., frame: _Optional[_Union[Frame, _Mapping]] = ..., batch: _Optional[_Union[FrameBatch, _Mapping]] = ...) -> None: ...
 
 class StreamAccepted(_message.Message):
-    __slots__ = ("durable_seq",)
+    __slots__ = ("durable_seq", "accepts_batches")
     DURABLE_SEQ_FIELD_NUMBER: _ClassVar[int]
+    ACCEPTS_BATCHES_FIELD_NUMBER: _ClassVar[int]
     durable_seq: int
-    def __init__(self, durable_seq: _Optional[int] = ...) -> None: ...
+    accepts_batches: bool
+    def __init__(self, durable_seq: _Optional[int] = ..., accepts_batches: _Optional[bool] = ...) -> None: ...
 
 class Ack(_message.Message):
     __slots__ = ("seq",)

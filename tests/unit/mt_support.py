@@ -20,7 +20,7 @@ from types import SimpleNamespace
 
 import grpc
 
-from siterecovery.agents.master_target.daemon import MasterTargetServicer
+from siterecovery.agents.master_target.daemon import MasterTargetServicer, add_servicer
 from siterecovery.agents.master_target.pairs import MasterTargetPairs
 from siterecovery.agents.master_target.target import PairTarget, TargetOptions
 from siterecovery.common import errors, frames, pki
@@ -180,7 +180,7 @@ class Harness:
                 Service(
                     dataplane_pb2.DESCRIPTOR.services_by_name["MasterTarget"].full_name,
                     servicer,
-                    dataplane_pb2_grpc.add_MasterTargetServicer_to_server,
+                    add_servicer,
                 )
             ],
         )
@@ -237,6 +237,7 @@ class Harness:
 class StreamResult:
     durable_seq: int
     acks: list[int]
+    accepts_batches: bool = False
 
     @property
     def last_ack(self) -> int:
@@ -251,11 +252,14 @@ def send(
     *,
     resume: bool = True,
     timeout: float = 60.0,
+    batch: int = 1,
 ) -> StreamResult:
     """Stream like a process server: open, wait for accepted, send the frames after
-    durable_seq (all of them when not `resume`), half-close, collect the acks."""
+    durable_seq (all of them when not `resume`; `batch` frames per message), half-close,
+    collect the acks."""
     accepted = threading.Event()
     durable = [0]
+    flags = [False]
     ended = threading.Event()
 
     def requests():
@@ -263,23 +267,26 @@ def send(
         accepted.wait(timeout)
         if ended.is_set():
             return
-        for frame in stream:
-            if resume and frame.seq <= durable[0]:
-                continue
-            yield rpb.ReplicationMessage(frame=frame)
+        todo = [frame for frame in stream if not (resume and frame.seq <= durable[0])]
+        for at in range(0, len(todo), batch):
+            if batch == 1:
+                yield rpb.ReplicationMessage(frame=todo[at])
+            else:
+                yield rpb.ReplicationMessage(batch=rpb.FrameBatch(frames=todo[at : at + batch]))
 
     acks: list[int] = []
     try:
         for reply in stub.Apply(requests(), timeout=timeout):
             if reply.WhichOneof("kind") == "accepted":
                 durable[0] = reply.accepted.durable_seq
+                flags[0] = reply.accepted.accepts_batches
                 accepted.set()
             else:
                 acks.append(reply.ack.seq)
     finally:
         ended.set()
         accepted.set()
-    return StreamResult(durable[0], acks)
+    return StreamResult(durable[0], acks, flags[0])
 
 
 def rpc_error(call) -> tuple[grpc.StatusCode, str, str]:

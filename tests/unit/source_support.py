@@ -101,6 +101,10 @@ class FakeProcessServer(dataplane_pb2_grpc.ProcessServerServicer):
         self.break_after: int | None = None
         self.errors: list[str] = []
         self.hash_failures = 0
+        # Say `accepts_batches` (a process server of this version); False plays an older one.
+        self.accepts_batches = False
+        # Frames per message received, in order (a `frame` message counts 1).
+        self.message_sizes: list[int] = []
 
     def preload(self, pair_id: str, image: Path, disk_size: int) -> Path:
         """Make the pair's target image a copy of `image` (an older copy of the disk)."""
@@ -155,7 +159,7 @@ class FakeProcessServer(dataplane_pb2_grpc.ProcessServerServicer):
                 record = self.pairs[pair_id] = PairRecord(size, target)
             record.streams += 1
             durable = record.durable
-        yield rpb.ReplicationReply(accepted=rpb.StreamAccepted(durable_seq=durable))
+        yield rpb.ReplicationReply(accepted=rpb.StreamAccepted(durable_seq=durable, accepts_batches=self.accepts_batches))
         fd = os.open(record.target, os.O_RDWR)
         try:
             yield from self._receive(request_iterator, context, pair_id, size, record, fd)
@@ -168,34 +172,46 @@ class FakeProcessServer(dataplane_pb2_grpc.ProcessServerServicer):
         last_in_stream = 0
         count = 0
         for message in request_iterator:
-            frame = message.frame
-            try:
-                frames.validate(frame, size)
-                frames.verify(pair_id, frame)
-                if frame.seq <= last_in_stream:
-                    raise AssertionError(f"seq {frame.seq} after {last_in_stream} in one stream")
-            except Exception as exc:
-                self.errors.append(str(exc))
-                context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(exc))
-            last_in_stream = frame.seq
-            with self.lock:
-                if frame.seq > record.durable:
-                    apply_frame(fd, frame)
-                    kept = rpb.Frame()
-                    kept.CopyFrom(frame)
-                    if frame.WhichOneof("body") == "write":
-                        kept.write.data = b""
-                    record.frames.append(kept)
-                    record.durable = frame.seq
-                    record.data_bytes += frames.payload_length(frame) if frame.WhichOneof("body") == "write" else 0
-                    record.zero_bytes += frame.zero.length if frame.WhichOneof("body") == "zero" else 0
-                durable = record.durable
+            if message.WhichOneof("kind") == "batch" and not self.accepts_batches:
+                self.errors.append("a batch sent to a process server that did not ask for batches")
+                context.abort(grpc.StatusCode.INVALID_ARGUMENT, "no batches here")
+            carried = frames.message_frames(message) or ()
+            self.message_sizes.append(len(carried))
+            for frame in carried:
+                reply = self._frame(context, pair_id, size, record, fd, frame, last_in_stream)
+                last_in_stream = frame.seq
+                if reply is not None:
+                    yield reply
             count += 1
             if self.break_after is not None and count >= self.break_after:
                 self.break_after = None
                 context.abort(grpc.StatusCode.UNAVAILABLE, "the fake process server broke the stream")
-            if self.send_acks.is_set():
-                yield rpb.ReplicationReply(ack=rpb.Ack(seq=durable))
+
+    def _frame(self, context, pair_id, size, record, fd, frame, last_in_stream):
+        """Check and apply one frame; its Ack (None while acks are held back)."""
+        try:
+            frames.validate(frame, size)
+            frames.verify(pair_id, frame)
+            if frame.seq <= last_in_stream:
+                raise AssertionError(f"seq {frame.seq} after {last_in_stream} in one stream")
+        except Exception as exc:
+            self.errors.append(str(exc))
+            context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(exc))
+        with self.lock:
+            if frame.seq > record.durable:
+                apply_frame(fd, frame)
+                kept = rpb.Frame()
+                kept.CopyFrom(frame)
+                if frame.WhichOneof("body") == "write":
+                    kept.write.data = b""
+                record.frames.append(kept)
+                record.durable = frame.seq
+                record.data_bytes += frames.payload_length(frame) if frame.WhichOneof("body") == "write" else 0
+                record.zero_bytes += frame.zero.length if frame.WhichOneof("body") == "zero" else 0
+            durable = record.durable
+        if self.send_acks.is_set():
+            return rpb.ReplicationReply(ack=rpb.Ack(seq=durable))
+        return None
 
 
 class Site:

@@ -173,3 +173,108 @@ def test_frames_without_data_and_garbage_have_no_data_length():
         assert frames.serialized_data_length(frame.SerializeToString()) == 0
     assert frames.serialized_data_length(b"\x12\xff\xff\xff") == 0
     assert frames.serialized_data_length(b"\x0f") == 0
+
+
+def _serialized(count: int, size: int) -> list[bytes]:
+    return [frames.write_frame("p", seq, 0, os.urandom(size)).SerializeToString() for seq in range(1, count + 1)]
+
+
+def test_a_batch_message_is_the_serialized_frame_batch_and_a_lone_frame_a_frame_message():
+    bodies = _serialized(5, 3000)
+    message = rpb.ReplicationMessage.FromString(frames.batch_message(bodies))
+    assert message.WhichOneof("kind") == "batch"
+    assert [f.SerializeToString() for f in frames.message_frames(message)] == bodies
+    assert frames.batch_message(bodies[:1]) == frames.frame_message(bodies[0])
+    lone = rpb.ReplicationMessage.FromString(frames.batch_message(bodies[:1]))
+    assert [f.SerializeToString() for f in frames.message_frames(lone)] == bodies[:1]
+
+
+def test_an_empty_batch_is_refused_and_other_kinds_carry_no_frames():
+    with pytest.raises(errors.InvalidInput) as caught:
+        frames.message_frames(rpb.ReplicationMessage(batch=rpb.FrameBatch()))
+    assert caught.value.code == "frame-invalid"
+    assert frames.message_frames(rpb.ReplicationMessage(open=rpb.StreamOpen(pair_id="p"))) is None
+    assert frames.message_frames(rpb.ReplicationMessage()) is None
+
+
+def test_a_batch_builder_cuts_by_bytes_and_frames_and_sends_singles_without_batches():
+    big = frames.BatchBuilder(True)
+    for body in _serialized(3, 400 * 1024):
+        if big and not big.fits(len(body)):
+            break
+        big.add(body)
+    assert len(frames.message_frames(rpb.ReplicationMessage.FromString(big.take()))) == 2  # 1 MiB at most
+    small = frames.BatchBuilder(True)
+    for body in _serialized(frames.MAX_BATCH_FRAMES, 16):
+        assert small.fits(len(body))
+        small.add(body)
+    assert not small.fits(16)
+    assert len(frames.message_frames(rpb.ReplicationMessage.FromString(small.take()))) == frames.MAX_BATCH_FRAMES
+    assert not small and small.fits(10**9)  # empty: anything fits, even one frame alone past the limits
+    single = frames.BatchBuilder(False)
+    single.add(b"x")
+    assert not single.fits(1)
+
+
+@pytest.mark.parametrize("size", [1, 4096, 64 * 1024 + 3, 1024 * 1024])
+@pytest.mark.parametrize("captured_at", [None, 1764400000.123456789, 0.0])
+def test_a_write_frame_serialized_by_hand_is_the_frame_protobuf_serializes(size, captured_at):
+    data = os.urandom(size)
+    meta, body = frames.serialized_write_frame("pair-x", 4711, 7 * 4096, memoryview(data), captured_at=captured_at)
+    frame = rpb.Frame.FromString(body)
+    assert frame.write.data == data and meta.checksum == frame.checksum and not meta.write.data
+    frames.verify("pair-x", frame)
+    again = frames.write_frame("pair-x", 4711, 7 * 4096, data, captured_at=frame.captured_at.ToNanoseconds() / 1e9)
+    again.captured_at.CopyFrom(frame.captured_at)  # the float's rounding aside
+    again.checksum = frames.compute_checksum("pair-x", again, data)
+    assert again.SerializeToString() == body
+
+
+def _parsed(raw: bytes) -> list[tuple[rpb.Frame, bytes]]:
+    """What protobuf makes of a message: (the frame without its data, the data) per frame."""
+    out = []
+    for frame in frames.message_frames(rpb.ReplicationMessage.FromString(raw)):
+        data = frames.raw_data(frame)
+        if frame.HasField("write"):
+            frame.write.data = b""
+        out.append((frame, data))
+    return out
+
+
+def _received(raw: bytes) -> list[tuple[rpb.Frame, bytes]]:
+    out = []
+    for received in frames.received_frames(raw):
+        frame = rpb.Frame()
+        frame.CopyFrom(received.frame)  # may hold the data too (then it is the same)
+        if frame.HasField("write"):
+            frame.write.data = b""
+        out.append((frame, bytes(received.raw())))
+    return out
+
+
+@pytest.mark.parametrize("size", [16 * 1024, 64 * 1024, 1024 * 1024])
+def test_received_frames_are_what_protobuf_parses_and_large_data_is_not_copied(size):
+    frame = frames.write_frame("p", 9, 4096, os.urandom(size))
+    raw = frames.frame_message(frame.SerializeToString())
+    assert _received(raw) == _parsed(raw)
+    got = frames.received_frames(raw)[0]
+    frames.verify("p", got.frame, got.raw())
+    if size >= frames.SPLIT_MIN_BYTES:
+        assert isinstance(got.data, memoryview) and got.data.obj is raw
+        assert bytes(got.body) == frame.SerializeToString()
+    batch = frames.batch_message([frame.SerializeToString(), frames.tag_frame("p", 10, "t", 1).SerializeToString()])
+    assert _received(batch) == _parsed(batch)
+
+
+def test_received_frames_that_are_not_laid_out_plainly_mean_what_protobuf_says():
+    first = frames.write_frame("p", 9, 4096, os.urandom(128 * 1024)).SerializeToString()
+    second = frames.write_frame("p", 9, 8192, os.urandom(64 * 1024)).SerializeToString()
+    merged = frames.frame_message(first + second)  # two write fields: protobuf merges them
+    assert _received(merged) == _parsed(merged)
+    with pytest.raises(errors.InvalidInput) as caught:
+        frames.received_frames(b"\x12\xff\xff\x03" + b"\x07" * 70000)  # a frame field running past the end
+    assert caught.value.code == "frame-invalid"
+    with pytest.raises(errors.InvalidInput):
+        frames.received_frames(b"\x1a\x00")  # an empty batch
+    opening = rpb.ReplicationMessage(open=rpb.StreamOpen(pair_id="p")).SerializeToString()
+    assert frames.received_frames(opening) is None

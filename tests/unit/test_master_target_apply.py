@@ -132,6 +132,49 @@ def test_a_bad_checksum_is_refused_and_nothing_of_it_is_written(mt: Harness):
     assert sha256(target) == reference_hash(stream, DISK, stream[-1].seq)
 
 
+def test_batches_are_applied_like_single_frames_with_cumulative_acks(mt: Harness):
+    stream = make_stream("p1", seed=13, disk_size=DISK, count=300, done_at=30)
+    assignment = mt.assign("p1", DISK)
+    first = send(mt.stub(), "p1", DISK, stream[:100], batch=7)
+    assert first.accepts_batches and first.last_ack == stream[99].seq
+    assert first.acks == sorted(first.acks)
+    rest = send(mt.stub(), "p1", DISK, stream, batch=40)  # resumes after durable_seq
+    assert rest.durable_seq == stream[99].seq and rest.last_ack == stream[-1].seq
+    assert sha256(Path(assignment.target_path)) == reference_hash(stream, DISK, stream[-1].seq)
+    assert [p.tag_id for p in mt.status("p1").points] == list(tag_hashes(stream, DISK))
+
+
+def test_a_batch_with_one_bad_frame_is_refused_whole_and_nothing_of_it_is_written(mt: Harness):
+    stream = make_stream("p1", seed=17, disk_size=DISK, count=90)
+    assignment = mt.assign("p1", DISK)
+    send(mt.stub(), "p1", DISK, stream[:40])
+    target = Path(assignment.target_path)
+    i = next(i for i in range(55, len(stream)) if stream[i].WhichOneof("body") == "write")
+    good = frames.decompress(stream[i])
+    bad = rpb.Frame()
+    bad.CopyFrom(good)
+    bad.write.data = bytes([good.write.data[0] ^ 1]) + good.write.data[1:]
+    # One batch of good frames, then a batch whose one bad frame sits among good ones.
+    damaged = [*stream[40:50], *stream[50:i], bad, *stream[i + 1 : i + 5]]
+    status, code, details = rpc_error(lambda: send(mt.stub(), "p1", DISK, damaged, batch=10))
+    assert status == grpc.StatusCode.DATA_LOSS and code == "frame-checksum"
+    assert f"frame {bad.seq} failed its checksum" in details
+    # The whole batches before the bad one's are applied; nothing of the bad one's batch is.
+    at = damaged.index(bad) // 10 * 10
+    applied = damaged[at - 1].seq if at else stream[39].seq
+    assert mt.status("p1").last_seq == applied
+    assert sha256(target) == reference_hash(stream, DISK, applied)
+
+    beyond = frames.write_frame("p1", stream[-1].seq + 1, DISK - 512, os.urandom(4096))
+    status, code, details = rpc_error(lambda: send(mt.stub(), "p1", DISK, [*stream, beyond], batch=500))
+    assert status == grpc.StatusCode.INVALID_ARGUMENT and code == "frame-out-of-range" and "past the end" in details
+    assert mt.status("p1").last_seq == applied and sha256(target) == reference_hash(stream, DISK, applied)
+
+    result = send(mt.stub(), "p1", DISK, stream, batch=16)
+    assert result.last_ack == stream[-1].seq
+    assert sha256(target) == reference_hash(stream, DISK, stream[-1].seq)
+
+
 def test_a_frame_past_the_end_of_the_disk_is_refused(mt: Harness):
     assignment = mt.assign("p1", DISK)
     send(mt.stub(), "p1", DISK, make_stream("p1", seed=3, disk_size=DISK, count=10))

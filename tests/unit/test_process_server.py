@@ -22,7 +22,7 @@ from types import SimpleNamespace
 import grpc
 import pytest
 
-from siterecovery.agents.process_server.daemon import ProcessServerServicer
+from siterecovery.agents.process_server.daemon import ProcessServerServicer, add_servicer
 from siterecovery.agents.process_server.forwarder import ForwardPolicy
 from siterecovery.agents.process_server.pairs import ProcessServerPairs
 from siterecovery.agents.process_server.spool import Spool
@@ -99,6 +99,11 @@ class FakeMasterTarget(dataplane_pb2_grpc.MasterTargetServicer):
     # Stop reading once this seq is applied, until `hold_after` changes (None: never hold).
     hold_after: int | None = None
     refuse: errors.SiteRecoveryError | None = None
+    # Say `accepts_batches` (a master target of this version); False plays an older one,
+    # which takes only `frame` messages.
+    accepts_batches: bool = False
+    # Frames per message received, in order (a `frame` message counts 1).
+    message_sizes: list[int] = field(default_factory=list)
     cond: threading.Condition = field(default_factory=threading.Condition)
 
     @property
@@ -115,7 +120,9 @@ class FakeMasterTarget(dataplane_pb2_grpc.MasterTargetServicer):
         self.opens.append(first.open)
         if self.refuse is not None:
             raise self.refuse
-        yield rpb.ReplicationReply(accepted=rpb.StreamAccepted(durable_seq=self.last))
+        yield rpb.ReplicationReply(
+            accepted=rpb.StreamAccepted(durable_seq=self.last, accepts_batches=self.accepts_batches)
+        )
         context.add_callback(lambda: self.set_hold(self.hold_after))  # wake a held stream when it ends
         while True:
             with self.cond:
@@ -130,14 +137,18 @@ class FakeMasterTarget(dataplane_pb2_grpc.MasterTargetServicer):
                 return  # the process server went away
             if message is None:
                 return
-            frame = message.frame
-            frames.verify(first.open.pair_id, frame)
-            with self.cond:
-                if frame.seq <= self.last:
-                    self.resent_acked += 1
-                else:
-                    self.applied.append(frames.decompress(frame))
-                self.cond.notify_all()
+            if message.WhichOneof("kind") != "frame" and not self.accepts_batches:
+                context.abort(grpc.StatusCode.INVALID_ARGUMENT, "only frames follow the open message")
+            carried = frames.message_frames(message) or ()
+            self.message_sizes.append(len(carried))
+            for frame in carried:
+                frames.verify(first.open.pair_id, frame)
+                with self.cond:
+                    if frame.seq <= self.last:
+                        self.resent_acked += 1
+                    else:
+                        self.applied.append(frames.decompress(frame))
+                    self.cond.notify_all()
             yield rpb.ReplicationReply(ack=rpb.Ack(seq=self.last))
 
 
@@ -164,7 +175,7 @@ class ProcessServer:
             creds,
             ProcessServerServicer(runtime, self.pairs.receiver, self.pairs),  # type: ignore[arg-type]
             "ProcessServer",
-            dataplane_pb2_grpc.add_ProcessServerServicer_to_server,
+            add_servicer,
         )
 
     def close(self) -> None:
@@ -348,6 +359,68 @@ def test_bad_checksum_is_data_loss_and_nothing_is_spooled(site: Site) -> None:
     # What came before the bad frame is spooled and acknowledged; the bad frame is not.
     assert ps.spool.log(PAIR).last_seq == 2
     assert acks(seen)[-1] == 2
+
+
+def batch(items: list[rpb.Frame]) -> rpb.ReplicationMessage:
+    return rpb.ReplicationMessage(batch=rpb.FrameBatch(frames=items))
+
+
+@pytest.mark.parametrize("mt_batches", [False, True], ids=["older master target", "batching master target"])
+def test_batches_are_spooled_and_forwarded_in_batches_only_to_a_master_target_that_takes_them(
+    site: Site, mt_batches: bool
+) -> None:
+    site.mt.accepts_batches = mt_batches
+    site.mt.set_hold(0)  # everything is spooled before the forwarder may send any of it
+    ps = site.start_ps()
+    sent = make_frames(1, 120)
+    replies = site.replicate([batch(sent[:50]), sent[50], batch(sent[51:])])
+    assert replies[0].accepted.accepts_batches
+    assert acks(replies)[-1] == 120 and acks(replies) == sorted(acks(replies))
+    site.mt.set_hold(None)
+    wait_until(lambda: site.mt.last == 120, "the master target to apply everything")
+    assert digest(site.mt.applied) == digest(sent)
+    assert sum(site.mt.message_sizes) == 120
+    if mt_batches:
+        assert max(site.mt.message_sizes) > 1
+    else:
+        assert set(site.mt.message_sizes) == {1}
+    wait_until(lambda: ps.status().acked_seq == 120, "the spool to be released")
+
+
+def test_a_batch_with_one_bad_frame_is_refused_whole_and_nothing_of_it_is_spooled(site: Site) -> None:
+    ps = site.start_ps()
+    site.mt.set_hold(0)
+    good = make_frames(1, 10)  # seq 9 is a write of random data
+    damaged = rpb.Frame()
+    damaged.CopyFrom(good[8])
+    damaged.write.data = b"\x00" + damaged.write.data[1:]
+    seen: list[rpb.ReplicationReply] = []
+    err = rpc_error(lambda: site.replicate([batch(good[:4]), batch([*good[4:8], damaged, good[9]])],
+                                           on_reply=seen.append))
+    assert err.code() == grpc.StatusCode.DATA_LOSS
+    assert "frame 9 failed its checksum" in err.details()
+    # The batch before is spooled and acknowledged; nothing of the damaged one is.
+    assert ps.spool.log(PAIR).last_seq == 4
+    assert acks(seen)[-1] == 4
+    # Sent again intact, the batch is taken.
+    assert acks(site.replicate([batch(good[4:])]))[-1] == 10
+
+
+def test_malformed_frames_inside_a_batch_get_the_errors_of_single_frames(site: Site) -> None:
+    ps = site.start_ps()
+    site.mt.set_hold(0)
+    beyond = frames.write_frame(PAIR, 2, DISK - 4 * KiB, bytes(8 * KiB))
+    err = rpc_error(lambda: site.replicate([batch([make_frames(1, 1)[0], beyond])]))
+    assert err.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert "frame 2 reaches byte" in err.details() and "past the end" in err.details()
+    no_body = rpb.Frame(seq=1, checksum=bytes(16))
+    err = rpc_error(lambda: site.replicate([batch([no_body])]))
+    assert err.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert "frame 1 has no body" in err.details()
+    err = rpc_error(lambda: site.replicate([batch([])]))
+    assert err.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert "holds no frames" in err.details()
+    assert ps.spool.log(PAIR).last_seq == 0 and ps.spool.used_bytes == 0
 
 
 def test_out_of_range_frame_is_invalid_argument(site: Site) -> None:

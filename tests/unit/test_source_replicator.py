@@ -313,3 +313,37 @@ def test_backlog_and_rpo_come_from_the_acknowledged_seq_while_releasing_waits(si
     finally:
         source.close()
     assert sha(image) == sha(site.ps.record(PAIR).target)
+
+
+@pytest.mark.parametrize("accepts_batches", [False, True], ids=["older process server", "batching process server"])
+def test_writes_go_in_batches_only_to_a_process_server_that_takes_them(site, tmp_path, accepts_batches):
+    site.ps.accepts_batches = accepts_batches
+    size = 16 * MiB
+    image = make_image(tmp_path / "disk0.img", size, data_bytes=2 * MiB, seed=11)
+    source = Source(site, tmp_path / "source", image)
+    try:
+        assignment = site.assignment(PAIR, "disk0", size)
+        source.replication.apply_assignments([assignment], [])
+        wait_for(lambda: caught_up(site, source), what="the sync")
+        # Writes journaled while paused are all ready at once when the pair resumes.
+        paused = rpb.PairAssignment()
+        paused.CopyFrom(assignment)
+        paused.desired_state = rpb.PAIR_DESIRED_STATE_PAUSED
+        source.replication.apply_assignments([paused], [])
+        site.ps.message_sizes.clear()
+        rng = random.Random(12)
+        for _ in range(200):
+            source.disk.write(rng.randrange(0, size // 4096) * 4096, rng.randbytes(4096), fua=False)
+        source.replication.apply_assignments([assignment], [])
+        wait_for(lambda: caught_up(site, source), what="the writes to ship")
+        assert sha(site.ps.record(PAIR).target) == sha(image)
+        seqs = [f.seq for f in site.ps.record(PAIR).frames]
+        assert seqs == sorted(set(seqs))
+        assert sum(site.ps.message_sizes) == 200
+        if accepts_batches:
+            assert max(site.ps.message_sizes) > 1
+        else:
+            assert set(site.ps.message_sizes) == {1}
+        assert not site.ps.errors
+    finally:
+        source.close()
