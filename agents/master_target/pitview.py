@@ -58,6 +58,7 @@ from collections import deque
 from collections.abc import Callable, Iterable
 from typing import TYPE_CHECKING
 
+from siterecovery.agents.master_target import blockio
 from siterecovery.agents.master_target.extentmap import ZEROS, ExtentMap
 from siterecovery.agents.master_target.journal import UndoExtent, UndoRef
 from siterecovery.common import errors
@@ -212,7 +213,7 @@ class PointView:
         bounds = [start - offset for _fd, start, _src in plan[1:]] + [length]
         for (fd, start, source), stop in zip(plan, bounds, strict=True):
             if fd >= 0:
-                _read_into(fd, view[start - offset : stop], source)
+                blockio.pread_into(fd, view[start - offset : stop], source)
         return bytes(out)
 
     def _segment_fd(self, number: int) -> int:
@@ -257,15 +258,6 @@ class PointView:
     @property
     def covered_bytes(self) -> int:
         return self._map.covered_bytes
-
-
-def _read_into(fd: int, buf: memoryview, offset: int) -> None:
-    while buf:
-        n = os.preadv(fd, [buf], offset)
-        if n == 0:
-            raise OSError(errno.EIO, f"short read at {offset}: the file ends early")
-        buf = buf[n:]
-        offset += n
 
 
 def open_view(target: PairTarget, point: str, view_id: str) -> PointView:
