@@ -33,7 +33,8 @@ AZURITE_BLOB = ROOT / "deploy" / "azurite" / "node_modules" / ".bin" / "azurite-
 ACCOUNT = "devstoreaccount1"
 ACCOUNT_KEY = "Eby8vdM02xNOcqFlqUwJPLlmEtlCDXJ1OUzFT50uSRZ6IFsuFq2UVErCz4I6tq/K1SZFPTOtr/KBHBeksoGMGw=="
 _LISTENING = re.compile(r"listens on (http://[0-9.]+:(\d+))")
-START_TIMEOUT = 30.0
+# At load 20-40 on two cores Azurite once took longer than 30 s to listen.
+START_TIMEOUT = 90.0
 
 
 @dataclass(frozen=True)
