@@ -170,16 +170,23 @@ def test_concurrent_writes_during_a_delta_sync_end_up_on_the_target(site, tmp_pa
             written[0] += 1
 
     try:
-        source.replication.apply_assignments([delta_assignment(site, size)], [])
         thread = threading.Thread(target=writer)
         thread.start()
         try:
+            # The writer is already writing when the sync starts, and goes on until the
+            # pair replicates and it has made 50 writes: on a loaded machine the sync can be
+            # over before 50 writes, and the test must not depend on the race.
+            wait_for(lambda: written[0] > 0, what="the first write")
+            before_sync = written[0]
+            source.replication.apply_assignments([delta_assignment(site, size)], [])
             wait_for(lambda: source.status().state == rpb.PAIR_STATE_REPLICATING, what="the delta sync")
+            during_sync = written[0] - before_sync
+            wait_for(lambda: written[0] > 50, what="50 writes")
         finally:
             stop.set()
             thread.join()
         wait_for(lambda: caught_up(site, source), what="the writes after the sync")
-        assert written[0] > 50
+        assert during_sync > 0, "no write raced the sync"
         assert sha(target) == sha(image)
         assert not site.ps.errors
     finally:
