@@ -196,6 +196,8 @@ class PointView:
         try:
             return self._read(offset, length)
         except errors.Integrity as exc:
+            if self.closed:  # its descriptors were closed under the check (and maybe reused)
+                raise OSError(errno.EIO, f"view {self.view_id} is closed") from exc
             log.error("point view read hit a damaged undo record", pair=self.pair_id, view=self.view_id,
                       offset=offset, length=length, error=str(exc))
             raise OSError(errno.EIO, str(exc)) from exc
