@@ -5,8 +5,10 @@
 
 What bench.point_in_time times through srctl, without the daemons: the index a
 view is opened with (pitview.PointView.build over journal.undo_extents_after,
-every record newer than the point read, checked and indexed) against a plain
-sequential read of the same segment files (bench.rpo.cache.timed_read), both
+every record newer than the point read, its header and fields checked - its
+data is checked at the first read of it through the view, not here; records
+written before fields sums existed are checked whole here - and indexed)
+against a plain sequential read of the same segment files (bench.rpo.cache.timed_read), both
 cold (drop_caches where allowed, and each file's pages dropped), alternating,
 `--runs` times. Without `--journal` a journal is written first as the master
 target writes one under fio's random 16 KiB writes: 64 MiB segments, one commit

@@ -2,7 +2,9 @@
 
 An `ExtentMap` holds disjoint extents `[start, end)` of the disk, each with the
 place of its bytes: a journal segment and the offset there of the extent's
-first byte, or ZEROS. It only ever fills gaps (`add_uncovered`): a range
+first byte, or ZEROS; and the record they belong to (an opaque number kept
+with every piece of the extent: the view checks that record at its first
+read, see pitview.py). It only ever fills gaps (`add_uncovered`): a range
 already covered keeps its source. That is the rule a view needs - for every
 byte the *first* pre-image after the point wins - when undo records are fed in
 journal order, oldest first.
@@ -22,8 +24,8 @@ CHUNK_SHIFT = 20
 CHUNK = 1 << CHUNK_SHIFT
 ZEROS = -1  # the source of an extent whose old contents were zeros
 
-# (start, end, segment, journal offset of `start` or ZEROS)
-Extent = tuple[int, int, int, int]
+# (start, end, segment, journal offset of `start` or ZEROS, record)
+Extent = tuple[int, int, int, int, int]
 
 
 class ExtentMap:
@@ -33,14 +35,14 @@ class ExtentMap:
         self.extents = 0
         self.covered_bytes = 0
 
-    def add_uncovered(self, start: int, end: int, segment: int, offset: int) -> list[tuple[int, int]]:
+    def add_uncovered(self, start: int, end: int, segment: int, offset: int, record: int = -1) -> list[tuple[int, int]]:
         """Give the not yet covered parts of [start, end) the source (segment, offset of
-        `start`, or ZEROS); returns the pieces added (for `remove`)."""
+        `start`, or ZEROS) and `record`; returns the pieces added (for `remove`)."""
         chunk = start >> CHUNK_SHIFT
         if (end - 1) >> CHUNK_SHIFT == chunk:  # the common cases first: within one chunk, no overlap
             found = self._chunks.get(chunk)
             if found is None:
-                self._chunks[chunk] = ([start], [(start, end, segment, offset)])
+                self._chunks[chunk] = ([start], [(start, end, segment, offset, record)])
                 self.extents += 1
                 self.covered_bytes += end - start
                 return [(start, end)]
@@ -48,7 +50,7 @@ class ExtentMap:
             i = bisect_right(starts, start)
             if (i == 0 or extents[i - 1][1] <= start) and (i == len(starts) or starts[i] >= end):
                 starts.insert(i, start)
-                extents.insert(i, (start, end, segment, offset))
+                extents.insert(i, (start, end, segment, offset, record))
                 self.extents += 1
                 self.covered_bytes += end - start
                 return [(start, end)]
@@ -61,7 +63,7 @@ class ExtentMap:
             for a, b in gaps:
                 i = bisect_right(starts, a)
                 starts.insert(i, a)
-                extents.insert(i, (a, b, segment, offset if offset == ZEROS else offset + (a - start)))
+                extents.insert(i, (a, b, segment, offset if offset == ZEROS else offset + (a - start), record))
                 self.extents += 1
                 self.covered_bytes += b - a
             added.extend(gaps)
@@ -69,27 +71,36 @@ class ExtentMap:
 
     def add_many(self, extents: Iterable[Extent]) -> None:
         """`add_uncovered` of each extent in order, when the pieces added are not needed:
-        the common case (within one chunk, no overlap) inline, for a view's first index."""
+        the common case (within one chunk, no overlap) inline, for a view's first index.
+        The extent's own tuple is stored (no new one), and an extent past every other of
+        its chunk (the common case when writes go forward) is appended without a search."""
         chunks, add = self._chunks, self.add_uncovered
         count = covered = 0
-        for start, end, segment, offset in extents:
+        for extent in extents:
+            start, end = extent[0], extent[1]
             chunk = start >> CHUNK_SHIFT
             if (end - 1) >> CHUNK_SHIFT == chunk:
                 found = chunks.get(chunk)
                 if found is None:
-                    chunks[chunk] = ([start], [(start, end, segment, offset)])
+                    chunks[chunk] = ([start], [extent])
                     count += 1
                     covered += end - start
                     continue
                 starts, extents_ = found
-                i = bisect_right(starts, start)
-                if (i == 0 or extents_[i - 1][1] <= start) and (i == len(starts) or starts[i] >= end):
-                    starts.insert(i, start)
-                    extents_.insert(i, (start, end, segment, offset))
+                if not extents_ or extents_[-1][1] <= start:  # past the last one
+                    starts.append(start)
+                    extents_.append(extent)
                     count += 1
                     covered += end - start
                     continue
-            add(start, end, segment, offset)
+                i = bisect_right(starts, start)
+                if (i == 0 or extents_[i - 1][1] <= start) and starts[i] >= end:
+                    starts.insert(i, start)
+                    extents_.insert(i, extent)
+                    count += 1
+                    covered += end - start
+                    continue
+            add(*extent)
         self.extents += count
         self.covered_bytes += covered
 
@@ -116,12 +127,12 @@ class ExtentMap:
             hi = min(end, (chunk + 1) << CHUNK_SHIFT)
             i = max(bisect_right(starts, lo) - 1, 0)
             while i < len(extents) and extents[i][0] < hi:
-                a, b, segment, offset = extents[i]
+                a, b, segment, offset, record = extents[i]
                 i += 1
                 if b <= lo:
                     continue
                 ca, cb = max(a, lo), min(b, hi)
-                out.append((ca, cb, segment, offset if offset == ZEROS else offset + (ca - a)))
+                out.append((ca, cb, segment, offset if offset == ZEROS else offset + (ca - a), record))
         return out
 
 

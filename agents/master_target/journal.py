@@ -22,8 +22,12 @@ its body::
     kind 1 CHECKPOINT  JSON: the pair's whole state (applied seq, sync phase,
                        counters, every live recovery point). The first record of
                        every segment, and only there.
-    kind 2 UNDO        seq u64 | target offset u64 | length u64 | flags u8 | 7 zero bytes | old data
+    kind 2 UNDO        seq u64 | target offset u64 | length u64 | flags u8 | 3 zero bytes |
+                       fields sum u32 | old data
                        flags bit 0: the old contents were zeros; no data follows.
+                       flags bit 1: "fields sum" is the CRC-32 of the 28 bytes before it
+                       (seq to the zero bytes); without it (records written before
+                       it existed) those 4 bytes are zero too.
                        A frame's range is cut into records of at most 4 MiB.
     kind 3 COMMIT      JSON: what one batch changed (the same keys as a checkpoint,
                        except "points", plus "points_added").
@@ -60,6 +64,26 @@ A damaged record in the middle of the newest segment cannot be told from a torn
 tail: everything from it on is treated as uncommitted. Damage in an older
 segment is found (checksum) when a point is materialised or opened as a view
 through it.
+
+Why an undo record has a second, small checksum (the fields sum). Opening a
+view indexes every undo record newer than the point; hashing each record's
+old data at open cost as much CPU as everything else per record together. A
+view checks the data of a record instead when a read first touches it
+(`check_undo`, pitview.py): no byte is served before the record it comes from
+was checked. That is only as safe as the index itself, because a byte the
+index sends to the target disk is never checked against anything: a damaged
+seq, target offset, length or flag would move a record's range silently (a
+read of the true range would then serve the disk as it is now). So what the
+index is built from must be checked at open, and it is, without the data:
+the fields sum covers seq, target offset, length and flags; the header's
+body length must then equal 32 + length (32 for zeros), so a garbage body
+length cannot slip by (nor misplace the next record); a damaged kind fails
+the record's full checksum (every record that is not an undo record with a
+fields sum is checked in full at open, commits and older records included);
+the magic is compared. What is left to the first read is the data and the
+body checksum itself, and a damaged one fails that read (EIO, the segment
+and offset logged), never serves wrong data. A record whose old contents
+were zeros has no data: its fields sum checks all of it at open.
 """
 
 from __future__ import annotations
@@ -69,6 +93,7 @@ import json
 import os
 import struct
 import threading
+import zlib
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -86,11 +111,13 @@ log = get_logger(__name__)
 
 MAGIC = b"SRJ1"
 _HEAD = struct.Struct("<4sB3xIQ")  # magic, kind, body length, checksum
-_UNDO = struct.Struct("<QQQB7x")  # seq, target offset, length, flags
+_UNDO = struct.Struct("<QQQB7x")  # seq, target offset, length, flags (and the fields sum, not read here)
+_FIELDS = struct.Struct("<QQQB3x")  # what the fields sum covers: the first 28 bytes of an undo body
 KIND_CHECKPOINT = 1
 KIND_UNDO = 2
 KIND_COMMIT = 3
 FLAG_ZEROS = 0x01
+FLAG_FIELDS_SUM = 0x02
 MAX_UNDO_CHUNK = 4 * 1024 * 1024
 _MAX_BODY = 64 * 1024 * 1024
 SUFFIX = ".seg"
@@ -238,12 +265,14 @@ _SCAN_CHUNK = 4 * 1024 * 1024
 READ_AHEAD_SEGMENTS = 2
 _KIND_LENGTH = struct.Struct("<BI")
 # A record's header and, when it is an undo record, its fixed fields: unpacked in one call.
-_HEAD_UNDO = struct.Struct("<4sBxxxIQQQQB")  # _HEAD, then _UNDO without its padding
+_HEAD_UNDO = struct.Struct("<4sBxxxIQQQQB3xI")  # _HEAD, then _UNDO with its fields sum
 
 # (start, end) on the target disk, the journal segment, where the old data of `start` lies in
-# that segment or UNDO_ZEROS: the shape extentmap.Extent takes.
-UndoExtent = tuple[int, int, int, int]
+# that segment or UNDO_ZEROS, and where the record's header lies when its data is still to
+# be checked (`check_undo`) or UNDO_CHECKED: the shape extentmap.Extent takes.
+UndoExtent = tuple[int, int, int, int, int]
 UNDO_ZEROS = -1
+UNDO_CHECKED = -1
 
 
 class _ReadAhead:
@@ -297,10 +326,15 @@ class _ReadAhead:
 
 class _RecordScanner:
     """The undo records of one segment with a seq above `after_seq`, from pieces of it read in
-    order (`feed`), each record checked against its checksum; a record cut by the end of a
-    piece is completed from the next one. Written for speed: opening a point view costs
-    this loop per record (one unpack of the header and the undo fields, one hasher reused,
-    the data hashed where it lies)."""
+    order (`feed`); a record cut by the end of a piece is completed from the next one.
+
+    What is checked here: every byte the index is built from (module docstring, "Why an
+    undo record has a second, small checksum"). An undo record with a fields sum has its
+    fields checked and its lengths compared, and its data is left to `check_undo` at the
+    first read (its extent names the record); any other record (a commit, an undo record
+    written before fields sums) is checked against its full checksum here. Written for
+    speed: opening a point view costs this loop per record (one unpack of the header and
+    the undo fields, one CRC-32 of 28 bytes)."""
 
     def __init__(self, segment: Segment, end: int, after_seq: int) -> None:
         self.segment = segment
@@ -353,6 +387,8 @@ class _RecordScanner:
         where the first record not wholly inside starts."""
         head_undo, head, kind_length = _HEAD_UNDO.unpack_from, _HEAD.unpack_from, _KIND_LENGTH.pack
         head_size, undo_size, both_size = _HEAD.size, _UNDO.size, _HEAD_UNDO.size
+        fields_size = _FIELDS.size
+        crc32 = zlib.crc32
         hasher, prefixes = self._hasher, self._prefixes
         reset, update, digest = hasher.reset, hasher.update, hasher.intdigest
         append, segment, after_seq = found.append, self.segment.number, self.after_seq
@@ -360,11 +396,11 @@ class _RecordScanner:
         view = memoryview(buf)
         while True:
             if at + both_size <= limit:
-                magic, kind, length, checksum, seq, target_offset, undo_length, flags = head_undo(buf, at)
+                magic, kind, length, checksum, seq, target_offset, undo_length, flags, fields_sum = head_undo(buf, at)
             elif at + head_size <= limit:
                 # an undo record ending inside buf has its fields here: this one is not one
                 magic, kind, length, checksum = head(buf, at)
-                seq = target_offset = undo_length = flags = 0
+                seq = target_offset = undo_length = flags = fields_sum = 0
             else:
                 return at
             record_end = at + head_size + length
@@ -372,6 +408,23 @@ class _RecordScanner:
                 raise _damaged(self.segment, base + at)
             if record_end > limit:
                 return at
+            if kind == KIND_UNDO and flags & FLAG_FIELDS_SUM:
+                # The fields, then the body length against them; the data waits for check_undo.
+                fields_at = at + head_size
+                if crc32(view[fields_at : fields_at + fields_size]) != fields_sum:
+                    raise _damaged(self.segment, base + at)
+                if flags & FLAG_ZEROS:
+                    if length != undo_size:
+                        raise _damaged(self.segment, base + at)
+                    if seq > after_seq:
+                        append((target_offset, target_offset + undo_length, segment, UNDO_ZEROS, UNDO_CHECKED))
+                elif length - undo_size != undo_length:
+                    raise _damaged(self.segment, base + at)
+                elif seq > after_seq:
+                    append((target_offset, target_offset + undo_length, segment, base + fields_at + undo_size,
+                            base + at))
+                at = record_end
+                continue
             prefix = prefixes.get(length << 8 | kind)
             if prefix is None:
                 prefix = prefixes[length << 8 | kind] = kind_length(kind, length)
@@ -385,20 +438,43 @@ class _RecordScanner:
                     if length < undo_size:
                         raise _damaged(self.segment, base + at)
                     if seq > after_seq:
-                        append((target_offset, target_offset + undo_length, segment, UNDO_ZEROS))
+                        append((target_offset, target_offset + undo_length, segment, UNDO_ZEROS, UNDO_CHECKED))
                 elif length - undo_size != undo_length or length < undo_size:
                     raise _damaged(self.segment, base + at)
                 elif seq > after_seq:
-                    append((target_offset, target_offset + undo_length, segment, base + at + head_size + undo_size))
+                    append((target_offset, target_offset + undo_length, segment, base + at + head_size + undo_size,
+                            UNDO_CHECKED))
             at = record_end
 
 
 def _damaged(segment: Segment, offset: int) -> errors.Integrity:
+    return _damaged_at(segment.path, offset)
+
+
+def _damaged_at(path: Path, offset: int) -> errors.Integrity:
     return errors.Integrity(
-        f"undo journal segment {segment.path} is damaged at offset {offset}",
+        f"undo journal segment {path} is damaged at offset {offset}",
         hint="points older than this offset cannot be opened or materialised; newer points are unaffected",
         code="journal-corrupt",
     )
+
+
+def check_undo(fd: int, path: Path, offset: int) -> None:
+    """Check the undo record whose header is at `offset` of the segment open as `fd` (`path`)
+    against its full checksum: what a point view does at the first read of a record the
+    scan left unchecked (UndoExtent's last field). Integrity (naming the segment and the
+    offset) when it is damaged or cut short."""
+    try:
+        magic, kind, length, checksum = _HEAD.unpack(blockio.pread_all(fd, _HEAD.size, offset))
+        if magic != MAGIC or kind != KIND_UNDO or length > _MAX_BODY:
+            raise _damaged_at(path, offset)
+        body = blockio.pread_all(fd, length, offset + _HEAD.size)
+    except OSError as exc:
+        if exc.errno != errno.EIO:
+            raise
+        raise _damaged_at(path, offset) from exc
+    if _checksum(kind, length, body) != checksum:
+        raise _damaged_at(path, offset)
 
 
 class UndoJournal:
@@ -539,7 +615,8 @@ class UndoJournal:
         """Journal the old contents of [offset, offset+length) before frame `seq` overwrites
         it; `old` None means the range held zeros. Not durable until `sync`."""
         data = b"" if old is None else old
-        fixed = _UNDO.pack(seq, offset, length, FLAG_ZEROS if old is None else 0)
+        fields = _FIELDS.pack(seq, offset, length, FLAG_FIELDS_SUM | (FLAG_ZEROS if old is None else 0))
+        fixed = fields + zlib.crc32(fields).to_bytes(4, "little")
         at = self._append(_record(KIND_UNDO, fixed, data), reserve=self.reserve_bytes)
         ref = UndoRef(self.segments[-1].number, at, len(fixed) + len(data), seq, offset, length, old is None)
         self._pending.append(ref)

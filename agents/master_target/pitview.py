@@ -16,9 +16,23 @@ Opening a view (`open_view`):
    (journal.watch) and the journal's end is noted (a cut);
 2. without the lock: every undo record newer than the point up to the cut is
    read once, sequentially, in journal order (journal.undo_extents_after:
-   headers and checksums, the data stays where it is) and indexed. So opening costs
-   about one read of the journal written since the point, whatever the disk
-   size. Replication goes on meanwhile.
+   each record's header and fields, checked; the data stays where it is) and
+   indexed. So opening costs about one read of the journal written since the
+   point, whatever the disk size. Replication goes on meanwhile.
+
+Each record's data is checked against its checksum at the first read that
+touches it, not at open (`_check`): hashing every record's data was most of
+the CPU an open cost per record, and most of a view is usually never read.
+No byte comes from a record before that record was checked; a damaged one
+fails the read with EIO (the segment and the offset in the log) and the
+view goes on serving everything else. What the index itself is built from
+(each record's target range, its length, its kind) is checked at open
+(journal.py, "Why an undo record has a second, small checksum"): a byte the
+index sends to the target disk is never checked against anything, so a
+damaged range must not get that far. Records written before fields sums
+existed are checked whole at open, as before. Records the view is told of
+after the open (below) were written by this process meanwhile and are
+trusted as the target disk is.
 
 While replication goes on, the apply path journals every range's old contents
 before it writes the target (target.py). The journal tells the view of each
@@ -59,6 +73,7 @@ from collections.abc import Callable, Iterable
 from typing import TYPE_CHECKING
 
 from siterecovery.agents.master_target import blockio
+from siterecovery.agents.master_target import journal as undo
 from siterecovery.agents.master_target.extentmap import ZEROS, ExtentMap
 from siterecovery.agents.master_target.journal import UndoExtent, UndoRef
 from siterecovery.common import errors
@@ -97,6 +112,9 @@ class PointView:
         self._changes: deque[tuple[int, int, int]] = deque(maxlen=_CHANGES_KEPT)
         self._target_fd = os.open(target.target_path, os.O_RDONLY | os.O_CLOEXEC)
         self._segment_fds: dict[int, int] = {}
+        # (segment, header offset) of the records whose data was checked (`_check`). Records
+        # indexed at open never change while the view is open (pinned, before the cut).
+        self._checked: set[tuple[int, int]] = set()
         self.closed = False
         self.indexed_bytes = 0  # journal bytes the build read
         self.indexed_records = 0
@@ -175,11 +193,23 @@ class PointView:
         return self._size
 
     def read(self, offset: int, length: int) -> bytes:
+        try:
+            return self._read(offset, length)
+        except errors.Integrity as exc:
+            if self.closed:  # its descriptors were closed under the check (and maybe reused)
+                raise OSError(errno.EIO, f"view {self.view_id} is closed") from exc
+            log.error("point view read hit a damaged undo record", pair=self.pair_id, view=self.view_id,
+                      offset=offset, length=length, error=str(exc))
+            raise OSError(errno.EIO, str(exc)) from exc
+
+    def _read(self, offset: int, length: int) -> bytes:
         end = offset + length
         for _ in range(_OPTIMISTIC_TRIES):
             with self._lock:
-                plan, version = self._plan(offset, end), self._version
+                plan, unchecked = self._plan(offset, end)
+                version = self._version
             try:
+                self._check(unchecked)
                 data: bytes | None = self._execute(plan, offset, length)
             except OSError:
                 data = None  # a rolled-back piece, or closed: the check below tells
@@ -190,22 +220,41 @@ class PointView:
                 break
             return data
         with self._lock:
-            return self._execute(self._plan(offset, end), offset, length)
+            plan, unchecked = self._plan(offset, end)
+            self._check(unchecked)
+            return self._execute(plan, offset, length)
 
-    def _plan(self, start: int, end: int) -> list[tuple[int, int, int]]:
-        """(fd, start, source offset) pieces covering [start, end) in order (call with the lock)."""
+    def _plan(self, start: int, end: int) -> tuple[list[tuple[int, int, int]], list[tuple[int, int, int]]]:
+        """(fd, start, source offset) pieces covering [start, end) in order, and the
+        (fd, segment, header offset) of the records among them still to be checked (call
+        with the lock)."""
         if self.closed:
             raise OSError(errno.EIO, f"view {self.view_id} is closed")
         plan: list[tuple[int, int, int]] = []
+        unchecked: list[tuple[int, int, int]] = []
         pos = start
-        for a, b, segment, source in self._map.lookup(start, end):
+        for a, b, segment, source, record in self._map.lookup(start, end):
             if a > pos:
                 plan.append((self._target_fd, pos, pos))
-            plan.append((-1 if source == ZEROS else self._segment_fd(segment), a, source))
+            fd = -1 if source == ZEROS else self._segment_fd(segment)
+            if record >= 0 and (segment, record) not in self._checked:
+                unchecked.append((fd, segment, record))
+            plan.append((fd, a, source))
             pos = b
         if pos < end:
             plan.append((self._target_fd, pos, pos))
-        return plan
+        return plan, unchecked
+
+    def _check(self, unchecked: list[tuple[int, int, int]]) -> None:
+        """Check the data of records a read is about to use, each once (journal.check_undo);
+        errors.Integrity for a damaged one: nothing of it is served. Without the lock (a
+        record's check reads it whole); the set's add is atomic, and two reads checking
+        the same record at once only check it twice."""
+        for fd, segment, record in unchecked:
+            if (segment, record) in self._checked:
+                continue
+            undo.check_undo(fd, self._journal.segment_path(segment), record)
+            self._checked.add((segment, record))
 
     def _execute(self, plan: list[tuple[int, int, int]], offset: int, length: int) -> bytes:
         out = bytearray(length)

@@ -59,7 +59,8 @@ def _expected(undo: journal.UndoJournal, after: int) -> list[journal.UndoExtent]
         for ref, data in undo.undo_after(after, undo.cut()):
             assert (data is None) == ref.zeros
             source = journal.UNDO_ZEROS if ref.zeros else ref.data_offset
-            out.append((ref.target_offset, ref.target_offset + ref.length, ref.segment, source))
+            record = journal.UNDO_CHECKED if ref.zeros else ref.offset  # data: checked at first read
+            out.append((ref.target_offset, ref.target_offset + ref.length, ref.segment, source, record))
     return out[::-1]
 
 
@@ -84,7 +85,7 @@ def test_the_scan_reads_every_byte_and_the_old_data_is_where_it_says(tmp_path: P
     assert read == undo.size_bytes
     with undo.reading():
         data = {(r.target_offset, r.segment, r.data_offset): d for r, d in undo.undo_after(0, undo.cut())}
-    for start, end, segment, source in _scan(undo, 0):
+    for start, end, segment, source, _record in _scan(undo, 0):
         if source == journal.UNDO_ZEROS:
             continue
         with open(undo.segment_path(segment), "rb") as f:
@@ -93,12 +94,12 @@ def test_the_scan_reads_every_byte_and_the_old_data_is_where_it_says(tmp_path: P
     undo.close()
 
 
-def _flip(path: Path, offset: int) -> None:
+def _flip(path: Path, offset: int, bit: int = 0x01) -> None:
     with open(path, "r+b") as f:
         f.seek(offset)
         old = f.read(1)
         f.seek(offset)
-        f.write(bytes([old[0] ^ 0x01]))
+        f.write(bytes([old[0] ^ bit]))
 
 
 def _records(undo: journal.UndoJournal, number: int) -> list[journal.UndoRef]:
@@ -110,19 +111,84 @@ def _records(undo: journal.UndoJournal, number: int) -> list[journal.UndoRef]:
         os.close(fd)
 
 
-@pytest.mark.parametrize("where", ["data", "undo-fields", "length", "magic"])
+# Every byte of an undo record's header and fields but the body checksum (checked with the
+# data, at the first read): (name, offset in the record). The 3 zero bytes after the kind
+# are not read by anything.
+_HEADER_BYTES = [("magic", 0), ("kind", 4), ("length", 9), ("length-high", 11), ("seq", 20), ("target-offset", 29),
+                 ("undo-length", 37), ("flags-zeros", 44), ("flags-sum", 44), ("fields-pad", 46), ("fields-sum", 49)]
+
+
+@pytest.mark.parametrize("where", [name for name, _ in _HEADER_BYTES])
 @pytest.mark.parametrize("piece", [4 * 1024 * 1024, 4099], ids=["default", "4099"])
-def test_a_damaged_record_is_reported_with_its_place(tmp_path: Path, monkeypatch, where: str, piece: int):
+def test_a_damaged_header_is_found_when_the_segment_is_scanned(tmp_path: Path, monkeypatch, where: str, piece: int):
+    """What the index is built from is checked at open, without the data: any damaged byte
+    of it is reported with the record's place, never indexed."""
     monkeypatch.setattr(journal, "_SCAN_CHUNK", piece)
     undo = _write(tmp_path / "j", records=90, seed=7)
     number = undo.segments[1].number
     ref = next(r for r in _records(undo, number) if not r.zeros and r.length > 100)
-    at = {"data": ref.data_offset + ref.length // 2, "undo-fields": ref.offset + 20 + 9,
-          "length": ref.offset + 9, "magic": ref.offset}[where]
-    _flip(undo.segment_path(number), at)
+    bit = {"flags-zeros": 0x01, "flags-sum": 0x02}.get(where, 0x01)
+    _flip(undo.segment_path(number), ref.offset + dict(_HEADER_BYTES)[where], bit)
     with pytest.raises(errors.Integrity) as raised:
         _scan(undo, 0)
     assert raised.value.code == "journal-corrupt"
+    assert f"{undo.segment_path(number)} is damaged at offset {ref.offset}" in str(raised.value)
+    undo.close()
+
+
+@pytest.mark.parametrize("where", ["data", "body-checksum"])
+def test_damaged_data_is_left_to_the_first_read_and_found_there(tmp_path: Path, where: str):
+    """The scan does not hash the data of a record with a fields sum; check_undo does, and
+    names the segment and the record."""
+    undo = _write(tmp_path / "j", records=90, seed=7)
+    number = undo.segments[1].number
+    ref = next(r for r in _records(undo, number) if not r.zeros and r.length > 100)
+    _flip(undo.segment_path(number), ref.data_offset + ref.length // 2 if where == "data" else ref.offset + 13)
+    found = _scan(undo, 0)
+    assert [e for e in found if e[2] == number and e[4] == ref.offset]  # indexed, to be checked
+    fd = os.open(undo.segment_path(number), os.O_RDONLY)
+    try:
+        with pytest.raises(errors.Integrity) as raised:
+            journal.check_undo(fd, undo.segment_path(number), ref.offset)
+        for other in _records(undo, number):
+            if other.offset != ref.offset and not other.zeros:
+                journal.check_undo(fd, undo.segment_path(number), other.offset)
+    finally:
+        os.close(fd)
+    assert raised.value.code == "journal-corrupt"
+    assert f"{undo.segment_path(number)} is damaged at offset {ref.offset}" in str(raised.value)
+    undo.close()
+
+
+def _as_before_fields_sums(undo: journal.UndoJournal) -> None:
+    """Rewrite every undo record in place as written before fields sums (flags bit 1 clear,
+    the 4 bytes zero, the checksum over that)."""
+    for segment in undo.segments:
+        for ref in _records(undo, segment.number):
+            with open(segment.path, "r+b") as f:
+                f.seek(ref.offset + journal._HEAD.size)
+                body = bytearray(f.read(ref.body_length))
+                body[24] &= ~journal.FLAG_FIELDS_SUM
+                body[28:32] = bytes(4)
+                f.seek(ref.offset)
+                f.write(journal._HEAD.pack(journal.MAGIC, journal.KIND_UNDO, len(body),
+                                           journal._checksum(journal.KIND_UNDO, len(body), body)) + body)
+
+
+def test_records_without_a_fields_sum_are_checked_whole_at_open(tmp_path: Path, monkeypatch):
+    """A journal written before fields sums: every record's data is hashed by the scan, as
+    before, and a damaged one fails the scan; nothing is left to the first read."""
+    monkeypatch.setattr(journal, "_SCAN_CHUNK", 4099)
+    undo = _write(tmp_path / "j", records=90, seed=7)
+    _as_before_fields_sums(undo)
+    found = _scan(undo, 0)
+    assert len(found) == 90 and all(e[4] == journal.UNDO_CHECKED for e in found)
+    assert [e[:4] for e in found] == [e[:4] for e in _expected(undo, 0)]
+    number = undo.segments[1].number
+    ref = next(r for r in _records(undo, number) if not r.zeros and r.length > 100)
+    _flip(undo.segment_path(number), ref.data_offset + ref.length // 2)
+    with pytest.raises(errors.Integrity) as raised:
+        _scan(undo, 0)
     assert f"{undo.segment_path(number)} is damaged at offset {ref.offset}" in str(raised.value)
     undo.close()
 
@@ -162,7 +228,7 @@ def test_add_many_keeps_the_first_source_of_every_byte(tmp_path: Path):
     for n in range(3000):
         start = rng.randrange(0, 8 << 20)
         length = rng.choice((1, 4096, 16384, 70_000, 3 << 20))
-        extents.append((start, start + length, n % 5, journal.UNDO_ZEROS if n % 7 == 0 else n * 100_000))
+        extents.append((start, start + length, n % 5, journal.UNDO_ZEROS if n % 7 == 0 else n * 100_000, n))
     one, many = ExtentMap(), ExtentMap()
     for e in extents:
         one.add_uncovered(*e)

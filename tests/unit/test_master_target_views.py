@@ -7,6 +7,7 @@ of contents is a SHA-256 against an in-memory reference disk (mt_support).
 
 from __future__ import annotations
 
+import errno
 import json
 import os
 import random
@@ -54,10 +55,14 @@ def test_extent_map_keeps_the_first_source_of_every_byte():
     size = 3 * MiB
     model = array("i", [-1]) * size  # which add covered the byte first (-1: none)
     emap = ExtentMap()
+
+    def n_of(segment: int) -> int:  # the record each add named, kept with every piece of it
+        return segment + 1000
+
     for n in range(400):
         length = rng.choice((1, 511, 4096, 70_000, rng.randrange(1, 2 * MiB)))
         start = rng.randrange(0, size - length + 1)
-        pieces = emap.add_uncovered(start, start + length, n, n * 10_000_000)
+        pieces = emap.add_uncovered(start, start + length, n, n * 10_000_000, n + 1000)
         for a, b in pieces:
             assert model[a:b].count(-1) == b - a
             model[a:b] = array("i", [n]) * (b - a)
@@ -72,7 +77,8 @@ def test_extent_map_keeps_the_first_source_of_every_byte():
         start = rng.randrange(0, size)
         end = min(size, start + rng.choice((1, 4096, 3 * MiB)))
         pos = start
-        for a, b, segment, offset in emap.lookup(start, end):
+        for a, b, segment, offset, record in emap.lookup(start, end):
+            assert record == n_of(segment)
             assert pos <= a < b <= end
             assert model[pos:a].count(-1) == a - pos
             assert model[a:b].count(segment) == b - a
@@ -249,22 +255,85 @@ def test_pruning_keeps_what_a_view_needs_and_closing_releases_it(tmp_path: Path)
     target.close()
 
 
-def test_a_damaged_record_is_found_when_the_view_is_opened_and_nothing_stays_pinned(tmp_path: Path):
+def _record_in_an_older_segment(target: PairTarget, after_seq: int) -> journal.UndoRef:
+    """An undo record with data, newer than `after_seq`, in a segment that is not the active one."""
+    undo = target.journal
+    for segment in undo.segments[:-1]:
+        fd = os.open(segment.path, os.O_RDONLY)
+        try:
+            for ref in undo._refs(segment, fd, os.fstat(fd).st_size):
+                if ref.seq > after_seq and not ref.zeros and ref.length >= 4 * KiB:
+                    return ref
+        finally:
+            os.close(fd)
+    pytest.skip("no record with data in an older segment")
+
+
+def _flip_byte(path: Path, offset: int) -> None:
+    with open(path, "r+b") as f:
+        f.seek(offset)
+        old = f.read(1)
+        f.seek(offset)
+        f.write(bytes([old[0] ^ 0xFF]))
+
+
+def test_damaged_data_fails_the_reads_that_use_it_and_nothing_else(tmp_path: Path):
+    """A record's data is checked at the first read that touches it: the view opens, a read
+    of a range the record serves fails with EIO (and keeps failing), reads elsewhere give the
+    point, and no byte of the damaged record is ever served."""
     stream = make_stream("p1", seed=81, disk_size=DISK, count=200)
     target = _target(tmp_path)
     _apply(target, stream)
-    tag = next(iter(tag_hashes(stream, DISK)))
-    segment = max(target.journal_dir.glob("*.seg"), key=lambda p: p.stat().st_size)
-    if segment == target.journal.segment_path(target.journal.segments[-1].number):
-        pytest.skip("the biggest segment is the active one")
-    with open(segment, "r+b") as f:  # a byte in the middle of some record's data
-        f.seek(segment.stat().st_size // 2)
-        old = f.read(1)
-        f.seek(-1, os.SEEK_CUR)
-        f.write(bytes([old[0] ^ 0xFF]))
+    tag, (seq, _wanted) = next(iter(tag_hashes(stream, DISK).items()))
+    point = Reference(DISK)
+    for frame in stream:
+        if frame.seq <= seq:
+            point.apply(frame)
+    ref = _record_in_an_older_segment(target, seq)
+    _flip_byte(target.journal.segment_path(ref.segment), ref.data_offset + ref.length // 2)
+    view = pitview.open_view(target, tag, "v1")
+    served = [(a, b) for a, b, segment, _src, record in view._map.lookup(0, DISK)
+              if (segment, record) == (ref.segment, ref.offset)]
+    if not served:
+        pytest.skip("an older record covers the damaged one's whole range")
+    bad_from, bad_to = served[0]
+    for _ in range(2):
+        with pytest.raises(OSError) as raised:
+            view.read(bad_from, bad_to - bad_from)
+        assert raised.value.errno == errno.EIO and "is damaged at offset" in str(raised.value)
+    with pytest.raises(OSError):  # a larger read that includes one byte of it fails whole
+        view.read(max(0, bad_from - 64 * KiB), min(DISK, bad_to + 64 * KiB) - max(0, bad_from - 64 * KiB))
+    # Everything the damaged record does not serve reads as the point.
+    pieces, pos = [], 0
+    for a, b in sorted(served):
+        if a > pos:
+            pieces.append((pos, a))
+        pos = b
+    pieces.append((pos, DISK))
+    for a, b in pieces:
+        for offset in range(a, b, 256 * KiB):
+            n = min(256 * KiB, b - offset)
+            assert view.read(offset, n) == bytes(point.disk[offset : offset + n])
+    pitview.close_view(target, view)
+    assert target.views == {} and target.journal.pinned_seqs == [] and target.journal._watchers == []
+    target.close()
+
+
+@pytest.mark.parametrize("where", ["target-offset", "undo-length", "body-length"])
+def test_a_damaged_header_is_found_when_the_view_is_opened_and_nothing_stays_pinned(tmp_path: Path, where: str):
+    """What the index is built from is checked at open: a record whose range or length is
+    damaged fails the open, and the view leaves nothing behind."""
+    stream = make_stream("p1", seed=81, disk_size=DISK, count=200)
+    target = _target(tmp_path)
+    _apply(target, stream)
+    tag, (seq, _wanted) = next(iter(tag_hashes(stream, DISK).items()))
+    ref = _record_in_an_older_segment(target, seq)
+    at = {"target-offset": ref.offset + 20 + 10, "undo-length": ref.offset + 20 + 17, "body-length": ref.offset + 9}
+    _flip_byte(target.journal.segment_path(ref.segment), at[where])
     with pytest.raises(errors.Integrity) as raised:
         pitview.open_view(target, tag, "v1")
     assert raised.value.code == "journal-corrupt"
+    assert f"is damaged at offset {ref.offset}" in str(raised.value)
     assert target.views == {} and target.journal.pinned_seqs == [] and target.journal._watchers == []
     target.close()
 
