@@ -1089,6 +1089,8 @@ class SqlStore(VcenterSqlMixin, AzureSiteSqlMixin, ProtectionSqlMixin, Store):
             return len(held)
 
     def close(self) -> None:
+        if "_heartbeat_sql" in self.__dict__:  # a cached_property that has been built
+            self._heartbeat_sql.release()
         self._engine.dispose()
 
     # --- job helpers -------------------------------------------------------------------
