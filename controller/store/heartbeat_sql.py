@@ -78,7 +78,8 @@ class HeartbeatSql:
             connection = engine.raw_connection()
         committed = False
         try:
-            cursor = connection.cursor()
+            with self._driver_errors("cursor()"):  # a parked connection may be closed under us
+                cursor = connection.cursor()
             try:
                 if self._begin is not None:
                     with self._driver_errors(self._begin):

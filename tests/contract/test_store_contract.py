@@ -233,18 +233,28 @@ def test_a_heartbeat_group_on_a_dropped_connection_is_written_again_by_the_write
     store.add_server(server())
     writer = HeartbeatWriter(store)
     assert writer.record(Heartbeat("srv-1", "source", problems=[], directories=None, now=T0))[0]
-    parked = store._heartbeat_sql._parked
-    assert parked is not None
-    if store.engine.dialect.name == "postgresql":
-        pid = parked.driver_connection.info.backend_pid
-        with store.engine.connect() as other:
-            other.execute(sa.text("SELECT pg_terminate_backend(:pid)"), {"pid": pid})
-    else:
-        parked.driver_connection.close()
+
+    def drop_parked() -> object:
+        parked = store._heartbeat_sql._parked
+        assert parked is not None
+        if store.engine.dialect.name == "postgresql":
+            pid = parked.driver_connection.info.backend_pid
+            with store.engine.connect() as other:
+                other.execute(sa.text("SELECT pg_terminate_backend(:pid)"), {"pid": pid})
+        else:
+            parked.driver_connection.close()
+        return parked
+
+    parked = drop_parked()
     later = T0 + timedelta(seconds=10)
     assert writer.record(Heartbeat("srv-1", "source", problems=[], directories=None, now=later))[0]
     assert store.get_server("srv-1").last_heartbeat_at == later
     assert store._heartbeat_sql._parked is not parked
+    if store.engine.dialect.name == "postgresql":
+        drop_parked()  # without the writer, the group's own failure: Unavailable, nothing written
+        with pytest.raises(Unavailable):
+            store.record_heartbeats([Heartbeat("srv-1", "source", problems=[], directories=None, now=T0)])
+        assert store.get_server("srv-1").last_heartbeat_at == later
 
 
 def test_revoke_server_keeps_the_first_revocation_time(store: Store) -> None:
