@@ -802,10 +802,16 @@ def json_copy(value: Any, what: str, kind: type = dict) -> Any:
     Tuples come back as lists; anything JSON cannot carry faithfully (non-str
     keys, NaN, sets, objects) is refused with InvalidInput.
     """
+    json_check(value, what, kind)
+    return json.loads(json.dumps(value))
+
+
+def json_check(value: Any, what: str, kind: type = dict) -> None:
+    """What `json_copy` checks, without the copy: for a value serialised at once (and so not
+    shared with its caller afterwards)."""
     if not isinstance(value, kind):
         raise InvalidInput(f"{what} must be a {kind.__name__}, not {type(value).__name__}")
     _check_json(value, what)
-    return json.loads(json.dumps(value))
 
 
 def _check_json(value: Any, path: str) -> None:

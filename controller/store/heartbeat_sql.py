@@ -25,10 +25,21 @@ PostgreSQL), and commits or rolls back as a whole. A driver error is re-raised a
 the `sqlalchemy.exc.DBAPIError` subclass SQLAlchemy would have raised, so the
 store translates it as before (an `OperationalError` becomes `Unavailable`); the
 connection it happened on is discarded when it cannot even roll back.
+
+One connection is kept out of the pool between groups (`_parked`): the pool's
+check-out (with PostgreSQL's pre-ping, a round trip) and its check-in (a reset
+rollback, events) were paid once per group, and a group is most often a single
+heartbeat. Only a connection whose transaction committed is parked; one that
+failed goes back to the pool or is discarded as before. The parked connection is
+not pinged, so after a PostgreSQL restart (or a connection cut) the next group on
+it fails: `HeartbeatWriter` then writes that group's heartbeats again one by one,
+each on a connection from the pool, pre-pinged, and no agent sees the failure.
+Nothing is left open by a crash: the transaction is the database's, as before.
 """
 
 from __future__ import annotations
 
+import threading
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from typing import Any
@@ -54,14 +65,21 @@ class HeartbeatSql:
         # SQLite's connections are in autocommit mode (sql.py, _sqlite_on_connect), so the
         # transaction is begun as _sqlite_on_begin begins a write; psycopg begins one itself.
         self._begin = "BEGIN IMMEDIATE" if dialect.name == "sqlite" else None
+        self._parked: Any = None  # a pooled connection kept between groups, or None
+        self._parking = threading.Lock()
 
     @contextmanager
     def transaction(self, engine: sa.Engine) -> Iterator[Any]:
         """A driver cursor in one write transaction, committed when the block ends, rolled
         back when it raises."""
-        connection = engine.raw_connection()
+        with self._parking:
+            connection, self._parked = self._parked, None
+        if connection is None:
+            connection = engine.raw_connection()
+        committed = False
         try:
-            cursor = connection.cursor()
+            with self._driver_errors("cursor()"):  # a parked connection may be closed under us
+                cursor = connection.cursor()
             try:
                 if self._begin is not None:
                     with self._driver_errors(self._begin):
@@ -69,6 +87,7 @@ class HeartbeatSql:
                 yield cursor
                 with self._driver_errors("COMMIT"):
                     connection.commit()
+                committed = True
             except BaseException:
                 try:
                     connection.rollback()
@@ -78,6 +97,17 @@ class HeartbeatSql:
             finally:
                 cursor.close()
         finally:
+            if committed:
+                with self._parking:
+                    connection, self._parked = self._parked, connection
+            if connection is not None:
+                connection.close()  # back to the pool
+
+    def release(self) -> None:
+        """Return the parked connection to the pool (before the engine is disposed)."""
+        with self._parking:
+            connection, self._parked = self._parked, None
+        if connection is not None:
             connection.close()
 
     def row(self, **values: Any) -> tuple | dict[str, Any]:

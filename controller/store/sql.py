@@ -126,6 +126,7 @@ from siterecovery.controller.store.base import (
     Store,
     TagRequestRecord,
     TagRequestsSnapshot,
+    json_check,
     json_copy,
     utc,
     utc_or_none,
@@ -363,15 +364,16 @@ class SqlStore(VcenterSqlMixin, AzureSiteSqlMixin, ProtectionSqlMixin, Store):
         # read: the directories are merged into the inventory by the database
         # (json_patch on SQLite, jsonb || on PostgreSQL; an empty patch changes nothing).
         # It runs on a pooled connection's driver cursor, in SQLite's write turn (heartbeat_sql.py).
+        # The rows' JSON is checked, not copied: `row` serialises it at once.
         sql = self._heartbeat_sql
         rows = [
             sql.row(
                 b_id=beat.server_id,
                 b_role=beat.role,
                 b_at=utc(beat.now, "now"),
-                b_problems=json_copy(beat.problems, "problems", list),
+                b_problems=_checked(beat.problems, "problems"),
                 b_patch={} if beat.directories is None
-                else {"directories": json_copy(beat.directories, "directories", list)},
+                else {"directories": _checked(beat.directories, "directories")},
             )
             for beat in beats
         ]
@@ -1087,6 +1089,8 @@ class SqlStore(VcenterSqlMixin, AzureSiteSqlMixin, ProtectionSqlMixin, Store):
             return len(held)
 
     def close(self) -> None:
+        if "_heartbeat_sql" in self.__dict__:  # a cached_property that has been built
+            self._heartbeat_sql.release()
         self._engine.dispose()
 
     # --- job helpers -------------------------------------------------------------------
@@ -1188,6 +1192,11 @@ def _sqlite_on_begin(conn: Connection) -> None:
         conn.connection.dbapi_connection.execute(statement)
     except sqlite3.Error as exc:
         raise sa.exc.DBAPIError.instance(statement, None, exc, sqlite3.Error) from exc
+
+
+def _checked(value: list, what: str) -> list:
+    json_check(value, what, list)
+    return value
 
 
 @contextmanager

@@ -12,6 +12,7 @@ from alembic.autogenerate import compare_metadata
 from alembic.runtime.migration import MigrationContext
 
 from siterecovery.common.errors import Conflict, InvalidInput, NotFound, Unavailable
+from siterecovery.controller.heartbeats import HeartbeatWriter
 from siterecovery.controller.jobs import states
 from siterecovery.controller.store import (
     Heartbeat,
@@ -221,6 +222,39 @@ def test_a_heartbeat_group_the_database_fails_is_rolled_back_and_unavailable(
     for _ in range(3):  # every pooled connection the failure touched works again
         assert store.record_heartbeats([Heartbeat("srv-1", "source", problems=[], directories=None, now=later)])
     assert store.get_server("srv-1").last_heartbeat_at == later
+
+
+def test_a_heartbeat_group_on_a_dropped_connection_is_written_again_by_the_writer(store: Store) -> None:
+    # Groups reuse one connection kept out of the pool, unpinged (store/heartbeat_sql.py).
+    # When the database dropped it meanwhile (PostgreSQL restarted; here its backend is
+    # terminated, or SQLite's handle closed), the next group fails on it and the writer
+    # writes that heartbeat again on a connection from the pool: the agent sees nothing.
+    assert isinstance(store, SqlStore)
+    store.add_server(server())
+    writer = HeartbeatWriter(store)
+    assert writer.record(Heartbeat("srv-1", "source", problems=[], directories=None, now=T0))[0]
+
+    def drop_parked() -> object:
+        parked = store._heartbeat_sql._parked
+        assert parked is not None
+        if store.engine.dialect.name == "postgresql":
+            pid = parked.driver_connection.info.backend_pid
+            with store.engine.connect() as other:
+                other.execute(sa.text("SELECT pg_terminate_backend(:pid)"), {"pid": pid})
+        else:
+            parked.driver_connection.close()
+        return parked
+
+    parked = drop_parked()
+    later = T0 + timedelta(seconds=10)
+    assert writer.record(Heartbeat("srv-1", "source", problems=[], directories=None, now=later))[0]
+    assert store.get_server("srv-1").last_heartbeat_at == later
+    assert store._heartbeat_sql._parked is not parked
+    if store.engine.dialect.name == "postgresql":
+        drop_parked()  # without the writer, the group's own failure: Unavailable, nothing written
+        with pytest.raises(Unavailable):
+            store.record_heartbeats([Heartbeat("srv-1", "source", problems=[], directories=None, now=T0)])
+        assert store.get_server("srv-1").last_heartbeat_at == later
 
 
 def test_revoke_server_keeps_the_first_revocation_time(store: Store) -> None:
