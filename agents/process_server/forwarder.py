@@ -8,6 +8,16 @@ release the spool through each cumulative Ack. Frames leave the spool only when
 the master target has acknowledged them, so a crash or an error anywhere loses
 nothing: the next session starts again after what the master target holds.
 
+An Ack frees the forwarding window at once; the release itself (the spool's
+release mark written and fsynced, then its directory: two fsyncs) runs on a
+thread of its own, always through the newest Ack, so Acks that arrive while
+one release is being written cost one release together. Releasing on the
+thread that reads the Acks held the window full through both fsyncs: in
+py-spy profiles of a full sync that thread spent about half its time in them
+(bench/RESULTS.md, full_sync). Releasing later than the Ack is always safe:
+the spool then holds frames the master target already has, and after a restart
+the next session releases through the master target's `durable_seq` anyway.
+
 On an error the session ends, the error is logged (code and message) and,
 after a capped exponential backoff waited on the stop event, a new session
 starts. A refusal by the master target (any error other than "cannot reach it")
@@ -118,6 +128,10 @@ class Forwarder:
         self._call: grpc.Future | None = None
         self._session: _Session | None = None
         self._thread = threading.Thread(target=self._run, name=f"forward-{self.pair_id}", daemon=True)
+        # The release thread: releases the spool through `_release_to`, the newest Ack.
+        self._releaser = threading.Thread(target=self._release_loop, name=f"release-{self.pair_id}", daemon=True)
+        self._release_cond = threading.Condition()
+        self._release_to = 0
         self._rate = RateWindow(RATE_WINDOW, clock)
         self.bytes_sent = 0
         self.acked_seq = self._log.released_seq
@@ -128,9 +142,12 @@ class Forwarder:
     # -- life ------------------------------------------------------------------
     def start(self) -> None:
         self._thread.start()
+        self._releaser.start()
 
     def stop(self, timeout: float = 10.0) -> None:
         self._stop.set()
+        with self._release_cond:
+            self._release_cond.notify_all()
         with self._lock:
             call, session = self._call, self._session
         if session is not None:
@@ -139,6 +156,8 @@ class Forwarder:
             call.cancel()
         if self._thread.is_alive() and self._thread is not threading.current_thread():
             self._thread.join(timeout)
+        if self._releaser.is_alive() and self._releaser is not threading.current_thread():
+            self._releaser.join(timeout)
 
     @property
     def alive(self) -> bool:
@@ -237,12 +256,44 @@ class Forwarder:
             )
 
     def _acknowledged(self, session: _Session, seq: int) -> None:
-        self._spool.release(self._log, seq)
+        """The master target holds everything <= seq: free the window now, release soon."""
         self.acked_seq = max(self.acked_seq, min(seq, self._log.last_seq))
         with session.cond:
             while session.inflight and session.inflight[0][0] <= seq:
                 session.inflight_bytes -= session.inflight.popleft()[1]
             session.cond.notify_all()
+        with self._release_cond:
+            if seq > self._release_to:
+                self._release_to = seq
+                self._release_cond.notify()
+
+    def _release_loop(self) -> None:
+        """The release thread: release the spool through the newest Ack, one release at a time.
+
+        Once stopped it releases what was acknowledged last (so a stopping process
+        server leaves its mark up to date) and ends."""
+        done = 0
+        while True:
+            with self._release_cond:
+                while self._release_to <= done and not self._stop.is_set():
+                    self._release_cond.wait()
+                target, stopping = self._release_to, self._stop.is_set()
+            if target > done:
+                try:
+                    self._spool.release(self._log, target)
+                    done = target
+                except errors.SiteRecoveryError as exc:
+                    # The frames stay spooled (safe); the next Ack tries again.
+                    log.warning("releasing forwarded frames failed", pair=self.pair_id, code=exc.code,
+                                error=exc.message)
+                    if self._stop.wait(_POLL):
+                        return
+                except Exception as exc:  # a bug: keep releasing on later Acks
+                    log.error("releasing forwarded frames crashed", pair=self.pair_id, exc_info=exc)
+                    if self._stop.wait(_POLL):
+                        return
+            if stopping:
+                return
 
     def _requests(self, session: _Session) -> Iterator[bytes]:
         """The request stream, serialized (consumed by a gRPC thread): open, then frames as they come."""
@@ -295,22 +346,25 @@ class Forwarder:
         """The pair as this process server sees it.
 
         last_seq: highest seq spooled; acked_seq: highest the master target
-        acknowledged; backlog: frames and bytes (on disk, compressed) waiting in
-        the spool; bytes_sent: write data sent to the master target as it went
+        acknowledged; backlog: frames and bytes (on disk, compressed) in the spool
+        that the master target has not acknowledged; bytes_sent: write data sent to the master target as it went
         on the wire (compressed; a frame sent again after a reconnect counts again).
         """
         frame_log = self._log
+        # Counted from the master target's Ack, not from the release (which follows it
+        # on the release thread): the backlog is what the master target does not hold yet.
+        acked = max(self.acked_seq, frame_log.released_seq)
         out = rpb.PairStatus(
             pair_id=self.pair_id,
             state=rpb.PAIR_STATE_REPLICATING,
             last_seq=frame_log.last_seq,
-            acked_seq=max(self.acked_seq, frame_log.released_seq),
-            backlog_frames=frame_log.pending_frames,
-            backlog_bytes=frame_log.pending_bytes,
+            acked_seq=acked,
+            backlog_frames=frame_log.pending_frames_after(acked),
+            backlog_bytes=frame_log.pending_bytes_after(acked),
             bytes_sent=self.bytes_sent,
             throughput_bytes_per_second=self.throughput,
         )
-        oldest = frame_log.oldest_pending_captured_at
+        oldest = frame_log.oldest_captured_at_after(acked)
         if oldest is not None:
             out.oldest_pending_captured_at.CopyFrom(oldest)
         error = self.error

@@ -292,7 +292,7 @@ def test_frames_reach_the_master_target_in_order_and_hash_equal(site: Site) -> N
     assert digest(site.mt.applied) == digest(sent)
     assert site.mt.opens[0] == rpb.StreamOpen(pair_id=PAIR, disk_size_bytes=DISK)
     # The spool compressed what compresses: it holds less than the payload it was sent.
-    wait_until(lambda: ps.status().acked_seq == 200, "the spool to be released")
+    wait_until(lambda: ps.status().acked_seq == 200, "the master target to acknowledge everything")
     status = ps.status()
     assert (status.state, status.last_seq, status.backlog_frames, status.backlog_bytes) == (
         rpb.PAIR_STATE_REPLICATING, 200, 0, 0,
@@ -301,6 +301,10 @@ def test_frames_reach_the_master_target_in_order_and_hash_equal(site: Site) -> N
     payload = sum(len(f.write.data) for f in sent)
     assert 0 < status.bytes_sent < payload
     assert status.throughput_bytes_per_second > 0
+    # The release follows the Ack on the forwarder's release thread: the spool lets go of it all.
+    frame_log = ps.spool.log(PAIR)
+    wait_until(lambda: frame_log.released_seq == 200, "the spool to be released through the last Ack")
+    assert ps.spool.used_bytes == 0 and frame_log.pending_frames == 0
 
 
 def test_frames_sent_again_are_acknowledged_and_dropped(site: Site) -> None:
