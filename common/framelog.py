@@ -23,13 +23,27 @@ file, fsync, rename, fsync the directory). `last_seq` in it keeps the highest
 seq ever appended once every segment holding it has been deleted.
 
 Writing: `append` writes all its records with one `write` at the end of the
-active segment and fsyncs once (group commit); only then are they visible to
+active segment and syncs once (group commit, `fdatasync`; see "Zeros ahead"); only then are they visible to
 readers and counted. Before a batch, the writer rolls to a new segment when the
 active one has reached `segment_bytes` (so a segment may pass it by one batch),
 or when every record in the active one has been released. Releasing persists
 the mark first and then deletes the segments whose records are all <= the mark
 (the active segment is deleted by the writer when it rolls, never under it —
 before it writes the new one, so a full disk gets that space back).
+
+Zeros ahead. An append that grows the segment file makes its fsync commit
+the file system's journal too (new size, new blocks): about 7.5 ms of a 10 ms
+group commit of 16 KiB NBD writes on the loaded dev machine (bench/RESULTS.md,
+continuous). So an append under `PREALLOCATE_BELOW` bytes that would grow the
+file writes `PREALLOCATE_BYTES` of zeros after its records (in the same sync);
+the appends after it overwrite those zeros, and `fdatasync` then has only
+their data to write. Large appends (the full sync's 1 MiB frames) grow the
+file as before: zeros written first would double their writes. A segment's
+zeros are truncated when the writer rolls to the next one (not synced), so the
+last segment ends in zeros and, after a crash, an earlier one may: opening
+takes zeros from a record boundary to the end of a file as that segment's end
+(a zero header is never a record: seqs start at 1), in any segment, and keeps
+the last segment's for the writer.
 
 What a crash at any point leaves behind:
 

@@ -12,8 +12,9 @@ and goes:
    (so `quiesced()`, inside which seqs are taken too, waits); then it takes
    their seqs (consecutive, in queue order; a write longer than
    `FRAME_DATA_BYTES` gets one per frame), builds their frames
-   (`frames.write_frame`, `frames.zero_frame`), appends them to the journal
-   with one fsync, pwrites (or zeroes) each on the disk file in seq order;
+   (`frames.serialized_write`, `frames.zero_frame`), appends them to the journal
+   with one sync, keeps them in memory for the shipper (`PairJournal.remember`),
+   pwrites (or zeroes) each on the disk file in seq order;
 3. the committer calls each write's `done` (the NBD connection notes the
    reply) and then each connection's `after` once (it sends the commit's
    replies with one send).
