@@ -23,13 +23,27 @@ file, fsync, rename, fsync the directory). `last_seq` in it keeps the highest
 seq ever appended once every segment holding it has been deleted.
 
 Writing: `append` writes all its records with one `write` at the end of the
-active segment and fsyncs once (group commit); only then are they visible to
+active segment and syncs once (group commit, `fdatasync`; see "Zeros ahead"); only then are they visible to
 readers and counted. Before a batch, the writer rolls to a new segment when the
 active one has reached `segment_bytes` (so a segment may pass it by one batch),
 or when every record in the active one has been released. Releasing persists
 the mark first and then deletes the segments whose records are all <= the mark
 (the active segment is deleted by the writer when it rolls, never under it —
 before it writes the new one, so a full disk gets that space back).
+
+Zeros ahead. An append that grows the segment file makes its fsync commit
+the file system's journal too (new size, new blocks): about 7.5 ms of a 10 ms
+group commit of 16 KiB NBD writes on the loaded dev machine (bench/RESULTS.md,
+continuous). So an append under `PREALLOCATE_BELOW` bytes that would grow the
+file writes `PREALLOCATE_BYTES` of zeros after its records (in the same sync);
+the appends after it overwrite those zeros, and `fdatasync` then has only
+their data to write. Large appends (the full sync's 1 MiB frames) grow the
+file as before: zeros written first would double their writes. A segment's
+zeros are truncated when the writer rolls to the next one (not synced), so the
+last segment ends in zeros and, after a crash, an earlier one may: opening
+takes zeros from a record boundary to the end of a file as that segment's end
+(a zero header is never a record: seqs start at 1), in any segment, and keeps
+the last segment's for the writer.
 
 What a crash at any point leaves behind:
 
@@ -92,6 +106,11 @@ DEFAULT_SEGMENT_BYTES = 64 * 1024 * 1024
 MARK_FILE = "release.json"
 SEGMENT_SUFFIX = ".seg"
 _READ_WINDOW = 1024 * 1024
+# Small appends go into zeros written ahead of them (see "Zeros ahead" in the module docstring):
+# an append below PREALLOCATE_BELOW bytes that would grow the file writes this many zeros after
+# itself, so the appends after it overwrite those zeros instead of growing the file.
+PREALLOCATE_BYTES = 4 * 1024 * 1024
+PREALLOCATE_BELOW = 1024 * 1024
 _DISK_FULL = (errno.ENOSPC, errno.EDQUOT)
 
 
@@ -171,6 +190,7 @@ class FrameLog:
         self._last_seq = 0
         self._mark_last_seq = 0
         self._fd: int | None = None  # the active (last) segment, open for writing
+        self._zeroed_end = 0  # the active segment's file size: its records, then zeros ahead
         self._broken: str = ""
         self._closed = False
         self._oldest: tuple[int, Timestamp] | None = None
@@ -203,6 +223,7 @@ class FrameLog:
                 self._read_record(last, len(last.seqs) - 1)
             self._fd = os.open(last.path, os.O_WRONLY)
             os.lseek(self._fd, last.size, os.SEEK_SET)
+            self._zeroed_end = os.fstat(self._fd).st_size  # the zeros ahead of it are kept
 
     def _damage(self, path: Path, what: str) -> errors.Integrity:
         return errors.Integrity(
@@ -240,8 +261,16 @@ class FrameLog:
                 raise self._damage(path, "it does not start with the segment magic")
             window = _Window(fd)
             offset, prev = len(MAGIC), first - 1
+            zeros_ahead = False  # the last segment's zeros ahead are kept for the writer
             while offset < file_size:
                 problem, seq, length = self._check_record(window, offset, file_size, prev, verify=last)
+                if problem and _zeros_to_end(fd, offset, file_size):
+                    # Zeros written ahead of the records (a crash between a roll and the old
+                    # segment's truncation leaves them in one that is not the last): the end.
+                    if not last:
+                        log.info("frame log: zeros ahead past the last record", path=str(path), offset=offset)
+                    zeros_ahead = last
+                    break
                 if problem:
                     if not last:
                         raise self._damage(path, f"{problem} at offset {offset}")
@@ -254,7 +283,7 @@ class FrameLog:
                 segment.offsets.append(offset)
                 offset += HEADER_SIZE + length
                 prev = seq
-        if offset < file_size:
+        if offset < file_size and not zeros_ahead:
             self._truncate(path, offset)
         if not segment.seqs:
             if not last:
@@ -484,9 +513,12 @@ class FrameLog:
             with self._appended:
                 if roll:
                     old_fd, self._fd = self._fd, fd
-                    self._segments.append(active)
                     if old_fd is not None:
+                        # Its zeros ahead go (not synced: opening takes zeros after the last record
+                        # as the end, in any segment).
+                        _drop_zeros_ahead(old_fd, self._segments[-1].size)
                         os.close(old_fd)
+                    self._segments.append(active)
                     self._drop_released_locked()
                 active.seqs.extend(seqs)
                 active.offsets.extend(offsets)
@@ -519,15 +551,25 @@ class FrameLog:
         """
         if new:
             fd = os.open(segment.path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o640)
+            start, zeroed = 0, 0
         else:
             assert self._fd is not None
             fd = self._fd
+            start, zeroed = segment.size, self._zeroed_end
+        total = sum(map(len, buffers))
+        end = start + total
         try:
             _write_all(fd, buffers)
+            if self._fsync and end > zeroed and total < PREALLOCATE_BELOW:
+                _write_zeros(fd, end, PREALLOCATE_BYTES)
+                zeroed = end + PREALLOCATE_BYTES
             if self._fsync:
-                os.fsync(fd)
+                # fdatasync: inside the zeros ahead nothing but the data changes (no size, no
+                # allocation), so it syncs the data alone; past them it syncs the new size too.
+                os.fdatasync(fd)
                 if new:
                     fsync_dir(self.directory)
+            self._zeroed_end = max(zeroed, end)
         except OSError as exc:
             self._undo(segment, fd, new=new, cause=exc)
             if exc.errno in _DISK_FULL:
@@ -552,10 +594,14 @@ class FrameLog:
                 os.close(fd)
                 self._unlink_path(segment.path)
             else:
-                os.ftruncate(fd, segment.size)
+                # Back to the file as it was: the records, then the zeros ahead of them if any.
+                zeroed = max(self._zeroed_end, segment.size)
+                os.ftruncate(fd, zeroed)
+                _write_zeros(fd, segment.size, zeroed - segment.size)
                 os.lseek(fd, segment.size, os.SEEK_SET)
                 if self._fsync:
                     os.fsync(fd)
+                self._zeroed_end = zeroed
         except OSError as exc:
             self._broken = f"undoing a failed write: {exc.strerror or exc}"
             log.error("frame log: cannot undo a failed write", directory=str(self.directory), error=str(exc))
@@ -695,6 +741,34 @@ class FrameLog:
 
 
 _IOV_MAX = os.sysconf("SC_IOV_MAX") if hasattr(os, "sysconf") else 1024
+_ZEROS = bytes(PREALLOCATE_BYTES)
+
+
+def _write_zeros(fd: int, offset: int, length: int) -> None:
+    view = memoryview(_ZEROS)
+    while length > 0:
+        n = os.pwrite(fd, view[: min(length, len(view))], offset)
+        offset += n
+        length -= n
+
+
+def _drop_zeros_ahead(fd: int, size: int) -> None:
+    try:
+        os.ftruncate(fd, size)
+    except OSError as exc:  # harmless: opening takes them as the end
+        log.warning("frame log: cannot drop the zeros ahead of a segment", error=str(exc))
+
+
+def _zeros_to_end(fd: int, offset: int, file_size: int) -> bool:
+    """Whether the segment holds nothing but zeros from `offset` on (the zeros written ahead)."""
+    if offset >= file_size:
+        return False
+    while offset < file_size:
+        chunk = os.pread(fd, min(_READ_WINDOW, file_size - offset), offset)
+        if not chunk or chunk.count(0) != len(chunk):
+            return False
+        offset += len(chunk)
+    return True
 
 
 def _write_all(fd: int, buffers: list[bytes]) -> None:

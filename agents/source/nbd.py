@@ -18,7 +18,8 @@ because every connection to an export goes to the same backend object (one
 file descriptor, one page cache), so a FLUSH or FUA on one connection covers
 what every connection had completed.
 
-A connection reads requests on its own thread and runs READ and FLUSH there
+A connection reads requests on its own thread, buffered (one `recv` takes
+every request that has arrived, `_Receiver`), and runs READ and FLUSH there
 itself (a pread, an fdatasync: no hand-off). A backend that can queue writes
 (`QueuedBackend`: the source agent's capture layer) gets WRITE, TRIM and
 WRITE_ZEROES handed over without waiting: its committer thread journals and
@@ -139,6 +140,8 @@ _PASSED_ERRNOS = (errno.ENOSPC, errno.EIO, errno.EPERM, errno.ENOMEM)
 MAX_QUEUED_REQUESTS = 256
 MAX_QUEUED_BYTES = 64 * 1024 * 1024
 _DRAIN_CHUNK = 1024 * 1024
+# What one recv may take in the transmission phase (see `_Receiver`).
+_RECEIVE_BUFFER = 256 * 1024
 
 
 class Backend(Protocol):
@@ -199,6 +202,69 @@ def _drain(sock: socket.socket, length: int) -> None:
         chunk = min(length, _DRAIN_CHUNK)
         _recv_exact(sock, chunk)
         length -= chunk
+
+
+class _Receiver:
+    """Buffered reading of the transmission phase: one `recv` takes every request that has arrived.
+
+    A client with a queue depth (fio's iodepth 16) sends many requests back to
+    back; reading each header and payload with its own `recv` released and took
+    the GIL twice per request, and with the committer and shipper threads busy,
+    taking it back waits up to the interpreter's switch interval (5 ms) each
+    time: most of a 16 KiB write's latency through the export was that
+    (bench/RESULTS.md, continuous). A payload longer than the buffer is read
+    straight into its own bytes.
+    """
+
+    def __init__(self, sock: socket.socket, size: int = _RECEIVE_BUFFER) -> None:
+        self.sock = sock
+        self._buf = bytearray(size)
+        self._view = memoryview(self._buf)
+        self._start = 0
+        self._end = 0
+
+    def _fill(self, length: int) -> None:
+        """Have at least `length` (<= the buffer's size) bytes buffered."""
+        buffered = self._end - self._start
+        if self._start + length > len(self._buf):
+            self._buf[:buffered] = self._view[self._start:self._end]
+            self._start, self._end = 0, buffered
+        while self._end - self._start < length:
+            n = self.sock.recv_into(self._view[self._end:])
+            if n == 0:
+                raise _Closed("peer closed the connection")
+            self._end += n
+
+    def request(self) -> tuple[int, int, int, int, int, int]:
+        self._fill(_REQUEST.size)
+        fields = _REQUEST.unpack_from(self._buf, self._start)
+        self._start += _REQUEST.size
+        return fields
+
+    def read(self, length: int) -> bytes:
+        if length <= len(self._buf):
+            self._fill(length)
+            data = bytes(self._view[self._start:self._start + length])
+            self._start += length
+            return data
+        out = bytearray(length)
+        view = memoryview(out)
+        got = self._end - self._start
+        view[:got] = self._view[self._start:self._end]
+        self._start = self._end = 0
+        while got < length:
+            n = self.sock.recv_into(view[got:], length - got)
+            if n == 0:
+                raise _Closed("peer closed the connection")
+            got += n
+        return bytes(out)
+
+    def drain(self, length: int) -> None:
+        while length > 0:
+            chunk = min(length, len(self._buf))
+            self._fill(chunk)
+            self._start += chunk
+            length -= chunk
 
 
 class NbdServer:
@@ -440,11 +506,10 @@ class _Connection:
     # -- transmission -------------------------------------------------------------
     def _transmit(self, backend: Backend) -> None:
         queued = backend if isinstance(backend, QueuedBackend) else None
+        receiver = _Receiver(self.sock)
         try:
             while True:
-                magic, flags, command, handle, offset, length = _REQUEST.unpack(
-                    _recv_exact(self.sock, _REQUEST.size)
-                )
+                magic, flags, command, handle, offset, length = receiver.request()
                 if magic != REQUEST_MAGIC:
                     raise _Closed(f"bad request magic {magic:#x}")
                 if command == CMD_DISC:
@@ -452,10 +517,10 @@ class _Connection:
                 payload: bytes | None = None
                 if command == CMD_WRITE:
                     if length > MAX_BLOCK:
-                        _drain(self.sock, length)
+                        receiver.drain(length)
                         self._simple_reply(handle, errno.EOVERFLOW)
                         continue
-                    payload = bytes(_recv_exact(self.sock, length))
+                    payload = receiver.read(length)
                 if self.server.read_only and command in (CMD_WRITE, CMD_TRIM, CMD_WRITE_ZEROES):
                     self._simple_reply(handle, errno.EPERM)
                     continue

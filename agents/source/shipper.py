@@ -356,8 +356,13 @@ class Shipper:
         if self._jiter is None:
             if self.journal.log.last_seq < self._jnext:
                 return None
-            # Serialized, as the journal holds them: sent without a parse and a serialization.
-            self._jiter = self.journal.log.read_serialized_from(self._jnext)
+            # Serialized, as the journal holds them: sent without a parse and a serialization;
+            # those just journaled from memory, without reading them back (PairJournal.remember).
+            recent = self.journal.recent_from(self._jnext)
+            if recent is not None:
+                self._jiter = iter(recent)
+            else:
+                self._jiter = self.journal.log.read_serialized_from(self._jnext)
         record = next(self._jiter, None)
         if record is None:
             self._jiter = None

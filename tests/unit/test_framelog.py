@@ -429,3 +429,61 @@ def test_appending_serialized_frames_keeps_the_seq_order(tmp_path: Path) -> None
         log.append_serialized([(3, frame(3).SerializeToString())])
     assert raised.value.code == "seq-order"
     log.close()
+
+
+def test_small_appends_overwrite_zeros_written_ahead_and_reopen_cleanly(tmp_path: Path) -> None:
+    from siterecovery.common.framelog import PREALLOCATE_BYTES
+
+    log = FrameLog(tmp_path, segment_bytes=24 * 1024)
+    written = [frame(s) for s in range(1, 40)]
+    for f in written[:20]:
+        log.append([f])
+    (segment,) = segments(tmp_path)
+    used = log.disk_bytes
+    assert used < segment.stat().st_size <= used + PREALLOCATE_BYTES
+    assert segment.read_bytes()[used:].count(0) == segment.stat().st_size - used  # zeros after the records
+    log.close()
+    with FrameLog(tmp_path, segment_bytes=24 * 1024) as again:  # the zeros are the end, not damage
+        assert again.last_seq == 20 and again.disk_bytes == used
+        for f in written[20:]:
+            again.append([f])  # rolls past 24 KiB: the old segment's zeros are dropped
+        assert digest(again.read_from(0)) == digest(written)
+    *older, _last = segments(tmp_path)
+    assert older and all(p.read_bytes()[-1000:].count(0) < 1000 for p in older)
+    with FrameLog(tmp_path) as again:
+        assert digest(again.read_from(0)) == digest(written)
+
+
+def test_zeros_ahead_left_in_an_older_segment_by_a_crash_are_its_end(tmp_path: Path) -> None:
+    log = FrameLog(tmp_path, segment_bytes=8 * 1024)
+    written = [frame(s) for s in range(1, 30)]
+    for f in written:
+        log.append([f])
+    log.close()
+    first, *_rest = segments(tmp_path)
+    size = first.stat().st_size
+    os.truncate(first, size + 3 * 4096)  # as if the roll's truncation never reached the disk
+    with FrameLog(tmp_path) as again:
+        assert digest(again.read_from(0)) == digest(written)
+    with open(first, "r+b") as handle:  # not zeros: damage, as before
+        handle.seek(size + 4096)
+        handle.write(b"x")
+    with pytest.raises(errors.Integrity):
+        FrameLog(tmp_path)
+
+
+def test_a_torn_record_in_the_zeros_ahead_is_truncated(tmp_path: Path) -> None:
+    log = FrameLog(tmp_path)
+    written = [frame(s) for s in range(1, 5)]
+    for f in written:
+        log.append([f])
+    used = log.disk_bytes
+    log.close()
+    (segment,) = segments(tmp_path)
+    with open(segment, "r+b") as handle:  # half a record, zeros after it
+        handle.seek(used)
+        handle.write(b"\x10\x04\x00\x00\x05\x00\x00\x00\x00\x00\x00\x00garbage")
+    with FrameLog(tmp_path) as again:
+        assert again.last_seq == 4 and digest(again.read_from(0)) == digest(written)
+        again.append([frame(5)])
+        assert digest(again.read_from(0)) == digest([*written, frame(5)])

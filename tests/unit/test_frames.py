@@ -278,3 +278,21 @@ def test_received_frames_that_are_not_laid_out_plainly_mean_what_protobuf_says()
         frames.received_frames(b"\x1a\x00")  # an empty batch
     opening = rpb.ReplicationMessage(open=rpb.StreamOpen(pair_id="p")).SerializeToString()
     assert frames.received_frames(opening) is None
+
+
+@pytest.mark.parametrize("size", [0, 1, 16 * 1024, 64 * 1024 + 3])
+@pytest.mark.parametrize("captured_at", [None, 1764400000.123456789, 0.0, 1764400000.0])
+@pytest.mark.parametrize("offset", [0, 7 * 4096])
+def test_a_write_serialized_without_protobuf_is_the_frame_protobuf_serializes(size, captured_at, offset):
+    data = os.urandom(size)
+    body = frames.serialized_write("pair-é", 4711, offset, memoryview(data), captured_at=captured_at)
+    frame = rpb.Frame.FromString(body)
+    assert frame.seq == 4711 and frame.write.offset == offset and frame.write.length == size
+    assert frame.write.data == data
+    frames.verify("pair-é", frame)
+    again = frames.write_frame("pair-é", 4711, offset, data)
+    again.captured_at.CopyFrom(frame.captured_at)
+    again.checksum = frames.compute_checksum("pair-é", again, data)
+    assert again.SerializeToString() == body
+    if captured_at is not None:
+        assert frame.captured_at.ToNanoseconds() == int(captured_at * 1e9)
