@@ -351,24 +351,31 @@ class Shipper:
 
     # -- choosing the next frame ------------------------------------------------------------
     def _peek_journal(self) -> _Stored | None:
+        """The next journaled frame not yet sent, or None when the journal holds none now.
+
+        An iterator of remembered frames is a snapshot: when it runs out, frames the
+        committer journaled since may be waiting, and they must be seen now, before a
+        volatile frame with a higher seq goes (which would put them out of order). So a
+        spent iterator is replaced by a fresh one once before saying "none"."""
         if self._jpeek is not None:
             return self._jpeek
-        if self._jiter is None:
-            if self.journal.log.last_seq < self._jnext:
-                return None
-            # Serialized, as the journal holds them: sent without a parse and a serialization;
-            # those just journaled from memory, without reading them back (PairJournal.remember).
-            recent = self.journal.recent_from(self._jnext)
-            if recent is not None:
-                self._jiter = iter(recent)
-            else:
-                self._jiter = self.journal.log.read_serialized_from(self._jnext)
-        record = next(self._jiter, None)
-        if record is None:
+        for _fresh in range(2):
+            if self._jiter is None:
+                if self.journal.log.last_seq < self._jnext:
+                    return None
+                # Serialized, as the journal holds them: sent without a parse and a serialization;
+                # those just journaled from memory, without reading them back (PairJournal.remember).
+                recent = self.journal.recent_from(self._jnext)
+                if recent is not None:
+                    self._jiter = iter(recent)
+                else:
+                    self._jiter = self.journal.log.read_serialized_from(self._jnext)
+            record = next(self._jiter, None)
+            if record is not None:
+                self._jpeek = _Stored(*record)
+                return self._jpeek
             self._jiter = None
-            return None
-        self._jpeek = _Stored(*record)
-        return self._jpeek
+        return None
 
     def _next_frame(self) -> Produced | _Stored | None:
         journaled = self._peek_journal()
