@@ -187,14 +187,18 @@ class _Closed(Exception):
 
 def _recv_exact(sock: socket.socket, length: int) -> bytearray:
     buf = bytearray(length)
-    view = memoryview(buf)
-    got = 0
+    _recv_into(sock, memoryview(buf))
+    return buf
+
+
+def _recv_into(sock: socket.socket, view: memoryview) -> None:
+    """Fill `view` from `sock`, however many recvs it takes."""
+    got, length = 0, len(view)
     while got < length:
         n = sock.recv_into(view[got:], length - got)
         if n == 0:
             raise _Closed("peer closed the connection")
         got += n
-    return buf
 
 
 def _drain(sock: socket.socket, length: int) -> None:
@@ -252,11 +256,7 @@ class _Receiver:
         got = self._end - self._start
         view[:got] = self._view[self._start:self._end]
         self._start = self._end = 0
-        while got < length:
-            n = self.sock.recv_into(view[got:], length - got)
-            if n == 0:
-                raise _Closed("peer closed the connection")
-            got += n
+        _recv_into(self.sock, view[got:])
         return bytes(out)
 
     def drain(self, length: int) -> None:
