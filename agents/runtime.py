@@ -180,8 +180,10 @@ class AgentRuntime:
             retry=tenacity.retry_if_exception(
                 lambda e: isinstance(e, errors.SiteRecoveryError) and e.retryable
             ),
-            wait=tenacity.wait_exponential_jitter(
-                initial=policy.initial_backoff, max=policy.max_backoff
+            # "Full jitter": a random wait below an exponential bound (initial_backoff doubling
+            # up to max_backoff), so agents cut off together do not all come back together.
+            wait=tenacity.wait_random_exponential(
+                multiplier=policy.initial_backoff, max=policy.max_backoff
             ),
             stop=lambda _state: self.stop.is_set(),
             sleep=self.stop.wait,

@@ -44,6 +44,12 @@ def lab_profile(lab_dir: Path) -> Path:
     return lab_dir / "config-server" / "admin" / "srctl.toml"
 
 
+def lab_of_profile(profile: Path) -> Path | None:
+    """The lab directory whose admin profile `profile` is, or None for any other profile."""
+    lab = profile.parent.parent.parent
+    return lab if profile == lab_profile(lab) else None
+
+
 def candidate_profiles(explicit: Path | None) -> list[Path]:
     if explicit is not None:
         return [explicit]

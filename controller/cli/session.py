@@ -15,7 +15,7 @@ from siterecovery.common import errors
 from siterecovery.common.channels import RPC_TIMEOUT
 from siterecovery.common.pki import CONFIG_SERVER_NAME
 from siterecovery.common.settings import parse_endpoint
-from siterecovery.controller.cli.client import Profile
+from siterecovery.controller.cli.client import Profile, lab_of_profile
 
 
 class State:
@@ -101,12 +101,15 @@ def connection_error(details: str, chosen: Profile | None, *, deadline: bool = F
             code="unresolvable",
         )
     if _REFUSED.search(details):
-        return errors.Unavailable(
-            f"nothing answers at {server}: connection refused",
-            hint=f"start the configuration server (sr-config-server) or fix `server` in the srctl profile{where}; "
-            "`srctl doctor` checks the rest",
-            code="unreachable",
+        lab = lab_of_profile(chosen.path) if chosen else None
+        hint = (
+            f"this is the lab's profile and the lab is not running: `srctl lab up --dir {lab}` starts it again "
+            "(`srctl lab status` shows what runs)"
+            if lab
+            else f"start the configuration server (sr-config-server) or fix `server` in the srctl profile{where}; "
+            "`srctl doctor` checks the rest"
         )
+        return errors.Unavailable(f"nothing answers at {server}: connection refused", hint=hint, code="unreachable")
     verify, alert = _VERIFY.search(details), _ALERT.search(details)
     if verify:
         reason = verify.group(1).strip() or "certificate verify failed"

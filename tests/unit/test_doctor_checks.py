@@ -17,7 +17,7 @@ import yaml
 from siterecovery.common import errors
 from siterecovery.controller import diagnostics
 from siterecovery.controller.cli import main as cli_main
-from siterecovery.controller.cli.client import Profile
+from siterecovery.controller.cli.client import Profile, lab_profile
 from siterecovery.controller.cli.output import Format
 from siterecovery.controller.cli.session import connection_error
 from siterecovery.controller.store.base import ServerRecord
@@ -143,6 +143,14 @@ def test_a_failed_connection_says_why_and_what_to_do(profile, details, cls, code
     error = connection_error(details, profile)
     assert type(error) is cls and error.code == code
     assert words in error.hint and "\n" not in error.message and "\n" not in error.hint
+
+
+def test_a_refused_connection_with_the_labs_profile_says_to_start_the_lab(tmp_path: Path) -> None:
+    lab = tmp_path / "lab"
+    profile = Profile(path=lab_profile(lab), server="127.0.0.1:1", ca_pem=b"", cert_pem=b"", key_pem=b"")
+    error = connection_error("connect: Connection refused (111)", profile)
+    assert error.code == "unreachable" and f"srctl lab up --dir {lab}" in error.hint
+    assert "sr-config-server" not in error.hint
 
 
 def test_errors_are_two_lines_with_their_code_and_a_default_hint(capsys) -> None:
