@@ -15,7 +15,8 @@ cd "$(dirname "$0")/.."
 #               built offline into .tools/ by deploy/build-vcsim.sh
 #   faketime    libfaketime: the fault tests step one daemon's wall clock
 #   rsync       the peer the replication benchmarks (bench/) are measured against
-APT_PACKAGES=(postgresql fio qemu-utils libnbd-bin golang-go golang-github-vmware-govmomi-dev faketime rsync)
+#   iperf3      the loopback TCP ceiling bench/transport_ceiling.py prints beside them
+APT_PACKAGES=(postgresql fio qemu-utils libnbd-bin golang-go golang-github-vmware-govmomi-dev faketime rsync iperf3)
 
 as_root() { if [ "$(id -u)" -eq 0 ]; then "$@"; else sudo "$@"; fi; }
 
