@@ -17,8 +17,10 @@ Opening a view (`open_view`):
 2. without the lock: every undo record newer than the point up to the cut is
    read once, sequentially, in journal order (journal.undo_extents_after:
    each record's header and fields, checked; the data stays where it is) and
-   indexed. So opening costs about one read of the journal written since the
-   point, whatever the disk size. Replication goes on meanwhile.
+   indexed (appended to its 1 MiB chunk's unsettled extents: the chunk is
+   settled at its first read, extentmap.py). So opening costs about one read of
+   the journal written since the point, whatever the disk size. Replication
+   goes on meanwhile.
 
 Each record's data is checked against its checksum at the first read that
 touches it, not at open (`_check`): hashing every record's data was most of

@@ -235,3 +235,37 @@ def test_add_many_keeps_the_first_source_of_every_byte(tmp_path: Path):
     many.add_many(extents)
     assert one.lookup(0, 12 << 20) == many.lookup(0, 12 << 20)
     assert (one.extents, one.covered_bytes) == (many.extents, many.covered_bytes)
+
+
+def test_unsettled_extents_settle_as_if_added_one_by_one():
+    """add_many leaves its extents unsettled until a chunk is used: lookups of parts, later
+    add_uncovered calls and their removal in between give what add_uncovered one by one gives."""
+    rng = random.Random(17)
+    one, lazy = ExtentMap(), ExtentMap()
+    n = 0
+    for _round in range(6):
+        batch = []
+        for _ in range(500):
+            start = rng.randrange(0, 8 << 20)
+            length = rng.choice((1, 4096, 16384, 70_000, 3 << 20))
+            batch.append((start, start + length, n % 5, journal.UNDO_ZEROS if n % 7 == 0 else n * 100_000, n))
+            n += 1
+        for e in batch:
+            one.add_uncovered(*e)
+        lazy.add_many(batch)
+        assert lazy.extents >= 1 and lazy.covered_bytes >= one.covered_bytes  # an upper bound until settled
+        for _ in range(20):  # settles some chunks only
+            a = rng.randrange(0, 12 << 20)
+            b = a + rng.choice((1, 4096, 1 << 20, 3 << 20))
+            assert one.lookup(a, b) == lazy.lookup(a, b)
+        start = rng.randrange(0, 8 << 20)  # an add of the apply path, then its rollback
+        e = (start, start + 2_000_000, 9, 42, n)
+        n += 1
+        pieces = one.add_uncovered(*e)
+        assert lazy.add_uncovered(*e) == pieces
+        if rng.random() < 0.5:
+            one.remove(pieces)
+            lazy.remove(pieces)
+    lazy.settle()
+    assert one.lookup(0, 12 << 20) == lazy.lookup(0, 12 << 20)
+    assert (one.extents, one.covered_bytes) == (lazy.extents, lazy.covered_bytes)
