@@ -236,9 +236,8 @@ def measure_view(site: BenchSite, older: Older, tag: str, at_point: str, cold: l
     older.view_open_master_target = float(view.get("open_seconds", 0.0))
     print(f"opened point {tag} as a view: {older.view_open_seconds:.2f} s through srctl, "
           f"{older.view_open_master_target:.2f} s in the master target; "
-          f"{int(view.get('journal_bytes_read', 0)) / MiB:.0f} MiB of journal indexed into "
-          f"{int(view.get('extents', 0))} extents ({int(view.get('bytes_from_journal', 0)) / MiB:.0f} MiB of the "
-          f"disk read from the journal)")
+          f"{int(view.get('journal_bytes_read', 0)) / MiB:.0f} MiB of journal indexed, "
+          f"{int(view.get('journal_records', 0))} records")
     digest, older.view_read_seconds = nbd_digest(view["nbd_uri"])
     older.view_verified = digest == at_point
     print(f"the view read whole through nbdcopy: {older.view_read_seconds:.1f} s; equals the source at the point "

@@ -62,6 +62,11 @@ class ExtentMap:
         (unsettled extents may overlap each other or placed ones)."""
         return self._covered + self._unsettled_bytes
 
+    @property
+    def settled(self) -> bool:
+        """Whether every extent is placed, so `extents` and `covered_bytes` are exact."""
+        return not self._unsettled
+
     def settle(self) -> None:
         """Place every unsettled extent (what a lookup of the whole disk would do)."""
         for chunk in list(self._unsettled):

@@ -310,6 +310,10 @@ class PointView:
     def covered_bytes(self) -> int:
         return self._map.covered_bytes
 
+    @property
+    def index_settled(self) -> bool:
+        return self._map.settled
+
 
 def open_view(target: PairTarget, point: str, view_id: str) -> PointView:
     """Open a view of `target` at `point` (a tag id, or "latest"/"" for the disk as it is now)."""
@@ -351,8 +355,7 @@ def open_view(target: PairTarget, point: str, view_id: str) -> PointView:
         raise
     view.open_seconds = time.monotonic() - started
     log.info("point view opened", pair=target.pair_id, view=view_id, tag=tag_id or LATEST, seq=seq,
-             records=view.indexed_records, journal_bytes=view.indexed_bytes, extents=view.extents,
-             covered_bytes=view.covered_bytes, seconds=round(view.open_seconds, 3))
+             records=view.indexed_records, journal_bytes=view.indexed_bytes, seconds=round(view.open_seconds, 3))
     return view
 
 

@@ -79,8 +79,12 @@ class ViewExports:
 
 
 def reply(view: PointView, uri: str) -> rpb.ViewReply:
+    settled = view.index_settled
     return rpb.ViewReply(
         view_id=view.view_id, nbd_uri=uri, tag_id=view.tag_id, seq=view.seq, size_bytes=view.size,
-        journal_bytes_read=view.indexed_bytes, extents=view.extents, bytes_from_journal=view.covered_bytes,
-        open_seconds=view.open_seconds,
+        journal_bytes_read=view.indexed_bytes, journal_records=view.indexed_records, open_seconds=view.open_seconds,
+        # Exact or nothing: before the index settles (chunk by chunk, at first reads) the map only
+        # holds an upper bound of both.
+        index_settled=settled, extents=view.extents if settled else 0,
+        bytes_from_journal=view.covered_bytes if settled else 0,
     )

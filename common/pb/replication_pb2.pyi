@@ -239,7 +239,7 @@ class OpenViewRequest(_message.Message):
     def __init__(self, pair_id: _Optional[str] = ..., point: _Optional[str] = ...) -> None: ...
 
 class ViewReply(_message.Message):
-    __slots__ = ("view_id", "nbd_uri", "tag_id", "seq", "size_bytes", "journal_bytes_read", "extents", "bytes_from_journal", "open_seconds")
+    __slots__ = ("view_id", "nbd_uri", "tag_id", "seq", "size_bytes", "journal_bytes_read", "extents", "bytes_from_journal", "open_seconds", "journal_records", "index_settled")
     VIEW_ID_FIELD_NUMBER: _ClassVar[int]
     NBD_URI_FIELD_NUMBER: _ClassVar[int]
     TAG_ID_FIELD_NUMBER: _ClassVar[int]
@@ -249,6 +249,8 @@ class ViewReply(_message.Message):
     EXTENTS_FIELD_NUMBER: _ClassVar[int]
     BYTES_FROM_JOURNAL_FIELD_NUMBER: _ClassVar[int]
     OPEN_SECONDS_FIELD_NUMBER: _ClassVar[int]
+    JOURNAL_RECORDS_FIELD_NUMBER: _ClassVar[int]
+    INDEX_SETTLED_FIELD_NUMBER: _ClassVar[int]
     view_id: str
     nbd_uri: str
     tag_id: str
@@ -258,7 +260,9 @@ class ViewReply(_message.Message):
     extents: int
     bytes_from_journal: int
     open_seconds: float
-    def __init__(self, view_id: _Optional[str] = ..., nbd_uri: _Optional[str] = ..., tag_id: _Optional[str] = ..., seq: _Optional[int] = ..., size_bytes: _Optional[int] = ..., journal_bytes_read: _Optional[int] = ..., extents: _Optional[int] = ..., bytes_from_journal: _Optional[int] = ..., open_seconds: _Optional[float] = ...) -> None: ...
+    journal_records: int
+    index_settled: bool
+    def __init__(self, view_id: _Optional[str] = ..., nbd_uri: _Optional[str] = ..., tag_id: _Optional[str] = ..., seq: _Optional[int] = ..., size_bytes: _Optional[int] = ..., journal_bytes_read: _Optional[int] = ..., extents: _Optional[int] = ..., bytes_from_journal: _Optional[int] = ..., open_seconds: _Optional[float] = ..., journal_records: _Optional[int] = ..., index_settled: _Optional[bool] = ...) -> None: ...
 
 class CloseViewRequest(_message.Message):
     __slots__ = ("pair_id", "view_id")

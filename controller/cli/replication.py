@@ -347,7 +347,8 @@ def points_open_view(
         return
     output.console.print(
         f"{v.nbd_uri}  (point {v.tag_id or 'latest'}, seq {v.seq}, {output.human_bytes(v.size_bytes)}; "
-        f"{output.human_bytes(v.bytes_from_journal)} read from the undo journal; opened in {v.open_seconds:.2f} s) "
+        f"{output.human_bytes(v.journal_bytes_read)} of undo journal read, {v.journal_records} records; "
+        f"opened in {v.open_seconds:.2f} s) "
         f"on master target {response.master_target_id}; close it with "
         f"`srctl recovery-points close-view {machine} --view {v.view_id}`"
     )
