@@ -113,7 +113,7 @@ class Shipper:
         window_bytes: int,
         stop: threading.Event,
         source: VolatileSource | None = None,
-        on_acked: Callable[[int], None] | None = None,
+        on_acked: Callable[[int, int], None] | None = None,
         on_lost: Callable[[int], None] = lambda _seq: None,
     ) -> None:
         self.pair_id = pair_id
@@ -123,8 +123,9 @@ class Shipper:
         self.window_bytes = window_bytes
         self.stop = stop
         self.source = source
-        # Called with seq after the callbacks of every frame <= seq ran; whoever saves the
-        # progress they made calls `progress_saved`. None: nothing to save, no wait.
+        # Called with (seq, bytes acknowledged and not saved) after the callbacks of every frame
+        # <= seq ran; whoever saves the progress they made calls `progress_saved`. None: nothing
+        # to save, no wait.
         self.on_acked = on_acked
         self.on_lost = on_lost
         self._wake = threading.Event()
@@ -133,6 +134,7 @@ class Shipper:
         self._inflight: deque[tuple[int, int, Callable[[], None] | None]] = deque()
         # Acknowledged volatile frames whose progress is not saved yet: (seq, size), still in the window.
         self._unsaved: deque[tuple[int, int]] = deque()
+        self._unsaved_bytes = 0
         self._inflight_bytes = 0
         self._ack_pending = 0
         self._broken: BaseException | None = None
@@ -276,6 +278,7 @@ class Shipper:
         with self._lock:
             self._inflight.clear()
             self._unsaved.clear()
+            self._unsaved_bytes = 0
             self._inflight_bytes = 0
             self._pending_volatile = None
             self._jiter = None
@@ -420,13 +423,15 @@ class Shipper:
                     callbacks.append(on_ack)
                     if saving:  # leaves the window once its progress is saved (progress_saved)
                         self._unsaved.append((frame_seq, size))
+                        self._unsaved_bytes += size
                         continue
                 self._inflight_bytes -= size
             self.acked_seq = max(self.acked_seq, seq)
+            unsaved = self._unsaved_bytes
         for callback in callbacks:
             callback()
         if self.on_acked is not None:
-            self.on_acked(seq)
+            self.on_acked(seq, unsaved)
         self.journal.acknowledge(seq)
 
     def progress_saved(self, seq: int) -> None:
@@ -434,7 +439,9 @@ class Shipper:
         with self._lock:
             freed = False
             while self._unsaved and self._unsaved[0][0] <= seq:
-                self._inflight_bytes -= self._unsaved.popleft()[1]
+                size = self._unsaved.popleft()[1]
+                self._inflight_bytes -= size
+                self._unsaved_bytes -= size
                 freed = True
         if freed:
             self._wake.set()
