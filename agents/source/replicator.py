@@ -54,7 +54,7 @@ from siterecovery.common.pb import replication_pb2 as rpb
 from .capture import DiskCapture, PairJournal
 from .delta import DEFAULT_BATCH_BLOCKS, DeltaSync
 from .hooks import run_hook
-from .pairstate import SYNC_COPYING, SYNC_DELTA, SYNC_FULL, PairState, TagSpec, forget_pair
+from .pairstate import SYNC_COPYING, SYNC_DELTA, SYNC_DONE, SYNC_FULL, PairState, TagSpec, forget_pair
 from .scan import ScanSource
 from .shipper import Shipper
 from .sync import InitialSync
@@ -164,6 +164,7 @@ class PairReplicator:
         self._saved_seq = 0
         self._saver_stop = False
         self._save_urgent = False
+        self._saved_done = state.sync_phase == SYNC_DONE
         self._save_thread: threading.Thread | None = None
         self._ship_thread: threading.Thread | None = None
         self._tag_thread: threading.Thread | None = None
@@ -366,18 +367,22 @@ class PairReplicator:
                 self._save_cond.wait_for(lambda: self._save_urgent or self._saver_stop, SAVE_INTERVAL)
                 self._save_urgent = False
                 seq = self._ack_seq
+            # Saved even when `state_dirty` is clear: whoever cleared it (DeltaSync._save_if_due
+            # on the shipper's thread) may not have written yet, and progress_saved(seq) must
+            # follow a save whose snapshot was taken after the callbacks of every frame <= seq.
             source = self.source
-            if source.state_dirty:
-                source.state_dirty = False  # before the snapshot: a later change sets it again
-                try:
-                    self.save()
-                except OSError as exc:
-                    source.state_dirty = True
-                    log.error("saving the pair's state failed; retrying", pair=self.pair_id, error=str(exc))
-                    with self._save_cond:
-                        if self._save_cond.wait_for(lambda: self._saver_stop, 1.0):
-                            return  # stopping: the state stays behind, which is safe
-                    continue
+            source.state_dirty = False  # before the snapshot: a later change sets it again
+            try:
+                self.save()
+            except OSError as exc:
+                source.state_dirty = True
+                log.error("saving the pair's state failed; retrying", pair=self.pair_id, error=str(exc))
+                with self._save_cond:
+                    if self._save_cond.wait_for(lambda: self._saver_stop, 1.0):
+                        return  # stopping: the state stays behind, which is safe
+                continue
+            if source.done != self._saved_done:
+                self._saved_done = source.done
                 if source.done:
                     self._notify()  # the controller hears of the finished sync at once
             with self._save_cond:
