@@ -277,9 +277,8 @@ class Shipper:
         # Everything not acknowledged is resent: journal frames from the journal, volatile ones remade.
         with self._lock:
             self._inflight.clear()
-            self._unsaved.clear()
-            self._unsaved_bytes = 0
-            self._inflight_bytes = 0
+            # Acknowledged frames still waiting on a save keep their place in the window.
+            self._inflight_bytes = self._unsaved_bytes
             self._pending_volatile = None
             self._jiter = None
             self._jpeek = None
