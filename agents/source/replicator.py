@@ -11,6 +11,8 @@ assigned to this machine it runs a `PairReplicator`:
   blocks that differ; the kind is kept in the pair's state;
 - scan mode: periodic hash passes (scan.py); the first pass is the initial sync;
 - a *shipper* thread streams the frames to the process server (shipper.py);
+- a *saver* thread saves the pair's state after acknowledgements (see
+  `PairReplicator._save_loop`), so the shipper never waits on an fsync;
 - a *tagger* thread inserts recovery points: crash-consistent every
   `policy.crash_consistent_interval_seconds`, app-consistent every
   `policy.app_consistent_interval_seconds` (freeze script, tag, thaw script;
@@ -52,7 +54,7 @@ from siterecovery.common.pb import replication_pb2 as rpb
 from .capture import DiskCapture, PairJournal
 from .delta import DEFAULT_BATCH_BLOCKS, DeltaSync
 from .hooks import run_hook
-from .pairstate import SYNC_COPYING, SYNC_DELTA, SYNC_FULL, PairState, TagSpec, forget_pair
+from .pairstate import SYNC_COPYING, SYNC_DELTA, SYNC_DONE, SYNC_FULL, PairState, TagSpec, forget_pair
 from .scan import ScanSource
 from .shipper import Shipper
 from .sync import InitialSync
@@ -68,6 +70,9 @@ DEFAULT_CRASH_INTERVAL = 300
 DEFAULT_SCAN_INTERVAL = 300
 # BlockHashes: the process server asks the master target, which may read 1 GiB for one call.
 HASHES_TIMEOUT = 180.0
+# The saver saves the state when half the send window waits on a save, or this long after an
+# acknowledgement that moved it (each save: a JSON file, two fsyncs; see _save_loop).
+SAVE_INTERVAL = 0.5
 
 
 @dataclass(frozen=True)
@@ -153,6 +158,14 @@ class PairReplicator:
             on_acked=self._on_acked,
             on_lost=self._on_lost,
         )
+        # The saver: acknowledged through `_ack_seq`, that progress saved through `_saved_seq`.
+        self._save_cond = threading.Condition()
+        self._ack_seq = 0
+        self._saved_seq = 0
+        self._saver_stop = False
+        self._save_urgent = False
+        self._saved_done = state.sync_phase == SYNC_DONE
+        self._save_thread: threading.Thread | None = None
         self._ship_thread: threading.Thread | None = None
         self._tag_thread: threading.Thread | None = None
         self._tag_wake = threading.Event()
@@ -253,6 +266,9 @@ class PairReplicator:
             channel.close()
 
     def _start_shipping(self) -> None:
+        if self._save_thread is None:
+            self._save_thread = threading.Thread(target=self._save_loop, name=f"save-{self.pair_id}", daemon=True)
+            self._save_thread.start()
         if self._ship_thread is not None and self._ship_thread.is_alive():
             return
         self.shipper.stop = threading.Event()
@@ -279,6 +295,7 @@ class PairReplicator:
         self._stop_shipping()
         if self._tag_thread is not None:
             self._tag_thread.join(10)
+        self._stop_saver()
 
     def detach(self) -> None:
         if isinstance(self.sync, DeltaSync):
@@ -300,13 +317,88 @@ class PairReplicator:
         log.info("pair forgotten", pair=self.pair_id, disk=self.disk.name)
 
     # -- acknowledgements --------------------------------------------------------------------
-    def _on_acked(self) -> None:
+    def _on_acked(self, seq: int, unsaved_bytes: int) -> None:
+        """The shipper ran the callbacks of every frame <= seq (`unsaved_bytes` of them wait in
+        its window for a save): the saver saves what they moved."""
         source = self.source
-        if source.state_dirty:
-            source.state_dirty = False
-            self.save()
-            if source.done:
-                self._notify()  # the controller hears of the finished sync at once
+        if not unsaved_bytes and not source.state_dirty:
+            return  # journaled frames only: nothing to save, nothing held in the window
+        with self._save_cond:
+            self._ack_seq = max(self._ack_seq, seq)
+            if unsaved_bytes >= self.options.window_bytes // 2 or source.done:
+                self._save_urgent = True
+            self._save_cond.notify()
+
+    def _save_loop(self) -> None:
+        """Save the state moved by acknowledgements, off the shipper, one save for many Acks.
+
+        When: once half the send window is acknowledged but not saved (so the save
+        ends before the window fills with frames waiting on it), when the sync is
+        done (the controller hears of it at once), or SAVE_INTERVAL after an
+        acknowledgement that moved the state. A save per Ack (every 1-8 MiB at the
+        process server's group commit) cost the shipper a fifth of its time, and
+        each save's fsyncs compete with the spool's and the target's on the disk.
+
+        What `state.json` protects after a kill -9 or a power cut is the sync's
+        position (cursor, phase) and the scan's; the acknowledged frames themselves
+        are the process server's (its spool is fsynced before it acknowledges), and
+        journaled frames are released by the journal on its own. A saved state
+        that lags the acknowledgements only makes the restarted source send again,
+        with new seqs, chunks the process server already holds: they carry the disk
+        as it is now (made inside `quiesced()`, after every journaled write with a
+        lower seq), so applying them again loses nothing and needs no full resync.
+        What must never happen is a state *ahead* of what the process server holds,
+        and that cannot: the in-memory state only moves on acknowledgements (or,
+        for start() and tags, is saved synchronously through `save()`, which takes
+        the same lock, so an older snapshot is never written over a newer one).
+        The lag is bounded: the shipper keeps each acknowledged volatile frame in
+        its window until `progress_saved` covers it, so a restart resends at most
+        a window, as before. A failed save (disk full, I/O error) is retried; the
+        window then stays full and shipping waits, never skipping a save.
+        """
+        while True:
+            with self._save_cond:
+                while self._ack_seq <= self._saved_seq and not self._saver_stop:
+                    self._save_cond.wait()
+                if self._ack_seq <= self._saved_seq:
+                    return  # stopping, nothing left to save
+                # More acknowledgements gather until half the window waits on this save (or the
+                # sync is done, or SAVE_INTERVAL passed): one save for many Acks.
+                self._save_cond.wait_for(lambda: self._save_urgent or self._saver_stop, SAVE_INTERVAL)
+                self._save_urgent = False
+                seq = self._ack_seq
+            # Saved even when `state_dirty` is clear: whoever cleared it (DeltaSync._save_if_due
+            # on the shipper's thread) may not have written yet, and progress_saved(seq) must
+            # follow a save whose snapshot was taken after the callbacks of every frame <= seq.
+            source = self.source
+            source.state_dirty = False  # before the snapshot: a later change sets it again
+            try:
+                self.save()
+            except OSError as exc:
+                source.state_dirty = True
+                log.error("saving the pair's state failed; retrying", pair=self.pair_id, error=str(exc))
+                with self._save_cond:
+                    if self._save_cond.wait_for(lambda: self._saver_stop, 1.0):
+                        return  # stopping: the state stays behind, which is safe
+                continue
+            if source.done != self._saved_done:
+                self._saved_done = source.done
+                if source.done:
+                    self._notify()  # the controller hears of the finished sync at once
+            with self._save_cond:
+                self._saved_seq = max(self._saved_seq, seq)
+            self.shipper.progress_saved(seq)
+
+    def _stop_saver(self) -> None:
+        """Save what is acknowledged and end the saver (after the shipper stopped)."""
+        thread = self._save_thread
+        if thread is None:
+            return
+        with self._save_cond:
+            self._saver_stop = True
+            self._save_cond.notify()
+        thread.join(10)
+        self._save_thread = None
 
     def _on_lost(self, _durable: int) -> None:
         if self.sync is not None:

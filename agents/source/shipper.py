@@ -29,6 +29,14 @@ the new durable_seq.
 If the process server holds less than this source already released (a new or
 rebuilt process server), frames are missing that no longer exist here:
 `on_lost` is called so the replicator starts the pair's sync over.
+
+A volatile frame's acknowledgement only moves the source's progress in
+memory (its `on_ack`); the replicator saves that progress on its own thread,
+coalescing many acknowledgements into one save, and then calls
+`progress_saved(seq)`. Until then the frame still counts against the window
+(`_unsaved`), so what a kill -9 makes the source send again after a restart
+stays bounded by the window, as it was when every Ack was saved on this
+thread (which cost a JSON file, two fsyncs and a directory fsync per Ack).
 """
 
 from __future__ import annotations
@@ -105,7 +113,7 @@ class Shipper:
         window_bytes: int,
         stop: threading.Event,
         source: VolatileSource | None = None,
-        on_acked: Callable[[], None] = lambda: None,
+        on_acked: Callable[[int, int], None] | None = None,
         on_lost: Callable[[int], None] = lambda _seq: None,
     ) -> None:
         self.pair_id = pair_id
@@ -115,12 +123,18 @@ class Shipper:
         self.window_bytes = window_bytes
         self.stop = stop
         self.source = source
+        # Called with (seq, bytes acknowledged and not saved) after the callbacks of every frame
+        # <= seq ran; whoever saves the progress they made calls `progress_saved`. None: nothing
+        # to save, no wait.
         self.on_acked = on_acked
         self.on_lost = on_lost
         self._wake = threading.Event()
         self._lock = threading.Lock()
         self._call: grpc.Future | None = None
         self._inflight: deque[tuple[int, int, Callable[[], None] | None]] = deque()
+        # Acknowledged volatile frames whose progress is not saved yet: (seq, size), still in the window.
+        self._unsaved: deque[tuple[int, int]] = deque()
+        self._unsaved_bytes = 0
         self._inflight_bytes = 0
         self._ack_pending = 0
         self._broken: BaseException | None = None
@@ -263,7 +277,8 @@ class Shipper:
         # Everything not acknowledged is resent: journal frames from the journal, volatile ones remade.
         with self._lock:
             self._inflight.clear()
-            self._inflight_bytes = 0
+            # Acknowledged frames still waiting on a save keep their place in the window.
+            self._inflight_bytes = self._unsaved_bytes
             self._pending_volatile = None
             self._jiter = None
             self._jpeek = None
@@ -400,16 +415,35 @@ class Shipper:
             if seq <= self.acked_seq and not at_least:
                 return
             callbacks = []
+            saving = self.on_acked is not None
             while self._inflight and self._inflight[0][0] <= seq:
-                _seq, size, on_ack = self._inflight.popleft()
-                self._inflight_bytes -= size
+                frame_seq, size, on_ack = self._inflight.popleft()
                 if on_ack is not None:
                     callbacks.append(on_ack)
+                    if saving:  # leaves the window once its progress is saved (progress_saved)
+                        self._unsaved.append((frame_seq, size))
+                        self._unsaved_bytes += size
+                        continue
+                self._inflight_bytes -= size
             self.acked_seq = max(self.acked_seq, seq)
+            unsaved = self._unsaved_bytes
         for callback in callbacks:
             callback()
-        self.on_acked()
+        if self.on_acked is not None:
+            self.on_acked(seq, unsaved)
         self.journal.acknowledge(seq)
+
+    def progress_saved(self, seq: int) -> None:
+        """The progress of every acknowledged frame <= seq is saved: they leave the window."""
+        with self._lock:
+            freed = False
+            while self._unsaved and self._unsaved[0][0] <= seq:
+                size = self._unsaved.popleft()[1]
+                self._inflight_bytes -= size
+                self._unsaved_bytes -= size
+                freed = True
+        if freed:
+            self._wake.set()
 
 
 def _describe(exc: BaseException) -> str:

@@ -12,10 +12,12 @@ the chunk), a frame:
 - else a DataBlock with the chunk.
 
 After the last chunk comes the SyncMarker INITIAL_DONE. Chunks are volatile:
-each frame's acknowledgement moves the persisted cursor (`PairState.sync_cursor`)
-to its end (and adds its data to `sync_sent_bytes`); after a reconnect or a
-restart the sync continues from that cursor, so what is sent again is at most
-what was unacknowledged plus one chunk. The acknowledgement of INITIAL_DONE
+each frame's acknowledgement moves the cursor (`PairState.sync_cursor`) to its
+end (and adds its data to `sync_sent_bytes`); the replicator's saver thread
+persists it, many acknowledgements at a time, and the shipper keeps the frame
+in its window until then. After a reconnect the sync continues from the
+cursor in memory, after a restart from the saved one, so what is sent again is
+at most the window plus one chunk. The acknowledgement of INITIAL_DONE
 sets the phase to done.
 
 A delta pair's first sync (delta.py) is a subclass: the same start, markers,

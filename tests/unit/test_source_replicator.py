@@ -347,3 +347,36 @@ def test_writes_go_in_batches_only_to_a_process_server_that_takes_them(site, tmp
         assert not site.ps.errors
     finally:
         source.close()
+
+
+def test_the_saved_cursor_lags_the_process_server_by_at_most_the_window(site, tmp_path, monkeypatch):
+    """The state is saved off the shipper, many acknowledgements at a time; a frame stays in the
+    window until its progress is saved, so at every moment what a kill -9 would make the source
+    send again (received by the process server, not in state.json) is at most the window."""
+    from siterecovery.agents.source import replicator
+    from siterecovery.agents.source.pairstate import PairState
+
+    monkeypatch.setattr(replicator, "SAVE_INTERVAL", 0.3)  # saves rarer than acks
+    saves = []
+    real_save = PairState.save
+    monkeypatch.setattr(PairState, "save", lambda self, d: (saves.append(self.sync_cursor), real_save(self, d))[1])
+    size, window = 64 * MiB, 8 * MiB
+    image = make_image(tmp_path / "disk0.img", size, data_bytes=size, seed=11)
+    state_dir = tmp_path / "source"
+    pair_dir = state_dir / replicator.PAIRS_DIR / PAIR
+    source = Source(site, state_dir, image, window=window)
+    try:
+        source.replication.apply_assignments([site.assignment(PAIR, "disk0", size)], [])
+        worst = 0
+        while not caught_up(site, source):
+            received = site.ps.record(PAIR).data_bytes if PAIR in site.ps.pairs else 0
+            saved = PairState.load(pair_dir).sync_cursor  # read after `received`: only grows
+            worst = max(worst, received - saved)
+            assert received - saved <= window + CHUNK_BYTES, f"{received - saved} bytes not saved"
+            time.sleep(0.01)  # sampling, not synchronisation
+        assert sha(site.ps.record(PAIR).target) == sha(image)
+        assert PairState.load(pair_dir).sync_phase == "done"
+        assert len(saves) < size // CHUNK_BYTES // 2, f"{len(saves)} saves for {size // CHUNK_BYTES} chunks"
+        print(f"[saver] {len(saves)} saves for {size // CHUNK_BYTES} chunks; worst unsaved {worst / MiB:.1f} MiB")
+    finally:
+        source.close()
