@@ -626,8 +626,8 @@ class UndoJournal:
         """`append_undo` of each (seq, offset, length, old), in order, with one free-space
         check and one write (pwritev) for all of them.
 
-        Per record, the check (statvfs) and the write were a third of the journal's
-        CPU with 16 KiB frames (bench/RESULTS.md, "Small writes"). On RetentionFull
+        A group of 16 KiB frames paid a statvfs and a pwritev per record (about 10 us
+        each; bench/RESULTS.md, "Small writes"). On RetentionFull
         or an error nothing of them counts as appended (part of them may be in the
         file past the last commit: `discard_uncommitted` cuts it off, as after a
         crash). Not durable until `sync`."""
