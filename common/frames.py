@@ -54,6 +54,16 @@ def _compressor() -> zstandard.ZstdCompressor:
     return compressor
 
 
+def _decompressor() -> zstandard.ZstdDecompressor:
+    # One per thread, like the compressor: a new ZstdDecompressor per frame (its context
+    # allocated each time) cost 20 us of a 16 KiB frame's decompression against 9 us
+    # reused (bench/RESULTS.md, "Small writes").
+    decompressor = getattr(_local, "decompressor", None)
+    if decompressor is None:
+        decompressor = _local.decompressor = zstandard.ZstdDecompressor()
+    return decompressor
+
+
 def _hasher(pair_id: str, frame: rpb.Frame) -> xxhash.xxh3_128:
     body = frame.WhichOneof("body")
     pid = pair_id.encode()
@@ -599,7 +609,7 @@ def payload(frame: rpb.Frame, raw: bytes | None = None) -> bytes:
         if block.length > MAX_BLOCK_BYTES:
             raise _bad(frame, f"states {block.length} bytes, more than the {MAX_BLOCK_BYTES} allowed")
         try:
-            data = zstandard.ZstdDecompressor().decompress(raw, max_output_size=block.length)
+            data = _decompressor().decompress(raw, max_output_size=block.length)
         except zstandard.ZstdError as exc:
             raise errors.Integrity(
                 f"frame {frame.seq}: compressed data is damaged ({exc})",

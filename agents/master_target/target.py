@@ -100,6 +100,8 @@ SYNC_NONE, SYNC_STARTED, SYNC_DONE = "none", "started", "done"
 RETENTION_FULL = "retention-full"
 RESUME_HEADROOM = 4 * MiB
 DATASTORE_FULL = "datastore-full"
+# A group's undo records are written together up to this many bytes of old contents.
+_UNDO_WRITE_BYTES = 4 * MiB
 # Written when the disk was put back to a point in place (materialize.revert).
 REVERTED = "reverted.json"
 
@@ -486,7 +488,9 @@ class PairTarget:
                     else:
                         continue
                     self._hook("target-frame")
-                os.fsync(self._fd)
+                # fdatasync: the data and what reading it back needs (allocation, size), not the
+                # timestamps; the digest map's clean stamp is taken after a full fsync (close).
+                os.fdatasync(self._fd)
                 self._hook("target-synced")
                 digests.learn(self._fd, written)
         except OSError as exc:
@@ -510,12 +514,21 @@ class PairTarget:
         self._publish()
 
     def _journal_undo(self, group: list[tuple[rpb.Frame, bytes]]) -> dict[int, tuple[int, int]]:
-        """Append the undo records of a group; returns each tag's (undo bytes, records) mark."""
+        """Append the undo records of a group; returns each tag's (undo bytes, records) mark.
+
+        The records are gathered first and appended with one write (`append_undos`):
+        reading the old contents looks at the target (which does not change until
+        the records are synced) and the group's earlier frames, never the journal.
+        The records before a tag are appended before its mark is taken."""
         marks: dict[int, tuple[int, int]] = {}
         earlier = _EarlierRanges()
+        records: list[tuple[int, int, int, bytes | None]] = []
+        held = 0
         for frame, data in group:
             body = frame.WhichOneof("body")
             if body == "tag":
+                self._append_undos(records)
+                records, held = [], 0
                 marks[frame.seq] = (
                     self.state["undo_bytes"] + self._journal.pending_bytes,
                     self.state["undo_records"] + self._journal.pending_records,
@@ -530,10 +543,20 @@ class PairTarget:
             end = offset + length
             for at in range(offset, end, journal.MAX_UNDO_CHUNK):
                 n = min(journal.MAX_UNDO_CHUNK, end - at)
-                self._journal.append_undo(frame.seq, at, n, self._old_contents(at, n, earlier.overlapping(at, n)))
-                self._hook("undo-record")
+                old = self._old_contents(at, n, earlier.overlapping(at, n))
+                records.append((frame.seq, at, n, old))
+                held += 0 if old is None else n
+                if held >= _UNDO_WRITE_BYTES:  # what is held in memory stays bounded
+                    self._append_undos(records)
+                    records, held = [], 0
             earlier.add(offset, length, data if body == "write" else None)
+        self._append_undos(records)
         return marks
+
+    def _append_undos(self, records: list[tuple[int, int, int, bytes | None]]) -> None:
+        self._journal.append_undos(records)
+        for _record in records:
+            self._hook("undo-record")
 
     def _old_contents(self, offset: int, length: int, earlier: list[_Range]) -> bytes | None:
         """The range as it is just before the next frame: the target overlaid with the

@@ -65,7 +65,9 @@ _END = object()
 class _Stream:
     pair_id: str
     context: grpc.ServicerContext
-    queue: queue.Queue = field(default_factory=queue.Queue)
+    # SimpleQueue (in C): queue.Queue's put notified a Python Condition per message, 8 % of
+    # the process server's GIL time under 16 KiB writes (bench/RESULTS.md, "Small writes").
+    queue: queue.SimpleQueue = field(default_factory=queue.SimpleQueue)
     closed: threading.Event = field(default_factory=threading.Event)
     done: threading.Event = field(default_factory=threading.Event)
     # Bytes read from the stream and not yet written; the writer notifies as it drops.

@@ -367,6 +367,9 @@ class DiskCapture:
         self._closing = False
         self.commits = 0  # group commits journaled (for measurements and the crash tests)
         self.committed_frames = 0
+        # What the committer's groups looked like since the last "write commits" log line:
+        # the NBD write path's latency follows them (bench/RESULTS.md, continuous).
+        self._stats = _CommitStats()
 
     @property
     def size(self) -> int:
@@ -535,8 +538,10 @@ class DiskCapture:
                 self._inflight += 1
             try:
                 # Outside the lock but in flight: quiesced() callers, the only other seq takers, wait.
+                started, started_wall = time.monotonic(), time.time()
                 first = journal.lease.take(sum(_frame_count(item) for item in batch)) if journal else 0
                 self._commit(journal, batch, first)
+                self._stats.add(batch, started, started_wall)
             except BaseException as exc:  # the seq lease not persisted, or a bug: fail these writes, go on
                 log.exception("committing writes failed", disk=self.name, error=str(exc))
                 for item in batch:
@@ -547,6 +552,7 @@ class DiskCapture:
                     if not self._inflight:
                         self._cond.notify_all()
             self._finish(batch)
+            self._stats.maybe_log(self.name)
         for item in batch:
             item.error = OSError(errno.ESHUTDOWN, f"disk {self.name} was closed before the write")
         self._finish(batch)
@@ -581,7 +587,9 @@ class DiskCapture:
             return
         batch_frames = _make_frames(journal.pair_id, batch, first)
         try:
+            started = time.monotonic()
             journal.log.append_serialized(batch_frames)
+            self._stats.journal_seconds += time.monotonic() - started
         except errors.SiteRecoveryError as exc:
             failure = OSError(errno.ENOSPC if exc.code == "disk-full" else errno.EIO, exc.message)
             log.error("journaling writes failed", disk=self.name, pair=journal.pair_id, error=exc.message)
@@ -616,6 +624,41 @@ class DiskCapture:
             zero_range(self._fd, offset, length, punch=punch)
         else:
             _pwrite_all(self._fd, data, offset)
+
+
+class _CommitStats:
+    """Group commits of one disk since the last log line, logged at most every LOG_SECONDS:
+    writes per commit, how long a commit took (journal append and sync, disk file
+    writes), of which the journal's append and sync, and how long its writes had
+    waited for it since they were submitted."""
+
+    LOG_SECONDS = 10.0
+
+    def __init__(self) -> None:
+        self._since = time.monotonic()
+        self._commits = self._writes = 0
+        self._commit_seconds = self._wait_seconds = self.journal_seconds = 0.0
+
+    def add(self, batch: list[_Pending], started: float, started_wall: float) -> None:
+        """One commit of `batch`, begun at `started` (monotonic) / `started_wall` (the clock of
+        the writes' capture times)."""
+        self._commits += 1
+        self._writes += len(batch)
+        self._commit_seconds += time.monotonic() - started
+        self._wait_seconds += sum(max(0.0, started_wall - item.captured_at) for item in batch)
+
+    def maybe_log(self, disk: str) -> None:
+        now = time.monotonic()
+        if now - self._since < self.LOG_SECONDS or not self._commits:
+            return
+        log.info("write commits", disk=disk, seconds=round(now - self._since, 1), commits=self._commits,
+                 writes_per_commit=round(self._writes / self._commits, 2),
+                 commit_ms=round(1000 * self._commit_seconds / self._commits, 2),
+                 journal_ms=round(1000 * self.journal_seconds / self._commits, 2),
+                 queued_ms=round(1000 * self._wait_seconds / max(1, self._writes), 2))
+        self._since = now
+        self._commits = self._writes = 0
+        self._commit_seconds = self._wait_seconds = self.journal_seconds = 0.0
 
 
 def _frame_count(item: _Pending) -> int:

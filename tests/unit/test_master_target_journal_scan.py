@@ -269,3 +269,25 @@ def test_unsettled_extents_settle_as_if_added_one_by_one():
     lazy.settle()
     assert one.lookup(0, 12 << 20) == lazy.lookup(0, 12 << 20)
     assert (one.extents, one.covered_bytes) == (lazy.extents, lazy.covered_bytes)
+
+
+def test_append_undos_writes_a_group_past_iov_max_like_single_appends(tmp_path: Path, monkeypatch):
+    """A group's records go in one write, cut at IOV_MAX buffers: after a reopen every record
+    reads back with its old contents, in order, and as committed."""
+    monkeypatch.setattr(journal, "_IOV_MAX", 7)  # 3 buffers a record: chunks cut inside records
+    rng = random.Random(5)
+    undo = journal.UndoJournal(tmp_path, segment_bytes=1 << 30, reserve_bytes=0)
+    undo.open({"applied_seq": 0, "newest_captured_at_ns": 0, "points": []})
+    records = [(seq, rng.randrange(0, 1 << 20), n, None if seq % 5 == 0 else rng.randbytes(n))
+               for seq, n in enumerate((rng.choice((1, 512, 16 * KiB)) for _ in range(40)), start=1)]
+    refs = undo.append_undos(records)
+    assert [r.seq for r in refs] == list(range(1, 41)) and undo.pending_records == 40
+    undo.commit({"applied_seq": 40, "newest_captured_at_ns": 40, "points_added": []})
+    undo.close()
+    reopened = journal.UndoJournal(tmp_path, segment_bytes=1 << 30, reserve_bytes=0)
+    state, uncommitted = reopened.open({"applied_seq": 0, "points": []})
+    assert state["applied_seq"] == 40 and uncommitted == []
+    with reopened.reading():
+        got = sorted(((ref.seq, ref.target_offset, ref.length, data) for ref, data in reopened.undo_after(0, reopened.cut())))
+    assert got == records
+    reopened.close()
