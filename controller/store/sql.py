@@ -377,18 +377,23 @@ class SqlStore(VcenterSqlMixin, AzureSiteSqlMixin, ProtectionSqlMixin, Store):
             )
             for beat in beats
         ]
-        with self._write_turn, _translate_db_errors(), sql.transaction(self._engine) as cursor:
-            if not rows:
-                recorded = []
-            elif sql.update(cursor, rows) == len(rows):
-                recorded = [True] * len(rows)
+        with self._write_turn, _translate_db_errors():
+            if len(rows) == 1 and sql.one_statement:  # PostgreSQL: the most common group, one round trip
+                updated, counted = sql.write_alone(self._engine, rows[0])
+                recorded = [updated == 1]
             else:
-                # Some server is unknown (or of another role): find out which, one row at a
-                # time, in the same transaction (writing the same values again changes nothing).
-                recorded = [sql.update(cursor, [row]) == 1 for row in rows]
-            counted = sql.counters(cursor)
-            return RecordedHeartbeats(recorded, ChangeCounters(
-                pairs=counted.get(PAIRS_COUNTER, 0), tag_requests=counted.get(TAG_REQUESTS_COUNTER, 0)))
+                with sql.transaction(self._engine) as cursor:
+                    if not rows:
+                        recorded = []
+                    elif sql.update(cursor, rows) == len(rows):
+                        recorded = [True] * len(rows)
+                    else:
+                        # Some server is unknown (or of another role): find out which, one row at a
+                        # time, in the same transaction (writing the same values again changes nothing).
+                        recorded = [sql.update(cursor, [row]) == 1 for row in rows]
+                    counted = sql.counters(cursor)
+        return RecordedHeartbeats(recorded, ChangeCounters(
+            pairs=counted.get(PAIRS_COUNTER, 0), tag_requests=counted.get(TAG_REQUESTS_COUNTER, 0)))
 
     @functools.cached_property
     def _heartbeat_sql(self) -> HeartbeatSql:
@@ -414,7 +419,15 @@ class SqlStore(VcenterSqlMixin, AzureSiteSqlMixin, ProtectionSqlMixin, Store):
                 inventory=inventory,
             )
         )
-        return HeartbeatSql(self._engine.dialect, update, self._counters_query)
+        alone = None
+        if self._pg:
+            # The update and the counters' read as one statement (a data-modifying CTE), so a
+            # one-row group is one round trip in autocommit mode (heartbeat_sql.py, write_alone).
+            updated = update.returning(servers.c.id).cte("updated")
+            alone = self._counters_query.union_all(
+                sa.select(sa.null(), sa.select(sa.func.count()).select_from(updated).scalar_subquery())
+            )
+        return HeartbeatSql(self._engine.dialect, update, self._counters_query, alone)
 
     def revoke_server(self, server_id: str, *, now: datetime) -> ServerRecord:
         now = utc(now, "now")

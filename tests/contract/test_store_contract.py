@@ -205,16 +205,22 @@ def test_a_heartbeat_group_the_database_fails_is_rolled_back_and_unavailable(
     # The group runs on the driver's cursor (store/heartbeat_sql.py): a driver error after the
     # UPDATE must still roll the transaction back and reach the caller as Unavailable, and the
     # store must go on. The counters' read is made to fail in the database itself: on SQLite
-    # a missing table; on PostgreSQL the connection is cut, so it cannot even roll back.
+    # a missing table; on PostgreSQL the connection is cut, so it cannot even roll back. On
+    # PostgreSQL a one-row group is one statement (the update, then the counters): it is cut
+    # after its update has run.
     assert isinstance(store, SqlStore)
     store.add_server(server())
-    failing = (
-        "SELECT pg_terminate_backend(pg_backend_pid())"
-        if store.engine.dialect.name == "postgresql"
-        else "SELECT name, value FROM no_such_table"
-    )
+    pg = store.engine.dialect.name == "postgresql"
+    failing = "SELECT pg_terminate_backend(pg_backend_pid())" if pg else "SELECT name, value FROM no_such_table"
     with monkeypatch.context() as patched:
         patched.setattr(store._heartbeat_sql, "_counters_sql", failing)
+        if pg:
+            alone = store._heartbeat_sql._alone_sql
+            assert alone is not None
+            patched.setattr(store._heartbeat_sql, "_alone_sql", alone + (
+                " UNION ALL SELECT NULL, CASE WHEN pg_terminate_backend(pg_backend_pid()) THEN 0 END"
+                " FROM (SELECT count(*) FROM updated) AS after_the_update"
+            ))
         with pytest.raises(Unavailable):
             store.record_heartbeats([Heartbeat("srv-1", "source", problems=[], directories=None, now=T0)])
     assert store.get_server("srv-1").last_heartbeat_at is None
@@ -255,6 +261,38 @@ def test_a_heartbeat_group_on_a_dropped_connection_is_written_again_by_the_write
         with pytest.raises(Unavailable):
             store.record_heartbeats([Heartbeat("srv-1", "source", problems=[], directories=None, now=T0)])
         assert store.get_server("srv-1").last_heartbeat_at == later
+
+
+def test_heartbeat_connections_go_back_to_the_pool_as_they_came_out(store: Store) -> None:
+    # The group's connection runs in autocommit mode while the writer has it (PostgreSQL:
+    # store/heartbeat_sql.py); the store's other transactions rely on the driver's implicit
+    # BEGIN, so one that came back in autocommit mode would commit statement by statement.
+    assert isinstance(store, SqlStore)
+    store.add_server(server())
+    sql = store._heartbeat_sql
+    beat = Heartbeat("srv-1", "source", problems=[], directories=None, now=T0)
+    pg = store.engine.dialect.name == "postgresql"
+
+    def parked_driver() -> object:
+        assert store.record_heartbeats([beat]) == [True]
+        assert sql._parked is not None
+        return sql._parked.driver_connection
+
+    driver = parked_driver()
+    sql.release()  # returned whole
+    if pg:
+        assert driver.autocommit is False
+    driver = parked_driver()
+    with pytest.MonkeyPatch.context() as patched:  # a group that fails in the database, connection intact
+        patched.setattr(sql, "_counters_sql", "SELECT name, value FROM no_such_table")
+        if pg:
+            patched.setattr(sql, "_alone_sql", "SELECT name, value FROM no_such_table WHERE %(b_id)s <> ''")
+        with pytest.raises((sa.exc.DBAPIError, Unavailable)):  # SQLite: OperationalError, so Unavailable
+            store.record_heartbeats([beat])
+    assert sql._parked is None
+    if pg:
+        assert driver.autocommit is False and not driver.closed
+    assert store.record_heartbeats([beat]) == [True]
 
 
 def test_revoke_server_keeps_the_first_revocation_time(store: Store) -> None:
