@@ -30,12 +30,7 @@ from siterecovery.agents.master_target.target import PairTarget, TargetOptions
 from siterecovery.common import frames
 from siterecovery.common.pb import replication_pb2 as rpb
 
-from .common import GiB, parse_size
-
-
-def _cpu() -> float:
-    r = resource.getrusage(resource.RUSAGE_SELF)
-    return r.ru_utime + r.ru_stime
+from .common import GiB, own_cpu_seconds, parse_size
 
 
 def _user() -> float:
@@ -66,7 +61,7 @@ def run(root: Path, size: int, count: int, batch: int, profile: bool) -> tuple[f
     target.apply([(frames.sync_frame("p", 1, rpb.SYNC_PHASE_INITIAL_DONE, size), b"")])
     messages = _messages(size, count, batch)
     profiler = cProfile.Profile() if profile else None
-    cpu, user, wall = _cpu(), _user(), time.monotonic()
+    cpu, user, wall = own_cpu_seconds(), _user(), time.monotonic()
     if profiler:
         profiler.enable()
     last = target.applied_seq
@@ -76,7 +71,7 @@ def run(root: Path, size: int, count: int, batch: int, profile: bool) -> tuple[f
         last = target.applied_seq
     if profiler:
         profiler.disable()
-    out = _cpu() - cpu, _user() - user, time.monotonic() - wall
+    out = own_cpu_seconds() - cpu, _user() - user, time.monotonic() - wall
     assert target.applied_seq == count + 1
     target.close()
     if profiler:

@@ -19,6 +19,7 @@ import hashlib
 import os
 import platform
 import re
+import resource
 import shutil
 import subprocess
 import sys
@@ -254,6 +255,12 @@ class RssSampler:
         worst = max(self.peak.values(), default=0)
         rss = ", ".join(f"{name} {peak / MiB:.0f}" for name, peak in sorted(self.peak.items()))
         return f"max RSS MiB: {rss} (target <= {RSS_TARGET // MiB}: {'ok' if worst <= RSS_TARGET else 'OVER'})"
+
+
+def own_cpu_seconds() -> float:
+    """CPU-seconds (user + system) of this process so far, every thread counted."""
+    usage = resource.getrusage(resource.RUSAGE_SELF)
+    return usage.ru_utime + usage.ru_stime
 
 
 def cpu_seconds(pids: dict[str, int]) -> dict[str, float]:

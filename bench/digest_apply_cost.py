@@ -16,7 +16,6 @@ from __future__ import annotations
 import argparse
 import os
 import random
-import resource
 import shutil
 import tempfile
 import time
@@ -27,12 +26,7 @@ from siterecovery.agents.master_target.target import PairTarget, TargetOptions
 from siterecovery.common import frames
 from siterecovery.common.pb import replication_pb2 as rpb
 
-from .common import GiB, MiB, parse_size
-
-
-def _cpu() -> float:
-    r = resource.getrusage(resource.RUSAGE_SELF)
-    return r.ru_utime + r.ru_stime
+from .common import GiB, MiB, own_cpu_seconds, parse_size
 
 
 def _pair(root: Path, size: int, mode: str) -> PairTarget:
@@ -50,14 +44,14 @@ def full_sync(root: Path, size: int, mode: str) -> tuple[float, float]:
     block = os.urandom(MiB)
     seq = 1
     t.apply([(frames.sync_frame("p", seq, rpb.SYNC_PHASE_INITIAL_STARTED, size), b"")])
-    cpu, wall = _cpu(), time.monotonic()
+    cpu, wall = own_cpu_seconds(), time.monotonic()
     for batch_at in range(0, size, 16 * MiB):
         batch = []
         for at in range(batch_at, min(batch_at + 16 * MiB, size), MiB):
             seq += 1
             batch.append((frames.write_frame("p", seq, at, block), block))
         t.apply(batch)
-    out = _cpu() - cpu, time.monotonic() - wall
+    out = own_cpu_seconds() - cpu, time.monotonic() - wall
     t.close()
     return out
 
@@ -68,7 +62,7 @@ def continuous(root: Path, size: int, mode: str, writes: int) -> tuple[float, fl
     t.apply([(frames.sync_frame("p", 1, rpb.SYNC_PHASE_INITIAL_DONE, size), b"")])
     rng = random.Random(1)
     data = os.urandom(16 * 1024)
-    cpu, wall = _cpu(), time.monotonic()
+    cpu, wall = own_cpu_seconds(), time.monotonic()
     for _ in range(writes // 64):
         batch = []
         for _ in range(64):
@@ -76,7 +70,7 @@ def continuous(root: Path, size: int, mode: str, writes: int) -> tuple[float, fl
             at = rng.randrange(size // 16384) * 16384
             batch.append((frames.write_frame("p", seq, at, data), data))
         t.apply(batch)
-    out = _cpu() - cpu, time.monotonic() - wall
+    out = own_cpu_seconds() - cpu, time.monotonic() - wall
     t.close()
     return out
 

@@ -32,7 +32,6 @@ from __future__ import annotations
 import json
 import multiprocessing as mp
 import os
-import resource
 import socket
 import ssl
 import subprocess
@@ -42,13 +41,19 @@ from concurrent import futures
 from dataclasses import dataclass
 from pathlib import Path
 
+import grpc
+
+from siterecovery.common import pki
+from siterecovery.common.channels import secure_channel
+from siterecovery.common.grpcserver import SERVER_OPTIONS
+
 from . import common
-from .common import GiB, MiB, mbps
+from .common import GiB, MiB, mbps, own_cpu_seconds
 
 MESSAGE = MiB
 SPOOL_SYNC_BYTES = 64 * MiB
 SERVICE, METHOD = "ceiling.Pipe", "Push"
-TARGET_NAME_ID = "ceiling"
+CERT_ID = "ceiling"
 
 
 @dataclass(frozen=True)
@@ -61,30 +66,17 @@ class Tls:
 
     @property
     def name(self) -> str:
-        from siterecovery.common import pki
-
-        return pki.agent_dns_name(TARGET_NAME_ID)
+        return pki.agent_dns_name(CERT_ID)
 
 
 def make_tls(directory: Path) -> Tls:
-    from siterecovery.common import pki
-
     ca = pki.CertificateAuthority.load_or_create(directory / "ca")
-    key, cert = ca.issue_keypair(pki.Identity(TARGET_NAME_ID, pki.PROCESS_SERVER))
+    key, cert = ca.issue_keypair(pki.Identity(CERT_ID, pki.PROCESS_SERVER))
     return Tls(ca.cert_pem, key, cert)
-
-
-def _cpu() -> float:
-    usage = resource.getrusage(resource.RUSAGE_SELF)
-    return usage.ru_utime + usage.ru_stime
 
 
 # -- gRPC ------------------------------------------------------------------------------------
 def _grpc_serve(tls: Tls, handler) -> tuple[object, int]:  # type: ignore[no-untyped-def]
-    import grpc
-
-    from siterecovery.common.grpcserver import SERVER_OPTIONS
-
     server = grpc.server(futures.ThreadPoolExecutor(max_workers=4), options=list(SERVER_OPTIONS))
     method = grpc.stream_unary_rpc_method_handler(handler)
     server.add_generic_rpc_handlers([grpc.method_handlers_generic_handler(SERVICE, {METHOD: method})])
@@ -95,10 +87,6 @@ def _grpc_serve(tls: Tls, handler) -> tuple[object, int]:  # type: ignore[no-unt
 
 
 def _grpc_push(tls: Tls, port: int):  # type: ignore[no-untyped-def]
-    import grpc
-
-    from siterecovery.common.channels import secure_channel
-
     credentials = grpc.ssl_channel_credentials(root_certificates=tls.ca, private_key=tls.key, certificate_chain=tls.cert)
     channel = secure_channel(f"127.0.0.1:{port}", credentials, target_name=tls.name)
     return channel.stream_unary(f"/{SERVICE}/{METHOD}")
@@ -118,7 +106,7 @@ def _contexts(tls: Tls, directory: Path) -> tuple[ssl.SSLContext, ssl.SSLContext
     return server, client
 
 
-def _tls_listen(context: ssl.SSLContext) -> tuple[socket.socket, int]:
+def _tls_listen() -> tuple[socket.socket, int]:
     listener = socket.create_server(("127.0.0.1", 0))
     return listener, listener.getsockname()[1]
 
@@ -147,7 +135,7 @@ def sink(transport: str, tls: Tls, directory: Path, target: Path | None, ports: 
         time.sleep(3600)  # terminated by the parent once the sender is done
     else:
         server_context, _ = _contexts(tls, directory)
-        listener, port = _tls_listen(server_context)
+        listener, port = _tls_listen()
         ports.put(port)
         raw, _ = listener.accept()
         with server_context.wrap_socket(raw, server_side=True) as conn:
@@ -177,7 +165,7 @@ def relay(transport: str, tls: Tls, directory: Path, spool: Path | None, downstr
         time.sleep(3600)
     else:
         server_context, client_context = _contexts(tls, directory)
-        listener, port = _tls_listen(server_context)
+        listener, port = _tls_listen()
         ports.put(port)
         raw, _ = listener.accept()
         with server_context.wrap_socket(raw, server_side=True) as upstream, \
@@ -213,9 +201,9 @@ def _received(conn: ssl.SSLSocket, header: bytes):  # type: ignore[no-untyped-de
 
 
 def _measured(results: mp.Queue, work, argument):  # type: ignore[no-untyped-def]
-    started = _cpu()
+    started = own_cpu_seconds()
     outcome = work(argument)
-    results.put((os.getpid(), _cpu() - started))
+    results.put((os.getpid(), own_cpu_seconds() - started))
     return outcome
 
 
@@ -232,7 +220,7 @@ def sender(transport: str, tls: Tls, directory: Path, image: Path | None, size: 
             while block := f.read(MESSAGE):
                 yield block
 
-    cpu, started = _cpu(), time.monotonic()
+    cpu, started = own_cpu_seconds(), time.monotonic()
     if transport == "grpc":
         reply = int(_grpc_push(tls, port)(blocks()))
     else:
@@ -242,7 +230,7 @@ def sender(transport: str, tls: Tls, directory: Path, image: Path | None, size: 
             for block in blocks():
                 conn.sendall(block)
             reply = int.from_bytes(_recv_exact(conn, 8), "big")
-    results.put(("sender", time.monotonic() - started, _cpu() - cpu, reply))
+    results.put(("sender", time.monotonic() - started, own_cpu_seconds() - cpu, reply))
 
 
 @dataclass
