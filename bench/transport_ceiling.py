@@ -16,6 +16,8 @@ so the rows bound what any design on this transport can reach:
 - `grpc 2 hops + disk`: the same, the sender reading an uncached image, the
   relay appending every message to a spool file (fdatasync every 64 MiB), the
   sink writing the target file and fsyncing it: the full sync's shape;
+- `grpc 2 hops + target`: the same without the spool — what a design that
+  forwards the initial sync's chunks without spooling them could reach;
 - `tls 1 hop`, `tls 2 hops`: the same bytes over Python `ssl` sockets
   (recv_into one buffer, sendall), to show what gRPC's framing costs;
 - peers: `iperf3` on loopback (plain TCP: the kernel's ceiling) and
@@ -240,7 +242,8 @@ class Row:
     cpu: dict[str, float]  # CPU-seconds per role
 
 
-def run_row(name: str, transport: str, hops: int, tls: Tls, root: Path, size: int, *, disk: bool) -> Row:
+def run_row(name: str, transport: str, hops: int, tls: Tls, root: Path, size: int, *, disk: bool,
+            spool: bool = True) -> Row:
     spawn = mp.get_context("spawn")
     ports, results = spawn.Queue(), spawn.Queue()
     image = root / "image" if disk else None
@@ -251,7 +254,7 @@ def run_row(name: str, transport: str, hops: int, tls: Tls, root: Path, size: in
     procs["sink"].start()
     port = ports.get(timeout=60)
     if hops == 2:
-        procs["relay"] = spawn.Process(target=relay, args=(transport, tls, root, root / "spool" if disk else None,
+        procs["relay"] = spawn.Process(target=relay, args=(transport, tls, root, root / "spool" if disk and spool else None,
                                                            port, ports, results))
         procs["relay"].start()
         port = ports.get(timeout=60)
@@ -314,6 +317,7 @@ def main() -> None:
             run_row("grpc 1 hop", "grpc", 1, tls, root, size, disk=False),
             run_row("grpc 2 hops", "grpc", 2, tls, root, size, disk=False),
             run_row("grpc 2 hops + disk", "grpc", 2, tls, root, size, disk=True),
+            run_row("grpc 2 hops + target", "grpc", 2, tls, root, size, disk=True, spool=False),
             run_row("tls 1 hop", "tls", 1, tls, root, size, disk=False),
             run_row("tls 2 hops", "tls", 2, tls, root, size, disk=False),
             run_row("tls 2 hops + disk", "tls", 2, tls, root, size, disk=True),
