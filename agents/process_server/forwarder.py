@@ -76,9 +76,16 @@ class ForwardPolicy:
     window_bytes: int = 32 * 1024 * 1024
     initial_backoff: float = 0.2
     max_backoff: float = 10.0
+    # Acknowledged frames are released (a release mark written and synced, whole segments
+    # deleted) at most every release_interval seconds, sooner once release_bytes of them wait
+    # or a receiver waits for spool space: a release per Ack cost two metadata syncs each,
+    # tens a second, which stalled every other sync on the disk.
+    release_interval: float = 1.0
+    release_bytes: int = 64 * 1024 * 1024
 
     def __post_init__(self) -> None:
-        if self.window_bytes <= 0 or not 0 < self.initial_backoff <= self.max_backoff:
+        if (self.window_bytes <= 0 or not 0 < self.initial_backoff <= self.max_backoff
+                or self.release_interval < 0 or self.release_bytes < 0):
             raise errors.InvalidInput(f"forward policy {self} is not valid", code="config-range")
 
 
@@ -132,6 +139,7 @@ class Forwarder:
         self._releaser = threading.Thread(target=self._release_loop, name=f"release-{self.pair_id}", daemon=True)
         self._release_cond = threading.Condition()
         self._release_to = 0
+        self._release_soon = False  # a receiver waits for spool space
         self._rate = RateWindow(RATE_WINDOW, clock)
         self.bytes_sent = 0
         self.acked_seq = self._log.released_seq
@@ -141,10 +149,12 @@ class Forwarder:
 
     # -- life ------------------------------------------------------------------
     def start(self) -> None:
+        self._spool.add_pressure_listener(self._space_wanted)
         self._thread.start()
         self._releaser.start()
 
     def stop(self, timeout: float = 10.0) -> None:
+        self._spool.remove_pressure_listener(self._space_wanted)
         self._stop.set()
         with self._release_cond:
             self._release_cond.notify_all()
@@ -267,17 +277,39 @@ class Forwarder:
                 self._release_to = seq
                 self._release_cond.notify()
 
+    def _space_wanted(self) -> None:
+        """The spool is at its bound and a receiver waits: release what is acknowledged now."""
+        with self._release_cond:
+            self._release_soon = True
+            self._release_cond.notify()
+
+    def _release_due(self, done: int, last: float) -> float:
+        """Seconds until the acknowledged frames above `done` are to be released (0: now);
+        call holding `_release_cond`."""
+        if self._release_to <= done:
+            return float("inf")
+        if self._release_soon or self._stop.is_set():
+            return 0.0
+        policy = self._policy
+        waiting = self._log.pending_bytes_after(done) - self._log.pending_bytes_after(self._release_to)
+        if waiting >= policy.release_bytes:
+            return 0.0
+        return max(0.0, last + policy.release_interval - self._clock())
+
     def _release_loop(self) -> None:
-        """The release thread: release the spool through the newest Ack, one release at a time.
+        """The release thread: release the spool through the newest Ack, one release at a time,
+        paced by the policy's release_interval and release_bytes.
 
         Once stopped it releases what was acknowledged last (so a stopping process
         server leaves its mark up to date) and ends."""
-        done = 0
+        done, last = 0, self._clock()
         while True:
             with self._release_cond:
-                while self._release_to <= done and not self._stop.is_set():
-                    self._release_cond.wait()
+                while (due := self._release_due(done, last)) > 0 and not self._stop.is_set():
+                    self._release_cond.wait(None if due == float("inf") else due)
                 target, stopping = self._release_to, self._stop.is_set()
+                self._release_soon = False
+                last = self._clock()
             if target > done:
                 try:
                     self._spool.release(self._log, target)

@@ -72,6 +72,7 @@ class Spool:
         self._damaged: dict[str, errors.SiteRecoveryError] = {}
         self._reserved = 0
         self._waiting = 0
+        self._pressure_listeners: list[Callable[[], None]] = []
         self._disk_full: str | None = None
         self._closed = False
         (self.directory / "pairs").mkdir(parents=True, exist_ok=True)
@@ -130,6 +131,17 @@ class Spool:
         with self._lock:
             return self._waiting
 
+    def add_pressure_listener(self, listener: Callable[[], None]) -> None:
+        """Call `listener()` whenever a receiver waits for space (a forwarder then releases
+        what the master target acknowledged without waiting for its pace)."""
+        with self._lock:
+            self._pressure_listeners.append(listener)
+
+    def remove_pressure_listener(self, listener: Callable[[], None]) -> None:
+        with self._lock:
+            if listener in self._pressure_listeners:
+                self._pressure_listeners.remove(listener)
+
     def reserve(self, nbytes: int, *, cancelled: Callable[[], bool]) -> bool:
         """Wait until `nbytes` fit under the bound and take them; False when `cancelled()`.
 
@@ -145,6 +157,8 @@ class Spool:
                     if used + nbytes <= self.limit_bytes or used == 0:
                         self._reserved += nbytes
                         return True
+                    for listener in self._pressure_listeners:  # each takes only its own lock
+                        listener()
                     self._space.wait(_WAIT_SLICE)
             finally:
                 self._waiting -= 1

@@ -15,7 +15,7 @@ import random
 import threading
 import time
 from collections.abc import Callable, Iterable, Iterator
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -166,10 +166,11 @@ def serve(creds: AgentCredentials, servicer: object, name: str, add: Callable) -
 
 class ProcessServer:
     def __init__(
-        self, spool_dir: Path, creds: AgentCredentials, *, limit: int = 64 * 1024 * KiB, fsync: bool = False
+        self, spool_dir: Path, creds: AgentCredentials, *, limit: int = 64 * 1024 * KiB, fsync: bool = False,
+        policy: ForwardPolicy = POLICY,
     ) -> None:
         self.spool = Spool(spool_dir, limit_bytes=limit, fsync=fsync)
-        self.pairs = ProcessServerPairs(self.spool, credentials=lambda: creds, policy=POLICY)
+        self.pairs = ProcessServerPairs(self.spool, credentials=lambda: creds, policy=policy)
         runtime = SimpleNamespace(credentials=creds)
         self.server = serve(
             creds,
@@ -510,6 +511,31 @@ def test_full_spool_holds_the_source_back_until_the_target_drains(site: Site) ->
     wait_until(lambda: site.mt.last == len(sent), "the master target to apply everything")
     assert digest(site.mt.applied) == digest(sent)
     wait_until(lambda: not ps.pairs.problems(), "the spool problems to clear")
+
+
+def test_releases_are_paced_but_a_full_spool_and_a_stop_release_at_once(site: Site) -> None:
+    # A release an hour apart: only spool pressure and the stop can release anything here.
+    slow = replace(POLICY, release_interval=3600.0, release_bytes=1 << 40)
+    ps = site.start_ps(limit=1024 * KiB, policy=slow)
+    rng = random.Random(6)
+    sent = [frames.write_frame(PAIR, s, s * 128 * KiB, rng.randbytes(128 * KiB)) for s in range(1, 161)]
+    replies = site.replicate(sent)  # 20 MiB through a 1 MiB spool: released under pressure
+    assert acks(replies)[-1] == len(sent)
+    wait_until(lambda: site.mt.last == len(sent), "the master target to apply everything")
+    assert digest(site.mt.applied) == digest(sent)
+    wait_until(lambda: ps.status().acked_seq == len(sent), "the last Ack")
+    frame_log = ps.spool.log(PAIR)
+    # The frames acknowledged after the last receiver's wait are not released yet ...
+    assert 0 < frame_log.released_seq < len(sent)
+    assert ps.status().backlog_bytes == 0  # ... and not counted as backlog either
+    ps.close()
+    site.ps = None
+    # ... until the process server stops: its mark then covers the last Ack.
+    reopened = Spool(site.tmp / "spool", limit_bytes=1024 * KiB, fsync=False)
+    try:
+        assert reopened.log(PAIR).released_seq == len(sent)
+    finally:
+        reopened.close()
 
 
 def test_spool_reports_high_at_80_percent(tmp_path: Path) -> None:
