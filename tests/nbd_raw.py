@@ -12,8 +12,13 @@ from siterecovery.agents.source import nbd
 
 
 class Raw:
-    def __init__(self, port: int, host: str = "127.0.0.1") -> None:
-        self.sock = socket.create_connection((host, port), timeout=10)
+    def __init__(self, port: int, host: str = "127.0.0.1", *, rcvbuf: int | None = None) -> None:
+        """`rcvbuf`: a small receive buffer, set before connecting, for a client slow to read."""
+        self.sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+        self.sock.settimeout(10)
+        if rcvbuf is not None:
+            self.sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, rcvbuf)
+        self.sock.connect((host, port))
         magic, opt, flags = struct.unpack(">QQH", self.recv(18))
         assert (magic, opt) == (nbd.NBDMAGIC, nbd.IHAVEOPT)
         assert flags == nbd.FLAG_FIXED_NEWSTYLE | nbd.FLAG_NO_ZEROES

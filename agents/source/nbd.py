@@ -23,8 +23,15 @@ every request that has arrived, `_Receiver`), and runs READ and FLUSH there
 itself (a pread, an fdatasync: no hand-off). A backend that can queue writes
 (`QueuedBackend`: the source agent's capture layer) gets WRITE, TRIM and
 WRITE_ZEROES handed over without waiting: its committer thread journals and
-applies them and answers, sending the replies of one commit with one send
-(under the connection's send lock, which the reader's own replies share). So a
+applies them and answers, sending the replies of one commit with one send.
+That send never blocks the committer, which every connection to the disk
+shares: when the socket does not take a reply whole at once (a client that
+stops reading its replies), the rest waits in the connection's queue of unsent
+replies and a flusher thread of that connection (started when first needed)
+sends it; replies posted meanwhile, the reader's own included, queue behind
+it, so none interleave. The reader stops taking requests while more than
+`MAX_UNSENT_BYTES` of its own replies wait, and unsent write replies still
+count against the budget below, so such a client stalls only itself. So a
 client with a queue depth above one (fio's iodepth) has several writes in one
 group commit, and a write costs one hand-off (reader to committer), not three.
 Replies may therefore leave out of order, which the protocol allows (the handle
@@ -55,6 +62,7 @@ import errno
 import socket
 import struct
 import threading
+from collections import deque
 from collections.abc import Callable
 from typing import Protocol, runtime_checkable
 
@@ -139,6 +147,9 @@ _PASSED_ERRNOS = (errno.ENOSPC, errno.EIO, errno.EPERM, errno.ENOMEM)
 # Bounds on the writes one connection has queued at its backend (their payloads are held until done).
 MAX_QUEUED_REQUESTS = 256
 MAX_QUEUED_BYTES = 64 * 1024 * 1024
+# Replies a connection holds unsent (its client is not reading them) before its reader stops
+# taking requests; the writes' replies count against the request budget instead.
+MAX_UNSENT_BYTES = 1024 * 1024
 _DRAIN_CHUNK = 1024 * 1024
 # What one recv may take in the transmission phase (see `_Receiver`).
 _RECEIVE_BUFFER = 256 * 1024
@@ -370,6 +381,15 @@ class NbdServer:
             self._connections.discard(connection)
 
 
+def _after(views: list[memoryview], sent: int) -> list[memoryview]:
+    """What of `views` is left once their first `sent` bytes went out."""
+    for i, view in enumerate(views):
+        if sent < len(view):
+            return [view[sent:], *views[i + 1 :]]
+        sent -= len(view)
+    return []
+
+
 class _Connection:
     def __init__(self, server: NbdServer, sock: socket.socket, peer: str) -> None:
         self.server = server
@@ -385,6 +405,13 @@ class _Connection:
         self._replies: list[bytes] = []
         self._completed_requests = 0
         self._completed_bytes = 0
+        # Replies the socket did not take at once, oldest first, with the (requests, bytes) of the
+        # budget each gives back once sent; a flusher thread (started when first needed) sends them.
+        self._out = threading.Condition()
+        self._unsent: deque[tuple[list[memoryview], int, int]] = deque()
+        self._unsent_bytes = 0
+        self._out_closed = False
+        self._flusher: threading.Thread | None = None
         self._thread = threading.Thread(target=self._run, name=f"nbd-{peer}", daemon=True)
         self._closed = False
 
@@ -531,6 +558,9 @@ class _Connection:
         finally:
             with self._budget:
                 self._budget.wait_for(lambda: not self._queued_requests)
+            with self._out:  # every reply was sent (or dropped with a failed socket): the flusher ends
+                self._out.wait_for(lambda: not self._unsent or self._out_closed)
+                self._close_out_locked()
 
     def _submit(
         self, backend: QueuedBackend, flags: int, command: int, handle: int, offset: int, length: int,
@@ -577,27 +607,86 @@ class _Connection:
         self._completed_bytes += cost
 
     def _send_completed(self) -> None:
+        """On the committer's thread: send the commit's replies without ever blocking it (a client
+        that does not read its replies must not stall the disk's other writers)."""
         replies, self._replies = self._replies, []
         requests, self._completed_requests = self._completed_requests, 0
         cost, self._completed_bytes = self._completed_bytes, 0
-        try:
-            self._send(b"".join(replies))
-        except OSError:
-            self.close()  # the reader notices and ends the connection
-        with self._budget:
-            self._queued_requests -= requests
-            self._queued_bytes -= cost
-            self._budget.notify()
+        self._post([b"".join(replies)], requests, cost)
 
     def _simple_reply(self, handle: int, error: int, data: bytes = b"") -> None:
+        """On the reader's thread: send a reply; wait (this connection only) while too much is unsent."""
         header = _SIMPLE_REPLY.pack(SIMPLE_REPLY_MAGIC, error, handle)
-        try:
-            if data:
-                self._send(header, data)
-            else:
-                self._send(header)
-        except OSError:
-            self.close()  # the reader notices and ends the connection
+        self._post([header, data] if data else [header], 0, 0)
+        with self._out:
+            self._out.wait_for(lambda: self._unsent_bytes <= MAX_UNSENT_BYTES or self._out_closed)
+
+    # -- replies that do not block the sender -------------------------------------------
+    def _post(self, parts: list[bytes], requests: int, cost: int) -> None:
+        """Send `parts` now if the socket takes them whole without blocking; queue the rest
+        for the flusher. Replies never interleave: while any wait, new ones queue behind them."""
+        views = [memoryview(part) for part in parts if part]
+        with self._out:
+            if self._out_closed:
+                self._settle(requests, cost)
+                return
+            if not self._unsent:
+                try:
+                    sent = self.sock.sendmsg(views, [], socket.MSG_DONTWAIT)
+                except (BlockingIOError, InterruptedError):
+                    sent = 0
+                except OSError:
+                    self._close_out_locked()
+                    self._settle(requests, cost)
+                    return
+                views = _after(views, sent)
+                if not views:
+                    self._settle(requests, cost)
+                    return
+            self._unsent.append((views, requests, cost))
+            self._unsent_bytes += sum(map(len, views))
+            if self._flusher is None:
+                self._flusher = threading.Thread(target=self._flush_loop, name=f"nbd-out-{self.peer}", daemon=True)
+                self._flusher.start()
+            self._out.notify_all()
+
+    def _flush_loop(self) -> None:
+        """Send queued replies in order, blocking on the socket (never holding `_out` meanwhile)."""
+        while True:
+            with self._out:
+                self._out.wait_for(lambda: self._unsent or self._out_closed)
+                if self._out_closed:
+                    return
+                views, requests, cost = self._unsent[0]  # stays queued while sent: later ones wait
+            try:
+                for view in views:
+                    self.sock.sendall(view)
+            except OSError:
+                with self._out:
+                    self._close_out_locked()
+                self.close()  # the reader notices and ends the connection
+                return
+            with self._out:
+                self._unsent.popleft()
+                self._unsent_bytes -= sum(map(len, views))
+                self._settle(requests, cost)
+                self._out.notify_all()
+
+    def _close_out_locked(self) -> None:
+        """The socket failed or the connection ends: unsent replies are dropped, their budget given back."""
+        self._out_closed = True
+        for _views, requests, cost in self._unsent:
+            self._settle(requests, cost)
+        self._unsent.clear()
+        self._unsent_bytes = 0
+        self._out.notify_all()
+
+    def _settle(self, requests: int, cost: int) -> None:
+        if requests:
+            with self._budget:
+                self._queued_requests -= requests
+                self._queued_bytes -= cost
+                self._budget.notify()
 
     def _execute(
         self, backend: Backend, flags: int, command: int, handle: int, offset: int, length: int,

@@ -11,6 +11,7 @@ import hashlib
 import json
 import os
 import random
+import select
 import socket
 import struct
 import subprocess
@@ -25,6 +26,7 @@ from tests.nbd_raw import Raw
 
 MiB = 1024 * 1024
 SIZE = 64 * MiB
+READ_BACKLOG = 16 * MiB  # a read reply larger than the two sockets' buffers together
 
 needs = needs_tools("nbdinfo", "qemu-io", "fio", "nbdcopy")
 
@@ -225,6 +227,45 @@ def test_pipelined_requests_each_get_their_own_reply(served):
     for handle, data in blocks.items():
         client.request(nbd.CMD_READ, handle * 4096, 4096, handle=handle)
         assert client.simple_reply(4096) == (0, data)
+
+
+def test_a_client_that_does_not_read_its_replies_stalls_only_itself(served):
+    """The disk's committer sends every connection's write replies: one client that stops
+    reading (its replies back up) must not hold up the writes of another."""
+    server, disk, _image = served
+    slow = Raw(server.port, rcvbuf=4096)
+    slow.go()
+    block = os.urandom(4096)
+    disk.hold()  # its WRITE waits at the committer ...
+    try:
+        slow.request(nbd.CMD_WRITE, 0, len(block), block, handle=1)
+        # ... while its READ's reply (more than the sockets hold: the sender's buffer grows to
+        # 4 MiB at most) is sent and backs up.
+        slow.request(nbd.CMD_READ, 0, READ_BACKLOG, handle=2)
+        readable, _, _ = select.select([slow.sock], [], [], 30)
+        assert readable, "the server never began the read's reply"
+    finally:
+        disk.release()  # the committer writes the block and now has a reply for a client not reading
+    other = Raw(server.port)
+    other.go()
+    other.sock.settimeout(30)
+    other.write(SIZE - 4096, block, handle=3)  # timed out here when the committer was stuck
+    other.request(nbd.CMD_READ, 0, 4096, handle=4)
+    assert other.simple_reply(4096) == (0, block)
+    other.close()
+    # The slow client gets both replies, whole and in order, once it reads.
+    slow.sock.settimeout(30)
+    slow.sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4 * MiB)
+    magic, error, handle = struct.unpack(">IIQ", slow.recv(16))
+    assert (magic, error, handle) == (nbd.SIMPLE_REPLY_MAGIC, 0, 2)
+    data = bytearray(READ_BACKLOG)
+    view, got = memoryview(data), 0
+    while got < READ_BACKLOG:
+        n = slow.sock.recv_into(view[got:])
+        assert n, "the server closed the connection"
+        got += n
+    assert struct.unpack(">IIQ", slow.recv(16)) == (nbd.SIMPLE_REPLY_MAGIC, 0, 1)
+    slow.close()
 
 
 def test_a_read_only_unlisted_server_refuses_writes_lists_nothing_and_has_no_default(tmp_path):
