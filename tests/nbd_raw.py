@@ -8,7 +8,7 @@ import socket
 import struct
 from urllib.parse import urlsplit
 
-from siterecovery.agents.source import nbd
+from siterecovery.common import nbd
 
 
 class Raw:

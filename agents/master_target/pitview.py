@@ -94,7 +94,7 @@ _OPTIMISTIC_TRIES = 3
 
 
 class PointView:
-    """One open view: the NBD backend of a read-only export (agents/source/nbd.py `Backend`)."""
+    """One open view: the NBD backend of a read-only export (common/nbd.py `Backend`)."""
 
     def __init__(self, view_id: str, target: PairTarget, tag_id: str, seq: int) -> None:
         self.view_id = view_id

@@ -1,6 +1,6 @@
 """The master target's point views as NBD exports (OpenView / CloseView).
 
-One read-only NBD server (agents/source/nbd.py, `read_only`, not `listable`)
+One read-only NBD server (common/nbd.py, `read_only`, not `listable`)
 is started at the first view and serves every open view of every pair, each
 under its view id. NBD has no authentication: the server binds `host`
 (127.0.0.1 unless configured: a recovery tool or hypervisor on the master
@@ -16,8 +16,8 @@ import threading
 from siterecovery.agents.master_target import pitview
 from siterecovery.agents.master_target.pitview import PointView
 from siterecovery.agents.master_target.target import PairTarget
-from siterecovery.agents.source.nbd import NbdServer
 from siterecovery.common import errors
+from siterecovery.common.nbd import NbdServer
 from siterecovery.common.pb import replication_pb2 as rpb
 
 

@@ -24,11 +24,11 @@ from siterecovery.agents.settings import SourceSettings
 from siterecovery.common import blockhash, daemon, errors, logging, pki
 from siterecovery.common.channels import RPC_TIMEOUT, secure_channel
 from siterecovery.common.inventory import DiskIdentities, bios_uuid, directory_facts, disk_facts, host_facts
+from siterecovery.common.nbd import NbdServer
 from siterecovery.common.pb import agent_pb2, agent_pb2_grpc, common_pb2
 
 from . import generation
 from .capture import DiskCapture
-from .nbd import NbdServer
 from .netidentity import NetworkAgent
 from .replicator import ReplicationOptions, SourceReplication
 

@@ -16,8 +16,8 @@ import threading
 from pathlib import Path
 
 from siterecovery.agents.source.capture import DiskCapture, PairJournal
-from siterecovery.agents.source.nbd import NbdServer
 from siterecovery.common import logging
+from siterecovery.common.nbd import NbdServer
 
 
 def main() -> None:

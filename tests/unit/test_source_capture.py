@@ -18,7 +18,7 @@ from pathlib import Path
 
 import pytest
 
-from siterecovery.agents.source import capture, nbd
+from siterecovery.agents.source import capture
 from siterecovery.agents.source.capture import (
     FRAME_DATA_BYTES,
     DiskCapture,
@@ -26,8 +26,8 @@ from siterecovery.agents.source.capture import (
     SeqLease,
     apply_frame,
 )
-from siterecovery.agents.source.nbd import NbdServer
-from siterecovery.common import frames
+from siterecovery.common import frames, nbd
+from siterecovery.common.nbd import NbdServer
 from siterecovery.common.pb import replication_pb2 as rpb
 from tests.conftest import needs_tools
 from tests.nbd_raw import Raw

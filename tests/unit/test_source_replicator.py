@@ -15,9 +15,9 @@ import pytest
 
 from siterecovery.agents.source import capture
 from siterecovery.agents.source.capture import DiskCapture
-from siterecovery.agents.source.nbd import NbdServer
 from siterecovery.agents.source.replicator import ReplicationOptions, SourceReplication
 from siterecovery.agents.source.sync import CHUNK_BYTES
+from siterecovery.common.nbd import NbdServer
 from siterecovery.common.pb import replication_pb2 as rpb
 
 from .source_support import MiB, Site, content_digest, wait_for

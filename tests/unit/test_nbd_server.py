@@ -19,8 +19,8 @@ from pathlib import Path
 
 import pytest
 
-from siterecovery.agents.source import nbd
 from siterecovery.agents.source.capture import DiskCapture
+from siterecovery.common import nbd
 from tests.conftest import needs_tools
 from tests.nbd_raw import Raw
 
