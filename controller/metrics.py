@@ -25,6 +25,9 @@ Pairs, labels pair, machine, disk (the machine's host name and the disk's name):
   siterecovery_replication_source_backlog_bytes, _spool_backlog_bytes, _journal_bytes
   siterecovery_replication_recovery_points, _latest_point_timestamp_seconds
   siterecovery_replication_sync_progress_ratio     0..1 (1 once synced)
+  siterecovery_replication_open_views              point views open on the master target
+  siterecovery_replication_oldest_open_view_timestamp_seconds   when the oldest was opened;
+                                                   absent with none (each pins the undo journal)
 Jobs:
   siterecovery_jobs{kind, status}                  jobs pending, running or compensating
   siterecovery_job_duration_seconds{kind, outcome}            histogram, creation to end (JobMetrics)
@@ -121,6 +124,8 @@ class StoreCollector:
         points = gauge("recovery_points", "Recovery points held at the target.")
         latest = gauge("latest_point_timestamp_seconds", "Capture time of the newest recovery point.")
         progress = gauge("sync_progress_ratio", "Initial sync progress, 0 to 1.")
+        open_views = gauge("open_views", "Point views open on the master target (each pins the undo journal).")
+        oldest_view = gauge("oldest_open_view_timestamp_seconds", "When the oldest open point view was opened.")
 
         pairs = {p.id: p for p in self._store.list_pairs()}
         views = replication.views(self._store, list(pairs.values()), heartbeat_interval=self._interval, now=now)
@@ -144,8 +149,12 @@ class StoreCollector:
             if view.HasField("latest_point_at"):
                 latest.add_metric(key, view.latest_point_at.seconds + view.latest_point_at.nanos / 1e9)
             progress.add_metric(key, view.sync_progress)
+            open_views.add_metric(key, len(view.open_views))
+            if view.open_views:
+                first = min(v.opened_at.seconds + v.opened_at.nanos / 1e9 for v in view.open_views)
+                oldest_view.add_metric(key, first)
         return [info, state, rpo, rpo_known, threshold, applied, throughput, source_backlog, spool_backlog,
-                journal, points, latest, progress]
+                journal, points, latest, progress, open_views, oldest_view]
 
     # -- jobs ----------------------------------------------------------------------------------
     def _jobs(self) -> Metric:

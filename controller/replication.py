@@ -737,6 +737,7 @@ def view(
         out.recovery_points = len(end.status.get("points", ())) if end is not None else 0
         out.journal_bytes = target.journal_bytes
         out.applied_bytes_total = target.applied_bytes_total
+        out.open_views.extend(target.views)
         if target.points:
             out.latest_point_at.CopyFrom(target.points[-1].captured_at)
 

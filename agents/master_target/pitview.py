@@ -101,6 +101,7 @@ class PointView:
         self.pair_id = target.pair_id
         self.tag_id = tag_id
         self.seq = seq
+        self.opened_at = time.time()
         self._journal = target.journal
         self._size = target.disk_size
         self._map = ExtentMap()

@@ -379,7 +379,7 @@ class RecoveryPoint(_message.Message):
     def __init__(self, tag_id: _Optional[str] = ..., kind: _Optional[_Union[RecoveryPointKind, str]] = ..., seq: _Optional[int] = ..., captured_at: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., journal_bytes_back: _Optional[int] = ..., group_id: _Optional[str] = ..., note: _Optional[str] = ..., on_demand: _Optional[bool] = ...) -> None: ...
 
 class PairStatus(_message.Message):
-    __slots__ = ("pair_id", "state", "reason", "reason_code", "sync_done_bytes", "sync_total_bytes", "last_seq", "acked_seq", "backlog_frames", "backlog_bytes", "oldest_pending_captured_at", "bytes_sent", "throughput_bytes_per_second", "points", "applied_captured_at", "journal_bytes", "applied_bytes_total", "sync_compared_bytes", "sync_differing_bytes", "sync_hash_bytes", "sync_sent_bytes")
+    __slots__ = ("pair_id", "state", "reason", "reason_code", "sync_done_bytes", "sync_total_bytes", "last_seq", "acked_seq", "backlog_frames", "backlog_bytes", "oldest_pending_captured_at", "bytes_sent", "throughput_bytes_per_second", "points", "applied_captured_at", "journal_bytes", "applied_bytes_total", "sync_compared_bytes", "sync_differing_bytes", "sync_hash_bytes", "sync_sent_bytes", "views")
     PAIR_ID_FIELD_NUMBER: _ClassVar[int]
     STATE_FIELD_NUMBER: _ClassVar[int]
     REASON_FIELD_NUMBER: _ClassVar[int]
@@ -401,6 +401,7 @@ class PairStatus(_message.Message):
     SYNC_DIFFERING_BYTES_FIELD_NUMBER: _ClassVar[int]
     SYNC_HASH_BYTES_FIELD_NUMBER: _ClassVar[int]
     SYNC_SENT_BYTES_FIELD_NUMBER: _ClassVar[int]
+    VIEWS_FIELD_NUMBER: _ClassVar[int]
     pair_id: str
     state: PairState
     reason: str
@@ -422,7 +423,20 @@ class PairStatus(_message.Message):
     sync_differing_bytes: int
     sync_hash_bytes: int
     sync_sent_bytes: int
-    def __init__(self, pair_id: _Optional[str] = ..., state: _Optional[_Union[PairState, str]] = ..., reason: _Optional[str] = ..., reason_code: _Optional[str] = ..., sync_done_bytes: _Optional[int] = ..., sync_total_bytes: _Optional[int] = ..., last_seq: _Optional[int] = ..., acked_seq: _Optional[int] = ..., backlog_frames: _Optional[int] = ..., backlog_bytes: _Optional[int] = ..., oldest_pending_captured_at: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., bytes_sent: _Optional[int] = ..., throughput_bytes_per_second: _Optional[float] = ..., points: _Optional[_Iterable[_Union[RecoveryPoint, _Mapping]]] = ..., applied_captured_at: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., journal_bytes: _Optional[int] = ..., applied_bytes_total: _Optional[int] = ..., sync_compared_bytes: _Optional[int] = ..., sync_differing_bytes: _Optional[int] = ..., sync_hash_bytes: _Optional[int] = ..., sync_sent_bytes: _Optional[int] = ...) -> None: ...
+    views: _containers.RepeatedCompositeFieldContainer[OpenView]
+    def __init__(self, pair_id: _Optional[str] = ..., state: _Optional[_Union[PairState, str]] = ..., reason: _Optional[str] = ..., reason_code: _Optional[str] = ..., sync_done_bytes: _Optional[int] = ..., sync_total_bytes: _Optional[int] = ..., last_seq: _Optional[int] = ..., acked_seq: _Optional[int] = ..., backlog_frames: _Optional[int] = ..., backlog_bytes: _Optional[int] = ..., oldest_pending_captured_at: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., bytes_sent: _Optional[int] = ..., throughput_bytes_per_second: _Optional[float] = ..., points: _Optional[_Iterable[_Union[RecoveryPoint, _Mapping]]] = ..., applied_captured_at: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., journal_bytes: _Optional[int] = ..., applied_bytes_total: _Optional[int] = ..., sync_compared_bytes: _Optional[int] = ..., sync_differing_bytes: _Optional[int] = ..., sync_hash_bytes: _Optional[int] = ..., sync_sent_bytes: _Optional[int] = ..., views: _Optional[_Iterable[_Union[OpenView, _Mapping]]] = ...) -> None: ...
+
+class OpenView(_message.Message):
+    __slots__ = ("view_id", "tag_id", "seq", "opened_at")
+    VIEW_ID_FIELD_NUMBER: _ClassVar[int]
+    TAG_ID_FIELD_NUMBER: _ClassVar[int]
+    SEQ_FIELD_NUMBER: _ClassVar[int]
+    OPENED_AT_FIELD_NUMBER: _ClassVar[int]
+    view_id: str
+    tag_id: str
+    seq: int
+    opened_at: _timestamp_pb2.Timestamp
+    def __init__(self, view_id: _Optional[str] = ..., tag_id: _Optional[str] = ..., seq: _Optional[int] = ..., opened_at: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ...) -> None: ...
 
 class BlockHashesRequest(_message.Message):
     __slots__ = ("pair_id", "offset", "block_count")

@@ -85,6 +85,26 @@ def _print_pairs(pairs, output_format: Format) -> None:
             for p in pairs
         ],
     )
+    _print_open_views(pairs)
+
+
+def _print_open_views(pairs) -> None:
+    """A line per open point view: an administrator's test mount, forgotten, keeps the
+    master target's undo journal from being pruned back to its point."""
+    views = [(p, v) for p in pairs for v in p.open_views]
+    if not views:
+        return
+    now = time.time()
+    output.console.print("Open point views (each keeps its pair's undo journal back to its point; close it when done):")
+    for p, v in views:
+        machine = p.machine_hostname or p.machine_id
+        opened = v.opened_at.seconds + v.opened_at.nanos / 1e9
+        output.console.print(
+            f"  {machine} {p.disk_name}: {v.view_id} at point {v.tag_id or 'latest'} (seq {v.seq}), "
+            f"open {output.age(max(0.0, now - opened))}; close it with "
+            f"`srctl recovery-points close-view {machine} --disk {p.disk_name} --view {v.view_id}`",
+            soft_wrap=True,
+        )
 
 
 @replication_app.command("enable")

@@ -12,6 +12,7 @@ from pathlib import Path
 
 import pytest
 
+from .conftest import wait_for
 from .replication_site import MiB, ReplicatingSite, sha256
 
 pytestmark = pytest.mark.slow
@@ -51,9 +52,17 @@ def test_a_view_shows_its_point_while_writes_go_on_and_survives_nothing_it_shoul
     caught_up = rsite.wait_caught_up()
     assert sha256(Path(caught_up["target_path"])) == sha256(rsite.disk) != at_tag
     assert _read(view["nbd_uri"], tmp_path / "view.img") == at_tag
+    # Replication status lists the open view (it pins the journal), table and JSON alike.
+    listed = wait_for(lambda: rsite.pair().get("open_views"), what="the view in replication status")
+    assert [(v["view_id"], v["tag_id"], int(v["seq"])) for v in listed] == [
+        (view["view_id"], tag, int(view["seq"]))
+    ]
+    table = rsite.srctl("replication", "status", rsite.machine, "--output", "table")
+    assert table.returncode == 0 and view["view_id"] in table.stdout and "close-view" in table.stdout
 
     closed = rsite.srctl_json("recovery-points", "close-view", rsite.machine, "--view", view["view_id"])
     assert closed["closed_view_ids"] == [view["view_id"]]
+    wait_for(lambda: not rsite.pair().get("open_views"), what="the closed view to leave replication status")
     gone = subprocess.run(["nbdcopy", view["nbd_uri"], str(tmp_path / "gone.img")], capture_output=True, timeout=60)
     assert gone.returncode != 0
     refused = rsite.srctl("recovery-points", "open-view", rsite.machine, "--point", "no-such-tag")

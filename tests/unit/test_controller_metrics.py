@@ -98,7 +98,9 @@ def test_rpo_and_bytes_per_pair_from_the_agents_reports(store):
         oldest_pending_captured_at=stamp(now - timedelta(seconds=12))))}, now=now)
     store.record_pair_reports("mt-1", "master-target", {pair.id: to_dict(rpb.PairStatus(
         pair_id=pair.id, state=rpb.PAIR_STATE_REPLICATING, applied_bytes_total=3 * GiB, journal_bytes=1 << 20,
-        points=[rpb.RecoveryPoint(tag_id="t1", captured_at=stamp(now - timedelta(seconds=90)))]))}, now=now)
+        points=[rpb.RecoveryPoint(tag_id="t1", captured_at=stamp(now - timedelta(seconds=90)))],
+        views=[rpb.OpenView(view_id="view-a", tag_id="t1", seq=7, opened_at=stamp(now - timedelta(hours=30))),
+               rpb.OpenView(view_id="view-b", seq=9, opened_at=stamp(now - timedelta(minutes=5)))]))}, now=now)
     value = collected(store, now).get_sample_value
     key = {"pair": pair.id, "machine": "app01", "disk": "disk0"}
     # The oldest write still waiting anywhere: 42 s at the source.
@@ -114,6 +116,10 @@ def test_rpo_and_bytes_per_pair_from_the_agents_reports(store):
     assert value("siterecovery_replication_recovery_points", key) == 1
     assert value("siterecovery_replication_latest_point_timestamp_seconds", key) == (now - timedelta(seconds=90)).timestamp()
     assert value("siterecovery_replication_sync_progress_ratio", key) == 1
+    # Two point views open, the oldest for 30 h: each keeps the undo journal back to its point.
+    assert value("siterecovery_replication_open_views", key) == 2
+    assert value("siterecovery_replication_oldest_open_view_timestamp_seconds", key) == (
+        now - timedelta(hours=30)).timestamp()
     assert value("siterecovery_replication_pair_info", {
         **key, "group": "", "process_server": "ps-1", "master_target": "mt-1", "mode": "nbd", "target_kind": "master-target",
     }) == 1
@@ -126,6 +132,8 @@ def test_an_unknown_rpo_is_absent_and_flagged(store):
     assert value("siterecovery_replication_rpo_known", key) == 0
     assert value("siterecovery_replication_rpo_seconds", key) is None
     assert value("siterecovery_replication_state", {**key, "state": "initial-sync"}) == 1
+    assert value("siterecovery_replication_open_views", key) == 0
+    assert value("siterecovery_replication_oldest_open_view_timestamp_seconds", key) is None
 
 
 def test_active_jobs_by_kind_and_status(store):
