@@ -550,29 +550,67 @@ PROBE_RATIO = 0.97
 
 
 def _worth_compressing(data: bytes) -> bool:
-    if len(data) < PROBE_MIN_BYTES:
-        return True
     view = memoryview(data)
     step = len(data) // PROBE_SAMPLES
     sample = b"".join(view[i * step : i * step + PROBE_SAMPLE_BYTES] for i in range(PROBE_SAMPLES))
     return len(_compressor().compress(sample)) < PROBE_RATIO * len(sample)
 
 
-def compress(frame: rpb.Frame, data: bytes | None = None) -> rpb.Frame:
-    """A copy of `frame` whose write data is zstd-compressed, when that saves bytes.
+class CompressionGate:
+    """Whether to try compressing the next small write of one stream.
+
+    Blocks of PROBE_MIN_BYTES and more are probed (above); a small write (a
+    16 KiB block of a random-write load) is cheaper to try whole than to probe,
+    but a stream of incompressible ones still paid a zstd attempt each, and kept
+    a 0.3 % saving at the price of a copy here and a decompression at the master
+    target. So after a small write that does not shrink below PROBE_RATIO the
+    next `skip` small writes are sent as they are, `skip` doubling up to
+    MAX_SKIP while they keep failing and back to none at the first success.
+    """
+
+    MAX_SKIP = 64
+
+    def __init__(self) -> None:
+        self._skip = 0  # small writes to pass without trying
+        self._next_skip = 1
+
+    def try_small(self) -> bool:
+        if self._skip:
+            self._skip -= 1
+            return False
+        return True
+
+    def note_small(self, shrank: bool) -> None:
+        if shrank:
+            self._next_skip = 1
+        else:
+            self._skip = self._next_skip
+            self._next_skip = min(self._next_skip * 2, self.MAX_SKIP)
+
+
+def compress(frame: rpb.Frame, data: bytes | None = None, gate: CompressionGate | None = None) -> rpb.Frame:
+    """A copy of `frame` whose write data is zstd-compressed, when that saves at least
+    1 - PROBE_RATIO of its bytes (less is not worth the master target's decompression).
 
     `data` is the frame's write data when the caller has it already (every
-    access to a bytes field of a upb message copies it). The checksum is
-    untouched: it covers the uncompressed data.
+    access to a bytes field of a upb message copies it). `gate`, one per stream,
+    skips attempts on small writes while they keep not compressing. The checksum
+    is untouched: it covers the uncompressed data.
     """
     if frame.WhichOneof("body") != "write" or frame.compression != rpb.COMPRESSION_NONE:
         return frame
     if data is None:
         data = frame.write.data
-    if not _worth_compressing(data):
+    small = len(data) < PROBE_MIN_BYTES
+    if small and gate is not None and not gate.try_small():
+        return frame
+    if not small and not _worth_compressing(data):
         return frame
     packed = _compressor().compress(data)
-    if len(packed) >= len(data):
+    shrank = len(packed) < PROBE_RATIO * len(data)
+    if small and gate is not None:
+        gate.note_small(shrank)
+    if not shrank:
         return frame
     out = rpb.Frame()
     out.CopyFrom(frame)

@@ -75,6 +75,8 @@ class _Stream:
     drained: threading.Condition = field(default_factory=threading.Condition)
     # Set by the writer when it ends: nothing may be queued after that.
     sealed: bool = False
+    # Whether small writes of this stream are worth a compression attempt (frames.compress).
+    compression: frames.CompressionGate = field(default_factory=frames.CompressionGate)
 
     def cancelled(self) -> bool:
         return self.closed.is_set() or not self.context.is_active()
@@ -222,7 +224,7 @@ class Receiver:
                     raise errors.InvalidInput("`open` may come only once, first", code="stream-open-twice")
                 # Every frame of a message is checked before any of it is queued: a batch
                 # with one bad frame is refused whole (the source resends from its last Ack).
-                records = self._check(stream.pair_id, carried, disk_size, highest)
+                records = self._check(stream.pair_id, carried, disk_size, highest, stream.compression)
                 if not records:
                     stream.queue.put(None)  # held already: acknowledge again, write nothing
                     continue
@@ -242,7 +244,8 @@ class Receiver:
 
     @staticmethod
     def _check(
-        pair_id: str, carried: Sequence[frames.Received], disk_size: int, highest: int
+        pair_id: str, carried: Sequence[frames.Received], disk_size: int, highest: int,
+        gate: frames.CompressionGate | None = None,
     ) -> list[tuple[int, bytes | memoryview]]:
         """(seq, serialized spooled frame) of each frame above `highest`, all checked and compressed.
 
@@ -255,7 +258,7 @@ class Receiver:
             if frame.seq <= highest:
                 continue  # held already (sent again after a reconnect)
             frames.verify(pair_id, frame, frames.payload(frame, raw))
-            spooled = frames.compress(frame, raw)
+            spooled = frames.compress(frame, raw, gate)
             if spooled is frame and received.body is not None:
                 body: bytes | memoryview = received.body  # as it came: no copy
             else:

@@ -70,6 +70,40 @@ def test_incompressible_data_stays_as_it_is():
     assert frames.compress(frame) is frame
 
 
+def test_a_write_that_barely_compresses_is_kept_as_it_is():
+    # 1 % of zeros: zstd saves ~1 %, less than the 3 % a decompression at the target must buy.
+    data = os.urandom(16_220) + bytes(164)
+    frame = frames.write_frame("p", 1, 0, data)
+    assert frames.compress(frame) is frame
+    half = frames.write_frame("p", 2, 0, os.urandom(8192) + bytes(8192))
+    packed = frames.compress(half)
+    assert packed.compression == rpb.COMPRESSION_ZSTD and frames.payload(packed) == half.write.data
+
+
+def test_the_gate_skips_small_writes_while_they_do_not_compress_and_retries():
+    gate = frames.CompressionGate()
+    tried = []
+    for _ in range(200):
+        attempt = gate.try_small()
+        if attempt:
+            gate.note_small(False)  # what compress() notes for a write that does not shrink
+        tried.append(attempt)
+    # Tried, then 1, 2, 4, ... 64 skipped after each failed try, then every 65th.
+    assert [i for i, t in enumerate(tried) if t] == [0, 2, 5, 10, 19, 36, 69, 134, 199]
+
+    gate = frames.CompressionGate()
+    random_write = frames.write_frame("p", 1, 0, os.urandom(16_384))
+    zeros = frames.write_frame("p", 2, 0, bytes(16_384))
+    assert frames.compress(random_write, gate=gate) is random_write  # tried: did not shrink
+    assert frames.compress(zeros, gate=gate) is zeros  # skipped, compressible or not
+    assert frames.compress(zeros, gate=gate).compression == rpb.COMPRESSION_ZSTD  # tried again
+    assert frames.compress(zeros, gate=gate).compression == rpb.COMPRESSION_ZSTD  # and nothing skipped
+    # A large block is probed on its own, whatever the gate says.
+    assert frames.compress(random_write, gate=gate) is random_write
+    large = frames.write_frame("p", 3, 0, bytes(frames.PROBE_MIN_BYTES))
+    assert frames.compress(large, gate=gate).compression == rpb.COMPRESSION_ZSTD
+
+
 @pytest.mark.parametrize(
     "tamper",
     [
