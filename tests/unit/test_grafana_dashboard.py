@@ -57,6 +57,7 @@ def full_status(pair_id: str) -> rpb.PairStatus:
         backlog_bytes=10, oldest_pending_captured_at=stamp(T0), bytes_sent=100, throughput_bytes_per_second=1.0,
         sync_done_bytes=1, sync_total_bytes=1, journal_bytes=5, applied_bytes_total=100,
         applied_captured_at=stamp(T0), points=[rpb.RecoveryPoint(tag_id="t", captured_at=stamp(T0))],
+        views=[rpb.OpenView(view_id="view-1", tag_id="t", seq=9, opened_at=stamp(T0))],
     )
 
 
