@@ -60,7 +60,8 @@ def test_cut_and_stalled_link_to_the_master_target_loses_nothing(rsite: Replicat
             cut = proxy.cut()
             tried.append(f"cut {cut} connection(s) at applied seq {applied}")
             wait_for(lambda c=connections: proxy.stats.connections > c, timeout=60,
-                     what="the process server to reconnect")
+                     what=f"the process server to reconnect (so far: {'; '.join(tried)}; proxy: "
+                          f"{', '.join(proxy.stats.log[-6:])})")
         else:
             proxy.stall()
             # Writes go on meanwhile: they pile up in the process server's spool.
