@@ -109,6 +109,13 @@ _READ_WINDOW = 1024 * 1024
 # Small appends go into zeros written ahead of them (see "Zeros ahead" in the module docstring):
 # an append below PREALLOCATE_BELOW bytes that would grow the file writes this many zeros after
 # itself, so the appends after it overwrite those zeros instead of growing the file.
+# How often a log's owner releases what the next hop acknowledged (the source's journal, the
+# process server's spool): a release writes and syncs the release mark and its directory, so
+# per acknowledgement it cost tens of metadata syncs a second. At most once per
+# RELEASE_INTERVAL seconds, or at once when the acknowledged, unreleased records take
+# RELEASE_BYTES (`pending_bytes_through`).
+RELEASE_INTERVAL = 1.0
+RELEASE_BYTES = 64 * 1024 * 1024
 PREALLOCATE_BYTES = 4 * 1024 * 1024
 PREALLOCATE_BELOW = 1024 * 1024
 _DISK_FULL = (errno.ENOSPC, errno.EDQUOT)
@@ -393,6 +400,10 @@ class FrameLog:
             start = self._segments.index(segment)
             total = segment.size - segment.offsets[index]
             return total + sum(s.size - len(MAGIC) for s in self._segments[start + 1 :])
+
+    def pending_bytes_through(self, seq: int) -> int:
+        """Bytes on disk (headers included) of the unreleased records at or below `seq`."""
+        return self.pending_bytes - self.pending_bytes_after(seq)
 
     @property
     def disk_bytes(self) -> int:

@@ -589,10 +589,7 @@ class _Connection:
                 punch = command == CMD_TRIM or not flags & CMD_FLAG_NO_HOLE
                 backend.submit_zeroes(offset, length, fua=fua, punch=punch, done=done, after=self._send_completed)
         except OSError as exc:  # the backend is closing: answer here (the committer may be finishing)
-            with self._budget:
-                self._queued_requests -= 1
-                self._queued_bytes -= cost
-                self._budget.notify()
+            self._settle(1, cost)
             self._simple_reply(handle, exc.errno if exc.errno in _PASSED_ERRNOS else errno.EIO)
 
     def _completed(self, handle: int, error: OSError | None, cost: int, command: int, offset: int, length: int) -> None:

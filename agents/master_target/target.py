@@ -738,7 +738,7 @@ class PairTarget:
         out.journal_bytes = journal_bytes
         out.applied_bytes_total = state["applied_bytes_total"]
         out.points.extend(point_proto(p, state["undo_bytes"]) for p in state["points"])
-        for view in sorted(list(self.views.values()), key=lambda v: v.opened_at):
+        for view in sorted(self.views.values(), key=lambda v: v.opened_at):
             out.views.add(view_id=view.view_id, tag_id=view.tag_id, seq=view.seq,
                           opened_at=_stamp(int(view.opened_at * 1e9)))
         return out

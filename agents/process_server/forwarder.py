@@ -48,7 +48,7 @@ import grpc
 from siterecovery.common import errors, frames, pki
 from siterecovery.common.channels import secure_channel
 from siterecovery.common.enrollment import AgentCredentials
-from siterecovery.common.framelog import FrameLog
+from siterecovery.common.framelog import RELEASE_BYTES, RELEASE_INTERVAL, FrameLog
 from siterecovery.common.logging import get_logger
 from siterecovery.common.pb import replication_pb2 as rpb
 from siterecovery.common.rates import RateWindow
@@ -76,12 +76,11 @@ class ForwardPolicy:
     window_bytes: int = 32 * 1024 * 1024
     initial_backoff: float = 0.2
     max_backoff: float = 10.0
-    # Acknowledged frames are released (a release mark written and synced, whole segments
-    # deleted) at most every release_interval seconds, sooner once release_bytes of them wait
-    # or a receiver waits for spool space: a release per Ack cost two metadata syncs each,
-    # tens a second, which stalled every other sync on the disk.
-    release_interval: float = 1.0
-    release_bytes: int = 64 * 1024 * 1024
+    # Acknowledged frames are released (framelog's RELEASE_INTERVAL: why) at most every
+    # release_interval seconds, sooner once release_bytes of them wait or a receiver waits
+    # for spool space.
+    release_interval: float = RELEASE_INTERVAL
+    release_bytes: int = RELEASE_BYTES
 
     def __post_init__(self) -> None:
         if (self.window_bytes <= 0 or not 0 < self.initial_backoff <= self.max_backoff
@@ -283,16 +282,13 @@ class Forwarder:
             self._release_soon = True
             self._release_cond.notify()
 
-    def _release_due(self, done: int, last: float) -> float:
-        """Seconds until the acknowledged frames above `done` are to be released (0: now);
-        call holding `_release_cond`."""
+    def _release_wait(self, done: int, last: float) -> float | None:
+        """How long to wait before releasing the acknowledged frames above `done`: 0 now,
+        None until notified (nothing new is acknowledged); call holding `_release_cond`."""
         if self._release_to <= done:
-            return float("inf")
-        if self._release_soon or self._stop.is_set():
-            return 0.0
+            return None
         policy = self._policy
-        waiting = self._log.pending_bytes_after(done) - self._log.pending_bytes_after(self._release_to)
-        if waiting >= policy.release_bytes:
+        if self._release_soon or self._log.pending_bytes_through(self._release_to) >= policy.release_bytes:
             return 0.0
         return max(0.0, last + policy.release_interval - self._clock())
 
@@ -305,8 +301,8 @@ class Forwarder:
         done, last = 0, self._clock()
         while True:
             with self._release_cond:
-                while (due := self._release_due(done, last)) > 0 and not self._stop.is_set():
-                    self._release_cond.wait(None if due == float("inf") else due)
+                while not self._stop.is_set() and (wait := self._release_wait(done, last)) != 0:
+                    self._release_cond.wait(wait)
                 target, stopping = self._release_to, self._stop.is_set()
                 self._release_soon = False
                 last = self._clock()

@@ -89,7 +89,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from siterecovery.common import daemon, errors, frames
-from siterecovery.common.framelog import FrameLog
+from siterecovery.common.framelog import RELEASE_BYTES, RELEASE_INTERVAL, FrameLog
 from siterecovery.common.logging import get_logger
 from siterecovery.common.pb import replication_pb2 as rpb
 
@@ -102,10 +102,7 @@ JOURNAL_DIR = "journal"
 FRAME_DATA_BYTES = 4 * 1024 * 1024
 _ZERO_CHUNK = 1024 * 1024
 # Releasing acknowledged frames (fsync of the disk file, of the release mark and of its directory)
-# is coalesced: at most once per RELEASE_INTERVAL seconds, or at once when the acknowledged but
-# unreleased frames take RELEASE_BYTES of journal.
-RELEASE_INTERVAL = 1.0
-RELEASE_BYTES = 64 * 1024 * 1024
+# is paced by framelog's RELEASE_INTERVAL and RELEASE_BYTES (imported here, read at call time).
 # Frames just journaled, kept in memory for the shipper (`PairJournal.remember`) up to this size.
 RECENT_BYTES = 8 * 1024 * 1024
 
@@ -299,7 +296,7 @@ class PairJournal:
         if acknowledged <= log_.released_seq:
             return
         if not now and time.monotonic() - self._released_at < RELEASE_INTERVAL:
-            if log_.pending_bytes - log_.pending_bytes_after(acknowledged) < RELEASE_BYTES:
+            if log_.pending_bytes_through(acknowledged) < RELEASE_BYTES:
                 return
         self._released_at = time.monotonic()
         self.release_through(acknowledged)
