@@ -63,8 +63,8 @@ class ViewExports:
             if not views:
                 raise errors.NotFound(
                     f"pair {target.pair_id} has no open view {view_id!r}",
-                    hint="views close with their pair and do not survive a restart of the master target; "
-                    "an empty view id closes every view of the pair",
+                    hint="`srctl replication status` lists the open views; views close with their pair and do "
+                    "not survive a restart of the master target; an empty view id closes every view of the pair",
                     code="view-not-found",
                 )
         for view in views:
