@@ -24,7 +24,7 @@ import os
 
 import xxhash
 
-from siterecovery.common import errors
+from siterecovery.common import errors, pagecache
 from siterecovery.common.pb import replication_pb2 as rpb
 
 BLOCK_BYTES = 64 * 1024
@@ -133,6 +133,7 @@ def present_end(file_size: int, offset: int, end: int) -> int:
 def range_digests(fd: int, start: int, end: int) -> bytes:
     """The packed digests of the blocks of [start, end) of `fd` (`start` block-aligned; holes are not read)."""
     out: list[bytes] = []
+    behind = pagecache.DropBehind(fd, start)  # a hashing pass reads each block once
     at = start
     while at < end:
         chunk_end = min(at + READ_BYTES, end)
@@ -140,6 +141,7 @@ def range_digests(fd: int, start: int, end: int) -> bytes:
             out.append(zero_digests(at, chunk_end))
         else:
             out.append(block_digests(_pread_all(fd, chunk_end - at, at)))
+            behind.passed(chunk_end)
         at = chunk_end
     return b"".join(out)
 

@@ -86,7 +86,7 @@ from google.protobuf.timestamp_pb2 import Timestamp
 from siterecovery.agents.master_target import blockio, journal
 from siterecovery.agents.master_target.digestmap import DigestMap, NoMap
 from siterecovery.agents.master_target.journal import RetentionFull, UndoJournal, UndoRef
-from siterecovery.common import errors
+from siterecovery.common import errors, pagecache
 from siterecovery.common.daemon import fsync_dir, write_json_atomically
 from siterecovery.common.logging import get_logger
 from siterecovery.common.pb import replication_pb2 as rpb
@@ -493,6 +493,9 @@ class PairTarget:
                 os.fdatasync(self._fd)
                 self._hook("target-synced")
                 digests.learn(self._fd, written)
+            for offset, length, data in written:
+                if data is not None and length >= pagecache.LARGE_WRITE:
+                    pagecache.drop(self._fd, offset, length)  # durable now; pagecache.py says why
         except OSError as exc:
             self._undo_failed_batch()
             if exc.errno in (errno.ENOSPC, errno.EDQUOT):

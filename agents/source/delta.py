@@ -193,6 +193,7 @@ class DeltaSync(InitialSync):
         self._generation += 1
         cursor = self.state.sync_cursor
         self._pos = self._fetch_pos = self._saved_cursor = min(cursor - cursor % B, self.disk.size)
+        self._behind.restart(self._pos)
         self._batches.clear()
         self._buffer.clear()
         self._marks.clear()
@@ -240,6 +241,7 @@ class DeltaSync(InitialSync):
                 self.journal.pair_id, self.journal.lease.take(), rpb.SYNC_PHASE_INITIAL_DONE, self.disk.size
             )
         self._done_sent = True
+        self._behind.finish()
         return Produced(frame, self._acked_done)
 
     def _ready_batch(self) -> _Batch | None:
@@ -346,6 +348,7 @@ class DeltaSync(InitialSync):
                 self._buffer.append(Produced(frame, lambda g=generation, s=seq: self._acked(g, s)))
                 self._last_seq = seq
         self._pos = end
+        self._behind.passed(start)
         if end >= batch.end or end >= size:
             self._batches.popleft()
         mark = _Mark(self._last_seq, end, self._differing, self._sent, self._hashes)

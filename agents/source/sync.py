@@ -29,7 +29,7 @@ from __future__ import annotations
 import threading
 from collections.abc import Callable
 
-from siterecovery.common import frames
+from siterecovery.common import frames, pagecache
 from siterecovery.common.blockhash import next_data
 from siterecovery.common.logging import get_logger
 from siterecovery.common.pb import replication_pb2 as rpb
@@ -67,6 +67,8 @@ class InitialSync:
         self._lock = threading.Lock()
         self._pos = state.sync_cursor
         self._done_sent = False
+        # What the sync has read leaves the page cache behind it (pagecache.py says why).
+        self._behind = pagecache.DropBehind(disk.fd, self._pos)
         # Set when an acknowledgement moved the state: the replicator saves it.
         self.state_dirty = False
 
@@ -92,6 +94,7 @@ class InitialSync:
                 self._pos = 0
                 self._done_sent = False
                 self._restarted_locked()
+                self._behind.restart(self._pos)
             self._save()
         log.info("initial sync started", pair=self.journal.pair_id, disk=self.disk.name, bytes=self.disk.size,
                  kind=self.state.sync_kind)
@@ -109,6 +112,7 @@ class InitialSync:
         with self._lock:
             self._pos = self.state.sync_cursor
             self._done_sent = False
+            self._behind.restart(self._pos)
 
     def produce(self) -> Produced | None:
         with self._lock:
@@ -122,6 +126,7 @@ class InitialSync:
                 frame = frames.sync_frame(pair, self.journal.lease.take(), rpb.SYNC_PHASE_INITIAL_DONE, size)
             with self._lock:
                 self._done_sent = True
+            self._behind.finish()
             return Produced(frame, self._acked_done)
         body = None  # a write chunk's frame comes serialized already
         with self.disk.quiesced():
@@ -139,6 +144,7 @@ class InitialSync:
                     frame, body = frames.serialized_write_frame(pair, seq, pos, data)
         with self._lock:
             self._pos = end
+        self._behind.passed(pos)
         sent = frame.write.length if frame.WhichOneof("body") == "write" else 0
         return Produced(frame, lambda: self._acked_to(end, sent), body)
 

@@ -14,6 +14,7 @@ from siterecovery.agents.master_target.target import TargetOptions
 from siterecovery.common import frames, pki
 from siterecovery.common.pb import replication_pb2 as rpb
 
+from ..page_residency import PAGE, resident_pages
 from .mt_support import (
     PS_ID,
     Harness,
@@ -142,6 +143,24 @@ def test_batches_are_applied_like_single_frames_with_cumulative_acks(mt: Harness
     assert rest.durable_seq == stream[99].seq and rest.last_ack == stream[-1].seq
     assert sha256(Path(assignment.target_path)) == reference_hash(stream, DISK, stream[-1].seq)
     assert [p.tag_id for p in mt.status("p1").points] == list(tag_hashes(stream, DISK))
+
+
+def test_large_writes_leave_the_page_cache_once_durable_and_small_ones_stay(mt: Harness):
+    # Small writes after a sync would land in the large folios it cached (common/pagecache.py).
+    big, small = os.urandom(MiB), os.urandom(16 * KiB)
+    stream = [
+        frames.sync_frame("p1", 1, rpb.SYNC_PHASE_INITIAL_STARTED, DISK),
+        frames.write_frame("p1", 2, 0, big),
+        frames.write_frame("p1", 3, 2 * MiB, small),
+        frames.sync_frame("p1", 4, rpb.SYNC_PHASE_INITIAL_DONE, DISK),
+    ]
+    assignment = mt.assign("p1", DISK)
+    assert send(mt.stub(), "p1", DISK, stream).last_ack == 4
+    target = Path(assignment.target_path)
+    assert resident_pages(target, 0, MiB) == 0
+    assert resident_pages(target, 2 * MiB, 16 * KiB) == 16 * KiB // PAGE
+    with open(target, "rb") as f:
+        assert f.read(MiB) == big and f.read(MiB) == bytes(MiB) and f.read(16 * KiB) == small
 
 
 def test_a_batch_with_one_bad_frame_is_refused_whole_and_nothing_of_it_is_written(mt: Harness):

@@ -20,6 +20,7 @@ from siterecovery.agents.source.sync import CHUNK_BYTES
 from siterecovery.common.nbd import NbdServer
 from siterecovery.common.pb import replication_pb2 as rpb
 
+from ..page_residency import resident_pages
 from .source_support import MiB, Site, content_digest, wait_for
 
 PAIR = "pair-1"
@@ -202,6 +203,24 @@ def test_a_broken_stream_is_resumed_after_the_durable_seq(site, tmp_path):
         wait_for(lambda: caught_up(site, source) and site.ps.record(PAIR).streams >= 3, what="the writes")
         assert sha(site.ps.record(PAIR).target) == sha(image)
         assert not site.ps.errors
+    finally:
+        source.close()
+
+
+def test_the_initial_sync_leaves_the_disk_out_of_the_page_cache(site, tmp_path):
+    # Small writes after a sync would land in the large folios it cached (common/pagecache.py).
+    image = make_image(tmp_path / "disk0.img", 32 * MiB, data_bytes=32 * MiB, seed=5)
+    with open(image, "rb") as f:
+        os.fsync(f.fileno())  # written long ago: clean pages (dirty ones are never dropped)
+        assert len(f.read()) == 32 * MiB  # and every one of them cached now
+    if resident_pages(image) == 0:
+        pytest.skip("this file system keeps no droppable page cache")
+    source = Source(site, tmp_path / "source", image)
+    try:
+        source.replication.apply_assignments([site.assignment(PAIR, "disk0", 32 * MiB)], [])
+        wait_for(lambda: caught_up(site, source), what="the initial sync")
+        assert resident_pages(image) == 0
+        assert sha(site.ps.record(PAIR).target) == sha(image)
     finally:
         source.close()
 

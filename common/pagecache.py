@@ -1,0 +1,68 @@
+"""Keeping streaming passes over a disk out of the page cache.
+
+A sync reads (at the source) or writes (at the master target) a whole disk in
+1 MiB pieces, once. Left alone, the kernel keeps those pages cached as large
+folios (up to 2 MiB each: a 1 MiB write makes 1 MiB folios, readahead makes
+them as large as it can), and the small writes of continuous replication that
+follow land in them. ext4 tracks a large folio's blocks with one buffer head
+per 4 KiB and walks all of a folio's buffer heads on every buffered write into
+it, so a 16 KiB pwrite into a cached 2 MiB folio costs about ten times one into
+a small folio (bench/RESULTS.md, "Large folios": 26 us after 1 MiB writes,
+50 us after 1 MiB reads, 4-5 us into folios the small writes made themselves).
+That was an eighth of all CPU on the machine during the continuous benchmark.
+
+So a pass drops the pages behind it (`DropBehind`) and a large write is dropped
+once it is durable (`drop`): later small writes then make small folios. Dropping
+is a hint (POSIX_FADV_DONTNEED): the kernel forgets clean, unmapped pages and
+leaves dirty or busy ones alone, so it never changes what a read returns.
+"""
+
+from __future__ import annotations
+
+import os
+import threading
+
+# Larger than, and a multiple of, the largest folio the page cache makes (the PMD
+# size: 2 MiB with 4 KiB pages). The kernel drops only folios wholly inside the range
+# it is given, so a pass drops whole aligned spans behind it.
+DROP_ALIGN = 4 * 1024 * 1024
+# A write at least this large is a sync's (or a sequential writer's): once durable, the
+# master target drops it. A write's folios lie within its own range, so no alignment is needed.
+LARGE_WRITE = 256 * 1024
+
+
+def drop(fd: int, offset: int, length: int) -> None:
+    """Ask the kernel to forget the clean cached pages of a range (`length` 0: to the end)."""
+    try:
+        os.posix_fadvise(fd, offset, length, os.POSIX_FADV_DONTNEED)
+    except OSError:
+        pass  # no page cache to drop (a pipe) or no fadvise here: it was only a hint
+
+
+class DropBehind:
+    """Drops the pages of a file behind a forward pass over it, a DROP_ALIGN span at a time."""
+
+    def __init__(self, fd: int, position: int = 0) -> None:
+        self._fd = fd
+        self._lock = threading.Lock()
+        self._from = position - position % DROP_ALIGN
+
+    def restart(self, position: int) -> None:
+        """The pass goes on from `position` (a rewind or a new pass)."""
+        with self._lock:
+            self._from = position - position % DROP_ALIGN
+
+    def passed(self, position: int) -> None:
+        """Every byte below `position` was read and is not needed again soon."""
+        with self._lock:
+            to = position - position % DROP_ALIGN
+            if to <= self._from:
+                return
+            start, self._from = self._from, to
+        drop(self._fd, start, to - start)
+
+    def finish(self) -> None:
+        """The pass reached the end of the file: drop what is left behind it."""
+        with self._lock:
+            start = self._from
+        drop(self._fd, start, 0)
