@@ -102,6 +102,8 @@ RESUME_HEADROOM = 4 * MiB
 DATASTORE_FULL = "datastore-full"
 # A group's undo records are written together up to this many bytes of old contents.
 _UNDO_WRITE_BYTES = 4 * MiB
+# A group's ranges up to this long are read ahead together before their undo records are made.
+_PREFETCH_MAX = 1 * MiB
 # Written when the disk was put back to a point in place (materialize.revert).
 REVERTED = "reverted.json"
 
@@ -531,6 +533,7 @@ class PairTarget:
         earlier = _EarlierRanges()
         records: list[tuple[int, int, int, bytes | None]] = []
         held = 0
+        self._prefetch_old(group)
         for frame, data in group:
             body = frame.WhichOneof("body")
             if body == "tag":
@@ -559,6 +562,26 @@ class PairTarget:
             earlier.add(offset, length, data if body == "write" else None)
         self._append_undos(records)
         return marks
+
+    def _prefetch_old(self, group: list[tuple[rpb.Frame, bytes]]) -> None:
+        """Start reading every small range the group overwrites, all at once, before the undo
+        reads take them one by one: the device then serves them side by side. A sync leaves
+        the target out of the page cache (common/pagecache.py), so a random small write's old
+        contents are usually on disk only: 69 us a 16 KiB read one after another, 26 us
+        with the group read ahead (bench/RESULTS.md, "Large folios")."""
+        for frame, _data in group:
+            body = frame.WhichOneof("body")
+            if body == "write":
+                offset, length = frame.write.offset, frame.write.length
+            elif body == "zero":
+                offset, length = frame.zero.offset, frame.zero.length
+            else:
+                continue
+            if length <= _PREFETCH_MAX:
+                try:
+                    blockio.read_ahead(self._fd, offset, length)
+                except OSError:
+                    return  # only a hint
 
     def _append_undos(self, records: list[tuple[int, int, int, bytes | None]]) -> None:
         self._journal.append_undos(records)
