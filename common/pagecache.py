@@ -6,9 +6,9 @@ folios (up to 2 MiB each: a 1 MiB write makes 1 MiB folios, readahead makes
 them as large as it can), and the small writes of continuous replication that
 follow land in them. ext4 tracks a large folio's blocks with one buffer head
 per 4 KiB and walks all of a folio's buffer heads on every buffered write into
-it, so a 16 KiB pwrite into a cached 2 MiB folio costs about ten times one into
-a small folio (bench/RESULTS.md, "Large folios": 26 us after 1 MiB writes,
-50 us after 1 MiB reads, 4-5 us into folios the small writes made themselves).
+it, so a 16 KiB pwrite into a sync's cached folios costs several times one into
+small folios (`bench/page_cache_folios.py`: 17-26 us after 1 MiB writes, 32-50 us
+after 1 MiB reads, 4-6 us into folios the small writes made themselves).
 That was an eighth of all CPU on the machine during the continuous benchmark.
 
 So a pass drops the pages behind it (`DropBehind`) and a large write is dropped

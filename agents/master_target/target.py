@@ -567,8 +567,8 @@ class PairTarget:
         """Start reading every small range the group overwrites, all at once, before the undo
         reads take them one by one: the device then serves them side by side. A sync leaves
         the target out of the page cache (common/pagecache.py), so a random small write's old
-        contents are usually on disk only: 69 us a 16 KiB read one after another, 26 us
-        with the group read ahead (bench/RESULTS.md, "Large folios")."""
+        contents are usually on disk only: 69-75 us a 16 KiB read one after another, 21-26 us
+        with the group read ahead (`bench/page_cache_folios.py`)."""
         for frame, _data in group:
             body = frame.WhichOneof("body")
             if body == "write":
