@@ -23,10 +23,10 @@ several frames share a `batch` message when the process server said
 after that moment, so the writes of several commits share it: each message
 costs every hop a round of wakeups, a spool append and its sync, an apply
 group, whatever it carries, and with one message per commit that cost, not the
-bytes, set the daemons' CPU (bench/RESULTS.md: 24.0 → 20.4 CPU-s per GB and 65
-→ 72 MB/s at 16 KiB writes). The RPO grows by at most that wait; a sender that
-is not running dry (a sync, a backlog) never waits. Each `Ack(seq)` runs the volatile frames' callbacks and
-acknowledges seq to the journal, which releases through it at most once a
+bytes, set the daemons' CPU at 16 KiB writes (bench/RESULTS.md: about 24 → 21
+daemon CPU-s per GB). The RPO grows by at most that wait; a sender that is not
+running dry (a sync, a backlog) never waits. Each `Ack(seq)` runs the volatile
+frames' callbacks and acknowledges seq to the journal, which releases through it at most once a
 second (`PairJournal.acknowledge`: a release costs three fsyncs; releasing
 later is always safe, the process server drops frames it already holds). Any error ends the stream: log it, back off
 (capped exponential, sleeping on the stop event), reconnect, and resume after
