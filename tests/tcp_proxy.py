@@ -108,8 +108,16 @@ class TcpProxy:
 
 
 def _reset(sock: socket.socket) -> None:
+    """Abort a connection with an RST. close() alone does not wake a pump thread blocked in
+    recv() on the socket (Linux keeps the socket open for the call), so nothing was reset
+    until data happened to flow: an idle link "cut" stayed up, and the test waiting for a
+    reconnect timed out. shutdown(SHUT_RD) wakes the reader without sending a FIN."""
     try:
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+        sock.shutdown(socket.SHUT_RD)
+    except OSError:
+        pass
+    try:
         sock.close()
     except OSError:
         pass
