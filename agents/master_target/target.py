@@ -544,12 +544,10 @@ class PairTarget:
                     self.state["undo_records"] + self._journal.pending_records,
                 )
                 continue
-            if body == "write":
-                offset, length = frame.write.offset, frame.write.length
-            elif body == "zero":
-                offset, length = frame.zero.offset, frame.zero.length
-            else:
+            changed = _changed_range(frame)
+            if changed is None:
                 continue
+            offset, length = changed
             end = offset + length
             for at in range(offset, end, journal.MAX_UNDO_CHUNK):
                 n = min(journal.MAX_UNDO_CHUNK, end - at)
@@ -570,16 +568,10 @@ class PairTarget:
         contents are usually on disk only: 69-75 us a 16 KiB read one after another, 21-26 us
         with the group read ahead (`bench/page_cache_folios.py`)."""
         for frame, _data in group:
-            body = frame.WhichOneof("body")
-            if body == "write":
-                offset, length = frame.write.offset, frame.write.length
-            elif body == "zero":
-                offset, length = frame.zero.offset, frame.zero.length
-            else:
-                continue
-            if length <= _PREFETCH_MAX:
+            changed = _changed_range(frame)
+            if changed is not None and changed[1] <= _PREFETCH_MAX:
                 try:
-                    blockio.read_ahead(self._fd, offset, length)
+                    blockio.read_ahead(self._fd, *changed)
                 except OSError:
                     return  # only a hint
 
@@ -772,6 +764,16 @@ class PairTarget:
             out.views.add(view_id=view.view_id, tag_id=view.tag_id, seq=view.seq,
                           opened_at=_stamp(int(view.opened_at * 1e9)))
         return out
+
+
+def _changed_range(frame: rpb.Frame) -> tuple[int, int] | None:
+    """(offset, length) of the target range a write or zero frame changes; None for others."""
+    body = frame.WhichOneof("body")
+    if body == "write":
+        return frame.write.offset, frame.write.length
+    if body == "zero":
+        return frame.zero.offset, frame.zero.length
+    return None
 
 
 def _stamp(ns: int) -> Timestamp:
