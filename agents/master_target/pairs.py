@@ -286,6 +286,19 @@ class MasterTargetPairs:
         # Opened (and, when missing, created sparse) as for a stream; a pair that cannot be
         # opened (say, a target of the wrong size) answers with that error.
         target = self._target(entry)
+        # A delta sync's digests must come after every frame up to its INITIAL_STARTED marker
+        # (agents/source/delta.py). `applied_seq` is read from the committed state, which a
+        # commit replaces whole and only after the batch is in the target file, and which only
+        # grows: no need to wait for the apply lock (a materialisation may hold it for minutes).
+        applied = target.applied_seq
+        if request.applied_through_seq > applied:
+            raise errors.Unavailable(
+                f"pair {a.pair_id}: the target has applied frames through seq {applied}, the delta sync needs "
+                f"{request.applied_through_seq} first",
+                hint="the target catches up by itself as the process server forwards the pair's frames; "
+                "the source asks again",
+                code="target-behind",
+            )
         return hashes.target_hashes(target.target_path, request.offset, request.block_count, a.disk_size_bytes,
                                     target.digests)
 

@@ -30,6 +30,16 @@ seen with a value it held at some moment before the reply, which is all the
 delta sync's argument needs (agents/source/delta.py): the forwarder is the
 blob's only writer and applies the pair's frames in seq order.
 
+The gate: a request's `applied_through_seq` (a delta sync's INITIAL_STARTED
+seq) is answered only once the blob holds every frame of the pair through it:
+`applied_seq`, the seq the pair's forwarder has written through
+(`BlobForwarder.state.applied_seq`: set after each frame's write is
+acknowledged, so the blob holds it), is compared first, and a forwarder behind
+it makes the answer UNAVAILABLE `target-behind`, which the source asks again,
+as a master target does. A caller that passes no `applied_seq` (None) gets no
+gate: so far `ProcessServerPairs._blob_hashes` (pairs.py) passes none, and an
+Azure pair's digests are not gated until it passes its forwarder's.
+
 Errors: every Azure call goes through `errors.call` (retries, Retry-After); an
 unreachable Azure is UNAVAILABLE and throttling RESOURCE_EXHAUSTED, which the
 source retries with backoff; a refused credential names this process server's
@@ -59,11 +69,21 @@ def blob_block_hashes(
     request: rpb.BlockHashesRequest,
     storage: StorageCredentialFile | None,
     *,
+    applied_seq: int | None = None,
     policy: AzureRetryPolicy = DEFAULT_RETRY,
     sleep: Callable[[float], None] = time.sleep,
     client_options: dict[str, Any] | None = None,
 ) -> rpb.BlockHashesReply:
-    """The reply for a checked request (`blockhash.check_range`) of an Azure pair this process server ends."""
+    """The reply for a checked request (`blockhash.check_range`) of an Azure pair this process server ends.
+
+    `applied_seq`: the seq the pair's forwarder has written into the blob through (the gate, module docstring)."""
+    if applied_seq is not None and request.applied_through_seq > applied_seq:
+        raise errors.Unavailable(
+            f"pair {assignment.pair_id}: the page blob holds frames through seq {applied_seq}, the delta sync needs "
+            f"{request.applied_through_seq} first",
+            hint="the process server writes the pair's spooled frames into the blob by itself; the source asks again",
+            code="target-behind",
+        )
     target = assignment.azure_blob
     if storage is None:
         raise errors.PreconditionFailed(

@@ -11,7 +11,9 @@ forwarded or read the request is checked as a Replicate stream is:
 - the range is 1 to 16384 whole blocks inside the disk (else INVALID_ARGUMENT).
 
 Then one unary call to the pair's master target over mutual TLS (its
-certificate must name `master_target_id`), with a deadline. Its refusal comes
+certificate must name `master_target_id`), with a deadline, carrying the
+request's `applied_through_seq` (the master target answers `target-behind`
+until it has applied the pair's frames through it). Its refusal comes
 back unchanged (status, code and hint); a master target that cannot be reached
 is UNAVAILABLE, which the source retries. The reply is checked for its shape
 (16 bytes per block asked for) before it is passed on.
@@ -83,7 +85,10 @@ def _ask(a: rpb.PairAssignment, credentials: AgentCredentials, request: rpb.Bloc
     )
     try:
         reply = dataplane_pb2_grpc.MasterTargetStub(channel).BlockHashes(
-            rpb.BlockHashesRequest(pair_id=a.pair_id, offset=request.offset, block_count=request.block_count),
+            rpb.BlockHashesRequest(
+                pair_id=a.pair_id, offset=request.offset, block_count=request.block_count,
+                applied_through_seq=request.applied_through_seq,
+            ),
             timeout=MASTER_TARGET_TIMEOUT,
         )
     except grpc.RpcError as exc:

@@ -30,14 +30,20 @@ only `produce()` differs:
 
 **Why the target ends equal to the source** (for each byte x of a block B that
 the sync compares; hash collisions of xxh3-128 aside). Facts the argument uses:
-(a) in nbd mode every change of the source disk is a journaled frame in the
-pair's stream, in seq order (capture.py); (b) every frame carries, for the
-bytes it covers, the source's contents at its seq: a write by definition, a
-sync frame because it is read inside `quiesced()` where its seq is taken, so it
-is ordered exactly between the writes; (c) the master target applies frames in
-seq order and is the only writer of the target file; a frame the stream loses
-(a rebuilt process server) takes every frame before it along, and then the
-shipper's `on_lost` starts the sync over. Let s be the seq taken when B is read
+(a) in nbd mode every change of the source disk since the sync's
+INITIAL_STARTED marker is a journaled frame in the pair's stream, in seq order
+(capture.py); (b) every frame carries, for the bytes it covers, the source's
+contents at its seq: a write by definition, a sync frame because it is read
+inside `quiesced()` where its seq is taken, so it is ordered exactly between
+the writes; (c) the master target applies frames in seq order and is the only
+writer of the target file; a frame the stream loses (a rebuilt process server)
+takes every frame before it along, and then the shipper's `on_lost` starts the
+sync over; (d) the target's digests are read only once it has applied every
+frame through that marker (BlockHashes' `applied_through_seq`, which is
+`PairState.sync_started_seq`; a target behind it answers `target-behind`), so
+every frame from before the sync began is applied before t, even one the
+source no longer has (a journal that lost frames in a power loss while the
+process server still held them). Let s be the seq taken when B is read
 (contents L) and t the moment the master target read B for the digest; t is
 before the read (the reply arrived first), so every frame in the stream at t
 has a seq below s. Whatever mixture of before and after a batch the target held
@@ -45,9 +51,10 @@ at t, each of its bytes held the value of some prefix of the stream.
 
 - B differs: a frame with L goes out at seq s; every later frame covering x is
   a later source write (a), applied after it (c): the target ends as the source.
-- B is equal at t, and some frame below s covering x is applied after t: the
-  last such frame is the last frame below s covering x at all (c), and by (a)
-  and (b) no source write between it and s changed x, so it carries L[x].
+- B is equal at t, and some frame below s covering x is applied after t: it
+  is above the marker (d); the last such frame is the last frame below s
+  covering x at all (c), and by (a) and (b) no source write between it and s
+  changed x, so it carries L[x].
 - B is equal at t, and no frame below s covering x is applied after t: x stays
   as it was at t, which is L[x].
 
@@ -68,7 +75,8 @@ the process server held some of it and forwarded it meanwhile). The cursor
 passes a block only when every frame made before it is acknowledged (marks),
 and the journal keeps every write until acknowledged, so nothing below the
 cursor is ever missing at the process server. A fetch that fails (process
-server or master target unreachable, the target cannot be opened) is retried
+server or master target unreachable, the target cannot be opened, the target
+has not applied the stream through the marker yet) is retried
 with capped backoff and reported in the pair's status; nothing is sent for
 blocks whose digests are unknown.
 """
@@ -107,7 +115,10 @@ SAVE_EVERY_BYTES = 256 * 1024 * 1024
 INITIAL_BACKOFF = 0.2
 MAX_BACKOFF = 10.0
 
-Fetch = Callable[[int, int], rpb.BlockHashesReply]
+# (offset, block count, applied_through_seq) -> the target's digests (BlockHashes).
+Fetch = Callable[[int, int, int], rpb.BlockHashesReply]
+# A target that has not yet applied the stream through the sync's marker: expected for a moment.
+TARGET_BEHIND = "target-behind"
 
 
 @dataclass
@@ -134,8 +145,10 @@ class _Mark:
 class DeltaSync(InitialSync):
     """A `VolatileSource` for a delta pair's first sync. See the module docstring.
 
-    `fetch(offset, count)` asks the process server for the target's digests
-    (BlockHashes); `wake()` wakes the shipper (a fetch finished).
+    `fetch(offset, count, applied_through_seq)` asks the process server for the
+    target's digests (BlockHashes), taken once the target has applied the stream
+    through the sync's INITIAL_STARTED marker (`state.sync_started_seq`);
+    `wake()` wakes the shipper (a fetch finished).
     """
 
     def __init__(
@@ -276,16 +289,17 @@ class DeltaSync(InitialSync):
             count = min(self.batch_blocks, blockhash.blocks_of(size - offset))
             future: Future = Future()
             threading.Thread(
-                target=self._fetch_into, args=(future, offset, count), name=f"hashes-{self.journal.pair_id}",
-                daemon=True,
+                target=self._fetch_into, args=(future, offset, count, self.state.sync_started_seq),
+                name=f"hashes-{self.journal.pair_id}", daemon=True,
             ).start()
             self._batches.append(_Batch(offset, count, future))
             self._fetch_pos = offset + count * B
 
-    def _fetch_into(self, future: Future, offset: int, count: int) -> None:
-        """A fetch's thread: ask, check the reply's shape, hand it over, wake the shipper."""
+    def _fetch_into(self, future: Future, offset: int, count: int, started_seq: int) -> None:
+        """A fetch's thread: ask (once the target applied the stream through `started_seq`), check the
+        reply's shape, hand it over, wake the shipper."""
         try:
-            reply = self._fetch(offset, count)
+            reply = self._fetch(offset, count, started_seq)
             request = rpb.BlockHashesRequest(pair_id=self.journal.pair_id, offset=offset, block_count=count)
             blockhash.check_reply(reply, request)
         except Exception as exc:  # handed to produce(), which reports it and retries
@@ -301,8 +315,12 @@ class DeltaSync(InitialSync):
         else:
             error = (str(exc) or type(exc).__name__, "target-hashes-failed")
         if error != self.fetch_error:
-            log.warning("cannot fetch the target's block hashes; retrying", pair=self.journal.pair_id,
-                        offset=batch.offset, code=error[1], error=error[0], retry_in=round(self._backoff, 2))
+            # A target still applying the frames before the sync's marker is expected, briefly.
+            behind = isinstance(exc, errors.Unavailable) and exc.code == TARGET_BEHIND
+            (log.info if behind else log.warning)(
+                "cannot fetch the target's block hashes; retrying", pair=self.journal.pair_id,
+                offset=batch.offset, code=error[1], error=error[0], retry_in=round(self._backoff, 2),
+            )
         self.fetch_error = error
         # Drop this fetch and those behind it; fetch again from here after the backoff.
         self._batches.clear()

@@ -59,6 +59,9 @@ class PairState:
     sync_sent_bytes: int = 0
     sync_differing_bytes: int = 0
     sync_hash_bytes: int = 0
+    # The seq of the current (or last) sync's INITIAL_STARTED marker: a delta sync's digests are
+    # read only once the target has applied the stream through it (delta.py).
+    sync_started_seq: int = 0
     # Tag ids of requested tags already inserted (requests repeat until the target has the point).
     tags_done: list[str] = field(default_factory=list)
 

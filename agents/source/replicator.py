@@ -252,12 +252,16 @@ class PairReplicator:
             )
         return self._connect(assignment.process_server_endpoint, assignment.process_server_id)
 
-    def _block_hashes(self, offset: int, count: int) -> rpb.BlockHashesReply:
-        """The target's digests of `count` blocks from `offset`, through the process server (delta sync)."""
+    def _block_hashes(self, offset: int, count: int, applied_through_seq: int = 0) -> rpb.BlockHashesReply:
+        """The target's digests of `count` blocks from `offset`, through the process server (delta sync),
+        taken once the target has applied the pair's frames through `applied_through_seq`."""
         channel = self._channel()
         try:
             return dataplane_pb2_grpc.ProcessServerStub(channel).BlockHashes(
-                rpb.BlockHashesRequest(pair_id=self.pair_id, offset=offset, block_count=count), timeout=HASHES_TIMEOUT
+                rpb.BlockHashesRequest(
+                    pair_id=self.pair_id, offset=offset, block_count=count, applied_through_seq=applied_through_seq
+                ),
+                timeout=HASHES_TIMEOUT,
             )
         except grpc.RpcError as exc:
             endpoint = self.assignment.process_server_endpoint if self.assignment is not None else ""

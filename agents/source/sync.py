@@ -91,6 +91,7 @@ class InitialSync:
                 self.state.sync_phase = SYNC_COPYING
                 self.state.sync_cursor = 0
                 self.state.sync_sent_bytes = self.state.sync_differing_bytes = self.state.sync_hash_bytes = 0
+                self.state.sync_started_seq = seq
                 self._pos = 0
                 self._done_sent = False
                 self._restarted_locked()

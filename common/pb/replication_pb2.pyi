@@ -439,14 +439,16 @@ class OpenView(_message.Message):
     def __init__(self, view_id: _Optional[str] = ..., tag_id: _Optional[str] = ..., seq: _Optional[int] = ..., opened_at: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ...) -> None: ...
 
 class BlockHashesRequest(_message.Message):
-    __slots__ = ("pair_id", "offset", "block_count")
+    __slots__ = ("pair_id", "offset", "block_count", "applied_through_seq")
     PAIR_ID_FIELD_NUMBER: _ClassVar[int]
     OFFSET_FIELD_NUMBER: _ClassVar[int]
     BLOCK_COUNT_FIELD_NUMBER: _ClassVar[int]
+    APPLIED_THROUGH_SEQ_FIELD_NUMBER: _ClassVar[int]
     pair_id: str
     offset: int
     block_count: int
-    def __init__(self, pair_id: _Optional[str] = ..., offset: _Optional[int] = ..., block_count: _Optional[int] = ...) -> None: ...
+    applied_through_seq: int
+    def __init__(self, pair_id: _Optional[str] = ..., offset: _Optional[int] = ..., block_count: _Optional[int] = ..., applied_through_seq: _Optional[int] = ...) -> None: ...
 
 class BlockHashesReply(_message.Message):
     __slots__ = ("offset", "block_bytes", "digests", "present_blocks", "target_exists", "target_size_bytes")

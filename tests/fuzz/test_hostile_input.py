@@ -262,16 +262,19 @@ def _hashes_request(fuzz: FuzzSite) -> dict:
                             st.integers(0, 2**64 - 1)),
         "block_count": st.one_of(st.sampled_from([0, 1, 2, 128, 129, 16384, 16385, 2**32 - 1]),
                                  st.integers(0, 2**32 - 1)),
+        "applied_through_seq": st.one_of(st.sampled_from([0, 1, 2**64 - 1]), st.integers(0, 2**64 - 1)),
     }
 
 
 # Unary data-plane RPCs, fuzzed like the control plane (before the data-plane tests below stop
-# the source agent and the process server). A delta sync's block hashes are a read: OK writes nothing.
+# the source agent and the process server). A delta sync's block hashes are a read: OK writes nothing;
+# an `applied_through_seq` past what the target has applied is UNAVAILABLE (`target-behind`).
+HASHES_REFUSALS = LOOKUP | {C.UNAVAILABLE}
 DATA_PLANE = [
     Rpc("/siterecovery.v1.ProcessServer/BlockHashes", rpb.BlockHashesRequest, "process-server", pki.SOURCE,
-        LOOKUP, "read", overrides=_hashes_request),
+        HASHES_REFUSALS, "read", overrides=_hashes_request),
     Rpc("/siterecovery.v1.MasterTarget/BlockHashes", rpb.BlockHashesRequest, "master-target", pki.PROCESS_SERVER,
-        LOOKUP, "read", overrides=_hashes_request),
+        HASHES_REFUSALS, "read", overrides=_hashes_request),
 ]
 
 # RPCs without input fields (nothing to fuzz): ListMachines, GetPassphrase,

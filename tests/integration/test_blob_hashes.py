@@ -25,7 +25,7 @@ from siterecovery.agents.process_server.blob_forwarder import BlobPolicy
 from siterecovery.agents.process_server.daemon import ProcessServerServicer
 from siterecovery.agents.process_server.pairs import ProcessServerPairs
 from siterecovery.agents.process_server.spool import Spool
-from siterecovery.common import blockhash, pki
+from siterecovery.common import blockhash, errors, pki
 from siterecovery.common.azure import vhd
 from siterecovery.common.azure.pageblob import PageBlobDisk
 from siterecovery.common.channels import secure_channel
@@ -185,6 +185,22 @@ def test_a_missing_blob_is_absent_and_a_blob_of_another_size_is_refused(ps, cont
     code, reason, details = _refused(lambda: ps.ask("pair-1", 0, 1))
     assert (code, reason) == (grpc.StatusCode.FAILED_PRECONDITION, "target-size-mismatch")
     assert str(DISK) in details
+
+
+def test_digests_wait_until_the_blob_holds_the_stream_through_the_asked_seq(ps, container):
+    # `applied_seq` is what the pair's forwarder has written into the blob through; a delta
+    # resync's digests must come after every frame up to its INITIAL_STARTED marker.
+    image = _older_disk(container)
+    storage = StorageCredentialFile(ps.credential)
+    request = rpb.BlockHashesRequest(pair_id="pair-1", offset=0, block_count=2, applied_through_seq=7)
+    with pytest.raises(errors.Unavailable) as behind:
+        blob_hashes.blob_block_hashes(_pair(container), request, storage, applied_seq=6, policy=FAST_RETRY)
+    assert behind.value.code == "target-behind"
+    assert "through seq 6" in behind.value.message and "needs 7" in behind.value.message
+    for applied in (7, 8, None):  # caught up, or no gate
+        reply = blob_hashes.blob_block_hashes(_pair(container), request, storage, applied_seq=applied,
+                                              policy=FAST_RETRY)
+        assert reply.digests == blockhash.block_digests(image[:2 * B]), applied
 
 
 def test_the_caller_and_the_range_are_checked_before_azure_is_asked(ps, container):

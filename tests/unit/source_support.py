@@ -11,7 +11,10 @@ lost), `break_after` (end the stream with UNAVAILABLE after that many frames),
 BlockHashes answers from that same target image (as the master target would:
 common/blockhash.py, blocks past the file's end absent); `preload()` puts an
 older copy of a disk there first (a delta sync's target), `hash_failures`
-makes the next calls fail with UNAVAILABLE.
+makes the next calls fail with UNAVAILABLE. It honours `applied_through_seq`
+as a master target does: UNAVAILABLE `target-behind` until the frames through
+it are applied; `applied_cap` plays a target that has applied no further than
+that (say, while the process server still forwards frames from before the sync).
 """
 
 from __future__ import annotations
@@ -87,8 +90,10 @@ class PairRecord:
     data_bytes: int = 0  # write payload bytes accepted (resent ones included)
     zero_bytes: int = 0  # zeroed-range bytes accepted (resent ones included)
     streams: int = 0
-    hash_calls: int = 0
+    hash_calls: int = 0  # answered
     hash_blocks: int = 0
+    hash_behind: int = 0  # refused as target-behind
+    hash_through: list[int] = field(default_factory=list)  # every call's applied_through_seq
 
 
 class FakeProcessServer(dataplane_pb2_grpc.ProcessServerServicer):
@@ -101,6 +106,7 @@ class FakeProcessServer(dataplane_pb2_grpc.ProcessServerServicer):
         self.break_after: int | None = None
         self.errors: list[str] = []
         self.hash_failures = 0
+        self.applied_cap: int | None = None
         # Say `accepts_batches` (a process server of this version); False plays an older one.
         self.accepts_batches = False
         # Frames per message received, in order (a `frame` message counts 1).
@@ -117,8 +123,6 @@ class FakeProcessServer(dataplane_pb2_grpc.ProcessServerServicer):
     def BlockHashes(self, request, context):
         with self.lock:
             record = self.pairs.get(request.pair_id)
-            if record is not None:
-                record.hash_calls += 1
             failing = self.hash_failures > 0
             self.hash_failures -= failing
         if failing:
@@ -127,6 +131,15 @@ class FakeProcessServer(dataplane_pb2_grpc.ProcessServerServicer):
             raise errors.NotFound(f"no pair {request.pair_id}", code="pair-not-assigned")
         blockhash.check_range(request.offset, request.block_count, record.disk_size)
         with self.lock:  # frames are applied under the lock: a digest sees whole frames
+            record.hash_through.append(request.applied_through_seq)
+            applied = record.durable if self.applied_cap is None else min(record.durable, self.applied_cap)
+            if request.applied_through_seq > applied:
+                record.hash_behind += 1
+                raise errors.Unavailable(
+                    f"pair {request.pair_id}: the target has applied frames through seq {applied}, the delta sync "
+                    f"needs {request.applied_through_seq} first", code="target-behind",
+                )
+            record.hash_calls += 1
             fd = os.open(record.target, os.O_RDONLY)
             try:
                 digests, present, size = blockhash.file_digests(fd, request.offset, request.block_count, record.disk_size)

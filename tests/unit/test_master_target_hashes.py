@@ -85,6 +85,41 @@ def test_digests_are_those_of_the_existing_disk_which_is_used_as_it_is(mt: Harne
     assert after.digests == blockhash.block_digests(bytes(expected))
 
 
+def test_digests_wait_until_the_target_has_applied_the_stream_through_the_asked_seq(mt: Harness):
+    # A delta resync of a pair that replicated before: its new INITIAL_STARTED is seq 4, and the
+    # process server still holds frames 2-3 from before it. Digests read before they are applied
+    # could judge a block equal that frame 3 then changes.
+    mt.assign("d1", DISK)
+    blocks = blockhash.blocks_of(DISK)
+    before = [
+        frames.sync_frame("d1", 1, rpb.SYNC_PHASE_INITIAL_STARTED, DISK),
+        frames.sync_frame("d1", 2, rpb.SYNC_PHASE_INITIAL_DONE, DISK),
+    ]
+    assert send(mt.stub(), "d1", DISK, before).last_ack == 2
+
+    def ask(through: int) -> rpb.BlockHashesReply:
+        return mt.stub().BlockHashes(
+            rpb.BlockHashesRequest(pair_id="d1", offset=0, block_count=blocks, applied_through_seq=through), timeout=30
+        )
+
+    code, reason, details = rpc_error(lambda: ask(4))
+    assert (code, reason) == (grpc.StatusCode.UNAVAILABLE, "target-behind")
+    assert "through seq 2" in details and "needs 4" in details
+    assert ask(2).digests == ask(0).digests == blockhash.zero_digests(0, DISK), "no condition, or one that holds"
+
+    new = b"\xa5" * BLOCK
+    stream = [*before, frames.write_frame("d1", 3, 3 * BLOCK, new)]
+    assert send(mt.stub(), "d1", DISK, stream).last_ack == 3
+    code, reason, details = rpc_error(lambda: ask(4))
+    assert (code, reason) == (grpc.StatusCode.UNAVAILABLE, "target-behind") and "through seq 3" in details
+
+    stream.append(frames.sync_frame("d1", 4, rpb.SYNC_PHASE_INITIAL_STARTED, DISK))
+    assert send(mt.stub(), "d1", DISK, stream).last_ack == 4
+    reply = ask(4)
+    assert reply.digests[3 * 16:4 * 16] == blockhash.block_digest(new), "frame 3 is in the digests"
+    assert reply.digests == ask(3).digests
+
+
 def test_only_the_pairs_process_server_may_ask_and_only_for_ranges_inside_the_disk(mt: Harness):
     mt.assign("d1", DISK)
     blocks = blockhash.blocks_of(DISK)

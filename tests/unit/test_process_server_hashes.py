@@ -9,13 +9,13 @@ from pathlib import Path
 import grpc
 import pytest
 
-from siterecovery.common import blockhash, pki
+from siterecovery.common import blockhash, frames, pki
 from siterecovery.common.channels import secure_channel
 from siterecovery.common.pb import dataplane_pb2_grpc
 from siterecovery.common.pb import replication_pb2 as rpb
 
 from .mt_support import PS_ID, Harness, MiB
-from .test_process_server import ProcessServer
+from .test_process_server import ProcessServer, wait_until
 
 DISK = 8 * MiB
 SOURCE_ID = "src-1"
@@ -41,16 +41,34 @@ def _assign(mt: Harness, ps: ProcessServer, pair_id: str = "p1", **changes) -> r
     return forwarded
 
 
-def _ask(mt: Harness, ps: ProcessServer, pair_id: str, offset: int, count: int, *, who: str = SOURCE_ID,
-         role: str = pki.SOURCE) -> rpb.BlockHashesReply:
-    channel = secure_channel(
+def _channel(mt: Harness, ps: ProcessServer, who: str = SOURCE_ID, role: str = pki.SOURCE) -> grpc.Channel:
+    return secure_channel(
         f"127.0.0.1:{ps.server.port}", mt.credentials(who, role).channel_credentials(),
         target_name=pki.agent_dns_name(PS_ID),
     )
-    with channel:
+
+
+def _ask(mt: Harness, ps: ProcessServer, pair_id: str, offset: int, count: int, *, who: str = SOURCE_ID,
+         role: str = pki.SOURCE, applied_through_seq: int = 0) -> rpb.BlockHashesReply:
+    with _channel(mt, ps, who, role) as channel:
         return dataplane_pb2_grpc.ProcessServerStub(channel).BlockHashes(
-            rpb.BlockHashesRequest(pair_id=pair_id, offset=offset, block_count=count), timeout=30
+            rpb.BlockHashesRequest(pair_id=pair_id, offset=offset, block_count=count,
+                                   applied_through_seq=applied_through_seq),
+            timeout=30,
         )
+
+
+def _replicate(mt: Harness, ps: ProcessServer, pair_id: str, stream: list[rpb.Frame]) -> None:
+    """Play the source: send `stream` to the process server, which spools it and forwards it."""
+
+    def requests():
+        yield rpb.ReplicationMessage(open=rpb.StreamOpen(pair_id=pair_id, disk_size_bytes=DISK))
+        for frame in stream:
+            yield rpb.ReplicationMessage(frame=frame)
+
+    with _channel(mt, ps) as channel:
+        replies = list(dataplane_pb2_grpc.ProcessServerStub(channel).Replicate(requests(), timeout=30))
+    assert max(r.ack.seq for r in replies if r.WhichOneof("kind") == "ack") == stream[-1].seq
 
 
 def _refused(call) -> tuple[grpc.StatusCode, str]:
@@ -70,6 +88,27 @@ def test_the_source_gets_its_target_digests_through_the_process_server(chain):
     reply = _ask(mt, ps, "p1", 0, blocks)
     assert reply.present_blocks == blocks and reply.target_exists
     assert reply.digests == blockhash.block_digests(path.read_bytes())
+
+
+def test_applied_through_seq_reaches_the_master_target(chain):
+    mt, ps = chain
+    _assign(mt, ps)
+    blocks = DISK // blockhash.BLOCK_BYTES
+    # Nothing applied yet: the master target is behind seq 1 and says so, through the process server.
+    assert _refused(lambda: _ask(mt, ps, "p1", 0, blocks, applied_through_seq=1)) == (
+        grpc.StatusCode.UNAVAILABLE, "target-behind")
+    assert _ask(mt, ps, "p1", 0, blocks).present_blocks == blocks, "0: no condition"
+
+    new = b"\x3c" * blockhash.BLOCK_BYTES
+    _replicate(mt, ps, "p1", [
+        frames.sync_frame("p1", 1, rpb.SYNC_PHASE_INITIAL_STARTED, DISK),
+        frames.write_frame("p1", 2, 5 * blockhash.BLOCK_BYTES, new),
+    ])
+    wait_until(lambda: mt.pairs.target("p1").applied_seq >= 2, "the master target to apply seq 2")
+    assert _refused(lambda: _ask(mt, ps, "p1", 0, blocks, applied_through_seq=3)) == (
+        grpc.StatusCode.UNAVAILABLE, "target-behind")
+    reply = _ask(mt, ps, "p1", 0, blocks, applied_through_seq=2)
+    assert reply.digests[5 * 16:6 * 16] == blockhash.block_digest(new)
 
 
 def test_the_process_server_checks_who_asks_and_what_before_asking_the_master_target(chain):
