@@ -36,9 +36,9 @@ seq) is answered only once the blob holds every frame of the pair through it:
 (`BlobForwarder.state.applied_seq`: set after each frame's write is
 acknowledged, so the blob holds it), is compared first, and a forwarder behind
 it makes the answer UNAVAILABLE `target-behind`, which the source asks again,
-as a master target does. A caller that passes no `applied_seq` (None) gets no
-gate: so far `ProcessServerPairs._blob_hashes` (pairs.py) passes none, and an
-Azure pair's digests are not gated until it passes its forwarder's.
+as a master target does. `ProcessServerPairs._blob_hashes` (pairs.py) passes
+its forwarder's (0 while none runs for the pair); a caller that passes None
+gets no gate.
 
 Errors: every Azure call goes through `errors.call` (retries, Retry-After); an
 unreachable Azure is UNAVAILABLE and throttling RESOURCE_EXHAUSTED, which the

@@ -106,6 +106,7 @@ class ProcessServerPairs:
     def _blob_hashes(self, assignment: rpb.PairAssignment, request: rpb.BlockHashesRequest) -> rpb.BlockHashesReply:
         with self._lock:
             writer = self._blob_writer(assignment)
+            forwarder = self._forwarders.get(assignment.pair_id)
         if writer is not None:
             # The blob's last writer (a disabled pair) may still apply frames: digests read now could
             # be overwritten by frames that are not this pair's.
@@ -115,11 +116,17 @@ class ProcessServerPairs:
                 hint="the source asks again by itself; if it persists, disable the other pair",
                 code="azure-blob-busy",
             )
-        from .blob_forwarder import DEFAULT_BLOB_POLICY  # imports the Azure SDK: only when an Azure pair asks
+        from .blob_forwarder import (  # the Azure SDK: only when an Azure pair asks
+            DEFAULT_BLOB_POLICY,
+            BlobForwarder,
+        )
         from .blob_hashes import blob_block_hashes
 
+        # The gate (blob_hashes.py): what the pair's forwarder has written into the blob; none
+        # running (yet) has written nothing of this session's stream.
+        applied = forwarder.state.applied_seq if isinstance(forwarder, BlobForwarder) else 0
         policy = self._blob_policy or DEFAULT_BLOB_POLICY
-        return blob_block_hashes(assignment, request, self._storage, policy=policy.retry)
+        return blob_block_hashes(assignment, request, self._storage, applied_seq=applied, policy=policy.retry)
 
     def _blob_writer(self, assignment: rpb.PairAssignment) -> str | None:
         """Another pair whose blob forwarder (running, or stopping) writes this pair's blob; the lock is held."""
