@@ -31,6 +31,18 @@ the mark first and then deletes the segments whose records are all <= the mark
 (the active segment is deleted by the writer when it rolls, never under it —
 before it writes the new one, so a full disk gets that space back).
 
+Writing back. `append(..., durable=False)` writes its records without the
+sync and returns: they are visible to readers at once and survive the
+process being killed (they are in the kernel's page cache), but not a power
+loss or a kernel crash until `sync()` or the next durable append (which syncs
+the segment, so everything before it too); rolling to a new segment syncs the
+one left behind first. The source agent's journal appends this way (the NBD
+client's FLUSH and FUA ask for durability; capture.py). After a power loss
+such a log may have lost any of its unsynced records, not only a tail: a hole
+mid-segment reads as a torn record and opening truncates there (the
+records after it go too); the caller must not rely on them (capture.py
+resynchronises the pair).
+
 Zeros ahead. An append that grows the segment file makes its fsync commit
 the file system's journal too (new size, new blocks): about 7.5 ms of a 10 ms
 group commit of 16 KiB NBD writes on the loaded dev machine (bench/RESULTS.md,
@@ -198,6 +210,10 @@ class FrameLog:
         self._mark_last_seq = 0
         self._fd: int | None = None  # the active (last) segment, open for writing
         self._zeroed_end = 0  # the active segment's file size: its records, then zeros ahead
+        # Records appended without a sync since the last one (`durable=False`), and whether
+        # a segment was created since the directory was last synced.
+        self._unsynced = False
+        self._unsynced_dir = False
         self._broken: str = ""
         self._closed = False
         self._oldest: tuple[int, Timestamp] | None = None
@@ -464,16 +480,17 @@ class FrameLog:
         return seq, body
 
     # -- appending ---------------------------------------------------------
-    def append(self, frames: Sequence[rpb.Frame]) -> None:
+    def append(self, frames: Sequence[rpb.Frame], *, durable: bool = True) -> None:
         """Write `frames` durably (one fsync); on return they survive a crash.
 
         Seqs must be strictly increasing and above `last_seq` (InvalidInput
         otherwise: a caller's bug). On a full disk raises Unavailable
-        (`disk-full`) and leaves the log as it was.
+        (`disk-full`) and leaves the log as it was. With `durable` False see
+        "Writing back" in the module docstring.
         """
-        self.append_serialized([(frame.seq, frame.SerializeToString()) for frame in frames])
+        self.append_serialized([(frame.seq, frame.SerializeToString()) for frame in frames], durable=durable)
 
-    def append_serialized(self, frames: Sequence[tuple[int, bytes]]) -> None:
+    def append_serialized(self, frames: Sequence[tuple[int, bytes]], *, durable: bool = True) -> None:
         """`append` for frames the caller has serialized already: (seq, `Frame` bytes) each.
 
         The bytes must be the serialization of a frame with that seq (a reader
@@ -520,7 +537,9 @@ class FrameLog:
                 end += len(records[i]) + len(records[i + 1])
             if roll:
                 records.insert(0, MAGIC)
-            fd = self._write(active, records, new=roll)
+            if roll and self._unsynced and self._fd is not None:
+                self._sync_locked()  # the segment left behind holds written-back records: make them durable
+            fd = self._write(active, records, new=roll, durable=durable)
             with self._appended:
                 if roll:
                     old_fd, self._fd = self._fd, fd
@@ -554,8 +573,8 @@ class FrameLog:
                 code="disk-error",
             )
 
-    def _write(self, segment: _Segment, buffers: list[bytes], *, new: bool) -> int:
-        """Write `buffers` at the end of `segment` and fsync; undo it all on failure.
+    def _write(self, segment: _Segment, buffers: list[bytes], *, new: bool, durable: bool = True) -> int:
+        """Write `buffers` at the end of `segment` and fsync (unless not `durable`); undo it all on failure.
 
         One writev per IOV_MAX buffers, not a join: a batch is up to tens of MiB, and
         joining it first doubled the writer's memory and copied every byte once more.
@@ -574,12 +593,17 @@ class FrameLog:
             if self._fsync and end > zeroed and total < PREALLOCATE_BELOW:
                 _write_zeros(fd, end, PREALLOCATE_BYTES)
                 zeroed = end + PREALLOCATE_BYTES
-            if self._fsync:
+            if self._fsync and durable:
                 # fdatasync: inside the zeros ahead nothing but the data changes (no size, no
                 # allocation), so it syncs the data alone; past them it syncs the new size too.
+                # It covers the records written back before it in this segment too.
                 os.fdatasync(fd)
-                if new:
+                if new or self._unsynced_dir:
                     fsync_dir(self.directory)
+                self._unsynced = self._unsynced_dir = False
+            elif self._fsync:
+                self._unsynced = True
+                self._unsynced_dir = self._unsynced_dir or new
             self._zeroed_end = max(zeroed, end)
         except OSError as exc:
             self._undo(segment, fd, new=new, cause=exc)
@@ -598,6 +622,34 @@ class FrameLog:
                 code="disk-error",
             ) from exc
         return fd
+
+    def sync(self) -> None:
+        """Make every record appended so far durable (after appends that were not `durable`)."""
+        with self._append_lock:
+            if self._fd is not None:
+                self._sync_locked()
+
+    @property
+    def unsynced(self) -> bool:
+        """Whether records were appended that a power loss could still take away."""
+        return self._unsynced or self._unsynced_dir
+
+    def _sync_locked(self) -> None:
+        if not (self._fsync and (self._unsynced or self._unsynced_dir)):
+            return
+        assert self._fd is not None
+        try:
+            os.fdatasync(self._fd)
+            if self._unsynced_dir:
+                fsync_dir(self.directory)
+        except OSError as exc:
+            self._broken = f"syncing: {exc.strerror or exc}"
+            raise errors.Unavailable(
+                f"frame log {self.directory}: syncing failed: {exc.strerror or exc}",
+                hint="check the disk, then restart the daemon",
+                code="disk-error",
+            ) from exc
+        self._unsynced = self._unsynced_dir = False
 
     def _undo(self, segment: _Segment, fd: int, *, new: bool, cause: OSError) -> None:
         try:

@@ -13,7 +13,8 @@ and goes:
    their seqs (consecutive, in queue order; a write longer than
    `FRAME_DATA_BYTES` gets one per frame), builds their frames
    (`frames.serialized_write`, `frames.zero_frame`), appends them to the journal
-   with one sync, keeps them in memory for the shipper (`PairJournal.remember`),
+   with one write (synced only when a write in it asked for FUA, see
+   "Write-back"), keeps them in memory for the shipper (`PairJournal.remember`),
    pwrites (or zeroes) each on the disk file in seq order;
 3. the committer calls each write's `done` (the NBD connection notes the
    reply) and then each connection's `after` once (it sends the commit's
@@ -22,8 +23,9 @@ and goes:
 So a write costs one thread hand-off (reader to committer), and a commit
 carries every write that arrived while the one before it ran. The journal
 order is the seq order is the order the disk file saw, and a write the client
-saw acknowledged is in the journal on disk and on the disk file. FUA needs
-nothing more (the journal is durable); FLUSH also fdatasyncs the disk file.
+saw acknowledged is in the journal and on the disk file (in the page cache,
+which outlives our process). FUA makes the commit's journal append durable;
+FLUSH syncs the journal and fdatasyncs the disk file.
 TRIM and WRITE_ZEROES both make the range read as zeros (a hole is punched
 unless the client set NO_HOLE), so source and target agree on what a trimmed
 range holds. While no pair is attached (a disk not replicated, or replicated in
@@ -55,6 +57,26 @@ acks) a frame whose seq it already holds, would silently drop the new frame.
 So before handing out a seq above the persisted `lease_until`, the lease is
 moved to `seq + LEASE_SPAN` (atomic replace + fsync); a restarted process
 starts at `lease_until + 1`. Gaps are allowed; reuse is not.
+
+Write-back. A disk with a volatile write cache acknowledges a write once it
+is in that cache and promises durability only for what a FLUSH covered or a
+FUA write carried; the NBD export says it is such a disk (SEND_FLUSH,
+SEND_FUA), and every file system and database issues those where it needs
+them. So the journal's appends are synced only for FUA (and FLUSH syncs it):
+a write is acknowledged after two writes into the page cache instead of a
+sync (bench/RESULTS.md: fio's latency through the export). A kill -9 of this
+process loses nothing by it: the page cache holds the journal and the disk
+file as they were. A power loss or a kernel crash can: the journal may then
+miss records (never below its last sync) whose writes reached the disk file,
+or hold writes the disk file lost, and the process server may hold frames
+the journal lost. That is detected, not guessed: `boot.json` in the pair's
+directory holds the kernel's boot id (/proc/sys/kernel/random/boot_id) and
+whether the journal was closed cleanly (synced). A journal found open under
+another boot means the pair resynchronises: the replicator starts a delta
+sync (delta.py: only blocks whose digest differs from the target's travel),
+after the replay below, and `resync` stays set in `boot.json` until the
+pair's state records that sync. Where the kernel has no boot id, every
+commit is synced as before (`PairJournal.write_back` False).
 
 What a crash leaves behind, and how opening repairs it:
 
@@ -97,6 +119,8 @@ log = get_logger(__name__)
 
 LEASE_SPAN = 100_000
 LEASE_FILE = "seq.json"
+BOOT_FILE = "boot.json"
+BOOT_ID_PATH = Path("/proc/sys/kernel/random/boot_id")
 JOURNAL_DIR = "journal"
 # The largest write payload one frame carries (a gRPC message is at most 8 MiB).
 FRAME_DATA_BYTES = 4 * 1024 * 1024
@@ -219,11 +243,21 @@ class SeqLease:
 class PairJournal:
     """A pair's journal (FrameLog) and seq lease, in `directory` (see the module docstring)."""
 
-    def __init__(self, directory: Path, pair_id: str, *, segment_bytes: int = 64 * 1024 * 1024) -> None:
+    def __init__(
+        self, directory: Path, pair_id: str, *, segment_bytes: int = 64 * 1024 * 1024, boot_id: str | None = None
+    ) -> None:
         self.directory = Path(directory)
         self.pair_id = pair_id
         self.directory.mkdir(parents=True, exist_ok=True)
+        # Write-back needs the kernel's boot id to tell, after a restart, whether a power loss
+        # or a kernel crash may have taken journal records away (see "Write-back" above).
+        self.boot_id = current_boot_id() if boot_id is None else boot_id
+        self.write_back = bool(self.boot_id)
+        self.resync_needed = _resync_needed(self.directory / BOOT_FILE, self.boot_id)
+        # Only the last segment can hold records never synced (a roll syncs the segment it
+        # leaves), so a power loss tears nothing but its tail, which opening truncates.
         self.log = FrameLog(self.directory / JOURNAL_DIR, segment_bytes=segment_bytes)
+        self._write_boot(clean=False)
         self.lease = SeqLease(self.directory / LEASE_FILE)
         self.lease.skip_past(self.log.last_seq)
         # Every journaled frame <= applied_seq is on the disk file (set by the attached DiskCapture).
@@ -242,6 +276,26 @@ class PairJournal:
         self._recent_bytes = 0
         self._recent_floor = self.log.last_seq
 
+    def _write_boot(self, *, clean: bool) -> None:
+        daemon.write_json_atomically(
+            self.directory / BOOT_FILE,
+            {"boot_id": self.boot_id, "clean": clean, "resync": self.resync_needed},
+            mode=0o600,
+        )
+
+    def resync_recorded(self) -> None:
+        """The pair's state now says it resyncs (saved): a restart need not be told again."""
+        if self.resync_needed:
+            self.resync_needed = False
+            self._write_boot(clean=False)
+
+    def flush(self) -> None:
+        """Make every frame journaled so far durable (an NBD FLUSH)."""
+        try:
+            self.log.sync()
+        except errors.SiteRecoveryError as exc:
+            raise OSError(errno.EIO, exc.message) from exc
+
     def remember(self, records: list[tuple[int, bytes]]) -> None:
         """The committer journaled `records` (seq, serialized frame): keep them for the shipper.
 
@@ -249,9 +303,10 @@ class PairJournal:
         (a pread and a record hash each: 15 % of the source agent's GIL time
         under 16 KiB writes, bench/RESULTS.md); it takes them from here instead
         (`recent_from`) and reads the journal only for what is not here (after a
-        reconnect, or when it fell more than RECENT_BYTES behind). Only what is
-        durably journaled is remembered, so nothing is sent that a crash could
-        lose from the journal.
+        reconnect, or when it fell more than RECENT_BYTES behind). What is
+        remembered is journaled, though under write-back not necessarily synced:
+        only a power loss can take it from the journal then, and that makes the
+        pair resynchronise (module docstring, "Write-back").
         """
         with self._recent_lock:
             self._recent.extend(records)
@@ -322,7 +377,39 @@ class PairJournal:
         self.on_append()
 
     def close(self) -> None:
+        """Sync what was written back and say so (a restart on another boot then needs no resync)."""
+        try:
+            self.log.sync()
+            self._write_boot(clean=True)
+        except (OSError, errors.SiteRecoveryError) as exc:
+            log.warning("journal not synced at close; a power loss before the next start means a resync",
+                        pair=self.pair_id, error=str(exc))
         self.log.close()
+
+
+def current_boot_id() -> str:
+    """The running kernel's boot id ('' where there is none: no write-back then)."""
+    try:
+        return BOOT_ID_PATH.read_text().strip()
+    except OSError:
+        return ""
+
+
+def _resync_needed(path: Path, boot_id: str) -> bool:
+    """Whether the journal in this directory may have lost records to a power loss or a kernel
+    crash: it was in use (not closed cleanly) under another boot, or a resync found then
+    is not yet recorded in the pair's state."""
+    try:
+        data = json.loads(path.read_text())
+    except FileNotFoundError:
+        return False  # a new pair, or one journaled before write-back (every record synced)
+    except ValueError:
+        return True  # torn by the very crash it records
+    if not isinstance(data, dict):
+        return True
+    if data.get("resync"):
+        return True
+    return not data.get("clean") and data.get("boot_id") != boot_id
 
 
 # -- the captured disk -------------------------------------------------------------------
@@ -483,6 +570,11 @@ class DiskCapture:
         self.write_zeroes(offset, length, fua=fua, punch=True)
 
     def flush(self) -> None:
+        """NBD FLUSH: every write acknowledged so far becomes durable (the journal first: a restart
+        replays it onto the disk file)."""
+        journal = self._journal
+        if journal is not None:
+            journal.flush()
         os.fdatasync(self._fd)
 
     def sync(self) -> None:
@@ -585,7 +677,8 @@ class DiskCapture:
         batch_frames = _make_frames(journal.pair_id, batch, first)
         try:
             started = time.monotonic()
-            journal.log.append_serialized(batch_frames)
+            durable = not journal.write_back or any(item.fua for item in batch)
+            journal.log.append_serialized(batch_frames, durable=durable)
             self._stats.journal_seconds += time.monotonic() - started
         except errors.SiteRecoveryError as exc:
             failure = OSError(errno.ENOSPC if exc.code == "disk-full" else errno.EIO, exc.message)

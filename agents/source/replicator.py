@@ -129,6 +129,17 @@ class PairReplicator:
                     code="disk-busy",
                 )
             disk.attach(self.journal)
+            resync = self.journal.resync_needed and not is_new
+            if resync:
+                # The machine stopped (power loss, kernel crash) while journaled writes were only
+                # written back, not synced: the journal may miss writes the disk file has, or the
+                # reverse. Compare the disk with the target and send what differs.
+                log.warning(
+                    "the machine restarted without a clean shutdown while writes were not yet durable; "
+                    "resynchronising the pair (only blocks that differ from the target travel)",
+                    pair=self.pair_id, disk=disk.name, phase=state.sync_phase, cursor=state.sync_cursor,
+                )
+                state.sync_kind = SYNC_DELTA
             if state.sync_kind == SYNC_DELTA:
                 self.sync = DeltaSync(
                     disk, self.journal, state, save=self.save, fetch=self._block_hashes,
@@ -136,12 +147,14 @@ class PairReplicator:
                 )
             else:
                 self.sync = InitialSync(disk, self.journal, state, save=self.save)
-            if is_new:
-                self.sync.start()
+            if is_new or resync:
+                self.sync.start()  # saves the state: from now on a restart resumes this sync
+            self.journal.resync_recorded()
             self.source = self.sync
         else:
             if is_new:
                 self._journal_started()
+            self.journal.resync_recorded()  # scan passes compare the whole disk anyway
             self.scan = ScanSource(
                 disk, self.journal, state, directory, interval=DEFAULT_SCAN_INTERVAL, stop=self.stop,
                 on_tag_acked=self._scan_tag_acked,
