@@ -62,6 +62,8 @@ class PairState:
     # The seq of the current (or last) sync's INITIAL_STARTED marker: a delta sync's digests are
     # read only once the target has applied the stream through it (delta.py).
     sync_started_seq: int = 0
+    # Why the current sync runs when it is not the pair's first ("" otherwise): shown in its status.
+    sync_cause: str = ""
     # Tag ids of requested tags already inserted (requests repeat until the target has the point).
     tags_done: list[str] = field(default_factory=list)
 

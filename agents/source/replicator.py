@@ -65,6 +65,7 @@ PAIRS_DIR = "pairs"
 BARRIER_WAIT = 30.0
 BARRIER_POLL = 0.2
 MODE_NAMES = {rpb.REPLICATION_MODE_NBD: "nbd", rpb.REPLICATION_MODE_SCAN: "scan"}
+SYNC_CAUSE_UNCLEAN_SHUTDOWN = "resync-unclean-shutdown"
 SYNC_KIND_NAMES = {rpb.SYNC_KIND_DELTA: SYNC_DELTA}  # anything else (UNSPECIFIED, FULL): full
 DEFAULT_CRASH_INTERVAL = 300
 DEFAULT_SCAN_INTERVAL = 300
@@ -148,7 +149,8 @@ class PairReplicator:
             else:
                 self.sync = InitialSync(disk, self.journal, state, save=self.save)
             if is_new or resync:
-                self.sync.start()  # saves the state: from now on a restart resumes this sync
+                # Saves the state: from now on a restart resumes this sync.
+                self.sync.start(cause=SYNC_CAUSE_UNCLEAN_SHUTDOWN if resync else "")
             self.journal.resync_recorded()
             self.source = self.sync
         else:
@@ -593,6 +595,12 @@ class PairReplicator:
             message, code = self.sync.fetch_error
             status.reason = f"cannot read the target disk's block hashes (delta sync; retrying): {message}"
             status.reason_code = code
+        elif status.state == rpb.PAIR_STATE_INITIAL_SYNC and self.state.sync_cause == SYNC_CAUSE_UNCLEAN_SHUTDOWN:
+            status.reason = (
+                "resynchronising: the source machine stopped without a clean shutdown (power loss or kernel "
+                "crash) while writes were not yet durable; only blocks that differ from the target are sent"
+            )
+            status.reason_code = SYNC_CAUSE_UNCLEAN_SHUTDOWN
         if self.sync is not None:
             self.sync.fill_status(status)
         else:

@@ -80,8 +80,8 @@ class InitialSync:
     def done_bytes(self) -> int:
         return self.disk.size if self.done else self.state.sync_cursor
 
-    def start(self) -> None:
-        """Begin (or begin again) from byte 0: journal INITIAL_STARTED."""
+    def start(self, cause: str = "") -> None:
+        """Begin (or begin again) from byte 0: journal INITIAL_STARTED. `cause`: why, for the status."""
         with self.disk.quiesced():
             seq = self.journal.lease.take()
             self.journal.append(
@@ -92,6 +92,7 @@ class InitialSync:
                 self.state.sync_cursor = 0
                 self.state.sync_sent_bytes = self.state.sync_differing_bytes = self.state.sync_hash_bytes = 0
                 self.state.sync_started_seq = seq
+                self.state.sync_cause = cause
                 self._pos = 0
                 self._done_sent = False
                 self._restarted_locked()

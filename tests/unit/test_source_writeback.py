@@ -183,6 +183,9 @@ def test_after_a_power_loss_the_pair_resyncs_and_the_target_ends_equal(site, tmp
         state = json.loads((state_dir / "pairs" / PAIR / "state.json").read_text())
         assert state["sync_kind"] == "delta" and state["sync_phase"] == "copying"
         assert json.loads((state_dir / "pairs" / PAIR / BOOT_FILE).read_text())["resync"] is False
+        status = source.status()
+        assert status.state == rpb.PAIR_STATE_INITIAL_SYNC and status.reason_code == "resync-unclean-shutdown"
+        assert "without a clean shutdown" in status.reason
         source.replication.apply_assignments([site.assignment(PAIR, "disk0", size)], [])
         wait_for(lambda: caught_up(site, source), what="the resync after the power loss")
         assert sha(target) == sha(image)
