@@ -297,7 +297,7 @@ class MasterTargetPairs:
                 f"{request.applied_through_seq} first",
                 hint="the target catches up by itself as the process server forwards the pair's frames; "
                 "the source asks again",
-                code="target-behind",
+                code="target-catching-up",
             )
         return hashes.target_hashes(target.target_path, request.offset, request.block_count, a.disk_size_bytes,
                                     target.digests)

@@ -35,7 +35,7 @@ seq) is answered only once the blob holds every frame of the pair through it:
 `applied_seq`, the seq the pair's forwarder has written through
 (`BlobForwarder.state.applied_seq`: set after each frame's write is
 acknowledged, so the blob holds it), is compared first, and a forwarder behind
-it makes the answer UNAVAILABLE `target-behind`, which the source asks again,
+it makes the answer UNAVAILABLE `target-catching-up`, which the source asks again,
 as a master target does. `ProcessServerPairs._blob_hashes` (pairs.py) passes
 its forwarder's (0 while none runs for the pair); a caller that passes None
 gets no gate.
@@ -82,7 +82,7 @@ def blob_block_hashes(
             f"pair {assignment.pair_id}: the page blob holds frames through seq {applied_seq}, the delta sync needs "
             f"{request.applied_through_seq} first",
             hint="the process server writes the pair's spooled frames into the blob by itself; the source asks again",
-            code="target-behind",
+            code="target-catching-up",
         )
     target = assignment.azure_blob
     if storage is None:

@@ -12,7 +12,7 @@ forwarded or read the request is checked as a Replicate stream is:
 
 Then one unary call to the pair's master target over mutual TLS (its
 certificate must name `master_target_id`), with a deadline, carrying the
-request's `applied_through_seq` (the master target answers `target-behind`
+request's `applied_through_seq` (the master target answers `target-catching-up`
 until it has applied the pair's frames through it). Its refusal comes
 back unchanged (status, code and hint); a master target that cannot be reached
 is UNAVAILABLE, which the source retries. The reply is checked for its shape

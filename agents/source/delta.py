@@ -40,7 +40,7 @@ writer of the target file; a frame the stream loses (a rebuilt process server)
 takes every frame before it along, and then the shipper's `on_lost` starts the
 sync over; (d) the target's digests are read only once it has applied every
 frame through that marker (BlockHashes' `applied_through_seq`, which is
-`PairState.sync_started_seq`; a target behind it answers `target-behind`), so
+`PairState.sync_started_seq`; a target behind it answers `target-catching-up`), so
 every frame from before the sync began is applied before t, even one the
 source no longer has (a journal that lost frames in a power loss while the
 process server still held them). Let s be the seq taken when B is read
@@ -118,7 +118,7 @@ MAX_BACKOFF = 10.0
 # (offset, block count, applied_through_seq) -> the target's digests (BlockHashes).
 Fetch = Callable[[int, int, int], rpb.BlockHashesReply]
 # A target that has not yet applied the stream through the sync's marker: expected for a moment.
-TARGET_BEHIND = "target-behind"
+TARGET_BEHIND = "target-catching-up"
 
 
 @dataclass

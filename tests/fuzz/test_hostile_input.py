@@ -268,7 +268,7 @@ def _hashes_request(fuzz: FuzzSite) -> dict:
 
 # Unary data-plane RPCs, fuzzed like the control plane (before the data-plane tests below stop
 # the source agent and the process server). A delta sync's block hashes are a read: OK writes nothing;
-# an `applied_through_seq` past what the target has applied is UNAVAILABLE (`target-behind`).
+# an `applied_through_seq` past what the target has applied is UNAVAILABLE (`target-catching-up`).
 HASHES_REFUSALS = LOOKUP | {C.UNAVAILABLE}
 DATA_PLANE = [
     Rpc("/siterecovery.v1.ProcessServer/BlockHashes", rpb.BlockHashesRequest, "process-server", pki.SOURCE,

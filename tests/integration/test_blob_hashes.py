@@ -195,7 +195,7 @@ def test_digests_wait_until_the_blob_holds_the_stream_through_the_asked_seq(ps, 
     request = rpb.BlockHashesRequest(pair_id="pair-1", offset=0, block_count=2, applied_through_seq=7)
     with pytest.raises(errors.Unavailable) as behind:
         blob_hashes.blob_block_hashes(_pair(container), request, storage, applied_seq=6, policy=FAST_RETRY)
-    assert behind.value.code == "target-behind"
+    assert behind.value.code == "target-catching-up"
     assert "through seq 6" in behind.value.message and "needs 7" in behind.value.message
     for applied in (7, 8, None):  # caught up, or no gate
         reply = blob_hashes.blob_block_hashes(_pair(container), request, storage, applied_seq=applied,

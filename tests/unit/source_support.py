@@ -12,7 +12,7 @@ BlockHashes answers from that same target image (as the master target would:
 common/blockhash.py, blocks past the file's end absent); `preload()` puts an
 older copy of a disk there first (a delta sync's target), `hash_failures`
 makes the next calls fail with UNAVAILABLE. It honours `applied_through_seq`
-as a master target does: UNAVAILABLE `target-behind` until the frames through
+as a master target does: UNAVAILABLE `target-catching-up` until the frames through
 it are applied; `applied_cap` plays a target that has applied no further than
 that (say, while the process server still forwards frames from before the sync).
 """
@@ -92,7 +92,7 @@ class PairRecord:
     streams: int = 0
     hash_calls: int = 0  # answered
     hash_blocks: int = 0
-    hash_behind: int = 0  # refused as target-behind
+    hash_behind: int = 0  # refused as target-catching-up
     hash_through: list[int] = field(default_factory=list)  # every call's applied_through_seq
 
 
@@ -137,7 +137,7 @@ class FakeProcessServer(dataplane_pb2_grpc.ProcessServerServicer):
                 record.hash_behind += 1
                 raise errors.Unavailable(
                     f"pair {request.pair_id}: the target has applied frames through seq {applied}, the delta sync "
-                    f"needs {request.applied_through_seq} first", code="target-behind",
+                    f"needs {request.applied_through_seq} first", code="target-catching-up",
                 )
             record.hash_calls += 1
             fd = os.open(record.target, os.O_RDONLY)

@@ -103,7 +103,7 @@ def test_digests_wait_until_the_target_has_applied_the_stream_through_the_asked_
         )
 
     code, reason, details = rpc_error(lambda: ask(4))
-    assert (code, reason) == (grpc.StatusCode.UNAVAILABLE, "target-behind")
+    assert (code, reason) == (grpc.StatusCode.UNAVAILABLE, "target-catching-up")
     assert "through seq 2" in details and "needs 4" in details
     assert ask(2).digests == ask(0).digests == blockhash.zero_digests(0, DISK), "no condition, or one that holds"
 
@@ -111,7 +111,7 @@ def test_digests_wait_until_the_target_has_applied_the_stream_through_the_asked_
     stream = [*before, frames.write_frame("d1", 3, 3 * BLOCK, new)]
     assert send(mt.stub(), "d1", DISK, stream).last_ack == 3
     code, reason, details = rpc_error(lambda: ask(4))
-    assert (code, reason) == (grpc.StatusCode.UNAVAILABLE, "target-behind") and "through seq 3" in details
+    assert (code, reason) == (grpc.StatusCode.UNAVAILABLE, "target-catching-up") and "through seq 3" in details
 
     stream.append(frames.sync_frame("d1", 4, rpb.SYNC_PHASE_INITIAL_STARTED, DISK))
     assert send(mt.stub(), "d1", DISK, stream).last_ack == 4

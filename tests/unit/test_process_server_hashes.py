@@ -96,7 +96,7 @@ def test_applied_through_seq_reaches_the_master_target(chain):
     blocks = DISK // blockhash.BLOCK_BYTES
     # Nothing applied yet: the master target is behind seq 1 and says so, through the process server.
     assert _refused(lambda: _ask(mt, ps, "p1", 0, blocks, applied_through_seq=1)) == (
-        grpc.StatusCode.UNAVAILABLE, "target-behind")
+        grpc.StatusCode.UNAVAILABLE, "target-catching-up")
     assert _ask(mt, ps, "p1", 0, blocks).present_blocks == blocks, "0: no condition"
 
     new = b"\x3c" * blockhash.BLOCK_BYTES
@@ -106,7 +106,7 @@ def test_applied_through_seq_reaches_the_master_target(chain):
     ])
     wait_until(lambda: mt.pairs.target("p1").applied_seq >= 2, "the master target to apply seq 2")
     assert _refused(lambda: _ask(mt, ps, "p1", 0, blocks, applied_through_seq=3)) == (
-        grpc.StatusCode.UNAVAILABLE, "target-behind")
+        grpc.StatusCode.UNAVAILABLE, "target-catching-up")
     reply = _ask(mt, ps, "p1", 0, blocks, applied_through_seq=2)
     assert reply.digests[5 * 16:6 * 16] == blockhash.block_digest(new)
 

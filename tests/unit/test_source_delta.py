@@ -106,7 +106,7 @@ def test_only_the_differing_blocks_travel(site, tmp_path):
         assert status.sync_sent_bytes == diff.data_bytes == status.bytes_sent
         assert status.sync_hash_bytes == size // BLOCK * blockhash.DIGEST_BYTES
         # Each block's digests once; but the first fetch may come before the target has applied the
-        # sync's INITIAL_STARTED (target-behind, asked again), and a batch prefetched behind it is dropped.
+        # sync's INITIAL_STARTED (target-catching-up, asked again), and a batch prefetched behind it is dropped.
         extra = delta_module.PREFETCH - 1 if record.hash_behind else 0
         assert size // BLOCK // 256 <= record.hash_calls <= size // BLOCK // 256 + extra
         assert record.hash_blocks == record.hash_calls * 256
@@ -286,7 +286,7 @@ def test_digests_are_taken_only_after_the_target_applied_the_syncs_start_and_tar
     source = Source(site, state_dir, image, delta_batch_blocks=64)
     try:
         source.replication.apply_assignments([delta_assignment(site, size)], [])
-        wait_for(lambda: source.status().reason_code == "target-behind", what="the target-behind refusal to show")
+        wait_for(lambda: source.status().reason_code == "target-catching-up", what="the target-catching-up refusal to show")
         record = site.ps.record(PAIR)
         assert record.hash_calls == record.hash_blocks == record.data_bytes == record.zero_bytes == 0
         wait_for(lambda: site.ps.record(PAIR).hash_behind >= 2, what="the fetch to be asked again")
