@@ -118,7 +118,7 @@ MAX_BACKOFF = 10.0
 # (offset, block count, applied_through_seq) -> the target's digests (BlockHashes).
 Fetch = Callable[[int, int, int], rpb.BlockHashesReply]
 # A target that has not yet applied the stream through the sync's marker: expected for a moment.
-TARGET_BEHIND = "target-catching-up"
+TARGET_CATCHING_UP = "target-catching-up"
 
 
 @dataclass
@@ -316,7 +316,7 @@ class DeltaSync(InitialSync):
             error = (str(exc) or type(exc).__name__, "target-hashes-failed")
         if error != self.fetch_error:
             # A target still applying the frames before the sync's marker is expected, briefly.
-            behind = isinstance(exc, errors.Unavailable) and exc.code == TARGET_BEHIND
+            behind = isinstance(exc, errors.Unavailable) and exc.code == TARGET_CATCHING_UP
             (log.info if behind else log.warning)(
                 "cannot fetch the target's block hashes; retrying", pair=self.journal.pair_id,
                 offset=batch.offset, code=error[1], error=error[0], retry_in=round(self._backoff, 2),
