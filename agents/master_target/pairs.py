@@ -44,6 +44,8 @@ log = get_logger(__name__)
 
 # How long a new pair waits for an older pair's close of the same target file.
 CLOSE_WAIT_SECONDS = 30.0
+# BlockHashes waits at most this long for the target to apply the stream through the asked seq.
+APPLIED_WAIT_SECONDS = 5.0
 
 
 class _Owner:
@@ -290,8 +292,10 @@ class MasterTargetPairs:
         # (agents/source/delta.py). `applied_seq` is read from the committed state, which a
         # commit replaces whole and only after the batch is in the target file, and which only
         # grows: no need to wait for the apply lock (a materialisation may hold it for minutes).
-        applied = target.applied_seq
-        if request.applied_through_seq > applied:
+        # The marker is usually a moment away (the process server forwards it right behind the
+        # sync's start): wait a little rather than send the source into its retry backoff.
+        if not target.wait_applied(request.applied_through_seq, APPLIED_WAIT_SECONDS):
+            applied = target.applied_seq
             raise errors.Unavailable(
                 f"pair {a.pair_id}: the target has applied frames through seq {applied}, the delta sync needs "
                 f"{request.applied_through_seq} first",

@@ -155,6 +155,8 @@ class PairTarget:
         self.options = options = options or DEFAULT_OPTIONS
         self.clock = clock
         self.lock = threading.Lock()
+        # Notified whenever the committed state changes (`wait_applied`).
+        self._published = threading.Condition()
         self.retention_window = DEFAULT_RETENTION_SECONDS
         # The apply stream that owns the pair now; an older stream finds it replaced.
         self.owner: object | None = None
@@ -354,6 +356,11 @@ class PairTarget:
     @property
     def applied_seq(self) -> int:
         return int(self.state.get("applied_seq", 0))
+
+    def wait_applied(self, seq: int, timeout: float) -> bool:
+        """Wait up to `timeout` s for the frames through `seq` to be applied; whether they are."""
+        with self._published:
+            return self._published.wait_for(lambda: self.applied_seq >= seq, timeout)
 
     @property
     def synced(self) -> bool:
@@ -733,6 +740,8 @@ class PairTarget:
         state = dict(self.state)
         state["points"] = list(self.state.get("points", []))
         self._snapshot = (state, self._journal.size_bytes if self.opened else 0)
+        with self._published:
+            self._published.notify_all()
         key = (self.error, self.paused, state.get("sync"), len(state["points"]))
         if key != self._published_key:
             self._published_key = key

@@ -6,16 +6,19 @@ from __future__ import annotations
 
 import os
 import random
+import threading
 from pathlib import Path
 
 import grpc
 import pytest
 
+from siterecovery.agents.master_target import pairs as mt_pairs
 from siterecovery.agents.master_target.target import TargetOptions
 from siterecovery.common import blockhash, frames, pki
 from siterecovery.common.pb import replication_pb2 as rpb
 
 from .mt_support import Harness, KiB, MiB, rpc_error, send, sha256
+from .source_support import wait_for
 
 BLOCK = blockhash.BLOCK_BYTES
 DISK = 4 * MiB + 1000  # the last block is short
@@ -85,7 +88,8 @@ def test_digests_are_those_of_the_existing_disk_which_is_used_as_it_is(mt: Harne
     assert after.digests == blockhash.block_digests(bytes(expected))
 
 
-def test_digests_wait_until_the_target_has_applied_the_stream_through_the_asked_seq(mt: Harness):
+def test_digests_wait_until_the_target_has_applied_the_stream_through_the_asked_seq(mt: Harness, monkeypatch):
+    monkeypatch.setattr(mt_pairs, "APPLIED_WAIT_SECONDS", 0.2)
     # A delta resync of a pair that replicated before: its new INITIAL_STARTED is seq 4, and the
     # process server still holds frames 2-3 from before it. Digests read before they are applied
     # could judge a block equal that frame 3 then changes.
@@ -118,6 +122,19 @@ def test_digests_wait_until_the_target_has_applied_the_stream_through_the_asked_
     reply = ask(4)
     assert reply.digests[3 * 16:4 * 16] == blockhash.block_digest(new), "frame 3 is in the digests"
     assert reply.digests == ask(3).digests
+
+    # Asked while the frame is on its way: the answer waits for it instead of refusing.
+    monkeypatch.setattr(mt_pairs, "APPLIED_WAIT_SECONDS", 60.0)
+    answers: list[rpb.BlockHashesReply] = []
+    asking = threading.Thread(target=lambda: answers.append(ask(5)))
+    asking.start()
+    target = mt.pairs.target("d1")
+    wait_for(lambda: target._published._waiters, what="the request to wait for seq 5")  # CPython's Condition
+    newer = b"\x5a" * BLOCK
+    stream.append(frames.write_frame("d1", 5, 2 * BLOCK, newer))
+    assert send(mt.stub(), "d1", DISK, stream).last_ack == 5
+    asking.join(30)
+    assert answers and answers[0].digests[2 * 16:3 * 16] == blockhash.block_digest(newer)
 
 
 def test_only_the_pairs_process_server_may_ask_and_only_for_ranges_inside_the_disk(mt: Harness):
