@@ -596,11 +596,11 @@ class PairReplicator:
             status.reason = f"cannot read the target disk's block hashes (delta sync; retrying): {message}"
             status.reason_code = code
         elif status.state == rpb.PAIR_STATE_INITIAL_SYNC and self.state.sync_cause == SYNC_CAUSE_UNCLEAN_SHUTDOWN:
-            status.reason = (
-                "resynchronising: the source machine stopped without a clean shutdown (power loss or kernel "
-                "crash) while writes were not yet durable; only blocks that differ from the target are sent"
-            )
-            status.reason_code = SYNC_CAUSE_UNCLEAN_SHUTDOWN
+            status.MergeFrom(rpb.PairStatus(
+                reason="resynchronising: the source machine stopped without a clean shutdown (power loss or "
+                "kernel crash) while writes were not yet durable; only blocks that differ from the target are sent",
+                reason_code=SYNC_CAUSE_UNCLEAN_SHUTDOWN,
+            ))
         if self.sync is not None:
             self.sync.fill_status(status)
         else:
