@@ -71,6 +71,19 @@ def next_data(fd: int, offset: int, size: int) -> int:
         return offset  # SEEK_DATA not supported here: assume data
 
 
+def check_applied(request: rpb.BlockHashesRequest, applied_seq: int, *, holder: str, hint: str) -> None:
+    """Refuse (Unavailable `target-catching-up`) a request whose `applied_through_seq` is above
+    `applied_seq`, what the target has applied: its digests would miss frames from before the
+    delta sync began (agents/source/delta.py, fact d). `holder` says what holds the frames."""
+    if request.applied_through_seq > applied_seq:
+        raise errors.Unavailable(
+            f"pair {request.pair_id}: {holder} frames through seq {applied_seq}, the delta sync needs "
+            f"{request.applied_through_seq} first",
+            hint=hint,
+            code="target-catching-up",
+        )
+
+
 def check_range(offset: int, block_count: int, disk_size: int) -> None:
     """Refuse (InvalidInput) a BlockHashes range that is not 1..MAX blocks, aligned, inside the disk."""
     if not 1 <= block_count <= MAX_BLOCKS_PER_CALL:

@@ -615,12 +615,7 @@ class FrameLog:
                     "sender keeps them",
                     code="disk-full",
                 ) from exc
-            self._broken = f"{exc.strerror or exc}"
-            raise errors.Unavailable(
-                f"frame log {self.directory}: writing failed: {exc.strerror or exc}",
-                hint="check the disk, then restart the daemon",
-                code="disk-error",
-            ) from exc
+            raise self._broken_by("writing", exc, broken=f"{exc.strerror or exc}") from exc
         return fd
 
     def sync(self) -> None:
@@ -643,13 +638,17 @@ class FrameLog:
             if self._unsynced_dir:
                 fsync_dir(self.directory)
         except OSError as exc:
-            self._broken = f"syncing: {exc.strerror or exc}"
-            raise errors.Unavailable(
-                f"frame log {self.directory}: syncing failed: {exc.strerror or exc}",
-                hint="check the disk, then restart the daemon",
-                code="disk-error",
-            ) from exc
+            raise self._broken_by("syncing", exc, broken=f"syncing: {exc.strerror or exc}") from exc
         self._unsynced = self._unsynced_dir = False
+
+    def _broken_by(self, doing: str, exc: OSError, *, broken: str) -> errors.Unavailable:
+        """Take no more frames (`broken` says why) and the error for the caller to raise."""
+        self._broken = broken
+        return errors.Unavailable(
+            f"frame log {self.directory}: {doing} failed: {exc.strerror or exc}",
+            hint="check the disk, then restart the daemon",
+            code="disk-error",
+        )
 
     def _undo(self, segment: _Segment, fd: int, *, new: bool, cause: OSError) -> None:
         try:

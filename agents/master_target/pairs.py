@@ -295,13 +295,10 @@ class MasterTargetPairs:
         # The marker is usually a moment away (the process server forwards it right behind the
         # sync's start): wait a little rather than send the source into its retry backoff.
         if not target.wait_applied(request.applied_through_seq, APPLIED_WAIT_SECONDS):
-            applied = target.applied_seq
-            raise errors.Unavailable(
-                f"pair {a.pair_id}: the target has applied frames through seq {applied}, the delta sync needs "
-                f"{request.applied_through_seq} first",
+            blockhash.check_applied(
+                request, target.applied_seq, holder="the target has applied",
                 hint="the target catches up by itself as the process server forwards the pair's frames; "
                 "the source asks again",
-                code="target-catching-up",
             )
         return hashes.target_hashes(target.target_path, request.offset, request.block_count, a.disk_size_bytes,
                                     target.digests)

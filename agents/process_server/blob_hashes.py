@@ -77,12 +77,10 @@ def blob_block_hashes(
     """The reply for a checked request (`blockhash.check_range`) of an Azure pair this process server ends.
 
     `applied_seq`: the seq the pair's forwarder has written into the blob through (the gate, module docstring)."""
-    if applied_seq is not None and request.applied_through_seq > applied_seq:
-        raise errors.Unavailable(
-            f"pair {assignment.pair_id}: the page blob holds frames through seq {applied_seq}, the delta sync needs "
-            f"{request.applied_through_seq} first",
+    if applied_seq is not None:
+        blockhash.check_applied(
+            request, applied_seq, holder="the page blob holds",
             hint="the process server writes the pair's spooled frames into the blob by itself; the source asks again",
-            code="target-catching-up",
         )
     target = assignment.azure_blob
     if storage is None:
