@@ -167,6 +167,12 @@ class SourceSettings(AgentSettings):
     nbd_port: int = 10809
     # Bytes a pair may have sent to its process server and not yet had acknowledged.
     send_window_bytes: int = 64 * 1024 * 1024
+    # A pair's journal holds at most this many bytes of writes not yet acknowledged, and
+    # stops short of leaving less than journal_reserve_percent of the state volume free.
+    # Past either, the pair tracks changed blocks instead and resends them once the
+    # process server catches up (no guest write fails; the RPO grows meanwhile).
+    journal_limit_bytes: int = 8 * 1024 * 1024 * 1024
+    journal_reserve_percent: float = 5.0
     # App-consistent points: run before the tag (exit 0 = the application is frozen)
     # and after it; each is killed after hook_timeout_seconds.
     freeze_script: Path | None = None

@@ -798,7 +798,8 @@ def _state(
     if source is None:
         return rpb.PAIR_STATE_INITIAL_SYNC, "waiting for the source agent to report", "waiting-for-source"
     if source.state == rpb.PAIR_STATE_INITIAL_SYNC:
-        return rpb.PAIR_STATE_INITIAL_SYNC, "", ""
+        # Why it syncs when that is not the first sync (a resync, a catch-up), or what holds it up.
+        return rpb.PAIR_STATE_INITIAL_SYNC, f"source agent: {source.reason}" if source.reason else "", source.reason_code
     # The source's "done" says what it sent, not what the target holds: a pair is in sync only
     # once the end that writes the target disk says so (a master target that has not heard of
     # the pair yet, say because it has not reached the configuration server since the pair

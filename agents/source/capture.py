@@ -78,6 +78,22 @@ after the replay below, and `resync` stays set in `boot.json` until the
 pair's state records that sync. Where the kernel has no boot id, every
 commit is synced as before (`PairJournal.write_back` False).
 
+Journal limit. A journal grows while the next hop does not keep up (a
+process server away, or writes faster than the pipeline carries), and a full
+state volume would make the guest's writes fail. So a pair's journal has a
+limit: `limit_bytes` of unreleased records, and `reserve_fraction` of the
+state volume kept free. A commit that would pass it is not journaled: its
+writes go to the disk file and the blocks they touch are marked in the pair's
+changed-block map (dirtymap.py); so is a commit the journal refused for want
+of space. From then on the pair *tracks* (`PairJournal.tracking`): every
+write is marked, none journaled, until its catch-up (catchup.py) has read
+every marked block back into the journal, as the next hop acknowledges what
+is there. The target holds a consistent but older disk while the pair tracks;
+the catch-up's frames make it inconsistent until the last one, so the
+catch-up brackets them in sync markers and no recovery point is taken
+meanwhile (a sync under way waits with its INITIAL_DONE until nothing is
+marked).
+
 What a crash leaves behind, and how opening repairs it:
 
 - after the journal fsync but before (or during) the pwrite: the write is in the
@@ -111,9 +127,11 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from siterecovery.common import daemon, errors, frames
-from siterecovery.common.framelog import RELEASE_BYTES, RELEASE_INTERVAL, FrameLog
+from siterecovery.common.framelog import PREALLOCATE_BYTES, RELEASE_BYTES, RELEASE_INTERVAL, FrameLog
 from siterecovery.common.logging import get_logger
 from siterecovery.common.pb import replication_pb2 as rpb
+
+from .dirtymap import DIRTY_FILE, DirtyMap
 
 log = get_logger(__name__)
 
@@ -129,6 +147,9 @@ _ZERO_CHUNK = 1024 * 1024
 # is paced by framelog's RELEASE_INTERVAL and RELEASE_BYTES (imported here, read at call time).
 # Frames just journaled, kept in memory for the shipper (`PairJournal.remember`) up to this size.
 RECENT_BYTES = 8 * 1024 * 1024
+# The journal's limit is checked at most once per this many bytes journaled (or this often).
+ROOM_CHECK_BYTES = 8 * 1024 * 1024
+ROOM_CHECK_SECONDS = 0.5
 
 # -- zeroing ranges ------------------------------------------------------------------
 
@@ -244,10 +265,20 @@ class PairJournal:
     """A pair's journal (FrameLog) and seq lease, in `directory` (see the module docstring)."""
 
     def __init__(
-        self, directory: Path, pair_id: str, *, segment_bytes: int = 64 * 1024 * 1024, boot_id: str | None = None
+        self,
+        directory: Path,
+        pair_id: str,
+        *,
+        segment_bytes: int = 64 * 1024 * 1024,
+        boot_id: str | None = None,
+        limit_bytes: int = 0,
+        reserve_fraction: float = 0.0,
     ) -> None:
         self.directory = Path(directory)
         self.pair_id = pair_id
+        # The journal limit (0: none) and the share of the state volume kept free (module docstring).
+        self.limit_bytes = limit_bytes
+        self.reserve_fraction = reserve_fraction
         self.directory.mkdir(parents=True, exist_ok=True)
         # Write-back needs the kernel's boot id to tell, after a restart, whether a power loss
         # or a kernel crash may have taken journal records away (see "Write-back" above).
@@ -275,6 +306,64 @@ class PairJournal:
         self._recent: deque[tuple[int, bytes]] = deque()
         self._recent_bytes = 0
         self._recent_floor = self.log.last_seq
+        # Changed-block tracking (opened by `DiskCapture.attach`, which knows the disk's size).
+        self.dirty: DirtyMap | None = None
+        self.full_reason = ""  # why the pair last started tracking
+        self.room = threading.Event()  # set when acknowledgements may have made room (the catch-up waits on it)
+        self._full = False
+        self._margin = ROOM_CHECK_BYTES * 4  # the state volume's free bytes above its reserve, last seen
+        self._unchecked = 0
+        self._checked_at = float("-inf")
+
+    @property
+    def tracking(self) -> bool:
+        """Whether writes are marked in the changed-block map instead of journaled."""
+        return self.dirty is not None and self.dirty.count > 0
+
+    def has_room(self, nbytes: int) -> bool:
+        """Whether `nbytes` more may be journaled within the limit (checked every ROOM_CHECK_BYTES)."""
+        if self.dirty is None:
+            return True  # nothing to track with: journal as before the limit
+        self._unchecked += nbytes
+        every = min(ROOM_CHECK_BYTES, self._margin // 4)
+        if self.limit_bytes:
+            every = min(every, self.limit_bytes // 16)
+        if self._unchecked < every and time.monotonic() - self._checked_at < ROOM_CHECK_SECONDS:
+            return not self._full
+        self._unchecked = 0
+        self._checked_at = time.monotonic()
+        reason = ""
+        if self.limit_bytes and self.log.pending_bytes + nbytes > self.limit_bytes:
+            if self._acknowledged > self.log.released_seq:
+                self.release_through(self._acknowledged)  # acknowledged frames waiting for their release
+            if self.log.pending_bytes + nbytes > self.limit_bytes:
+                reason = f"the journal reached its limit of {self.limit_bytes // 2**20} MiB (journal_limit_bytes)"
+        if not reason:  # the journal may write zeros ahead of its records (framelog.py, "Zeros ahead")
+            reason = self.volume_short(nbytes + PREALLOCATE_BYTES)
+        self._full = bool(reason)
+        if reason:
+            self.full_reason = reason
+        return not reason
+
+    def volume_short(self, nbytes: int) -> str:
+        """Why journaling `nbytes` more would eat into the state volume's reserve ('' if it would not)."""
+        if not self.reserve_fraction:
+            return ""
+        st = os.statvfs(self.directory)
+        free, total = st.f_bavail * st.f_frsize, st.f_blocks * st.f_frsize
+        self._margin = max(0, int(free - total * self.reserve_fraction))
+        if free - nbytes >= total * self.reserve_fraction:
+            return ""
+        return (f"the state volume has {free // 2**20} of {total // 2**20} MiB free, and journaling more would "
+                f"leave less than the {self.reserve_fraction:.0%} kept free (journal_reserve_percent)")
+
+    def append_read_back(self, records: list[tuple[int, bytes]]) -> None:
+        """Journal frames read from the disk file (the catch-up's; call inside `DiskCapture.quiesced()`)."""
+        self.log.append_serialized(records, durable=not self.write_back)
+        self.remember(records)
+        if not self.failed:
+            self.applied_seq = records[-1][0]
+        self.on_append()
 
     def _write_boot(self, *, clean: bool) -> None:
         daemon.write_json_atomically(
@@ -338,10 +427,17 @@ class PairJournal:
             self._recent_bytes = 0
             self._recent_floor = self.log.last_seq
 
+    @property
+    def acknowledged_seq(self) -> int:
+        """The highest seq the next hop acknowledged in this run (0: none yet)."""
+        return self._acknowledged
+
     def acknowledge(self, seq: int) -> None:
         """The next hop holds every frame <= seq: release them, now or within RELEASE_INTERVAL."""
         self._acknowledged = max(self._acknowledged, seq)
         self.release_due()
+        if self.tracking:
+            self.room.set()
 
     def release_due(self, *, now: bool = False) -> None:
         """Release what was acknowledged if the last release is RELEASE_INTERVAL old, or
@@ -385,6 +481,9 @@ class PairJournal:
             log.warning("journal not synced at close; a power loss before the next start means a resync",
                         pair=self.pair_id, error=str(exc))
         self.log.close()
+        if self.dirty is not None:
+            self.dirty.close()
+            self.dirty = None
 
 
 def current_boot_id() -> str:
@@ -482,10 +581,13 @@ class DiskCapture:
         """Journal every write from now on; first replay what the journal holds unreleased."""
         with self.quiesced():
             replayed = self._replay(journal)
+            if journal.dirty is None:
+                journal.dirty = DirtyMap(journal.directory / DIRTY_FILE, self._size)
             journal.applied_seq = journal.log.last_seq
             journal.disk = self
             self._journal = journal
-        log.info("capturing writes", disk=self.name, pair=journal.pair_id, replayed_frames=replayed)
+        log.info("capturing writes", disk=self.name, pair=journal.pair_id, replayed_frames=replayed,
+                 tracked_bytes=journal.dirty.dirty_bytes if journal.dirty is not None else 0)
 
     def detach(self) -> PairJournal | None:
         with self.quiesced():
@@ -628,8 +730,7 @@ class DiskCapture:
             try:
                 # Outside the lock but in flight: quiesced() callers, the only other seq takers, wait.
                 started, started_wall = time.monotonic(), time.time()
-                first = journal.lease.take(sum(_frame_count(item) for item in batch)) if journal else 0
-                self._commit(journal, batch, first)
+                self._commit(journal, batch)
                 self._stats.add(batch, started, started_wall)
             except BaseException as exc:  # the seq lease not persisted, or a bug: fail these writes, go on
                 log.exception("committing writes failed", disk=self.name, error=str(exc))
@@ -662,8 +763,9 @@ class DiskCapture:
             except Exception as exc:
                 log.exception("completing a write failed", error=str(exc))
 
-    def _commit(self, journal: PairJournal | None, batch: list[_Pending], first: int) -> None:
-        """Journal `batch` (one append, one fsync), then apply it to the disk file in seq order."""
+    def _commit(self, journal: PairJournal | None, batch: list[_Pending]) -> None:
+        """Journal `batch` (one append, synced for FUA), then apply it to the disk file in seq order;
+        or, past the journal's limit, mark it in the changed-block map and apply it (`_track`)."""
         if journal is None:
             self._apply_all(batch, None)
             if any(item.fua for item in batch):
@@ -674,6 +776,10 @@ class DiskCapture:
                         if item.fua:
                             item.error = exc
             return
+        if journal.tracking or not journal.has_room(sum(_journal_bytes(item) for item in batch)):
+            self._track(journal, batch)
+            return
+        first = journal.lease.take(sum(_frame_count(item) for item in batch))
         batch_frames = _make_frames(journal.pair_id, batch, first)
         try:
             started = time.monotonic()
@@ -681,6 +787,10 @@ class DiskCapture:
             journal.log.append_serialized(batch_frames, durable=durable)
             self._stats.journal_seconds += time.monotonic() - started
         except errors.SiteRecoveryError as exc:
+            if exc.code == "disk-full" and journal.dirty is not None:
+                journal.full_reason = f"the state volume is full ({exc.message})"
+                self._track(journal, batch)
+                return
             failure = OSError(errno.ENOSPC if exc.code == "disk-full" else errno.EIO, exc.message)
             log.error("journaling writes failed", disk=self.name, pair=journal.pair_id, error=exc.message)
             for item in batch:
@@ -697,6 +807,29 @@ class DiskCapture:
         if not journal.failed:
             journal.applied_seq = batch_frames[-1][0]
         journal.on_append()
+
+    def _track(self, journal: PairJournal, batch: list[_Pending]) -> None:
+        """Mark `batch`'s blocks in the changed-block map (first), then apply it to the disk file."""
+        dirty = journal.dirty
+        assert dirty is not None
+        starting = not dirty.count
+        for item in batch:
+            dirty.mark(item.offset, item.length)
+        if not journal.write_back:
+            dirty.sync()  # every commit is durable without write-back: so is what marks it
+        if starting:
+            log.warning("journal full: tracking changed blocks instead; they are sent once the process server "
+                        "catches up, and no recovery point is taken until then",
+                        disk=self.name, pair=journal.pair_id, reason=journal.full_reason)
+            journal.room.set()
+        self._apply_all(batch, journal)
+        if any(item.fua for item in batch):
+            try:
+                os.fdatasync(self._fd)
+            except OSError as exc:
+                for item in batch:
+                    if item.fua:
+                        item.error = exc
 
     def _apply_all(self, batch: list[_Pending], journal: PairJournal | None) -> None:
         for item in batch:
@@ -749,6 +882,11 @@ class _CommitStats:
         self._since = now
         self._commits = self._writes = 0
         self._commit_seconds = self._wait_seconds = self.journal_seconds = 0.0
+
+
+def _journal_bytes(item: _Pending) -> int:
+    """About what `item` takes in the journal."""
+    return (item.length if item.data is not None else 0) + 64 * _frame_count(item)
 
 
 def _frame_count(item: _Pending) -> int:

@@ -57,6 +57,10 @@ def _check(cfg: SourceSettings) -> None:
         raise errors.InvalidInput(f"nbd_port {cfg.nbd_port} is outside 0-65535", code="config-range")
     if cfg.send_window_bytes < 1024 * 1024:
         raise errors.InvalidInput("send_window_bytes must be at least 1 MiB", code="config-range")
+    if cfg.journal_limit_bytes < 16 * 1024 * 1024:
+        raise errors.InvalidInput("journal_limit_bytes must be at least 16 MiB", code="config-range")
+    if not 0 <= cfg.journal_reserve_percent < 100:
+        raise errors.InvalidInput("journal_reserve_percent must be 0 to under 100", code="config-range")
     if not 1 <= cfg.delta_hash_blocks <= blockhash.MAX_BLOCKS_PER_CALL:
         raise errors.InvalidInput(
             f"delta_hash_blocks must be 1 to {blockhash.MAX_BLOCKS_PER_CALL}", code="config-range"
@@ -125,6 +129,8 @@ def run(cfg: SourceSettings, stop: threading.Event | None = None) -> int:
             thaw_script=cfg.thaw_script,
             hook_timeout_seconds=cfg.hook_timeout_seconds,
             delta_batch_blocks=cfg.delta_hash_blocks,
+            journal_limit_bytes=cfg.journal_limit_bytes,
+            journal_reserve_fraction=cfg.journal_reserve_percent / 100,
         ),
         hold_barrier=hold_barrier,
         notify=lambda: runtime.heartbeat_now.set(),

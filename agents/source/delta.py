@@ -248,12 +248,14 @@ class DeltaSync(InitialSync):
         self._wake()
         return None
 
-    def _done_frame(self) -> Produced:
+    def _done_frame(self) -> Produced | None:
         with self.disk.quiesced():
+            if self.journal.tracking:
+                return None  # blocks written meanwhile are marked: DONE comes after their catch-up
             frame = frames.sync_frame(
                 self.journal.pair_id, self.journal.lease.take(), rpb.SYNC_PHASE_INITIAL_DONE, self.disk.size
             )
-        self._done_sent = True
+            self._done_sent = True  # inside quiesced(): the catch-up sees it (`brackets`)
         self._behind.finish()
         return Produced(frame, self._acked_done)
 

@@ -64,6 +64,8 @@ class PairState:
     sync_started_seq: int = 0
     # Why the current sync runs when it is not the pair's first ("" otherwise): shown in its status.
     sync_cause: str = ""
+    # A catch-up of changed blocks (catchup.py) journaled INITIAL_STARTED and still owes INITIAL_DONE.
+    catchup_marked: bool = False
     # Tag ids of requested tags already inserted (requests repeat until the target has the point).
     tags_done: list[str] = field(default_factory=list)
 

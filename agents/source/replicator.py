@@ -11,6 +11,8 @@ assigned to this machine it runs a `PairReplicator`:
   blocks that differ; the kind is kept in the pair's state;
 - scan mode: periodic hash passes (scan.py); the first pass is the initial sync;
 - a *shipper* thread streams the frames to the process server (shipper.py);
+- a *catch-up* thread (nbd mode) journals the blocks marked while the pair's
+  journal was past its limit, once the process server catches up (catchup.py);
 - a *saver* thread saves the pair's state after acknowledgements (see
   `PairReplicator._save_loop`), so the shipper never waits on an fsync;
 - a *tagger* thread inserts recovery points: crash-consistent every
@@ -22,7 +24,8 @@ assigned to this machine it runs a `PairReplicator`:
   A multi-VM-consistent request is a barrier: at its `cut_at` the disk's writes
   are held and `hold_barrier(tag_id)` is asked until it answers COMMIT (insert
   the tag, let writes go) or ABORT (let writes go), at most `BARRIER_WAIT`.
-  Tags wait until the initial sync is done; none are taken while paused.
+  Tags wait until the initial sync is done and no changed block waits for its
+  catch-up (`consistent`); none are taken while paused.
 
 NBD exports: every configured disk is served from the agent's start (see
 daemon.py), assigned or not. While a disk has no nbd-mode pair its writes go
@@ -52,6 +55,7 @@ from siterecovery.common.pb import dataplane_pb2_grpc
 from siterecovery.common.pb import replication_pb2 as rpb
 
 from .capture import DiskCapture, PairJournal
+from .catchup import CatchUp
 from .delta import DEFAULT_BATCH_BLOCKS, DeltaSync
 from .hooks import run_hook
 from .pairstate import SYNC_COPYING, SYNC_DELTA, SYNC_DONE, SYNC_FULL, PairState, TagSpec, forget_pair
@@ -66,6 +70,7 @@ BARRIER_WAIT = 30.0
 BARRIER_POLL = 0.2
 MODE_NAMES = {rpb.REPLICATION_MODE_NBD: "nbd", rpb.REPLICATION_MODE_SCAN: "scan"}
 SYNC_CAUSE_UNCLEAN_SHUTDOWN = "resync-unclean-shutdown"
+JOURNAL_FULL = "journal-full"
 SYNC_KIND_NAMES = {rpb.SYNC_KIND_DELTA: SYNC_DELTA}  # anything else (UNSPECIFIED, FULL): full
 DEFAULT_CRASH_INTERVAL = 300
 DEFAULT_SCAN_INTERVAL = 300
@@ -86,6 +91,9 @@ class ReplicationOptions:
     hook_timeout_seconds: float = 60.0
     # Delta sync: blocks per BlockHashes call (64 KiB each).
     delta_batch_blocks: int = DEFAULT_BATCH_BLOCKS
+    # A pair's journal limit (0: none) and the share of the state volume kept free (capture.py).
+    journal_limit_bytes: int = 0
+    journal_reserve_fraction: float = 0.0
 
 
 Connect = Callable[[str, str], grpc.Channel]
@@ -119,9 +127,13 @@ class PairReplicator:
         self.stop = threading.Event()
         self.assignment: rpb.PairAssignment | None = None
         self.error: tuple[str, str] | None = None
-        self.journal = PairJournal(directory, state.pair_id)
+        self.journal = PairJournal(
+            directory, state.pair_id, limit_bytes=options.journal_limit_bytes,
+            reserve_fraction=options.journal_reserve_fraction,
+        )
         self.scan: ScanSource | None = None
         self.sync: InitialSync | None = None
+        self.catchup: CatchUp | None = None
         if state.mode == "nbd":
             if disk.journal is not None:
                 raise errors.Conflict(
@@ -153,6 +165,9 @@ class PairReplicator:
                 self.sync.start(cause=SYNC_CAUSE_UNCLEAN_SHUTDOWN if resync else "")
             self.journal.resync_recorded()
             self.source = self.sync
+            self.catchup = CatchUp(
+                disk, self.journal, state, save=self.save, sync_brackets=lambda: self.sync.brackets, stop=self.stop
+            )
         else:
             if is_new:
                 self._journal_started()
@@ -182,6 +197,7 @@ class PairReplicator:
         self._saved_done = state.sync_phase == SYNC_DONE
         self._save_thread: threading.Thread | None = None
         self._ship_thread: threading.Thread | None = None
+        self._catchup_thread: threading.Thread | None = None
         self._tag_thread: threading.Thread | None = None
         self._tag_wake = threading.Event()
         self._req_lock = threading.Lock()
@@ -288,6 +304,11 @@ class PairReplicator:
         if self._save_thread is None:
             self._save_thread = threading.Thread(target=self._save_loop, name=f"save-{self.pair_id}", daemon=True)
             self._save_thread.start()
+        if self.catchup is not None and self._catchup_thread is None:
+            self._catchup_thread = threading.Thread(
+                target=self.catchup.run, name=f"catchup-{self.pair_id}", daemon=True
+            )
+            self._catchup_thread.start()
         if self._ship_thread is not None and self._ship_thread.is_alive():
             return
         self.shipper.stop = threading.Event()
@@ -311,9 +332,12 @@ class PairReplicator:
         """Stop the threads; the journal stays attached until `detach()`."""
         self.stop.set()
         self._tag_wake.set()
+        self.journal.room.set()
         self._stop_shipping()
         if self._tag_thread is not None:
             self._tag_thread.join(10)
+        if self._catchup_thread is not None:
+            self._catchup_thread.join(10)
         self._stop_saver()
 
     def detach(self) -> None:
@@ -458,7 +482,7 @@ class PairReplicator:
             next_crash = min(next_crash, now + crash)  # the policy may have been shortened
             if next_app is not None and app:
                 next_app = min(next_app, now + app)
-            ready = not self.paused and self.error is None and self.source.done
+            ready = not self.paused and self.error is None and self.consistent
             if ready:
                 try:
                     self._take_requested()
@@ -496,6 +520,11 @@ class PairReplicator:
             with self._req_lock:
                 self._requests.pop(tag_id, None)
 
+    @property
+    def consistent(self) -> bool:
+        """Whether the stream, cut now, is a point: the sync is done and no changed block waits."""
+        return self.source.done and not (self.catchup is not None and self.catchup.pending)
+
     def insert_tag(self, tag: TagSpec) -> None:
         """Put `tag` into the stream now, at a write boundary."""
         if self.scan is not None:
@@ -503,6 +532,13 @@ class PairReplicator:
             self.shipper.wake()
             return
         with self.disk.quiesced():
+            if self.catchup is not None and self.catchup.pending:
+                raise errors.Unavailable(
+                    f"pair {self.pair_id} is catching up blocks written while its journal was full; "
+                    "no recovery point until they are sent",
+                    hint="wait for the pair to report replicating again",
+                    code=JOURNAL_FULL,
+                )
             seq = self.journal.lease.take()
             self.journal.append([
                 frames.tag_frame(
@@ -584,11 +620,21 @@ class PairReplicator:
         elif self.paused:
             status.state = rpb.PAIR_STATE_PAUSED
             status.reason = "paused by the controller; writes are still journaled"
-        elif not self.source.done:
+        elif not self.consistent:
             status.state = rpb.PAIR_STATE_INITIAL_SYNC
         else:
             status.state = rpb.PAIR_STATE_REPLICATING
-        if status.state in (rpb.PAIR_STATE_INITIAL_SYNC, rpb.PAIR_STATE_REPLICATING) and self.shipper.last_error:
+        if status.state == rpb.PAIR_STATE_INITIAL_SYNC and self.journal.tracking:
+            # Ahead of an unreachable process server (named in it): no recovery point is taken meanwhile.
+            unreachable = f"; cannot stream to the process server: {self.shipper.last_error}" if (
+                self.shipper.last_error) else ""
+            status.MergeFrom(rpb.PairStatus(
+                reason=f"the source journal is full: {self.journal.full_reason}; writes are tracked as changed "
+                f"blocks ({self.journal.dirty.dirty_bytes // 2**20} MiB marked) and sent once the process server "
+                f"catches up; no recovery point is taken until then{unreachable}",
+                reason_code=JOURNAL_FULL,
+            ))
+        elif status.state in (rpb.PAIR_STATE_INITIAL_SYNC, rpb.PAIR_STATE_REPLICATING) and self.shipper.last_error:
             status.reason = f"cannot stream to the process server: {self.shipper.last_error}"
             status.reason_code = "process-server-unreachable"
         elif status.state == rpb.PAIR_STATE_INITIAL_SYNC and isinstance(self.sync, DeltaSync) and self.sync.fetch_error:
@@ -601,7 +647,12 @@ class PairReplicator:
                 "kernel crash) while writes were not yet durable; only blocks that differ from the target are sent",
                 reason_code=SYNC_CAUSE_UNCLEAN_SHUTDOWN,
             ))
-        if self.sync is not None:
+        dirty = self.journal.dirty
+        if self.sync is not None and self.sync.done and dirty is not None and dirty.count:
+            status.sync_total_bytes = self.disk.size  # catching up: the share of the disk not marked
+            status.sync_done_bytes = max(0, self.disk.size - dirty.dirty_bytes)
+            status.sync_sent_bytes = self.state.sync_sent_bytes
+        elif self.sync is not None:
             self.sync.fill_status(status)
         else:
             status.sync_done_bytes = self.source.done_bytes
@@ -615,6 +666,13 @@ class PairReplicator:
         status.backlog_frames = log_.pending_frames_after(acked)
         status.backlog_bytes = log_.pending_bytes_after(acked)
         oldest = log_.oldest_captured_at_after(acked)
+        if dirty is not None and dirty.count:
+            # Marked blocks are writes the target does not have, the first from `since_ns` on.
+            status.backlog_bytes += dirty.dirty_bytes
+            marked = Timestamp()
+            marked.FromNanoseconds(dirty.since_ns)
+            if oldest is None or marked.ToNanoseconds() < oldest.ToNanoseconds():
+                oldest = marked
         if oldest is not None:
             status.oldest_pending_captured_at.CopyFrom(oldest)
         status.bytes_sent = self.shipper.bytes_sent

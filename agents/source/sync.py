@@ -104,6 +104,12 @@ class InitialSync:
     def _restarted_locked(self) -> None:
         """The sync starts over from byte 0 (with the lock held): forget what was made."""
 
+    @property
+    def brackets(self) -> bool:
+        """Whether this sync will still send INITIAL_DONE. Ask inside `DiskCapture.quiesced()`, where
+        `_done_sent` is set; no lock (DeltaSync holds its lock while it waits for quiesced())."""
+        return not self.done and not self._done_sent
+
     def fill_status(self, status: rpb.PairStatus) -> None:
         """The sync's share of the pair's status."""
         status.sync_done_bytes = self.done_bytes
@@ -125,9 +131,11 @@ class InitialSync:
         pair = self.journal.pair_id
         if pos >= size:
             with self.disk.quiesced():
+                if self.journal.tracking:
+                    return None  # blocks written meanwhile are marked: DONE comes after their catch-up
                 frame = frames.sync_frame(pair, self.journal.lease.take(), rpb.SYNC_PHASE_INITIAL_DONE, size)
-            with self._lock:
-                self._done_sent = True
+                with self._lock:
+                    self._done_sent = True  # inside quiesced(): the catch-up sees it (`brackets`)
             self._behind.finish()
             return Produced(frame, self._acked_done)
         body = None  # a write chunk's frame comes serialized already

@@ -9,37 +9,19 @@ does not depend on what else this machine's disk holds).
 from __future__ import annotations
 
 import os
-import subprocess
-from collections.abc import Iterator
-from contextlib import contextmanager
 from pathlib import Path
 
 import pytest
 
 from siterecovery.controller import launcher
 
+from ..tmpfs import tmpfs
 from .conftest import wait_for
 from .replication_site import MiB, ReplicatingSite, sha256
 
 pytestmark = pytest.mark.slow
 
 DISK_SIZE = 32 * MiB
-
-
-@contextmanager
-def tmpfs(mount: Path, size: str, what: str) -> Iterator[Path]:
-    """A small tmpfs at `mount` for the test's lifetime: "full" is real, whatever this machine's disk holds."""
-    mount.mkdir()
-    result = subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={size}", "tmpfs", str(mount)], capture_output=True,
-                            text=True)
-    if result.returncode != 0:
-        if os.environ.get("CI", "").lower() == "true":
-            pytest.fail(f"cannot mount a tmpfs for the {what}: {result.stderr}")
-        pytest.skip(f"needs root to mount a tmpfs: {result.stderr.strip()}")
-    try:
-        yield mount
-    finally:
-        subprocess.run(["umount", "-l", str(mount)], check=False)
 
 
 @pytest.fixture
@@ -128,3 +110,32 @@ def test_a_full_spool_holds_the_source_back_and_loses_nothing(rsite: Replicating
     applied = int(pair["applied_bytes_total"]) - base_applied
     assert applied <= 24 * MiB + 4 * MiB, f"{applied} bytes applied for 24 MiB written: a resync?"
     assert not held_back(), "the spool problem clears once the master target drains it"
+
+
+def test_a_full_source_state_volume_fails_no_write_and_the_changed_blocks_follow(rsite: ReplicatingSite, tmp_path: Path):
+    """The process server is away and the source agent's state volume (its pairs' journals) runs
+    out of room. Every write of the machine still succeeds: past the volume's reserve the pair
+    tracks changed blocks instead of journaling (journal-full). When the process server returns,
+    the changed blocks travel, the target equals the source, and the pair replicates again."""
+    rsite.start(disk_size=DISK_SIZE, data_bytes=4 * MiB)
+    with tmpfs(rsite.root / "source-agent" / "pairs", "12m", "source state volume"):
+        rsite.enable()
+        pair = rsite.wait_replicating()
+        launcher.stop(rsite.agents["process-server"])
+        # Twice what the state volume holds; the source acknowledges every write (fio fails otherwise).
+        rsite.fio(size="24M", bs="64k", rw="randwrite")
+        expected = sha256(rsite.disk)
+
+        def tracking():
+            pair = rsite.pair()
+            return pair if pair.get("reason_code") == "journal-full" else None
+
+        pair = wait_for(tracking, timeout=60, what="the pair to report journal-full")
+        print(f"[space] source state volume full: {pair['reason']}")
+        assert pair["state"] == "initial-sync" and "journal_reserve_percent" in pair["reason"]
+        assert "cannot stream to the process server" in pair["reason"]
+
+        rsite.restart("process-server")
+        pair = rsite.wait_caught_up(timeout=180)
+        assert pair["state"] == "replicating"
+        assert sha256(Path(pair["target_path"])) == expected

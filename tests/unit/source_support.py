@@ -5,7 +5,9 @@ checks every frame (`frames.validate`, `frames.verify`), refuses a seq that does
 not increase within a stream, ignores (and acks) one it already holds, applies
 writes and zeroed ranges to a sparse target image, and acks each frame. Knobs:
 `send_acks` (clear it to hold acks back while still storing frames: an ack
-lost), `break_after` (end the stream with UNAVAILABLE after that many frames),
+lost), `accepting` (clear it to stop reading the streams, as a process server
+with a full spool does: flow control holds the source back, and acks resume
+once it is set again), `break_after` (end the stream with UNAVAILABLE after that many frames),
 `reset()` (a rebuilt process server that holds nothing).
 
 BlockHashes answers from that same target image (as the master target would:
@@ -103,6 +105,8 @@ class FakeProcessServer(dataplane_pb2_grpc.ProcessServerServicer):
         self.lock = threading.Lock()
         self.send_acks = threading.Event()
         self.send_acks.set()
+        self.accepting = threading.Event()
+        self.accepting.set()
         self.break_after: int | None = None
         self.errors: list[str] = []
         self.hash_failures = 0
@@ -185,6 +189,9 @@ class FakeProcessServer(dataplane_pb2_grpc.ProcessServerServicer):
         last_in_stream = 0
         count = 0
         for message in request_iterator:
+            while not self.accepting.wait(0.1):  # holding the stream back; a cancelled call ends it
+                if not context.is_active():
+                    return
             if message.WhichOneof("kind") == "batch" and not self.accepts_batches:
                 self.errors.append("a batch sent to a process server that did not ask for batches")
                 context.abort(grpc.StatusCode.INVALID_ARGUMENT, "no batches here")

@@ -1,0 +1,142 @@
+"""Changed-block tracking for a pair whose journal is full: one bit per 64 KiB block, in a file.
+
+When a pair's journal reaches its limit (bytes, or the state volume's free
+space; capture.py, "Journal limit"), the committer stops journaling that
+pair's writes: each still goes to the disk file, and the blocks it touches
+are marked here instead. Once the process server has caught up, the pair's
+catch-up (catchup.py) reads the marked blocks from the disk and journals them
+as ordinary writes, clearing their bits, and the pair journals writes again
+once no bit is left. So a guest that writes faster than replication carries,
+or a process server that is away for long, costs RPO and a resend of the
+blocks it touched, never a failed guest write.
+
+File layout (`dirty.map` in the pair's directory, mapped shared)::
+
+    u64 magic | u64 since (ns since the epoch, 0: nothing marked) | bits
+
+Bit i (little-endian within each byte) covers bytes [i, i+1) x BLOCK_BYTES of
+the disk. `since` is when the first bit of the current run was marked: the
+oldest write the target does not have, for the pair's RPO.
+
+What a crash leaves: the map is written through a shared mapping, so a kill
+-9 loses nothing (the page cache keeps it). A bit is always marked before the
+write it covers reaches the disk file, and cleared only after the block's
+contents are journaled, so every interleaving with a kill leaves at most a
+bit too many (one block sent twice). A power loss may lose or tear unsynced
+pages; a journal that was in use then makes the pair resynchronise the whole
+disk anyway (capture.py, "Write-back"), and where there is no write-back the
+committer syncs the map with every commit that marks it (`sync`).
+
+Threads: `mark` runs on the disk's committer, `next_run` and `clear` inside
+`DiskCapture.quiesced()` (so never at the same time as a commit); the
+counters may be read from anywhere.
+"""
+
+from __future__ import annotations
+
+import mmap
+import os
+import struct
+import time
+from pathlib import Path
+
+from bitarray import bitarray
+
+from siterecovery.common.logging import get_logger
+
+log = get_logger(__name__)
+
+BLOCK_BYTES = 64 * 1024
+DIRTY_FILE = "dirty.map"
+_MAGIC = 0x3170_614D_7974_7244  # "DrtyMap1", little-endian
+_HEADER = struct.Struct("<QQ")
+
+
+class DirtyMap:
+    """The marked blocks of one disk of `disk_size` bytes, kept in `path`. See the module docstring."""
+
+    def __init__(self, path: Path, disk_size: int) -> None:
+        self.path = Path(path)
+        self.disk_size = disk_size
+        self.blocks = -(-disk_size // BLOCK_BYTES)
+        size = _HEADER.size + max(1, -(-self.blocks // 8))
+        fd = os.open(self.path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+        try:
+            found = os.fstat(fd).st_size
+            if found not in (0, size):
+                # Made for a disk of another size (the pair then stops with disk-size-changed):
+                # start again with every block marked, so nothing it tracked can be missed.
+                log.warning("changed-block map does not fit the disk; marking every block", path=str(self.path))
+                os.ftruncate(fd, 0)
+            # Allocated, not sparse: a store into a hole of a full file system would be a SIGBUS.
+            os.posix_fallocate(fd, 0, size)
+            self._map = mmap.mmap(fd, size)
+        finally:
+            os.close(fd)
+        magic, since = _HEADER.unpack_from(self._map, 0)
+        self._bits = bitarray(buffer=memoryview(self._map)[_HEADER.size:], endian="little")
+        if magic != _MAGIC:
+            fresh = found == 0
+            self._bits.setall(0)
+            if not fresh:
+                self._bits[: self.blocks] = 1
+            since = 0 if fresh else time.time_ns()
+            _HEADER.pack_into(self._map, 0, _MAGIC, since)
+        self.count = self._bits.count(1, 0, self.blocks)
+        self._since = since if self.count else 0
+
+    @property
+    def dirty_bytes(self) -> int:
+        """Bytes of the marked blocks (the last block counts whole)."""
+        return self.count * BLOCK_BYTES
+
+    @property
+    def since_ns(self) -> int:
+        """When the first of the marked blocks was marked (0: none is)."""
+        return self._since if self.count else 0
+
+    def _span(self, offset: int, length: int) -> tuple[int, int]:
+        return offset // BLOCK_BYTES, min(self.blocks, -(-(offset + length) // BLOCK_BYTES))
+
+    def mark(self, offset: int, length: int) -> None:
+        """Mark every block [offset, offset+length) touches."""
+        first, end = self._span(offset, length)
+        if first >= end:
+            return
+        already = self._bits.count(1, first, end)
+        if already == end - first:
+            return
+        if not self.count:
+            self._since = time.time_ns()
+            _HEADER.pack_into(self._map, 0, _MAGIC, self._since)
+        self._bits[first:end] = 1
+        self.count += end - first - already
+
+    def next_run(self, offset: int, max_bytes: int) -> tuple[int, int] | None:
+        """The first run of marked blocks at or after `offset` (at most `max_bytes`, whole blocks
+        unless at the disk's end) as (offset, length), or None when none is marked there."""
+        first = self._bits.find(1, offset // BLOCK_BYTES, self.blocks)
+        if first < 0:
+            return None
+        limit = min(self.blocks, first + max(1, max_bytes // BLOCK_BYTES))
+        end = self._bits.find(0, first, limit)
+        if end < 0:
+            end = limit
+        start = first * BLOCK_BYTES
+        return start, min(end * BLOCK_BYTES, self.disk_size) - start
+
+    def clear(self, offset: int, length: int) -> None:
+        """Unmark the blocks of a run `next_run` gave (their contents are journaled)."""
+        first, end = self._span(offset, length)
+        if first >= end:
+            return
+        self.count -= self._bits.count(1, first, end)
+        self._bits[first:end] = 0
+
+    def sync(self) -> None:
+        """Make the map durable (msync)."""
+        self._map.flush()
+
+    def close(self) -> None:
+        self._bits = bitarray()  # releases its view of the mapping, which can then close
+        self._map.close()
