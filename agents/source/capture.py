@@ -379,11 +379,13 @@ class PairJournal:
             self._write_boot(clean=False)
 
     def flush(self) -> None:
-        """Make every frame journaled so far durable (an NBD FLUSH)."""
+        """Make every frame journaled so far durable (an NBD FLUSH), and what the changed-block map holds."""
         try:
             self.log.sync()
         except errors.SiteRecoveryError as exc:
             raise OSError(errno.EIO, exc.message) from exc
+        if self.dirty is not None and self.dirty.count:
+            self.dirty.sync()
 
     def remember(self, records: list[tuple[int, bytes]]) -> None:
         """The committer journaled `records` (seq, serialized frame): keep them for the shipper.
@@ -580,9 +582,9 @@ class DiskCapture:
     def attach(self, journal: PairJournal) -> None:
         """Journal every write from now on; first replay what the journal holds unreleased."""
         with self.quiesced():
-            replayed = self._replay(journal)
             if journal.dirty is None:
                 journal.dirty = DirtyMap(journal.directory / DIRTY_FILE, self._size)
+            replayed = self._replay(journal)
             journal.applied_seq = journal.log.last_seq
             journal.disk = self
             self._journal = journal
@@ -597,7 +599,13 @@ class DiskCapture:
         return journal
 
     def _replay(self, journal: PairJournal) -> int:
+        """Put the journal's unreleased frames onto the disk file, except those a tracked write
+        followed (all on the disk file already, and older than it: dirtymap.py, `applied_through`)."""
         first = journal.log.first_pending_seq
+        if journal.dirty is not None and first is not None:
+            first = max(first, journal.dirty.applied_through + 1)
+            if first > journal.log.last_seq:
+                return 0
         if first is None:
             return 0
         count = 0
@@ -813,8 +821,9 @@ class DiskCapture:
         dirty = journal.dirty
         assert dirty is not None
         starting = not dirty.count
+        applied_through = journal.log.last_seq  # every journaled frame is on the disk file by now
         for item in batch:
-            dirty.mark(item.offset, item.length)
+            dirty.mark(item.offset, item.length, applied_through)
         if not journal.write_back:
             dirty.sync()  # every commit is durable without write-back: so is what marks it
         if starting:

@@ -12,11 +12,17 @@ blocks it touched, never a failed guest write.
 
 File layout (`dirty.map` in the pair's directory, mapped shared)::
 
-    u64 magic | u64 since (ns since the epoch, 0: nothing marked) | bits
+    u64 magic | u64 since | u64 applied_through | bits
 
 Bit i (little-endian within each byte) covers bytes [i, i+1) x BLOCK_BYTES of
-the disk. `since` is when the first bit of the current run was marked: the
-oldest write the target does not have, for the pair's RPO.
+the disk. `since` (ns since the epoch, 0: nothing marked) is when the first
+bit of the current run was marked: the oldest write the target does not have,
+for the pair's RPO. `applied_through` is the journal's last seq at the latest
+mark: every journaled frame up to it was on the disk file before that write
+(the committer applies a commit before it takes the next), so a restart must
+not replay them (capture.py, `DiskCapture.attach`): the journal still holds
+them for the next hop, but on the disk file a write made since, only marked
+here, is newer than they are.
 
 What a crash leaves: the map is written through a shared mapping, so a kill
 -9 loses nothing (the page cache keeps it). A bit is always marked before the
@@ -49,7 +55,7 @@ log = get_logger(__name__)
 BLOCK_BYTES = 64 * 1024
 DIRTY_FILE = "dirty.map"
 _MAGIC = 0x3170_614D_7974_7244  # "DrtyMap1", little-endian
-_HEADER = struct.Struct("<QQ")
+_HEADER = struct.Struct("<QQQ")
 
 
 class DirtyMap:
@@ -73,7 +79,7 @@ class DirtyMap:
             self._map = mmap.mmap(fd, size)
         finally:
             os.close(fd)
-        magic, since = _HEADER.unpack_from(self._map, 0)
+        magic, since, applied_through = _HEADER.unpack_from(self._map, 0)
         self._bits = bitarray(buffer=memoryview(self._map)[_HEADER.size:], endian="little")
         if magic != _MAGIC:
             fresh = found == 0
@@ -81,9 +87,11 @@ class DirtyMap:
             if not fresh:
                 self._bits[: self.blocks] = 1
             since = 0 if fresh else time.time_ns()
-            _HEADER.pack_into(self._map, 0, _MAGIC, since)
+            applied_through = 0 if fresh else 2**63  # damaged: replay nothing (every block is marked)
+            _HEADER.pack_into(self._map, 0, _MAGIC, since, applied_through)
         self.count = self._bits.count(1, 0, self.blocks)
         self._since = since if self.count else 0
+        self.applied_through = applied_through
 
     @property
     def dirty_bytes(self) -> int:
@@ -98,17 +106,20 @@ class DirtyMap:
     def _span(self, offset: int, length: int) -> tuple[int, int]:
         return offset // BLOCK_BYTES, min(self.blocks, -(-(offset + length) // BLOCK_BYTES))
 
-    def mark(self, offset: int, length: int) -> None:
-        """Mark every block [offset, offset+length) touches."""
+    def mark(self, offset: int, length: int, applied_through: int) -> None:
+        """Mark every block [offset, offset+length) touches, before the write reaches the disk file;
+        `applied_through`: the journal's last seq (every frame up to it is on the disk file)."""
         first, end = self._span(offset, length)
         if first >= end:
             return
+        if not self.count:
+            self._since = time.time_ns()
+        if applied_through != self.applied_through or not self.count:
+            self.applied_through = applied_through
+            _HEADER.pack_into(self._map, 0, _MAGIC, self._since, applied_through)
         already = self._bits.count(1, first, end)
         if already == end - first:
             return
-        if not self.count:
-            self._since = time.time_ns()
-            _HEADER.pack_into(self._map, 0, _MAGIC, self._since)
         self._bits[first:end] = 1
         self.count += end - first - already
 

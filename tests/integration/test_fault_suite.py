@@ -144,3 +144,57 @@ def test_kill9_of_every_daemon_again_and_again_loses_nothing(rsite: ReplicatingS
         f"{len(writer.acked)} blocks, {writer.reconnects} writer reconnects; {applied // MiB} MiB applied; "
         "every acknowledged write, the target and the point held"
     )
+
+
+@pytest.mark.timeout(600)
+def test_kill9_of_the_source_while_its_pair_tracks_and_catches_up_loses_nothing(rsite: ReplicatingSite):
+    """The process server is away long enough for the source's journal to pass its limit, so the
+    pair tracks changed blocks (capture.py, "Journal limit"); the source agent is killed -9 while it
+    tracks and again while it catches up. Every acknowledged write is on the disk, and the target
+    and a point taken afterwards equal the source: the map of changed blocks outlived each kill."""
+    rng = random.Random(f"{SEED}-tracking")
+    rsite.start(disk_size=DISK, data_bytes=4 * MiB, seed=rng.randrange(1 << 30),
+                source_extra={"send_window_bytes": WINDOW, "journal_limit_bytes": 16 * MiB})
+    rsite.enable()
+    rsite.wait_replicating()
+    rsite.wait_caught_up()
+
+    writer = Writer(rsite, random.Random(rng.randrange(1 << 30)))
+    writer.start()
+    kills = 0
+    try:
+        rsite.kill9("process-server")
+        wait_for(lambda: rsite.pair().get("reason_code") == "journal-full" or writer.failure, timeout=120,
+                 what="the pair to track changed blocks")
+        for _ in range(3):  # while it tracks
+            target = writer.written + rng.randrange(1, 40) * BLOCK
+            wait_for(lambda t=target: writer.written >= t or writer.failure, timeout=60, what="writes before a kill")
+            rsite.kill9("source-agent")
+            rsite.restart("source-agent")
+            kills += 1
+        wait_for(lambda: rsite.pair().get("reason_code") == "journal-full" or writer.failure, timeout=120,
+                 what="the restarted source to track again")
+        rsite.restart("process-server")
+        for _ in range(3):  # while it catches up (or just after)
+            target = writer.written + rng.randrange(1, 20) * BLOCK
+            wait_for(lambda t=target: writer.written >= t or writer.failure, timeout=60, what="writes before a kill")
+            rsite.kill9("source-agent")
+            rsite.restart("source-agent")
+            kills += 1
+    finally:
+        writer.stop.set()
+        writer.join(timeout=60)
+    assert writer.failure is None, f"the writer failed: {writer.failure!r}"
+
+    with open(rsite.disk, "rb") as disk:
+        for block, payload in writer.acked.items():
+            if block not in writer.unknown:
+                disk.seek(block * BLOCK)
+                assert disk.read(BLOCK) == payload, f"the acknowledged write to block {block} was lost"
+    tag = rsite.create_point()
+    at_tag = sha256(rsite.disk)
+    pair = rsite.wait_caught_up(timeout=180)
+    assert sha256(Path(pair["target_path"])) == at_tag
+    assert sha256(Path(rsite.materialize(tag)["path"])) == at_tag
+    print(f"[fault suite] tracking: {kills} kills of the source agent, {writer.written // MiB} MiB written, "
+          f"{writer.reconnects} writer reconnects; every acknowledged write, the target and the point held")

@@ -36,10 +36,10 @@ def test_the_map_marks_whole_blocks_finds_runs_and_keeps_them_across_reopening(t
     dirty = DirtyMap(path, 10 * B + 5)
     try:
         assert dirty.count == 0 and dirty.since_ns == 0 and dirty.next_run(0, MiB) is None
-        dirty.mark(B + 10, 20)  # inside block 1
-        dirty.mark(3 * B, 2 * B + 1)  # blocks 3, 4 and 5
-        dirty.mark(10 * B, 5)  # the short last block
-        assert dirty.count == 5 and dirty.since_ns > 0
+        dirty.mark(B + 10, 20, 7)  # inside block 1
+        dirty.mark(3 * B, 2 * B + 1, 7)  # blocks 3, 4 and 5
+        dirty.mark(10 * B, 5, 9)  # the short last block
+        assert dirty.count == 5 and dirty.since_ns > 0 and dirty.applied_through == 9
         assert dirty.next_run(0, MiB) == (B, B)
         assert dirty.next_run(2 * B, MiB) == (3 * B, 3 * B)
         assert dirty.next_run(2 * B, B) == (3 * B, B)  # at most max_bytes
@@ -48,7 +48,7 @@ def test_the_map_marks_whole_blocks_finds_runs_and_keeps_them_across_reopening(t
         dirty.close()
     dirty = DirtyMap(path, 10 * B + 5)  # what a restart (or a kill -9: the page cache) finds
     try:
-        assert dirty.count == 5
+        assert dirty.count == 5 and dirty.applied_through == 9
         dirty.clear(3 * B, 3 * B)
         assert dirty.count == 2 and dirty.next_run(2 * B, MiB) == (10 * B, 5)
     finally:
@@ -76,8 +76,9 @@ def test_a_map_that_does_not_fit_marks_every_block(tmp_path, damage):
 
 def _attached(tmp_path, state_dir=None, disk_size=8 * MiB, **limits) -> tuple[DiskCapture, PairJournal]:
     image = tmp_path / "disk.img"
-    with open(image, "wb") as f:
-        f.truncate(disk_size)
+    if not image.exists():
+        with open(image, "wb") as f:
+            f.truncate(disk_size)
     disk = DiskCapture("disk0", image)
     journal = PairJournal(state_dir or tmp_path / "pair", "pair-1", boot_id="boot-a", **limits)
     disk.attach(journal)
@@ -109,6 +110,32 @@ def test_past_the_limit_writes_succeed_and_their_blocks_are_marked_not_journaled
         journal.log.release_through(journal.log.last_seq)
         disk.write(0, b"x" * 4096, fua=True)
         assert journal.log.last_seq == journaled and dirty.count == 48 - journaled + 2
+    finally:
+        journal.close()
+        disk.close()
+
+
+def test_a_restart_does_not_replay_journaled_frames_over_a_write_tracked_after_them(tmp_path, monkeypatch):
+    """The journal still holds frames the next hop has not acknowledged, and a write tracked after
+    them changed the same block: replaying them at attach would put the older contents back."""
+    monkeypatch.setattr(capture, "ROOM_CHECK_SECONDS", 0.0)
+    disk, journal = _attached(tmp_path, limit_bytes=MiB)
+    try:
+        disk.write(0, b"old" * 4096, fua=False)  # journaled
+        for i in range(1, 20):  # past the limit
+            disk.write(i * B, bytes([i]) * B, fua=False)
+        assert journal.tracking
+        disk.write(0, b"new" * 4096, fua=False)  # tracked, and newer than the journaled write
+        journaled = journal.log.last_seq
+    finally:
+        journal.log.close()  # as a kill -9 leaves it: nothing released, the journal not closed cleanly
+        journal.dirty.close()
+        disk.close()
+    disk, journal = _attached(tmp_path, limit_bytes=MiB)
+    try:
+        assert journal.log.last_seq == journaled and journal.log.first_pending_seq == 1  # still to be sent
+        assert os.pread(disk.fd, 3 * 4096, 0) == b"new" * 4096
+        assert journal.dirty.next_run(0, B) == (0, B)  # and the catch-up will send it
     finally:
         journal.close()
         disk.close()
