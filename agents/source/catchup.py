@@ -115,7 +115,8 @@ class CatchUp:
                 self._finish_locked()
                 return False
             records: list[tuple[int, bytes]] = []
-            if not self.state.catchup_marked and not self._sync_brackets():
+            marking = not self.state.catchup_marked and not self._sync_brackets()
+            if marking:
                 self.state.catchup_marked = True
                 self._save()
                 started = frames.sync_frame(
@@ -135,7 +136,12 @@ class CatchUp:
                 body = frames.serialized_write(journal.pair_id, seq, offset, data)
                 self.sent_bytes += length
             records.append((seq, body))
-            journal.append_read_back(records)
+            try:
+                journal.append_read_back(records)
+            except BaseException:
+                if marking:  # the STARTED went nowhere: the next try journals it again
+                    self.state.catchup_marked = False
+                raise
             dirty.clear(offset, length)
             self._pos = offset + length
             if not dirty.count:

@@ -40,6 +40,7 @@ counters may be read from anywhere.
 
 from __future__ import annotations
 
+import errno
 import mmap
 import os
 import struct
@@ -48,6 +49,7 @@ from pathlib import Path
 
 from bitarray import bitarray
 
+from siterecovery.common import errors
 from siterecovery.common.logging import get_logger
 
 log = get_logger(__name__)
@@ -66,19 +68,14 @@ class DirtyMap:
         self.disk_size = disk_size
         self.blocks = -(-disk_size // BLOCK_BYTES)
         size = _HEADER.size + max(1, -(-self.blocks // 8))
-        fd = os.open(self.path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
         try:
-            found = os.fstat(fd).st_size
-            if found not in (0, size):
-                # Made for a disk of another size (the pair then stops with disk-size-changed):
-                # start again with every block marked, so nothing it tracked can be missed.
-                log.warning("changed-block map does not fit the disk; marking every block", path=str(self.path))
-                os.ftruncate(fd, 0)
-            # Allocated, not sparse: a store into a hole of a full file system would be a SIGBUS.
-            os.posix_fallocate(fd, 0, size)
-            self._map = mmap.mmap(fd, size)
-        finally:
-            os.close(fd)
+            self._map, found = self._open(size)
+        except OSError as exc:
+            raise errors.Unavailable(
+                f"cannot open the changed-block map {self.path}: {exc.strerror or exc}",
+                hint="free space on the source agent's state volume (or fix its permissions), then restart the agent",
+                code="disk-full" if exc.errno in (errno.ENOSPC, errno.EDQUOT) else "disk-error",
+            ) from exc
         magic, since, applied_through = _HEADER.unpack_from(self._map, 0)
         self._bits = bitarray(buffer=memoryview(self._map)[_HEADER.size:], endian="little")
         if magic != _MAGIC:
@@ -92,6 +89,22 @@ class DirtyMap:
         self.count = self._bits.count(1, 0, self.blocks)
         self._since = since if self.count else 0
         self.applied_through = applied_through
+
+    def _open(self, size: int) -> tuple[mmap.mmap, int]:
+        """The file mapped, `size` bytes, and the size it had."""
+        fd = os.open(self.path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+        try:
+            found = os.fstat(fd).st_size
+            if found not in (0, size):
+                # Made for a disk of another size (the pair then stops with disk-size-changed):
+                # start again with every block marked, so nothing it tracked can be missed.
+                log.warning("changed-block map does not fit the disk; marking every block", path=str(self.path))
+                os.ftruncate(fd, 0)
+            # Allocated, not sparse: a store into a hole of a full file system would be a SIGBUS.
+            os.posix_fallocate(fd, 0, size)
+            return mmap.mmap(fd, size), found
+        finally:
+            os.close(fd)
 
     @property
     def dirty_bytes(self) -> int:

@@ -11,8 +11,10 @@ from __future__ import annotations
 import hashlib
 import os
 import random
+import re
 import signal
 import subprocess
+import urllib.request
 from pathlib import Path
 from typing import Any
 
@@ -91,7 +93,9 @@ class ReplicatingSite(Site):
         for number, name in enumerate(sources):
             disk = self.disk_of(name)
             make_image(disk, disk_size, data_bytes=data_bytes, seed=seed + number)
-            extras[name] = {"disks": [{"path": str(disk), "name": "disk0"}], "nbd_port": 0, **(source_extra or {})}
+            # Its live metrics tell `wait_caught_up` what the source has produced (heartbeats lag).
+            extras[name] = {"disks": [{"path": str(disk), "name": "disk0"}], "nbd_port": 0,
+                            "metrics_listen": "127.0.0.1:0", **(source_extra or {})}
         for name, extra in extras.items():
             config, _state_dir = self.agent_config(_daemon_of(name), name, passphrase_file=passphrase, **extra)
             self.configs[name] = config
@@ -184,14 +188,31 @@ class ReplicatingSite(Site):
 
         return wait_for(replicating, timeout=timeout, what="initial sync")
 
+    def source_last_seq(self, source: str = SOURCE) -> int:
+        """The highest seq the source agent has produced, read from it now (its metrics page;
+        0 when it does not answer). A write acknowledged before this call has a seq at or below it."""
+        state = daemon_state.read_state_file(self.root / source, "source-agent") or {}
+        port = state.get("metrics_port")
+        if not port:
+            return 0
+        try:
+            with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=10) as page:
+                text = page.read().decode()
+        except OSError:
+            return 0
+        seqs = re.findall(r"^siterecovery_pair_last_seq\{[^}]*\} ([0-9.e+]+)$", text, re.MULTILINE)
+        return max((int(float(seq)) for seq in seqs), default=0)
+
     def wait_caught_up(self, timeout: float = 60.0, *, source: str = SOURCE) -> dict:
-        """Until the master target applied everything the source produced."""
+        """Until the master target applied everything the source produced before this call (the
+        source's own count, not only its last heartbeat, which may predate the latest writes)."""
+        produced = self.source_last_seq(source)
 
         def caught_up():
             pair = self.pair(source)
             done = (
                 pair["state"] == "replicating"
-                and int(pair.get("applied_seq", 0)) >= int(pair.get("source_seq", 0)) > 0
+                and int(pair.get("applied_seq", 0)) >= max(int(pair.get("source_seq", 0)), produced) > 0
                 and pair.get("rpo_seconds") == 0
             )
             return pair if done else None

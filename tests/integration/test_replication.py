@@ -46,7 +46,9 @@ def test_writes_through_nbd_reach_the_target_and_every_point_materialises_exactl
     backs = [int(p["point"].get("journal_bytes_back", 0)) for p in points if p["point"]["tag_id"] in expected]
     assert backs == sorted(backs, reverse=True), "older points need more journal"
 
-    rsite.wait_caught_up()
+    caught_up = rsite.wait_caught_up()
+    # The harness's barrier reads the source's own count: it must see every seq the view has.
+    assert rsite.source_last_seq() >= int(caught_up["source_seq"]) > 0
     latest = rsite.materialize("latest")
     assert latest["path"] == pair["target_path"] and not latest.get("copied", False)
     assert sha256(Path(latest["path"])) == sha256(rsite.disk) == expected[last]

@@ -309,3 +309,35 @@ def test_blocks_marked_during_the_initial_sync_hold_its_done_back_until_they_are
         assert _markers(site) == [rpb.SYNC_PHASE_INITIAL_STARTED, rpb.SYNC_PHASE_INITIAL_DONE]
     finally:
         source.close()
+
+
+def test_a_catch_up_whose_first_append_fails_journals_its_start_marker_on_the_next_try(site, tmp_path, monkeypatch):
+    monkeypatch.setattr(capture, "ROOM_CHECK_SECONDS", 0.0)
+    size = 32 * MiB
+    image = make_image(tmp_path / "disk0.img", size, data_bytes=4 * MiB, seed=SEED)
+    source = Source(site, tmp_path / "source", image, window=MiB, journal_limit_bytes=2 * MiB)
+    rng = random.Random(SEED + 3)
+    try:
+        source.replication.apply_assignments([site.assignment(PAIR, "disk0", size)], [])
+        wait_for(lambda: caught_up(site, source), what="the initial sync")
+        pair = source.replication.pair(PAIR)
+        site.ps.accepting.clear()
+        _write_randomly(source.disk, size, 200, rng)
+        assert pair.journal.tracking
+        real = pair.journal.append_read_back
+        failures = []
+
+        def fails_once(records):
+            if not failures:
+                failures.append(len(records))
+                raise OSError(5, "the state volume failed once")
+            real(records)
+
+        pair.journal.append_read_back = fails_once
+        site.ps.accepting.set()
+        wait_for(lambda: caught_up(site, source) and not pair.catchup.pending, timeout=60, what="the catch-up")
+        assert failures == [2]  # the first try carried the STARTED marker and the first run
+        assert _markers(site) == [rpb.SYNC_PHASE_INITIAL_STARTED, rpb.SYNC_PHASE_INITIAL_DONE] * 2
+        assert sha(site.ps.record(PAIR).target) == sha(image)
+    finally:
+        source.close()
