@@ -32,7 +32,7 @@ from __future__ import annotations
 import threading
 from collections.abc import Callable
 
-from siterecovery.common import errors, frames
+from siterecovery.common import frames
 from siterecovery.common.logging import get_logger
 from siterecovery.common.pb import replication_pb2 as rpb
 
@@ -86,10 +86,10 @@ class CatchUp:
             try:
                 busy = self.step()
                 self.error = ""
-            except (OSError, errors.SiteRecoveryError) as exc:
+            except Exception as exc:  # a full volume, an I/O error, or a bug: the marks stay; try again
                 self.error = getattr(exc, "message", None) or str(exc)
-                log.error("catching up the changed blocks failed; retrying", pair=self.journal.pair_id,
-                          error=self.error)
+                log.exception("catching up the changed blocks failed; retrying", pair=self.journal.pair_id,
+                              error=self.error)
                 self._stop.wait(RETRY_SECONDS)
                 continue
             if not busy:

@@ -628,6 +628,8 @@ class PairReplicator:
             # Ahead of an unreachable process server (named in it): no recovery point is taken meanwhile.
             unreachable = f"; cannot stream to the process server: {self.shipper.last_error}" if (
                 self.shipper.last_error) else ""
+            if self.catchup is not None and self.catchup.error:
+                unreachable += f"; sending them failed (retrying): {self.catchup.error}"
             status.MergeFrom(rpb.PairStatus(
                 reason=f"the source journal is full: {self.journal.full_reason}; writes are tracked as changed "
                 f"blocks ({self.journal.dirty.dirty_bytes // 2**20} MiB marked) and sent once the process server "
