@@ -1,6 +1,7 @@
 """Continuous replication (issue 7, item 3): RPO and backlog under a steady write load.
 
     .venv/bin/python -m bench.continuous [--size 1G] [--seconds 300] [--rate 40M] [--heartbeat 0.3]
+                                         [--journal-limit 8G] [--spool-limit 400G]
 
 One replicating site of the integration harness (real daemons, mutual TLS,
 127.0.0.1 port 0) protects a disk of random data. The full sync is timed
@@ -20,6 +21,14 @@ The RPO is what the configuration server computes from the agents' heartbeats:
 now minus the oldest write not yet applied as last reported, so it includes up
 to one heartbeat interval of report age (`--heartbeat`: every daemon's, 0.3 s
 by default as in the tests; production's is 10 s).
+
+`--journal-limit` sets the source agent's `journal_limit_bytes` (default: the
+agent's, 8 GiB), `--spool-limit` the process server's `spool_limit_bytes`. A
+load above what the pipeline carries piles up in the spool first (the master
+target is the slower hop); once the spool is full, in the source's journal; once
+that is at its limit the pair tracks changed blocks (reason `journal-full`) and
+catches up after the load: the report says in how many samples it tracked and
+the largest backlogs.
 
 Targets: RPO p99 <= 5 s; the backlog not growing (its mean over the last minute
 at most one second of writes above the first minute's; over a third of the run
@@ -54,6 +63,10 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
                    help="fio write rate in bytes/s (e.g. 40M); default: half the measured full-sync throughput")
     p.add_argument("--file-seconds", type=float, default=60,
                    help="length of each plain-file fio run (default 60)")
+    p.add_argument("--journal-limit", type=parse_size, default=None,
+                   help="the source agent's journal_limit_bytes (default: the agent's own)")
+    p.add_argument("--spool-limit", type=parse_size, default=None,
+                   help="the process server's spool_limit_bytes (default: its own)")
     add_site_options(p)
     return p.parse_args(argv)
 
@@ -63,7 +76,9 @@ def main(argv: list[str]) -> int:
     print(f"date: {datetime.datetime.now(datetime.UTC):%Y-%m-%d %H:%M} UTC")
     print("\n".join(machine.facts(args.workdir or Path(tempfile.gettempdir()))))
     with bench_site(args.workdir, "sr-bench-continuous-", keep=args.keep) as site:
-        site.start_random(args.size, heartbeat=args.heartbeat)
+        limit = {"journal_limit_bytes": args.journal_limit} if args.journal_limit else {}
+        spool = {"spool_limit_bytes": args.spool_limit} if args.spool_limit else {}
+        site.start_random(args.size, heartbeat=args.heartbeat, source_extra=limit, ps_extra=spool)
         with Sampler(site.view, site.daemon_pids()) as sampler:
             sync_start = sampler.now()
             sync_seconds = site.timed_full_sync(timeout=max(600.0, args.size / MiB))
@@ -129,6 +144,11 @@ def report(
     print(f"RPO p50 {percentile(known, 50):.2f} s, p99 {p99:.2f} s, max {max(known, default=float('nan')):.2f} s")
     print(f"backlog (source + spool) mean first {window:.0f} s {first / MiB:.2f} MiB, last {window:.0f} s "
           f"{last / MiB:.2f} MiB, trend {slope / MiB:+.2f} MiB/min; drained {drain:.1f} s after the load")
+    tracked = [s for s in during if s.reason_code == "journal-full"]
+    print(f"tracking changed blocks (journal-full) in {len(tracked)} of {len(during)} samples; largest backlog "
+          f"{max((s.backlog for s in during), default=0) / MiB:.0f} MiB (source "
+          f"{max((s.source_backlog for s in during), default=0) / MiB:.0f} MiB, spool "
+          f"{max((s.spool_backlog for s in during), default=0) / MiB:.0f} MiB)")
     print(f"target equals source after the load (SHA-256): {'yes' if verified else 'NO'}")
     for result in (nbd, *files):
         print(result.line())

@@ -23,6 +23,7 @@ class Sample:
     rpo_seconds: float
     source_backlog: int
     spool_backlog: int
+    reason_code: str = ""  # journal-full: the source tracks changed blocks (its journal is at its limit)
 
     @property
     def backlog(self) -> int:
@@ -124,4 +125,5 @@ class Sampler:
         self.samples.pair.append(Sample(
             at=at, rpo_known=pair.rpo_known, rpo_seconds=pair.rpo_seconds,
             source_backlog=pair.source_backlog_bytes, spool_backlog=pair.spool_backlog_bytes,
+            reason_code=pair.reason_code,
         ))

@@ -29,12 +29,13 @@ RPC_TIMEOUT = 10.0
 
 
 class BenchSite(ReplicatingSite):
-    def start_random(self, size: int, *, seed: int = 1, heartbeat: float = HEARTBEAT) -> None:
+    def start_random(self, size: int, *, seed: int = 1, heartbeat: float = HEARTBEAT,
+                     source_extra: dict | None = None, ps_extra: dict | None = None) -> None:
         """Every daemon up (heartbeating every `heartbeat` s; the harness's is 0.3 s, production's
         10 s) and a source disk of `size` random bytes, no pair yet."""
         every = {"heartbeat_interval": heartbeat}
-        self.start(disk_size=size, data_bytes=0, seed=seed, cs_extra=every, ps_extra=every, mt_extra=every,
-                   source_extra=every)
+        self.start(disk_size=size, data_bytes=0, seed=seed, cs_extra=every, ps_extra={**every, **(ps_extra or {})},
+                   mt_extra=every, source_extra={**every, **(source_extra or {})})
         # Written before the pair exists, so nothing captures it: the full sync moves it.
         write_image(self.disk, size, seed=seed)
 
