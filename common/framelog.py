@@ -50,7 +50,11 @@ continuous). So an append under `PREALLOCATE_BELOW` bytes that would grow the
 file writes `PREALLOCATE_BYTES` of zeros after its records (in the same sync);
 the appends after it overwrite those zeros, and `fdatasync` then has only
 their data to write. Large appends (the full sync's 1 MiB frames) grow the
-file as before: zeros written first would double their writes. A segment's
+file as before: zeros written first would double their writes. So do appends
+that are not `durable` (written back): no sync follows them, and zeros ahead
+would double their writes for nothing (the source journal's 16 KiB writes:
+bench/RESULTS.md, "Journal zeros"); the sync that comes later (a FLUSH)
+commits the new size once for all of them. A segment's
 zeros are truncated when the writer rolls to the next one (not synced), so the
 last segment ends in zeros and, after a crash, an earlier one may: opening
 takes zeros from a record boundary to the end of a file as that segment's end
@@ -590,7 +594,7 @@ class FrameLog:
         end = start + total
         try:
             _write_all(fd, buffers)
-            if self._fsync and end > zeroed and total < PREALLOCATE_BELOW:
+            if self._fsync and durable and end > zeroed and total < PREALLOCATE_BELOW:
                 _write_zeros(fd, end, PREALLOCATE_BYTES)
                 zeroed = end + PREALLOCATE_BYTES
             if self._fsync and durable:

@@ -454,6 +454,23 @@ def test_small_appends_overwrite_zeros_written_ahead_and_reopen_cleanly(tmp_path
         assert digest(again.read_from(0)) == digest(written)
 
 
+def test_written_back_appends_write_no_zeros_ahead_and_a_durable_one_does(tmp_path: Path) -> None:
+    from siterecovery.common.framelog import PREALLOCATE_BYTES
+
+    log = FrameLog(tmp_path)
+    for seq in range(1, 11):
+        log.append([frame(seq)], durable=False)  # no sync follows: zeros would only double the writes
+    (segment,) = segments(tmp_path)
+    assert segment.stat().st_size == log.disk_bytes
+    log.append([frame(11)])  # a durable one: its sync and the next ones' skip the new size
+    assert segment.stat().st_size == log.disk_bytes + PREALLOCATE_BYTES
+    log.append([frame(12)], durable=False)  # inside the zeros: overwrites them
+    assert segment.stat().st_size == log.disk_bytes + PREALLOCATE_BYTES - len(frame(12).SerializeToString()) - 20
+    log.close()
+    with FrameLog(tmp_path) as again:
+        assert [f.seq for f in again.read_from(0)] == list(range(1, 13))
+
+
 def test_zeros_ahead_left_in_an_older_segment_by_a_crash_are_its_end(tmp_path: Path) -> None:
     log = FrameLog(tmp_path, segment_bytes=8 * 1024)
     written = [frame(s) for s in range(1, 30)]
