@@ -96,11 +96,15 @@ class CatchUp:
                 self.journal.room.wait(RETRY_SECONDS)
 
     def _room(self) -> bool:
-        journal = self.journal
-        acked = max(journal.acknowledged_seq, journal.log.released_seq)
-        if journal.log.pending_bytes_after(acked) >= self.window_bytes:
+        journal, log_ = self.journal, self.journal.log
+        acked = max(journal.acknowledged_seq, log_.released_seq)
+        if log_.pending_bytes_after(acked) >= self.window_bytes:
             return False
-        return not journal.volume_short(CHUNK_BYTES)
+        # A journal whose every record is released still has its last segment on disk; the next
+        # append deletes it first (framelog.py). Counting it is what lets a catch-up start on a
+        # volume the journal itself filled: nothing else would ever free that space.
+        reclaimable = log_.disk_bytes if not log_.pending_frames else 0
+        return not journal.volume_short(CHUNK_BYTES - reclaimable)
 
     def step(self) -> bool:
         """Journal the next run of marked blocks (and finish after the last): False when there is

@@ -620,6 +620,12 @@ class PairReplicator:
         elif self.paused:
             status.state = rpb.PAIR_STATE_PAUSED
             status.reason = "paused by the controller; writes are still journaled"
+            if self.journal.tracking:
+                status.reason = (
+                    f"paused by the controller; the source journal is full ({self.journal.full_reason}), so writes "
+                    f"are tracked as changed blocks ({self.journal.dirty.dirty_bytes // 2**20} MiB marked) and sent "
+                    "once the pair resumes"
+                )
         elif not self.consistent:
             status.state = rpb.PAIR_STATE_INITIAL_SYNC
         else:

@@ -170,6 +170,31 @@ def test_a_full_state_volume_tracks_instead_of_failing_the_writes(tmp_path):
 
 # -- a pair past its limit ----------------------------------------------------------------
 
+def test_a_journal_that_filled_its_state_volume_makes_room_for_the_catch_up(site, tmp_path, monkeypatch):
+    """The journal itself took the state volume down to its reserve. Once the process server has it
+    all, the records are released but the journal's one segment is still on disk (only the next
+    append deletes it): the catch-up must count that space, or it would wait for it forever."""
+    monkeypatch.setattr(capture, "ROOM_CHECK_SECONDS", 0.0)
+    size = 32 * MiB
+    image = make_image(tmp_path / "disk0.img", size, data_bytes=4 * MiB, seed=SEED)
+    with tmpfs(tmp_path / "state", "8m", "source state volume") as volume:
+        source = Source(site, volume / "source", image, window=MiB, journal_reserve_fraction=0.25)
+        rng = random.Random(SEED + 5)
+        try:
+            source.replication.apply_assignments([site.assignment(PAIR, "disk0", size)], [])
+            wait_for(lambda: caught_up(site, source), what="the initial sync")
+            pair = source.replication.pair(PAIR)
+            site.ps.accepting.clear()
+            _write_randomly(source.disk, size, 600, rng)  # 9.4 MiB into an 8 MiB volume
+            assert pair.journal.tracking and "journal_reserve_percent" in pair.journal.full_reason
+            site.ps.accepting.set()
+            wait_for(lambda: caught_up(site, source) and not pair.catchup.pending, timeout=60,
+                     what="the catch-up on a volume the journal filled")
+            assert sha(site.ps.record(PAIR).target) == sha(image)
+        finally:
+            source.close()
+
+
 def _write_randomly(disk: DiskCapture, size: int, count: int, rng: random.Random) -> None:
     for _ in range(count):
         disk.write(rng.randrange(0, size - 16384, 4096), rng.randbytes(16384), fua=False)
@@ -285,6 +310,32 @@ def test_writes_during_the_catch_up_and_a_restart_mid_way_still_end_equal(site, 
         markers = _markers(site)
         assert markers[-1] == rpb.SYNC_PHASE_INITIAL_DONE
         assert markers.count(rpb.SYNC_PHASE_INITIAL_DONE) >= markers.count(rpb.SYNC_PHASE_INITIAL_STARTED)
+    finally:
+        source.close()
+
+
+def test_a_paused_pair_past_its_limit_says_it_tracks_and_resumes_to_an_equal_target(site, tmp_path, monkeypatch):
+    monkeypatch.setattr(capture, "ROOM_CHECK_SECONDS", 0.0)
+    size = 32 * MiB
+    image = make_image(tmp_path / "disk0.img", size, data_bytes=4 * MiB, seed=SEED)
+    source = Source(site, tmp_path / "source", image, window=MiB, journal_limit_bytes=2 * MiB)
+    rng = random.Random(SEED + 4)
+    try:
+        assignment = site.assignment(PAIR, "disk0", size)
+        source.replication.apply_assignments([assignment], [])
+        wait_for(lambda: caught_up(site, source), what="the initial sync")
+        paused = rpb.PairAssignment()
+        paused.CopyFrom(assignment)
+        paused.desired_state = rpb.PAIR_DESIRED_STATE_PAUSED
+        source.replication.apply_assignments([paused], [])
+        _write_randomly(source.disk, size, 200, rng)
+        status = source.status()
+        assert status.state == rpb.PAIR_STATE_PAUSED
+        assert "tracked as changed blocks" in status.reason and "once the pair resumes" in status.reason
+        source.replication.apply_assignments([assignment], [])
+        pair = source.replication.pair(PAIR)
+        wait_for(lambda: caught_up(site, source) and not pair.catchup.pending, timeout=60, what="the catch-up")
+        assert sha(site.ps.record(PAIR).target) == sha(image)
     finally:
         source.close()
 
