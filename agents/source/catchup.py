@@ -71,7 +71,7 @@ class CatchUp:
         limit = journal.limit_bytes
         self.window_bytes = min(CATCHUP_WINDOW, limit // 2) if limit else CATCHUP_WINDOW
         self._pos = 0
-        self.sent_bytes = 0  # data bytes journaled by catch-ups (for the status and tests)
+        self.sent_bytes = 0  # data bytes journaled by catch-ups since the agent started (logged)
         self.error = ""
 
     @property
