@@ -593,7 +593,7 @@ class FrameLog:
         total = sum(map(len, buffers))
         end = start + total
         try:
-            _write_all(fd, buffers)
+            _write_all(fd, buffers, total)
             if self._fsync and durable and end > zeroed and total < PREALLOCATE_BELOW:
                 _write_zeros(fd, end, PREALLOCATE_BYTES)
                 zeroed = end + PREALLOCATE_BYTES
@@ -837,14 +837,29 @@ def _zeros_to_end(fd: int, offset: int, file_size: int) -> bool:
     return True
 
 
-def _write_all(fd: int, buffers: list[bytes]) -> None:
-    """Write every buffer, in order, at the file's position (os.writev may write fewer bytes)."""
+def _write_all(fd: int, buffers: list[bytes], total: int) -> None:
+    """Write every buffer (`total` bytes in all), in order, at the file's position.
+
+    One writev almost always takes them all; only when it writes fewer bytes (or there are
+    more than IOV_MAX buffers) is the rest cut into views and written piece by piece: making
+    the views up front cost the process server 4 % of its GIL time (py-spy, continuous).
+    """
+    written = 0
+    if len(buffers) <= _IOV_MAX:
+        written = os.writev(fd, buffers)
+        if written == total:
+            return
     pending = [memoryview(b) for b in buffers if len(b)]
-    first = 0
+    first = _skip_written(pending, 0, written)
     while first < len(pending):
-        written = os.writev(fd, pending[first : first + _IOV_MAX])
-        while first < len(pending) and written >= len(pending[first]):
-            written -= len(pending[first])
-            first += 1
-        if written:
-            pending[first] = pending[first][written:]
+        first = _skip_written(pending, first, os.writev(fd, pending[first : first + _IOV_MAX]))
+
+
+def _skip_written(pending: list[memoryview], first: int, written: int) -> int:
+    """Take `written` bytes off the front of pending[first:]; returns the first buffer left."""
+    while first < len(pending) and written >= len(pending[first]):
+        written -= len(pending[first])
+        first += 1
+    if written:
+        pending[first] = pending[first][written:]
+    return first

@@ -196,6 +196,25 @@ def test_a_batch_of_more_records_than_one_writev_takes_is_written_whole_and_in_o
         assert digest(again.read_from(0)) == digest(many)
 
 
+def test_a_writev_that_writes_part_of_a_batch_is_continued_where_it_stopped(tmp_path: Path, monkeypatch) -> None:
+    real = os.writev
+    calls = []
+
+    def short_writev(fd, buffers):  # at most 1,000 bytes a call: a cut inside a header, a body, a buffer
+        joined = b"".join(bytes(b) for b in buffers)
+        calls.append(len(joined))
+        return real(fd, [joined[:1000]])
+
+    written = [frame(s, size=700) for s in range(1, 21)]
+    with FrameLog(tmp_path, fsync=False) as log:
+        monkeypatch.setattr(os, "writev", short_writev)
+        log.append(written)
+        monkeypatch.undo()
+    assert len(calls) > 10
+    with FrameLog(tmp_path, fsync=False) as again:
+        assert digest(again.read_from(0)) == digest(written)
+
+
 def _fail_writes(monkeypatch: pytest.MonkeyPatch, code: int, after_bytes: int = 0) -> None:
     real = os.write
     budget = [after_bytes]
