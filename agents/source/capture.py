@@ -475,9 +475,14 @@ class PairJournal:
         self.on_append()
 
     def close(self) -> None:
-        """Sync what was written back and say so (a restart on another boot then needs no resync)."""
+        """Sync what was written back and say so (a restart on another boot then needs no resync).
+
+        The changed-block map too: once the journal is marked clean, a power loss no longer
+        means a resync, so a mark lost from the page cache would be a block never sent."""
         try:
             self.log.sync()
+            if self.dirty is not None:
+                self.dirty.sync()
             self._write_boot(clean=True)
         except (OSError, errors.SiteRecoveryError) as exc:
             log.warning("journal not synced at close; a power loss before the next start means a resync",

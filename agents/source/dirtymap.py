@@ -50,6 +50,7 @@ from pathlib import Path
 from bitarray import bitarray
 
 from siterecovery.common import errors
+from siterecovery.common.daemon import fsync_dir
 from siterecovery.common.logging import get_logger
 
 log = get_logger(__name__)
@@ -102,6 +103,9 @@ class DirtyMap:
                 os.ftruncate(fd, 0)
             # Allocated, not sparse: a store into a hole of a full file system would be a SIGBUS.
             os.posix_fallocate(fd, 0, size)
+            if found != size:  # new (or remade): its size and name are durable before any mark
+                os.fsync(fd)
+                fsync_dir(self.path.parent)
             return mmap.mmap(fd, size), found
         finally:
             os.close(fd)

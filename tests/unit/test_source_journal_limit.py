@@ -141,6 +141,24 @@ def test_a_restart_does_not_replay_journaled_frames_over_a_write_tracked_after_t
         disk.close()
 
 
+def test_a_clean_close_makes_the_map_durable_before_it_says_the_journal_is_clean(tmp_path, monkeypatch):
+    """After a clean close a power loss no longer means a resync, so a mark still only in the page
+    cache then would be a block never sent."""
+    disk, journal = _attached(tmp_path, reserve_fraction=0.9999)  # every write is tracked
+    events: list[str] = []
+    monkeypatch.setattr(DirtyMap, "sync", lambda self: events.append("map synced"))
+    real_boot = PairJournal._write_boot
+    monkeypatch.setattr(PairJournal, "_write_boot",
+                        lambda self, *, clean: (events.append(f"clean={clean}"), real_boot(self, clean=clean)))
+    try:
+        disk.write(0, b"a" * 4096, fua=False)
+        assert journal.tracking
+    finally:
+        journal.close()
+        disk.close()
+    assert events == ["map synced", "clean=True"]
+
+
 def test_the_state_volumes_reserve_starts_tracking(tmp_path):
     disk, journal = _attached(tmp_path, reserve_fraction=0.9999)
     try:
