@@ -483,6 +483,8 @@ class PairJournal:
             self.log.sync()
             if self.dirty is not None:
                 self.dirty.sync()
+            if self.failed:  # the disk file may not hold what the journal says it does
+                raise OSError(errno.EIO, self.failed)
             self._write_boot(clean=True)
         except (OSError, errors.SiteRecoveryError) as exc:
             log.warning("journal not synced at close; a power loss before the next start means a resync",
@@ -597,9 +599,15 @@ class DiskCapture:
                  tracked_bytes=journal.dirty.dirty_bytes if journal.dirty is not None else 0)
 
     def detach(self) -> PairJournal | None:
+        """Stop journaling; the disk file is synced first, so every frame the journal holds is
+        durably on it (a restart skips replaying those a tracked write followed: `_replay`)."""
         with self.quiesced():
             journal, self._journal = self._journal, None
             if journal is not None:
+                try:
+                    os.fsync(self._fd)
+                except OSError as exc:  # the journal is not marked clean then: see PairJournal.close
+                    journal.failed = journal.failed or f"syncing the disk file failed: {exc.strerror or exc}"
                 journal.disk = None
         return journal
 
@@ -822,27 +830,42 @@ class DiskCapture:
         journal.on_append()
 
     def _track(self, journal: PairJournal, batch: list[_Pending]) -> None:
-        """Mark `batch`'s blocks in the changed-block map (first), then apply it to the disk file."""
+        """Mark `batch`'s blocks in the changed-block map (first), then apply it to the disk file.
+
+        The mark also moves the map's `applied_through`: a restart replays no journaled frame up
+        to it, trusting the disk file to hold them. A power loss can take them from the page
+        cache; with write-back that means a resync anyway (and a clean stop syncs the disk file,
+        `detach`), but without it every commit is durable: so the disk file is synced before
+        the map says so, and after the batch, whose writes are durable too.
+        """
         dirty = journal.dirty
         assert dirty is not None
+        every_commit = not journal.write_back
         starting = not dirty.count
         applied_through = journal.log.last_seq  # every journaled frame is on the disk file by now
-        for item in batch:
-            dirty.mark(item.offset, item.length, applied_through)
-        if not journal.write_back:
-            dirty.sync()  # every commit is durable without write-back: so is what marks it
+        try:
+            if every_commit and applied_through != dirty.applied_through:
+                os.fdatasync(self._fd)
+            for item in batch:
+                dirty.mark(item.offset, item.length, applied_through)
+            if every_commit:
+                dirty.sync()
+        except OSError as exc:
+            for item in batch:
+                item.error = exc
+            return
         if starting:
             log.warning("journal full: tracking changed blocks instead; they are sent once the process server "
                         "catches up, and no recovery point is taken until then",
                         disk=self.name, pair=journal.pair_id, reason=journal.full_reason)
             journal.room.set()
         self._apply_all(batch, journal)
-        if any(item.fua for item in batch):
+        if every_commit or any(item.fua for item in batch):
             try:
                 os.fdatasync(self._fd)
             except OSError as exc:
                 for item in batch:
-                    if item.fua:
+                    if every_commit or item.fua:
                         item.error = exc
 
     def _apply_all(self, batch: list[_Pending], journal: PairJournal | None) -> None:

@@ -159,6 +159,48 @@ def test_a_clean_close_makes_the_map_durable_before_it_says_the_journal_is_clean
     assert events == ["map synced", "clean=True"]
 
 
+def test_without_write_back_a_tracked_write_is_durable_and_so_is_what_the_map_promises(tmp_path, monkeypatch):
+    synced: list[int] = []
+    real = os.fdatasync
+    monkeypatch.setattr(os, "fdatasync", lambda fd: (synced.append(fd), real(fd)))
+    image = tmp_path / "disk.img"
+    image.write_bytes(bytes(8 * MiB))
+    disk = DiskCapture("disk0", image)
+    journal = PairJournal(tmp_path / "pair", "pair-1", boot_id="", limit_bytes=MiB)  # no boot id: no write-back
+    disk.attach(journal)
+    monkeypatch.setattr(capture, "ROOM_CHECK_SECONDS", 0.0)
+    try:
+        disk.write(0, b"j" * 4096, fua=False)  # journaled (and the journal synced)
+        synced.clear()
+        disk.write(B, b"t" * MiB, fua=False)  # past the limit: tracked
+        assert journal.tracking and journal.dirty.applied_through == journal.log.last_seq == 1
+        # The disk file before the map promises frame 1 is on it, and after the tracked write.
+        assert synced == [disk.fd, disk.fd]
+        synced.clear()
+        disk.write(2 * MiB, b"u" * 4096, fua=False)  # nothing new journaled: one sync, after
+        assert synced == [disk.fd]
+    finally:
+        journal.close()
+        disk.close()
+
+
+def test_a_clean_stop_syncs_the_disk_file_before_the_journal_is_marked_clean(tmp_path, monkeypatch):
+    disk, journal = _attached(tmp_path, reserve_fraction=0.9999)
+    events: list[str] = []
+    real_fsync = os.fsync
+    monkeypatch.setattr(os, "fsync", lambda fd: (events.append("disk" if fd == disk.fd else "other"), real_fsync(fd)))
+    real_boot = PairJournal._write_boot
+    monkeypatch.setattr(PairJournal, "_write_boot",
+                        lambda self, *, clean: (events.append(f"clean={clean}"), real_boot(self, clean=clean)))
+    try:
+        disk.write(0, b"a" * 4096, fua=False)
+        assert disk.detach() is journal
+    finally:
+        journal.close()
+        disk.close()
+    assert "disk" in events and events.index("disk") < events.index("clean=True")
+
+
 def test_the_state_volumes_reserve_starts_tracking(tmp_path):
     disk, journal = _attached(tmp_path, reserve_fraction=0.9999)
     try:
