@@ -293,6 +293,10 @@ class PairJournal:
         self.lease.skip_past(self.log.last_seq)
         # Every journaled frame <= applied_seq is on the disk file (set by the attached DiskCapture).
         self.applied_seq = self.log.last_seq
+        # Journaled frames <= synced_seq are durable in the journal (FUA, FLUSH, or no write-back);
+        # those <= disk_synced_seq durably on the disk file too. A tracked write syncs the disk
+        # file first when the first is ahead (`DiskCapture._track`).
+        self.synced_seq = self.disk_synced_seq = self.log.last_seq
         self.disk: DiskCapture | None = None
         # Set when a journaled frame could not be written to the disk file: nothing more is released.
         self.failed = ""
@@ -360,6 +364,8 @@ class PairJournal:
     def append_read_back(self, records: list[tuple[int, bytes]]) -> None:
         """Journal frames read from the disk file (the catch-up's; call inside `DiskCapture.quiesced()`)."""
         self.log.append_serialized(records, durable=not self.write_back)
+        if not self.write_back:
+            self.synced_seq = records[-1][0]
         self.remember(records)
         if not self.failed:
             self.applied_seq = records[-1][0]
@@ -380,10 +386,12 @@ class PairJournal:
 
     def flush(self) -> None:
         """Make every frame journaled so far durable (an NBD FLUSH), and what the changed-block map holds."""
+        through = self.log.last_seq
         try:
             self.log.sync()
         except errors.SiteRecoveryError as exc:
             raise OSError(errno.EIO, exc.message) from exc
+        self.synced_seq = max(self.synced_seq, through)
         if self.dirty is not None and self.dirty.count:
             self.dirty.sync()
 
@@ -464,6 +472,7 @@ class PairJournal:
             return
         if disk is not None:
             disk.sync()
+            self.disk_synced_seq = max(self.disk_synced_seq, seq)
         self.log.release_through(seq)
 
     def append(self, batch: list[rpb.Frame]) -> None:
@@ -592,7 +601,8 @@ class DiskCapture:
             if journal.dirty is None:
                 journal.dirty = DirtyMap(journal.directory / DIRTY_FILE, self._size)
             replayed = self._replay(journal)
-            journal.applied_seq = journal.log.last_seq
+            os.fsync(self._fd)  # what a killed run left in the page cache is durable from here on
+            journal.applied_seq = journal.synced_seq = journal.disk_synced_seq = journal.log.last_seq
             journal.disk = self
             self._journal = journal
         log.info("capturing writes", disk=self.name, pair=journal.pair_id, replayed_frames=replayed,
@@ -626,8 +636,7 @@ class DiskCapture:
             frames.verify(journal.pair_id, frame)
             apply_frame(self._fd, frame)
             count += 1
-        os.fsync(self._fd)
-        return count
+        return count  # attach fsyncs the disk file after it
 
     # -- holding writes --------------------------------------------------------------
     @contextmanager
@@ -696,9 +705,12 @@ class DiskCapture:
         """NBD FLUSH: every write acknowledged so far becomes durable (the journal first: a restart
         replays it onto the disk file)."""
         journal = self._journal
+        applied = journal.applied_seq if journal is not None else 0
         if journal is not None:
             journal.flush()
         os.fdatasync(self._fd)
+        if journal is not None:
+            journal.disk_synced_seq = max(journal.disk_synced_seq, applied)
 
     def sync(self) -> None:
         os.fsync(self._fd)
@@ -806,6 +818,8 @@ class DiskCapture:
             started = time.monotonic()
             durable = not journal.write_back or any(item.fua for item in batch)
             journal.log.append_serialized(batch_frames, durable=durable)
+            if durable:
+                journal.synced_seq = batch_frames[-1][0]
             self._stats.journal_seconds += time.monotonic() - started
         except errors.SiteRecoveryError as exc:
             if exc.code == "disk-full" and journal.dirty is not None:
@@ -833,10 +847,12 @@ class DiskCapture:
         """Mark `batch`'s blocks in the changed-block map (first), then apply it to the disk file.
 
         The mark also moves the map's `applied_through`: a restart replays no journaled frame up
-        to it, trusting the disk file to hold them. A power loss can take them from the page
-        cache; with write-back that means a resync anyway (and a clean stop syncs the disk file,
-        `detach`), but without it every commit is durable: so the disk file is synced before
-        the map says so, and after the batch, whose writes are durable too.
+        to it, trusting the disk file to hold them. A power loss can take them from its page
+        cache. With write-back that means a resync anyway (and a clean stop syncs the disk
+        file, `detach`), except for the frames made durable (FUA, FLUSH): so when the journal
+        holds durable frames the disk file may not (`synced_seq` > `disk_synced_seq`), the disk
+        file is synced before the mark. Without write-back every commit is durable: the batch's
+        writes are synced after it too.
         """
         dirty = journal.dirty
         assert dirty is not None
@@ -844,8 +860,9 @@ class DiskCapture:
         starting = not dirty.count
         applied_through = journal.log.last_seq  # every journaled frame is on the disk file by now
         try:
-            if every_commit and applied_through != dirty.applied_through:
+            if journal.synced_seq > journal.disk_synced_seq:
                 os.fdatasync(self._fd)
+                journal.disk_synced_seq = applied_through
             for item in batch:
                 dirty.mark(item.offset, item.length, applied_through)
             if every_commit:
@@ -863,6 +880,7 @@ class DiskCapture:
         if every_commit or any(item.fua for item in batch):
             try:
                 os.fdatasync(self._fd)
+                journal.disk_synced_seq = max(journal.disk_synced_seq, applied_through)
             except OSError as exc:
                 for item in batch:
                     if every_commit or item.fua:

@@ -184,6 +184,30 @@ def test_without_write_back_a_tracked_write_is_durable_and_so_is_what_the_map_pr
         disk.close()
 
 
+@pytest.mark.parametrize("fua", [True, False])
+def test_with_write_back_tracking_syncs_the_disk_file_first_only_behind_a_durable_journal(tmp_path, monkeypatch, fua):
+    """A FUA write is durable in the journal, and a restart will not replay it once a tracked write
+    followed it: the disk file must hold it durably before the mark. A written-back one needs no
+    sync (only a power loss takes it, and that resyncs the pair)."""
+    monkeypatch.setattr(capture, "ROOM_CHECK_SECONDS", 0.0)
+    disk, journal = _attached(tmp_path, limit_bytes=MiB)
+    synced: list[int] = []
+    real = os.fdatasync
+    monkeypatch.setattr(os, "fdatasync", lambda fd: (synced.append(fd), real(fd)))
+    try:
+        disk.write(0, b"j" * 4096, fua=fua)
+        synced.clear()
+        disk.write(B, b"t" * MiB, fua=False)  # past the limit: tracked
+        assert journal.tracking
+        assert synced == ([disk.fd] if fua else [])
+        synced.clear()
+        disk.write(2 * MiB, b"u" * 4096, fua=False)
+        assert synced == []
+    finally:
+        journal.close()
+        disk.close()
+
+
 def test_a_clean_stop_syncs_the_disk_file_before_the_journal_is_marked_clean(tmp_path, monkeypatch):
     disk, journal = _attached(tmp_path, reserve_fraction=0.9999)
     events: list[str] = []
