@@ -248,17 +248,6 @@ class DeltaSync(InitialSync):
         self._wake()
         return None
 
-    def _done_frame(self) -> Produced | None:
-        with self.disk.quiesced():
-            if self.journal.tracking:
-                return None  # blocks written meanwhile are marked: DONE comes after their catch-up
-            frame = frames.sync_frame(
-                self.journal.pair_id, self.journal.lease.take(), rpb.SYNC_PHASE_INITIAL_DONE, self.disk.size
-            )
-            self._done_sent = True  # inside quiesced(): the catch-up sees it (`brackets`)
-        self._behind.finish()
-        return Produced(frame, self._acked_done)
-
     def _ready_batch(self) -> _Batch | None:
         """The fetched batch holding `_pos`; None while it is on its way (or failed: retried later)."""
         self._schedule()

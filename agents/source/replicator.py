@@ -610,6 +610,12 @@ class PairReplicator:
             self.disk.release()
 
     # -- status ---------------------------------------------------------------------------------
+    def _tracking(self, sent_when: str) -> str:
+        """What a tracking pair's status says: why, how much is marked, and when it travels."""
+        marked = self.journal.dirty.dirty_bytes // 2**20 if self.journal.dirty is not None else 0
+        return (f"the source journal is full ({self.journal.full_reason}), so writes are tracked as changed "
+                f"blocks ({marked} MiB marked) and sent {sent_when}")
+
     def status(self) -> rpb.PairStatus:
         status = rpb.PairStatus(pair_id=self.pair_id)
         if self.journal.failed and self.error is None:
@@ -619,13 +625,9 @@ class PairReplicator:
             status.reason, status.reason_code = self.error
         elif self.paused:
             status.state = rpb.PAIR_STATE_PAUSED
-            status.reason = "paused by the controller; writes are still journaled"
-            if self.journal.tracking:
-                status.reason = (
-                    f"paused by the controller; the source journal is full ({self.journal.full_reason}), so writes "
-                    f"are tracked as changed blocks ({self.journal.dirty.dirty_bytes // 2**20} MiB marked) and sent "
-                    "once the pair resumes"
-                )
+            status.reason = "paused by the controller; " + (
+                self._tracking("once the pair resumes") if self.journal.tracking else "writes are still journaled"
+            )
         elif not self.consistent:
             status.state = rpb.PAIR_STATE_INITIAL_SYNC
         else:
@@ -637,9 +639,8 @@ class PairReplicator:
             if self.catchup is not None and self.catchup.error:
                 unreachable += f"; sending them failed (retrying): {self.catchup.error}"
             status.MergeFrom(rpb.PairStatus(
-                reason=f"the source journal is full: {self.journal.full_reason}; writes are tracked as changed "
-                f"blocks ({self.journal.dirty.dirty_bytes // 2**20} MiB marked) and sent once the process server "
-                f"catches up; no recovery point is taken until then{unreachable}",
+                reason=self._tracking("once the process server catches up; no recovery point is taken until then")
+                + unreachable,
                 reason_code=JOURNAL_FULL,
             ))
         elif status.state in (rpb.PAIR_STATE_INITIAL_SYNC, rpb.PAIR_STATE_REPLICATING) and self.shipper.last_error:

@@ -130,14 +130,7 @@ class InitialSync:
         size = self.disk.size
         pair = self.journal.pair_id
         if pos >= size:
-            with self.disk.quiesced():
-                if self.journal.tracking:
-                    return None  # blocks written meanwhile are marked: DONE comes after their catch-up
-                frame = frames.sync_frame(pair, self.journal.lease.take(), rpb.SYNC_PHASE_INITIAL_DONE, size)
-                with self._lock:
-                    self._done_sent = True  # inside quiesced(): the catch-up sees it (`brackets`)
-            self._behind.finish()
-            return Produced(frame, self._acked_done)
+            return self._done_frame()
         body = None  # a write chunk's frame comes serialized already
         with self.disk.quiesced():
             data_at = next_data(self.disk.fd, pos, size)
@@ -157,6 +150,19 @@ class InitialSync:
         self._behind.passed(pos)
         sent = frame.write.length if frame.WhichOneof("body") == "write" else 0
         return Produced(frame, lambda: self._acked_to(end, sent), body)
+
+    def _done_frame(self) -> Produced | None:
+        """INITIAL_DONE, or None while blocks are marked (it comes after their catch-up). No lock
+        taken: DeltaSync calls it holding its lock."""
+        with self.disk.quiesced():
+            if self.journal.tracking:
+                return None
+            frame = frames.sync_frame(
+                self.journal.pair_id, self.journal.lease.take(), rpb.SYNC_PHASE_INITIAL_DONE, self.disk.size
+            )
+            self._done_sent = True  # inside quiesced(): the catch-up sees it (`brackets`)
+        self._behind.finish()
+        return Produced(frame, self._acked_done)
 
     def _acked_to(self, end: int, sent: int) -> None:
         with self._lock:

@@ -45,6 +45,14 @@ PS_ID = "ps-1"
 SOURCE_ID = "src-1"
 
 
+def paused_copy(assignment: rpb.PairAssignment) -> rpb.PairAssignment:
+    """The same assignment with the pair paused by the controller."""
+    paused = rpb.PairAssignment()
+    paused.CopyFrom(assignment)
+    paused.desired_state = rpb.PAIR_DESIRED_STATE_PAUSED
+    return paused
+
+
 def wait_for(predicate: Callable[[], object], *, timeout: float = 30.0, what: str = "condition") -> object:
     deadline = time.monotonic() + timeout
     while True:

@@ -19,7 +19,7 @@ from siterecovery.agents.source.delta import DeltaSync
 from siterecovery.common import blockhash
 from siterecovery.common.pb import replication_pb2 as rpb
 
-from .source_support import MiB, Site, content_digest, wait_for
+from .source_support import MiB, Site, content_digest, paused_copy, wait_for
 from .test_source_replicator import PAIR, SEED, Source, caught_up, make_image, sha
 
 BLOCK = blockhash.BLOCK_BYTES
@@ -132,10 +132,7 @@ def test_an_identical_disk_moves_no_data_and_its_cursor_still_advances(site, tmp
     source = Source(site, tmp_path / "source", image, delta_batch_blocks=64)
     try:
         assignment = delta_assignment(site, size)
-        paused = rpb.PairAssignment()
-        paused.CopyFrom(assignment)
-        paused.desired_state = rpb.PAIR_DESIRED_STATE_PAUSED
-        source.replication.apply_assignments([paused], [])  # created, not shipping yet
+        source.replication.apply_assignments([paused_copy(assignment)], [])  # created, not shipping yet
         replicator = source.replication.pair(PAIR)
         saves: list[int] = []
         save = replicator.sync._save

@@ -13,10 +13,11 @@ import pytest
 from siterecovery.agents.source import capture
 from siterecovery.agents.source.capture import DiskCapture, PairJournal
 from siterecovery.agents.source.dirtymap import BLOCK_BYTES, DIRTY_FILE, DirtyMap
+from siterecovery.agents.source.pairstate import TagSpec
 from siterecovery.common.pb import replication_pb2 as rpb
 
 from ..tmpfs import tmpfs
-from .source_support import MiB, Site, wait_for
+from .source_support import MiB, Site, paused_copy, wait_for
 from .test_source_replicator import PAIR, SEED, Source, caught_up, make_image, sha
 
 B = BLOCK_BYTES
@@ -27,6 +28,27 @@ def site(tmp_path):
     site = Site(tmp_path)
     yield site
     site.stop()
+
+
+@pytest.fixture(autouse=True)
+def check_every_commit(monkeypatch):
+    """The journal's limit is checked at every commit (not every ROOM_CHECK_SECONDS)."""
+    monkeypatch.setattr(capture, "ROOM_CHECK_SECONDS", 0.0)
+
+
+def _synced_pair(site, tmp_path, size, *, data_bytes, state_dir=None, **options):
+    """A source on a disk of `size` (`data_bytes` of it data) whose pair finished its initial sync:
+    (source, assignment, image). Options go to ReplicationOptions (window 1 MiB unless given)."""
+    image = make_image(tmp_path / "disk0.img", size, data_bytes=data_bytes, seed=SEED)
+    source = Source(site, state_dir or tmp_path / "source", image, **{"window": MiB, **options})
+    assignment = site.assignment(PAIR, "disk0", size)
+    try:
+        source.replication.apply_assignments([assignment], [])
+        wait_for(lambda: caught_up(site, source), what="the initial sync")
+    except BaseException:
+        source.close()
+        raise
+    return source, assignment, image
 
 
 # -- the changed-block map ------------------------------------------------------------------
@@ -85,8 +107,7 @@ def _attached(tmp_path, state_dir=None, disk_size=8 * MiB, **limits) -> tuple[Di
     return disk, journal
 
 
-def test_past_the_limit_writes_succeed_and_their_blocks_are_marked_not_journaled(tmp_path, monkeypatch):
-    monkeypatch.setattr(capture, "ROOM_CHECK_SECONDS", 0.0)  # check the limit at every commit
+def test_past_the_limit_writes_succeed_and_their_blocks_are_marked_not_journaled(tmp_path):
     disk, journal = _attached(tmp_path, limit_bytes=MiB)
     rng = random.Random(SEED)
     try:
@@ -115,10 +136,9 @@ def test_past_the_limit_writes_succeed_and_their_blocks_are_marked_not_journaled
         disk.close()
 
 
-def test_a_restart_does_not_replay_journaled_frames_over_a_write_tracked_after_them(tmp_path, monkeypatch):
+def test_a_restart_does_not_replay_journaled_frames_over_a_write_tracked_after_them(tmp_path):
     """The journal still holds frames the next hop has not acknowledged, and a write tracked after
     them changed the same block: replaying them at attach would put the older contents back."""
-    monkeypatch.setattr(capture, "ROOM_CHECK_SECONDS", 0.0)
     disk, journal = _attached(tmp_path, limit_bytes=MiB)
     try:
         disk.write(0, b"old" * 4096, fua=False)  # journaled
@@ -168,7 +188,6 @@ def test_without_write_back_a_tracked_write_is_durable_and_so_is_what_the_map_pr
     disk = DiskCapture("disk0", image)
     journal = PairJournal(tmp_path / "pair", "pair-1", boot_id="", limit_bytes=MiB)  # no boot id: no write-back
     disk.attach(journal)
-    monkeypatch.setattr(capture, "ROOM_CHECK_SECONDS", 0.0)
     try:
         disk.write(0, b"j" * 4096, fua=False)  # journaled (and the journal synced)
         synced.clear()
@@ -189,7 +208,6 @@ def test_with_write_back_tracking_syncs_the_disk_file_first_only_behind_a_durabl
     """A FUA write is durable in the journal, and a restart will not replay it once a tracked write
     followed it: the disk file must hold it durably before the mark. A written-back one needs no
     sync (only a power loss takes it, and that resyncs the pair)."""
-    monkeypatch.setattr(capture, "ROOM_CHECK_SECONDS", 0.0)
     disk, journal = _attached(tmp_path, limit_bytes=MiB)
     synced: list[int] = []
     real = os.fdatasync
@@ -254,19 +272,16 @@ def test_a_full_state_volume_tracks_instead_of_failing_the_writes(tmp_path):
 
 # -- a pair past its limit ----------------------------------------------------------------
 
-def test_a_journal_that_filled_its_state_volume_makes_room_for_the_catch_up(site, tmp_path, monkeypatch):
+def test_a_journal_that_filled_its_state_volume_makes_room_for_the_catch_up(site, tmp_path):
     """The journal itself took the state volume down to its reserve. Once the process server has it
     all, the records are released but the journal's one segment is still on disk (only the next
     append deletes it): the catch-up must count that space, or it would wait for it forever."""
-    monkeypatch.setattr(capture, "ROOM_CHECK_SECONDS", 0.0)
     size = 32 * MiB
-    image = make_image(tmp_path / "disk0.img", size, data_bytes=4 * MiB, seed=SEED)
     with tmpfs(tmp_path / "state", "8m", "source state volume") as volume:
-        source = Source(site, volume / "source", image, window=MiB, journal_reserve_fraction=0.25)
+        source, _assignment, image = _synced_pair(site, tmp_path, size, data_bytes=4 * MiB,
+                                                  state_dir=volume / "source", journal_reserve_fraction=0.25)
         rng = random.Random(SEED + 5)
         try:
-            source.replication.apply_assignments([site.assignment(PAIR, "disk0", size)], [])
-            wait_for(lambda: caught_up(site, source), what="the initial sync")
             pair = source.replication.pair(PAIR)
             site.ps.accepting.clear()
             _write_randomly(source.disk, size, 600, rng)  # 9.4 MiB into an 8 MiB volume
@@ -288,16 +303,11 @@ def _markers(site: Site) -> list[int]:
     return [f.sync.phase for f in site.ps.record(PAIR).frames if f.WhichOneof("body") == "sync"]
 
 
-def test_a_pair_past_its_limit_tracks_then_catches_up_and_the_target_ends_equal(site, tmp_path, monkeypatch):
-    monkeypatch.setattr(capture, "ROOM_CHECK_SECONDS", 0.0)
+def test_a_pair_past_its_limit_tracks_then_catches_up_and_the_target_ends_equal(site, tmp_path):
     size = 128 * MiB
-    image = make_image(tmp_path / "disk0.img", size, data_bytes=8 * MiB, seed=SEED)
-    source = Source(site, tmp_path / "source", image, window=MiB, journal_limit_bytes=2 * MiB)
+    source, _assignment, image = _synced_pair(site, tmp_path, size, data_bytes=8 * MiB, journal_limit_bytes=2 * MiB)
     rng = random.Random(SEED)
     try:
-        assignment = site.assignment(PAIR, "disk0", size)
-        source.replication.apply_assignments([assignment], [])
-        wait_for(lambda: caught_up(site, source), what="the initial sync")
         pair = source.replication.pair(PAIR)
         assert _markers(site) == [rpb.SYNC_PHASE_INITIAL_STARTED, rpb.SYNC_PHASE_INITIAL_DONE]
 
@@ -334,26 +344,19 @@ def test_a_pair_past_its_limit_tracks_then_catches_up_and_the_target_ends_equal(
         source.close()
 
 
-def pair_tag(tag_id: str):
-    from siterecovery.agents.source.pairstate import TagSpec
-
+def pair_tag(tag_id: str) -> TagSpec:
     return TagSpec(tag_id, rpb.RECOVERY_POINT_KIND_CRASH_CONSISTENT)
 
 
-def test_writes_during_the_catch_up_and_a_restart_mid_way_still_end_equal(site, tmp_path, monkeypatch):
+def test_writes_during_the_catch_up_and_a_restart_mid_way_still_end_equal(site, tmp_path):
     """A guest keeps writing while the pair catches up, the agent stops mid-way (the map and the owed
     INITIAL_DONE are found again), and the pipeline overflows once more after the restart."""
-    monkeypatch.setattr(capture, "ROOM_CHECK_SECONDS", 0.0)
     size = 64 * MiB
-    image = make_image(tmp_path / "disk0.img", size, data_bytes=8 * MiB, seed=SEED)
     state_dir = tmp_path / "source"
     options = {"window": MiB, "journal_limit_bytes": 2 * MiB}
-    source = Source(site, state_dir, image, **options)
+    source, assignment, image = _synced_pair(site, tmp_path, size, data_bytes=8 * MiB, **options)
     rng = random.Random(SEED + 1)
-    assignment = site.assignment(PAIR, "disk0", size)
     try:
-        source.replication.apply_assignments([assignment], [])
-        wait_for(lambda: caught_up(site, source), what="the initial sync")
         site.ps.accepting.clear()
         _write_randomly(source.disk, size, 300, rng)
         pair = source.replication.pair(PAIR)
@@ -398,20 +401,12 @@ def test_writes_during_the_catch_up_and_a_restart_mid_way_still_end_equal(site, 
         source.close()
 
 
-def test_a_paused_pair_past_its_limit_says_it_tracks_and_resumes_to_an_equal_target(site, tmp_path, monkeypatch):
-    monkeypatch.setattr(capture, "ROOM_CHECK_SECONDS", 0.0)
+def test_a_paused_pair_past_its_limit_says_it_tracks_and_resumes_to_an_equal_target(site, tmp_path):
     size = 32 * MiB
-    image = make_image(tmp_path / "disk0.img", size, data_bytes=4 * MiB, seed=SEED)
-    source = Source(site, tmp_path / "source", image, window=MiB, journal_limit_bytes=2 * MiB)
+    source, assignment, image = _synced_pair(site, tmp_path, size, data_bytes=4 * MiB, journal_limit_bytes=2 * MiB)
     rng = random.Random(SEED + 4)
     try:
-        assignment = site.assignment(PAIR, "disk0", size)
-        source.replication.apply_assignments([assignment], [])
-        wait_for(lambda: caught_up(site, source), what="the initial sync")
-        paused = rpb.PairAssignment()
-        paused.CopyFrom(assignment)
-        paused.desired_state = rpb.PAIR_DESIRED_STATE_PAUSED
-        source.replication.apply_assignments([paused], [])
+        source.replication.apply_assignments([paused_copy(assignment)], [])
         _write_randomly(source.disk, size, 200, rng)
         status = source.status()
         assert status.state == rpb.PAIR_STATE_PAUSED
@@ -424,8 +419,7 @@ def test_a_paused_pair_past_its_limit_says_it_tracks_and_resumes_to_an_equal_tar
         source.close()
 
 
-def test_blocks_marked_during_the_initial_sync_hold_its_done_back_until_they_are_sent(site, tmp_path, monkeypatch):
-    monkeypatch.setattr(capture, "ROOM_CHECK_SECONDS", 0.0)
+def test_blocks_marked_during_the_initial_sync_hold_its_done_back_until_they_are_sent(site, tmp_path):
     size = 32 * MiB
     image = make_image(tmp_path / "disk0.img", size, data_bytes=16 * MiB, seed=SEED)
     source = Source(site, tmp_path / "source", image, window=MiB, journal_limit_bytes=2 * MiB)
@@ -446,15 +440,11 @@ def test_blocks_marked_during_the_initial_sync_hold_its_done_back_until_they_are
         source.close()
 
 
-def test_a_catch_up_whose_first_append_fails_journals_its_start_marker_on_the_next_try(site, tmp_path, monkeypatch):
-    monkeypatch.setattr(capture, "ROOM_CHECK_SECONDS", 0.0)
+def test_a_catch_up_whose_first_append_fails_journals_its_start_marker_on_the_next_try(site, tmp_path):
     size = 32 * MiB
-    image = make_image(tmp_path / "disk0.img", size, data_bytes=4 * MiB, seed=SEED)
-    source = Source(site, tmp_path / "source", image, window=MiB, journal_limit_bytes=2 * MiB)
+    source, _assignment, image = _synced_pair(site, tmp_path, size, data_bytes=4 * MiB, journal_limit_bytes=2 * MiB)
     rng = random.Random(SEED + 3)
     try:
-        source.replication.apply_assignments([site.assignment(PAIR, "disk0", size)], [])
-        wait_for(lambda: caught_up(site, source), what="the initial sync")
         pair = source.replication.pair(PAIR)
         site.ps.accepting.clear()
         _write_randomly(source.disk, size, 200, rng)

@@ -21,7 +21,7 @@ from siterecovery.common.nbd import NbdServer
 from siterecovery.common.pb import replication_pb2 as rpb
 
 from ..page_residency import resident_pages
-from .source_support import MiB, Site, content_digest, wait_for
+from .source_support import MiB, Site, content_digest, paused_copy, wait_for
 
 PAIR = "pair-1"
 SEED = int(os.environ.get("SR_FAULT_SEED", "20261128"))
@@ -254,10 +254,7 @@ def test_paused_pairs_journal_but_do_not_ship_and_forgotten_pairs_leave_only_the
         assignment = site.assignment(PAIR, "disk0", size)
         source.replication.apply_assignments([assignment], [])
         wait_for(lambda: caught_up(site, source), what="the sync")
-        paused = rpb.PairAssignment()
-        paused.CopyFrom(assignment)
-        paused.desired_state = rpb.PAIR_DESIRED_STATE_PAUSED
-        source.replication.apply_assignments([paused], [])
+        source.replication.apply_assignments([paused_copy(assignment)], [])
         durable = site.ps.record(PAIR).durable
         source.disk.write(0, b"while paused" * 100, fua=False)
         status = source.status()
@@ -345,10 +342,7 @@ def test_writes_go_in_batches_only_to_a_process_server_that_takes_them(site, tmp
         source.replication.apply_assignments([assignment], [])
         wait_for(lambda: caught_up(site, source), what="the sync")
         # Writes journaled while paused are all ready at once when the pair resumes.
-        paused = rpb.PairAssignment()
-        paused.CopyFrom(assignment)
-        paused.desired_state = rpb.PAIR_DESIRED_STATE_PAUSED
-        source.replication.apply_assignments([paused], [])
+        source.replication.apply_assignments([paused_copy(assignment)], [])
         site.ps.message_sizes.clear()
         rng = random.Random(12)
         for _ in range(200):
