@@ -30,6 +30,12 @@ that is at its limit the pair tracks changed blocks (reason `journal-full`) and
 catches up after the load: the report says in how many samples it tracked and
 the largest backlogs.
 
+Two lines say where the limit is: the whole machine's CPU split during the load
+(idle near 0 means every daemon waits for a core), and what the pipeline behind
+the source carried, during the load (fio's bytes less the backlog's growth) and
+alone after it (the backlog left at the end over the drain time, while neither
+fio nor the source's capture competes for the cores).
+
 Targets: RPO p99 <= 5 s; the backlog not growing (its mean over the last minute
 at most one second of writes above the first minute's; over a third of the run
 each when it is shorter than 3 minutes); RSS <= 200 MiB per daemon. The last
@@ -90,10 +96,12 @@ def main(argv: list[str]) -> int:
                   + (" (given)" if args.rate else " (half of it)"))
 
             load_start, cpu_before = sampler.now(), cpu_seconds(site.daemon_pids())
+            machine_before = machine.cpu_times()
             nbd = fio.run("nbd", [*fio.through_nbd(site.nbd_uri()),
                                   *fio.job(size=args.size, seconds=args.seconds, rate=rate, iodepth=args.iodepth)],
                           timeout=args.seconds + 300)
             load_end, cpu_after = sampler.now(), cpu_seconds(site.daemon_pids())
+            machine_split = machine.cpu_split(machine_before, machine.cpu_times())
             site.wait_caught_up_view(timeout=600)
             drain = sampler.now() - load_end
         verified = sha256(Path(site.view().target_path)) == sha256(site.disk)
@@ -105,6 +113,8 @@ def main(argv: list[str]) -> int:
         f"{name} {(cpu_after[name] - cpu_before[name]) / (load_end - load_start):.0%} of a core, "
         f"{(cpu_after[name] - cpu_before[name]) / max(nbd.written / 1e9, 1e-9):.1f} s/GB"
         for name in sorted(cpu_after) if name in cpu_before))
+    print(f"machine CPU during the write load: {machine_split}")
+    carried(sampler.samples, load_start, load_end, drain, nbd)
     report(rate, args.heartbeat, sampler.samples, load_start, load_end, drain, verified, nbd, files)
     return 0 if verified else 1
 
@@ -161,6 +171,23 @@ def report(
         f"{file.clat_p99_ms:.2f} ms ({ratio:.1f}x); max RSS {max_rss / MiB:.0f} MiB (target <= "
         f"{RSS_TARGET / MiB:.0f} MiB{'' if max_rss <= RSS_TARGET else ', MISSED'})"
     )
+
+
+def carried(samples: Samples, start: float, end: float, drain: float, nbd: fio.FioResult) -> None:
+    """What the pipeline behind the source carried: during the load (fio's bytes less the
+    growth of the backlog) and alone after it (the backlog left at the end over the drain
+    time, while neither fio nor the source's capture competes for the machine)."""
+    during = samples.between(start, end)
+    if not during:
+        return
+    grown = during[-1].backlog - during[0].backlog
+    seconds = during[-1].at - during[0].at or 1.0
+    line = (f"the pipeline behind the source carried {(nbd.bytes_per_second * seconds - grown) / seconds / 1e6:.1f} "
+            f"MB/s during the load")
+    if drain > 1.0 and during[-1].backlog > 0:
+        line += (f", and {during[-1].backlog / drain / 1e6:.1f} MB/s alone after it "
+                 f"({during[-1].backlog / MiB:.0f} MiB in {drain:.1f} s)")
+    print(line)
 
 
 def _span(seconds: float) -> str:
