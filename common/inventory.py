@@ -9,8 +9,10 @@ import platform
 import shutil
 import socket
 import stat
+import threading
+import time
 import uuid
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 
 import psutil
@@ -62,6 +64,7 @@ def host_facts(*, hostname: str = "", machine_uuid: str = "") -> common_pb2.Host
 
 
 def directory_size(path: Path) -> int:
+    """Bytes allocated to the files under `path` (a walk: its cost grows with the files)."""
     total = 0
     for root, _dirs, files in os.walk(path):
         for name in files:
@@ -72,7 +75,40 @@ def directory_size(path: Path) -> int:
     return total
 
 
-def directory_facts(kind: int, path: Path, *, used_by_agent: int | None = None) -> common_pb2.DirectoryFacts:
+class DirectorySizes:
+    """`directory_size` of each directory, walked again only once `max_age` seconds old.
+
+    Every heartbeat reports each directory, and a master target heartbeats at every
+    change of a pair too. Walking a datastore of many disks or a retention directory of
+    many segments each time cost the daemon's time for a figure that is informational
+    (how much of the volume is the agent's). Free space, which the warnings are about,
+    is read at every call."""
+
+    def __init__(self, max_age: float = 60.0, clock: Callable[[], float] = time.monotonic) -> None:
+        self.max_age = max_age
+        self._clock = clock
+        self._lock = threading.Lock()
+        self._known: dict[str, tuple[float, int]] = {}  # path -> (walked at, bytes)
+
+    def size(self, path: Path) -> int:
+        key = str(path)
+        now = self._clock()
+        with self._lock:
+            walked = self._known.get(key)
+            if walked is not None and now - walked[0] < self.max_age:
+                return walked[1]
+        size = directory_size(path)
+        with self._lock:
+            self._known[key] = (now, size)
+        return size
+
+
+DIRECTORY_SIZES = DirectorySizes()
+
+
+def directory_facts(
+    kind: int, path: Path, *, used_by_agent: int | None = None, sizes: DirectorySizes = DIRECTORY_SIZES
+) -> common_pb2.DirectoryFacts:
     path.mkdir(parents=True, exist_ok=True)
     usage = shutil.disk_usage(path)
     return common_pb2.DirectoryFacts(
@@ -80,7 +116,7 @@ def directory_facts(kind: int, path: Path, *, used_by_agent: int | None = None) 
         path=str(path),
         total_bytes=usage.total,
         free_bytes=usage.free,
-        used_by_agent_bytes=directory_size(path) if used_by_agent is None else used_by_agent,
+        used_by_agent_bytes=sizes.size(path) if used_by_agent is None else used_by_agent,
     )
 
 

@@ -1,7 +1,8 @@
 from pathlib import Path
 
-from siterecovery.common.inventory import DiskIdentities, space_problems
+from siterecovery.common.inventory import DirectorySizes, DiskIdentities, directory_facts, space_problems
 from siterecovery.common.pb import common_pb2
+from tests.tmpfs import tmpfs
 
 GIB = 1024**3
 
@@ -41,3 +42,22 @@ def test_image_file_identity_is_stable_and_per_file(tmp_path: Path):
     assert ids.identity(a) == first
     assert DiskIdentities(tmp_path / "state").identity(a) == first  # survives a restart
     assert ids.identity(b) != first
+
+
+def test_a_directory_is_walked_again_only_once_its_size_is_old_but_free_space_is_read_every_time(tmp_path: Path):
+    with tmpfs(tmp_path / "vol", "8M", "free-space reading") as volume:
+        now = [100.0]
+        sizes = DirectorySizes(max_age=60.0, clock=lambda: now[0])
+        (volume / "a").write_bytes(b"x" * 1024 * 1024)
+        first = directory_facts(common_pb2.DIRECTORY_KIND_RETENTION, volume, sizes=sizes)
+        assert first.used_by_agent_bytes == 1024 * 1024
+
+        (volume / "b").write_bytes(b"y" * 2 * 1024 * 1024)
+        now[0] += 59.0
+        cached = directory_facts(common_pb2.DIRECTORY_KIND_RETENTION, volume, sizes=sizes)
+        assert cached.used_by_agent_bytes == 1024 * 1024  # not walked again yet
+        assert cached.free_bytes == first.free_bytes - 2 * 1024 * 1024  # but free space is live
+
+        now[0] += 1.0
+        walked = directory_facts(common_pb2.DIRECTORY_KIND_RETENTION, volume, sizes=sizes)
+        assert walked.used_by_agent_bytes == 3 * 1024 * 1024
