@@ -230,6 +230,9 @@ class BlobForwarder:
         self._client_options = dict(client_options or {})
         self._stop = threading.Event()
         self._lock = threading.Lock()
+        # Notified as each frame is written (`wait_applied`); `waiting` counts its waiters.
+        self._applied_cond = threading.Condition()
+        self.waiting = 0
         saved = BlobPairState.load(self._state_path, self.pair_id, self.blob)
         if saved is not None and saved.blob != self.blob:
             raise errors.PreconditionFailed(
@@ -496,6 +499,17 @@ class BlobForwarder:
         state.applied_seq = frame.seq
         state.applied_captured_at_ns = captured
         state.newest_captured_at_ns = max(state.newest_captured_at_ns, captured)
+        with self._applied_cond:
+            self._applied_cond.notify_all()
+
+    def wait_applied(self, seq: int, timeout: float) -> bool:
+        """Wait up to `timeout` s for the blob to hold the frames through `seq`; whether it does."""
+        with self._applied_cond:
+            self.waiting += 1
+            try:
+                return self._applied_cond.wait_for(lambda: self.state.applied_seq >= seq, timeout)
+            finally:
+                self.waiting -= 1
 
     def _take_point(self, frame: rpb.Frame) -> None:
         tag = frame.tag

@@ -37,8 +37,9 @@ seq) is answered only once the blob holds every frame of the pair through it:
 acknowledged, so the blob holds it), is compared first, and a forwarder behind
 it makes the answer UNAVAILABLE `target-catching-up`, which the source asks again,
 as a master target does. `ProcessServerPairs._blob_hashes` (pairs.py) passes
-its forwarder's (0 while none runs for the pair); a caller that passes None
-gets no gate.
+its forwarder's (0 while none runs for the pair), after waiting up to 5 s for
+it to reach the asked seq (the sync's start is usually a moment behind in the
+spool); a caller that passes None gets no gate.
 
 Errors: every Azure call goes through `errors.call` (retries, Retry-After); an
 unreachable Azure is UNAVAILABLE and throttling RESOURCE_EXHAUSTED, which the

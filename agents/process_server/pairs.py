@@ -40,6 +40,8 @@ log = get_logger(__name__)
 _FORWARDING_FIELDS = ("master_target_id", "master_target_endpoint", "disk_size_bytes", "target_kind", "azure_blob")
 # A blob forwarder does not dial anyone: only these restart it.
 _BLOB_FIELDS = ("disk_size_bytes", "target_kind", "azure_blob")
+# How long an Azure pair's BlockHashes waits for its forwarder to write through the asked seq.
+APPLIED_WAIT_SECONDS = 5.0
 
 
 def _changed(wanted: rpb.PairAssignment, running: rpb.PairAssignment) -> bool:
@@ -123,8 +125,13 @@ class ProcessServerPairs:
         from .blob_hashes import blob_block_hashes
 
         # The gate (blob_hashes.py): what the pair's forwarder has written into the blob; none
-        # running (yet) has written nothing of this session's stream.
-        applied = forwarder.state.applied_seq if isinstance(forwarder, BlobForwarder) else 0
+        # running (yet) has written nothing of this session's stream. The asked seq is a delta
+        # sync's INITIAL_STARTED, usually a moment behind in the spool: wait a little, as a master
+        # target does, rather than send the source into its retry backoff (0.2 s, 0.4 s ...).
+        applied = 0
+        if isinstance(forwarder, BlobForwarder):
+            forwarder.wait_applied(request.applied_through_seq, APPLIED_WAIT_SECONDS)
+            applied = forwarder.state.applied_seq
         policy = self._blob_policy or DEFAULT_BLOB_POLICY
         return blob_block_hashes(assignment, request, self._storage, applied_seq=applied, policy=policy.retry)
 

@@ -10,8 +10,10 @@ port 0 with a throwaway CA; the test plays the source agent. Every digest is che
 from __future__ import annotations
 
 import random
+import time
 import uuid
 from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -25,7 +27,7 @@ from siterecovery.agents.process_server.blob_forwarder import BlobPolicy
 from siterecovery.agents.process_server.daemon import ProcessServerServicer
 from siterecovery.agents.process_server.pairs import ProcessServerPairs
 from siterecovery.agents.process_server.spool import Spool
-from siterecovery.common import blockhash, errors, pki
+from siterecovery.common import blockhash, errors, frames, pki
 from siterecovery.common.azure import vhd
 from siterecovery.common.azure.pageblob import PageBlobDisk
 from siterecovery.common.channels import secure_channel
@@ -83,14 +85,16 @@ class Harness:
     def assign(self, *assignments: rpb.PairAssignment) -> None:
         self.pairs.apply_assignments(list(assignments), [])
 
-    def ask(self, pair_id: str, offset: int, count: int, *, who: str = SOURCE_ID) -> rpb.BlockHashesReply:
+    def ask(self, pair_id: str, offset: int, count: int, *, who: str = SOURCE_ID,
+            applied_through_seq: int = 0) -> rpb.BlockHashesReply:
         channel = secure_channel(
             f"127.0.0.1:{self.server.port}", self.credentials(who, pki.SOURCE).channel_credentials(),
             target_name=pki.agent_dns_name(PS_ID),
         )
         with channel:
             return dataplane_pb2_grpc.ProcessServerStub(channel).BlockHashes(
-                rpb.BlockHashesRequest(pair_id=pair_id, offset=offset, block_count=count), timeout=60
+                rpb.BlockHashesRequest(pair_id=pair_id, offset=offset, block_count=count,
+                                       applied_through_seq=applied_through_seq), timeout=60
             )
 
     def close(self) -> None:
@@ -201,6 +205,38 @@ def test_digests_wait_until_the_blob_holds_the_stream_through_the_asked_seq(ps, 
         reply = blob_hashes.blob_block_hashes(_pair(container), request, storage, applied_seq=applied,
                                               policy=FAST_RETRY)
         assert reply.digests == blockhash.block_digests(image[:2 * B]), applied
+
+
+def test_digests_asked_right_behind_the_sync_start_wait_for_the_forwarder_to_write_it(tmp_path, container, azurite):
+    # A delta sync asks for digests right behind its INITIAL_STARTED; the forwarder writes
+    # it a moment later. The answer waits for it (as a master target's does) instead of
+    # refusing with target-catching-up, which sends the source into its retry backoff.
+    image = _older_disk(container)
+    proxy = TcpProxy()
+    proxy.target = None  # the forwarder cannot reach Azure yet: the frames stay in the spool
+    harness = Harness(tmp_path / "h", proxy.port)
+    try:
+        new_block = random.Random(SEED + 1).randbytes(B)
+        harness.spool.log("pair-1").append([
+            frames.sync_frame("pair-1", 1, rpb.SYNC_PHASE_INITIAL_STARTED, DISK),
+            frames.write_frame("pair-1", 2, 0, new_block),
+        ])
+        harness.assign(_pair(container, paused=False))
+        forwarder = harness.pairs._forwarders["pair-1"]
+        with ThreadPoolExecutor(1) as pool:
+            asked = pool.submit(harness.ask, "pair-1", 0, 2, applied_through_seq=2)
+            deadline = time.monotonic() + 30
+            while forwarder.waiting == 0 and not asked.done():  # the answer is held at the gate
+                assert time.monotonic() < deadline, "the digests were not held for the forwarder"
+                time.sleep(0.01)
+            assert not asked.done(), asked.exception()
+            proxy.target = ("127.0.0.1", azurite.port)  # Azure back: the forwarder writes seq 1 and 2
+            reply = asked.result(timeout=60)
+        image[:B] = new_block
+        assert reply.digests == blockhash.block_digests(image[:2 * B])
+    finally:
+        harness.close()
+        proxy.close()
 
 
 def test_the_caller_and_the_range_are_checked_before_azure_is_asked(ps, container):
