@@ -145,7 +145,7 @@ class AgentCollector:
         labels = ["kind", "path"]
         size = GaugeMetricFamily("siterecovery_directory_size_bytes", "Size of the file system holding the directory.", labels=labels)
         free = GaugeMetricFamily("siterecovery_directory_free_bytes", "Free bytes on the file system holding the directory.", labels=labels)
-        used = GaugeMetricFamily("siterecovery_directory_agent_used_bytes", "Bytes the agent itself keeps in the directory.", labels=labels)
+        used = GaugeMetricFamily("siterecovery_directory_agent_used_bytes", "Bytes the agent itself keeps in the directory (counted at most once a minute).", labels=labels)
         for facts in self._directories():
             key = [DIRECTORY_KINDS.get(facts.kind, "other"), facts.path]
             size.add_metric(key, facts.total_bytes)
