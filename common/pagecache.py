@@ -15,12 +15,26 @@ So a pass drops the pages behind it (`DropBehind`) and a large write is dropped
 once it is durable (`drop`): later small writes then make small folios. Dropping
 is a hint (POSIX_FADV_DONTNEED): the kernel forgets clean, unmapped pages and
 leaves dirty or busy ones alone, so it never changes what a read returns.
+
+A scan-mode pass (agents/source/scan.py) reads around the page cache instead
+(`DirectReader`, O_DIRECT). Its disk is often a live block device of the protected
+machine, read whole every few minutes: buffered, each pass would fill memory with
+the device's pages and push the applications' cache out, and dropping them behind
+would also drop the file system's metadata buffers, which live in the same device
+mapping. Worse, the device's page cache is not kept coherent with what a mounted
+file system writes through its own files: a block cached by an earlier pass could
+be read stale, and a change missed. A direct read goes to the device each time
+(after the kernel writes back any dirty cached pages of the range, so writes made
+through the page cache are seen too).
 """
 
 from __future__ import annotations
 
+import errno
+import mmap
 import os
 import threading
+from pathlib import Path
 
 # Larger than, and a multiple of, the largest folio the page cache makes (the PMD
 # size: 2 MiB with 4 KiB pages). The kernel drops only folios wholly inside the range
@@ -66,3 +80,51 @@ class DropBehind:
         with self._lock:
             start = self._from
         drop(self._fd, start, 0)
+
+
+# O_DIRECT wants the file offset, the length and the buffer aligned to the device's logical
+# block size: 4096 covers 512-byte and 4K-sector devices (an mmap'd buffer is page aligned).
+DIRECT_ALIGN = 4096
+
+
+class DirectReader:
+    """Reads a file or device around the page cache (O_DIRECT) into one reused buffer.
+
+    Where the file system refuses O_DIRECT (EINVAL: tmpfs, say) it reads through the page
+    cache instead (`direct` False). A read returns a view of the buffer, valid until the next
+    read; offsets must be DIRECT_ALIGN-aligned, lengths at most `buffer_bytes`."""
+
+    def __init__(self, path: Path, buffer_bytes: int) -> None:
+        if buffer_bytes % DIRECT_ALIGN:
+            raise ValueError(f"buffer of {buffer_bytes} bytes is not a multiple of {DIRECT_ALIGN}")
+        try:
+            self._fd = os.open(path, os.O_RDONLY | os.O_DIRECT | os.O_CLOEXEC)
+            self.direct = True
+        except OSError as exc:
+            if exc.errno != errno.EINVAL:
+                raise
+            self._fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+            self.direct = False
+        self._buf = mmap.mmap(-1, buffer_bytes)
+
+    def read(self, offset: int, length: int) -> memoryview:
+        """[offset, offset+length) of the file; OSError(EIO) when it ends before that."""
+        if offset % DIRECT_ALIGN or length > len(self._buf):
+            raise ValueError(f"read of {length} bytes at {offset}: unaligned or larger than the buffer")
+        view = memoryview(self._buf)
+        # A direct read asks for whole aligned blocks; at the end of the file it returns less.
+        want = min(len(self._buf), -(-length // DIRECT_ALIGN) * DIRECT_ALIGN) if self.direct else length
+        got = 0
+        while got < length:
+            n = os.preadv(self._fd, [view[got:want]], offset + got)
+            if n == 0 or (self.direct and got + n < length and (got + n) % DIRECT_ALIGN):
+                raise OSError(errno.EIO, f"short read at {offset + got + n}: the file ends early")
+            got += n
+        return view[:length]
+
+    def close(self) -> None:
+        os.close(self._fd)
+        try:
+            self._buf.close()
+        except BufferError:  # a caller still holds a view: the mapping goes with it
+            pass

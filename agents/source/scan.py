@@ -33,7 +33,7 @@ from collections import deque
 from collections.abc import Callable
 from pathlib import Path
 
-from siterecovery.common import blockhash, frames
+from siterecovery.common import blockhash, frames, pagecache
 from siterecovery.common.logging import get_logger
 from siterecovery.common.pb import replication_pb2 as rpb
 
@@ -80,6 +80,15 @@ class ScanSource:
         if os.fstat(self._map_fd).st_size != self.blocks * DIGEST:
             os.ftruncate(self._map_fd, self.blocks * DIGEST)
         self.acked = bytearray(os.pread(self._map_fd, self.blocks * DIGEST, 0))
+        # The passes read around the page cache (common/pagecache.py says why).
+        try:
+            self._reader = pagecache.DirectReader(disk.path, GROUP_BYTES)
+        except BaseException:
+            os.close(self._map_fd)
+            raise
+        if not self._reader.direct:
+            log.info("scan passes read through the page cache: the disk's file system refuses O_DIRECT",
+                     disk=str(disk.path))
         self._lock = threading.Lock()
         self._req_lock = threading.Lock()
         self._requests: list[TagSpec] = []
@@ -105,6 +114,7 @@ class ScanSource:
 
     def close(self) -> None:
         os.close(self._map_fd)
+        self._reader.close()
 
     def request(self, tag: TagSpec) -> None:
         """Scan now and end the pass with this tag."""
@@ -169,7 +179,7 @@ class ScanSource:
             start = self._pos
             end = min(start + GROUP_BYTES, size)
             hole = next_data(self.disk.fd, start, size) >= end
-            data = None if hole else memoryview(self.disk.read_locked(start, end - start))
+            data = None if hole else self._reader.read(start, end - start)  # valid until the next group
             digests = blockhash.zero_digests(start, end) if data is None else blockhash.block_digests(data)
             changed: list[tuple[int, bytes, bool]] = []  # block, digest, all zeros
             first = start // BLOCK_BYTES

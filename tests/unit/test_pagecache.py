@@ -8,11 +8,12 @@ from pathlib import Path
 import pytest
 
 from siterecovery.common import pagecache
-from siterecovery.common.pagecache import DROP_ALIGN, DropBehind
+from siterecovery.common.pagecache import DIRECT_ALIGN, DROP_ALIGN, DropBehind
 
 from ..page_residency import PAGE, resident_pages
 
 SPAN_PAGES = DROP_ALIGN // PAGE
+DIRECT_BUFFER = 256 * 1024
 
 
 def cached_file(path: Path, size: int) -> bytes:
@@ -84,3 +85,41 @@ def test_a_descriptor_without_a_page_cache_is_ignored():
     finally:
         os.close(read_end)
         os.close(write_end)
+
+
+def test_a_direct_reader_reads_exactly_the_file_and_caches_none_of_it(tmp_path: Path):
+    size = 3 * DIRECT_BUFFER + 5000  # the last read ends inside an aligned block
+    path = tmp_path / "disk.img"
+    data = os.urandom(size)
+    path.write_bytes(data)
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+        pagecache.drop(fd, 0, 0)
+    finally:
+        os.close(fd)
+    if resident_pages(path) != 0:
+        pytest.skip("this file system keeps pages it was asked to drop")
+    reader = pagecache.DirectReader(path, DIRECT_BUFFER)
+    try:
+        assert reader.direct
+        got = b"".join(bytes(reader.read(at, min(DIRECT_BUFFER, size - at))) for at in range(0, size, DIRECT_BUFFER))
+        assert got == data
+        assert resident_pages(path) == 0
+        with pytest.raises(ValueError):
+            reader.read(512, 4096)  # O_DIRECT needs aligned offsets
+        with pytest.raises(OSError, match="ends early"):
+            reader.read(3 * DIRECT_BUFFER, DIRECT_BUFFER)  # past the end of the file
+    finally:
+        reader.close()
+
+
+def test_a_direct_reader_reads_through_the_cache_where_o_direct_is_refused():
+    version = Path("/proc/version")  # procfs refuses O_DIRECT (EINVAL), and this file does not change
+    expected = version.read_bytes()
+    reader = pagecache.DirectReader(version, DIRECT_ALIGN)
+    try:
+        assert not reader.direct
+        assert bytes(reader.read(0, len(expected))) == expected
+    finally:
+        reader.close()
