@@ -90,7 +90,7 @@ DIRECT_ALIGN = 4096
 class DirectReader:
     """Reads a file or device around the page cache (O_DIRECT) into one reused buffer.
 
-    Where the file system refuses O_DIRECT (EINVAL: tmpfs, say) it reads through the page
+    Where the file system refuses O_DIRECT (EINVAL: procfs, tmpfs before Linux 6.6) it reads through the page
     cache instead (`direct` False). A read returns a view of the buffer, valid until the next
     read; offsets must be DIRECT_ALIGN-aligned, lengths at most `buffer_bytes`."""
 
