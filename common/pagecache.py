@@ -31,6 +31,7 @@ through the page cache are seen too).
 from __future__ import annotations
 
 import errno
+import fcntl
 import mmap
 import os
 import threading
@@ -91,8 +92,10 @@ class DirectReader:
     """Reads a file or device around the page cache (O_DIRECT) into one reused buffer.
 
     Where the file system refuses O_DIRECT (EINVAL: procfs, tmpfs before Linux 6.6) it reads through the page
-    cache instead (`direct` False). A read returns a view of the buffer, valid until the next
-    read; offsets must be DIRECT_ALIGN-aligned, lengths at most `buffer_bytes`."""
+    cache instead (`direct` False), and so it does from the first direct read refused with
+    EINVAL (a device whose logical blocks are larger than DIRECT_ALIGN). A read returns a view
+    of the buffer, valid until the next read; offsets must be DIRECT_ALIGN-aligned, lengths at
+    most `buffer_bytes`."""
 
     def __init__(self, path: Path, buffer_bytes: int) -> None:
         if buffer_bytes % DIRECT_ALIGN:
@@ -116,11 +119,21 @@ class DirectReader:
         want = min(len(self._buf), -(-length // DIRECT_ALIGN) * DIRECT_ALIGN) if self.direct else length
         got = 0
         while got < length:
-            n = os.preadv(self._fd, [view[got:want]], offset + got)
+            try:
+                n = os.preadv(self._fd, [view[got:want]], offset + got)
+            except OSError as exc:
+                if not (self.direct and exc.errno == errno.EINVAL):
+                    raise
+                self._read_buffered()  # a device whose blocks are larger than DIRECT_ALIGN
+                return self.read(offset, length)
             if n == 0 or (self.direct and got + n < length and (got + n) % DIRECT_ALIGN):
                 raise OSError(errno.EIO, f"short read at {offset + got + n}: the file ends early")
             got += n
         return view[:length]
+
+    def _read_buffered(self) -> None:
+        fcntl.fcntl(self._fd, fcntl.F_SETFL, fcntl.fcntl(self._fd, fcntl.F_GETFL) & ~os.O_DIRECT)
+        self.direct = False
 
     def close(self) -> None:
         os.close(self._fd)

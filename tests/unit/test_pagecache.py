@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import errno
+import fcntl
 import os
 from pathlib import Path
 
@@ -121,5 +123,28 @@ def test_a_direct_reader_reads_through_the_cache_where_o_direct_is_refused():
     try:
         assert not reader.direct
         assert bytes(reader.read(0, len(expected))) == expected
+    finally:
+        reader.close()
+
+
+def test_a_direct_read_refused_with_einval_goes_on_through_the_cache(tmp_path: Path, monkeypatch):
+    # Say the device's logical blocks are larger than DIRECT_ALIGN: the kernel refuses the read.
+    path = tmp_path / "disk.img"
+    data = os.urandom(2 * DIRECT_BUFFER)
+    path.write_bytes(data)
+    reader = pagecache.DirectReader(path, DIRECT_BUFFER)
+    real_preadv = os.preadv
+
+    def preadv(fd, buffers, offset):
+        if fcntl.fcntl(fd, fcntl.F_GETFL) & os.O_DIRECT:
+            raise OSError(errno.EINVAL, "Invalid argument")
+        return real_preadv(fd, buffers, offset)
+
+    try:
+        assert reader.direct
+        monkeypatch.setattr(os, "preadv", preadv)
+        assert bytes(reader.read(DIRECT_BUFFER, DIRECT_BUFFER)) == data[DIRECT_BUFFER:]
+        assert not reader.direct
+        assert bytes(reader.read(0, DIRECT_BUFFER)) == data[:DIRECT_BUFFER]
     finally:
         reader.close()
