@@ -184,6 +184,8 @@ def carried(samples: Samples, start: float, end: float, drain: float, nbd: fio.F
     seconds = during[-1].at - during[0].at or 1.0
     line = (f"the pipeline behind the source carried {(nbd.bytes_per_second * seconds - grown) / seconds / 1e6:.1f} "
             f"MB/s during the load")
+    if any(s.reason_code == "journal-full" for s in during):
+        line += " (an upper bound: while the pair tracked changed blocks, a block written many times counted once)"
     if drain > 1.0 and during[-1].backlog > 0:
         line += (f", and {during[-1].backlog / drain / 1e6:.1f} MB/s alone after it "
                  f"({during[-1].backlog / MiB:.0f} MiB in {drain:.1f} s)")
