@@ -114,7 +114,9 @@ def main(argv: list[str]) -> int:
         f"{(cpu_after[name] - cpu_before[name]) / max(nbd.written / 1e9, 1e-9):.1f} s/GB"
         for name in sorted(cpu_after) if name in cpu_before))
     print(f"machine CPU during the write load: {machine_split}")
-    carried(sampler.samples, load_start, load_end, drain, nbd)
+    line = carried(sampler.samples, load_start, load_end, drain, nbd.bytes_per_second)
+    if line:
+        print(line)
     report(rate, args.heartbeat, sampler.samples, load_start, load_end, drain, verified, nbd, files)
     return 0 if verified else 1
 
@@ -173,23 +175,23 @@ def report(
     )
 
 
-def carried(samples: Samples, start: float, end: float, drain: float, nbd: fio.FioResult) -> None:
+def carried(samples: Samples, start: float, end: float, drain: float, written_per_second: float) -> str:
     """What the pipeline behind the source carried: during the load (fio's bytes less the
     growth of the backlog) and alone after it (the backlog left at the end over the drain
-    time, while neither fio nor the source's capture competes for the machine)."""
+    time, while neither fio nor the source's capture competes for the machine); "" without samples."""
     during = samples.between(start, end)
     if not during:
-        return
+        return ""
     grown = during[-1].backlog - during[0].backlog
     seconds = during[-1].at - during[0].at or 1.0
-    line = (f"the pipeline behind the source carried {(nbd.bytes_per_second * seconds - grown) / seconds / 1e6:.1f} "
+    line = (f"the pipeline behind the source carried {(written_per_second * seconds - grown) / seconds / 1e6:.1f} "
             f"MB/s during the load")
     if any(s.reason_code == "journal-full" for s in during):
         line += " (an upper bound: while the pair tracked changed blocks, a block written many times counted once)"
     if drain > 1.0 and during[-1].backlog > 0:
         line += (f", and {during[-1].backlog / drain / 1e6:.1f} MB/s alone after it "
                  f"({during[-1].backlog / MiB:.0f} MiB in {drain:.1f} s)")
-    print(line)
+    return line
 
 
 def _span(seconds: float) -> str:
