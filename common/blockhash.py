@@ -71,6 +71,11 @@ def next_data(fd: int, offset: int, size: int) -> int:
         return offset  # SEEK_DATA not supported here: assume data
 
 
+# How long a BlockHashes answer waits for its target to apply through the asked seq (a delta
+# sync's INITIAL_STARTED is usually a moment behind) before it refuses with target-catching-up.
+APPLIED_WAIT_SECONDS = 5.0
+
+
 def check_applied(request: rpb.BlockHashesRequest, applied_seq: int, *, holder: str, hint: str) -> None:
     """Refuse (Unavailable `target-catching-up`) a request whose `applied_through_seq` is above
     `applied_seq`, what the target has applied: its digests would miss frames from before the

@@ -44,8 +44,9 @@ log = get_logger(__name__)
 
 # How long a new pair waits for an older pair's close of the same target file.
 CLOSE_WAIT_SECONDS = 30.0
-# BlockHashes waits at most this long for the target to apply the stream through the asked seq.
-APPLIED_WAIT_SECONDS = 5.0
+# BlockHashes waits at most this long for the target to apply the stream through the asked seq
+# (a module attribute: tests shorten or lengthen it).
+APPLIED_WAIT_SECONDS = blockhash.APPLIED_WAIT_SECONDS
 
 
 class _Owner:

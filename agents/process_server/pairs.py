@@ -19,7 +19,7 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from siterecovery.common import errors, pki
+from siterecovery.common import blockhash, errors, pki
 from siterecovery.common.enrollment import AgentCredentials
 from siterecovery.common.logging import get_logger
 from siterecovery.common.pb import common_pb2
@@ -40,8 +40,6 @@ log = get_logger(__name__)
 _FORWARDING_FIELDS = ("master_target_id", "master_target_endpoint", "disk_size_bytes", "target_kind", "azure_blob")
 # A blob forwarder does not dial anyone: only these restart it.
 _BLOB_FIELDS = ("disk_size_bytes", "target_kind", "azure_blob")
-# How long an Azure pair's BlockHashes waits for its forwarder to write through the asked seq.
-APPLIED_WAIT_SECONDS = 5.0
 
 
 def _changed(wanted: rpb.PairAssignment, running: rpb.PairAssignment) -> bool:
@@ -130,7 +128,7 @@ class ProcessServerPairs:
         # target does, rather than send the source into its retry backoff (0.2 s, 0.4 s ...).
         applied = 0
         if isinstance(forwarder, BlobForwarder):
-            forwarder.wait_applied(request.applied_through_seq, APPLIED_WAIT_SECONDS)
+            forwarder.wait_applied(request.applied_through_seq, blockhash.APPLIED_WAIT_SECONDS)
             applied = forwarder.state.applied_seq
         policy = self._blob_policy or DEFAULT_BLOB_POLICY
         return blob_block_hashes(assignment, request, self._storage, applied_seq=applied, policy=policy.retry)

@@ -10,7 +10,6 @@ port 0 with a throwaway CA; the test plays the source agent. Every digest is che
 from __future__ import annotations
 
 import random
-import time
 import uuid
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
@@ -38,6 +37,7 @@ from siterecovery.common.pb import replication_pb2 as rpb
 from tests.tcp_proxy import TcpProxy
 
 from .blob_support import FAST_RETRY, MiB, assignment, connection_string, write_credential
+from .conftest import wait_for
 
 B = blockhash.BLOCK_BYTES
 # Not a whole number of blocks (the last one is short) nor of MiB (the blob pads it).
@@ -225,10 +225,7 @@ def test_digests_asked_right_behind_the_sync_start_wait_for_the_forwarder_to_wri
         forwarder = harness.pairs._forwarders["pair-1"]
         with ThreadPoolExecutor(1) as pool:
             asked = pool.submit(harness.ask, "pair-1", 0, 2, applied_through_seq=2)
-            deadline = time.monotonic() + 30
-            while forwarder.waiting == 0 and not asked.done():  # the answer is held at the gate
-                assert time.monotonic() < deadline, "the digests were not held for the forwarder"
-                time.sleep(0.01)
+            wait_for(lambda: forwarder.waiting or asked.done(), timeout=30, what="the answer held at the gate")
             assert not asked.done(), asked.exception()
             proxy.target = ("127.0.0.1", azurite.port)  # Azure back: the forwarder writes seq 1 and 2
             reply = asked.result(timeout=60)

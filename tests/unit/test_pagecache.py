@@ -9,6 +9,7 @@ from pathlib import Path
 
 import pytest
 
+from bench.common import uncache
 from siterecovery.common import pagecache
 from siterecovery.common.pagecache import DIRECT_ALIGN, DROP_ALIGN, DropBehind
 
@@ -94,12 +95,7 @@ def test_a_direct_reader_reads_exactly_the_file_and_caches_none_of_it(tmp_path: 
     path = tmp_path / "disk.img"
     data = os.urandom(size)
     path.write_bytes(data)
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-        pagecache.drop(fd, 0, 0)
-    finally:
-        os.close(fd)
+    uncache(path)
     if resident_pages(path) != 0:
         pytest.skip("this file system keeps pages it was asked to drop")
     reader = pagecache.DirectReader(path, DIRECT_BUFFER)

@@ -13,11 +13,11 @@ from pathlib import Path
 
 import pytest
 
+from bench.common import uncache
 from siterecovery.agents.source import capture
 from siterecovery.agents.source.capture import DiskCapture
 from siterecovery.agents.source.replicator import ReplicationOptions, SourceReplication
 from siterecovery.agents.source.sync import CHUNK_BYTES
-from siterecovery.common import pagecache
 from siterecovery.common.nbd import NbdServer
 from siterecovery.common.pb import replication_pb2 as rpb
 
@@ -231,9 +231,7 @@ def test_scan_passes_read_around_the_page_cache_and_still_see_cached_writes(site
     # must not fill memory with it, nor read stale cached pages (common/pagecache.py).
     size = 16 * MiB
     image = make_image(tmp_path / "disk0.img", size, data_bytes=size, seed=10)
-    with open(image, "rb") as f:
-        os.fsync(f.fileno())
-        pagecache.drop(f.fileno(), 0, 0)
+    uncache(image)
     if resident_pages(image) != 0:
         pytest.skip("this file system keeps pages it was asked to drop")
     source = Source(site, tmp_path / "source", image)
